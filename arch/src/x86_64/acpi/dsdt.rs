@@ -1,0 +1,336 @@
+//! DSDT: the AML namespace of the machine.
+//!
+//! ```text
+//! \_S5_                 soft-off package { ACPI_S5_SLP_TYP, 0, 0, 0 }
+//! \_SB_.COM1            16550 UART (PNP0501)
+//! \_SB_.RTC_            CMOS RTC (PNP0B00)
+//! \_SB_.MBRD            motherboard resources (PNP0C02): reserves the ECAM window
+//! \_SB_.PCI0            PCIe host bridge (PNP0A08), ECAM described by the MCFG
+//! \_SB_.PWRB            power button (PNP0C0C)
+//! \_SB_.GED_            Generic Event Device (ACPI0013), notifies PWRB
+//! \_SB_.CPxx            processors (ACPI0007), _UID = APIC ID = MADT processor UID
+//! ```
+
+use acpi_tables::aml::{
+    AddressSpace, AddressSpaceCacheable, And, Arg, CreateDWordField, Device, EISAName, Else, Field,
+    FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local,
+    Memory32Fixed, Method, Name, NotEqual, Notify, OpRegion, OpRegionSpace, Or, Package, Path,
+    ResourceTemplate, Return, Scope, Store, Uuid, IO, ONE, ZERO,
+};
+use acpi_tables::sdt::Sdt;
+use acpi_tables::{Aml, AmlSink};
+
+use super::{
+    layout, AcpiConfig, AcpiError, GED_EVENT_POWER_BUTTON, OEM_ID, OEM_REVISION, OEM_TABLE_ID,
+    PCI_LAST_BUS,
+};
+
+/// DSDT revision 2 and up evaluates integers as 64 bits (the 64-bit MMIO window needs them).
+const DSDT_REVISION: u8 = 2;
+
+/// Number of COM1 I/O ports.
+const COM1_PORT_COUNT: u8 = 8;
+/// Number of CMOS RTC I/O ports (index, data).
+const CMOS_PORT_COUNT: u8 = 2;
+/// PCI configuration mechanism #1 ports (`CONFIG_ADDRESS` at 0xcf8, `CONFIG_DATA` at 0xcfc).
+const PCI_CONFIG_PORT: u16 = 0xcf8;
+/// Number of PCI configuration mechanism #1 ports.
+const PCI_CONFIG_PORT_COUNT: u8 = 8;
+/// First I/O port after the PCI configuration ports.
+const PCI_CONFIG_PORT_END: u16 = PCI_CONFIG_PORT + PCI_CONFIG_PORT_COUNT as u16;
+/// Size in bytes of the GED event register.
+const GED_REGISTER_LEN: u8 = 4;
+
+/// `_STA`: present, enabled, shown in UI, functioning.
+const STA_PRESENT: u8 = 0x0f;
+/// `_STA`: not present.
+const STA_ABSENT: u8 = 0x00;
+/// `Notify` value that reports a power button press to the PNP0C0C driver.
+const NOTIFY_BUTTON_PRESSED: u8 = 0x80;
+
+/// `_OSC` UUID of PCI / PCIe host bridges (PCI Firmware Specification 3.3, 4.5.1).
+const PCI_HOST_BRIDGE_OSC_UUID: &str = "33db4d5b-1ff7-401c-9657-7441c03dd766";
+/// `_OSC` status bit: unrecognized UUID.
+const OSC_UNRECOGNIZED_UUID: u8 = 1 << 2;
+/// `_OSC` status bit: unrecognized revision.
+const OSC_UNRECOGNIZED_REVISION: u8 = 1 << 3;
+
+const ECAM_BASE: u32 = {
+    assert!(layout::PCI_ECAM_START + layout::PCI_ECAM_SIZE <= 1 << 32);
+    layout::PCI_ECAM_START as u32
+};
+const ECAM_SIZE: u32 = layout::PCI_ECAM_SIZE as u32;
+
+/// Already-serialized AML spliced into a builder object.
+struct RawAml<'a>(&'a [u8]);
+
+impl Aml for RawAml<'_> {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.vec(self.0);
+    }
+}
+
+/// Builds the DSDT. `cfg` must be validated.
+pub(super) fn build(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
+    let mut sb = Vec::new();
+    com1(&mut sb);
+    rtc(&mut sb);
+    motherboard_resources(&mut sb);
+    pci0(cfg, &[], &mut sb)?;
+    power_button(&mut sb);
+    ged(&mut sb);
+    cpus(cfg, &mut sb);
+
+    let mut aml = Vec::new();
+    s5(&mut aml);
+    Scope::new("\\_SB_".into(), vec![&RawAml(&sb)]).to_aml_bytes(&mut aml);
+
+    let mut dsdt = Sdt::new(
+        *b"DSDT",
+        36,
+        DSDT_REVISION,
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+    );
+    dsdt.append_slice(&aml);
+    Ok(dsdt.as_slice().to_vec())
+}
+
+/// `\_S5_`: the SLP_TYP a guest writes to the sleep control register to power off.
+fn s5(sink: &mut dyn AmlSink) {
+    let slp_typ = layout::ACPI_S5_SLP_TYP;
+    let package = Package::new(vec![&slp_typ, &ZERO, &ZERO, &ZERO]);
+    Name::new("\\_S5_".into(), &package).to_aml_bytes(sink);
+}
+
+fn com1(sink: &mut dyn AmlSink) {
+    let ports = IO::new(layout::COM1_PORT, layout::COM1_PORT, 1, COM1_PORT_COUNT);
+    let irq = Interrupt::new(true, true, false, false, layout::COM1_GSI);
+    let crs = ResourceTemplate::new(vec![&ports, &irq]);
+    Device::new(
+        "COM1".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0501")),
+            &Name::new("_UID".into(), &ZERO),
+            &Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+/// The CMOS RTC. No IRQ: the RTC raises no interrupts, and rtc-cmos works without one.
+fn rtc(sink: &mut dyn AmlSink) {
+    let ports = IO::new(layout::CMOS_PORT, layout::CMOS_PORT, 1, CMOS_PORT_COUNT);
+    let crs = ResourceTemplate::new(vec![&ports]);
+    Device::new(
+        "RTC_".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0B00")),
+            &Name::new("_UID".into(), &ZERO),
+            &Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+/// Motherboard resources: Linux only trusts the MCFG's ECAM window if it is reserved, either in
+/// the E820 map or by a PNP0C02 device like this one.
+fn motherboard_resources(sink: &mut dyn AmlSink) {
+    let ecam = Memory32Fixed::new(true, ECAM_BASE, ECAM_SIZE);
+    let crs = ResourceTemplate::new(vec![&ecam]);
+    Device::new(
+        "MBRD".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0C02")),
+            &Name::new("_UID".into(), &ZERO),
+            &Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+/// `\_SB_.PCI0`, the PCIe host bridge of segment 0, buses `0..=PCI_LAST_BUS`.
+///
+/// `children` are emitted inside the device, after its own objects: this is where PCI devices
+/// (`Device` objects with `_ADR`) and an interrupt routing table (`_PRT`) go.
+fn pci0(cfg: &AcpiConfig, children: &[&dyn Aml], sink: &mut dyn AmlSink) -> Result<(), AcpiError> {
+    let buses = AddressSpace::<u16>::new_bus_number(0, PCI_LAST_BUS.into());
+    let config_ports = IO::new(PCI_CONFIG_PORT, PCI_CONFIG_PORT, 1, PCI_CONFIG_PORT_COUNT);
+    let io_below = AddressSpace::<u16>::new_io(0, PCI_CONFIG_PORT - 1, None);
+    let io_above = AddressSpace::<u16>::new_io(PCI_CONFIG_PORT_END, u16::MAX, None);
+    let mut resources: Vec<&dyn Aml> = vec![&buses, &config_ports, &io_below, &io_above];
+
+    let mmio32 = mmio32_window(cfg.pci_mmio32)?;
+    if let Some(window) = &mmio32 {
+        resources.push(window);
+    }
+    let mmio64 = mmio64_window(cfg.pci_mmio64)?;
+    if let Some(window) = &mmio64 {
+        resources.push(window);
+    }
+    let crs = ResourceTemplate::new(resources);
+
+    let mut osc = Vec::new();
+    pci0_osc(&mut osc);
+    let osc = RawAml(&osc);
+
+    let mut objects: Vec<&dyn Aml> = Vec::new();
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0A08"));
+    let cid = Name::new("_CID".into(), &EISAName::new("PNP0A03"));
+    let uid = Name::new("_UID".into(), &ZERO);
+    let seg = Name::new("_SEG".into(), &ZERO);
+    let bbn = Name::new("_BBN".into(), &ZERO);
+    let crs = Name::new("_CRS".into(), &crs);
+    objects.extend([&hid as &dyn Aml, &cid, &uid, &seg, &bbn, &crs, &osc]);
+    objects.extend_from_slice(children);
+    Device::new("PCI0".into(), objects).to_aml_bytes(sink);
+    Ok(())
+}
+
+fn mmio32_window((start, size): (u64, u64)) -> Result<Option<AddressSpace<u32>>, AcpiError> {
+    if size == 0 {
+        return Ok(None);
+    }
+    let invalid = || AcpiError::InvalidPciWindow {
+        window: "32-bit",
+        start,
+        size,
+    };
+    let first = u32::try_from(start).map_err(|_| invalid())?;
+    let last = super::window_last(start, size)
+        .and_then(|last| u32::try_from(last).ok())
+        .ok_or_else(invalid)?;
+    Ok(Some(AddressSpace::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        first,
+        last,
+        None,
+    )))
+}
+
+fn mmio64_window((start, size): (u64, u64)) -> Result<Option<AddressSpace<u64>>, AcpiError> {
+    if size == 0 {
+        return Ok(None);
+    }
+    let last = super::window_last(start, size).ok_or(AcpiError::InvalidPciWindow {
+        window: "64-bit",
+        start,
+        size,
+    })?;
+    // Not prefetchable, so that non-prefetchable 64-bit BARs may be placed here too.
+    Ok(Some(AddressSpace::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        start,
+        last,
+        None,
+    )))
+}
+
+/// `PCI0._OSC`: grants the OS every control it asks for (there is no firmware to keep any),
+/// by returning the capabilities buffer unchanged. Unknown UUIDs and revisions are flagged.
+fn pci0_osc(sink: &mut dyn AmlSink) {
+    let cdw1 = Path::new("CDW1");
+    let capabilities = Arg(3);
+    let create_cdw1 = CreateDWordField::new(&cdw1, &capabilities, &ZERO);
+
+    let uuid = Uuid::new(PCI_HOST_BRIDGE_OSC_UUID);
+    let unknown_uuid = NotEqual::new(&Arg(0), &uuid);
+    let flag_uuid = Or::new(&cdw1, &cdw1, &OSC_UNRECOGNIZED_UUID);
+    let unknown_revision = NotEqual::new(&Arg(1), &ONE);
+    let flag_revision = Or::new(&cdw1, &cdw1, &OSC_UNRECOGNIZED_REVISION);
+    let check_revision = If::new(&unknown_revision, vec![&flag_revision]);
+
+    Method::new(
+        "_OSC".into(),
+        4,
+        false,
+        vec![
+            &create_cdw1,
+            &If::new(&unknown_uuid, vec![&flag_uuid]),
+            &Else::new(vec![&check_revision]),
+            &Return::new(&capabilities),
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+fn power_button(sink: &mut dyn AmlSink) {
+    Device::new(
+        "PWRB".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0C0C")),
+            &Name::new("_UID".into(), &ZERO),
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+/// The Generic Event Device: on its interrupt the OS runs `_EVT`, which reads the event register
+/// once and notifies the power button if [`GED_EVENT_POWER_BUTTON`] is set.
+fn ged(sink: &mut dyn AmlSink) {
+    // Level, active high, exclusive: matches the MADT override of the GED's IRQ.
+    let irq = Interrupt::new(true, false, false, false, layout::ACPI_GED_GSI);
+    let crs = ResourceTemplate::new(vec![&irq]);
+
+    let port = layout::ACPI_GED_PORT;
+    let region = OpRegion::new(
+        "GDST".into(),
+        OpRegionSpace::SystemIO,
+        &port,
+        &GED_REGISTER_LEN,
+    );
+    let field = Field::new(
+        "GDST".into(),
+        FieldAccessType::DWord,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![FieldEntry::Named(*b"GDAT", 32)],
+    );
+
+    let events = Local(0);
+    let register = Path::new("GDAT");
+    let read = Store::new(&events, &register);
+    let pressed = And::new(&ZERO, &events, &GED_EVENT_POWER_BUTTON);
+    let button = Path::new("\\_SB_.PWRB");
+    let notify = Notify::new(&button, &NOTIFY_BUTTON_PRESSED);
+    let on_press = If::new(&pressed, vec![&notify]);
+    let evt = Method::new("_EVT".into(), 1, true, vec![&read, &on_press]);
+
+    Device::new(
+        "GED_".into(),
+        vec![
+            &Name::new("_HID".into(), &"ACPI0013"),
+            &Name::new("_UID".into(), &ZERO),
+            &Name::new("_CRS".into(), &crs),
+            &region,
+            &field,
+            &evt,
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+/// One processor device per possible vCPU; boot vCPUs are present, the others absent.
+fn cpus(cfg: &AcpiConfig, sink: &mut dyn AmlSink) {
+    for cpu in 0..cfg.max_cpus {
+        let name = format!("CP{cpu:02X}");
+        let sta = if cpu < cfg.boot_cpus {
+            STA_PRESENT
+        } else {
+            STA_ABSENT
+        };
+        let ret = Return::new(&sta);
+        Device::new(
+            name.as_str().into(),
+            vec![
+                &Name::new("_HID".into(), &"ACPI0007"),
+                &Name::new("_UID".into(), &cpu),
+                &Method::new("_STA".into(), 0, false, vec![&ret]),
+            ],
+        )
+        .to_aml_bytes(sink);
+    }
+}

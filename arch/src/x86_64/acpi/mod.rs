@@ -1,0 +1,281 @@
+//! ACPI tables of a Nimbus x86_64 guest: RSDP, XSDT, FADT, DSDT, MADT and MCFG.
+//!
+//! The machine is *hardware-reduced* ACPI (FADT flag `HW_REDUCED_ACPI`): there are no PM1 or GPE
+//! register blocks and no SCI. Instead
+//! - power off is a write of `SLP_TYP << 2 | SLP_EN (0x20)` to the sleep control register at
+//!   [`layout::ACPI_SLEEP_CONTROL_PORT`] (with `SLP_TYP` = [`layout::ACPI_S5_SLP_TYP`] from `\_S5_`);
+//! - reset is a write of [`layout::ACPI_RESET_VALUE`] to [`layout::ACPI_RESET_PORT`];
+//! - the power button is an ACPI Generic Event Device (`ACPI0013`) on GSI
+//!   [`layout::ACPI_GED_GSI`] whose `_EVT` reads the 32-bit event register at
+//!   [`layout::ACPI_GED_PORT`] and notifies `\_SB_.PWRB` when bit 0
+//!   ([`GED_EVENT_POWER_BUTTON`]) is set.
+//!
+//! All tables live in `layout::ACPI_START..layout::ACPI_END`, the RSDP first. [`build_tables`]
+//! lays them out and serializes them; [`create_acpi_tables`] writes that output to guest memory.
+
+mod dsdt;
+mod fadt;
+mod madt;
+#[cfg(test)]
+mod tests;
+
+use acpi_tables::mcfg::MCFG;
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
+
+use super::layout;
+
+/// OEM ID in every table header and in the RSDP.
+pub const OEM_ID: [u8; 6] = *b"NIMBUS";
+/// OEM table ID in every table header.
+pub const OEM_TABLE_ID: [u8; 8] = *b"NIMBUSVM";
+/// OEM revision in every table header.
+const OEM_REVISION: u32 = 1;
+
+/// Bit of the GED event register ([`layout::ACPI_GED_PORT`]) that reports a power button press.
+pub const GED_EVENT_POWER_BUTTON: u32 = 1 << 0;
+
+/// Last PCI bus number decoded by the ECAM window; shared by the MCFG and the `PCI0` bus range.
+const PCI_LAST_BUS: u8 = {
+    let buses = layout::PCI_ECAM_SIZE >> 20;
+    assert!(
+        buses >= 1 && buses <= 256,
+        "ECAM window must cover 1 to 256 buses"
+    );
+    (buses - 1) as u8
+};
+
+/// ISA IRQ of the GED line, identity-mapped to GSI [`layout::ACPI_GED_GSI`].
+const GED_ISA_IRQ: u8 = {
+    assert!(layout::ACPI_GED_GSI < 16, "the GED GSI must be an ISA IRQ");
+    layout::ACPI_GED_GSI as u8
+};
+
+/// Every table starts on this boundary (the RSDP needs 16 bytes).
+const TABLE_ALIGN: u64 = 16;
+const _: () = assert!(
+    layout::ACPI_START & (TABLE_ALIGN - 1) == 0,
+    "the RSDP must be 16-byte aligned"
+);
+
+/// What the ACPI tables describe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcpiConfig {
+    /// vCPUs (local APICs) enabled at boot; their APIC IDs are `0..boot_cpus`.
+    pub boot_cpus: u8,
+    /// vCPUs present; `boot_cpus..max_cpus` are listed online-capable but not enabled.
+    pub max_cpus: u8,
+    /// `(start, size)` of the 32-bit PCI MMIO window; omitted from `PCI0._CRS` when size is 0.
+    pub pci_mmio32: (u64, u64),
+    /// `(start, size)` of the 64-bit PCI MMIO window; omitted from `PCI0._CRS` when size is 0.
+    pub pci_mmio64: (u64, u64),
+}
+
+/// Errors from building or writing the ACPI tables.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    /// `boot_cpus` was 0.
+    #[error("ACPI tables need at least one boot vCPU")]
+    NoBootCpus,
+    /// `boot_cpus` was larger than `max_cpus`.
+    #[error("{boot} boot vCPUs exceed the maximum of {max}")]
+    BootCpusAboveMax {
+        /// Requested boot vCPUs.
+        boot: u8,
+        /// Requested maximum vCPUs.
+        max: u8,
+    },
+    /// A PCI MMIO window does not fit its descriptor (32-bit window above 4 GiB, or wrapping).
+    #[error("{window} PCI MMIO window {start:#x} (size {size:#x}) does not fit its address space")]
+    InvalidPciWindow {
+        /// Which window: "32-bit" or "64-bit".
+        window: &'static str,
+        /// Window start.
+        start: u64,
+        /// Window size.
+        size: u64,
+    },
+    /// A table does not fit in the ACPI area.
+    #[error(
+        "ACPI table {signature} ({len} bytes at {addr:#x}) overruns the ACPI area end {end:#x}"
+    )]
+    TableTooLarge {
+        /// Signature of the table that did not fit.
+        signature: String,
+        /// Where it would have started.
+        addr: u64,
+        /// Its length in bytes.
+        len: usize,
+        /// End of the ACPI area.
+        end: u64,
+    },
+    /// Writing a table to guest memory failed.
+    #[error("cannot write ACPI table {signature} to guest memory at {addr:#x}")]
+    GuestMemoryWrite {
+        /// Signature of the table being written.
+        signature: String,
+        /// Guest physical address of the table.
+        addr: u64,
+        /// What guest memory reported.
+        #[source]
+        source: GuestMemoryError,
+    },
+}
+
+/// One serialized table and where it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcpiTable {
+    /// Table signature; the root pointer (signature `"RSD PTR "`) is listed as `"RSDP"`.
+    pub signature: [u8; 4],
+    /// Guest physical address of the table.
+    pub addr: GuestAddress,
+    /// Table bytes, checksums filled in.
+    pub bytes: Vec<u8>,
+}
+
+impl AcpiConfig {
+    /// Checks the vCPU counts; the builders rely on them. (The DSDT checks the PCI windows.)
+    fn validate(&self) -> Result<(), AcpiError> {
+        if self.boot_cpus == 0 {
+            return Err(AcpiError::NoBootCpus);
+        }
+        if self.boot_cpus > self.max_cpus {
+            return Err(AcpiError::BootCpusAboveMax {
+                boot: self.boot_cpus,
+                max: self.max_cpus,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Last address of a non-empty window, or `None` if it wraps.
+fn window_last(start: u64, size: u64) -> Option<u64> {
+    start.checked_add(size.checked_sub(1)?)
+}
+
+/// Hands out consecutive, aligned addresses in the ACPI area.
+struct Placer {
+    next: u64,
+}
+
+impl Placer {
+    fn new() -> Self {
+        Placer {
+            next: layout::ACPI_START,
+        }
+    }
+
+    /// Reserves `len` bytes for the table `signature` and returns its address.
+    fn place(&mut self, signature: &[u8], len: usize) -> Result<u64, AcpiError> {
+        let addr = self.next.next_multiple_of(TABLE_ALIGN);
+        let too_large = || AcpiError::TableTooLarge {
+            signature: String::from_utf8_lossy(signature).into_owned(),
+            addr,
+            len,
+            end: layout::ACPI_END,
+        };
+        let end = u64::try_from(len)
+            .ok()
+            .and_then(|len| addr.checked_add(len))
+            .ok_or_else(too_large)?;
+        if end > layout::ACPI_END {
+            return Err(too_large());
+        }
+        self.next = end;
+        Ok(addr)
+    }
+}
+
+/// Serializes anything the `acpi_tables` crate can emit.
+fn aml_bytes(aml: &dyn Aml) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    aml.to_aml_bytes(&mut bytes);
+    bytes
+}
+
+fn mcfg() -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.add_ecam(layout::PCI_ECAM_START, 0, 0, PCI_LAST_BUS);
+    aml_bytes(&mcfg)
+}
+
+/// Builds every table for `cfg` and places it in `layout::ACPI_START..layout::ACPI_END`.
+///
+/// The first entry is the RSDP at `layout::ACPI_START`; the rest follow in address order. This is
+/// the only place the tables are made: [`create_acpi_tables`] writes exactly this output.
+///
+/// ```
+/// use arch::x86_64::acpi::{build_tables, AcpiConfig};
+/// use arch::x86_64::layout;
+///
+/// let cfg = AcpiConfig {
+///     boot_cpus: 2,
+///     max_cpus: 4,
+///     pci_mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
+///     pci_mmio64: (0, 0),
+/// };
+/// let tables = build_tables(&cfg).unwrap();
+/// assert_eq!(&tables[0].bytes[..8], b"RSD PTR ");
+/// assert_eq!(tables[0].addr.0, layout::ACPI_START);
+/// ```
+pub fn build_tables(cfg: &AcpiConfig) -> Result<Vec<AcpiTable>, AcpiError> {
+    cfg.validate()?;
+
+    // Tables that point at others come after them, so every length is known when placed.
+    let dsdt = dsdt::build(cfg)?;
+    let madt = madt::build(cfg);
+    let mcfg = mcfg();
+
+    let mut placer = Placer::new();
+    let rsdp_addr = placer.place(b"RSDP", Rsdp::len())?;
+    let dsdt_addr = placer.place(b"DSDT", dsdt.len())?;
+    let fadt = fadt::build(dsdt_addr);
+    let fadt_addr = placer.place(b"FACP", fadt.len())?;
+    let madt_addr = placer.place(b"APIC", madt.len())?;
+    let mcfg_addr = placer.place(b"MCFG", mcfg.len())?;
+
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    for addr in [fadt_addr, madt_addr, mcfg_addr] {
+        xsdt.add_entry(addr);
+    }
+    let xsdt = aml_bytes(&xsdt);
+    let xsdt_addr = placer.place(b"XSDT", xsdt.len())?;
+    let rsdp = aml_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
+
+    let table = |signature: &[u8; 4], addr, bytes| AcpiTable {
+        signature: *signature,
+        addr: GuestAddress(addr),
+        bytes,
+    };
+    Ok(vec![
+        table(b"RSDP", rsdp_addr, rsdp),
+        table(b"DSDT", dsdt_addr, dsdt),
+        table(b"FACP", fadt_addr, fadt),
+        table(b"APIC", madt_addr, madt),
+        table(b"MCFG", mcfg_addr, mcfg),
+        table(b"XSDT", xsdt_addr, xsdt),
+    ])
+}
+
+/// Writes RSDP, XSDT, FADT, DSDT, MADT and MCFG into guest memory at
+/// `layout::ACPI_START..layout::ACPI_END` and returns the RSDP's guest address (for the PVH start
+/// info `rsdp_paddr`).
+pub fn create_acpi_tables<M: GuestMemoryBackend>(
+    mem: &M,
+    cfg: &AcpiConfig,
+) -> Result<GuestAddress, AcpiError> {
+    let tables = build_tables(cfg)?;
+    for table in &tables {
+        mem.write_slice(&table.bytes, table.addr)
+            .map_err(|source| AcpiError::GuestMemoryWrite {
+                signature: String::from_utf8_lossy(&table.signature).into_owned(),
+                addr: table.addr.0,
+                source,
+            })?;
+    }
+    // build_tables puts the RSDP first, at layout::ACPI_START.
+    Ok(GuestAddress(layout::ACPI_START))
+}

@@ -1,0 +1,329 @@
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::*;
+
+fn config(boot_cpus: u8, max_cpus: u8) -> AcpiConfig {
+    AcpiConfig {
+        boot_cpus,
+        max_cpus,
+        pci_mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
+        pci_mmio64: (layout::pci_mmio64_start(1 << 30), layout::PCI_MMIO64_SIZE),
+    }
+}
+
+fn u16_at(bytes: &[u8], offset: usize) -> u16 {
+    u16::from_le_bytes(bytes[offset..offset + 2].try_into().expect("2 bytes"))
+}
+
+fn u32_at(bytes: &[u8], offset: usize) -> u32 {
+    u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(bytes: &[u8], offset: usize) -> u64 {
+    u64::from_le_bytes(bytes[offset..offset + 8].try_into().expect("8 bytes"))
+}
+
+fn sum(bytes: &[u8]) -> u8 {
+    bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b))
+}
+
+fn table<'a>(tables: &'a [AcpiTable], signature: &[u8; 4]) -> &'a AcpiTable {
+    tables
+        .iter()
+        .find(|t| &t.signature == signature)
+        .unwrap_or_else(|| panic!("no {} table", String::from_utf8_lossy(signature)))
+}
+
+fn table_at(tables: &[AcpiTable], addr: u64) -> &AcpiTable {
+    tables
+        .iter()
+        .find(|t| t.addr.0 == addr)
+        .unwrap_or_else(|| panic!("no table at {addr:#x}"))
+}
+
+/// MADT interrupt controller structures as (type, bytes).
+fn madt_entries(madt: &[u8]) -> Vec<(u8, &[u8])> {
+    let mut entries = Vec::new();
+    let mut offset = 44;
+    while offset < madt.len() {
+        let len = usize::from(madt[offset + 1]);
+        assert!(len >= 2, "MADT entry at {offset} has length {len}");
+        entries.push((madt[offset], &madt[offset..offset + len]));
+        offset += len;
+    }
+    assert_eq!(offset, madt.len(), "MADT entries overrun the table");
+    entries
+}
+
+#[test]
+fn every_checksum_is_zero() {
+    for (boot, max) in [(1, 1), (2, 8), (255, 255)] {
+        let tables = build_tables(&config(boot, max)).expect("tables");
+        for t in &tables {
+            if &t.signature == b"RSDP" {
+                assert_eq!(t.bytes.len(), 36);
+                assert_eq!(sum(&t.bytes[..20]), 0, "RSDP v1 checksum");
+            } else {
+                assert_eq!(&t.bytes[..4], &t.signature);
+                assert_eq!(u32_at(&t.bytes, 4) as usize, t.bytes.len(), "length field");
+                assert_eq!(&t.bytes[10..16], b"NIMBUS");
+                assert_eq!(&t.bytes[16..24], b"NIMBUSVM");
+            }
+            assert_eq!(
+                sum(&t.bytes),
+                0,
+                "{} checksum",
+                String::from_utf8_lossy(&t.signature)
+            );
+        }
+    }
+}
+
+#[test]
+fn rsdp_leads_to_every_table() {
+    let tables = build_tables(&config(2, 4)).expect("tables");
+    let rsdp = &tables[0];
+    assert_eq!(&rsdp.signature, b"RSDP");
+    assert_eq!(rsdp.addr, GuestAddress(layout::ACPI_START));
+    assert_eq!(&rsdp.bytes[..8], b"RSD PTR ");
+    assert_eq!(rsdp.bytes[15], 2, "RSDP revision");
+    assert_eq!(&rsdp.bytes[9..15], b"NIMBUS");
+
+    let xsdt = table_at(&tables, u64_at(&rsdp.bytes, 24));
+    assert_eq!(&xsdt.signature, b"XSDT");
+    let listed: Vec<[u8; 4]> = xsdt.bytes[36..]
+        .chunks(8)
+        .map(|entry| table_at(&tables, u64_at(entry, 0)).signature)
+        .collect();
+    assert_eq!(listed, [*b"FACP", *b"APIC", *b"MCFG"]);
+
+    let fadt = table(&tables, b"FACP");
+    assert_eq!(u32_at(&fadt.bytes, 40), 0, "32-bit DSDT pointer unused");
+    let dsdt = table_at(&tables, u64_at(&fadt.bytes, 140));
+    assert_eq!(&dsdt.signature, b"DSDT");
+}
+
+#[test]
+fn tables_are_aligned_disjoint_and_inside_the_area() {
+    let tables = build_tables(&config(255, 255)).expect("tables");
+    let mut previous_end = layout::ACPI_START;
+    for t in &tables {
+        assert_eq!(t.addr.0 % 16, 0);
+        assert!(t.addr.0 >= previous_end, "tables overlap");
+        previous_end = t.addr.0 + t.bytes.len() as u64;
+    }
+    assert!(previous_end <= layout::ACPI_END);
+}
+
+#[test]
+fn fadt_is_hardware_reduced_with_sleep_and_reset_registers() {
+    let tables = build_tables(&config(1, 1)).expect("tables");
+    let fadt = &table(&tables, b"FACP").bytes;
+    assert_eq!(fadt.len(), 276);
+    assert_eq!(fadt[8], 6, "major version");
+    assert_eq!(fadt[131], 5, "minor version");
+    let flags = u32_at(fadt, 112);
+    assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+    assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
+    let boot_arch = u16_at(fadt, 109);
+    assert_eq!(boot_arch & (1 << 5), 0, "CMOS RTC must be present");
+    assert_eq!(boot_arch & (1 << 3), 0, "MSI must be supported");
+    assert_ne!(boot_arch & (1 << 2), 0, "no VGA");
+    assert_eq!(u16_at(fadt, 46), u16::from(GED_ISA_IRQ), "SCI_INT");
+
+    let io_byte = |offset: usize, port: u16| {
+        assert_eq!(fadt[offset], 1, "system I/O");
+        assert_eq!(fadt[offset + 1], 8, "8 bits wide");
+        assert_eq!(fadt[offset + 3], 1, "byte access");
+        assert_eq!(u64_at(fadt, offset + 4), u64::from(port));
+    };
+    io_byte(116, layout::ACPI_RESET_PORT);
+    assert_eq!(fadt[128], layout::ACPI_RESET_VALUE);
+    io_byte(244, layout::ACPI_SLEEP_CONTROL_PORT);
+    io_byte(256, layout::ACPI_SLEEP_STATUS_PORT);
+    assert_eq!(&fadt[268..276], b"NIMBUS\0\0");
+}
+
+#[test]
+fn madt_enables_boot_cpus_and_lists_the_rest_online_capable() {
+    for (boot, max) in [(1, 1), (2, 2), (2, 8), (255, 255)] {
+        let tables = build_tables(&config(boot, max)).expect("tables");
+        let madt = &table(&tables, b"APIC").bytes;
+        assert_eq!(madt[8], 5, "MADT revision");
+        assert_eq!(u32_at(madt, 36) as u64, layout::LAPIC_START);
+        assert_eq!(u32_at(madt, 40), 1, "PCAT_COMPAT");
+
+        let entries = madt_entries(madt);
+        let lapics: Vec<&[u8]> = entries.iter().filter(|e| e.0 == 0).map(|e| e.1).collect();
+        assert_eq!(lapics.len(), usize::from(max));
+        for (i, lapic) in lapics.iter().enumerate() {
+            assert_eq!(usize::from(lapic[2]), i, "processor UID");
+            assert_eq!(usize::from(lapic[3]), i, "APIC ID");
+            let expected = if i < usize::from(boot) { 1 } else { 2 };
+            assert_eq!(u32_at(lapic, 4), expected, "flags of CPU {i}");
+        }
+
+        let ioapics: Vec<&[u8]> = entries.iter().filter(|e| e.0 == 1).map(|e| e.1).collect();
+        assert_eq!(ioapics.len(), 1);
+        assert_eq!(ioapics[0][2], max, "IOAPIC ID follows the APIC IDs");
+        assert_eq!(u32_at(ioapics[0], 4) as u64, layout::IOAPIC_START);
+        assert_eq!(u32_at(ioapics[0], 8), 0, "GSI base");
+
+        let overrides: Vec<(u8, u8, u32, u16)> = entries
+            .iter()
+            .filter(|e| e.0 == 2)
+            .map(|e| (e.1[2], e.1[3], u32_at(e.1, 4), u16_at(e.1, 8)))
+            .collect();
+        assert_eq!(
+            overrides,
+            [(0, 0, 2, 0), (0, GED_ISA_IRQ, layout::ACPI_GED_GSI, 0x000d)]
+        );
+
+        let nmis: Vec<&[u8]> = entries.iter().filter(|e| e.0 == 4).map(|e| e.1).collect();
+        assert_eq!(nmis, [&[4, 6, 0xff, 0, 0, 1][..]]);
+    }
+}
+
+#[test]
+fn mcfg_covers_the_ecam_window() {
+    let tables = build_tables(&config(1, 1)).expect("tables");
+    let mcfg = &table(&tables, b"MCFG").bytes;
+    assert_eq!(mcfg.len(), 44 + 16);
+    assert_eq!(u64_at(mcfg, 44), layout::PCI_ECAM_START);
+    assert_eq!(u16_at(mcfg, 52), 0, "segment");
+    assert_eq!(mcfg[54], 0, "first bus");
+    assert_eq!(mcfg[55], 255, "last bus");
+    assert_eq!(u64::from(mcfg[55]) + 1, layout::PCI_ECAM_SIZE >> 20);
+}
+
+#[test]
+fn dsdt_is_revision_2_and_names_the_devices() {
+    let tables = build_tables(&config(2, 3)).expect("tables");
+    let dsdt = &table(&tables, b"DSDT").bytes;
+    assert_eq!(dsdt[8], 2, "64-bit integers");
+    let contains = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+    for name in [
+        &b"_S5_"[..],
+        b"COM1",
+        b"RTC_",
+        b"MBRD",
+        b"PCI0",
+        b"PWRB",
+        b"GED_",
+        b"_EVT",
+        b"_OSC",
+        b"ACPI0013",
+        b"ACPI0007",
+        b"CP00",
+        b"CP01",
+        b"CP02",
+    ] {
+        assert!(
+            contains(name),
+            "DSDT lacks {}",
+            String::from_utf8_lossy(name)
+        );
+    }
+    assert!(!contains(b"CP03"));
+}
+
+#[test]
+fn empty_pci_windows_are_left_out() {
+    // Descriptor tag and length of DWordMemory / QWordMemory, then resource type 0 (memory).
+    const DWORD_MEMORY: &[u8] = &[0x87, 0x17, 0x00, 0x00];
+    const QWORD_MEMORY: &[u8] = &[0x8a, 0x2b, 0x00, 0x00];
+    let has = |cfg: &AcpiConfig, descriptor: &[u8]| {
+        let tables = build_tables(cfg).expect("tables");
+        let dsdt = &table(&tables, b"DSDT").bytes;
+        dsdt.windows(descriptor.len()).any(|w| w == descriptor)
+    };
+    let both = config(1, 1);
+    assert!(has(&both, DWORD_MEMORY) && has(&both, QWORD_MEMORY));
+    let no_64 = AcpiConfig {
+        pci_mmio64: (0, 0),
+        ..both
+    };
+    assert!(has(&no_64, DWORD_MEMORY) && !has(&no_64, QWORD_MEMORY));
+    let no_32 = AcpiConfig {
+        pci_mmio32: (0, 0),
+        ..both
+    };
+    assert!(!has(&no_32, DWORD_MEMORY) && has(&no_32, QWORD_MEMORY));
+}
+
+#[test]
+fn bad_configs_are_errors() {
+    assert!(matches!(
+        build_tables(&config(0, 0)),
+        Err(AcpiError::NoBootCpus)
+    ));
+    assert!(matches!(
+        build_tables(&config(0, 4)),
+        Err(AcpiError::NoBootCpus)
+    ));
+    assert!(matches!(
+        build_tables(&config(3, 2)),
+        Err(AcpiError::BootCpusAboveMax { boot: 3, max: 2 })
+    ));
+    let above_4g = AcpiConfig {
+        pci_mmio32: (0xf000_0000, 0x2000_0000),
+        ..config(1, 1)
+    };
+    assert!(matches!(
+        build_tables(&above_4g),
+        Err(AcpiError::InvalidPciWindow {
+            window: "32-bit",
+            ..
+        })
+    ));
+    let wrapping = AcpiConfig {
+        pci_mmio64: (u64::MAX - 0xfff, 0x2000),
+        ..config(1, 1)
+    };
+    assert!(matches!(
+        build_tables(&wrapping),
+        Err(AcpiError::InvalidPciWindow {
+            window: "64-bit",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn placer_refuses_tables_past_the_area() {
+    let mut placer = Placer::new();
+    let len = usize::try_from(layout::ACPI_END - layout::ACPI_START).expect("fits");
+    assert_eq!(
+        placer.place(b"AAAA", len).expect("fits exactly"),
+        layout::ACPI_START
+    );
+    let err = placer.place(b"BBBB", 1).expect_err("area is full");
+    assert!(matches!(err, AcpiError::TableTooLarge { ref signature, .. } if signature == "BBBB"));
+    assert!(err.to_string().contains("BBBB"), "{err}");
+}
+
+#[test]
+fn create_writes_the_tables_to_guest_memory() {
+    let mem: GuestMemoryMmap<()> =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("guest memory");
+    let cfg = config(2, 8);
+    let rsdp = create_acpi_tables(&mem, &cfg).expect("tables written");
+    assert_eq!(rsdp, GuestAddress(layout::ACPI_START));
+    for t in build_tables(&cfg).expect("tables") {
+        let mut read = vec![0; t.bytes.len()];
+        mem.read_slice(&mut read, t.addr).expect("read back");
+        assert_eq!(read, t.bytes);
+    }
+}
+
+#[test]
+fn create_reports_the_failing_address() {
+    // Memory ends inside the ACPI area: the RSDP fits, later tables do not.
+    let mem: GuestMemoryMmap<()> =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), layout::ACPI_START as usize + 0x40)])
+            .expect("guest memory");
+    match create_acpi_tables(&mem, &config(1, 1)) {
+        Err(AcpiError::GuestMemoryWrite { addr, .. }) => assert!(addr > layout::ACPI_START),
+        other => panic!("expected a guest memory error, got {other:?}"),
+    }
+}

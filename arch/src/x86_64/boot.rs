@@ -1,0 +1,283 @@
+//! Loading a kernel and describing the machine to it: a vmlinux ELF with a PVH entry note
+//! (`hvm_start_info`), or a bzImage through the 64-bit Linux boot protocol (zero page).
+
+use std::fs::File;
+
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::boot_params;
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{BzImage, KernelLoader, KernelLoaderResult};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::layout::{
+    CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_RAM_START, PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES,
+    PVH_MEMMAP_START, PVH_MODLIST_START,
+};
+use super::memmap::memory_map;
+
+/// Magic of `hvm_start_info`.
+const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+/// Where the zero page (`boot_params`) goes for the Linux boot protocol.
+const ZERO_PAGE_START: u64 = 0x7000;
+/// Identity page tables for the Linux boot protocol: PML4, PDPT, PD (first 1 GiB, 2 MiB pages).
+const PML4_START: u64 = 0x9000;
+const PDPT_START: u64 = 0xa000;
+const PD_START: u64 = 0xb000;
+/// Stack for the Linux boot protocol entry (below the page tables).
+const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// Offset of the 64-bit entry point from the protected-mode kernel's load address.
+const LINUX_64BIT_ENTRY_OFFSET: u64 = 0x200;
+
+/// Errors loading or describing the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The kernel file is neither an ELF with a PVH note nor a bzImage.
+    #[error("not a bootable kernel: not an ELF ({elf}) and not a bzImage ({bzimage})")]
+    UnknownFormat {
+        /// Why the ELF loader refused it.
+        elf: linux_loader::loader::Error,
+        /// Why the bzImage loader refused it.
+        bzimage: linux_loader::loader::Error,
+    },
+    /// An ELF kernel without the `XEN_ELFNOTE_PHYS32_ENTRY` note cannot be booted.
+    #[error("the ELF kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); build it with CONFIG_PVH=y")]
+    NoPvhNote,
+    /// The command line does not fit.
+    #[error("the kernel command line is {len} bytes; at most {max} fit")]
+    CmdlineTooLong {
+        /// Bytes given.
+        len: usize,
+        /// Bytes that fit (excluding the NUL).
+        max: usize,
+    },
+    /// The command line contains a NUL byte.
+    #[error("the kernel command line contains a NUL byte")]
+    CmdlineNul,
+    /// The initramfs does not fit in RAM below the 32-bit hole, above the kernel.
+    #[error("the initramfs ({size} bytes) does not fit in guest RAM between the kernel end {kernel_end:#x} and {ram_top:#x}")]
+    InitramfsTooLarge {
+        /// Initramfs size.
+        size: u64,
+        /// End of the loaded kernel.
+        kernel_end: u64,
+        /// Top of low RAM.
+        ram_top: u64,
+    },
+    /// Reading the initramfs failed.
+    #[error("cannot read the initramfs")]
+    ReadInitramfs(#[source] std::io::Error),
+    /// Writing boot data into guest memory failed.
+    #[error("cannot write {what} into guest memory")]
+    WriteMemory {
+        /// What was written.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The boot configurator refused the boot parameters.
+    #[error("cannot write the boot parameters")]
+    Configure(#[source] linux_loader::configurator::Error),
+}
+
+/// How the boot vCPU enters the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootEntry {
+    /// PVH: 32-bit protected mode at `entry`, EBX = start info.
+    Pvh {
+        /// Physical entry address from the PVH note.
+        entry: u64,
+    },
+    /// 64-bit Linux boot protocol: long mode at `entry`, RSI = zero page, paging at `pml4`.
+    Linux64 {
+        /// 64-bit entry point.
+        entry: u64,
+        /// Zero page address.
+        zero_page: u64,
+        /// Root of the identity page tables.
+        pml4: u64,
+        /// Initial stack pointer.
+        stack: u64,
+    },
+}
+
+/// What to boot.
+#[derive(Debug)]
+pub struct BootSpec<'a> {
+    /// The kernel image (vmlinux ELF with a PVH note, or bzImage).
+    pub kernel: &'a mut File,
+    /// Optional initramfs.
+    pub initramfs: Option<&'a mut File>,
+    /// Kernel command line.
+    pub cmdline: &'a str,
+    /// Guest RAM size in bytes.
+    pub ram_size: u64,
+    /// Guest address of the ACPI RSDP.
+    pub rsdp: u64,
+}
+
+/// Loads the kernel, initramfs and command line into `mem` and writes the boot information
+/// (PVH start info or zero page). Returns how the boot vCPU must enter the kernel.
+pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, spec: BootSpec<'_>) -> Result<BootEntry, BootError> {
+    let max = CMDLINE_MAX_SIZE - 1;
+    if spec.cmdline.len() > max {
+        return Err(BootError::CmdlineTooLong { len: spec.cmdline.len(), max });
+    }
+    if spec.cmdline.as_bytes().contains(&0) {
+        return Err(BootError::CmdlineNul);
+    }
+    let high = Some(GuestAddress(HIGH_RAM_START));
+    let (loaded, is_elf) = match Elf::load(mem, None, spec.kernel, high) {
+        Ok(r) => (r, true),
+        Err(elf_err) => match BzImage::load(mem, None, spec.kernel, high) {
+            Ok(r) => (r, false),
+            Err(bz_err) => {
+                // A file with the ELF magic is an ELF the ELF loader refused: report that alone.
+                return Err(BootError::UnknownFormat { elf: elf_err, bzimage: bz_err });
+            }
+        },
+    };
+    let mut cmdline = spec.cmdline.as_bytes().to_vec();
+    cmdline.push(0);
+    mem.write_slice(&cmdline, GuestAddress(CMDLINE_START))
+        .map_err(|source| BootError::WriteMemory { what: "command line", source })?;
+    // Both loaders report the end of the image as an absolute guest address.
+    let kernel_end = loaded.kernel_end;
+    let initramfs = match spec.initramfs {
+        Some(f) => Some(load_initramfs(mem, f, kernel_end, spec.ram_size)?),
+        None => None,
+    };
+    if is_elf {
+        let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
+            return Err(BootError::NoPvhNote);
+        };
+        write_pvh_start_info(mem, spec.ram_size, initramfs, spec.cmdline.len(), spec.rsdp)?;
+        Ok(BootEntry::Pvh { entry: entry.0 })
+    } else {
+        write_zero_page(mem, &loaded, spec.ram_size, initramfs, spec.cmdline.len(), spec.rsdp)?;
+        write_identity_page_tables(mem)?;
+        Ok(BootEntry::Linux64 {
+            entry: loaded.kernel_load.0 + LINUX_64BIT_ENTRY_OFFSET,
+            zero_page: ZERO_PAGE_START,
+            pml4: PML4_START,
+            stack: BOOT_STACK_POINTER,
+        })
+    }
+}
+
+/// Places the initramfs page-aligned at the top of RAM below the 32-bit hole.
+fn load_initramfs<M: GuestMemoryBackend>(
+    mem: &M,
+    file: &mut File,
+    kernel_end: u64,
+    ram_size: u64,
+) -> Result<(u64, u64), BootError> {
+    let size = file.metadata().map_err(BootError::ReadInitramfs)?.len();
+    let ram_top = super::layout::ram_regions(ram_size).first().map_or(0, |&(s, l)| s + l);
+    let start = ram_top.checked_sub(size).map(|a| a & !0xfff);
+    let start = match start {
+        Some(s) if s >= kernel_end && size > 0 => s,
+        _ => return Err(BootError::InitramfsTooLarge { size, kernel_end, ram_top }),
+    };
+    let size_usize = usize::try_from(size)
+        .map_err(|_| BootError::InitramfsTooLarge { size, kernel_end, ram_top })?;
+    mem.read_exact_volatile_from(GuestAddress(start), file, size_usize)
+        .map_err(|source| BootError::WriteMemory { what: "initramfs", source })?;
+    Ok((start, size))
+}
+
+fn write_pvh_start_info<M: GuestMemoryBackend>(
+    mem: &M,
+    ram_size: u64,
+    initramfs: Option<(u64, u64)>,
+    _cmdline_len: usize,
+    rsdp: u64,
+) -> Result<(), BootError> {
+    let memmap: Vec<hvm_memmap_table_entry> = memory_map(ram_size)
+        .into_iter()
+        .take(PVH_MEMMAP_MAX_ENTRIES)
+        .map(|e| hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind as u32, reserved: 0 })
+        .collect();
+    let modules: Vec<hvm_modlist_entry> = initramfs
+        .into_iter()
+        .map(|(paddr, size)| hvm_modlist_entry { paddr, size, cmdline_paddr: 0, reserved: 0 })
+        .collect();
+    let start_info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC,
+        version: 1,
+        flags: 0,
+        nr_modules: modules.len() as u32,
+        modlist_paddr: if modules.is_empty() { 0 } else { PVH_MODLIST_START },
+        cmdline_paddr: CMDLINE_START,
+        rsdp_paddr: rsdp,
+        memmap_paddr: PVH_MEMMAP_START,
+        memmap_entries: memmap.len() as u32,
+        reserved: 0,
+    };
+    let mut params = BootParams::new(&start_info, GuestAddress(PVH_INFO_START));
+    params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_START));
+    if !modules.is_empty() {
+        params.set_modules(&modules, GuestAddress(PVH_MODLIST_START));
+    }
+    PvhBootConfigurator::write_bootparams::<M>(&params, mem).map_err(BootError::Configure)
+}
+
+const E820_MAX_ENTRIES: usize = 128;
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
+
+fn write_zero_page<M: GuestMemoryBackend>(
+    mem: &M,
+    loaded: &KernelLoaderResult,
+    ram_size: u64,
+    initramfs: Option<(u64, u64)>,
+    cmdline_len: usize,
+    rsdp: u64,
+) -> Result<(), BootError> {
+    let mut params = boot_params::default();
+    if let Some(hdr) = loaded.setup_header {
+        params.hdr = hdr;
+    }
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+    params.hdr.header = KERNEL_HDR_MAGIC;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline_len as u32 + 1;
+    if params.hdr.kernel_alignment == 0 {
+        params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
+    }
+    if let Some((addr, size)) = initramfs {
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+    params.acpi_rsdp_addr = rsdp;
+    for (slot, e) in params.e820_table.iter_mut().zip(memory_map(ram_size).into_iter().take(E820_MAX_ENTRIES)) {
+        slot.addr = e.addr;
+        slot.size = e.size;
+        slot.r#type = e.kind as u32;
+        params.e820_entries += 1;
+    }
+    let bp = BootParams::new(&params, GuestAddress(ZERO_PAGE_START));
+    LinuxBootConfigurator::write_bootparams::<M>(&bp, mem).map_err(BootError::Configure)
+}
+
+/// Identity-maps the first 1 GiB with 2 MiB pages for the 64-bit Linux entry.
+fn write_identity_page_tables<M: GuestMemoryBackend>(mem: &M) -> Result<(), BootError> {
+    let w = |what, val: u64, addr: u64| {
+        mem.write_obj(val, GuestAddress(addr)).map_err(|source| BootError::WriteMemory { what, source })
+    };
+    w("PML4", PDPT_START | 0x3, PML4_START)?;
+    w("PDPT", PD_START | 0x3, PDPT_START)?;
+    for i in 0..512u64 {
+        w("page directory", (i << 21) | 0x83, PD_START + i * 8)?;
+    }
+    Ok(())
+}
+
+
+

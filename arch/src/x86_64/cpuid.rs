@@ -1,0 +1,107 @@
+//! CPUID as the guest sees it: the hypervisor's supported set, patched with this vCPU's
+//! identity and the VM's topology (one socket, `cpus` cores, one thread per core).
+
+use hypervisor::CpuIdEntry;
+
+const LEAF_FEATURES: u32 = 1;
+const LEAF_CACHE_PARAMS: u32 = 4;
+const LEAF_TOPOLOGY: u32 = 0xb;
+const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+
+const ECX_HYPERVISOR: u32 = 1 << 31;
+const EDX_HTT: u32 = 1 << 28;
+
+/// Topology level types of leaves 0xB and 0x1F.
+const LEVEL_SMT: u32 = 1;
+const LEVEL_CORE: u32 = 2;
+
+/// Returns the CPUID table for the vCPU with `apic_id` in a VM of `cpus` vCPUs.
+pub fn vcpu_cpuid(supported: &[CpuIdEntry], apic_id: u8, cpus: u8) -> Vec<CpuIdEntry> {
+    let cpus = u32::from(cpus.max(1));
+    let apic_id = u32::from(apic_id);
+    // Bits of the APIC ID that number cores within the package.
+    let core_bits = u32::BITS - (cpus - 1).leading_zeros();
+    let mut out = Vec::with_capacity(supported.len() + 3);
+    for entry in supported {
+        let mut e = *entry;
+        match e.function {
+            LEAF_FEATURES => {
+                e.ebx = (apic_id << 24) | (cpus << 16) | (e.ebx & 0xffff);
+                e.ecx |= ECX_HYPERVISOR;
+                if cpus > 1 {
+                    e.edx |= EDX_HTT;
+                } else {
+                    e.edx &= !EDX_HTT;
+                }
+            }
+            LEAF_CACHE_PARAMS => {
+                // EAX[31:26]: cores per package - 1. EAX[25:14]: threads sharing this cache - 1;
+                // the last level (type 3 = unified, level 3) is shared by all cores.
+                let level = (e.eax >> 5) & 7;
+                let sharing = if level >= 3 { cpus - 1 } else { 0 };
+                e.eax = (e.eax & 0x3fff) | ((cpus - 1) << 26) | (sharing << 14);
+            }
+            LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => continue,
+            _ => {}
+        }
+        out.push(e);
+    }
+    for function in [LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2] {
+        let levels = [(0, 1, LEVEL_SMT), (core_bits, cpus, LEVEL_CORE), (0, 0, 0)];
+        for (index, (shift, count, kind)) in (0u32..).zip(levels) {
+            out.push(CpuIdEntry {
+                function,
+                index,
+                flags: CpuIdEntry::FLAG_INDEXED,
+                eax: shift,
+                ebx: count,
+                ecx: (kind << 8) | index,
+                edx: apic_id,
+            });
+        }
+    }
+    // Leaf 0xB must be reachable: raise the basic max leaf if the host reported less.
+    if let Some(leaf0) = out.iter_mut().find(|e| e.function == 0) {
+        leaf0.eax = leaf0.eax.max(LEAF_TOPOLOGY);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(function: u32, index: u32) -> CpuIdEntry {
+        CpuIdEntry { function, index, ..Default::default() }
+    }
+
+    #[test]
+    fn identity_and_topology() {
+        let supported = [
+            CpuIdEntry { eax: 0xd, ..leaf(0, 0) },
+            CpuIdEntry { ebx: 0x0000_0800, ..leaf(1, 0) },
+            CpuIdEntry { eax: (3 << 5) | 0x3, ..leaf(4, 3) },
+            leaf(0xb, 0),
+        ];
+        let table = vcpu_cpuid(&supported, 3, 4);
+        let l1 = table.iter().find(|e| e.function == 1).copied().unwrap_or_default();
+        assert_eq!(l1.ebx >> 24, 3);
+        assert_eq!((l1.ebx >> 16) & 0xff, 4);
+        assert_eq!(l1.ebx & 0xffff, 0x0800);
+        assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
+        assert_ne!(l1.edx & EDX_HTT, 0);
+        let l4 = table.iter().find(|e| e.function == 4).copied().unwrap_or_default();
+        assert_eq!(l4.eax >> 26, 3);
+        assert_eq!((l4.eax >> 14) & 0xfff, 3);
+        let core = table.iter().find(|e| e.function == 0xb && e.index == 1).copied().unwrap_or_default();
+        assert_eq!((core.eax, core.ebx, core.ecx >> 8, core.edx), (2, 4, LEVEL_CORE, 3));
+        assert_eq!(table.iter().filter(|e| e.function == 0xb).count(), 3);
+    }
+
+    #[test]
+    fn single_cpu_has_no_htt() {
+        let supported = [CpuIdEntry { edx: EDX_HTT, ..leaf(1, 0) }];
+        let l1 = vcpu_cpuid(&supported, 0, 1)[0];
+        assert_eq!(l1.edx & EDX_HTT, 0);
+    }
+}

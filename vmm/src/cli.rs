@@ -1,0 +1,129 @@
+//! The command line, in Cloud Hypervisor's syntax, turned into a [`VmConfig`].
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{kv, ConfigError, ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, VmConfig};
+
+/// Nimbus: a virtual machine monitor for cloud workloads.
+#[derive(Debug, Parser)]
+#[command(name = "nimbus", disable_version_flag = true)]
+pub struct Cli {
+    /// Kernel to boot: a vmlinux ELF with a PVH note, or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs to load.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING")]
+    pub cmdline: Option<String>,
+    /// vCPUs: boot=N[,max=M].
+    #[arg(long, value_name = "boot=N[,max=M]")]
+    pub cpus: Option<String>,
+    /// Guest RAM: size=SIZE[,shared=on|off][,hugepages=on|off][,thp=on|off][,mergeable=on|off].
+    #[arg(long, value_name = "size=SIZE[,...]")]
+    pub memory: Option<String>,
+    /// 16550 serial port: off|null|tty|file=PATH.
+    #[arg(long, value_name = "MODE")]
+    pub serial: Option<String>,
+    /// virtio console: off|null|tty|file=PATH.
+    #[arg(long, value_name = "MODE")]
+    pub console: Option<String>,
+    /// More log output (-v info, -vv debug, -vvv trace).
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Write the log to this file instead of standard error.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+    /// Print the version and exit.
+    #[arg(short = 'V', long)]
+    pub version: bool,
+}
+
+impl Cli {
+    /// The VM configuration the options describe (not yet validated).
+    pub fn vm_config(&self) -> Result<VmConfig, ConfigError> {
+        let mut config = VmConfig::default();
+        if let Some(s) = &self.cpus {
+            config.cpus = kv::from_str::<CpusConfig>(s).map_err(|source| ConfigError::Parse { option: "cpus", source })?;
+            let max_given = kv::split(s).is_ok_and(|p| p.iter().any(|(k, _)| k == "max" || k == "max_vcpus"));
+            if !max_given {
+                config.cpus.max_vcpus = config.cpus.boot_vcpus;
+            }
+        }
+        if let Some(s) = &self.memory {
+            config.memory =
+                kv::from_str::<MemoryConfig>(s).map_err(|source| ConfigError::Parse { option: "memory", source })?;
+        }
+        if let Some(s) = &self.serial {
+            config.serial = ConsoleConfig::parse("serial", s)?;
+        }
+        if let Some(s) = &self.console {
+            config.console = ConsoleConfig::parse("console", s)?;
+        }
+        if self.kernel.is_some() || self.initramfs.is_some() || self.cmdline.is_some() {
+            config.payload = Some(PayloadConfig {
+                kernel: self.kernel.clone(),
+                initramfs: self.initramfs.clone(),
+                cmdline: self.cmdline.clone(),
+                firmware: None,
+            });
+        }
+        Ok(config)
+    }
+}
+
+/// The version line. Management stacks written for Cloud Hypervisor (libvirt) parse
+/// `cloud-hypervisor vX.Y.Z`; they get that form when the binary runs under that name.
+pub fn version_line(argv0: &str) -> String {
+    let own = env!("CARGO_PKG_VERSION");
+    let invoked_as = std::path::Path::new(argv0).file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if invoked_as == "cloud-hypervisor" {
+        format!("cloud-hypervisor v{CH_COMPAT_VERSION} (nimbus v{own})")
+    } else {
+        format!("nimbus v{own}")
+    }
+}
+
+/// The Cloud Hypervisor release whose API and CLI Nimbus follows.
+pub const CH_COMPAT_VERSION: &str = "48.0.0";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<VmConfig, ConfigError> {
+        let mut argv = vec!["nimbus"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).map_err(|e| ConfigError::Payload(e.to_string()))?.vm_config()
+    }
+
+    #[test]
+    fn options_fill_the_config() {
+        let c = parse(&["--kernel", "/k", "--cmdline", "a b", "--cpus", "boot=2", "--memory", "size=128M", "--serial", "tty"])
+            .expect("config");
+        assert_eq!((c.cpus.boot_vcpus, c.cpus.max_vcpus), (2, 2));
+        assert_eq!(c.memory.size, 128 << 20);
+        assert_eq!(c.payload.as_ref().and_then(|p| p.cmdline.clone()), Some("a b".into()));
+        c.validate().expect("valid");
+        let c = parse(&["--kernel", "/k", "--cpus", "boot=2,max=8"]).expect("config");
+        assert_eq!(c.cpus.max_vcpus, 8);
+    }
+
+    #[test]
+    fn malformed_options_are_errors() {
+        let e = parse(&["--cpus", "boot=x"]).expect_err("bad");
+        assert!(e.to_string().starts_with("--cpus: "), "{e}");
+        assert!(parse(&["--memory", "size=12Q"]).is_err());
+        assert!(parse(&["--memory", "bogus=1"]).is_err());
+        assert!(parse(&["--serial", "loud"]).is_err());
+    }
+
+    #[test]
+    fn version_forms() {
+        assert!(version_line("/usr/bin/nimbus").starts_with("nimbus v"));
+        assert!(version_line("/usr/bin/cloud-hypervisor").starts_with("cloud-hypervisor v48.0.0"));
+    }
+}

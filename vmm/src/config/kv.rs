@@ -1,0 +1,183 @@
+//! A serde deserializer for Cloud Hypervisor's option syntax, `key=value,key=value`.
+//!
+//! It lets the CLI fill the same typed structs the API deserializes from JSON: each option's
+//! keys are declared once, as fields of its config struct (CLI spellings via `#[serde(alias)]`).
+//! Values are strings parsed on demand into the field's type; `on`/`off` are booleans; a value
+//! may be double-quoted to contain commas.
+
+use serde::de::{self, DeserializeOwned, IntoDeserializer, Visitor};
+use serde::forward_to_deserialize_any;
+
+/// Errors parsing an option string.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KvError {
+    /// A token without `=`.
+    #[error("'{0}' is not of the form key=value")]
+    NotKeyValue(String),
+    /// A quote that is never closed.
+    #[error("unterminated quote in '{0}'")]
+    UnterminatedQuote(String),
+    /// Keys the option does not have.
+    #[error("unknown key(s): {0}")]
+    UnknownKeys(String),
+    /// Rejected by the target type.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl de::Error for KvError {
+    fn custom<T: std::fmt::Display>(msg: T) -> Self {
+        KvError::Invalid(msg.to_string())
+    }
+}
+
+/// Splits `input` at top-level commas into `(key, value)` pairs.
+pub fn split(input: &str) -> Result<Vec<(String, String)>, KvError> {
+    let mut pairs = Vec::new();
+    let mut token = String::new();
+    let mut quoted = false;
+    let mut tokens = Vec::new();
+    for c in input.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => tokens.push(std::mem::take(&mut token)),
+            c => token.push(c),
+        }
+    }
+    if quoted {
+        return Err(KvError::UnterminatedQuote(input.to_string()));
+    }
+    tokens.push(token);
+    for t in tokens.into_iter().filter(|t| !t.is_empty()) {
+        let (k, v) = t.split_once('=').ok_or_else(|| KvError::NotKeyValue(t.clone()))?;
+        pairs.push((k.trim().to_string(), v.to_string()));
+    }
+    Ok(pairs)
+}
+
+/// Deserializes `T` from `key=value,...`. Unlike JSON (where unknown fields are ignored for
+/// compatibility), a key the option does not have is an error: it is a user's typo.
+pub fn from_str<T: DeserializeOwned>(input: &str) -> Result<T, KvError> {
+    let pairs = split(input)?;
+    let map = de::value::MapDeserializer::new(pairs.into_iter().map(|(k, v)| (k, Value(v))));
+    let mut unknown = Vec::new();
+    let value = serde_ignored::deserialize(map, |path| unknown.push(path.to_string()))?;
+    if !unknown.is_empty() {
+        return Err(KvError::UnknownKeys(unknown.join(", ")));
+    }
+    Ok(value)
+}
+
+/// One option value: a string that becomes whatever the target field wants.
+#[derive(Debug)]
+pub struct Value(pub String);
+
+impl<'de> IntoDeserializer<'de, KvError> for Value {
+    type Deserializer = Self;
+    fn into_deserializer(self) -> Self {
+        self
+    }
+}
+
+macro_rules! parse_number {
+    ($($method:ident => $visit:ident: $ty:ty),* $(,)?) => {$(
+        fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, KvError> {
+            let v: $ty = parse_int(&self.0)?;
+            visitor.$visit(v)
+        }
+    )*};
+}
+
+fn parse_int<T: TryFrom<u64> + std::str::FromStr>(s: &str) -> Result<T, KvError> {
+    let s = s.trim();
+    let parsed = if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        u64::from_str_radix(hex, 16).ok().and_then(|v| T::try_from(v).ok())
+    } else {
+        s.parse::<T>().ok()
+    };
+    parsed.ok_or_else(|| KvError::Invalid(format!("'{s}' is not a valid number here")))
+}
+
+impl<'de> de::Deserializer<'de> for Value {
+    type Error = KvError;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, KvError> {
+        visitor.visit_string(self.0)
+    }
+
+    fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, KvError> {
+        match self.0.as_str() {
+            "on" | "true" => visitor.visit_bool(true),
+            "off" | "false" => visitor.visit_bool(false),
+            other => Err(KvError::Invalid(format!("'{other}' is not on/off/true/false"))),
+        }
+    }
+
+    parse_number! {
+        deserialize_u8 => visit_u8: u8,
+        deserialize_u16 => visit_u16: u16,
+        deserialize_u32 => visit_u32: u32,
+        deserialize_u64 => visit_u64: u64,
+        deserialize_i8 => visit_i8: i8,
+        deserialize_i16 => visit_i16: i16,
+        deserialize_i32 => visit_i32: i32,
+        deserialize_i64 => visit_i64: i64,
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, KvError> {
+        visitor.visit_some(self)
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(self, _name: &'static str, visitor: V) -> Result<V::Value, KvError> {
+        visitor.visit_newtype_struct(self)
+    }
+
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _variants: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, KvError> {
+        visitor.visit_enum(self.0.into_deserializer())
+    }
+
+    forward_to_deserialize_any! {
+        i128 u128 f32 f64 char str string bytes byte_buf unit unit_struct seq tuple tuple_struct
+        map struct identifier ignored_any
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    use super::*;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    struct Opt {
+        #[serde(alias = "boot")]
+        boot_vcpus: u8,
+        #[serde(default)]
+        shared: bool,
+        path: Option<String>,
+    }
+
+    #[test]
+    fn parses_typed_values() {
+        let o: Opt = from_str("boot=2,shared=on,path=\"/a,b\"").expect("parse");
+        assert_eq!(o, Opt { boot_vcpus: 2, shared: true, path: Some("/a,b".into()) });
+    }
+
+    #[test]
+    fn rejects_bad_input_with_a_message() {
+        let e = from_str::<Opt>("boot=two").expect_err("bad number");
+        assert!(e.to_string().contains("'two'"), "{e}");
+        let e = from_str::<Opt>("boot=1,colour=red").expect_err("unknown key");
+        assert!(e.to_string().contains("colour"), "{e}");
+        assert_eq!(from_str::<Opt>("boot"), Err(KvError::NotKeyValue("boot".into())));
+        assert!(from_str::<Opt>("boot=300").is_err());
+        assert!(from_str::<Opt>("boot=1,shared=maybe").is_err());
+        assert!(matches!(from_str::<Opt>("path=\"x"), Err(KvError::UnterminatedQuote(_))));
+        assert!(from_str::<Opt>("").is_err(), "missing required key");
+    }
+}

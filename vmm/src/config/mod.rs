@@ -1,0 +1,385 @@
+//! The one VM configuration, shaped after Cloud Hypervisor's `VmConfig` JSON schema.
+//!
+//! The CLI (via [`kv`]), the REST API (JSON) and snapshots all produce these structs. Field names
+//! are CH's JSON names; CLI spellings that differ are serde aliases. Omitted fields take CH's
+//! defaults, unknown JSON fields are ignored (management stacks send fields we do not define), and
+//! [`VmConfig::validate`] rejects what cannot be built, with a message naming the field.
+
+pub mod kv;
+mod size;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use size::parse_size;
+
+/// Errors in a configuration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `--cpus`/`cpus` is inconsistent.
+    #[error("cpus: {0}")]
+    Cpus(String),
+    /// `--memory`/`memory` is unusable.
+    #[error("memory: {0}")]
+    Memory(String),
+    /// The payload (kernel, initramfs, command line) is missing or unusable.
+    #[error("payload: {0}")]
+    Payload(String),
+    /// A console or serial option is malformed.
+    #[error("{option}: {message}")]
+    Console {
+        /// `serial` or `console`.
+        option: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A `key=value` option string did not parse.
+    #[error("--{option}: {source}")]
+    Parse {
+        /// Option name.
+        option: &'static str,
+        /// Parser error.
+        #[source]
+        source: kv::KvError,
+    },
+}
+
+/// Largest vCPU count: APIC IDs are 8 bits here (no x2APIC yet), 255 is the broadcast ID.
+pub const MAX_VCPUS: u8 = 254;
+
+/// vCPUs (CH `CpusConfig`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CpusConfig {
+    /// vCPUs running at boot.
+    #[serde(alias = "boot")]
+    pub boot_vcpus: u8,
+    /// vCPUs the VM may have (hotplug).
+    #[serde(alias = "max")]
+    pub max_vcpus: u8,
+    /// Guest physical address width.
+    pub max_phys_bits: u8,
+    /// Expose Hyper-V enlightenments (not supported yet; must stay false).
+    pub kvm_hyperv: bool,
+}
+
+impl Default for CpusConfig {
+    fn default() -> Self {
+        Self { boot_vcpus: 1, max_vcpus: 1, max_phys_bits: 46, kvm_hyperv: false }
+    }
+}
+
+/// Guest RAM (CH `MemoryConfig`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MemoryConfig {
+    /// RAM size in bytes (CLI accepts K/M/G suffixes).
+    #[serde(deserialize_with = "size::deserialize")]
+    pub size: u64,
+    /// Ask the kernel to merge identical pages (KSM).
+    pub mergeable: bool,
+    /// Back RAM with shared memory (memfd), needed by vhost-user backends.
+    pub shared: bool,
+    /// Back RAM with huge pages.
+    pub hugepages: bool,
+    /// Huge page size in bytes, when `hugepages` is on.
+    #[serde(deserialize_with = "size::deserialize_opt")]
+    pub hugepage_size: Option<u64>,
+    /// Touch all RAM at start.
+    pub prefault: bool,
+    /// Allow transparent huge pages on RAM.
+    pub thp: bool,
+    /// How RAM is hot-added: `Acpi` (CH's default) or `VirtioMem`.
+    pub hotplug_method: String,
+    /// RAM that may be hot-added, in bytes.
+    #[serde(deserialize_with = "size::deserialize_opt")]
+    pub hotplug_size: Option<u64>,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            size: 512 << 20,
+            mergeable: false,
+            shared: false,
+            hugepages: false,
+            hugepage_size: None,
+            prefault: false,
+            thp: true,
+            hotplug_method: "Acpi".into(),
+            hotplug_size: None,
+        }
+    }
+}
+
+/// What to boot (CH `PayloadConfig`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PayloadConfig {
+    /// Firmware image (not supported yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<PathBuf>,
+    /// Kernel: vmlinux ELF with a PVH note, or bzImage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// Initramfs image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initramfs: Option<PathBuf>,
+}
+
+/// Where a serial port or console goes (CH `ConsoleOutputMode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsoleOutputMode {
+    /// No device at all.
+    Off,
+    /// A pseudo-terminal (not supported yet).
+    Pty,
+    /// The VMM's own standard output (and input).
+    Tty,
+    /// Appended to a file.
+    File,
+    /// A Unix socket (not supported yet).
+    Socket,
+    /// The device exists; output is discarded.
+    Null,
+}
+
+/// A serial port or console (CH `ConsoleConfig`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleConfig {
+    /// Output file (mode `File`) or allocated PTY path (mode `Pty`).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Where output goes.
+    pub mode: ConsoleOutputMode,
+    /// Behind a virtual IOMMU.
+    #[serde(default)]
+    pub iommu: bool,
+    /// Socket path (mode `Socket`).
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+}
+
+impl ConsoleConfig {
+    fn with_mode(mode: ConsoleOutputMode) -> Self {
+        Self { file: None, mode, iommu: false, socket: None }
+    }
+
+    /// Parses CH's CLI form: `off`, `null`, `tty`, `pty`, `file=PATH`, `socket=PATH`.
+    pub fn parse(option: &'static str, s: &str) -> Result<Self, ConfigError> {
+        let err = |message: String| ConfigError::Console { option, message };
+        let (mode, file, socket) = match s.split_once('=') {
+            None => match s {
+                "off" => (ConsoleOutputMode::Off, None, None),
+                "null" => (ConsoleOutputMode::Null, None, None),
+                "tty" => (ConsoleOutputMode::Tty, None, None),
+                "pty" => (ConsoleOutputMode::Pty, None, None),
+                other => return Err(err(format!("unknown mode '{other}' (off, null, tty, pty, file=PATH, socket=PATH)"))),
+            },
+            Some(("file", "")) | Some(("socket", "")) => return Err(err("empty path".into())),
+            Some(("file", p)) => (ConsoleOutputMode::File, Some(PathBuf::from(p)), None),
+            Some(("socket", p)) => (ConsoleOutputMode::Socket, None, Some(PathBuf::from(p))),
+            Some((k, _)) => return Err(err(format!("unknown key '{k}'"))),
+        };
+        Ok(Self { file, mode, iommu: false, socket })
+    }
+}
+
+/// Platform options (CH `PlatformConfig`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PlatformConfig {
+    /// PCI segments (only 1 for now).
+    pub num_pci_segments: u16,
+}
+
+impl Default for PlatformConfig {
+    fn default() -> Self {
+        Self { num_pci_segments: 1 }
+    }
+}
+
+fn default_serial() -> ConsoleConfig {
+    ConsoleConfig::with_mode(ConsoleOutputMode::Null)
+}
+
+fn default_console() -> ConsoleConfig {
+    ConsoleConfig::with_mode(ConsoleOutputMode::Tty)
+}
+
+/// A whole VM (CH `VmConfig`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// vCPUs.
+    #[serde(default)]
+    pub cpus: CpusConfig,
+    /// RAM.
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    /// What to boot.
+    #[serde(default)]
+    pub payload: Option<PayloadConfig>,
+    /// The 16550 UART at 0x3f8.
+    #[serde(default = "default_serial")]
+    pub serial: ConsoleConfig,
+    /// The virtio console (PCI issue); only `Off` and the default are accepted today.
+    #[serde(default = "default_console")]
+    pub console: ConsoleConfig,
+    /// Platform options.
+    #[serde(default)]
+    pub platform: Option<PlatformConfig>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            cpus: CpusConfig::default(),
+            memory: MemoryConfig::default(),
+            payload: None,
+            serial: default_serial(),
+            console: default_console(),
+            platform: None,
+        }
+    }
+}
+
+/// Smallest RAM accepted: room for the low-memory boot structures and a kernel at 1 MiB.
+pub const MIN_MEMORY: u64 = 2 << 20;
+
+impl VmConfig {
+    /// Checks what can be checked without touching the host.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.cpus;
+        if c.boot_vcpus == 0 {
+            return Err(ConfigError::Cpus("boot_vcpus must be at least 1".into()));
+        }
+        if c.max_vcpus < c.boot_vcpus {
+            return Err(ConfigError::Cpus(format!(
+                "max_vcpus ({}) is below boot_vcpus ({})",
+                c.max_vcpus, c.boot_vcpus
+            )));
+        }
+        if c.max_vcpus > MAX_VCPUS {
+            return Err(ConfigError::Cpus(format!("max_vcpus ({}) exceeds {MAX_VCPUS}", c.max_vcpus)));
+        }
+        if c.kvm_hyperv {
+            return Err(ConfigError::Cpus("kvm_hyperv is not supported".into()));
+        }
+        let m = &self.memory;
+        if m.size < MIN_MEMORY {
+            return Err(ConfigError::Memory(format!(
+                "size {} is below the minimum of {} MiB",
+                m.size,
+                MIN_MEMORY >> 20
+            )));
+        }
+        if !m.size.is_multiple_of(4096) {
+            return Err(ConfigError::Memory(format!("size {} is not a multiple of 4 KiB", m.size)));
+        }
+        // RAM above the hole must stay inside the guest physical address width.
+        let phys_limit = 1u64.checked_shl(u32::from(c.max_phys_bits.min(52))).unwrap_or(u64::MAX);
+        let ram_top = arch::x86_64::layout::pci_mmio64_start(m.size)
+            .saturating_add(arch::x86_64::layout::PCI_MMIO64_SIZE);
+        if ram_top > phys_limit {
+            return Err(ConfigError::Memory(format!(
+                "size {} does not fit in {} physical address bits",
+                m.size, c.max_phys_bits
+            )));
+        }
+        let Some(payload) = &self.payload else {
+            return Err(ConfigError::Payload("no kernel given (--kernel)".into()));
+        };
+        if payload.firmware.is_some() {
+            return Err(ConfigError::Payload("firmware boot is not supported; use a kernel".into()));
+        }
+        if payload.kernel.is_none() {
+            return Err(ConfigError::Payload("no kernel given (--kernel)".into()));
+        }
+        for (option, cons) in [("serial", &self.serial), ("console", &self.console)] {
+            match cons.mode {
+                ConsoleOutputMode::Pty | ConsoleOutputMode::Socket => {
+                    return Err(ConfigError::Console {
+                        option,
+                        message: format!("mode {:?} is not supported yet", cons.mode),
+                    })
+                }
+                ConsoleOutputMode::File if cons.file.is_none() => {
+                    return Err(ConfigError::Console { option, message: "mode File needs a file".into() })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> VmConfig {
+        VmConfig {
+            payload: Some(PayloadConfig { kernel: Some("/k".into()), ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn json_defaults_match_cloud_hypervisor() {
+        let c: VmConfig = serde_json::from_str(r#"{"payload":{"kernel":"/k"},"unknown_field":1}"#).expect("json");
+        assert_eq!(c.cpus, CpusConfig { boot_vcpus: 1, max_vcpus: 1, max_phys_bits: 46, kvm_hyperv: false });
+        assert_eq!(c.memory.size, 512 << 20);
+        assert_eq!(c.serial.mode, ConsoleOutputMode::Null);
+        assert_eq!(c.console.mode, ConsoleOutputMode::Tty);
+        c.validate().expect("valid");
+        let json = serde_json::to_value(&c).expect("serialize");
+        assert_eq!(json["cpus"]["max_phys_bits"], 46);
+        assert_eq!(json["serial"]["mode"], "Null");
+    }
+
+    #[test]
+    fn cli_strings_fill_the_same_structs() {
+        let cpus: CpusConfig = kv::from_str("boot=2,max=4").expect("cpus");
+        assert_eq!((cpus.boot_vcpus, cpus.max_vcpus), (2, 4));
+        let mem: MemoryConfig = kv::from_str("size=1G,shared=on").expect("memory");
+        assert_eq!((mem.size, mem.shared), (1 << 30, true));
+        let mem: MemoryConfig = serde_json::from_str(r#"{"size": 1073741824}"#).expect("json");
+        assert_eq!(mem.size, 1 << 30);
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let mut c = valid();
+        c.cpus.boot_vcpus = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::Cpus(_))));
+        let mut c = valid();
+        c.cpus = CpusConfig { boot_vcpus: 4, max_vcpus: 2, ..Default::default() };
+        assert!(c.validate().expect_err("max<boot").to_string().contains("below boot_vcpus"));
+        let mut c = valid();
+        c.memory.size = 0;
+        assert!(c.validate().expect_err("size 0").to_string().starts_with("memory: size 0"));
+        let mut c = valid();
+        c.memory.size = (1 << 30) + 1;
+        assert!(matches!(c.validate(), Err(ConfigError::Memory(_))));
+        let mut c = valid();
+        c.payload = None;
+        assert!(matches!(c.validate(), Err(ConfigError::Payload(_))));
+        let mut c = valid();
+        c.memory.size = 1 << 50;
+        assert!(c.validate().expect_err("too big").to_string().contains("physical address bits"));
+    }
+
+    #[test]
+    fn console_modes() {
+        assert_eq!(ConsoleConfig::parse("serial", "tty").map(|c| c.mode), Ok(ConsoleOutputMode::Tty));
+        let f = ConsoleConfig::parse("serial", "file=/tmp/x").expect("file");
+        assert_eq!((f.mode, f.file), (ConsoleOutputMode::File, Some("/tmp/x".into())));
+        assert!(ConsoleConfig::parse("serial", "file=").is_err());
+        assert!(ConsoleConfig::parse("serial", "loud").is_err());
+        assert!(ConsoleConfig::parse("serial", "path=/x").is_err());
+    }
+}

@@ -1,0 +1,10 @@
+//! The Nimbus VMM: configuration, VM lifecycle, vCPU threads, guest memory.
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod logger;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,45 @@
+//! A small logger: `[  12.345 ms LEVEL target] message` to stderr or a file, with the time
+//! measured from process start.
+
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::Instant;
+
+struct Logger {
+    start: Instant,
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+impl log::Log for Logger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let ms = self.start.elapsed().as_secs_f64() * 1e3;
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("?");
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(out, "[{ms:10.3} ms {:5} {name}] {}", record.level(), record.args());
+    }
+
+    fn flush(&self) {
+        let _ = self.out.lock().unwrap_or_else(|p| p.into_inner()).flush();
+    }
+}
+
+/// Installs the logger. `verbosity` 0 = warnings and errors, 1 = info, 2 = debug, 3+ = trace.
+pub fn init(start: Instant, verbosity: u8, out: Box<dyn Write + Send>) {
+    let level = match verbosity {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    if log::set_boxed_logger(Box::new(Logger { start, out: Mutex::new(out) })).is_ok() {
+        log::set_max_level(level);
+    }
+}

@@ -1,0 +1,76 @@
+//! `nimbus`: parse the command line, open KVM, run the VM; exit 0 when the guest powers off.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use hypervisor::kvm::{KvmHypervisor, KVM_DEVICE};
+use vmm::cli::{version_line, Cli};
+
+/// Formats an error with its causes: `outer: cause: root`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("nimbus: error: {message}");
+    ExitCode::FAILURE
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let argv0 = std::env::args().next().unwrap_or_default();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line: clap's first line without its "error: " prefix.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            return fail(first.trim_start_matches("error: "));
+        }
+    };
+    if cli.version {
+        println!("{}", version_line(&argv0));
+        return ExitCode::SUCCESS;
+    }
+    let log_out: Box<dyn Write + Send> = match &cli.log_file {
+        Some(path) => match OpenOptions::new().create(true).append(true).open(path) {
+            Ok(f) => Box::new(f),
+            Err(e) => return fail(&format!("cannot open log file {}: {e}", path.display())),
+        },
+        None => Box::new(std::io::stderr()),
+    };
+    vmm::logger::init(start, cli.verbose, log_out);
+
+    let config = match cli.vm_config() {
+        Ok(c) => c,
+        Err(e) => return fail(&chain(&e)),
+    };
+    if let Err(e) = config.validate() {
+        return fail(&chain(&e));
+    }
+    let hv = match KvmHypervisor::open(KVM_DEVICE) {
+        Ok(hv) => hv,
+        Err(e) => return fail(&chain(&e)),
+    };
+    match vmm::vm::run(&hv, &config, start) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{}", chain(&e));
+            fail(&chain(&e))
+        }
+    }
+}

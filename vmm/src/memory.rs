@@ -1,0 +1,117 @@
+//! Guest RAM: one mapping per RAM range of the layout, anonymous or memfd-backed (`shared=on`,
+//! so vhost-user backends can map it), registered with the hypervisor as memory slots.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use hypervisor::Vm;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+use crate::config::MemoryConfig;
+
+/// Guest memory as the rest of the VMM sees it.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap;
+
+/// Errors creating guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The backing file could not be created.
+    #[error("cannot create a memfd for {size} bytes of guest RAM")]
+    Memfd {
+        /// Region size.
+        size: u64,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The mapping failed.
+    #[error("cannot map {size} bytes of guest RAM at {addr:#x}")]
+    Map {
+        /// Guest address.
+        addr: u64,
+        /// Region size.
+        size: u64,
+        /// Cause.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// The region collection was refused (overlap).
+    #[error("invalid guest RAM layout")]
+    Layout(#[source] vm_memory::GuestRegionCollectionError),
+    /// The hypervisor refused a memory slot.
+    #[error("cannot register guest RAM slot {slot} at {addr:#x}")]
+    Register {
+        /// Slot number.
+        slot: u32,
+        /// Guest address.
+        addr: u64,
+        /// Cause.
+        #[source]
+        source: hypervisor::HypervisorError,
+    },
+    /// The size does not fit the host's address space.
+    #[error("guest RAM region of {0} bytes does not fit this host")]
+    TooLarge(u64),
+}
+
+fn memfd(size: u64, hugepages: bool) -> Result<File, MemoryError> {
+    let err = |source| MemoryError::Memfd { size, source };
+    let flags = libc::MFD_CLOEXEC | if hugepages { libc::MFD_HUGETLB } else { 0 };
+    // SAFETY: the name is a valid NUL-terminated string; the result is checked below.
+    let fd = unsafe { libc::memfd_create(c"nimbus-guest-ram".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(err)?;
+    Ok(file)
+}
+
+/// Maps guest RAM for `cfg` following the machine layout.
+pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
+    let mut regions = Vec::new();
+    for (addr, size) in arch::x86_64::layout::ram_regions(cfg.size) {
+        let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(size))?;
+        let mut builder = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+        if cfg.shared || cfg.hugepages {
+            let file = memfd(size, cfg.hugepages)?;
+            builder = builder
+                .with_file_offset(FileOffset::new(file, 0))
+                .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE);
+        } else {
+            builder = builder.with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE);
+        }
+        let region = builder.build().map_err(|source| MemoryError::Map { addr, size, source })?;
+        advise(region.as_ptr(), len, cfg);
+        let region = GuestRegionMmap::new(region, GuestAddress(addr)).ok_or(MemoryError::TooLarge(size))?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Layout)
+}
+
+fn advise(ptr: *mut u8, len: usize, cfg: &MemoryConfig) {
+    let mut advice = vec![if cfg.thp { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE }];
+    if cfg.mergeable {
+        advice.push(libc::MADV_MERGEABLE);
+    }
+    for a in advice {
+        // SAFETY: `ptr..ptr+len` is a mapping we own; madvise only changes paging policy.
+        if unsafe { libc::madvise(ptr.cast(), len, a) } != 0 {
+            log::debug!("madvise({a}) on guest RAM failed: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
+/// Registers every RAM region with the hypervisor, slot numbers from 0.
+pub fn register_guest_memory(vm: &dyn Vm, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for (slot, region) in (0u32..).zip(mem.iter()) {
+        let addr = region.start_addr().0;
+        // SAFETY: the mapping is owned by `mem`, which the VM keeps alive as long as the slot.
+        unsafe { vm.map_memory(slot, addr, region.len(), region.as_ptr(), false) }
+            .map_err(|source| MemoryError::Register { slot, addr, source })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,350 @@
+//! One VM instance: hypervisor VM, guest RAM, platform devices, vCPUs, from a [`VmConfig`].
+//!
+//! A reset tears the instance down and builds a fresh one from the same configuration, in the
+//! same process ([`run`]), so a guest reboot starts from a clean machine.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arch::x86_64::{acpi, boot, cpu, cpuid, layout};
+use devices::Bus;
+use hypervisor::{Hypervisor, Vcpu};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{ConsoleOutputMode, VmConfig};
+use crate::control::{VmControl, VmEvent};
+use crate::memory::{self, GuestMemoryMmap};
+use crate::vcpu::{VcpuContext, VcpuThread};
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The configuration is invalid.
+    #[error("invalid configuration")]
+    Config(#[from] crate::config::ConfigError),
+    /// The hypervisor failed.
+    #[error("{what}")]
+    Hypervisor {
+        /// What was being done.
+        what: String,
+        /// Cause.
+        #[source]
+        source: hypervisor::HypervisorError,
+    },
+    /// Guest RAM could not be set up.
+    #[error("guest memory")]
+    Memory(#[from] memory::MemoryError),
+    /// A file named in the configuration could not be opened.
+    #[error("cannot open {what} {path}")]
+    Open {
+        /// `kernel`, `initramfs`, `serial file`.
+        what: &'static str,
+        /// Its path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel could not be loaded.
+    #[error("cannot load kernel {path}")]
+    Boot {
+        /// Kernel path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: boot::BootError,
+    },
+    /// The ACPI tables could not be built.
+    #[error("cannot build the ACPI tables")]
+    Acpi(#[source] acpi::AcpiError),
+    /// vCPU boot state could not be written.
+    #[error("cannot set up the boot CPU")]
+    Cpu(#[source] cpu::CpuSetupError),
+    /// A device could not be placed on a bus.
+    #[error("cannot place {what} on the bus")]
+    Bus {
+        /// Device.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: devices::BusError,
+    },
+    /// An OS resource (thread, eventfd) could not be created.
+    #[error("{what}")]
+    Os {
+        /// What was being created.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A vCPU or device failed while the guest ran.
+    #[error("the VM failed: {0}")]
+    Failed(String),
+}
+
+fn hv_err(what: impl Into<String>) -> impl FnOnce(hypervisor::HypervisorError) -> VmError {
+    let what = what.into();
+    move |source| VmError::Hypervisor { what, source }
+}
+
+/// An edge-triggered interrupt line backed by an irqfd.
+#[derive(Debug)]
+struct IrqfdInterrupt {
+    fd: EventFd,
+}
+
+impl IrqfdInterrupt {
+    fn new(vm: &dyn hypervisor::Vm, gsi: u32) -> Result<Self, VmError> {
+        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Os { what: "eventfd", source })?;
+        vm.register_irqfd(&fd, gsi).map_err(hv_err(format!("registering an irqfd for GSI {gsi}")))?;
+        Ok(Self { fd })
+    }
+}
+
+impl devices::Interrupt for IrqfdInterrupt {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.fd.write(1)
+    }
+}
+
+/// Where the 16550's output goes, opened once per VMM process so reboots keep appending.
+#[derive(Debug)]
+pub enum SerialSink {
+    /// No UART at all.
+    Off,
+    /// UART present, output dropped.
+    Null,
+    /// The VMM's standard output.
+    Stdout,
+    /// A file.
+    File(File),
+}
+
+impl SerialSink {
+    /// Opens the sink for `config.serial`.
+    pub fn open(config: &VmConfig) -> Result<Self, VmError> {
+        Ok(match config.serial.mode {
+            ConsoleOutputMode::Off => Self::Off,
+            ConsoleOutputMode::Null => Self::Null,
+            ConsoleOutputMode::Tty => Self::Stdout,
+            ConsoleOutputMode::File => {
+                let path = config.serial.file.as_deref().unwrap_or(Path::new(""));
+                let file = File::create(path).map_err(|source| VmError::Open {
+                    what: "serial file",
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                Self::File(file)
+            }
+            // Rejected by validation.
+            ConsoleOutputMode::Pty | ConsoleOutputMode::Socket => Self::Null,
+        })
+    }
+
+    fn writer(&self) -> Result<Option<Box<dyn Write + Send>>, VmError> {
+        Ok(match self {
+            Self::Off => None,
+            Self::Null => Some(Box::new(std::io::sink())),
+            Self::Stdout => Some(Box::new(std::io::stdout())),
+            Self::File(f) => Some(Box::new(
+                f.try_clone().map_err(|source| VmError::Os { what: "serial file handle", source })?,
+            )),
+        })
+    }
+}
+
+/// A built VM, ready to boot.
+pub struct Vm {
+    // Field order matters for drop: vCPUs, then the hypervisor VM, then the RAM it maps.
+    vcpus: Vec<(u32, Box<dyn Vcpu>)>,
+    hv_vm: Arc<dyn hypervisor::Vm>,
+    memory: GuestMemoryMmap,
+    ctx: VcpuContext,
+    _interrupts: Vec<Arc<IrqfdInterrupt>>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("vcpus", &self.vcpus.len()).field("memory", &self.memory).finish_non_exhaustive()
+    }
+}
+
+fn open(what: &'static str, path: &Path) -> Result<File, VmError> {
+    File::open(path).map_err(|source| VmError::Open { what, path: path.display().to_string(), source })
+}
+
+impl Vm {
+    /// Builds the machine described by `config` (already validated) on `hv`.
+    pub fn new(hv: &dyn Hypervisor, config: &VmConfig, serial: &SerialSink, start: Instant) -> Result<Self, VmError> {
+        let payload = config.payload.clone().unwrap_or_default();
+        let kernel_path = payload.kernel.clone().unwrap_or_default();
+        let mut kernel = open("kernel", &kernel_path)?;
+        let mut initramfs = payload.initramfs.as_deref().map(|p| open("initramfs", p)).transpose()?;
+
+        let hv_vm = hv.create_vm().map_err(hv_err("creating the VM"))?;
+        let memory = memory::create_guest_memory(&config.memory)?;
+        memory::register_guest_memory(hv_vm.as_ref(), &memory)?;
+        // After the memory slots: creating the irqchip first makes each slot registration slow.
+        hv_vm.create_irqchip().map_err(hv_err("creating the interrupt controller"))?;
+
+        let boot_cpus = config.cpus.boot_vcpus;
+        let max_cpus = config.cpus.max_vcpus;
+        let mmio64 = layout::pci_mmio64_start(config.memory.size);
+        let rsdp = acpi::create_acpi_tables(
+            &memory,
+            &acpi::AcpiConfig {
+                boot_cpus,
+                max_cpus,
+                pci_mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
+                pci_mmio64: (mmio64, layout::PCI_MMIO64_SIZE),
+            },
+        )
+        .map_err(VmError::Acpi)?;
+        let entry = boot::load_kernel(
+            &memory,
+            boot::BootSpec {
+                kernel: &mut kernel,
+                initramfs: initramfs.as_mut(),
+                cmdline: payload.cmdline.as_deref().unwrap_or(""),
+                ram_size: config.memory.size,
+                rsdp: rsdp.0,
+            },
+        )
+        .map_err(|source| VmError::Boot { path: kernel_path.display().to_string(), source })?;
+        cpu::write_boot_gdt(&memory).map_err(VmError::Cpu)?;
+
+        let control = Arc::new(VmControl::default());
+        let io_bus = Arc::new(Bus::new());
+        let mmio_bus = Arc::new(Bus::new());
+        let mut interrupts = Vec::new();
+        add_platform_devices(hv_vm.as_ref(), &io_bus, &control, serial, start, &mut interrupts)?;
+
+        let supported = hv.supported_cpuid().map_err(hv_err("reading the supported CPUID"))?;
+        let mut vcpus = Vec::with_capacity(usize::from(boot_cpus));
+        for id in 0..u32::from(boot_cpus) {
+            let vcpu = hv_vm.create_vcpu(id).map_err(hv_err(format!("creating vcpu{id}")))?;
+            let err = |what: &str| hv_err(format!("setting up vcpu{id}: {what}"));
+            vcpu.set_cpuid(&cpuid::vcpu_cpuid(&supported, id as u8, max_cpus)).map_err(err("CPUID"))?;
+            vcpu.set_msrs(&cpu::boot_msrs()).map_err(err("MSRs"))?;
+            vcpu.set_fpu(&cpu::boot_fpu()).map_err(err("FPU"))?;
+            let mut lapic = vcpu.lapic().map_err(err("LAPIC"))?;
+            cpu::set_lint_pins(&mut lapic);
+            vcpu.set_lapic(&lapic).map_err(err("LAPIC"))?;
+            if id == 0 {
+                set_boot_registers(vcpu.as_ref(), entry).map_err(err("boot registers"))?;
+            }
+            vcpus.push((id, vcpu));
+        }
+        Ok(Self {
+            vcpus,
+            hv_vm,
+            memory,
+            ctx: VcpuContext { io_bus, mmio_bus, control },
+            _interrupts: interrupts,
+        })
+    }
+
+    /// Starts every vCPU and blocks until the VM powers off, resets or fails.
+    pub fn run(mut self) -> Result<VmEvent, VmError> {
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        let mut spawn_error = None;
+        for (id, vcpu) in self.vcpus.drain(..) {
+            match VcpuThread::spawn(id, vcpu, self.ctx.clone()) {
+                Ok(t) => threads.push(t),
+                Err(source) => {
+                    spawn_error = Some(VmError::Os { what: "spawning a vCPU thread", source });
+                    self.ctx.control.post(VmEvent::Failed("vCPU thread spawn failed".into()));
+                    break;
+                }
+            }
+        }
+        let event = self.ctx.control.wait();
+        for t in threads {
+            t.stop();
+        }
+        drop(self.hv_vm);
+        match spawn_error {
+            Some(e) => Err(e),
+            None => Ok(event),
+        }
+    }
+}
+
+fn set_boot_registers(vcpu: &dyn Vcpu, entry: boot::BootEntry) -> hypervisor::Result<()> {
+    let current = vcpu.sregs()?;
+    match entry {
+        boot::BootEntry::Pvh { entry } => {
+            vcpu.set_sregs(&cpu::pvh_boot_sregs(&current))?;
+            vcpu.set_regs(&cpu::pvh_boot_regs(entry))
+        }
+        boot::BootEntry::Linux64 { entry, zero_page, pml4, stack } => {
+            vcpu.set_sregs(&cpu::long_mode_sregs(&current, pml4))?;
+            vcpu.set_regs(&hypervisor::StandardRegisters {
+                rip: entry,
+                rsi: zero_page,
+                rsp: stack,
+                rbp: stack,
+                rflags: 0x2,
+                ..Default::default()
+            })
+        }
+    }
+}
+
+fn add_platform_devices(
+    vm: &dyn hypervisor::Vm,
+    io_bus: &Bus,
+    control: &Arc<VmControl>,
+    serial: &SerialSink,
+    start: Instant,
+    interrupts: &mut Vec<Arc<IrqfdInterrupt>>,
+) -> Result<(), VmError> {
+    let place = |what, dev: Arc<Mutex<dyn devices::BusDevice>>, base: u16, len: u64| {
+        io_bus.insert(dev, u64::from(base), len).map_err(|source| VmError::Bus { what, source })
+    };
+    let power: Arc<dyn devices::PowerControl> = control.clone();
+    if let Some(out) = serial.writer()? {
+        let irq = Arc::new(IrqfdInterrupt::new(vm, layout::COM1_GSI)?);
+        interrupts.push(irq.clone());
+        place("COM1", Arc::new(Mutex::new(devices::serial::Serial::new(irq, out))), layout::COM1_PORT, 8)?;
+    }
+    place("CMOS RTC", Arc::new(Mutex::new(devices::rtc::Rtc::default())), layout::CMOS_PORT, 2)?;
+    place("i8042", Arc::new(Mutex::new(devices::i8042::I8042::new(power.clone()))), 0x60, 5)?;
+    place("debug port", Arc::new(Mutex::new(devices::debug_port::DebugPort::new(start))), layout::DEBUG_PORT, 1)?;
+    place(
+        "ACPI sleep registers",
+        Arc::new(Mutex::new(devices::acpi::SleepRegisters::new(power.clone(), layout::ACPI_S5_SLP_TYP))),
+        layout::ACPI_SLEEP_CONTROL_PORT,
+        2,
+    )?;
+    place("ACPI reset register", Arc::new(Mutex::new(devices::acpi::ResetRegister::new(power))), layout::ACPI_RESET_PORT, 1)?;
+    let ged_irq = Arc::new(IrqfdInterrupt::new(vm, layout::ACPI_GED_GSI)?);
+    interrupts.push(ged_irq.clone());
+    place("ACPI GED", Arc::new(Mutex::new(devices::acpi::Ged::new(ged_irq))), layout::ACPI_GED_PORT, 4)?;
+    Ok(())
+}
+
+/// Runs the VM described by `config` until it powers off (Ok) or fails (Err), rebuilding it in
+/// place on every guest reset.
+pub fn run(hv: &dyn Hypervisor, config: &VmConfig, start: Instant) -> Result<(), VmError> {
+    config.validate()?;
+    let serial = SerialSink::open(config)?;
+    let mut boots = 0u64;
+    loop {
+        let vm = Vm::new(hv, config, &serial, start)?;
+        log::info!("VM built ({} vCPUs, {} MiB); booting", config.cpus.boot_vcpus, config.memory.size >> 20);
+        boots += 1;
+        match vm.run()? {
+            VmEvent::PowerOff => {
+                log::info!("guest powered off after {boots} boot(s)");
+                return Ok(());
+            }
+            VmEvent::Reset => log::info!("guest reset; rebooting"),
+            VmEvent::Failed(why) => return Err(VmError::Failed(why)),
+        }
+    }
+}
