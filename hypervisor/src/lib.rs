@@ -5,6 +5,8 @@
 //! implementation today is KVM ([`kvm`]); nothing else in the tree calls kvm-ioctls.
 #![deny(missing_docs)]
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fake;
 pub mod kvm;
 pub mod x86_64;
 

@@ -9,13 +9,17 @@ use clap::Parser;
 use hypervisor::kvm::{KvmHypervisor, KVM_DEVICE};
 use vmm::cli::{version_line, Cli};
 
-/// Formats an error with its causes: `outer: cause: root`.
+/// Formats an error with its causes: `outer: cause: root`. Some library errors already print
+/// their cause; a cause whose text the line already contains is not repeated.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s
@@ -69,7 +73,9 @@ fn main() -> ExitCode {
     match vmm::vm::run(&hv, &config, start) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{}", chain(&e));
+            if cli.log_file.is_some() {
+                log::error!("{}", chain(&e));
+            }
             fail(&chain(&e))
         }
     }

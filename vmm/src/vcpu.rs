@@ -157,3 +157,88 @@ fn describe(vcpu: &dyn Vcpu) -> String {
         (Err(e), _) | (_, Err(e)) => format!("registers unavailable: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use hypervisor::fake::{FakeVcpu, ScriptedExit};
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Register(Vec<Vec<u8>>);
+    impl devices::BusDevice for Register {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(0x40 + offset as u8);
+        }
+        fn write(&mut self, _offset: u64, data: &[u8]) {
+            self.0.push(data.to_vec());
+        }
+    }
+
+    fn run_script(script: Vec<ScriptedExit>) -> (VmEvent, Vec<(u64, Vec<u8>)>, Vec<Vec<u8>>) {
+        let io_bus = Arc::new(Bus::new());
+        let mmio_bus = Arc::new(Bus::new());
+        let port = Arc::new(Mutex::new(Register::default()));
+        let mmio = Arc::new(Mutex::new(Register::default()));
+        io_bus.insert(port.clone(), 0x3f8, 8).expect("port");
+        mmio_bus.insert(mmio.clone(), 0xd000_0000, 0x1000).expect("mmio");
+        let control = Arc::new(VmControl::default());
+        let vcpu = FakeVcpu::new(script);
+        let reads = vcpu.reads();
+        let ctx = VcpuContext { io_bus, mmio_bus, control: control.clone() };
+        let thread = VcpuThread::spawn(0, Box::new(vcpu), ctx).expect("spawn");
+        let event = control.wait();
+        thread.stop();
+        let reads = reads.lock().map(|r| r.clone()).unwrap_or_default();
+        let writes = port.lock().map(|p| p.0.clone()).unwrap_or_default();
+        (event, reads, writes)
+    }
+
+    #[test]
+    fn exits_reach_the_buses_and_unclaimed_reads_float_high() {
+        let (event, reads, writes) = run_script(vec![
+            ScriptedExit::IoOut(0x3f8, vec![b'A']),
+            ScriptedExit::IoIn(0x3fd, 1),
+            ScriptedExit::IoIn(0x1234, 2),
+            ScriptedExit::MmioRead(0xd000_0004, 4),
+            ScriptedExit::MmioRead(0xe000_0000, 4),
+            ScriptedExit::MmioWrite(0xe000_0000, vec![1]),
+            ScriptedExit::PowerOff,
+        ]);
+        assert_eq!(event, VmEvent::PowerOff);
+        assert_eq!(writes, vec![vec![b'A']]);
+        assert_eq!(
+            reads,
+            vec![
+                (0x3fd, vec![0x45]),
+                (0x1234, vec![0xff, 0xff]),
+                (0xd000_0004, vec![0x44; 4]),
+                (0xe000_0000, vec![0xff; 4]),
+            ]
+        );
+    }
+
+    #[test]
+    fn triple_fault_resets() {
+        assert_eq!(run_script(vec![ScriptedExit::Shutdown]).0, VmEvent::Reset);
+    }
+
+    #[test]
+    fn emulation_failures_fail_the_vm_with_the_reason() {
+        let (event, _, _) = run_script(vec![ScriptedExit::InternalError(1)]);
+        assert!(matches!(&event, VmEvent::Failed(m) if m.contains("vcpu0") && m.contains("suberror 1")), "{event:?}");
+        let (event, _, _) = run_script(vec![ScriptedExit::Unexpected("Hypercall".into())]);
+        assert!(matches!(&event, VmEvent::Failed(m) if m.contains("Hypercall")), "{event:?}");
+    }
+
+    #[test]
+    fn stop_kicks_an_idle_vcpu() {
+        let control = Arc::new(VmControl::default());
+        let ctx = VcpuContext { io_bus: Arc::new(Bus::new()), mmio_bus: Arc::new(Bus::new()), control: control.clone() };
+        let thread = VcpuThread::spawn(1, Box::new(FakeVcpu::new([])), ctx).expect("spawn");
+        control.post(VmEvent::PowerOff);
+        thread.stop();
+    }
+}

@@ -34,14 +34,18 @@ const LINUX_64BIT_ENTRY_OFFSET: u64 = 0x200;
 /// Errors loading or describing the kernel.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    /// The kernel file is neither an ELF with a PVH note nor a bzImage.
-    #[error("not a bootable kernel: not an ELF ({elf}) and not a bzImage ({bzimage})")]
-    UnknownFormat {
-        /// Why the ELF loader refused it.
-        elf: linux_loader::loader::Error,
-        /// Why the bzImage loader refused it.
-        bzimage: linux_loader::loader::Error,
-    },
+    /// The kernel file is neither an ELF nor a bzImage.
+    #[error("not a kernel: neither an ELF vmlinux nor a bzImage")]
+    UnknownFormat,
+    /// The file is an ELF, but not one that can be loaded.
+    #[error("invalid ELF kernel")]
+    Elf(#[source] linux_loader::loader::Error),
+    /// The file is a bzImage, but not one that can be loaded.
+    #[error("invalid bzImage kernel")]
+    BzImage(#[source] linux_loader::loader::Error),
+    /// The kernel file could not be read.
+    #[error("cannot read the kernel")]
+    ReadKernel(#[source] std::io::Error),
     /// An ELF kernel without the `XEN_ELFNOTE_PHYS32_ENTRY` note cannot be booted.
     #[error("the ELF kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); build it with CONFIG_PVH=y")]
     NoPvhNote,
@@ -130,15 +134,11 @@ pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, spec: BootSpec<'_>) -> Result
         return Err(BootError::CmdlineNul);
     }
     let high = Some(GuestAddress(HIGH_RAM_START));
-    let (loaded, is_elf) = match Elf::load(mem, None, spec.kernel, high) {
-        Ok(r) => (r, true),
-        Err(elf_err) => match BzImage::load(mem, None, spec.kernel, high) {
-            Ok(r) => (r, false),
-            Err(bz_err) => {
-                // A file with the ELF magic is an ELF the ELF loader refused: report that alone.
-                return Err(BootError::UnknownFormat { elf: elf_err, bzimage: bz_err });
-            }
-        },
+    let format = kernel_format(spec.kernel)?;
+    let is_elf = format == KernelFormat::Elf;
+    let loaded = match format {
+        KernelFormat::Elf => Elf::load(mem, None, spec.kernel, high).map_err(BootError::Elf)?,
+        KernelFormat::BzImage => BzImage::load(mem, None, spec.kernel, high).map_err(BootError::BzImage)?,
     };
     let mut cmdline = spec.cmdline.as_bytes().to_vec();
     cmdline.push(0);
@@ -165,6 +165,33 @@ pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, spec: BootSpec<'_>) -> Result
             pml4: PML4_START,
             stack: BOOT_STACK_POINTER,
         })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KernelFormat {
+    Elf,
+    BzImage,
+}
+
+/// Tells an ELF from a bzImage by their magic numbers ("\x7fELF" at 0, "HdrS" at 0x202).
+fn kernel_format(file: &mut File) -> Result<KernelFormat, BootError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut head = [0u8; 0x206];
+    file.seek(SeekFrom::Start(0)).map_err(BootError::ReadKernel)?;
+    let mut n = 0;
+    while n < head.len() {
+        match file.read(&mut head[n..]).map_err(BootError::ReadKernel)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    if n >= 4 && head[..4] == *b"\x7fELF" {
+        Ok(KernelFormat::Elf)
+    } else if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
+        Ok(KernelFormat::BzImage)
+    } else {
+        Err(BootError::UnknownFormat)
     }
 }
 

@@ -35,7 +35,7 @@ pub enum ConfigError {
         message: String,
     },
     /// A `key=value` option string did not parse.
-    #[error("--{option}: {source}")]
+    #[error("--{option}")]
     Parse {
         /// Option name.
         option: &'static str,
