@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{kv, ConfigError, ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, VmConfig};
+use crate::config::{
+    kv, ConfigError, ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, VmConfig,
+};
 
 /// Nimbus: a virtual machine monitor for cloud workloads.
 #[derive(Debug, Parser)]
@@ -47,15 +49,22 @@ impl Cli {
     pub fn vm_config(&self) -> Result<VmConfig, ConfigError> {
         let mut config = VmConfig::default();
         if let Some(s) = &self.cpus {
-            config.cpus = kv::from_str::<CpusConfig>(s).map_err(|source| ConfigError::Parse { option: "cpus", source })?;
-            let max_given = kv::split(s).is_ok_and(|p| p.iter().any(|(k, _)| k == "max" || k == "max_vcpus"));
+            config.cpus = kv::from_str::<CpusConfig>(s).map_err(|source| ConfigError::Parse {
+                option: "cpus",
+                source,
+            })?;
+            let max_given =
+                kv::split(s).is_ok_and(|p| p.iter().any(|(k, _)| k == "max" || k == "max_vcpus"));
             if !max_given {
                 config.cpus.max_vcpus = config.cpus.boot_vcpus;
             }
         }
         if let Some(s) = &self.memory {
             config.memory =
-                kv::from_str::<MemoryConfig>(s).map_err(|source| ConfigError::Parse { option: "memory", source })?;
+                kv::from_str::<MemoryConfig>(s).map_err(|source| ConfigError::Parse {
+                    option: "memory",
+                    source,
+                })?;
         }
         if let Some(s) = &self.serial {
             config.serial = ConsoleConfig::parse("serial", s)?;
@@ -79,7 +88,10 @@ impl Cli {
 /// `cloud-hypervisor vX.Y.Z`; they get that form when the binary runs under that name.
 pub fn version_line(argv0: &str) -> String {
     let own = env!("CARGO_PKG_VERSION");
-    let invoked_as = std::path::Path::new(argv0).file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let invoked_as = std::path::Path::new(argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
     if invoked_as == "cloud-hypervisor" {
         format!("cloud-hypervisor v{CH_COMPAT_VERSION} (nimbus v{own})")
     } else {
@@ -97,16 +109,32 @@ mod tests {
     fn parse(args: &[&str]) -> Result<VmConfig, ConfigError> {
         let mut argv = vec!["nimbus"];
         argv.extend_from_slice(args);
-        Cli::try_parse_from(argv).map_err(|e| ConfigError::Payload(e.to_string()))?.vm_config()
+        Cli::try_parse_from(argv)
+            .map_err(|e| ConfigError::Payload(e.to_string()))?
+            .vm_config()
     }
 
     #[test]
     fn options_fill_the_config() {
-        let c = parse(&["--kernel", "/k", "--cmdline", "a b", "--cpus", "boot=2", "--memory", "size=128M", "--serial", "tty"])
-            .expect("config");
+        let c = parse(&[
+            "--kernel",
+            "/k",
+            "--cmdline",
+            "a b",
+            "--cpus",
+            "boot=2",
+            "--memory",
+            "size=128M",
+            "--serial",
+            "tty",
+        ])
+        .expect("config");
         assert_eq!((c.cpus.boot_vcpus, c.cpus.max_vcpus), (2, 2));
         assert_eq!(c.memory.size, 128 << 20);
-        assert_eq!(c.payload.as_ref().and_then(|p| p.cmdline.clone()), Some("a b".into()));
+        assert_eq!(
+            c.payload.as_ref().and_then(|p| p.cmdline.clone()),
+            Some("a b".into())
+        );
         c.validate().expect("valid");
         let c = parse(&["--kernel", "/k", "--cpus", "boot=2,max=8"]).expect("config");
         assert_eq!(c.cpus.max_vcpus, 8);

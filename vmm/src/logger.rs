@@ -23,7 +23,12 @@ impl log::Log for Logger {
         let thread = std::thread::current();
         let name = thread.name().unwrap_or("?");
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(out, "[{ms:10.3} ms {:5} {name}] {}", record.level(), record.args());
+        let _ = writeln!(
+            out,
+            "[{ms:10.3} ms {:5} {name}] {}",
+            record.level(),
+            record.args()
+        );
     }
 
     fn flush(&self) {
@@ -39,7 +44,12 @@ pub fn init(start: Instant, verbosity: u8, out: Box<dyn Write + Send>) {
         2 => log::LevelFilter::Debug,
         _ => log::LevelFilter::Trace,
     };
-    if log::set_boxed_logger(Box::new(Logger { start, out: Mutex::new(out) })).is_ok() {
+    if log::set_boxed_logger(Box::new(Logger {
+        start,
+        out: Mutex::new(out),
+    }))
+    .is_ok()
+    {
         log::set_max_level(level);
     }
 }

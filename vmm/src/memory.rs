@@ -74,33 +74,44 @@ pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, Memory
     let mut regions = Vec::new();
     for (addr, size) in arch::x86_64::layout::ram_regions(cfg.size) {
         let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(size))?;
-        let mut builder = MmapRegionBuilder::new(len)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+        let mut builder =
+            MmapRegionBuilder::new(len).with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
         if cfg.shared || cfg.hugepages {
             let file = memfd(size, cfg.hugepages)?;
             builder = builder
                 .with_file_offset(FileOffset::new(file, 0))
                 .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE);
         } else {
-            builder = builder.with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE);
+            builder = builder
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE);
         }
-        let region = builder.build().map_err(|source| MemoryError::Map { addr, size, source })?;
+        let region = builder
+            .build()
+            .map_err(|source| MemoryError::Map { addr, size, source })?;
         advise(region.as_ptr(), len, cfg);
-        let region = GuestRegionMmap::new(region, GuestAddress(addr)).ok_or(MemoryError::TooLarge(size))?;
+        let region =
+            GuestRegionMmap::new(region, GuestAddress(addr)).ok_or(MemoryError::TooLarge(size))?;
         regions.push(region);
     }
     GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Layout)
 }
 
 fn advise(ptr: *mut u8, len: usize, cfg: &MemoryConfig) {
-    let mut advice = vec![if cfg.thp { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE }];
+    let mut advice = vec![if cfg.thp {
+        libc::MADV_HUGEPAGE
+    } else {
+        libc::MADV_NOHUGEPAGE
+    }];
     if cfg.mergeable {
         advice.push(libc::MADV_MERGEABLE);
     }
     for a in advice {
         // SAFETY: `ptr..ptr+len` is a mapping we own; madvise only changes paging policy.
         if unsafe { libc::madvise(ptr.cast(), len, a) } != 0 {
-            log::debug!("madvise({a}) on guest RAM failed: {}", std::io::Error::last_os_error());
+            log::debug!(
+                "madvise({a}) on guest RAM failed: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }

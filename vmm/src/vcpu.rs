@@ -30,7 +30,10 @@ fn install_kick_handler() {
             sa.sa_sigaction = on_kick as *const () as usize;
             libc::sigemptyset(&mut sa.sa_mask);
             if libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) != 0 {
-                log::error!("cannot install the vCPU kick handler: {}", std::io::Error::last_os_error());
+                log::error!(
+                    "cannot install the vCPU kick handler: {}",
+                    std::io::Error::last_os_error()
+                );
             }
         }
     });
@@ -61,10 +64,12 @@ impl VcpuThread {
         install_kick_handler();
         let done = Arc::new(AtomicBool::new(false));
         let done_flag = done.clone();
-        let handle = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
-            run_loop(id, vcpu.as_mut(), &ctx);
-            done_flag.store(true, Ordering::SeqCst);
-        })?;
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                run_loop(id, vcpu.as_mut(), &ctx);
+                done_flag.store(true, Ordering::SeqCst);
+            })?;
         Ok(Self { id, handle, done })
     }
 
@@ -87,7 +92,10 @@ fn run_loop(id: u32, vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {
         let exit = match vcpu.run() {
             Ok(exit) => exit,
             Err(e) => {
-                ctx.control.post(VmEvent::Failed(format!("vcpu{id}: {e}: {}", source_chain(&e))));
+                ctx.control.post(VmEvent::Failed(format!(
+                    "vcpu{id}: {e}: {}",
+                    source_chain(&e)
+                )));
                 break;
             }
         };
@@ -127,11 +135,15 @@ fn run_loop(id: u32, vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {
             }
             VmExit::FailEntry { reason } => {
                 let state = describe(vcpu);
-                ctx.control.post(VmEvent::Failed(format!("vcpu{id}: VM entry failed (reason {reason:#x}); {state}")));
+                ctx.control.post(VmEvent::Failed(format!(
+                    "vcpu{id}: VM entry failed (reason {reason:#x}); {state}"
+                )));
             }
             VmExit::Unexpected(what) => {
                 let state = describe(vcpu);
-                ctx.control.post(VmEvent::Failed(format!("vcpu{id}: unexpected exit {what}; {state}")));
+                ctx.control.post(VmEvent::Failed(format!(
+                    "vcpu{id}: unexpected exit {what}; {state}"
+                )));
             }
         }
     }
@@ -183,11 +195,17 @@ mod tests {
         let port = Arc::new(Mutex::new(Register::default()));
         let mmio = Arc::new(Mutex::new(Register::default()));
         io_bus.insert(port.clone(), 0x3f8, 8).expect("port");
-        mmio_bus.insert(mmio.clone(), 0xd000_0000, 0x1000).expect("mmio");
+        mmio_bus
+            .insert(mmio.clone(), 0xd000_0000, 0x1000)
+            .expect("mmio");
         let control = Arc::new(VmControl::default());
         let vcpu = FakeVcpu::new(script);
         let reads = vcpu.reads();
-        let ctx = VcpuContext { io_bus, mmio_bus, control: control.clone() };
+        let ctx = VcpuContext {
+            io_bus,
+            mmio_bus,
+            control: control.clone(),
+        };
         let thread = VcpuThread::spawn(0, Box::new(vcpu), ctx).expect("spawn");
         let event = control.wait();
         thread.stop();
@@ -228,15 +246,25 @@ mod tests {
     #[test]
     fn emulation_failures_fail_the_vm_with_the_reason() {
         let (event, _, _) = run_script(vec![ScriptedExit::InternalError(1)]);
-        assert!(matches!(&event, VmEvent::Failed(m) if m.contains("vcpu0") && m.contains("suberror 1")), "{event:?}");
+        assert!(
+            matches!(&event, VmEvent::Failed(m) if m.contains("vcpu0") && m.contains("suberror 1")),
+            "{event:?}"
+        );
         let (event, _, _) = run_script(vec![ScriptedExit::Unexpected("Hypercall".into())]);
-        assert!(matches!(&event, VmEvent::Failed(m) if m.contains("Hypercall")), "{event:?}");
+        assert!(
+            matches!(&event, VmEvent::Failed(m) if m.contains("Hypercall")),
+            "{event:?}"
+        );
     }
 
     #[test]
     fn stop_kicks_an_idle_vcpu() {
         let control = Arc::new(VmControl::default());
-        let ctx = VcpuContext { io_bus: Arc::new(Bus::new()), mmio_bus: Arc::new(Bus::new()), control: control.clone() };
+        let ctx = VcpuContext {
+            io_bus: Arc::new(Bus::new()),
+            mmio_bus: Arc::new(Bus::new()),
+            control: control.clone(),
+        };
         let thread = VcpuThread::spawn(1, Box::new(FakeVcpu::new([])), ctx).expect("spawn");
         control.post(VmEvent::PowerOff);
         thread.stop();

@@ -99,8 +99,12 @@ struct IrqfdInterrupt {
 
 impl IrqfdInterrupt {
     fn new(vm: &dyn hypervisor::Vm, gsi: u32) -> Result<Self, VmError> {
-        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Os { what: "eventfd", source })?;
-        vm.register_irqfd(&fd, gsi).map_err(hv_err(format!("registering an irqfd for GSI {gsi}")))?;
+        let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Os {
+            what: "eventfd",
+            source,
+        })?;
+        vm.register_irqfd(&fd, gsi)
+            .map_err(hv_err(format!("registering an irqfd for GSI {gsi}")))?;
         Ok(Self { fd })
     }
 }
@@ -150,9 +154,30 @@ impl SerialSink {
             Self::Off => None,
             Self::Null => Some(Box::new(std::io::sink())),
             Self::Stdout => Some(Box::new(std::io::stdout())),
-            Self::File(f) => Some(Box::new(
-                f.try_clone().map_err(|source| VmError::Os { what: "serial file handle", source })?,
-            )),
+            Self::File(f) => Some(Box::new(f.try_clone().map_err(|source| VmError::Os {
+                what: "serial file handle",
+                source,
+            })?)),
+        })
+    }
+}
+
+/// What outlives a guest reset: the serial sink (a file keeps growing across reboots) and the
+/// battery-backed CMOS (clock offset and NVRAM), as on a physical machine.
+#[derive(Debug)]
+pub struct Board {
+    serial: SerialSink,
+    cmos: Arc<Mutex<devices::rtc::Rtc>>,
+    start: Instant,
+}
+
+impl Board {
+    /// The board for `config`; `start` is the VMM's process start (for boot-progress timing).
+    pub fn new(config: &VmConfig, start: Instant) -> Result<Self, VmError> {
+        Ok(Self {
+            serial: SerialSink::open(config)?,
+            cmos: Arc::new(Mutex::new(devices::rtc::Rtc::default())),
+            start,
         })
     }
 }
@@ -169,27 +194,40 @@ pub struct Vm {
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vm").field("vcpus", &self.vcpus.len()).field("memory", &self.memory).finish_non_exhaustive()
+        f.debug_struct("Vm")
+            .field("vcpus", &self.vcpus.len())
+            .field("memory", &self.memory)
+            .finish_non_exhaustive()
     }
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, VmError> {
-    File::open(path).map_err(|source| VmError::Open { what, path: path.display().to_string(), source })
+    File::open(path).map_err(|source| VmError::Open {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 impl Vm {
     /// Builds the machine described by `config` (already validated) on `hv`.
-    pub fn new(hv: &dyn Hypervisor, config: &VmConfig, serial: &SerialSink, start: Instant) -> Result<Self, VmError> {
+    pub fn new(hv: &dyn Hypervisor, config: &VmConfig, board: &Board) -> Result<Self, VmError> {
         let payload = config.payload.clone().unwrap_or_default();
         let kernel_path = payload.kernel.clone().unwrap_or_default();
         let mut kernel = open("kernel", &kernel_path)?;
-        let mut initramfs = payload.initramfs.as_deref().map(|p| open("initramfs", p)).transpose()?;
+        let mut initramfs = payload
+            .initramfs
+            .as_deref()
+            .map(|p| open("initramfs", p))
+            .transpose()?;
 
         let hv_vm = hv.create_vm().map_err(hv_err("creating the VM"))?;
         let memory = memory::create_guest_memory(&config.memory)?;
         memory::register_guest_memory(hv_vm.as_ref(), &memory)?;
         // After the memory slots: creating the irqchip first makes each slot registration slow.
-        hv_vm.create_irqchip().map_err(hv_err("creating the interrupt controller"))?;
+        hv_vm
+            .create_irqchip()
+            .map_err(hv_err("creating the interrupt controller"))?;
 
         let boot_cpus = config.cpus.boot_vcpus;
         let max_cpus = config.cpus.max_vcpus;
@@ -214,21 +252,29 @@ impl Vm {
                 rsdp: rsdp.0,
             },
         )
-        .map_err(|source| VmError::Boot { path: kernel_path.display().to_string(), source })?;
+        .map_err(|source| VmError::Boot {
+            path: kernel_path.display().to_string(),
+            source,
+        })?;
         cpu::write_boot_gdt(&memory).map_err(VmError::Cpu)?;
 
         let control = Arc::new(VmControl::default());
         let io_bus = Arc::new(Bus::new());
         let mmio_bus = Arc::new(Bus::new());
         let mut interrupts = Vec::new();
-        add_platform_devices(hv_vm.as_ref(), &io_bus, &control, serial, start, &mut interrupts)?;
+        add_platform_devices(hv_vm.as_ref(), &io_bus, &control, board, &mut interrupts)?;
 
-        let supported = hv.supported_cpuid().map_err(hv_err("reading the supported CPUID"))?;
+        let supported = hv
+            .supported_cpuid()
+            .map_err(hv_err("reading the supported CPUID"))?;
         let mut vcpus = Vec::with_capacity(usize::from(boot_cpus));
         for id in 0..u32::from(boot_cpus) {
-            let vcpu = hv_vm.create_vcpu(id).map_err(hv_err(format!("creating vcpu{id}")))?;
+            let vcpu = hv_vm
+                .create_vcpu(id)
+                .map_err(hv_err(format!("creating vcpu{id}")))?;
             let err = |what: &str| hv_err(format!("setting up vcpu{id}: {what}"));
-            vcpu.set_cpuid(&cpuid::vcpu_cpuid(&supported, id as u8, max_cpus)).map_err(err("CPUID"))?;
+            vcpu.set_cpuid(&cpuid::vcpu_cpuid(&supported, id as u8, max_cpus))
+                .map_err(err("CPUID"))?;
             vcpu.set_msrs(&cpu::boot_msrs()).map_err(err("MSRs"))?;
             vcpu.set_fpu(&cpu::boot_fpu()).map_err(err("FPU"))?;
             let mut lapic = vcpu.lapic().map_err(err("LAPIC"))?;
@@ -243,7 +289,11 @@ impl Vm {
             vcpus,
             hv_vm,
             memory,
-            ctx: VcpuContext { io_bus, mmio_bus, control },
+            ctx: VcpuContext {
+                io_bus,
+                mmio_bus,
+                control,
+            },
             _interrupts: interrupts,
         })
     }
@@ -256,8 +306,13 @@ impl Vm {
             match VcpuThread::spawn(id, vcpu, self.ctx.clone()) {
                 Ok(t) => threads.push(t),
                 Err(source) => {
-                    spawn_error = Some(VmError::Os { what: "spawning a vCPU thread", source });
-                    self.ctx.control.post(VmEvent::Failed("vCPU thread spawn failed".into()));
+                    spawn_error = Some(VmError::Os {
+                        what: "spawning a vCPU thread",
+                        source,
+                    });
+                    self.ctx
+                        .control
+                        .post(VmEvent::Failed("vCPU thread spawn failed".into()));
                     break;
                 }
             }
@@ -281,7 +336,12 @@ fn set_boot_registers(vcpu: &dyn Vcpu, entry: boot::BootEntry) -> hypervisor::Re
             vcpu.set_sregs(&cpu::pvh_boot_sregs(&current))?;
             vcpu.set_regs(&cpu::pvh_boot_regs(entry))
         }
-        boot::BootEntry::Linux64 { entry, zero_page, pml4, stack } => {
+        boot::BootEntry::Linux64 {
+            entry,
+            zero_page,
+            pml4,
+            stack,
+        } => {
             vcpu.set_sregs(&cpu::long_mode_sregs(&current, pml4))?;
             vcpu.set_regs(&hypervisor::StandardRegisters {
                 rip: entry,
@@ -299,32 +359,66 @@ fn add_platform_devices(
     vm: &dyn hypervisor::Vm,
     io_bus: &Bus,
     control: &Arc<VmControl>,
-    serial: &SerialSink,
-    start: Instant,
+    board: &Board,
     interrupts: &mut Vec<Arc<IrqfdInterrupt>>,
 ) -> Result<(), VmError> {
     let place = |what, dev: Arc<Mutex<dyn devices::BusDevice>>, base: u16, len: u64| {
-        io_bus.insert(dev, u64::from(base), len).map_err(|source| VmError::Bus { what, source })
+        io_bus
+            .insert(dev, u64::from(base), len)
+            .map_err(|source| VmError::Bus { what, source })
     };
     let power: Arc<dyn devices::PowerControl> = control.clone();
-    if let Some(out) = serial.writer()? {
+    if let Some(out) = board.serial.writer()? {
         let irq = Arc::new(IrqfdInterrupt::new(vm, layout::COM1_GSI)?);
         interrupts.push(irq.clone());
-        place("COM1", Arc::new(Mutex::new(devices::serial::Serial::new(irq, out))), layout::COM1_PORT, 8)?;
+        place(
+            "COM1",
+            Arc::new(Mutex::new(devices::serial::Serial::new(irq, out))),
+            layout::COM1_PORT,
+            8,
+        )?;
     }
-    place("CMOS RTC", Arc::new(Mutex::new(devices::rtc::Rtc::default())), layout::CMOS_PORT, 2)?;
-    place("i8042", Arc::new(Mutex::new(devices::i8042::I8042::new(power.clone()))), 0x60, 5)?;
-    place("debug port", Arc::new(Mutex::new(devices::debug_port::DebugPort::new(start))), layout::DEBUG_PORT, 1)?;
+    place(
+        "CMOS RTC",
+        Arc::new(Mutex::new(devices::rtc::Rtc::default())),
+        layout::CMOS_PORT,
+        2,
+    )?;
+    place(
+        "i8042",
+        Arc::new(Mutex::new(devices::i8042::I8042::new(power.clone()))),
+        0x60,
+        5,
+    )?;
+    place(
+        "debug port",
+        Arc::new(Mutex::new(devices::debug_port::DebugPort::new(board.start))),
+        layout::DEBUG_PORT,
+        1,
+    )?;
     place(
         "ACPI sleep registers",
-        Arc::new(Mutex::new(devices::acpi::SleepRegisters::new(power.clone(), layout::ACPI_S5_SLP_TYP))),
+        Arc::new(Mutex::new(devices::acpi::SleepRegisters::new(
+            power.clone(),
+            layout::ACPI_S5_SLP_TYP,
+        ))),
         layout::ACPI_SLEEP_CONTROL_PORT,
         2,
     )?;
-    place("ACPI reset register", Arc::new(Mutex::new(devices::acpi::ResetRegister::new(power))), layout::ACPI_RESET_PORT, 1)?;
+    place(
+        "ACPI reset register",
+        Arc::new(Mutex::new(devices::acpi::ResetRegister::new(power))),
+        layout::ACPI_RESET_PORT,
+        1,
+    )?;
     let ged_irq = Arc::new(IrqfdInterrupt::new(vm, layout::ACPI_GED_GSI)?);
     interrupts.push(ged_irq.clone());
-    place("ACPI GED", Arc::new(Mutex::new(devices::acpi::Ged::new(ged_irq))), layout::ACPI_GED_PORT, 4)?;
+    place(
+        "ACPI GED",
+        Arc::new(Mutex::new(devices::acpi::Ged::new(ged_irq))),
+        layout::ACPI_GED_PORT,
+        4,
+    )?;
     Ok(())
 }
 
@@ -332,11 +426,15 @@ fn add_platform_devices(
 /// place on every guest reset.
 pub fn run(hv: &dyn Hypervisor, config: &VmConfig, start: Instant) -> Result<(), VmError> {
     config.validate()?;
-    let serial = SerialSink::open(config)?;
+    let board = Board::new(config, start)?;
     let mut boots = 0u64;
     loop {
-        let vm = Vm::new(hv, config, &serial, start)?;
-        log::info!("VM built ({} vCPUs, {} MiB); booting", config.cpus.boot_vcpus, config.memory.size >> 20);
+        let vm = Vm::new(hv, config, &board)?;
+        log::info!(
+            "VM built ({} vCPUs, {} MiB); booting",
+            config.cpus.boot_vcpus,
+            config.memory.size >> 20
+        );
         boots += 1;
         match vm.run()? {
             VmEvent::PowerOff => {

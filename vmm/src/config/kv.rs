@@ -49,7 +49,9 @@ pub fn split(input: &str) -> Result<Vec<(String, String)>, KvError> {
     }
     tokens.push(token);
     for t in tokens.into_iter().filter(|t| !t.is_empty()) {
-        let (k, v) = t.split_once('=').ok_or_else(|| KvError::NotKeyValue(t.clone()))?;
+        let (k, v) = t
+            .split_once('=')
+            .ok_or_else(|| KvError::NotKeyValue(t.clone()))?;
         pairs.push((k.trim().to_string(), v.to_string()));
     }
     Ok(pairs)
@@ -91,7 +93,9 @@ macro_rules! parse_number {
 fn parse_int<T: TryFrom<u64> + std::str::FromStr>(s: &str) -> Result<T, KvError> {
     let s = s.trim();
     let parsed = if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        u64::from_str_radix(hex, 16).ok().and_then(|v| T::try_from(v).ok())
+        u64::from_str_radix(hex, 16)
+            .ok()
+            .and_then(|v| T::try_from(v).ok())
     } else {
         s.parse::<T>().ok()
     };
@@ -109,7 +113,9 @@ impl<'de> de::Deserializer<'de> for Value {
         match self.0.as_str() {
             "on" | "true" => visitor.visit_bool(true),
             "off" | "false" => visitor.visit_bool(false),
-            other => Err(KvError::Invalid(format!("'{other}' is not on/off/true/false"))),
+            other => Err(KvError::Invalid(format!(
+                "'{other}' is not on/off/true/false"
+            ))),
         }
     }
 
@@ -128,7 +134,11 @@ impl<'de> de::Deserializer<'de> for Value {
         visitor.visit_some(self)
     }
 
-    fn deserialize_newtype_struct<V: Visitor<'de>>(self, _name: &'static str, visitor: V) -> Result<V::Value, KvError> {
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, KvError> {
         visitor.visit_newtype_struct(self)
     }
 
@@ -165,7 +175,14 @@ mod tests {
     #[test]
     fn parses_typed_values() {
         let o: Opt = from_str("boot=2,shared=on,path=\"/a,b\"").expect("parse");
-        assert_eq!(o, Opt { boot_vcpus: 2, shared: true, path: Some("/a,b".into()) });
+        assert_eq!(
+            o,
+            Opt {
+                boot_vcpus: 2,
+                shared: true,
+                path: Some("/a,b".into())
+            }
+        );
     }
 
     #[test]
@@ -174,10 +191,16 @@ mod tests {
         assert!(e.to_string().contains("'two'"), "{e}");
         let e = from_str::<Opt>("boot=1,colour=red").expect_err("unknown key");
         assert!(e.to_string().contains("colour"), "{e}");
-        assert_eq!(from_str::<Opt>("boot"), Err(KvError::NotKeyValue("boot".into())));
+        assert_eq!(
+            from_str::<Opt>("boot"),
+            Err(KvError::NotKeyValue("boot".into()))
+        );
         assert!(from_str::<Opt>("boot=300").is_err());
         assert!(from_str::<Opt>("boot=1,shared=maybe").is_err());
-        assert!(matches!(from_str::<Opt>("path=\"x"), Err(KvError::UnterminatedQuote(_))));
+        assert!(matches!(
+            from_str::<Opt>("path=\"x"),
+            Err(KvError::UnterminatedQuote(_))
+        ));
         assert!(from_str::<Opt>("").is_err(), "missing required key");
     }
 }

@@ -66,7 +66,12 @@ pub struct CpusConfig {
 
 impl Default for CpusConfig {
     fn default() -> Self {
-        Self { boot_vcpus: 1, max_vcpus: 1, max_phys_bits: 46, kvm_hyperv: false }
+        Self {
+            boot_vcpus: 1,
+            max_vcpus: 1,
+            max_phys_bits: 46,
+            kvm_hyperv: false,
+        }
     }
 }
 
@@ -166,7 +171,12 @@ pub struct ConsoleConfig {
 
 impl ConsoleConfig {
     fn with_mode(mode: ConsoleOutputMode) -> Self {
-        Self { file: None, mode, iommu: false, socket: None }
+        Self {
+            file: None,
+            mode,
+            iommu: false,
+            socket: None,
+        }
     }
 
     /// Parses CH's CLI form: `off`, `null`, `tty`, `pty`, `file=PATH`, `socket=PATH`.
@@ -178,14 +188,23 @@ impl ConsoleConfig {
                 "null" => (ConsoleOutputMode::Null, None, None),
                 "tty" => (ConsoleOutputMode::Tty, None, None),
                 "pty" => (ConsoleOutputMode::Pty, None, None),
-                other => return Err(err(format!("unknown mode '{other}' (off, null, tty, pty, file=PATH, socket=PATH)"))),
+                other => {
+                    return Err(err(format!(
+                        "unknown mode '{other}' (off, null, tty, pty, file=PATH, socket=PATH)"
+                    )))
+                }
             },
             Some(("file", "")) | Some(("socket", "")) => return Err(err("empty path".into())),
             Some(("file", p)) => (ConsoleOutputMode::File, Some(PathBuf::from(p)), None),
             Some(("socket", p)) => (ConsoleOutputMode::Socket, None, Some(PathBuf::from(p))),
             Some((k, _)) => return Err(err(format!("unknown key '{k}'"))),
         };
-        Ok(Self { file, mode, iommu: false, socket })
+        Ok(Self {
+            file,
+            mode,
+            iommu: false,
+            socket,
+        })
     }
 }
 
@@ -199,7 +218,9 @@ pub struct PlatformConfig {
 
 impl Default for PlatformConfig {
     fn default() -> Self {
-        Self { num_pci_segments: 1 }
+        Self {
+            num_pci_segments: 1,
+        }
     }
 }
 
@@ -264,7 +285,10 @@ impl VmConfig {
             )));
         }
         if c.max_vcpus > MAX_VCPUS {
-            return Err(ConfigError::Cpus(format!("max_vcpus ({}) exceeds {MAX_VCPUS}", c.max_vcpus)));
+            return Err(ConfigError::Cpus(format!(
+                "max_vcpus ({}) exceeds {MAX_VCPUS}",
+                c.max_vcpus
+            )));
         }
         if c.kvm_hyperv {
             return Err(ConfigError::Cpus("kvm_hyperv is not supported".into()));
@@ -278,10 +302,15 @@ impl VmConfig {
             )));
         }
         if !m.size.is_multiple_of(4096) {
-            return Err(ConfigError::Memory(format!("size {} is not a multiple of 4 KiB", m.size)));
+            return Err(ConfigError::Memory(format!(
+                "size {} is not a multiple of 4 KiB",
+                m.size
+            )));
         }
         // RAM above the hole must stay inside the guest physical address width.
-        let phys_limit = 1u64.checked_shl(u32::from(c.max_phys_bits.min(52))).unwrap_or(u64::MAX);
+        let phys_limit = 1u64
+            .checked_shl(u32::from(c.max_phys_bits.min(52)))
+            .unwrap_or(u64::MAX);
         let ram_top = arch::x86_64::layout::pci_mmio64_start(m.size)
             .saturating_add(arch::x86_64::layout::PCI_MMIO64_SIZE);
         if ram_top > phys_limit {
@@ -294,7 +323,9 @@ impl VmConfig {
             return Err(ConfigError::Payload("no kernel given (--kernel)".into()));
         };
         if payload.firmware.is_some() {
-            return Err(ConfigError::Payload("firmware boot is not supported; use a kernel".into()));
+            return Err(ConfigError::Payload(
+                "firmware boot is not supported; use a kernel".into(),
+            ));
         }
         if payload.kernel.is_none() {
             return Err(ConfigError::Payload("no kernel given (--kernel)".into()));
@@ -308,7 +339,10 @@ impl VmConfig {
                     })
                 }
                 ConsoleOutputMode::File if cons.file.is_none() => {
-                    return Err(ConfigError::Console { option, message: "mode File needs a file".into() })
+                    return Err(ConfigError::Console {
+                        option,
+                        message: "mode File needs a file".into(),
+                    })
                 }
                 _ => {}
             }
@@ -323,15 +357,27 @@ mod tests {
 
     fn valid() -> VmConfig {
         VmConfig {
-            payload: Some(PayloadConfig { kernel: Some("/k".into()), ..Default::default() }),
+            payload: Some(PayloadConfig {
+                kernel: Some("/k".into()),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
 
     #[test]
     fn json_defaults_match_cloud_hypervisor() {
-        let c: VmConfig = serde_json::from_str(r#"{"payload":{"kernel":"/k"},"unknown_field":1}"#).expect("json");
-        assert_eq!(c.cpus, CpusConfig { boot_vcpus: 1, max_vcpus: 1, max_phys_bits: 46, kvm_hyperv: false });
+        let c: VmConfig =
+            serde_json::from_str(r#"{"payload":{"kernel":"/k"},"unknown_field":1}"#).expect("json");
+        assert_eq!(
+            c.cpus,
+            CpusConfig {
+                boot_vcpus: 1,
+                max_vcpus: 1,
+                max_phys_bits: 46,
+                kvm_hyperv: false
+            }
+        );
         assert_eq!(c.memory.size, 512 << 20);
         assert_eq!(c.serial.mode, ConsoleOutputMode::Null);
         assert_eq!(c.console.mode, ConsoleOutputMode::Tty);
@@ -357,11 +403,23 @@ mod tests {
         c.cpus.boot_vcpus = 0;
         assert!(matches!(c.validate(), Err(ConfigError::Cpus(_))));
         let mut c = valid();
-        c.cpus = CpusConfig { boot_vcpus: 4, max_vcpus: 2, ..Default::default() };
-        assert!(c.validate().expect_err("max<boot").to_string().contains("below boot_vcpus"));
+        c.cpus = CpusConfig {
+            boot_vcpus: 4,
+            max_vcpus: 2,
+            ..Default::default()
+        };
+        assert!(c
+            .validate()
+            .expect_err("max<boot")
+            .to_string()
+            .contains("below boot_vcpus"));
         let mut c = valid();
         c.memory.size = 0;
-        assert!(c.validate().expect_err("size 0").to_string().starts_with("memory: size 0"));
+        assert!(c
+            .validate()
+            .expect_err("size 0")
+            .to_string()
+            .starts_with("memory: size 0"));
         let mut c = valid();
         c.memory.size = (1 << 30) + 1;
         assert!(matches!(c.validate(), Err(ConfigError::Memory(_))));
@@ -370,14 +428,24 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::Payload(_))));
         let mut c = valid();
         c.memory.size = 1 << 50;
-        assert!(c.validate().expect_err("too big").to_string().contains("physical address bits"));
+        assert!(c
+            .validate()
+            .expect_err("too big")
+            .to_string()
+            .contains("physical address bits"));
     }
 
     #[test]
     fn console_modes() {
-        assert_eq!(ConsoleConfig::parse("serial", "tty").map(|c| c.mode), Ok(ConsoleOutputMode::Tty));
+        assert_eq!(
+            ConsoleConfig::parse("serial", "tty").map(|c| c.mode),
+            Ok(ConsoleOutputMode::Tty)
+        );
         let f = ConsoleConfig::parse("serial", "file=/tmp/x").expect("file");
-        assert_eq!((f.mode, f.file), (ConsoleOutputMode::File, Some("/tmp/x".into())));
+        assert_eq!(
+            (f.mode, f.file),
+            (ConsoleOutputMode::File, Some("/tmp/x".into()))
+        );
         assert!(ConsoleConfig::parse("serial", "file=").is_err());
         assert!(ConsoleConfig::parse("serial", "loud").is_err());
         assert!(ConsoleConfig::parse("serial", "path=/x").is_err());
