@@ -378,12 +378,7 @@ fn add_platform_devices(
             8,
         )?;
     }
-    place(
-        "CMOS RTC",
-        Arc::new(Mutex::new(devices::rtc::Rtc::default())),
-        layout::CMOS_PORT,
-        2,
-    )?;
+    place("CMOS RTC", board.cmos.clone(), layout::CMOS_PORT, 2)?;
     place(
         "i8042",
         Arc::new(Mutex::new(devices::i8042::I8042::new(power.clone()))),
