@@ -7,7 +7,9 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::boot_params;
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{BzImage, KernelLoader, KernelLoaderResult};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -125,10 +127,16 @@ pub struct BootSpec<'a> {
 
 /// Loads the kernel, initramfs and command line into `mem` and writes the boot information
 /// (PVH start info or zero page). Returns how the boot vCPU must enter the kernel.
-pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, spec: BootSpec<'_>) -> Result<BootEntry, BootError> {
+pub fn load_kernel<M: GuestMemoryBackend>(
+    mem: &M,
+    spec: BootSpec<'_>,
+) -> Result<BootEntry, BootError> {
     let max = CMDLINE_MAX_SIZE - 1;
     if spec.cmdline.len() > max {
-        return Err(BootError::CmdlineTooLong { len: spec.cmdline.len(), max });
+        return Err(BootError::CmdlineTooLong {
+            len: spec.cmdline.len(),
+            max,
+        });
     }
     if spec.cmdline.as_bytes().contains(&0) {
         return Err(BootError::CmdlineNul);
@@ -138,12 +146,17 @@ pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, spec: BootSpec<'_>) -> Result
     let is_elf = format == KernelFormat::Elf;
     let loaded = match format {
         KernelFormat::Elf => Elf::load(mem, None, spec.kernel, high).map_err(BootError::Elf)?,
-        KernelFormat::BzImage => BzImage::load(mem, None, spec.kernel, high).map_err(BootError::BzImage)?,
+        KernelFormat::BzImage => {
+            BzImage::load(mem, None, spec.kernel, high).map_err(BootError::BzImage)?
+        }
     };
     let mut cmdline = spec.cmdline.as_bytes().to_vec();
     cmdline.push(0);
     mem.write_slice(&cmdline, GuestAddress(CMDLINE_START))
-        .map_err(|source| BootError::WriteMemory { what: "command line", source })?;
+        .map_err(|source| BootError::WriteMemory {
+            what: "command line",
+            source,
+        })?;
     // Both loaders report the end of the image as an absolute guest address.
     let kernel_end = loaded.kernel_end;
     let initramfs = match spec.initramfs {
@@ -157,7 +170,14 @@ pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, spec: BootSpec<'_>) -> Result
         write_pvh_start_info(mem, spec.ram_size, initramfs, spec.cmdline.len(), spec.rsdp)?;
         Ok(BootEntry::Pvh { entry: entry.0 })
     } else {
-        write_zero_page(mem, &loaded, spec.ram_size, initramfs, spec.cmdline.len(), spec.rsdp)?;
+        write_zero_page(
+            mem,
+            &loaded,
+            spec.ram_size,
+            initramfs,
+            spec.cmdline.len(),
+            spec.rsdp,
+        )?;
         write_identity_page_tables(mem)?;
         Ok(BootEntry::Linux64 {
             entry: loaded.kernel_load.0 + LINUX_64BIT_ENTRY_OFFSET,
@@ -178,7 +198,8 @@ enum KernelFormat {
 fn kernel_format(file: &mut File) -> Result<KernelFormat, BootError> {
     use std::io::{Read, Seek, SeekFrom};
     let mut head = [0u8; 0x206];
-    file.seek(SeekFrom::Start(0)).map_err(BootError::ReadKernel)?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(BootError::ReadKernel)?;
     let mut n = 0;
     while n < head.len() {
         match file.read(&mut head[n..]).map_err(BootError::ReadKernel)? {
@@ -203,16 +224,30 @@ fn load_initramfs<M: GuestMemoryBackend>(
     ram_size: u64,
 ) -> Result<(u64, u64), BootError> {
     let size = file.metadata().map_err(BootError::ReadInitramfs)?.len();
-    let ram_top = super::layout::ram_regions(ram_size).first().map_or(0, |&(s, l)| s + l);
+    let ram_top = super::layout::ram_regions(ram_size)
+        .first()
+        .map_or(0, |&(s, l)| s + l);
     let start = ram_top.checked_sub(size).map(|a| a & !0xfff);
     let start = match start {
         Some(s) if s >= kernel_end && size > 0 => s,
-        _ => return Err(BootError::InitramfsTooLarge { size, kernel_end, ram_top }),
+        _ => {
+            return Err(BootError::InitramfsTooLarge {
+                size,
+                kernel_end,
+                ram_top,
+            })
+        }
     };
-    let size_usize = usize::try_from(size)
-        .map_err(|_| BootError::InitramfsTooLarge { size, kernel_end, ram_top })?;
+    let size_usize = usize::try_from(size).map_err(|_| BootError::InitramfsTooLarge {
+        size,
+        kernel_end,
+        ram_top,
+    })?;
     mem.read_exact_volatile_from(GuestAddress(start), file, size_usize)
-        .map_err(|source| BootError::WriteMemory { what: "initramfs", source })?;
+        .map_err(|source| BootError::WriteMemory {
+            what: "initramfs",
+            source,
+        })?;
     Ok((start, size))
 }
 
@@ -226,18 +261,32 @@ fn write_pvh_start_info<M: GuestMemoryBackend>(
     let memmap: Vec<hvm_memmap_table_entry> = memory_map(ram_size)
         .into_iter()
         .take(PVH_MEMMAP_MAX_ENTRIES)
-        .map(|e| hvm_memmap_table_entry { addr: e.addr, size: e.size, type_: e.kind as u32, reserved: 0 })
+        .map(|e| hvm_memmap_table_entry {
+            addr: e.addr,
+            size: e.size,
+            type_: e.kind as u32,
+            reserved: 0,
+        })
         .collect();
     let modules: Vec<hvm_modlist_entry> = initramfs
         .into_iter()
-        .map(|(paddr, size)| hvm_modlist_entry { paddr, size, cmdline_paddr: 0, reserved: 0 })
+        .map(|(paddr, size)| hvm_modlist_entry {
+            paddr,
+            size,
+            cmdline_paddr: 0,
+            reserved: 0,
+        })
         .collect();
     let start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
         version: 1,
         flags: 0,
         nr_modules: modules.len() as u32,
-        modlist_paddr: if modules.is_empty() { 0 } else { PVH_MODLIST_START },
+        modlist_paddr: if modules.is_empty() {
+            0
+        } else {
+            PVH_MODLIST_START
+        },
         cmdline_paddr: CMDLINE_START,
         rsdp_paddr: rsdp,
         memmap_paddr: PVH_MEMMAP_START,
@@ -283,7 +332,11 @@ fn write_zero_page<M: GuestMemoryBackend>(
         params.hdr.ramdisk_size = size as u32;
     }
     params.acpi_rsdp_addr = rsdp;
-    for (slot, e) in params.e820_table.iter_mut().zip(memory_map(ram_size).into_iter().take(E820_MAX_ENTRIES)) {
+    for (slot, e) in params
+        .e820_table
+        .iter_mut()
+        .zip(memory_map(ram_size).into_iter().take(E820_MAX_ENTRIES))
+    {
         slot.addr = e.addr;
         slot.size = e.size;
         slot.r#type = e.kind as u32;
@@ -296,7 +349,8 @@ fn write_zero_page<M: GuestMemoryBackend>(
 /// Identity-maps the first 1 GiB with 2 MiB pages for the 64-bit Linux entry.
 fn write_identity_page_tables<M: GuestMemoryBackend>(mem: &M) -> Result<(), BootError> {
     let w = |what, val: u64, addr: u64| {
-        mem.write_obj(val, GuestAddress(addr)).map_err(|source| BootError::WriteMemory { what, source })
+        mem.write_obj(val, GuestAddress(addr))
+            .map_err(|source| BootError::WriteMemory { what, source })
     };
     w("PML4", PDPT_START | 0x3, PML4_START)?;
     w("PDPT", PD_START | 0x3, PDPT_START)?;
@@ -306,5 +360,154 @@ fn write_identity_page_tables<M: GuestMemoryBackend>(mem: &M) -> Result<(), Boot
     Ok(())
 }
 
+#[cfg(test)]
+mod tests {
+    use std::io::{Seek, Write};
 
+    use vm_memory::GuestMemoryMmap;
 
+    use super::*;
+
+    fn temp_file(name: &str, bytes: &[u8]) -> File {
+        let path = std::env::temp_dir().join(format!("nimbus-boot-{}-{name}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("temp file");
+        f.write_all(bytes).expect("write");
+        f.rewind().expect("rewind");
+        let _ = std::fs::remove_file(&path);
+        f
+    }
+
+    /// A bzImage with a boot-protocol 2.15 header, 4 setup sectors and a 4 KiB "kernel".
+    fn synthetic_bzimage() -> Vec<u8> {
+        let setup_sects = 4usize;
+        let mut img = vec![0u8; (setup_sects + 1) * 512 + 4096];
+        img[0x1f1] = setup_sects as u8;
+        img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        img[0x211] = 0x01; // LOADED_HIGH
+        img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+        img[0x230..0x234].copy_from_slice(&0x0100_0000u32.to_le_bytes()); // kernel_alignment
+        img
+    }
+
+    #[test]
+    fn bzimage_gets_a_zero_page_and_64bit_entry() {
+        let ram = 256u64 << 20;
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), ram as usize)]).expect("mem");
+        let mut kernel = temp_file("bz", &synthetic_bzimage());
+        let mut initrd = temp_file("initrd", &[0x5a; 10_000]);
+        let entry = load_kernel(
+            &mem,
+            BootSpec {
+                kernel: &mut kernel,
+                initramfs: Some(&mut initrd),
+                cmdline: "console=ttyS0",
+                ram_size: ram,
+                rsdp: 0xa0000,
+            },
+        )
+        .expect("load");
+        let BootEntry::Linux64 {
+            entry,
+            zero_page,
+            pml4,
+            ..
+        } = entry
+        else {
+            panic!("bzImage must use the 64-bit boot protocol, got {entry:?}")
+        };
+        assert_eq!(entry, HIGH_RAM_START + LINUX_64BIT_ENTRY_OFFSET);
+        let params: boot_params = mem.read_obj(GuestAddress(zero_page)).expect("zero page");
+        let hdr = params.hdr;
+        assert_eq!({ hdr.type_of_loader }, KERNEL_LOADER_OTHER);
+        assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        assert_eq!({ hdr.cmdline_size }, "console=ttyS0".len() as u32 + 1);
+        let (rd_addr, rd_size) = ({ hdr.ramdisk_image } as u64, { hdr.ramdisk_size } as u64);
+        assert_eq!(rd_size, 10_000);
+        assert!(rd_addr + rd_size <= ram && rd_addr % 4096 == 0);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(rd_addr)).expect("initrd"),
+            0x5a
+        );
+        assert_eq!({ params.acpi_rsdp_addr }, 0xa0000);
+        let map = memory_map(ram);
+        assert_eq!(usize::from(params.e820_entries), map.len());
+        for (e, want) in params.e820_table.iter().zip(&map) {
+            assert_eq!(
+                ({ e.addr }, { e.size }, { e.r#type }),
+                (want.addr, want.size, want.kind as u32)
+            );
+        }
+        let mut cmdline = [0u8; 14];
+        mem.read_slice(&mut cmdline, GuestAddress(CMDLINE_START))
+            .expect("cmdline");
+        assert_eq!(&cmdline, b"console=ttyS0\0");
+        // The identity map covers the entry point.
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(pml4)).expect("pml4") & !0xfff,
+            PDPT_START
+        );
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(PD_START)).expect("pd"),
+            0x83
+        );
+    }
+
+    #[test]
+    fn command_line_limits() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).expect("mem");
+        let mut kernel = temp_file("bz2", &synthetic_bzimage());
+        let long = "x".repeat(CMDLINE_MAX_SIZE);
+        let err = load_kernel(
+            &mem,
+            BootSpec {
+                kernel: &mut kernel,
+                initramfs: None,
+                cmdline: &long,
+                ram_size: 64 << 20,
+                rsdp: 0,
+            },
+        )
+        .expect_err("too long");
+        assert!(matches!(err, BootError::CmdlineTooLong { .. }), "{err}");
+        let err = load_kernel(
+            &mem,
+            BootSpec {
+                kernel: &mut kernel,
+                initramfs: None,
+                cmdline: "a\0b",
+                ram_size: 64 << 20,
+                rsdp: 0,
+            },
+        )
+        .expect_err("nul");
+        assert!(matches!(err, BootError::CmdlineNul), "{err}");
+    }
+
+    #[test]
+    fn initramfs_too_large_is_an_error() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("mem");
+        let mut kernel = temp_file("bz3", &synthetic_bzimage());
+        let mut initrd = temp_file("big", &vec![0u8; 4 << 20]);
+        let err = load_kernel(
+            &mem,
+            BootSpec {
+                kernel: &mut kernel,
+                initramfs: Some(&mut initrd),
+                cmdline: "",
+                ram_size: 4 << 20,
+                rsdp: 0,
+            },
+        )
+        .expect_err("too large");
+        assert!(matches!(err, BootError::InitramfsTooLarge { .. }), "{err}");
+    }
+}

@@ -57,7 +57,11 @@ fn segment(index: u16) -> Segment {
     let g = (d >> 55) & 1 == 1;
     Segment {
         base: ((d >> 16) & 0xff_ffff) | (((d >> 56) & 0xff) << 24),
-        limit: if g { (limit_raw << 12) | 0xfff } else { limit_raw },
+        limit: if g {
+            (limit_raw << 12) | 0xfff
+        } else {
+            limit_raw
+        },
         selector: index * 8,
         type_: ((d >> 40) & 0xf) as u8,
         present: (d >> 47) & 1 == 1,
@@ -79,7 +83,10 @@ const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
 fn gdtr() -> DescriptorTable {
-    DescriptorTable { base: BOOT_GDT_START, limit: (BOOT_GDT.len() * 8 - 1) as u16 }
+    DescriptorTable {
+        base: BOOT_GDT_START,
+        limit: (BOOT_GDT.len() * 8 - 1) as u16,
+    }
 }
 
 /// Segment and control registers of the PVH entry state: 32-bit protected mode, paging off,
@@ -106,7 +113,12 @@ pub fn pvh_boot_sregs(current: &SpecialRegisters) -> SpecialRegisters {
 
 /// General purpose registers of the PVH entry: EIP at the entry, EBX at the start info.
 pub fn pvh_boot_regs(entry: u64) -> StandardRegisters {
-    StandardRegisters { rip: entry, rbx: PVH_INFO_START, rflags: 0x2, ..Default::default() }
+    StandardRegisters {
+        rip: entry,
+        rbx: PVH_INFO_START,
+        rflags: 0x2,
+        ..Default::default()
+    }
 }
 
 /// Segment and control registers for 64-bit mode with paging rooted at `pml4`.
@@ -132,7 +144,10 @@ pub fn long_mode_sregs(current: &SpecialRegisters, pml4: u64) -> SpecialRegister
 
 /// The x87/SSE state at reset: default control word and MXCSR.
 pub fn boot_fpu() -> FpuState {
-    FpuState { fcw: 0x37f, mxcsr: 0x1f80 }
+    FpuState {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+    }
 }
 
 const MSR_IA32_TSC: u32 = 0x10;
@@ -161,9 +176,18 @@ pub fn boot_msrs() -> Vec<MsrEntry> {
         MSR_LSTAR,
         MSR_IA32_TSC,
     ];
-    let mut msrs: Vec<MsrEntry> = zero.iter().map(|&index| MsrEntry { index, data: 0 }).collect();
-    msrs.push(MsrEntry { index: MSR_IA32_MISC_ENABLE, data: 1 });
-    msrs.push(MsrEntry { index: MSR_MTRR_DEF_TYPE, data: (1 << 11) | 6 });
+    let mut msrs: Vec<MsrEntry> = zero
+        .iter()
+        .map(|&index| MsrEntry { index, data: 0 })
+        .collect();
+    msrs.push(MsrEntry {
+        index: MSR_IA32_MISC_ENABLE,
+        data: 1,
+    });
+    msrs.push(MsrEntry {
+        index: MSR_MTRR_DEF_TYPE,
+        data: (1 << 11) | 6,
+    });
     msrs
 }
 
@@ -175,7 +199,10 @@ const APIC_MODE_EXTINT: u32 = 0x700;
 
 /// Wires the local APIC pins as a PC does: LINT0 takes ExtINT (the 8259), LINT1 takes NMI.
 pub fn set_lint_pins(lapic: &mut LapicState) {
-    for (reg, mode) in [(APIC_LVT_LINT0, APIC_MODE_EXTINT), (APIC_LVT_LINT1, APIC_MODE_NMI)] {
+    for (reg, mode) in [
+        (APIC_LVT_LINT0, APIC_MODE_EXTINT),
+        (APIC_LVT_LINT1, APIC_MODE_NMI),
+    ] {
         let v = lapic.read(reg);
         lapic.write(reg, (v & !APIC_DELIVERY_MODE_MASK & !(1 << 16)) | mode);
     }
@@ -188,7 +215,10 @@ mod tests {
     #[test]
     fn segments_decode_from_the_gdt() {
         let cs = segment(GDT_CODE32);
-        assert_eq!((cs.base, cs.limit, cs.selector, cs.type_), (0, 0xffff_ffff, 8, 0xb));
+        assert_eq!(
+            (cs.base, cs.limit, cs.selector, cs.type_),
+            (0, 0xffff_ffff, 8, 0xb)
+        );
         assert!(cs.present && cs.db && cs.s && cs.g && !cs.l);
         let cs64 = segment(GDT_CODE64);
         assert!(cs64.l && !cs64.db);
@@ -202,7 +232,10 @@ mod tests {
         assert_eq!(s.cr0 & (CR0_PE | CR0_PG), CR0_PE);
         assert_eq!(s.cr4, 0);
         let r = pvh_boot_regs(0x10_0000);
-        assert_eq!((r.rip, r.rbx, r.rflags & (1 << 9)), (0x10_0000, PVH_INFO_START, 0));
+        assert_eq!(
+            (r.rip, r.rbx, r.rflags & (1 << 9)),
+            (0x10_0000, PVH_INFO_START, 0)
+        );
     }
 
     #[test]

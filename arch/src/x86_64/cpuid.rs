@@ -72,35 +72,66 @@ mod tests {
     use super::*;
 
     fn leaf(function: u32, index: u32) -> CpuIdEntry {
-        CpuIdEntry { function, index, ..Default::default() }
+        CpuIdEntry {
+            function,
+            index,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn identity_and_topology() {
         let supported = [
-            CpuIdEntry { eax: 0xd, ..leaf(0, 0) },
-            CpuIdEntry { ebx: 0x0000_0800, ..leaf(1, 0) },
-            CpuIdEntry { eax: (3 << 5) | 0x3, ..leaf(4, 3) },
+            CpuIdEntry {
+                eax: 0xd,
+                ..leaf(0, 0)
+            },
+            CpuIdEntry {
+                ebx: 0x0000_0800,
+                ..leaf(1, 0)
+            },
+            CpuIdEntry {
+                eax: (3 << 5) | 0x3,
+                ..leaf(4, 3)
+            },
             leaf(0xb, 0),
         ];
         let table = vcpu_cpuid(&supported, 3, 4);
-        let l1 = table.iter().find(|e| e.function == 1).copied().unwrap_or_default();
+        let l1 = table
+            .iter()
+            .find(|e| e.function == 1)
+            .copied()
+            .unwrap_or_default();
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
         assert_eq!(l1.ebx & 0xffff, 0x0800);
         assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
         assert_ne!(l1.edx & EDX_HTT, 0);
-        let l4 = table.iter().find(|e| e.function == 4).copied().unwrap_or_default();
+        let l4 = table
+            .iter()
+            .find(|e| e.function == 4)
+            .copied()
+            .unwrap_or_default();
         assert_eq!(l4.eax >> 26, 3);
         assert_eq!((l4.eax >> 14) & 0xfff, 3);
-        let core = table.iter().find(|e| e.function == 0xb && e.index == 1).copied().unwrap_or_default();
-        assert_eq!((core.eax, core.ebx, core.ecx >> 8, core.edx), (2, 4, LEVEL_CORE, 3));
+        let core = table
+            .iter()
+            .find(|e| e.function == 0xb && e.index == 1)
+            .copied()
+            .unwrap_or_default();
+        assert_eq!(
+            (core.eax, core.ebx, core.ecx >> 8, core.edx),
+            (2, 4, LEVEL_CORE, 3)
+        );
         assert_eq!(table.iter().filter(|e| e.function == 0xb).count(), 3);
     }
 
     #[test]
     fn single_cpu_has_no_htt() {
-        let supported = [CpuIdEntry { edx: EDX_HTT, ..leaf(1, 0) }];
+        let supported = [CpuIdEntry {
+            edx: EDX_HTT,
+            ..leaf(1, 0)
+        }];
         let l1 = vcpu_cpuid(&supported, 0, 1)[0];
         assert_eq!(l1.edx & EDX_HTT, 0);
     }

@@ -119,7 +119,10 @@ mod tests {
     #[test]
     fn large_ram_continues_above_4g() {
         let r = ram_regions(0xe000_0000);
-        assert_eq!(r, vec![(0, MEM_32BIT_HOLE_START), (RAM_64BIT_START, 0x2000_0000)]);
+        assert_eq!(
+            r,
+            vec![(0, MEM_32BIT_HOLE_START), (RAM_64BIT_START, 0x2000_0000)]
+        );
         assert_eq!(pci_mmio64_start(0xe000_0000), 0x1_4000_0000);
     }
 }

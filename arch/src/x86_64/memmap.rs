@@ -1,8 +1,6 @@
 //! The firmware memory map (E820 types), shared by the PVH start info and the Linux zero page.
 
-use super::layout::{
-    ram_regions, EBDA_START, HIGH_RAM_START, PCI_ECAM_SIZE, PCI_ECAM_START,
-};
+use super::layout::{ram_regions, EBDA_START, HIGH_RAM_START, PCI_ECAM_SIZE, PCI_ECAM_START};
 
 /// Kind of a memory map entry, with E820 numbering.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,7 +31,11 @@ pub fn memory_map(ram_size: u64) -> Vec<MemoryMapEntry> {
     for (start, size) in ram_regions(ram_size) {
         let end = start + size;
         if start == 0 {
-            map.push(MemoryMapEntry { addr: 0, size: EBDA_START.min(end), kind: MemoryKind::Ram });
+            map.push(MemoryMapEntry {
+                addr: 0,
+                size: EBDA_START.min(end),
+                kind: MemoryKind::Ram,
+            });
             map.push(MemoryMapEntry {
                 addr: EBDA_START,
                 size: HIGH_RAM_START - EBDA_START,
@@ -47,10 +49,18 @@ pub fn memory_map(ram_size: u64) -> Vec<MemoryMapEntry> {
                 });
             }
         } else {
-            map.push(MemoryMapEntry { addr: start, size, kind: MemoryKind::Ram });
+            map.push(MemoryMapEntry {
+                addr: start,
+                size,
+                kind: MemoryKind::Ram,
+            });
         }
     }
-    map.push(MemoryMapEntry { addr: PCI_ECAM_START, size: PCI_ECAM_SIZE, kind: MemoryKind::Reserved });
+    map.push(MemoryMapEntry {
+        addr: PCI_ECAM_START,
+        size: PCI_ECAM_SIZE,
+        kind: MemoryKind::Reserved,
+    });
     map.sort_by_key(|e| e.addr);
     map
 }
@@ -60,14 +70,21 @@ mod tests {
     use super::*;
 
     fn ram_total(map: &[MemoryMapEntry]) -> u64 {
-        map.iter().filter(|e| e.kind == MemoryKind::Ram).map(|e| e.size).sum()
+        map.iter()
+            .filter(|e| e.kind == MemoryKind::Ram)
+            .map(|e| e.size)
+            .sum()
     }
 
     #[test]
     fn ram_adds_up_minus_the_legacy_hole() {
         for size in [128u64 << 20, 3 << 30, 3584 << 20, 8 << 30] {
             let map = memory_map(size);
-            assert_eq!(ram_total(&map), size - (HIGH_RAM_START - EBDA_START), "size {size:#x}");
+            assert_eq!(
+                ram_total(&map),
+                size - (HIGH_RAM_START - EBDA_START),
+                "size {size:#x}"
+            );
             for w in map.windows(2) {
                 assert!(w[0].addr + w[0].size <= w[1].addr, "overlap in {map:?}");
             }
