@@ -178,18 +178,33 @@ mod tests {
 
     use super::*;
 
+    /// Records writes and the name of the thread that made them.
     #[derive(Default)]
-    struct Register(Vec<Vec<u8>>);
+    struct Register(Vec<Vec<u8>>, Vec<String>);
     impl devices::BusDevice for Register {
         fn read(&mut self, offset: u64, data: &mut [u8]) {
             data.fill(0x40 + offset as u8);
         }
         fn write(&mut self, _offset: u64, data: &[u8]) {
             self.0.push(data.to_vec());
+            self.1.push(
+                std::thread::current()
+                    .name()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
         }
     }
 
     fn run_script(script: Vec<ScriptedExit>) -> (VmEvent, Vec<(u64, Vec<u8>)>, Vec<Vec<u8>>) {
+        let (event, reads, writes, _) = run_script_on(3, script);
+        (event, reads, writes)
+    }
+
+    fn run_script_on(
+        id: u32,
+        script: Vec<ScriptedExit>,
+    ) -> (VmEvent, Vec<(u64, Vec<u8>)>, Vec<Vec<u8>>, Vec<String>) {
         let io_bus = Arc::new(Bus::new());
         let mmio_bus = Arc::new(Bus::new());
         let port = Arc::new(Mutex::new(Register::default()));
@@ -206,12 +221,15 @@ mod tests {
             mmio_bus,
             control: control.clone(),
         };
-        let thread = VcpuThread::spawn(0, Box::new(vcpu), ctx).expect("spawn");
+        let thread = VcpuThread::spawn(id, Box::new(vcpu), ctx).expect("spawn");
         let event = control.wait();
         thread.stop();
         let reads = reads.lock().map(|r| r.clone()).unwrap_or_default();
-        let writes = port.lock().map(|p| p.0.clone()).unwrap_or_default();
-        (event, reads, writes)
+        let (writes, threads) = port
+            .lock()
+            .map(|p| (p.0.clone(), p.1.clone()))
+            .unwrap_or_default();
+        (event, reads, writes, threads)
     }
 
     #[test]
@@ -239,6 +257,15 @@ mod tests {
     }
 
     #[test]
+    fn exits_are_handled_on_the_thread_named_after_the_vcpu() {
+        let (_, _, _, threads) = run_script_on(
+            7,
+            vec![ScriptedExit::IoOut(0x3f8, vec![1]), ScriptedExit::PowerOff],
+        );
+        assert_eq!(threads, vec!["vcpu7".to_string()]);
+    }
+
+    #[test]
     fn triple_fault_resets() {
         assert_eq!(run_script(vec![ScriptedExit::Shutdown]).0, VmEvent::Reset);
     }
@@ -247,7 +274,7 @@ mod tests {
     fn emulation_failures_fail_the_vm_with_the_reason() {
         let (event, _, _) = run_script(vec![ScriptedExit::InternalError(1)]);
         assert!(
-            matches!(&event, VmEvent::Failed(m) if m.contains("vcpu0") && m.contains("suberror 1")),
+            matches!(&event, VmEvent::Failed(m) if m.contains("vcpu3") && m.contains("suberror 1")),
             "{event:?}"
         );
         let (event, _, _) = run_script(vec![ScriptedExit::Unexpected("Hypercall".into())]);
