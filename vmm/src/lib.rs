@@ -6,5 +6,6 @@ pub mod config;
 pub mod control;
 pub mod logger;
 pub mod memory;
+pub mod serial_input;
 pub mod vcpu;
 pub mod vm;

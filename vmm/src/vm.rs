@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::control::{VmControl, VmEvent};
 use crate::memory::{self, GuestMemoryMmap};
+use crate::serial_input::{spawn_forwarder, SerialTarget};
 use crate::vcpu::{VcpuContext, VcpuThread};
 
 /// Errors building or running a VM.
@@ -167,6 +168,7 @@ impl SerialSink {
 #[derive(Debug)]
 pub struct Board {
     serial: SerialSink,
+    serial_input: SerialTarget,
     cmos: Arc<Mutex<devices::rtc::Rtc>>,
     start: Instant,
 }
@@ -174,8 +176,19 @@ pub struct Board {
 impl Board {
     /// The board for `config`; `start` is the VMM's process start (for boot-progress timing).
     pub fn new(config: &VmConfig, start: Instant) -> Result<Self, VmError> {
+        let serial = SerialSink::open(config)?;
+        let serial_input = SerialTarget::default();
+        if matches!(serial, SerialSink::Stdout) {
+            spawn_forwarder(std::io::stdin(), serial_input.clone()).map_err(|source| {
+                VmError::Os {
+                    what: "serial input thread",
+                    source,
+                }
+            })?;
+        }
         Ok(Self {
-            serial: SerialSink::open(config)?,
+            serial,
+            serial_input,
             cmos: Arc::new(Mutex::new(devices::rtc::Rtc::default())),
             start,
         })
@@ -371,12 +384,9 @@ fn add_platform_devices(
     if let Some(out) = board.serial.writer()? {
         let irq = Arc::new(IrqfdInterrupt::new(vm, layout::COM1_GSI)?);
         interrupts.push(irq.clone());
-        place(
-            "COM1",
-            Arc::new(Mutex::new(devices::serial::Serial::new(irq, out))),
-            layout::COM1_PORT,
-            8,
-        )?;
+        let uart = Arc::new(Mutex::new(devices::serial::Serial::new(irq, out)));
+        place("COM1", uart.clone(), layout::COM1_PORT, 8)?;
+        *board.serial_input.lock().unwrap_or_else(|p| p.into_inner()) = Some(uart);
     }
     place("CMOS RTC", board.cmos.clone(), layout::CMOS_PORT, 2)?;
     place(
@@ -431,7 +441,10 @@ pub fn run(hv: &dyn Hypervisor, config: &VmConfig, start: Instant) -> Result<(),
             config.memory.size >> 20
         );
         boots += 1;
-        match vm.run()? {
+        let event = vm.run();
+        // Input typed while no VM runs waits for the next boot's UART.
+        *board.serial_input.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        match event? {
             VmEvent::PowerOff => {
                 log::info!("guest powered off after {boots} boot(s)");
                 return Ok(());
