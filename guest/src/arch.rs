@@ -1,0 +1,138 @@
+//! CPU-level helpers used at CPL3: port I/O, CPUID, TSC, the service call
+//! into CPL0, and the symbols exported by `boot.s`.
+//!
+//! Port I/O works at CPL3 because every TSS carries an I/O permission bitmap
+//! that allows all ports (PVM forces IOPL=0 at CPL3, so the bitmap is what
+//! counts).
+
+use core::arch::asm;
+
+core::arch::global_asm!(include_str!("boot.s"), options(att_syntax));
+
+/// Highest CPU index (BSP = 0) the boot code has stacks and TSSes for.
+pub const MAX_CPUS: usize = 64;
+
+extern "C" {
+    static start_info_paddr: u64;
+    static mapped_limit: u64;
+    static fault_info: [u64; 8];
+    static ap_trampoline_start: u8;
+    static ap_trampoline_end: u8;
+    static __image_start: u8;
+    static __image_end: u8;
+    fn svc_park_insn() -> !;
+}
+
+/// Writes a byte to an I/O port.
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: port I/O does not touch memory the Rust program owns; the
+    // stage-1 guest drives no DMA-capable devices.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Writes a 16-bit word to an I/O port.
+pub fn outw(port: u16, value: u16) {
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Reads a byte from an I/O port.
+pub fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags))
+    }
+    v
+}
+
+/// Reads a 32-bit word from an I/O port.
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags))
+    }
+    v
+}
+
+/// Reads the time-stamp counter (allowed at CPL3: CR4.TSD is clear).
+pub fn rdtsc() -> u64 {
+    let lo: u32;
+    let hi: u32;
+    // SAFETY: rdtsc only reads the counter into edx:eax.
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Executes CPUID for `leaf` (sub-leaf 0); returns eax, ebx, ecx, edx.
+pub fn cpuid(leaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, 0);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// Initial APIC ID as CPUID leaf 1 reports it (EBX[31:24]).
+///
+/// Informational only: on PVM hosts without CPUID faulting (e.g. AMD), CPUID
+/// at CPL3 executes natively and reports the *host* core the vCPU thread
+/// happens to run on. Use the local APIC ID register for the real ID.
+pub fn cpuid_apic_id() -> u32 {
+    cpuid(1)[1] >> 24
+}
+
+/// Spin-loop hint.
+pub fn pause() {
+    core::hint::spin_loop();
+}
+
+/// Asks CPL0 to halt this CPU forever with interrupts off. Used to park APs
+/// and as the last resort when power-off fails: a halted vCPU costs the host
+/// nothing, unlike a CPL3 spin loop.
+///
+/// The request is an #UD raised at the known address `svc_park_insn` (PVM
+/// turns `int n` at CPL3 into #UD, so a software-interrupt gate cannot be
+/// used); the CPL0 handler recognises the address and halts.
+pub fn park() -> ! {
+    // SAFETY: svc_park_insn is a `ud2` the CPL0 handler turns into a halt;
+    // control never comes back.
+    unsafe { svc_park_insn() }
+}
+
+/// Physical address of `hvm_start_info` as passed in %ebx at entry.
+pub fn start_info_addr() -> u64 {
+    // SAFETY: written once by the CPL0 entry code before CPL3 starts.
+    unsafe { core::ptr::read_volatile(&raw const start_info_paddr) }
+}
+
+/// Number of bytes identity-mapped from physical address 0.
+pub fn mapped_limit_bytes() -> u64 {
+    // SAFETY: written at most once by the CPL0 entry code before CPL3 starts.
+    unsafe { core::ptr::read_volatile(&raw const mapped_limit) }
+}
+
+/// What the CPL0 exception handler recorded: vector, error code, RIP, CS,
+/// RFLAGS, RSP, CR2, CPU index.
+pub fn fault_record() -> [u64; 8] {
+    // SAFETY: written by the CPL0 handler before it enters `rust_fault`.
+    unsafe { core::ptr::read_volatile(&raw const fault_info) }
+}
+
+/// The real-mode AP trampoline as a byte range `[start, end)` in the image.
+pub fn trampoline_range() -> (u64, u64) {
+    (
+        (&raw const ap_trampoline_start) as u64,
+        (&raw const ap_trampoline_end) as u64,
+    )
+}
+
+/// The loaded guest image, `.bss` included, as `[start, end)`.
+pub fn image_range() -> (u64, u64) {
+    (
+        (&raw const __image_start) as u64,
+        (&raw const __image_end) as u64,
+    )
+}

@@ -1,0 +1,87 @@
+//! Access to guest-physical memory through the identity map (CPL3 may touch
+//! all of it: every page-table entry has U/S=1).
+//!
+//! Everything read here was written by the VMM or firmware, so it is treated
+//! as untrusted: callers check ranges with [`readable`] first, and multi-byte
+//! values are assembled from single bytes (no alignment assumptions).
+
+use crate::arch;
+
+/// Whether `[addr, addr + len)` is non-null, does not wrap and lies inside
+/// the identity-mapped range.
+pub fn readable(addr: u64, len: u64) -> bool {
+    match addr.checked_add(len) {
+        Some(end) => addr != 0 && end <= arch::mapped_limit_bytes(),
+        None => false,
+    }
+}
+
+/// Reads one byte of physical memory. Callers must have checked the address
+/// with [`readable`]; an unchecked address yields 0 instead of a fault.
+pub fn read_u8(addr: u64) -> u8 {
+    if !readable(addr, 1) {
+        return 0;
+    }
+    // SAFETY: the address is mapped (checked above) and a volatile byte read
+    // of guest RAM or MMIO has no effect on the Rust program's own objects.
+    unsafe { core::ptr::read_volatile(addr as *const u8) }
+}
+
+/// Reads a little-endian u16.
+pub fn read_u16(addr: u64) -> u16 {
+    u16::from(read_u8(addr)) | (u16::from(read_u8(addr.wrapping_add(1))) << 8)
+}
+
+/// Reads a little-endian u32.
+pub fn read_u32(addr: u64) -> u32 {
+    u32::from(read_u16(addr)) | (u32::from(read_u16(addr.wrapping_add(2))) << 16)
+}
+
+/// Reads a little-endian u64.
+pub fn read_u64(addr: u64) -> u64 {
+    u64::from(read_u32(addr)) | (u64::from(read_u32(addr.wrapping_add(4))) << 32)
+}
+
+/// Copies `out.len()` bytes starting at `addr`.
+pub fn read_bytes(addr: u64, out: &mut [u8]) {
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = read_u8(addr.wrapping_add(i as u64));
+    }
+}
+
+/// Sum of `len` bytes at `addr`, modulo 256 (ACPI checksums).
+pub fn checksum(addr: u64, len: u64) -> u8 {
+    let mut sum = 0u8;
+    for i in 0..len {
+        sum = sum.wrapping_add(read_u8(addr.wrapping_add(i)));
+    }
+    sum
+}
+
+/// 32-bit MMIO read (naturally aligned, single access).
+pub fn mmio_read32(addr: u64) -> u32 {
+    if !readable(addr, 4) || !addr.is_multiple_of(4) {
+        return 0xffff_ffff;
+    }
+    // SAFETY: mapped, aligned device register outside the Rust program's memory.
+    unsafe { core::ptr::read_volatile(addr as *const u32) }
+}
+
+/// 32-bit MMIO write (naturally aligned, single access).
+pub fn mmio_write32(addr: u64, value: u32) {
+    if !readable(addr, 4) || !addr.is_multiple_of(4) {
+        return;
+    }
+    // SAFETY: callers pass device registers (LAPIC), never the guest image.
+    unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
+}
+
+/// 8-bit MMIO write.
+pub fn mmio_write8(addr: u64, value: u8) {
+    if !readable(addr, 1) {
+        return;
+    }
+    // SAFETY: callers pass device registers (ACPI sleep control), never the
+    // guest image.
+    unsafe { core::ptr::write_volatile(addr as *mut u8, value) }
+}
