@@ -33,7 +33,9 @@ impl BusDevice for SleepRegisters {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let (0, Some(&v)) = (offset, data.first()) else { return };
+        let (0, Some(&v)) = (offset, data.first()) else {
+            return;
+        };
         if v & SLEEP_CONTROL_SLP_EN == 0 {
             return;
         }
@@ -107,7 +109,11 @@ impl BusDevice for Ged {
         let bytes = std::mem::take(&mut self.pending).to_le_bytes();
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         for (i, b) in data.iter_mut().enumerate() {
-            *b = start.checked_add(i).and_then(|j| bytes.get(j)).copied().unwrap_or(0);
+            *b = start
+                .checked_add(i)
+                .and_then(|j| bytes.get(j))
+                .copied()
+                .unwrap_or(0);
         }
     }
 

@@ -53,7 +53,9 @@ pub struct Bus {
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ranges = self.ranges.read().unwrap_or_else(|p| p.into_inner());
-        f.debug_list().entries(ranges.iter().map(|(b, e)| (*b, e.len))).finish()
+        f.debug_list()
+            .entries(ranges.iter().map(|(b, e)| (*b, e.len)))
+            .finish()
     }
 }
 
@@ -65,7 +67,10 @@ impl Bus {
 
     /// Places `device` at `base..base+len`.
     pub fn insert(&self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::InvalidRange { base, len })?;
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(BusError::InvalidRange { base, len })?;
         let mut ranges = self.ranges.write().unwrap_or_else(|p| p.into_inner());
         let before = ranges.range(..end).next_back();
         if let Some((&b, e)) = before {
@@ -80,7 +85,10 @@ impl Bus {
     /// Removes the device placed at `base`.
     pub fn remove(&self, base: u64) -> Result<(), BusError> {
         let mut ranges = self.ranges.write().unwrap_or_else(|p| p.into_inner());
-        ranges.remove(&base).map(|_| ()).ok_or(BusError::NotFound(base))
+        ranges
+            .remove(&base)
+            .map(|_| ())
+            .ok_or(BusError::NotFound(base))
     }
 
     fn resolve(&self, addr: u64, len: usize) -> Option<(u64, SharedDevice)> {
@@ -99,7 +107,9 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr, data.len()) {
             Some((offset, dev)) => {
-                dev.lock().unwrap_or_else(|p| p.into_inner()).read(offset, data);
+                dev.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .read(offset, data);
                 true
             }
             None => false,
@@ -110,7 +120,9 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr, data.len()) {
             Some((offset, dev)) => {
-                dev.lock().unwrap_or_else(|p| p.into_inner()).write(offset, data);
+                dev.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .write(offset, data);
                 true
             }
             None => false,
@@ -138,10 +150,28 @@ mod tests {
         let bus = Bus::new();
         let dev = Arc::new(Mutex::new(Scratch::default()));
         bus.insert(dev.clone(), 0x3f8, 8).expect("insert");
-        assert_eq!(bus.insert(dev.clone(), 0x3fc, 8), Err(BusError::Overlap { base: 0x3fc, len: 8 }));
-        assert_eq!(bus.insert(dev.clone(), 0x3f0, 9), Err(BusError::Overlap { base: 0x3f0, len: 9 }));
+        assert_eq!(
+            bus.insert(dev.clone(), 0x3fc, 8),
+            Err(BusError::Overlap {
+                base: 0x3fc,
+                len: 8
+            })
+        );
+        assert_eq!(
+            bus.insert(dev.clone(), 0x3f0, 9),
+            Err(BusError::Overlap {
+                base: 0x3f0,
+                len: 9
+            })
+        );
         assert!(bus.insert(dev.clone(), 0x3f0, 8).is_ok());
-        assert_eq!(bus.insert(dev.clone(), u64::MAX, 2), Err(BusError::InvalidRange { base: u64::MAX, len: 2 }));
+        assert_eq!(
+            bus.insert(dev.clone(), u64::MAX, 2),
+            Err(BusError::InvalidRange {
+                base: u64::MAX,
+                len: 2
+            })
+        );
         let mut b = [0u8; 1];
         assert!(bus.read(0x3fd, &mut b));
         assert_eq!(b[0], 5);
@@ -149,7 +179,10 @@ mod tests {
         // An access straddling the end of the range reaches no device.
         assert!(!bus.write(0x3ff, &[1, 2]));
         assert!(bus.write(0x3f9, &[7]));
-        assert_eq!(dev.lock().map(|d| d.0.clone()).unwrap_or_default(), vec![(1, vec![7])]);
+        assert_eq!(
+            dev.lock().map(|d| d.0.clone()).unwrap_or_default(),
+            vec![(1, vec![7])]
+        );
         bus.remove(0x3f8).expect("remove");
         assert!(!bus.read(0x3f8, &mut b));
         assert_eq!(bus.remove(0x3f8), Err(BusError::NotFound(0x3f8)));

@@ -26,7 +26,10 @@ impl BusDevice for DebugPort {
     fn write(&mut self, _offset: u64, data: &[u8]) {
         let elapsed = self.start.elapsed();
         for b in data {
-            log::info!("debug port: {b:#04x} at {:.3} ms", elapsed.as_secs_f64() * 1e3);
+            log::info!(
+                "debug port: {b:#04x} at {:.3} ms",
+                elapsed.as_secs_f64() * 1e3
+            );
         }
     }
 }

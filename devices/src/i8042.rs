@@ -29,7 +29,9 @@ impl std::fmt::Debug for I8042 {
 impl I8042 {
     /// A controller whose reset command goes to `power`.
     pub fn new(power: Arc<dyn PowerControl>) -> Self {
-        Self { dev: vm_superio::I8042Device::new(ResetTrigger(power)) }
+        Self {
+            dev: vm_superio::I8042Device::new(ResetTrigger(power)),
+        }
     }
 }
 

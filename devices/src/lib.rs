@@ -55,7 +55,10 @@ pub(crate) mod test_utils {
     pub struct RecordingPower(pub Mutex<Vec<PowerAction>>);
     impl PowerControl for RecordingPower {
         fn request(&self, action: PowerAction) {
-            self.0.lock().unwrap_or_else(|p| p.into_inner()).push(action);
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(action);
         }
     }
     impl RecordingPower {

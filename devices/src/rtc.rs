@@ -75,7 +75,14 @@ impl DateTime {
     pub fn from_unix(secs: i64) -> Self {
         let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
         let rem = secs.rem_euclid(86_400) as u32;
-        Self { year, month, day, hour: rem / 3600, minute: rem / 60 % 60, second: rem % 60 }
+        Self {
+            year,
+            month,
+            day,
+            hour: rem / 3600,
+            minute: rem / 60 % 60,
+            second: rem % 60,
+        }
     }
 
     /// Seconds since the Unix epoch.
@@ -92,7 +99,9 @@ impl DateTime {
 }
 
 fn host_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The CMOS RTC and its NVRAM.
@@ -118,7 +127,12 @@ impl Rtc {
         nvram[usize::from(REG_STATUS_A)] = STATUS_A_DEFAULT;
         nvram[usize::from(REG_STATUS_B)] = STATUS_B_24H;
         nvram[usize::from(REG_STATUS_D)] = STATUS_D_VRT;
-        Self { index: 0, nvram, offset: 0, clock }
+        Self {
+            index: 0,
+            nvram,
+            offset: 0,
+            clock,
+        }
     }
 
     fn status_b(&self) -> u8 {
@@ -127,7 +141,11 @@ impl Rtc {
 
     fn encode(&self, v: u32) -> u8 {
         let v = (v % 100) as u8;
-        if self.status_b() & STATUS_B_BINARY != 0 { v } else { ((v / 10) << 4) | (v % 10) }
+        if self.status_b() & STATUS_B_BINARY != 0 {
+            v
+        } else {
+            ((v / 10) << 4) | (v % 10)
+        }
     }
 
     fn decode(&self, v: u8) -> u32 {
@@ -146,7 +164,10 @@ impl Rtc {
         if self.status_b() & STATUS_B_24H != 0 {
             return self.encode(hour);
         }
-        let h12 = match hour % 12 { 0 => 12, h => h };
+        let h12 = match hour % 12 {
+            0 => 12,
+            h => h,
+        };
         self.encode(h12) | if hour >= 12 { 0x80 } else { 0 }
     }
 
@@ -155,7 +176,11 @@ impl Rtc {
             return self.decode(v);
         }
         let h = self.decode(v & 0x7f) % 12;
-        if v & 0x80 != 0 { h + 12 } else { h }
+        if v & 0x80 != 0 {
+            h + 12
+        } else {
+            h
+        }
     }
 
     fn read_register(&mut self, reg: u8) -> u8 {
@@ -203,12 +228,20 @@ impl Rtc {
                 return;
             }
         };
-        *field = if reg == REG_HOURS { self.decode_hour(v) } else { self.decode(v) };
+        *field = if reg == REG_HOURS {
+            self.decode_hour(v)
+        } else {
+            self.decode(v)
+        };
         self.set_time(t);
     }
 
     fn set_time(&mut self, t: DateTime) {
-        let valid = (1..=12).contains(&t.month) && (1..=31).contains(&t.day) && t.hour < 24 && t.minute < 60 && t.second < 60;
+        let valid = (1..=12).contains(&t.month)
+            && (1..=31).contains(&t.day)
+            && t.hour < 24
+            && t.minute < 60
+            && t.second < 60;
         if valid {
             self.offset = t.to_unix() - (self.clock)();
         } else {
@@ -260,7 +293,10 @@ mod tests {
     #[test]
     fn civil_conversions_round_trip() {
         let t = DateTime::from_unix(T);
-        assert_eq!((t.year, t.month, t.day, t.hour, t.minute, t.second), (2026, 11, 21, 7, 42, 32));
+        assert_eq!(
+            (t.year, t.month, t.day, t.hour, t.minute, t.second),
+            (2026, 11, 21, 7, 42, 32)
+        );
         assert_eq!(t.to_unix(), T);
         assert_eq!(t.weekday(), 7);
         for s in [0, 951_782_400 /* 2000-02-29 */, 4_107_542_400, -86_400] {

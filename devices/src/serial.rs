@@ -30,7 +30,9 @@ impl std::fmt::Debug for Serial {
 impl Serial {
     /// A UART raising `irq` and writing the guest's output to `out`.
     pub fn new(irq: Arc<dyn Interrupt>, out: Box<dyn Write + Send>) -> Self {
-        Self { uart: vm_superio::Serial::new(IrqTrigger(irq), out) }
+        Self {
+            uart: vm_superio::Serial::new(IrqTrigger(irq), out),
+        }
     }
 
     /// Queues input bytes for the guest; returns how many fit in the receive FIFO.
@@ -76,7 +78,10 @@ mod tests {
     struct Sink(Arc<Mutex<Vec<u8>>>);
     impl Write for Sink {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(buf);
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {

@@ -15,6 +15,7 @@
 mod acpi;
 mod arch;
 mod expect;
+mod lifecycle;
 mod mem;
 mod memtest;
 mod phys;
@@ -41,6 +42,7 @@ static FINISHING: AtomicBool = AtomicBool::new(false);
 /// CPL3 entry point of the BSP (called from `user_start_bsp` in boot.s).
 #[no_mangle]
 pub extern "C" fn rust_main(start_info_addr: u64) -> ! {
+    lifecycle::post(lifecycle::POST_ENTERED);
     serial::init();
     println!("NIMBUS-TEST-GUEST stage1");
     let (img_start, img_end) = arch::image_range();
@@ -106,6 +108,11 @@ pub extern "C" fn rust_main(start_info_addr: u64) -> ! {
             }
         },
     };
+    if expect::value(text, "mode") == Some("boot") {
+        // Boot benchmark: no checks, straight to power-off.
+        finish();
+    }
+    lifecycle::maybe_reboot(text);
     let expect = Expectations::parse(text);
     if let Some(kind) = expect::value(text, "debug.fault") {
         deliberate_fault(kind);
@@ -136,6 +143,13 @@ fn deliberate_fault(kind: &str) {
         },
         // SAFETY: ud2 only raises #UD (handled by the fault path).
         "ud" => unsafe { core::arch::asm!("ud2") },
+        // Jump into unbacked MMIO (the 32-bit PCI window, mapped by the identity map): the
+        // hypervisor cannot fetch instructions from it, so the VMM must report a vCPU failure.
+        // SAFETY: control never comes back; the VM is expected to stop here.
+        "exec-mmio" => unsafe {
+            let target: extern "C" fn() = core::mem::transmute(0xd000_0000usize);
+            target();
+        },
         _ => println!("INFO unknown debug.fault kind ignored"),
     }
 }
@@ -144,6 +158,7 @@ fn deliberate_fault(kind: &str) {
 fn finish() -> ! {
     FINISHING.store(true, Ordering::SeqCst);
     report::print_done();
+    lifecycle::post(lifecycle::POST_DONE);
     shutdown::power_off()
 }
 

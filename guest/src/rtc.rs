@@ -12,7 +12,7 @@ const REG_A_UIP: u8 = 0x80;
 const REG_B_24H: u8 = 0x02;
 const REG_B_BINARY: u8 = 0x04;
 
-fn cmos(reg: u8) -> u8 {
+pub fn cmos(reg: u8) -> u8 {
     outb(0x70, reg);
     inb(0x71)
 }
