@@ -50,7 +50,10 @@ pub struct FakeVcpu {
 impl FakeVcpu {
     /// A vCPU that will produce `script` in order.
     pub fn new(script: impl IntoIterator<Item = ScriptedExit>) -> Self {
-        Self { script: script.into_iter().collect(), ..Default::default() }
+        Self {
+            script: script.into_iter().collect(),
+            ..Default::default()
+        }
     }
 
     /// The values the VMM supplied for reads, shared so tests can look after the vCPU is moved.
@@ -60,7 +63,10 @@ impl FakeVcpu {
 
     fn collect_pending_read(&mut self) {
         if let Some(addr) = self.pending_read.take() {
-            self.reads.lock().unwrap_or_else(|p| p.into_inner()).push((addr, self.buf.clone()));
+            self.reads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((addr, self.buf.clone()));
         }
     }
 }
@@ -76,24 +82,39 @@ impl Vcpu for FakeVcpu {
             ScriptedExit::IoIn(port, len) => {
                 self.buf = vec![0; len];
                 self.pending_read = Some(u64::from(port));
-                VmExit::IoIn { port, data: &mut self.buf }
+                VmExit::IoIn {
+                    port,
+                    data: &mut self.buf,
+                }
             }
             ScriptedExit::IoOut(port, data) => {
                 self.buf = data;
-                VmExit::IoOut { port, data: &self.buf }
+                VmExit::IoOut {
+                    port,
+                    data: &self.buf,
+                }
             }
             ScriptedExit::MmioRead(addr, len) => {
                 self.buf = vec![0; len];
                 self.pending_read = Some(addr);
-                VmExit::MmioRead { addr, data: &mut self.buf }
+                VmExit::MmioRead {
+                    addr,
+                    data: &mut self.buf,
+                }
             }
             ScriptedExit::MmioWrite(addr, data) => {
                 self.buf = data;
-                VmExit::MmioWrite { addr, data: &self.buf }
+                VmExit::MmioWrite {
+                    addr,
+                    data: &self.buf,
+                }
             }
             ScriptedExit::Shutdown => VmExit::Shutdown,
             ScriptedExit::PowerOff => VmExit::PowerOff,
-            ScriptedExit::InternalError(suberror) => VmExit::InternalError { suberror, data: vec![] },
+            ScriptedExit::InternalError(suberror) => VmExit::InternalError {
+                suberror,
+                data: vec![],
+            },
             ScriptedExit::Unexpected(what) => VmExit::Unexpected(what),
         })
     }
