@@ -196,15 +196,22 @@ mod tests {
         }
     }
 
-    fn run_script(script: Vec<ScriptedExit>) -> (VmEvent, Vec<(u64, Vec<u8>)>, Vec<Vec<u8>>) {
-        let (event, reads, writes, _) = run_script_on(3, script);
-        (event, reads, writes)
+    /// What a scripted vCPU run did.
+    struct ScriptRun {
+        event: VmEvent,
+        /// (address, bytes supplied) for each read exit.
+        reads: Vec<(u64, Vec<u8>)>,
+        /// Bytes written to the port device.
+        writes: Vec<Vec<u8>>,
+        /// Names of the threads that wrote to the port device.
+        threads: Vec<String>,
     }
 
-    fn run_script_on(
-        id: u32,
-        script: Vec<ScriptedExit>,
-    ) -> (VmEvent, Vec<(u64, Vec<u8>)>, Vec<Vec<u8>>, Vec<String>) {
+    fn run_script(script: Vec<ScriptedExit>) -> ScriptRun {
+        run_script_on(3, script)
+    }
+
+    fn run_script_on(id: u32, script: Vec<ScriptedExit>) -> ScriptRun {
         let io_bus = Arc::new(Bus::new());
         let mmio_bus = Arc::new(Bus::new());
         let port = Arc::new(Mutex::new(Register::default()));
@@ -229,12 +236,22 @@ mod tests {
             .lock()
             .map(|p| (p.0.clone(), p.1.clone()))
             .unwrap_or_default();
-        (event, reads, writes, threads)
+        ScriptRun {
+            event,
+            reads,
+            writes,
+            threads,
+        }
     }
 
     #[test]
     fn exits_reach_the_buses_and_unclaimed_reads_float_high() {
-        let (event, reads, writes) = run_script(vec![
+        let ScriptRun {
+            event,
+            reads,
+            writes,
+            ..
+        } = run_script(vec![
             ScriptedExit::IoOut(0x3f8, vec![b'A']),
             ScriptedExit::IoIn(0x3fd, 1),
             ScriptedExit::IoIn(0x1234, 2),
@@ -258,7 +275,7 @@ mod tests {
 
     #[test]
     fn exits_are_handled_on_the_thread_named_after_the_vcpu() {
-        let (_, _, _, threads) = run_script_on(
+        let ScriptRun { threads, .. } = run_script_on(
             7,
             vec![ScriptedExit::IoOut(0x3f8, vec![1]), ScriptedExit::PowerOff],
         );
@@ -267,17 +284,20 @@ mod tests {
 
     #[test]
     fn triple_fault_resets() {
-        assert_eq!(run_script(vec![ScriptedExit::Shutdown]).0, VmEvent::Reset);
+        assert_eq!(
+            run_script(vec![ScriptedExit::Shutdown]).event,
+            VmEvent::Reset
+        );
     }
 
     #[test]
     fn emulation_failures_fail_the_vm_with_the_reason() {
-        let (event, _, _) = run_script(vec![ScriptedExit::InternalError(1)]);
+        let event = run_script(vec![ScriptedExit::InternalError(1)]).event;
         assert!(
             matches!(&event, VmEvent::Failed(m) if m.contains("vcpu3") && m.contains("suberror 1")),
             "{event:?}"
         );
-        let (event, _, _) = run_script(vec![ScriptedExit::Unexpected("Hypercall".into())]);
+        let event = run_script(vec![ScriptedExit::Unexpected("Hypercall".into())]).event;
         assert!(
             matches!(&event, VmEvent::Failed(m) if m.contains("Hypercall")),
             "{event:?}"

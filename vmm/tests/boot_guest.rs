@@ -22,7 +22,7 @@ fn nimbus(cpus: &str, mem: &str, cmdline: &str, extra: &[&str]) -> Command {
         .arg(kernel)
         .args(["--cpus", cpus, "--memory", mem, "--cmdline", cmdline])
         .args(extra);
-    if !extra.iter().any(|a| *a == "--serial") {
+    if !extra.contains(&"--serial") {
         cmd.args(["--serial", "tty"]);
     }
     cmd
