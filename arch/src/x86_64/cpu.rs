@@ -89,12 +89,18 @@ fn gdtr() -> DescriptorTable {
     }
 }
 
-/// Segment and control registers of the PVH entry state: 32-bit protected mode, paging off,
-/// flat CS/DS/ES/SS, a 32-bit TSS, CR4 = 0.
-pub fn pvh_boot_sregs(current: &SpecialRegisters) -> SpecialRegisters {
+/// Flat segments from the boot GDT with code segment `code`, plus the given control registers.
+fn flat_sregs(
+    current: &SpecialRegisters,
+    code: u16,
+    cr0: u64,
+    cr3: u64,
+    cr4: u64,
+    efer: u64,
+) -> SpecialRegisters {
     let data = segment(GDT_DATA);
     SpecialRegisters {
-        cs: segment(GDT_CODE32),
+        cs: segment(code),
         ds: data,
         es: data,
         fs: data,
@@ -103,12 +109,18 @@ pub fn pvh_boot_sregs(current: &SpecialRegisters) -> SpecialRegisters {
         tr: segment(GDT_TSS),
         gdt: gdtr(),
         idt: DescriptorTable::default(),
-        cr0: CR0_PE | CR0_ET,
-        cr3: 0,
-        cr4: 0,
-        efer: 0,
+        cr0,
+        cr3,
+        cr4,
+        efer,
         ..*current
     }
+}
+
+/// Segment and control registers of the PVH entry state: 32-bit protected mode, paging off,
+/// flat CS/DS/ES/SS, a 32-bit TSS, CR4 = 0.
+pub fn pvh_boot_sregs(current: &SpecialRegisters) -> SpecialRegisters {
+    flat_sregs(current, GDT_CODE32, CR0_PE | CR0_ET, 0, 0, 0)
 }
 
 /// General purpose registers of the PVH entry: EIP at the entry, EBX at the start info.
@@ -123,23 +135,14 @@ pub fn pvh_boot_regs(entry: u64) -> StandardRegisters {
 
 /// Segment and control registers for 64-bit mode with paging rooted at `pml4`.
 pub fn long_mode_sregs(current: &SpecialRegisters, pml4: u64) -> SpecialRegisters {
-    let data = segment(GDT_DATA);
-    SpecialRegisters {
-        cs: segment(GDT_CODE64),
-        ds: data,
-        es: data,
-        fs: data,
-        gs: data,
-        ss: data,
-        tr: segment(GDT_TSS),
-        gdt: gdtr(),
-        idt: DescriptorTable::default(),
-        cr0: CR0_PE | CR0_ET | CR0_PG,
-        cr3: pml4,
-        cr4: CR4_PAE,
-        efer: EFER_LME | EFER_LMA,
-        ..*current
-    }
+    flat_sregs(
+        current,
+        GDT_CODE64,
+        CR0_PE | CR0_ET | CR0_PG,
+        pml4,
+        CR4_PAE,
+        EFER_LME | EFER_LMA,
+    )
 }
 
 /// The x87/SSE state at reset: default control word and MXCSR.

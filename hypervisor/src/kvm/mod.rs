@@ -166,12 +166,7 @@ impl crate::Vm for KvmVm {
         addr: IoEventAddress,
         datamatch: Option<u64>,
     ) -> Result<()> {
-        let addr = convert::ioevent_addr(addr);
-        match datamatch {
-            Some(v) => self.fd.register_ioevent(fd, &addr, v),
-            None => self.fd.register_ioevent(fd, &addr, kvm_ioctls::NoDatamatch),
-        }
-        .map_err(op("KVM_IOEVENTFD"))
+        self.ioevent(true, fd, addr, datamatch)
     }
 
     fn unregister_ioevent(
@@ -180,14 +175,7 @@ impl crate::Vm for KvmVm {
         addr: IoEventAddress,
         datamatch: Option<u64>,
     ) -> Result<()> {
-        let addr = convert::ioevent_addr(addr);
-        match datamatch {
-            Some(v) => self.fd.unregister_ioevent(fd, &addr, v),
-            None => self
-                .fd
-                .unregister_ioevent(fd, &addr, kvm_ioctls::NoDatamatch),
-        }
-        .map_err(op("KVM_IOEVENTFD(deassign)"))
+        self.ioevent(false, fd, addr, datamatch)
     }
 
     fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()> {
@@ -332,8 +320,31 @@ impl Vcpu for KvmVcpu {
     }
 }
 
-/// Raw fd of the VM, for diagnostics.
 impl KvmVm {
+    /// Assigns (or deassigns) an ioeventfd; kvm-ioctls takes the datamatch as a type parameter.
+    fn ioevent(
+        &self,
+        assign: bool,
+        fd: &EventFd,
+        addr: IoEventAddress,
+        datamatch: Option<u64>,
+    ) -> Result<()> {
+        let addr = convert::ioevent_addr(addr);
+        let result = match (assign, datamatch) {
+            (true, Some(v)) => self.fd.register_ioevent(fd, &addr, v),
+            (true, None) => self.fd.register_ioevent(fd, &addr, kvm_ioctls::NoDatamatch),
+            (false, Some(v)) => self.fd.unregister_ioevent(fd, &addr, v),
+            (false, None) => self
+                .fd
+                .unregister_ioevent(fd, &addr, kvm_ioctls::NoDatamatch),
+        };
+        result.map_err(op(if assign {
+            "KVM_IOEVENTFD"
+        } else {
+            "KVM_IOEVENTFD(deassign)"
+        }))
+    }
+
     /// The VM file descriptor number (for logs).
     pub fn raw_fd(&self) -> i32 {
         self.fd.as_raw_fd()
