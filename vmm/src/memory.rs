@@ -26,12 +26,14 @@ pub enum MemoryError {
         source: std::io::Error,
     },
     /// The mapping failed.
-    #[error("cannot map {size} bytes of guest RAM at {addr:#x}")]
+    #[error("cannot map {size} bytes of guest RAM at {addr:#x}{hint}")]
     Map {
         /// Guest address.
         addr: u64,
         /// Region size.
         size: u64,
+        /// Advice for the user, if any.
+        hint: &'static str,
         /// Cause.
         #[source]
         source: vm_memory::mmap::MmapRegionError,
@@ -76,18 +78,37 @@ pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, Memory
         let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(size))?;
         let mut builder =
             MmapRegionBuilder::new(len).with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
-        if cfg.shared || cfg.hugepages {
-            let file = memfd(size, cfg.hugepages)?;
+        // MAP_NORESERVE lets a large guest start on a host that overcommits, but on hugetlbfs
+        // it would turn a shortage of huge pages into SIGBUS at first touch: huge pages are
+        // reserved at map time instead, so a shortage is an error here.
+        let populate = if cfg.prefault { libc::MAP_POPULATE } else { 0 };
+        if cfg.hugepages {
+            let file = memfd(size, true)?;
             builder = builder
                 .with_file_offset(FileOffset::new(file, 0))
-                .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE);
-        } else {
+                .with_hugetlbfs(true)
+                .with_mmap_flags(libc::MAP_SHARED | populate);
+        } else if cfg.shared {
+            let file = memfd(size, false)?;
             builder = builder
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE);
+                .with_file_offset(FileOffset::new(file, 0))
+                .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE | populate);
+        } else {
+            builder = builder.with_mmap_flags(
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | populate,
+            );
         }
-        let region = builder
-            .build()
-            .map_err(|source| MemoryError::Map { addr, size, source })?;
+        let hint = if cfg.hugepages {
+            " (hugepages=on: are enough huge pages free? see HugePages_Free in /proc/meminfo)"
+        } else {
+            ""
+        };
+        let region = builder.build().map_err(|source| MemoryError::Map {
+            addr,
+            size,
+            hint,
+            source,
+        })?;
         advise(region.as_ptr(), len, cfg);
         let region =
             GuestRegionMmap::new(region, GuestAddress(addr)).ok_or(MemoryError::TooLarge(size))?;

@@ -312,3 +312,61 @@ fn vcpu_failure_exits_nonzero_with_the_reason() {
     );
     assert!(err.contains("rip=0xd0000000"), "{}", run.describe());
 }
+
+#[test]
+fn shared_and_prefaulted_memory_boot() {
+    if !require_kvm("shared_and_prefaulted_memory_boot") {
+        return;
+    }
+    // shared=on backs RAM with a memfd (what vhost-user backends map); prefault=on populates it.
+    for mem in [
+        "size=128M,shared=on",
+        "size=128M,prefault=on",
+        "size=128M,shared=on,thp=off",
+    ] {
+        let cmdline = stage1_cmdline(1, 128 << 20);
+        let run = run_vm(nimbus("boot=1", mem, &cmdline, &[]), TIMEOUT);
+        run.assert_success();
+        run.report().assert_passed(STAGE1_CHECKS);
+    }
+}
+
+/// Free 2 MiB huge pages on this host, from /proc/meminfo.
+fn free_huge_pages() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("/proc/meminfo");
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn hugepages_boot_or_fail_clearly() {
+    if !require_kvm("hugepages_boot_or_fail_clearly") {
+        return;
+    }
+    let cmdline = stage1_cmdline(1, 64 << 20);
+    let run = run_vm(
+        nimbus("boot=1", "size=64M,hugepages=on", &cmdline, &[]),
+        TIMEOUT,
+    );
+    if free_huge_pages() >= 32 {
+        run.assert_success();
+        run.report().assert_passed(STAGE1_CHECKS);
+    } else {
+        // No huge pages reserved on this host: a clear error, not SIGBUS at first touch.
+        assert_eq!(
+            run.status.and_then(|s| s.code()),
+            Some(1),
+            "{}",
+            run.describe()
+        );
+        let err = run.stderr.lines().last().unwrap_or_default();
+        assert!(
+            err.contains("cannot map") && err.contains("HugePages_Free"),
+            "{}",
+            run.describe()
+        );
+    }
+}
