@@ -47,6 +47,7 @@ pub extern "C" fn rust_main(start_info_addr: u64) -> ! {
     println!("NIMBUS-TEST-GUEST stage1");
     if boot_only(start_info_addr) {
         // Boot benchmark (`mode=boot`): one line, then straight to power-off.
+        lifecycle::post(lifecycle::POST_DONE);
         shutdown::power_off();
     }
     let (img_start, img_end) = arch::image_range();
