@@ -1,0 +1,2 @@
+//! Disk images and virtio-blk request handling, shared by the in-process device and the vhost-user daemon.
+#![deny(missing_docs)]

@@ -1,0 +1,2 @@
+//! virtio devices and the virtio-pci transport.
+#![deny(missing_docs)]
