@@ -1,0 +1,530 @@
+//! PCI bus 0: a host bridge at 00:00.0, devices in the other slots, configuration access through
+//! the 0xcf8/0xcfc port pair and through ECAM (both reach the same registers), and BAR placement:
+//! after every configuration write the bus compares where each BAR decodes and moves the
+//! device's MMIO range (and the device's ioeventfds) accordingly.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use devices::BusDevice;
+
+use crate::configuration::{PciConfiguration, PciIds};
+
+/// A PCI function.
+pub trait PciDevice: Send {
+    /// Reads configuration register (dword) `reg`.
+    fn read_config_register(&mut self, reg: usize) -> u32;
+    /// Writes `data` at byte `offset` of configuration register `reg`.
+    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]);
+    /// Where each BAR decodes now: `(bar index, address, size)`.
+    fn decoded_bars(&self) -> Vec<(usize, u64, u64)>;
+    /// Reads from BAR `bar` at `offset`.
+    fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]);
+    /// Writes to BAR `bar` at `offset`.
+    fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]);
+    /// BAR `bar` moved from `old` to `new` (None: not decoded): re-register what depends on it.
+    fn bar_moved(&mut self, bar: usize, old: Option<u64>, new: Option<u64>);
+}
+
+/// A shared PCI function.
+pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
+
+/// Places BAR ranges on the VMM's MMIO bus.
+pub trait BarMapper: Send + Sync {
+    /// Maps `size` bytes at `addr` to BAR `bar` of `device`.
+    fn map(&self, device: SharedPciDevice, bar: usize, addr: u64, size: u64) -> Result<(), String>;
+    /// Unmaps the range that starts at `addr`.
+    fn unmap(&self, addr: u64);
+}
+
+/// Errors changing the bus.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PciBusError {
+    /// All 31 device slots are in use.
+    #[error("no free PCI slot on bus 0")]
+    NoFreeSlot,
+    /// The slot is taken or is the host bridge's.
+    #[error("PCI slot {0} is not available")]
+    SlotTaken(u8),
+}
+
+/// The host bridge: IDs only.
+struct HostBridge {
+    config: PciConfiguration,
+}
+
+impl PciDevice for HostBridge {
+    fn read_config_register(&mut self, reg: usize) -> u32 {
+        self.config.read_reg(reg)
+    }
+    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
+        self.config.write_reg(reg, offset, data);
+    }
+    fn decoded_bars(&self) -> Vec<(usize, u64, u64)> {
+        Vec::new()
+    }
+    fn read_bar(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn write_bar(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+    fn bar_moved(&mut self, _bar: usize, _old: Option<u64>, _new: Option<u64>) {}
+}
+
+/// Vendor and device ID of the host bridge (Red Hat's generic PCIe host bridge IDs are QEMU's;
+/// Nimbus uses the Intel "Q35-like" convention-free pair below, documented in docs/).
+pub const HOST_BRIDGE_IDS: PciIds = PciIds {
+    vendor: 0x8086,
+    device: 0x0d57,
+    revision: 0,
+    class: 0x06,
+    subclass: 0x00,
+    prog_if: 0,
+    subsystem_vendor: 0,
+    subsystem: 0,
+};
+
+/// Bus 0 and its devices.
+pub struct PciBus {
+    slots: BTreeMap<u8, SharedPciDevice>,
+    mapper: Arc<dyn BarMapper>,
+}
+
+impl std::fmt::Debug for PciBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PciBus")
+            .field("slots", &self.slots.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+fn lock(dev: &SharedPciDevice) -> std::sync::MutexGuard<'_, dyn PciDevice + 'static> {
+    dev.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PciBus {
+    /// A bus with the host bridge at slot 0.
+    pub fn new(mapper: Arc<dyn BarMapper>) -> Self {
+        let bridge: SharedPciDevice = Arc::new(Mutex::new(HostBridge {
+            config: PciConfiguration::new(HOST_BRIDGE_IDS),
+        }));
+        let mut slots = BTreeMap::new();
+        slots.insert(0, bridge);
+        Self { slots, mapper }
+    }
+
+    /// Adds `device` in the first free slot (or `slot`), mapping its decoded BARs.
+    /// Returns the slot (device number).
+    pub fn add_device(
+        &mut self,
+        device: SharedPciDevice,
+        slot: Option<u8>,
+    ) -> Result<u8, PciBusError> {
+        let slot = match slot {
+            Some(s) if s == 0 || s > 31 || self.slots.contains_key(&s) => {
+                return Err(PciBusError::SlotTaken(s))
+            }
+            Some(s) => s,
+            None => (1..32)
+                .find(|s| !self.slots.contains_key(s))
+                .ok_or(PciBusError::NoFreeSlot)?,
+        };
+        let bars = lock(&device).decoded_bars();
+        for (bar, addr, size) in bars {
+            if let Err(e) = self.mapper.map(device.clone(), bar, addr, size) {
+                log::error!("PCI 00:{slot:02x}.0 BAR{bar} at {addr:#x}: {e}");
+            }
+        }
+        self.slots.insert(slot, device);
+        Ok(slot)
+    }
+
+    /// The device in `slot`, if any.
+    pub fn device(&self, slot: u8) -> Option<SharedPciDevice> {
+        self.slots.get(&slot).cloned()
+    }
+
+    /// Reads register `reg` of bus/device/function; absent functions read all ones.
+    pub fn config_read(&self, bus: u8, dev: u8, func: u8, reg: usize) -> u32 {
+        match self.function(bus, dev, func) {
+            Some(d) => lock(&d).read_config_register(reg),
+            None => 0xffff_ffff,
+        }
+    }
+
+    /// Writes register `reg` of bus/device/function and moves BARs that changed placement.
+    pub fn config_write(&self, bus: u8, dev: u8, func: u8, reg: usize, offset: u64, data: &[u8]) {
+        let Some(d) = self.function(bus, dev, func) else {
+            return;
+        };
+        let mut device = lock(&d);
+        let before = device.decoded_bars();
+        device.write_config_register(reg, offset, data);
+        let after = device.decoded_bars();
+        if before == after {
+            return;
+        }
+        let find =
+            |list: &[(usize, u64, u64)], bar| list.iter().find(|b| b.0 == bar).map(|b| (b.1, b.2));
+        let mut indices: Vec<usize> = before.iter().chain(after.iter()).map(|b| b.0).collect();
+        indices.sort_unstable();
+        indices.dedup();
+        for bar in indices {
+            let (old, new) = (find(&before, bar), find(&after, bar));
+            if old == new {
+                continue;
+            }
+            if let Some((addr, _)) = old {
+                self.mapper.unmap(addr);
+            }
+            if let Some((addr, size)) = new {
+                if let Err(e) = self.mapper.map(d.clone(), bar, addr, size) {
+                    // A guest placing a BAR over RAM or another device: it stays unmapped.
+                    log::warn!("PCI 00:{dev:02x}.{func} BAR{bar} at {addr:#x}: {e}");
+                }
+            }
+            device.bar_moved(bar, old.map(|o| o.0), new.map(|n| n.0));
+        }
+    }
+
+    fn function(&self, bus: u8, dev: u8, func: u8) -> Option<SharedPciDevice> {
+        // Only bus 0, single-function devices.
+        if bus != 0 || func != 0 {
+            return None;
+        }
+        self.slots.get(&dev).cloned()
+    }
+}
+
+/// Splits a byte offset into ECAM coordinates: (bus, device, function, register, byte).
+fn ecam_decode(offset: u64) -> (u8, u8, u8, usize, u64) {
+    let bus = ((offset >> 20) & 0xff) as u8;
+    let dev = ((offset >> 15) & 0x1f) as u8;
+    let func = ((offset >> 12) & 0x7) as u8;
+    let reg = ((offset & 0xfff) >> 2) as usize;
+    (bus, dev, func, reg, offset & 3)
+}
+
+fn read_bytes(value: u32, byte: u64, data: &mut [u8]) {
+    let bytes = value.to_le_bytes();
+    for (i, d) in data.iter_mut().enumerate() {
+        *d = bytes.get(byte as usize + i).copied().unwrap_or(0xff);
+    }
+}
+
+fn valid_access(byte: u64, len: usize) -> bool {
+    matches!(len, 1 | 2 | 4) && byte as usize + len <= 4 && byte.is_multiple_of(len as u64)
+}
+
+/// ECAM (the MCFG window) on the MMIO bus.
+#[derive(Debug)]
+pub struct PciEcam {
+    bus: Arc<Mutex<PciBus>>,
+}
+
+impl PciEcam {
+    /// ECAM access to `bus`.
+    pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
+        Self { bus }
+    }
+}
+
+impl BusDevice for PciEcam {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let (b, d, f, reg, byte) = ecam_decode(offset);
+        if !valid_access(byte, data.len()) {
+            data.fill(0xff);
+            return;
+        }
+        let value = self
+            .bus
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .config_read(b, d, f, reg);
+        read_bytes(value, byte, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (b, d, f, reg, byte) = ecam_decode(offset);
+        if valid_access(byte, data.len()) {
+            self.bus
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .config_write(b, d, f, reg, byte, data);
+        }
+    }
+}
+
+/// Configuration mechanism #1: address at 0xcf8, data at 0xcfc..0xcff (an 8-port device).
+#[derive(Debug)]
+pub struct PciConfigIo {
+    bus: Arc<Mutex<PciBus>>,
+    address: u32,
+}
+
+impl PciConfigIo {
+    /// Port access to `bus`.
+    pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
+        Self { bus, address: 0 }
+    }
+
+    /// (bus, device, function, register) selected, if the enable bit is set.
+    fn selected(&self) -> Option<(u8, u8, u8, usize)> {
+        if self.address & 0x8000_0000 == 0 {
+            return None;
+        }
+        let a = self.address;
+        // Bits 27:24 extend the register number to 4 KiB (AMD-style extended access).
+        let reg = (((a >> 2) & 0x3f) | ((a >> 18) & 0x3c0)) as usize;
+        Some((
+            ((a >> 16) & 0xff) as u8,
+            ((a >> 11) & 0x1f) as u8,
+            ((a >> 8) & 0x7) as u8,
+            reg,
+        ))
+    }
+}
+
+impl BusDevice for PciConfigIo {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match offset {
+            0..=3 if data.len() == 4 && offset == 0 => {
+                data.copy_from_slice(&self.address.to_le_bytes())
+            }
+            4..=7 => {
+                let byte = offset - 4;
+                match self.selected() {
+                    Some((b, d, f, reg)) if valid_access(byte, data.len()) => {
+                        let v = self
+                            .bus
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .config_read(b, d, f, reg);
+                        read_bytes(v, byte, data);
+                    }
+                    _ => data.fill(0xff),
+                }
+            }
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match offset {
+            0 if data.len() == 4 => {
+                let mut b = [0u8; 4];
+                b.copy_from_slice(data);
+                // Bits 1:0 are reserved (read as 0).
+                self.address = u32::from_le_bytes(b) & !3;
+            }
+            4..=7 => {
+                let byte = offset - 4;
+                if let (Some((b, d, f, reg)), true) =
+                    (self.selected(), valid_access(byte, data.len()))
+                {
+                    self.bus
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .config_write(b, d, f, reg, byte, data);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::configuration::{Bar, BarKind, COMMAND_MEMORY, COMMAND_REG};
+
+    #[derive(Default)]
+    struct RecordingMapper(Mutex<Vec<String>>);
+    impl BarMapper for RecordingMapper {
+        fn map(&self, _d: SharedPciDevice, bar: usize, addr: u64, size: u64) -> Result<(), String> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(format!("map {bar} {addr:#x} {size:#x}"));
+            Ok(())
+        }
+        fn unmap(&self, addr: u64) {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(format!("unmap {addr:#x}"));
+        }
+    }
+    impl RecordingMapper {
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+        }
+    }
+
+    struct Dev {
+        config: PciConfiguration,
+        moves: Vec<(usize, Option<u64>, Option<u64>)>,
+    }
+    impl PciDevice for Dev {
+        fn read_config_register(&mut self, reg: usize) -> u32 {
+            self.config.read_reg(reg)
+        }
+        fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
+            self.config.write_reg(reg, offset, data)
+        }
+        fn decoded_bars(&self) -> Vec<(usize, u64, u64)> {
+            (0..6)
+                .filter_map(|i| self.config.decoded_bar(i).map(|(a, s)| (i, a, s)))
+                .collect()
+        }
+        fn read_bar(&mut self, _bar: usize, _offset: u64, _data: &mut [u8]) {}
+        fn write_bar(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+        fn bar_moved(&mut self, bar: usize, old: Option<u64>, new: Option<u64>) {
+            self.moves.push((bar, old, new));
+        }
+    }
+
+    fn setup() -> (Arc<Mutex<PciBus>>, Arc<RecordingMapper>, Arc<Mutex<Dev>>) {
+        let mapper = Arc::new(RecordingMapper::default());
+        let bus = Arc::new(Mutex::new(PciBus::new(mapper.clone())));
+        let mut config = PciConfiguration::new(PciIds {
+            vendor: 0x1af4,
+            device: 0x1042,
+            ..Default::default()
+        });
+        config
+            .add_bar(
+                Bar {
+                    index: 0,
+                    size: 0x8000,
+                    kind: BarKind::Memory64,
+                    prefetchable: false,
+                },
+                0xc000_0000,
+            )
+            .expect("bar");
+        config.write_reg(COMMAND_REG, 0, &[COMMAND_MEMORY as u8]);
+        let dev = Arc::new(Mutex::new(Dev {
+            config,
+            moves: vec![],
+        }));
+        let slot = bus
+            .lock()
+            .map(|mut b| b.add_device(dev.clone(), None))
+            .expect("lock")
+            .expect("add");
+        assert_eq!(slot, 1);
+        (bus, mapper, dev)
+    }
+
+    fn cf8_read(io: &mut PciConfigIo, dev: u32, reg: u32) -> u32 {
+        io.write(0, &(0x8000_0000 | dev << 11 | reg << 2).to_le_bytes());
+        let mut d = [0u8; 4];
+        io.read(4, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    #[test]
+    fn ecam_and_cf8_give_the_same_answers() {
+        let (bus, mapper, _) = setup();
+        assert_eq!(mapper.take(), vec!["map 0 0xc0000000 0x8000"]);
+        let mut ecam = PciEcam::new(bus.clone());
+        let mut io = PciConfigIo::new(bus);
+        for dev in 0..32u32 {
+            for reg in [0u32, 1, 2, 3, 4, 5, 0xb] {
+                let mut d = [0u8; 4];
+                ecam.read(u64::from(dev << 15 | reg << 2), &mut d);
+                assert_eq!(
+                    u32::from_le_bytes(d),
+                    cf8_read(&mut io, dev, reg),
+                    "dev {dev} reg {reg}"
+                );
+            }
+        }
+        let mut d = [0u8; 4];
+        ecam.read(0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x0d57_8086, "host bridge");
+        ecam.read(1 << 15, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x1042_1af4);
+        ecam.read(2 << 15, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0xffff_ffff, "empty slot");
+        ecam.read(1 << 20, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0xffff_ffff, "bus 1 is empty");
+        // Sub-dword reads.
+        let mut w = [0u8; 2];
+        ecam.read((1 << 15) + 2, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x1042);
+        io.write(0, &(0x8000_0000u32 | 1 << 11).to_le_bytes());
+        io.read(6, &mut w);
+        assert_eq!(u16::from_le_bytes(w), 0x1042);
+    }
+
+    #[test]
+    fn bar_relocation_moves_the_mapping() {
+        let (bus, mapper, dev) = setup();
+        mapper.take();
+        let mut ecam = PciEcam::new(bus);
+        let bar0 = (1u64 << 15) + 0x10;
+        // Disable decode, size, relocate, enable.
+        ecam.write((1 << 15) + 4, &[0, 0]);
+        ecam.write(bar0, &[0xff; 4]);
+        ecam.write(bar0 + 4, &[0xff; 4]);
+        ecam.write(bar0, &0xd000_0000u32.to_le_bytes());
+        ecam.write(bar0 + 4, &0u32.to_le_bytes());
+        ecam.write((1 << 15) + 4, &[COMMAND_MEMORY as u8, 0]);
+        assert_eq!(
+            mapper.take(),
+            vec!["unmap 0xc0000000", "map 0 0xd0000000 0x8000"]
+        );
+        let moves = dev.lock().map(|d| d.moves.clone()).unwrap_or_default();
+        assert_eq!(
+            moves,
+            vec![(0, Some(0xc000_0000), None), (0, None, Some(0xd000_0000))]
+        );
+    }
+
+    #[test]
+    fn hostile_config_accesses() {
+        let (bus, _, _) = setup();
+        let mut ecam = PciEcam::new(bus.clone());
+        let mut d = [0u8; 4];
+        ecam.read(3, &mut d); // misaligned dword
+        assert_eq!(d, [0xff; 4]);
+        let mut big = [0u8; 8];
+        ecam.read(0, &mut big);
+        assert_eq!(big, [0xff; 8]);
+        ecam.write((1 << 15) + 0xffc, &[0xff; 4]); // end of extended space
+        ecam.write(0x0fff_fffc, &[1, 2, 3, 4]); // bus 255
+        let mut io = PciConfigIo::new(bus);
+        io.write(0, &0x0000_0800u32.to_le_bytes()); // enable bit clear
+        io.read(4, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        io.write(2, &[1]); // partial address write ignored
+        io.read(0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x800);
+    }
+
+    #[test]
+    fn slots() {
+        let mapper = Arc::new(RecordingMapper::default());
+        let mut bus = PciBus::new(mapper);
+        let dev = || -> SharedPciDevice {
+            Arc::new(Mutex::new(Dev {
+                config: PciConfiguration::new(PciIds::default()),
+                moves: vec![],
+            }))
+        };
+        assert_eq!(
+            bus.add_device(dev(), Some(0)),
+            Err(PciBusError::SlotTaken(0))
+        );
+        assert_eq!(bus.add_device(dev(), Some(5)), Ok(5));
+        assert_eq!(
+            bus.add_device(dev(), Some(5)),
+            Err(PciBusError::SlotTaken(5))
+        );
+        for _ in 0..30 {
+            assert!(bus.add_device(dev(), None).is_ok());
+        }
+        assert_eq!(bus.add_device(dev(), None), Err(PciBusError::NoFreeSlot));
+    }
+}
