@@ -122,6 +122,65 @@ pub enum IoEventAddress {
     Mmio(u64),
 }
 
+/// Interrupt controller pins a GSI can drive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IrqChip {
+    /// The master 8259 (IRQ 0-7).
+    PicMaster,
+    /// The slave 8259 (IRQ 8-15).
+    PicSlave,
+    /// The IOAPIC.
+    Ioapic,
+}
+
+/// Where a GSI goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IrqRoute {
+    /// An interrupt controller pin.
+    Irqchip {
+        /// Global system interrupt number.
+        gsi: u32,
+        /// Controller.
+        chip: IrqChip,
+        /// Pin on the controller.
+        pin: u32,
+    },
+    /// A message-signalled interrupt.
+    Msi {
+        /// Global system interrupt number.
+        gsi: u32,
+        /// Message address.
+        address: u64,
+        /// Message data.
+        data: u32,
+    },
+}
+
+/// The routes of a PC's legacy GSIs: 0-15 to both 8259s and the IOAPIC, 16-23 to the IOAPIC.
+pub fn legacy_irq_routes(ioapic_pins: u32) -> Vec<IrqRoute> {
+    let mut routes = Vec::new();
+    for gsi in 0..ioapic_pins {
+        routes.push(IrqRoute::Irqchip {
+            gsi,
+            chip: IrqChip::Ioapic,
+            pin: gsi,
+        });
+        if gsi < 16 {
+            let chip = if gsi < 8 {
+                IrqChip::PicMaster
+            } else {
+                IrqChip::PicSlave
+            };
+            routes.push(IrqRoute::Irqchip {
+                gsi,
+                chip,
+                pin: gsi % 8,
+            });
+        }
+    }
+    routes
+}
+
 /// A hypervisor able to create virtual machines.
 pub trait Hypervisor: Send + Sync {
     /// Creates a VM with no memory and no vCPUs.
@@ -168,6 +227,8 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
     ) -> Result<()>;
     /// Sets interrupt line `gsi` to `level`.
     fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()>;
+    /// Replaces the whole GSI routing table.
+    fn set_gsi_routing(&self, routes: &[IrqRoute]) -> Result<()>;
 }
 
 /// One virtual CPU. Owned by the thread that runs it.

@@ -255,16 +255,43 @@ impl BusDevice for PciEcam {
 }
 
 /// Configuration mechanism #1: address at 0xcf8, data at 0xcfc..0xcff (an 8-port device).
-#[derive(Debug)]
+///
+/// On a PC, byte accesses to 0xcf9 are the reset control register, not part of the address
+/// register; [`PciConfigIo::with_reset_register`] routes them to that device.
 pub struct PciConfigIo {
     bus: Arc<Mutex<PciBus>>,
     address: u32,
+    reset_register: Option<Arc<Mutex<dyn BusDevice>>>,
+}
+
+impl std::fmt::Debug for PciConfigIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PciConfigIo")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PciConfigIo {
     /// Port access to `bus`.
     pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
-        Self { bus, address: 0 }
+        Self {
+            bus,
+            address: 0,
+            reset_register: None,
+        }
+    }
+
+    /// Sends single-byte accesses at 0xcf9 (offset 1) to `device`.
+    pub fn with_reset_register(mut self, device: Arc<Mutex<dyn BusDevice>>) -> Self {
+        self.reset_register = Some(device);
+        self
+    }
+
+    fn reset_register(&self, offset: u64, len: usize) -> Option<&Arc<Mutex<dyn BusDevice>>> {
+        (offset == 1 && len == 1)
+            .then_some(self.reset_register.as_ref())
+            .flatten()
     }
 
     /// (bus, device, function, register) selected, if the enable bit is set.
@@ -286,6 +313,10 @@ impl PciConfigIo {
 
 impl BusDevice for PciConfigIo {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let Some(dev) = self.reset_register(offset, data.len()) {
+            dev.lock().unwrap_or_else(|p| p.into_inner()).read(0, data);
+            return;
+        }
         match offset {
             0..=3 if data.len() == 4 && offset == 0 => {
                 data.copy_from_slice(&self.address.to_le_bytes())
@@ -309,6 +340,10 @@ impl BusDevice for PciConfigIo {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(dev) = self.reset_register(offset, data.len()) {
+            dev.lock().unwrap_or_else(|p| p.into_inner()).write(0, data);
+            return;
+        }
         match offset {
             0 if data.len() == 4 => {
                 let mut b = [0u8; 4];
@@ -501,6 +536,33 @@ mod tests {
         io.write(2, &[1]); // partial address write ignored
         io.read(0, &mut d);
         assert_eq!(u32::from_le_bytes(d), 0x800);
+    }
+
+    #[test]
+    fn byte_writes_at_0xcf9_reach_the_reset_register() {
+        #[derive(Default)]
+        struct Reg(Vec<u8>);
+        impl BusDevice for Reg {
+            fn read(&mut self, _o: u64, d: &mut [u8]) {
+                d.fill(0x42);
+            }
+            fn write(&mut self, _o: u64, d: &[u8]) {
+                self.0.extend_from_slice(d);
+            }
+        }
+        let (bus, _, _) = setup();
+        let reg = Arc::new(Mutex::new(Reg::default()));
+        let mut io = PciConfigIo::new(bus).with_reset_register(reg.clone());
+        io.write(0, &(0x8000_0000u32 | 1 << 11).to_le_bytes());
+        io.write(1, &[0x06]);
+        let mut b = [0u8];
+        io.read(1, &mut b);
+        assert_eq!(b[0], 0x42);
+        assert_eq!(reg.lock().map(|r| r.0.clone()).unwrap_or_default(), vec![6]);
+        // The dword address register is untouched by the byte access.
+        let mut d = [0u8; 4];
+        io.read(0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x8000_0800);
     }
 
     #[test]

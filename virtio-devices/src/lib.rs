@@ -1,2 +1,116 @@
-//! virtio devices and the virtio-pci transport.
+//! virtio devices and their PCI transport.
+//!
+//! A device implements [`VirtioDevice`]: what it offers (type, queues, features, config space)
+//! and what it does once the driver has set it up ([`VirtioDevice::activate`], usually starting a
+//! [`worker`] thread that waits on the queues' kick eventfds). The transport
+//! ([`transport::VirtioPciDevice`]) speaks virtio 1.2 modern PCI to the guest and calls the
+//! device; devices never see PCI.
 #![deny(missing_docs)]
+
+pub mod rng;
+pub mod transport;
+pub mod worker;
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest memory as devices see it (swappable for memory hotplug).
+pub type GuestMemoryAtomic = vm_memory::GuestMemoryAtomic<vm_memory::GuestMemoryMmap>;
+
+/// virtio device type numbers (virtio 1.2 section 5).
+pub mod device_type {
+    /// Network card.
+    pub const NET: u32 = 1;
+    /// Block device.
+    pub const BLOCK: u32 = 2;
+    /// Console.
+    pub const CONSOLE: u32 = 3;
+    /// Entropy source.
+    pub const RNG: u32 = 4;
+}
+
+/// `VIRTIO_F_VERSION_1`: every device offers it, every driver must accept it.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_F_ACCESS_PLATFORM` (not offered: no IOMMU).
+pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
+/// `VIRTIO_RING_F_EVENT_IDX`.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// `VIRTIO_RING_F_INDIRECT_DESC`.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+
+/// How a running device reaches the guest.
+pub trait VirtioInterrupt: Send + Sync + std::fmt::Debug {
+    /// The device used buffers of queue `queue`.
+    fn signal_queue(&self, queue: u16);
+    /// The device's configuration changed.
+    fn signal_config(&self);
+    /// The device hit an error it cannot recover from: set DEVICE_NEEDS_RESET and tell the driver.
+    fn needs_reset(&self);
+}
+
+/// A queue the driver enabled, ready for the device.
+#[derive(Debug)]
+pub struct ActiveQueue {
+    /// Queue index.
+    pub index: u16,
+    /// The queue, with the driver's addresses and size.
+    pub queue: Queue,
+    /// Signalled when the driver notifies the queue.
+    pub kick: EventFd,
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+#[derive(Debug)]
+pub struct Activation {
+    /// Guest memory.
+    pub mem: GuestMemoryAtomic,
+    /// Features the driver accepted.
+    pub features: u64,
+    /// Interrupts towards the driver.
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    /// The enabled queues.
+    pub queues: Vec<ActiveQueue>,
+}
+
+/// Errors activating a device.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set the device up in a way it cannot use.
+    #[error("invalid setup: {0}")]
+    InvalidSetup(String),
+    /// A worker thread or other resource could not be created.
+    #[error("cannot start the device")]
+    Resource(#[source] std::io::Error),
+}
+
+/// A virtio device, independent of its transport.
+pub trait VirtioDevice: Send {
+    /// virtio device type ([`device_type`]).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Feature bits offered.
+    fn features(&self) -> u64;
+    /// Reads the device configuration space; bytes beyond it read as 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device configuration space (most devices ignore writes).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Starts the device with the driver's queues.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Stops the device (joins its workers) and forgets the queues.
+    fn reset(&mut self);
+}
+
+/// Copies `config` bytes at `offset` into `data`; bytes past the end read as 0.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod interrupts;
 pub mod logger;
 pub mod memory;
 pub mod serial_input;

@@ -14,6 +14,34 @@ pub(super) fn ioevent_addr(addr: IoEventAddress) -> KvmIoEventAddress {
     }
 }
 
+pub(super) fn irq_route_to_kvm(route: &crate::IrqRoute) -> kvm_bindings::kvm_irq_routing_entry {
+    use kvm_bindings::{
+        kvm_irq_routing_entry, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+        KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    };
+    let mut e = kvm_irq_routing_entry::default();
+    match *route {
+        crate::IrqRoute::Irqchip { gsi, chip, pin } => {
+            e.gsi = gsi;
+            e.type_ = KVM_IRQ_ROUTING_IRQCHIP;
+            e.u.irqchip.irqchip = match chip {
+                crate::IrqChip::PicMaster => KVM_IRQCHIP_PIC_MASTER,
+                crate::IrqChip::PicSlave => KVM_IRQCHIP_PIC_SLAVE,
+                crate::IrqChip::Ioapic => KVM_IRQCHIP_IOAPIC,
+            };
+            e.u.irqchip.pin = pin;
+        }
+        crate::IrqRoute::Msi { gsi, address, data } => {
+            e.gsi = gsi;
+            e.type_ = KVM_IRQ_ROUTING_MSI;
+            e.u.msi.address_lo = address as u32;
+            e.u.msi.address_hi = (address >> 32) as u32;
+            e.u.msi.data = data;
+        }
+    }
+    e
+}
+
 pub(super) fn cpuid_from_kvm(e: &kvm_cpuid_entry2) -> CpuIdEntry {
     CpuIdEntry {
         function: e.function,
@@ -194,5 +222,54 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(regs_from_kvm(&regs_to_kvm(&r)), r);
+    }
+}
+
+#[cfg(test)]
+mod route_tests {
+    use kvm_bindings::{KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI};
+
+    use super::*;
+    use crate::{legacy_irq_routes, IrqChip, IrqRoute};
+
+    #[test]
+    fn legacy_routes_match_a_pc() {
+        let routes = legacy_irq_routes(24);
+        assert_eq!(routes.len(), 24 + 16);
+        assert!(routes.contains(&IrqRoute::Irqchip {
+            gsi: 9,
+            chip: IrqChip::PicSlave,
+            pin: 1
+        }));
+        assert!(routes.contains(&IrqRoute::Irqchip {
+            gsi: 20,
+            chip: IrqChip::Ioapic,
+            pin: 20
+        }));
+        let e = irq_route_to_kvm(&IrqRoute::Irqchip {
+            gsi: 9,
+            chip: IrqChip::PicSlave,
+            pin: 1,
+        });
+        assert_eq!(e.type_, KVM_IRQ_ROUTING_IRQCHIP);
+        // SAFETY: the entry was built as an irqchip route.
+        let (chip, pin) = unsafe { (e.u.irqchip.irqchip, e.u.irqchip.pin) };
+        assert_eq!((e.gsi, chip, pin), (9, KVM_IRQCHIP_PIC_SLAVE, 1));
+    }
+
+    #[test]
+    fn msi_route() {
+        let e = irq_route_to_kvm(&IrqRoute::Msi {
+            gsi: 30,
+            address: 0x1_fee0_1000,
+            data: 0x41,
+        });
+        assert_eq!((e.gsi, e.type_), (30, KVM_IRQ_ROUTING_MSI));
+        // SAFETY: the entry was built as an MSI route.
+        let msi = unsafe { e.u.msi };
+        assert_eq!(
+            (msi.address_lo, msi.address_hi, msi.data),
+            (0xfee0_1000, 1, 0x41)
+        );
     }
 }

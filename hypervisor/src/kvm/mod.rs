@@ -181,6 +181,19 @@ impl crate::Vm for KvmVm {
     fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()> {
         self.fd.set_irq_line(gsi, level).map_err(op("KVM_IRQ_LINE"))
     }
+
+    fn set_gsi_routing(&self, routes: &[crate::IrqRoute]) -> Result<()> {
+        let entries: Vec<_> = routes.iter().map(convert::irq_route_to_kvm).collect();
+        let table = kvm_bindings::KvmIrqRouting::from_entries(&entries).map_err(|_| {
+            HypervisorError::Op {
+                op: "KVM_SET_GSI_ROUTING",
+                source: std::io::Error::from_raw_os_error(libc::E2BIG),
+            }
+        })?;
+        self.fd
+            .set_gsi_routing(&table)
+            .map_err(op("KVM_SET_GSI_ROUTING"))
+    }
 }
 
 /// A KVM vCPU.

@@ -1,0 +1,122 @@
+//! virtio-rng: fills the driver's buffers from an entropy source (`/dev/urandom` by default).
+
+use std::fs::File;
+use std::io::Read;
+
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddressSpace};
+
+use crate::worker::{QueueHandler, Worker};
+use crate::{
+    device_type, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice,
+    VIRTIO_F_VERSION_1,
+};
+
+/// Bytes served per descriptor chain at most, so one huge buffer cannot stall the thread.
+const MAX_BYTES_PER_CHAIN: u32 = 64 * 1024;
+const QUEUE_SIZE: u16 = 256;
+
+/// The entropy device.
+#[derive(Debug)]
+pub struct Rng {
+    source: Option<File>,
+    name: String,
+    worker: Option<Worker>,
+}
+
+impl Rng {
+    /// A device reading from `source`; its thread is called `name` (e.g. `_rng0`).
+    pub fn new(source: File, name: String) -> Self {
+        Self {
+            source: Some(source),
+            name,
+            worker: None,
+        }
+    }
+}
+
+struct RngQueue {
+    source: File,
+}
+
+impl QueueHandler for RngQueue {
+    fn process(&mut self, q: &mut ActiveQueue, mem: &GuestMemoryAtomic) -> Result<bool, String> {
+        let mem = mem.memory();
+        let mut used_any = false;
+        while let Some(chain) = q.queue.pop_descriptor_chain(&*mem) {
+            let head = chain.head_index();
+            let mut written = 0u32;
+            for desc in chain {
+                if !desc.is_write_only() || written >= MAX_BYTES_PER_CHAIN {
+                    continue;
+                }
+                let len = desc.len().min(MAX_BYTES_PER_CHAIN - written);
+                let mut buf = vec![0u8; len as usize];
+                self.source
+                    .read_exact(&mut buf)
+                    .map_err(|e| format!("entropy source: {e}"))?;
+                // A descriptor outside guest memory gets nothing; the chain is still returned.
+                if mem.write_slice(&buf, desc.addr()).is_ok() {
+                    written += len;
+                }
+            }
+            q.queue
+                .add_used(&*mem, head, written)
+                .map_err(|e| format!("used ring: {e}"))?;
+            used_any = true;
+        }
+        if !used_any {
+            return Ok(false);
+        }
+        q.queue
+            .needs_notification(&*mem)
+            .map_err(|e| format!("used ring: {e}"))
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        device_type::RNG
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | crate::VIRTIO_RING_F_EVENT_IDX
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let source = match &self.source {
+            Some(f) => f.try_clone().map_err(ActivateError::Resource)?,
+            None => return Err(ActivateError::InvalidSetup("no entropy source".into())),
+        };
+        if a.queues.len() != 1 {
+            return Err(ActivateError::InvalidSetup(format!(
+                "{} queues enabled, want 1",
+                a.queues.len()
+            )));
+        }
+        let worker = Worker::spawn(
+            self.name.clone(),
+            Box::new(RngQueue { source }),
+            a.queues,
+            a.mem,
+            a.interrupt,
+        )
+        .map_err(ActivateError::Resource)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+    }
+}

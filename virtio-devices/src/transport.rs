@@ -1,0 +1,701 @@
+//! The virtio 1.2 modern PCI transport (virtio spec section 4.1).
+//!
+//! BAR 0 (64-bit, 32 KiB) holds every structure:
+//!
+//! | offset | structure |
+//! | --- | --- |
+//! | 0x0000 | common configuration |
+//! | 0x1000 | ISR status |
+//! | 0x2000 | device-specific configuration |
+//! | 0x3000 | notifications: queue `i` at `0x3000 + 4 * i`, an ioeventfd each |
+//! | 0x4000 | MSI-X table |
+//! | 0x5000 | MSI-X pending-bit array |
+//!
+//! The device status machine follows the spec: FEATURES_OK is only kept when the driver's
+//! features are a subset of the offer and include VERSION_1; DRIVER_OK activates the device
+//! with the enabled queues; writing 0 resets it. A device that cannot start sets
+//! DEVICE_NEEDS_RESET and raises a configuration interrupt instead of failing the VMM.
+
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use pci::{Bar, BarKind, MsiVectors, Msix, PciConfiguration, PciDevice, PciIds};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{
+    Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
+
+/// Size of BAR 0.
+pub const BAR0_SIZE: u64 = 0x8000;
+const COMMON_OFFSET: u64 = 0x0000;
+const ISR_OFFSET: u64 = 0x1000;
+const DEVICE_OFFSET: u64 = 0x2000;
+const NOTIFY_OFFSET: u64 = 0x3000;
+/// Bytes between two queues' notification addresses.
+pub const NOTIFY_MULTIPLIER: u32 = 4;
+const MSIX_TABLE_OFFSET: u64 = 0x4000;
+const MSIX_PBA_OFFSET: u64 = 0x5000;
+const REGION_SIZE: u64 = 0x1000;
+
+/// "No vector" in virtio's MSI-X vector fields.
+pub const NO_VECTOR: u16 = 0xffff;
+
+const STATUS_ACKNOWLEDGE: u8 = 1;
+const STATUS_DRIVER: u8 = 2;
+const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_FEATURES_OK: u8 = 8;
+const STATUS_NEEDS_RESET: u8 = 0x40;
+const STATUS_FAILED: u8 = 0x80;
+
+const ISR_QUEUE: u8 = 1;
+const ISR_CONFIG: u8 = 2;
+
+const VIRTIO_PCI_CAP_COMMON_CFG: u8 = 1;
+const VIRTIO_PCI_CAP_NOTIFY_CFG: u8 = 2;
+const VIRTIO_PCI_CAP_ISR_CFG: u8 = 3;
+const VIRTIO_PCI_CAP_DEVICE_CFG: u8 = 4;
+const VIRTIO_PCI_CAP_PCI_CFG: u8 = 5;
+const PCI_CAP_ID_VENDOR: u8 = 0x09;
+
+/// Registers and removes the ioeventfds of queue notifications (the VMM's hypervisor VM).
+pub trait IoEventRegistrar: Send + Sync + std::fmt::Debug {
+    /// Signal `fd` on guest writes to MMIO address `addr`.
+    fn register(&self, fd: &EventFd, addr: u64) -> std::io::Result<()>;
+    /// Stop doing so.
+    fn unregister(&self, fd: &EventFd, addr: u64) -> std::io::Result<()>;
+}
+
+/// The driver-visible state of one queue.
+#[derive(Debug, Clone, Copy)]
+struct QueueConfig {
+    max_size: u16,
+    size: u16,
+    enabled: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+impl QueueConfig {
+    fn new(max_size: u16) -> Self {
+        Self {
+            max_size,
+            size: max_size,
+            enabled: false,
+            desc: 0,
+            avail: 0,
+            used: 0,
+        }
+    }
+}
+
+/// What the device's threads use to interrupt the driver.
+#[derive(Debug)]
+struct PciInterrupt {
+    msix: Arc<Mutex<Msix>>,
+    isr: AtomicU8,
+    status: AtomicU8,
+    config_vector: AtomicU16,
+    queue_vectors: Vec<AtomicU16>,
+}
+
+impl PciInterrupt {
+    fn signal(&self, vector: u16) {
+        if vector != NO_VECTOR {
+            self.msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .signal(vector);
+        }
+    }
+}
+
+impl VirtioInterrupt for PciInterrupt {
+    fn signal_queue(&self, queue: u16) {
+        self.isr.fetch_or(ISR_QUEUE, Ordering::SeqCst);
+        let v = self
+            .queue_vectors
+            .get(usize::from(queue))
+            .map_or(NO_VECTOR, |v| v.load(Ordering::SeqCst));
+        self.signal(v);
+    }
+
+    fn signal_config(&self) {
+        self.isr.fetch_or(ISR_CONFIG, Ordering::SeqCst);
+        self.signal(self.config_vector.load(Ordering::SeqCst));
+    }
+
+    fn needs_reset(&self) {
+        self.status.fetch_or(STATUS_NEEDS_RESET, Ordering::SeqCst);
+        self.signal_config();
+    }
+}
+
+/// PCI class/subclass per virtio device type.
+fn class_of(device_type: u32) -> (u8, u8) {
+    match device_type {
+        crate::device_type::NET => (0x02, 0x00),
+        crate::device_type::BLOCK => (0x01, 0x00),
+        crate::device_type::CONSOLE => (0x07, 0x80),
+        _ => (0xff, 0x00),
+    }
+}
+
+/// A virtio device on the PCI bus.
+pub struct VirtioPciDevice {
+    config: PciConfiguration,
+    device: Box<dyn VirtioDevice>,
+    interrupt: Arc<PciInterrupt>,
+    msix_cap: usize,
+    pcicfg_cap: usize,
+    queues: Vec<QueueConfig>,
+    /// Queue notification eventfds, registered as ioeventfds while BAR 0 decodes; the device
+    /// gets clones (the same eventfd) when it starts.
+    kicks: Vec<EventFd>,
+    ioevents: Arc<dyn IoEventRegistrar>,
+    mem: GuestMemoryAtomic,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    queue_select: u16,
+    config_generation: u8,
+    bar0: Option<u64>,
+    active: bool,
+}
+
+impl std::fmt::Debug for VirtioPciDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioPciDevice")
+            .field("type", &self.device.device_type())
+            .field("bar0", &self.bar0)
+            .field("active", &self.active)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors creating the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The PCI configuration could not be built.
+    #[error("PCI configuration")]
+    Configuration(#[from] pci::configuration::ConfigurationError),
+    /// An eventfd could not be created or registered.
+    #[error("queue notification eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
+    let mut c = vec![
+        PCI_CAP_ID_VENDOR,
+        0,
+        16 + extra.len() as u8,
+        cfg_type,
+        0,
+        0,
+        0,
+        0,
+    ];
+    c.extend_from_slice(&(offset as u32).to_le_bytes());
+    c.extend_from_slice(&(length as u32).to_le_bytes());
+    c.extend_from_slice(extra);
+    c
+}
+
+impl VirtioPciDevice {
+    /// Wraps `device` with BAR 0 at `bar0_addr` (32 KiB aligned); MSI-X vectors go through
+    /// `vectors` (one per queue plus one for configuration changes).
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        bar0_addr: u64,
+        vectors: Arc<dyn MsiVectors>,
+        ioevents: Arc<dyn IoEventRegistrar>,
+        mem: GuestMemoryAtomic,
+    ) -> Result<Self, TransportError> {
+        let dtype = device.device_type();
+        let (class, subclass) = class_of(dtype);
+        let mut config = PciConfiguration::new(PciIds {
+            vendor: 0x1af4,
+            device: 0x1040 + dtype as u16,
+            revision: 1,
+            class,
+            subclass,
+            prog_if: 0,
+            subsystem_vendor: 0x1af4,
+            subsystem: 0x40,
+        });
+        config.add_bar(
+            Bar {
+                index: 0,
+                size: BAR0_SIZE,
+                kind: BarKind::Memory64,
+                prefetchable: false,
+            },
+            bar0_addr,
+        )?;
+        let max_sizes = device.queue_max_sizes();
+        let msix = Msix::new(max_sizes.len() as u16 + 1, vectors);
+        config.add_capability(
+            &vendor_cap(VIRTIO_PCI_CAP_COMMON_CFG, COMMON_OFFSET, 0x40, &[]),
+            None,
+        )?;
+        config.add_capability(
+            &vendor_cap(
+                VIRTIO_PCI_CAP_NOTIFY_CFG,
+                NOTIFY_OFFSET,
+                REGION_SIZE,
+                &NOTIFY_MULTIPLIER.to_le_bytes(),
+            ),
+            None,
+        )?;
+        config.add_capability(
+            &vendor_cap(VIRTIO_PCI_CAP_ISR_CFG, ISR_OFFSET, 1, &[]),
+            None,
+        )?;
+        config.add_capability(
+            &vendor_cap(VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_OFFSET, REGION_SIZE, &[]),
+            None,
+        )?;
+        // PCI configuration access: bar, offset, length and the data window are the driver's.
+        let mut pcicfg_mask = vec![0u8; 20];
+        pcicfg_mask[4] = 0xff;
+        pcicfg_mask[8..20].fill(0xff);
+        let pcicfg_cap = config.add_capability(
+            &vendor_cap(VIRTIO_PCI_CAP_PCI_CFG, 0, 0, &[0; 4]),
+            Some(&pcicfg_mask),
+        )?;
+        let (msix_body, msix_mask) =
+            msix.capability(0, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32);
+        let msix_cap = config.add_capability(&msix_body, Some(&msix_mask))?;
+        let kicks = (0..max_sizes.len())
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(TransportError::EventFd)?;
+        let interrupt = Arc::new(PciInterrupt {
+            msix: Arc::new(Mutex::new(msix)),
+            isr: AtomicU8::new(0),
+            status: AtomicU8::new(0),
+            config_vector: AtomicU16::new(NO_VECTOR),
+            queue_vectors: max_sizes
+                .iter()
+                .map(|_| AtomicU16::new(NO_VECTOR))
+                .collect(),
+        });
+        Ok(Self {
+            config,
+            interrupt,
+            msix_cap,
+            pcicfg_cap,
+            queues: max_sizes.into_iter().map(QueueConfig::new).collect(),
+            kicks,
+            device,
+            ioevents,
+            mem,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            queue_select: 0,
+            config_generation: 0,
+            bar0: None,
+            active: false,
+        })
+    }
+
+    fn status(&self) -> u8 {
+        self.interrupt.status.load(Ordering::SeqCst)
+    }
+
+    fn set_status(&mut self, value: u8) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.status();
+        // Bits are only ever added by the driver; clearing any needs a reset.
+        let mut new = old | value;
+        if new & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
+            let offered = self.device.features();
+            if self.driver_features & !offered != 0
+                || self.driver_features & VIRTIO_F_VERSION_1 == 0
+            {
+                log::debug!(
+                    "virtio: driver features {:#x} not acceptable (offered {offered:#x})",
+                    self.driver_features
+                );
+                new &= !STATUS_FEATURES_OK;
+            }
+        }
+        self.interrupt.status.store(new, Ordering::SeqCst);
+        let ready = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        if !self.active && new & ready == ready && new & STATUS_FAILED == 0 {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let mem = self.mem.memory();
+        let mut queues = Vec::new();
+        for (i, qc) in self.queues.iter().enumerate() {
+            if !qc.enabled {
+                continue;
+            }
+            let q = match build_queue(qc, self.driver_features, &*mem) {
+                Ok(q) => q,
+                Err(e) => {
+                    log::warn!("virtio: queue {i} set up wrong: {e}");
+                    self.interrupt.needs_reset();
+                    return;
+                }
+            };
+            let kick = match self.kicks[i].try_clone() {
+                Ok(k) => k,
+                Err(e) => {
+                    log::warn!("virtio: queue {i}: {e}");
+                    self.interrupt.needs_reset();
+                    return;
+                }
+            };
+            queues.push(ActiveQueue {
+                index: i as u16,
+                queue: q,
+                kick,
+            });
+        }
+        drop(mem);
+        let activation = Activation {
+            mem: self.mem.clone(),
+            features: self.driver_features,
+            interrupt: self.interrupt.clone(),
+            queues,
+        };
+        match self.device.activate(activation) {
+            Ok(()) => self.active = true,
+            Err(e) => {
+                log::warn!(
+                    "virtio device type {} cannot start: {e}",
+                    self.device.device_type()
+                );
+                self.interrupt.needs_reset();
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            self.device.reset();
+            self.active = false;
+        }
+        for q in self.queues.iter_mut() {
+            *q = QueueConfig::new(q.max_size);
+        }
+        for v in &self.interrupt.queue_vectors {
+            v.store(NO_VECTOR, Ordering::SeqCst);
+        }
+        self.interrupt
+            .config_vector
+            .store(NO_VECTOR, Ordering::SeqCst);
+        self.interrupt.isr.store(0, Ordering::SeqCst);
+        self.interrupt.status.store(0, Ordering::SeqCst);
+        self.driver_features = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.queue_select = 0;
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut QueueConfig> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    fn read_common(&mut self, offset: u64, data: &mut [u8]) {
+        let status = self.status();
+        let qsel = self.queue_select;
+        let q = self.queues.get(usize::from(qsel)).copied();
+        let value: u64 = match (offset, data.len()) {
+            (0x00, 4) => u64::from(self.device_feature_select),
+            (0x04, 4) => match self.device_feature_select {
+                0 => self.device.features() & 0xffff_ffff,
+                1 => self.device.features() >> 32,
+                _ => 0,
+            },
+            (0x08, 4) => u64::from(self.driver_feature_select),
+            (0x0c, 4) => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            (0x10, 2) => u64::from(self.interrupt.config_vector.load(Ordering::SeqCst)),
+            (0x12, 2) => self.queues.len() as u64,
+            (0x14, 1) => u64::from(status),
+            (0x15, 1) => u64::from(self.config_generation),
+            (0x16, 2) => u64::from(qsel),
+            (0x18, 2) => q.map_or(0, |q| u64::from(q.size)),
+            (0x1a, 2) => q.map_or(u64::from(NO_VECTOR), |_| {
+                u64::from(self.interrupt.queue_vectors[usize::from(qsel)].load(Ordering::SeqCst))
+            }),
+            (0x1c, 2) => q.map_or(0, |q| u64::from(q.enabled)),
+            (0x1e, 2) => q.map_or(0, |_| u64::from(qsel)),
+            (0x20, 4) => q.map_or(0, |q| q.desc & 0xffff_ffff),
+            (0x24, 4) => q.map_or(0, |q| q.desc >> 32),
+            (0x28, 4) => q.map_or(0, |q| q.avail & 0xffff_ffff),
+            (0x2c, 4) => q.map_or(0, |q| q.avail >> 32),
+            (0x30, 4) => q.map_or(0, |q| q.used & 0xffff_ffff),
+            (0x34, 4) => q.map_or(0, |q| q.used >> 32),
+            (0x20, 8) => q.map_or(0, |q| q.desc),
+            (0x28, 8) => q.map_or(0, |q| q.avail),
+            (0x30, 8) => q.map_or(0, |q| q.used),
+            _ => 0,
+        };
+        data.copy_from_slice(&value.to_le_bytes()[..data.len()]);
+    }
+
+    fn write_common(&mut self, offset: u64, data: &[u8]) {
+        let mut bytes = [0u8; 8];
+        bytes[..data.len()].copy_from_slice(data);
+        let value = u64::from_le_bytes(bytes);
+        // Queue fields are frozen once the queue is enabled or the device is running.
+        let driver_ok = self.status() & STATUS_DRIVER_OK != 0;
+        let frozen = |q: &QueueConfig| q.enabled || driver_ok;
+        match (offset, data.len()) {
+            (0x00, 4) => self.device_feature_select = value as u32,
+            (0x08, 4) => self.driver_feature_select = value as u32,
+            (0x0c, 4) if self.status() & STATUS_FEATURES_OK == 0 => {
+                match self.driver_feature_select {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | value,
+                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | value << 32,
+                    _ => {}
+                }
+            }
+            (0x10, 2) => self
+                .interrupt
+                .config_vector
+                .store(self.checked_vector(value as u16), Ordering::SeqCst),
+            (0x14, 1) => self.set_status(value as u8),
+            (0x16, 2) => self.queue_select = value as u16,
+            (0x18, 2) => {
+                if let Some(q) = self.selected_queue().filter(|q| !frozen(q)) {
+                    q.size = value as u16;
+                }
+            }
+            (0x1a, 2) => {
+                let v = self.checked_vector(value as u16);
+                if let Some(slot) = self
+                    .interrupt
+                    .queue_vectors
+                    .get(usize::from(self.queue_select))
+                {
+                    slot.store(v, Ordering::SeqCst);
+                }
+            }
+            (0x1c, 2) => {
+                if let Some(q) = self.selected_queue().filter(|q| !frozen(q)) {
+                    q.enabled = value == 1;
+                }
+            }
+            (0x20..=0x37, 4) | (0x20 | 0x28 | 0x30, 8) => {
+                if let Some(q) = self.selected_queue().filter(|q| !frozen(q)) {
+                    let field = match offset & !7 {
+                        0x20 => &mut q.desc,
+                        0x28 => &mut q.avail,
+                        _ => &mut q.used,
+                    };
+                    *field = match (offset & 7, data.len()) {
+                        (0, 8) => value,
+                        (0, _) => (*field & !0xffff_ffff) | value,
+                        _ => (*field & 0xffff_ffff) | value << 32,
+                    };
+                }
+            }
+            _ => log::debug!(
+                "virtio: ignored common config write at {offset:#x} ({} bytes)",
+                data.len()
+            ),
+        }
+    }
+
+    /// A vector number the device can use, or NO_VECTOR (the driver reads it back to see).
+    fn checked_vector(&self, v: u16) -> u16 {
+        let count = self
+            .interrupt
+            .msix
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .count();
+        if v < count {
+            v
+        } else {
+            NO_VECTOR
+        }
+    }
+
+    fn notify_addr(&self, base: u64, queue: usize) -> u64 {
+        base + NOTIFY_OFFSET + queue as u64 * u64::from(NOTIFY_MULTIPLIER)
+    }
+
+    fn move_ioevents(&mut self, old: Option<u64>, new: Option<u64>) {
+        for (i, fd) in self.kicks.iter().enumerate() {
+            if let Some(base) = old {
+                let _ = self.ioevents.unregister(fd, self.notify_addr(base, i));
+            }
+            if let Some(base) = new {
+                if let Err(e) = self.ioevents.register(fd, self.notify_addr(base, i)) {
+                    // Notifications still work through MMIO exits (write_bar), just slower.
+                    log::warn!("virtio: queue {i} ioeventfd: {e}");
+                }
+            }
+        }
+        self.bar0 = new;
+    }
+
+    /// The capability's (bar, offset, length) for PCI configuration access.
+    fn pcicfg_window(&self) -> (u8, u64, usize) {
+        let reg = self.pcicfg_cap / 4;
+        let bar = (self.config.read_reg(reg + 1) & 0xff) as u8;
+        let offset = u64::from(self.config.read_reg(reg + 2));
+        let length = self.config.read_reg(reg + 3) as usize;
+        (bar, offset, length)
+    }
+}
+
+fn build_queue<M: vm_memory::GuestMemory>(
+    qc: &QueueConfig,
+    features: u64,
+    mem: &M,
+) -> Result<Queue, String> {
+    let mut q = Queue::new(qc.max_size).map_err(|e| e.to_string())?;
+    if !qc.size.is_power_of_two() || qc.size > qc.max_size {
+        return Err(format!("size {} (max {})", qc.size, qc.max_size));
+    }
+    q.set_size(qc.size);
+    q.set_desc_table_address(Some(qc.desc as u32), Some((qc.desc >> 32) as u32));
+    q.set_avail_ring_address(Some(qc.avail as u32), Some((qc.avail >> 32) as u32));
+    q.set_used_ring_address(Some(qc.used as u32), Some((qc.used >> 32) as u32));
+    q.set_event_idx(features & crate::VIRTIO_RING_F_EVENT_IDX != 0);
+    q.set_ready(true);
+    if !q.is_valid(mem) {
+        return Err(format!(
+            "rings at {:#x}/{:#x}/{:#x} are not in guest memory or misaligned",
+            qc.desc, qc.avail, qc.used
+        ));
+    }
+    Ok(q)
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn read_config_register(&mut self, reg: usize) -> u32 {
+        if reg == self.pcicfg_cap / 4 + 4 {
+            // pci_cfg_data: a BAR read through configuration space.
+            let (bar, offset, length) = self.pcicfg_window();
+            let mut data = [0u8; 4];
+            if bar == 0 && matches!(length, 1 | 2 | 4) {
+                self.read_bar(0, offset, &mut data[..length]);
+            }
+            return u32::from_le_bytes(data);
+        }
+        self.config.read_reg(reg)
+    }
+
+    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
+        if reg == self.pcicfg_cap / 4 + 4 {
+            let (bar, win_offset, length) = self.pcicfg_window();
+            if bar == 0 && length == data.len() && offset == 0 {
+                self.write_bar(0, win_offset, data);
+            }
+            return;
+        }
+        // BARs: the bus reads `decoded_bars` before and after and moves mappings.
+        self.config.write_reg(reg, offset, data);
+        if reg == self.msix_cap / 4 {
+            let control = (self.config.read_reg(reg) >> 16) as u16;
+            self.interrupt
+                .msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_control(control);
+        }
+    }
+
+    fn decoded_bars(&self) -> Vec<(usize, u64, u64)> {
+        self.config
+            .decoded_bar(0)
+            .map(|(a, s)| vec![(0, a, s)])
+            .unwrap_or_default()
+    }
+
+    fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if bar != 0 || data.len() > 8 {
+            return;
+        }
+        let region = offset & !(REGION_SIZE - 1);
+        let within = offset - region;
+        match region {
+            COMMON_OFFSET => self.read_common(within, data),
+            ISR_OFFSET if within == 0 => {
+                // Reading the ISR clears it.
+                let isr = self.interrupt.isr.swap(0, Ordering::SeqCst);
+                if let Some(b) = data.first_mut() {
+                    *b = isr;
+                }
+            }
+            DEVICE_OFFSET => self.device.read_config(within, data),
+            MSIX_TABLE_OFFSET => self
+                .interrupt
+                .msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .read_table(within, data),
+            MSIX_PBA_OFFSET => self
+                .interrupt
+                .msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .read_pba(within, data),
+            _ => {}
+        }
+    }
+
+    fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if bar != 0 || data.len() > 8 {
+            return;
+        }
+        let region = offset & !(REGION_SIZE - 1);
+        let within = offset - region;
+        match region {
+            COMMON_OFFSET => self.write_common(within, data),
+            DEVICE_OFFSET => {
+                self.device.write_config(within, data);
+                self.config_generation = self.config_generation.wrapping_add(1);
+            }
+            NOTIFY_OFFSET => {
+                // Reached only when the ioeventfd is not registered.
+                let q = (within / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                if let Some(kick) = self.kicks.get(q) {
+                    let _ = kick.write(1);
+                }
+            }
+            MSIX_TABLE_OFFSET => self
+                .interrupt
+                .msix
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write_table(within, data),
+            _ => {}
+        }
+    }
+
+    fn bar_moved(&mut self, bar: usize, old: Option<u64>, new: Option<u64>) {
+        if bar == 0 {
+            self.move_ioevents(old, new);
+        }
+    }
+}
+
+impl Drop for VirtioPciDevice {
+    fn drop(&mut self) {
+        if self.active {
+            self.device.reset();
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The thread that serves a device's queues: it sleeps in epoll on the queues' kick eventfds
+//! and a stop eventfd, and hands each kicked queue to the device's [`QueueHandler`].
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{ActiveQueue, GuestMemoryAtomic, VirtioInterrupt};
+
+/// Device logic for kicked queues.
+pub trait QueueHandler: Send {
+    /// Processes queue `queue`; returns whether the driver must be interrupted.
+    /// An error means the device is broken: the worker sets DEVICE_NEEDS_RESET and stops.
+    fn process(&mut self, queue: &mut ActiveQueue, mem: &GuestMemoryAtomic)
+        -> Result<bool, String>;
+}
+
+/// A running worker thread.
+#[derive(Debug)]
+pub struct Worker {
+    stop: EventFd,
+    handle: Option<JoinHandle<Vec<ActiveQueue>>>,
+}
+
+const STOP_TOKEN: u64 = u64::MAX;
+
+impl Worker {
+    /// Starts a thread named `name` serving `queues` with `handler`.
+    pub fn spawn(
+        name: String,
+        mut handler: Box<dyn QueueHandler>,
+        mut queues: Vec<ActiveQueue>,
+        mem: GuestMemoryAtomic,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> std::io::Result<Self> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP_TOKEN),
+        )?;
+        for (i, q) in queues.iter().enumerate() {
+            epoll.ctl(
+                ControlOperation::Add,
+                q.kick.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, i as u64),
+            )?;
+        }
+        let stop_fd = stop.try_clone()?;
+        let handle = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                // Buffers may already be waiting from before activation.
+                for q in queues.iter_mut() {
+                    if !serve(&name, handler.as_mut(), q, &mem, interrupt.as_ref()) {
+                        return queues;
+                    }
+                }
+                let mut events = vec![EpollEvent::default(); queues.len() + 1];
+                loop {
+                    let n = match epoll.wait(-1, &mut events) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            log::error!("{name}: epoll failed: {e}");
+                            interrupt.needs_reset();
+                            return queues;
+                        }
+                    };
+                    for ev in &events[..n] {
+                        let token = ev.data();
+                        if token == STOP_TOKEN {
+                            let _ = stop_fd.read();
+                            return queues;
+                        }
+                        let Some(q) = queues.get_mut(token as usize) else {
+                            continue;
+                        };
+                        let _ = q.kick.read();
+                        if !serve(&name, handler.as_mut(), q, &mem, interrupt.as_ref()) {
+                            return queues;
+                        }
+                    }
+                }
+            })?;
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    /// Stops the thread and returns the queues it served.
+    pub fn stop(mut self) -> Vec<ActiveQueue> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Vec<ActiveQueue> {
+        let _ = self.stop.write(1);
+        match self.handle.take().map(JoinHandle::join) {
+            Some(Ok(queues)) => queues,
+            Some(Err(_)) => {
+                log::error!("virtio worker thread panicked");
+                Vec::new()
+            }
+            None => Vec::new(),
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if self.handle.is_some() {
+            self.join();
+        }
+    }
+}
+
+/// Runs the handler on one queue; false when the device is now broken.
+fn serve(
+    name: &str,
+    handler: &mut dyn QueueHandler,
+    q: &mut ActiveQueue,
+    mem: &GuestMemoryAtomic,
+    interrupt: &dyn VirtioInterrupt,
+) -> bool {
+    match handler.process(q, mem) {
+        Ok(true) => {
+            interrupt.signal_queue(q.index);
+            true
+        }
+        Ok(false) => true,
+        Err(e) => {
+            log::error!("{name}: queue {}: {e}; device needs reset", q.index);
+            interrupt.needs_reset();
+            false
+        }
+    }
+}
