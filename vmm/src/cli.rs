@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::config::{
-    kv, ConfigError, ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, VmConfig,
+    kv, ConfigError, ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, RngConfig, VmConfig,
 };
 
 /// Nimbus: a virtual machine monitor for cloud workloads.
@@ -27,6 +27,9 @@ pub struct Cli {
     /// Guest RAM: size=SIZE[,shared=on|off][,hugepages=on|off][,thp=on|off][,mergeable=on|off].
     #[arg(long, value_name = "size=SIZE[,...]")]
     pub memory: Option<String>,
+    /// Entropy device: src=PATH (default /dev/urandom).
+    #[arg(long, value_name = "src=PATH")]
+    pub rng: Option<String>,
     /// 16550 serial port: off|null|tty|file=PATH.
     #[arg(long, value_name = "MODE")]
     pub serial: Option<String>,
@@ -65,6 +68,12 @@ impl Cli {
                     option: "memory",
                     source,
                 })?;
+        }
+        if let Some(s) = &self.rng {
+            config.rng = kv::from_str::<RngConfig>(s).map_err(|source| ConfigError::Parse {
+                option: "rng",
+                source,
+            })?;
         }
         if let Some(s) = &self.serial {
             config.serial = ConsoleConfig::parse("serial", s)?;

@@ -29,7 +29,13 @@ const MAX_GSI: u32 = 4095;
 impl InterruptManager {
     /// A manager for `vm`; MSI GSIs start after the IOAPIC's pins.
     pub fn new(vm: Arc<dyn Vm>) -> Self {
-        Self { vm, routes: Mutex::new(Routes { next_gsi: IOAPIC_PINS, msi: BTreeMap::new() }) }
+        Self {
+            vm,
+            routes: Mutex::new(Routes {
+                next_gsi: IOAPIC_PINS,
+                msi: BTreeMap::new(),
+            }),
+        }
     }
 
     /// `count` MSI vectors, each with its own GSI and irqfd.
@@ -38,16 +44,23 @@ impl InterruptManager {
         let first = routes.next_gsi;
         let end = first + u32::from(count);
         if end > MAX_GSI + 1 {
-            return Err(std::io::Error::other(format!("no GSIs left for {count} MSI vectors")));
+            return Err(std::io::Error::other(format!(
+                "no GSIs left for {count} MSI vectors"
+            )));
         }
         let mut vectors = Vec::with_capacity(usize::from(count));
         for gsi in first..end {
             let fd = EventFd::new(libc::EFD_NONBLOCK)?;
-            self.vm.register_irqfd(&fd, gsi).map_err(std::io::Error::other)?;
+            self.vm
+                .register_irqfd(&fd, gsi)
+                .map_err(std::io::Error::other)?;
             vectors.push((gsi, fd));
         }
         routes.next_gsi = end;
-        Ok(Arc::new(MsiIrqfdVectors { manager: self.clone(), vectors }))
+        Ok(Arc::new(MsiIrqfdVectors {
+            manager: self.clone(),
+            vectors,
+        }))
     }
 
     fn set_route(&self, gsi: u32, msg: Option<MsiMessage>) -> std::io::Result<()> {
@@ -60,8 +73,14 @@ impl InterruptManager {
             return Ok(());
         }
         let mut table = legacy_irq_routes(IOAPIC_PINS);
-        table.extend(routes.msi.iter().map(|(&gsi, m)| IrqRoute::Msi { gsi, address: m.address, data: m.data }));
-        self.vm.set_gsi_routing(&table).map_err(std::io::Error::other)
+        table.extend(routes.msi.iter().map(|(&gsi, m)| IrqRoute::Msi {
+            gsi,
+            address: m.address,
+            data: m.data,
+        }));
+        self.vm
+            .set_gsi_routing(&table)
+            .map_err(std::io::Error::other)
     }
 }
 
@@ -74,7 +93,9 @@ pub struct MsiIrqfdVectors {
 
 impl MsiVectors for MsiIrqfdVectors {
     fn update(&self, vector: u16, msg: MsiMessage, enabled: bool) -> std::io::Result<()> {
-        let Some((gsi, _)) = self.vectors.get(usize::from(vector)) else { return Ok(()) };
+        let Some((gsi, _)) = self.vectors.get(usize::from(vector)) else {
+            return Ok(());
+        };
         self.manager.set_route(*gsi, enabled.then_some(msg))
     }
 

@@ -7,6 +7,7 @@ pub mod control;
 pub mod interrupts;
 pub mod logger;
 pub mod memory;
+pub mod pci_devices;
 pub mod serial_input;
 pub mod vcpu;
 pub mod vm;

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{ConsoleOutputMode, VmConfig};
 use crate::control::{VmControl, VmEvent};
 use crate::memory::{self, GuestMemoryMmap};
+use crate::pci_devices::{PciDevices, PciError};
 use crate::serial_input::{spawn_forwarder, SerialTarget};
 use crate::vcpu::{VcpuContext, VcpuThread};
 
@@ -82,6 +83,9 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// PCI devices could not be set up.
+    #[error("PCI devices")]
+    Pci(#[from] PciError),
     /// A vCPU or device failed while the guest ran.
     #[error("the VM failed: {0}")]
     Failed(String),
@@ -203,6 +207,7 @@ pub struct Vm {
     memory: GuestMemoryMmap,
     ctx: VcpuContext,
     _interrupts: Vec<Arc<IrqfdInterrupt>>,
+    _pci: PciDevices,
 }
 
 impl std::fmt::Debug for Vm {
@@ -277,6 +282,25 @@ impl Vm {
         let mut interrupts = Vec::new();
         add_platform_devices(hv_vm.as_ref(), &io_bus, &control, board, &mut interrupts)?;
 
+        // The reset register (0xcf9) shares the PCI configuration port dword (0xcf8).
+        let reset_register = Arc::new(Mutex::new(devices::acpi::ResetRegister::new(
+            control.clone(),
+        )));
+        let guest_mem = virtio_devices::GuestMemoryAtomic::new(memory.clone());
+        let mut pci = PciDevices::new(
+            hv_vm.clone(),
+            &io_bus,
+            &mmio_bus,
+            guest_mem,
+            config.memory.size,
+            reset_register,
+        )?;
+        let rng_source = open("rng source", &config.rng.src)?;
+        pci.add_virtio(Box::new(virtio_devices::rng::Rng::new(
+            rng_source,
+            "_rng0".into(),
+        )))?;
+
         let supported = hv
             .supported_cpuid()
             .map_err(hv_err("reading the supported CPUID"))?;
@@ -308,6 +332,7 @@ impl Vm {
                 control,
             },
             _interrupts: interrupts,
+            _pci: pci,
         })
     }
 
@@ -409,12 +434,6 @@ fn add_platform_devices(
         ))),
         layout::ACPI_SLEEP_CONTROL_PORT,
         2,
-    )?;
-    place(
-        "ACPI reset register",
-        Arc::new(Mutex::new(devices::acpi::ResetRegister::new(power))),
-        layout::ACPI_RESET_PORT,
-        1,
     )?;
     let ged_irq = Arc::new(IrqfdInterrupt::new(vm, layout::ACPI_GED_GSI)?);
     interrupts.push(ged_irq.clone());

@@ -26,6 +26,9 @@ pub enum ConfigError {
     /// The payload (kernel, initramfs, command line) is missing or unusable.
     #[error("payload: {0}")]
     Payload(String),
+    /// A device option is unusable.
+    #[error("{0}")]
+    Device(String),
     /// A console or serial option is malformed.
     #[error("{option}: {message}")]
     Console {
@@ -208,6 +211,25 @@ impl ConsoleConfig {
     }
 }
 
+/// The entropy device (CH `RngConfig`); Cloud Hypervisor always has one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RngConfig {
+    /// Entropy source.
+    pub src: PathBuf,
+    /// Behind a virtual IOMMU (not supported; must stay false).
+    pub iommu: bool,
+}
+
+impl Default for RngConfig {
+    fn default() -> Self {
+        Self {
+            src: PathBuf::from("/dev/urandom"),
+            iommu: false,
+        }
+    }
+}
+
 /// Platform options (CH `PlatformConfig`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -244,6 +266,9 @@ pub struct VmConfig {
     /// What to boot.
     #[serde(default)]
     pub payload: Option<PayloadConfig>,
+    /// The entropy device.
+    #[serde(default)]
+    pub rng: RngConfig,
     /// The 16550 UART at 0x3f8.
     #[serde(default = "default_serial")]
     pub serial: ConsoleConfig,
@@ -261,6 +286,7 @@ impl Default for VmConfig {
             cpus: CpusConfig::default(),
             memory: MemoryConfig::default(),
             payload: None,
+            rng: RngConfig::default(),
             serial: default_serial(),
             console: default_console(),
             platform: None,
@@ -329,6 +355,9 @@ impl VmConfig {
         }
         if payload.kernel.is_none() {
             return Err(ConfigError::Payload("no kernel given (--kernel)".into()));
+        }
+        if self.rng.iommu {
+            return Err(ConfigError::Device("rng: iommu is not supported".into()));
         }
         for (option, cons) in [("serial", &self.serial), ("console", &self.console)] {
             match cons.mode {

@@ -1,0 +1,193 @@
+//! The PCI side of the machine: bus 0 behind ECAM and the 0xcf8 ports, BAR address allocation
+//! from the 32-bit and 64-bit windows, BAR ranges on the MMIO bus, and virtio devices on it.
+
+use std::sync::{Arc, Mutex, Weak};
+
+use arch::x86_64::layout;
+use devices::{Bus, BusDevice};
+use hypervisor::{IoEventAddress, Vm};
+use pci::{AddressAllocator, BarMapper, PciBus, PciConfigIo, PciEcam, SharedPciDevice};
+use virtio_devices::transport::{IoEventRegistrar, VirtioPciDevice, BAR0_SIZE};
+use virtio_devices::{GuestMemoryAtomic, VirtioDevice};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::interrupts::InterruptManager;
+
+/// Errors adding PCI devices.
+#[derive(Debug, thiserror::Error)]
+pub enum PciError {
+    /// No address space left in the BAR window.
+    #[error("no room for a {size:#x}-byte BAR in the PCI window")]
+    NoBarSpace {
+        /// BAR size.
+        size: u64,
+    },
+    /// The bus refused the device.
+    #[error("PCI bus")]
+    Bus(#[from] pci::PciBusError),
+    /// The virtio transport could not be built.
+    #[error("virtio-pci transport")]
+    Transport(#[from] virtio_devices::transport::TransportError),
+    /// Interrupt vectors could not be set up.
+    #[error("MSI-X vectors")]
+    Interrupts(#[source] std::io::Error),
+    /// A platform range could not be placed.
+    #[error("cannot place {what}")]
+    Place {
+        /// What.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: devices::BusError,
+    },
+}
+
+/// A BAR of a PCI device, as a range on the MMIO bus.
+struct BarRegion {
+    device: SharedPciDevice,
+    bar: usize,
+}
+
+impl BusDevice for BarRegion {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .read_bar(self.bar, offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_bar(self.bar, offset, data);
+    }
+}
+
+/// Weak, because the MMIO bus holds ECAM, which holds the PCI bus, which holds this mapper:
+/// a strong reference would keep a torn-down VM's devices (and their threads) alive.
+struct MmioBarMapper {
+    mmio_bus: Weak<Bus>,
+}
+
+impl BarMapper for MmioBarMapper {
+    fn map(&self, device: SharedPciDevice, bar: usize, addr: u64, size: u64) -> Result<(), String> {
+        let bus = self.mmio_bus.upgrade().ok_or("the VM is gone")?;
+        bus.insert(Arc::new(Mutex::new(BarRegion { device, bar })), addr, size)
+            .map_err(|e| e.to_string())
+    }
+
+    fn unmap(&self, addr: u64) {
+        if let Some(bus) = self.mmio_bus.upgrade() {
+            let _ = bus.remove(addr);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct VmIoEvents(Arc<dyn Vm>);
+
+impl IoEventRegistrar for VmIoEvents {
+    fn register(&self, fd: &EventFd, addr: u64) -> std::io::Result<()> {
+        self.0
+            .register_ioevent(fd, IoEventAddress::Mmio(addr), None)
+            .map_err(std::io::Error::other)
+    }
+
+    fn unregister(&self, fd: &EventFd, addr: u64) -> std::io::Result<()> {
+        self.0
+            .unregister_ioevent(fd, IoEventAddress::Mmio(addr), None)
+            .map_err(std::io::Error::other)
+    }
+}
+
+/// Bus 0 and what hangs off it.
+pub struct PciDevices {
+    bus: Arc<Mutex<PciBus>>,
+    mmio32: AddressAllocator,
+    mmio64: AddressAllocator,
+    interrupts: Arc<InterruptManager>,
+    ioevents: Arc<dyn IoEventRegistrar>,
+    mem: GuestMemoryAtomic,
+}
+
+impl std::fmt::Debug for PciDevices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PciDevices")
+            .field("bus", &self.bus)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PciDevices {
+    /// Puts bus 0 behind ECAM (MMIO) and 0xcf8 (ports, with `reset_register` at 0xcf9).
+    pub fn new(
+        vm: Arc<dyn Vm>,
+        io_bus: &Bus,
+        mmio_bus: &Arc<Bus>,
+        mem: GuestMemoryAtomic,
+        ram_size: u64,
+        reset_register: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<Self, PciError> {
+        let mapper = Arc::new(MmioBarMapper {
+            mmio_bus: Arc::downgrade(mmio_bus),
+        });
+        let bus = Arc::new(Mutex::new(PciBus::new(mapper)));
+        mmio_bus
+            .insert(
+                Arc::new(Mutex::new(PciEcam::new(bus.clone()))),
+                layout::PCI_ECAM_START,
+                layout::PCI_ECAM_SIZE,
+            )
+            .map_err(|source| PciError::Place {
+                what: "ECAM",
+                source,
+            })?;
+        let cf8 = PciConfigIo::new(bus.clone()).with_reset_register(reset_register);
+        io_bus
+            .insert(Arc::new(Mutex::new(cf8)), 0xcf8, 8)
+            .map_err(|source| PciError::Place {
+                what: "PCI config ports",
+                source,
+            })?;
+        Ok(Self {
+            bus,
+            mmio32: AddressAllocator::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
+            mmio64: AddressAllocator::new(
+                layout::pci_mmio64_start(ram_size),
+                layout::PCI_MMIO64_SIZE,
+            ),
+            interrupts: Arc::new(InterruptManager::new(vm.clone())),
+            ioevents: Arc::new(VmIoEvents(vm)),
+            mem,
+        })
+    }
+
+    /// Adds a virtio device; its BAR 0 comes from the 64-bit window (the 32-bit one when that
+    /// is full). Returns the PCI slot.
+    pub fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<u8, PciError> {
+        let vectors = self
+            .interrupts
+            .msi_vectors(device.queue_max_sizes().len() as u16 + 1)
+            .map_err(PciError::Interrupts)?;
+        let bar0 = self
+            .mmio64
+            .allocate(BAR0_SIZE)
+            .or_else(|| self.mmio32.allocate(BAR0_SIZE))
+            .ok_or(PciError::NoBarSpace { size: BAR0_SIZE })?;
+        let dev = VirtioPciDevice::new(
+            device,
+            bar0,
+            vectors,
+            self.ioevents.clone(),
+            self.mem.clone(),
+        )?;
+        let shared: SharedPciDevice = Arc::new(Mutex::new(dev));
+        let slot = self
+            .bus
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add_device(shared, None)?;
+        Ok(slot)
+    }
+}
