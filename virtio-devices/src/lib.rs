@@ -7,6 +7,7 @@
 //! device; devices never see PCI.
 #![deny(missing_docs)]
 
+pub mod block;
 pub mod rng;
 pub mod transport;
 pub mod worker;

@@ -567,6 +567,13 @@ fn build_queue<M: vm_memory::GuestMemory>(
     if !qc.size.is_power_of_two() || qc.size > qc.max_size {
         return Err(format!("size {} (max {})", qc.size, qc.max_size));
     }
+    // Ring alignment (virtio 1.2 section 2.7): descriptors 16, driver ring 2, device ring 4.
+    if !qc.desc.is_multiple_of(16) || !qc.avail.is_multiple_of(2) || !qc.used.is_multiple_of(4) {
+        return Err(format!(
+            "misaligned rings {:#x}/{:#x}/{:#x}",
+            qc.desc, qc.avail, qc.used
+        ));
+    }
     q.set_size(qc.size);
     q.set_desc_table_address(Some(qc.desc as u32), Some((qc.desc >> 32) as u32));
     q.set_avail_ring_address(Some(qc.avail as u32), Some((qc.avail >> 32) as u32));
@@ -697,5 +704,263 @@ impl Drop for VirtioPciDevice {
         if self.active {
             self.device.reset();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use pci::MsiMessage;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+
+    #[derive(Debug, Default)]
+    struct Vectors(Mutex<Vec<u16>>);
+    impl MsiVectors for Vectors {
+        fn update(&self, _v: u16, _m: MsiMessage, _e: bool) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn trigger(&self, v: u16) -> std::io::Result<()> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).push(v);
+            Ok(())
+        }
+    }
+
+    #[derive(Debug, Default)]
+    struct IoEvents(Mutex<Vec<(bool, u64)>>);
+    impl IoEventRegistrar for IoEvents {
+        fn register(&self, _fd: &EventFd, addr: u64) -> std::io::Result<()> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((true, addr));
+            Ok(())
+        }
+        fn unregister(&self, _fd: &EventFd, addr: u64) -> std::io::Result<()> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((false, addr));
+            Ok(())
+        }
+    }
+
+    #[derive(Debug, Default)]
+    struct Dummy {
+        activations: Arc<Mutex<Vec<(u64, usize)>>>,
+    }
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            crate::device_type::RNG
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![16, 16]
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | 1
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            crate::read_config_bytes(&[0xa1, 0xa2, 0xa3, 0xa4], offset, data);
+        }
+        fn activate(&mut self, a: Activation) -> Result<(), crate::ActivateError> {
+            self.activations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((a.features, a.queues.len()));
+            Ok(())
+        }
+        fn reset(&mut self) {}
+    }
+
+    struct Harness {
+        dev: VirtioPciDevice,
+        vectors: Arc<Vectors>,
+        ioevents: Arc<IoEvents>,
+        activations: Arc<Mutex<Vec<(u64, usize)>>>,
+    }
+
+    fn harness() -> Harness {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mem");
+        let vectors = Arc::new(Vectors::default());
+        let ioevents = Arc::new(IoEvents::default());
+        let dummy = Dummy::default();
+        let activations = dummy.activations.clone();
+        let dev = VirtioPciDevice::new(
+            Box::new(dummy),
+            0x1_0000_0000,
+            vectors.clone(),
+            ioevents.clone(),
+            GuestMemoryAtomic::new(mem),
+        )
+        .expect("transport");
+        Harness {
+            dev,
+            vectors,
+            ioevents,
+            activations,
+        }
+    }
+
+    impl Harness {
+        fn w(&mut self, off: u64, v: u64, len: usize) {
+            self.dev.write_bar(0, off, &v.to_le_bytes()[..len]);
+        }
+        fn r(&mut self, off: u64, len: usize) -> u64 {
+            let mut b = [0u8; 8];
+            self.dev.read_bar(0, off, &mut b[..len]);
+            u64::from_le_bytes(b)
+        }
+        fn status(&mut self) -> u8 {
+            self.r(0x14, 1) as u8
+        }
+        fn negotiate(&mut self, features: u64) {
+            self.w(0x14, 0, 1);
+            self.w(0x14, u64::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER), 1);
+            self.w(0x08, 0, 4);
+            self.w(0x0c, features & 0xffff_ffff, 4);
+            self.w(0x08, 1, 4);
+            self.w(0x0c, features >> 32, 4);
+            self.w(0x14, u64::from(STATUS_FEATURES_OK), 1);
+        }
+        fn setup_queue(&mut self, q: u64, desc: u64, avail: u64, used: u64) {
+            self.w(0x16, q, 2);
+            self.w(0x18, 16, 2);
+            self.w(0x20, desc, 8);
+            self.w(0x28, avail & 0xffff_ffff, 4);
+            self.w(0x2c, avail >> 32, 4);
+            self.w(0x30, used, 8);
+            self.w(0x1c, 1, 2);
+        }
+        fn enable_msix(&mut self) {
+            let reg = self.dev.msix_cap / 4;
+            let control = ((1u32 << 15) | (self.dev.config.read_reg(reg) >> 16)) as u16;
+            self.dev
+                .write_config_register(reg, 2, &control.to_le_bytes());
+            for v in 0..3u64 {
+                self.w(MSIX_TABLE_OFFSET + v * 16 + 12, 0, 4);
+            }
+        }
+    }
+
+    #[test]
+    fn handshake_activates_with_enabled_queues() {
+        let mut h = harness();
+        assert_eq!(h.r(0x12, 2), 2, "num_queues");
+        h.w(0x00, 1, 4);
+        assert_eq!(h.r(0x04, 4), 1, "VERSION_1 is bit 32");
+        h.negotiate(VIRTIO_F_VERSION_1 | 1);
+        assert_ne!(h.status() & STATUS_FEATURES_OK, 0);
+        h.setup_queue(0, 0x1000, 0x2000, 0x3000);
+        h.w(0x14, u64::from(STATUS_DRIVER_OK), 1);
+        assert_eq!(
+            h.activations.lock().map(|a| a.clone()).unwrap_or_default(),
+            vec![(VIRTIO_F_VERSION_1 | 1, 1)]
+        );
+        // Reset brings everything back.
+        h.w(0x14, 0, 1);
+        assert_eq!(h.status(), 0);
+        h.w(0x16, 0, 2);
+        assert_eq!(h.r(0x1c, 2), 0, "queue disabled after reset");
+        assert_eq!(h.r(0x20, 8), 0);
+    }
+
+    #[test]
+    fn unacceptable_features_leave_features_ok_clear() {
+        let mut h = harness();
+        h.negotiate(1); // no VERSION_1
+        assert_eq!(h.status() & STATUS_FEATURES_OK, 0);
+        h.negotiate(VIRTIO_F_VERSION_1 | 1 << 7); // not offered
+        assert_eq!(h.status() & STATUS_FEATURES_OK, 0);
+        h.w(0x14, u64::from(STATUS_DRIVER_OK), 1);
+        assert!(
+            h.activations.lock().map(|a| a.is_empty()).unwrap_or(false),
+            "no activation without FEATURES_OK"
+        );
+    }
+
+    #[test]
+    fn bad_queue_setup_sets_needs_reset_and_raises_a_config_interrupt() {
+        for (size, desc) in [(16u64, 0x10_0000_0000u64), (16, 0x1001), (12, 0x1000)] {
+            let mut h = harness();
+            h.enable_msix();
+            h.negotiate(VIRTIO_F_VERSION_1);
+            h.w(0x10, 2, 2); // config vector (after the reset that negotiate starts with)
+            h.setup_queue(0, desc, 0x2000, 0x3000);
+            h.w(0x16, 0, 2);
+            h.dev.queues[0].size = size as u16;
+            h.w(0x14, u64::from(STATUS_DRIVER_OK), 1);
+            assert_ne!(
+                h.status() & STATUS_NEEDS_RESET,
+                0,
+                "desc {desc:#x} size {size}"
+            );
+            assert!(h.activations.lock().map(|a| a.is_empty()).unwrap_or(false));
+            assert_eq!(
+                h.vectors.0.lock().map(|v| v.clone()).unwrap_or_default(),
+                vec![2]
+            );
+            assert_eq!(h.r(ISR_OFFSET, 1), u64::from(ISR_CONFIG));
+            assert_eq!(h.r(ISR_OFFSET, 1), 0, "ISR clears on read");
+        }
+    }
+
+    #[test]
+    fn queue_fields_freeze_once_enabled_and_vectors_are_checked() {
+        let mut h = harness();
+        h.setup_queue(1, 0x1000, 0x2000, 0x3000);
+        h.w(0x20, 0x5000, 8);
+        h.w(0x18, 4, 2);
+        assert_eq!((h.r(0x20, 8), h.r(0x18, 2)), (0x1000, 16));
+        h.w(0x1a, 1, 2);
+        assert_eq!(h.r(0x1a, 2), 1);
+        h.w(0x1a, 99, 2);
+        assert_eq!(
+            h.r(0x1a, 2),
+            u64::from(NO_VECTOR),
+            "out-of-range vector reads back as NO_VECTOR"
+        );
+        h.w(0x16, 7, 2); // no such queue
+        h.w(0x18, 8, 2);
+        assert_eq!(h.r(0x18, 2), 0);
+        // Odd sizes and offsets are ignored, not fatal.
+        h.w(0x03, 0xff, 1);
+        h.w(0x7ff8, 1, 8);
+        let mut big = [0u8; 16];
+        h.dev.read_bar(0, 0, &mut big);
+    }
+
+    #[test]
+    fn ioeventfds_follow_bar0() {
+        let mut h = harness();
+        h.dev.bar_moved(0, None, Some(0xc000_0000));
+        h.dev.bar_moved(0, Some(0xc000_0000), Some(0xd000_0000));
+        let log = h.ioevents.0.lock().map(|l| l.clone()).unwrap_or_default();
+        assert_eq!(
+            log,
+            vec![
+                (true, 0xc000_3000),
+                (true, 0xc000_3004),
+                (false, 0xc000_3000),
+                (true, 0xd000_3000),
+                (false, 0xc000_3004),
+                (true, 0xd000_3004),
+            ]
+        );
+    }
+
+    #[test]
+    fn pci_config_access_window_reads_the_bar() {
+        let mut h = harness();
+        let reg = h.dev.pcicfg_cap / 4;
+        h.dev.write_config_register(reg + 1, 0, &[0]); // bar 0
+        h.dev
+            .write_config_register(reg + 2, 0, &(DEVICE_OFFSET as u32).to_le_bytes());
+        h.dev.write_config_register(reg + 3, 0, &4u32.to_le_bytes());
+        assert_eq!(h.dev.read_config_register(reg + 4), 0xa4a3_a2a1);
+        // A bogus window reads as zero instead of faulting.
+        h.dev.write_config_register(reg + 3, 0, &3u32.to_le_bytes());
+        assert_eq!(h.dev.read_config_register(reg + 4), 0);
     }
 }

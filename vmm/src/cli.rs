@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::config::{
-    kv, ConfigError, ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, RngConfig, VmConfig,
+    kv, ConfigError, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig, RngConfig,
+    VmConfig,
 };
 
 /// Nimbus: a virtual machine monitor for cloud workloads.
@@ -27,6 +28,10 @@ pub struct Cli {
     /// Guest RAM: size=SIZE[,shared=on|off][,hugepages=on|off][,thp=on|off][,mergeable=on|off].
     #[arg(long, value_name = "size=SIZE[,...]")]
     pub memory: Option<String>,
+    /// Disk: path=PATH[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,id=ID][,serial=S];
+    /// repeat the option (or give several values) for more disks.
+    #[arg(long, value_name = "path=PATH[,...]", num_args = 1.., action = clap::ArgAction::Append)]
+    pub disk: Vec<String>,
     /// Entropy device: src=PATH (default /dev/urandom).
     #[arg(long, value_name = "src=PATH")]
     pub rng: Option<String>,
@@ -68,6 +73,19 @@ impl Cli {
                     option: "memory",
                     source,
                 })?;
+        }
+        if !self.disk.is_empty() {
+            let disks = self
+                .disk
+                .iter()
+                .map(|s| {
+                    kv::from_str::<DiskConfig>(s).map_err(|source| ConfigError::Parse {
+                        option: "disk",
+                        source,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            config.disks = Some(disks);
         }
         if let Some(s) = &self.rng {
             config.rng = kv::from_str::<RngConfig>(s).map_err(|source| ConfigError::Parse {
@@ -157,6 +175,47 @@ mod tests {
         assert!(parse(&["--memory", "size=12Q"]).is_err());
         assert!(parse(&["--memory", "bogus=1"]).is_err());
         assert!(parse(&["--serial", "loud"]).is_err());
+    }
+
+    #[test]
+    fn disks() {
+        let c = parse(&[
+            "--kernel",
+            "/k",
+            "--disk",
+            "path=/a,readonly=on",
+            "path=/b,num_queues=2,serial=S1",
+            "--disk",
+            "path=/c",
+        ])
+        .expect("config");
+        let disks = c.disks.clone().unwrap_or_default();
+        assert_eq!(disks.len(), 3);
+        assert!(disks[0].readonly && !disks[1].readonly);
+        assert_eq!(
+            (
+                disks[1].num_queues,
+                disks[1].queue_size,
+                disks[1].serial.as_deref()
+            ),
+            (2, 128, Some("S1"))
+        );
+        c.validate().expect("valid");
+        let bad = parse(&["--kernel", "/k", "--disk", "path=/a,queue_size=100"]).expect("parses");
+        assert!(bad
+            .validate()
+            .expect_err("queue size")
+            .to_string()
+            .contains("queue_size 100"));
+        let bad = parse(&["--kernel", "/k", "--disk", "readonly=on"]).expect("parses");
+        assert!(bad.validate().is_err(), "no path");
+        let dup =
+            parse(&["--kernel", "/k", "--disk", "path=/a,id=d", "path=/b,id=d"]).expect("parses");
+        assert!(dup
+            .validate()
+            .expect_err("dup")
+            .to_string()
+            .contains("used twice"));
     }
 
     #[test]

@@ -83,6 +83,15 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// A disk image could not be opened.
+    #[error("disk {path}")]
+    Disk {
+        /// Image path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: block::BlockError,
+    },
     /// PCI devices could not be set up.
     #[error("PCI devices")]
     Pci(#[from] PciError),
@@ -174,7 +183,43 @@ pub struct Board {
     serial: SerialSink,
     serial_input: SerialTarget,
     cmos: Arc<Mutex<devices::rtc::Rtc>>,
+    /// Disk images, opened (and locked) once for the VMM's lifetime.
+    disks: Vec<OpenDisk>,
     start: Instant,
+}
+
+/// A disk image and how the guest sees it.
+#[derive(Debug)]
+struct OpenDisk {
+    image: Arc<dyn block::DiskBackend>,
+    num_queues: u16,
+    queue_size: u16,
+    serial: String,
+}
+
+fn open_disks(config: &VmConfig) -> Result<Vec<OpenDisk>, VmError> {
+    let mut disks = Vec::new();
+    for (i, d) in config.disks.iter().flatten().enumerate() {
+        let path = d.path.clone().unwrap_or_default();
+        let image =
+            block::RawFile::open(&path, d.readonly, d.direct).map_err(|source| VmError::Disk {
+                path: path.display().to_string(),
+                source,
+            })?;
+        // GET_ID answers the configured serial, else the device id (`_disk<N>` by default).
+        let serial = d
+            .serial
+            .clone()
+            .or_else(|| d.id.clone())
+            .unwrap_or_else(|| format!("_disk{i}"));
+        disks.push(OpenDisk {
+            image: Arc::new(image),
+            num_queues: d.num_queues as u16,
+            queue_size: d.queue_size,
+            serial,
+        });
+    }
+    Ok(disks)
 }
 
 impl Board {
@@ -194,6 +239,7 @@ impl Board {
             serial,
             serial_input,
             cmos: Arc::new(Mutex::new(devices::rtc::Rtc::default())),
+            disks: open_disks(config)?,
             start,
         })
     }
@@ -296,6 +342,16 @@ impl Vm {
             reset_register,
         )?;
         let rng_source = open("rng source", &config.rng.src)?;
+        for (i, d) in board.disks.iter().enumerate() {
+            let dev = virtio_devices::block::Block::new(
+                d.image.clone(),
+                d.num_queues,
+                d.queue_size,
+                &d.serial,
+                format!("_disk{i}"),
+            );
+            pci.add_virtio(Box::new(dev))?;
+        }
         pci.add_virtio(Box::new(virtio_devices::rng::Rng::new(
             rng_source,
             "_rng0".into(),

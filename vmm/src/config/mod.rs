@@ -211,6 +211,93 @@ impl ConsoleConfig {
     }
 }
 
+fn default_num_queues() -> usize {
+    1
+}
+
+fn default_queue_size() -> u16 {
+    128
+}
+
+/// A virtio-blk disk (CH `DiskConfig`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    /// Image file or block device.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// The guest may not write.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Open with O_DIRECT (bypass the host page cache).
+    #[serde(default)]
+    pub direct: bool,
+    /// Behind a virtual IOMMU (not supported; must stay false).
+    #[serde(default)]
+    pub iommu: bool,
+    /// Request queues.
+    #[serde(default = "default_num_queues")]
+    pub num_queues: usize,
+    /// Descriptors per queue.
+    #[serde(default = "default_queue_size")]
+    pub queue_size: u16,
+    /// Served by a vhost-user backend (arrives with the split-process work).
+    #[serde(default)]
+    pub vhost_user: bool,
+    /// vhost-user socket.
+    #[serde(default)]
+    pub vhost_socket: Option<String>,
+    /// Device identifier (generated when absent).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// PCI segment.
+    #[serde(default)]
+    pub pci_segment: u16,
+    /// Serial number the guest reads with GET_ID (at most 20 bytes).
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+impl DiskConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: String| {
+            ConfigError::Device(format!(
+                "disk {}: {m}",
+                self.path
+                    .as_deref()
+                    .map_or("?".into(), |p| p.display().to_string())
+            ))
+        };
+        if self.path.is_none() && !self.vhost_user {
+            return Err(ConfigError::Device("disk: path is required".into()));
+        }
+        if self.vhost_user {
+            return Err(err("vhost_user is not supported yet".into()));
+        }
+        if self.iommu {
+            return Err(err("iommu is not supported".into()));
+        }
+        if self.num_queues == 0 || self.num_queues > 64 {
+            return Err(err(format!(
+                "num_queues {} is not in 1..=64",
+                self.num_queues
+            )));
+        }
+        if !self.queue_size.is_power_of_two() || !(2..=1024).contains(&self.queue_size) {
+            return Err(err(format!(
+                "queue_size {} is not a power of two in 2..=1024",
+                self.queue_size
+            )));
+        }
+        if self.serial.as_ref().is_some_and(|s| s.len() > 20) {
+            return Err(err("serial is longer than 20 bytes".into()));
+        }
+        if self.pci_segment != 0 {
+            return Err(err("only PCI segment 0 exists".into()));
+        }
+        Ok(())
+    }
+}
+
 /// The entropy device (CH `RngConfig`); Cloud Hypervisor always has one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -266,6 +353,9 @@ pub struct VmConfig {
     /// What to boot.
     #[serde(default)]
     pub payload: Option<PayloadConfig>,
+    /// Disks.
+    #[serde(default)]
+    pub disks: Option<Vec<DiskConfig>>,
     /// The entropy device.
     #[serde(default)]
     pub rng: RngConfig,
@@ -286,6 +376,7 @@ impl Default for VmConfig {
             cpus: CpusConfig::default(),
             memory: MemoryConfig::default(),
             payload: None,
+            disks: None,
             rng: RngConfig::default(),
             serial: default_serial(),
             console: default_console(),
@@ -355,6 +446,15 @@ impl VmConfig {
         }
         if payload.kernel.is_none() {
             return Err(ConfigError::Payload("no kernel given (--kernel)".into()));
+        }
+        for disk in self.disks.iter().flatten() {
+            disk.validate()?;
+        }
+        let mut ids = std::collections::HashSet::new();
+        for id in self.disks.iter().flatten().filter_map(|d| d.id.as_ref()) {
+            if !ids.insert(id) {
+                return Err(ConfigError::Device(format!("device id {id} is used twice")));
+            }
         }
         if self.rng.iommu {
             return Err(ConfigError::Device("rng: iommu is not supported".into()));

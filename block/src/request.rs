@@ -1,0 +1,510 @@
+//! Parsing virtio-blk requests out of descriptor chains and executing them on a disk.
+
+use std::ops::Deref;
+
+use log::{debug, warn};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
+
+use crate::aligned::AlignedBuffer;
+use crate::disk::DiskBackend;
+use crate::sg::{SgError, SgList};
+use crate::virtio::{
+    BlkStatus, RequestType, DISCARD_SEGMENT_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS,
+    MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEGMENTS, REQUEST_HEADER_SIZE, SECTOR_SHIFT,
+    SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
+};
+
+/// Largest piece of data moved between guest memory and the disk at once; bounds the memory a
+/// request can make the device allocate, whatever length the guest claims.
+const IO_CHUNK: u64 = 1 << 20;
+
+/// Per-device settings request execution needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Refuse writes, discards and write-zeroes with `VIRTIO_BLK_S_IOERR` (also done when the
+    /// disk itself is read-only).
+    pub read_only: bool,
+    /// The `GET_ID` answer: the serial, NUL-padded to 20 bytes.
+    pub serial: [u8; VIRTIO_BLK_ID_BYTES],
+}
+
+impl BlockConfig {
+    /// Settings for a device; `serial` is cut to its first 20 bytes.
+    pub fn new(read_only: bool, serial: &str) -> Self {
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
+        let n = serial.len().min(VIRTIO_BLK_ID_BYTES);
+        id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        BlockConfig {
+            read_only,
+            serial: id,
+        }
+    }
+}
+
+/// Why a descriptor chain is not a usable virtio-blk request.
+///
+/// The chain should be returned to the used ring with length 0; the device may also set
+/// `DEVICE_NEEDS_RESET`, since only a broken or hostile driver builds such chains.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The chain yielded no descriptor (head index out of range, unreadable descriptor table,
+    /// or an invalid indirect table).
+    #[error("descriptor chain is empty or its head is invalid")]
+    EmptyChain,
+    /// The chain stopped while its last descriptor still had `NEXT` set: a loop, a chain longer
+    /// than the queue, a `next` index out of range, an unreadable descriptor, a bad indirect
+    /// table, or more than 4 GiB in total.
+    #[error("descriptor chain is cut short after {descriptors} descriptors")]
+    Truncated {
+        /// Descriptors read before the chain stopped.
+        descriptors: usize,
+    },
+    /// A device-readable descriptor follows a device-writable one.
+    #[error("device-readable descriptor {index} follows a device-writable one")]
+    ReadableAfterWritable {
+        /// Position of the descriptor in the chain.
+        index: usize,
+    },
+    /// A descriptor's buffer is not entirely inside guest memory.
+    #[error("descriptor {index} ({len} bytes at {addr:#x}) is outside guest memory")]
+    OutsideMemory {
+        /// Position of the descriptor in the chain.
+        index: usize,
+        /// Guest address of the buffer.
+        addr: u64,
+        /// Length of the buffer.
+        len: u32,
+    },
+    /// The chain has no device-writable byte to hold the status.
+    #[error("descriptor chain has no device-writable byte for the status")]
+    NoStatus,
+    /// The device-readable part is shorter than the 16-byte request header.
+    #[error("request header is {len} bytes, shorter than 16")]
+    HeaderTooShort {
+        /// Device-readable bytes in the chain.
+        len: u64,
+    },
+    /// Guest memory refused the header read.
+    #[error("cannot read the request header")]
+    HeaderRead(#[source] GuestMemoryError),
+    /// Guest memory refused the status write.
+    #[error("cannot write the status byte at {addr:#x}")]
+    StatusWrite {
+        /// Guest address of the status byte.
+        addr: u64,
+        /// Cause.
+        #[source]
+        source: GuestMemoryError,
+    },
+}
+
+/// How a request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// The status byte written to the guest.
+    pub status: BlkStatus,
+    /// Bytes written into guest memory, status byte included: the used ring `len`.
+    pub used_len: u32,
+}
+
+/// A virtio-blk request parsed from a descriptor chain.
+///
+/// The chain is taken as two byte streams, whatever its descriptor boundaries (virtio 1.x has
+/// no layout requirement): the device-readable part starts with the 16-byte header followed by
+/// `OUT` data or discard/write-zeroes segments; the device-writable part holds `IN`/`GET_ID`
+/// data and ends with the status byte. Zero-length descriptors are ignored.
+#[derive(Clone, Debug)]
+pub struct Request {
+    request_type: RequestType,
+    sector: u64,
+    /// Device-readable bytes, header included.
+    readable: SgList,
+    /// Device-writable bytes, status byte excluded.
+    writable: SgList,
+    status: GuestAddress,
+}
+
+impl Request {
+    /// Parses the chain: walks every descriptor (consuming the chain's iterator), checks each
+    /// buffer lies in guest memory with the right access, and reads the header.
+    ///
+    /// # Errors
+    ///
+    /// A [`RequestError`] for a malformed chain. Requests that are well-formed chains but bad
+    /// requests (unknown type, out of range, ...) parse fine and fail in
+    /// [`execute`](Self::execute) with a status instead.
+    pub fn parse<T>(chain: &mut DescriptorChain<T>) -> Result<Self, RequestError>
+    where
+        T: Deref,
+        T::Target: GuestMemory,
+    {
+        let mut readable = SgList::default();
+        let mut writable = SgList::default();
+        let mut count = 0usize;
+        let mut last_has_next = false;
+        let mut seen_writable = false;
+        // Not a `for` loop: the body needs `chain.memory()`.
+        #[allow(clippy::while_let_on_iterator)]
+        while let Some(desc) = chain.next() {
+            let index = count;
+            count += 1;
+            last_has_next = desc.has_next();
+            let write = desc.is_write_only();
+            if write {
+                seen_writable = true;
+            } else if seen_writable {
+                return Err(RequestError::ReadableAfterWritable { index });
+            }
+            if desc.len() == 0 {
+                continue;
+            }
+            let access = if write {
+                Permissions::Write
+            } else {
+                Permissions::Read
+            };
+            if !chain
+                .memory()
+                .check_range(desc.addr(), desc.len() as usize, access)
+            {
+                return Err(RequestError::OutsideMemory {
+                    index,
+                    addr: desc.addr().0,
+                    len: desc.len(),
+                });
+            }
+            if write {
+                writable.push(desc.addr(), desc.len());
+            } else {
+                readable.push(desc.addr(), desc.len());
+            }
+        }
+        if count == 0 {
+            return Err(RequestError::EmptyChain);
+        }
+        if last_has_next {
+            return Err(RequestError::Truncated { descriptors: count });
+        }
+        let status = writable.pop_last_byte().ok_or(RequestError::NoStatus)?;
+        if readable.len() < REQUEST_HEADER_SIZE {
+            return Err(RequestError::HeaderTooShort {
+                len: readable.len(),
+            });
+        }
+        let mut header = [0u8; REQUEST_HEADER_SIZE as usize];
+        readable
+            .cursor()
+            .read(chain.memory(), &mut header)
+            .map_err(|e| match e {
+                SgError::Memory(source) => RequestError::HeaderRead(source),
+                SgError::PastEnd => RequestError::HeaderTooShort {
+                    len: readable.len(),
+                },
+            })?;
+        let [t0, t1, t2, t3, _, _, _, _, sector @ ..] = header;
+        Ok(Request {
+            request_type: RequestType::from(u32::from_le_bytes([t0, t1, t2, t3])),
+            sector: u64::from_le_bytes(sector),
+            readable,
+            writable,
+            status,
+        })
+    }
+
+    /// The request type from the header.
+    pub fn request_type(&self) -> RequestType {
+        self.request_type
+    }
+
+    /// The start sector (512 bytes) from the header.
+    pub fn sector(&self) -> u64 {
+        self.sector
+    }
+
+    /// Guest address of the status byte.
+    pub fn status_addr(&self) -> GuestAddress {
+        self.status
+    }
+
+    /// Length of the request's payload: device-writable bytes (status excluded) for `IN` and
+    /// `GET_ID`, device-readable bytes after the header for `OUT`, `DISCARD` and
+    /// `WRITE_ZEROES`, 0 otherwise.
+    pub fn data_len(&self) -> u64 {
+        match self.request_type {
+            RequestType::In | RequestType::GetId => self.writable.len(),
+            RequestType::Out | RequestType::Discard | RequestType::WriteZeroes => {
+                self.payload_len()
+            }
+            RequestType::Flush | RequestType::Unsupported(_) => 0,
+        }
+    }
+
+    fn payload_len(&self) -> u64 {
+        self.readable.len() - REQUEST_HEADER_SIZE
+    }
+
+    /// Runs the request on `disk` and writes the status byte into guest memory.
+    ///
+    /// `mem` must be the memory the chain was parsed from. Bad requests get
+    /// `VIRTIO_BLK_S_IOERR` (out of range, data length not a multiple of 512, write to a
+    /// read-only disk, bad discard/write-zeroes segments, disk errors) or `VIRTIO_BLK_S_UNSUPP`
+    /// (unknown type or flags).
+    ///
+    /// # Errors
+    ///
+    /// [`RequestError::StatusWrite`] if the status byte cannot be written.
+    pub fn execute<M>(
+        &self,
+        mem: &M,
+        disk: &dyn DiskBackend,
+        cfg: &BlockConfig,
+    ) -> Result<Completion, RequestError>
+    where
+        M: GuestMemory + ?Sized,
+    {
+        let read_only = cfg.read_only || disk.read_only();
+        let (status, written) = match self.request_type {
+            RequestType::In => self.read(mem, disk),
+            RequestType::Out if read_only => (BlkStatus::IoErr, 0),
+            RequestType::Out => (self.write(mem, disk), 0),
+            RequestType::Flush => match disk.flush() {
+                Ok(()) => (BlkStatus::Ok, 0),
+                Err(e) => {
+                    warn!("virtio-blk flush failed: {e}");
+                    (BlkStatus::IoErr, 0)
+                }
+            },
+            RequestType::GetId => self.get_id(mem, cfg),
+            RequestType::Discard | RequestType::WriteZeroes if read_only => (BlkStatus::IoErr, 0),
+            RequestType::Discard | RequestType::WriteZeroes => (self.discard(mem, disk), 0),
+            RequestType::Unsupported(t) => {
+                debug!("virtio-blk request type {t} unsupported");
+                (BlkStatus::Unsupp, 0)
+            }
+        };
+        mem.write_obj(status as u8, self.status)
+            .map_err(|source| RequestError::StatusWrite {
+                addr: self.status.0,
+                source,
+            })?;
+        Ok(Completion {
+            status,
+            used_len: u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX),
+        })
+    }
+
+    /// Byte offset of `len` bytes at the request's sector, if they lie inside the disk.
+    fn disk_offset(&self, disk: &dyn DiskBackend, len: u64) -> Option<u64> {
+        disk_range(disk, self.sector, len)
+    }
+
+    /// `IN`: disk to device-writable buffers. Returns the status and the bytes written.
+    fn read<M: GuestMemory + ?Sized>(&self, mem: &M, disk: &dyn DiskBackend) -> (BlkStatus, u64) {
+        let len = self.writable.len();
+        if !len.is_multiple_of(SECTOR_SIZE) {
+            debug!("virtio-blk read of {len} bytes: not whole sectors");
+            return (BlkStatus::IoErr, 0);
+        }
+        let Some(offset) = self.disk_offset(disk, len) else {
+            debug!(
+                "virtio-blk read of {len} bytes at sector {} out of range",
+                self.sector
+            );
+            return (BlkStatus::IoErr, 0);
+        };
+        let mut buf = AlignedBuffer::new(len.min(IO_CHUNK) as usize);
+        let mut cursor = self.writable.cursor();
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(IO_CHUNK) as usize;
+            let piece = &mut buf.as_mut_slice()[..n];
+            if let Err(e) = disk.read_at(offset + done, piece) {
+                warn!("virtio-blk read failed: {e}");
+                return (BlkStatus::IoErr, done);
+            }
+            if let Err(e) = cursor.write(mem, piece) {
+                debug!("virtio-blk read: cannot fill guest buffers: {e}");
+                return (BlkStatus::IoErr, done);
+            }
+            done += n as u64;
+        }
+        (BlkStatus::Ok, done)
+    }
+
+    /// `OUT`: device-readable buffers to disk.
+    fn write<M: GuestMemory + ?Sized>(&self, mem: &M, disk: &dyn DiskBackend) -> BlkStatus {
+        let len = self.payload_len();
+        if !len.is_multiple_of(SECTOR_SIZE) {
+            debug!("virtio-blk write of {len} bytes: not whole sectors");
+            return BlkStatus::IoErr;
+        }
+        let Some(offset) = self.disk_offset(disk, len) else {
+            debug!(
+                "virtio-blk write of {len} bytes at sector {} out of range",
+                self.sector
+            );
+            return BlkStatus::IoErr;
+        };
+        let mut buf = AlignedBuffer::new(len.min(IO_CHUNK) as usize);
+        let mut cursor = self.readable.cursor();
+        if cursor.skip(REQUEST_HEADER_SIZE as usize).is_err() {
+            return BlkStatus::IoErr;
+        }
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(IO_CHUNK) as usize;
+            let piece = &mut buf.as_mut_slice()[..n];
+            if let Err(e) = cursor.read(mem, piece) {
+                debug!("virtio-blk write: cannot read guest buffers: {e}");
+                return BlkStatus::IoErr;
+            }
+            if let Err(e) = disk.write_at(offset + done, piece) {
+                warn!("virtio-blk write failed: {e}");
+                return BlkStatus::IoErr;
+            }
+            done += n as u64;
+        }
+        BlkStatus::Ok
+    }
+
+    /// `GET_ID`: the serial, as much of it as fits.
+    fn get_id<M: GuestMemory + ?Sized>(&self, mem: &M, cfg: &BlockConfig) -> (BlkStatus, u64) {
+        let n = self.writable.len().min(VIRTIO_BLK_ID_BYTES as u64) as usize;
+        match self.writable.cursor().write(mem, &cfg.serial[..n]) {
+            Ok(()) => (BlkStatus::Ok, n as u64),
+            Err(e) => {
+                debug!("virtio-blk get-id: cannot fill guest buffer: {e}");
+                (BlkStatus::IoErr, 0)
+            }
+        }
+    }
+
+    /// `DISCARD` and `WRITE_ZEROES`: validates every segment, then applies them in order.
+    fn discard<M: GuestMemory + ?Sized>(&self, mem: &M, disk: &dyn DiskBackend) -> BlkStatus {
+        let zeroes = self.request_type == RequestType::WriteZeroes;
+        let (max_segments, max_sectors, allowed_flags) = if zeroes {
+            (
+                MAX_WRITE_ZEROES_SEGMENTS,
+                MAX_WRITE_ZEROES_SECTORS,
+                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+            )
+        } else {
+            (MAX_DISCARD_SEGMENTS, MAX_DISCARD_SECTORS, 0)
+        };
+        let len = self.payload_len();
+        let count = len / DISCARD_SEGMENT_SIZE;
+        if len == 0 || !len.is_multiple_of(DISCARD_SEGMENT_SIZE) || count > u64::from(max_segments)
+        {
+            debug!("virtio-blk discard/write-zeroes with {len} bytes of segments");
+            return BlkStatus::IoErr;
+        }
+        let mut raw = vec![0u8; len as usize];
+        let mut cursor = self.readable.cursor();
+        if let Err(e) = cursor
+            .skip(REQUEST_HEADER_SIZE as usize)
+            .and_then(|()| cursor.read(mem, &mut raw))
+        {
+            debug!("virtio-blk discard/write-zeroes: cannot read segments: {e}");
+            return BlkStatus::IoErr;
+        }
+
+        let mut ranges = Vec::with_capacity(count as usize);
+        for segment in raw.chunks_exact(DISCARD_SEGMENT_SIZE as usize) {
+            let Ok([s0, s1, s2, s3, s4, s5, s6, s7, n0, n1, n2, n3, f0, f1, f2, f3]) =
+                <[u8; 16]>::try_from(segment)
+            else {
+                return BlkStatus::IoErr;
+            };
+            let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+            let num_sectors = u32::from_le_bytes([n0, n1, n2, n3]);
+            let flags = u32::from_le_bytes([f0, f1, f2, f3]);
+            if flags & !allowed_flags != 0 {
+                debug!("virtio-blk discard/write-zeroes flags {flags:#x} unsupported");
+                return BlkStatus::Unsupp;
+            }
+            if num_sectors > max_sectors {
+                debug!("virtio-blk discard/write-zeroes of {num_sectors} sectors: too many");
+                return BlkStatus::IoErr;
+            }
+            let bytes = u64::from(num_sectors) << SECTOR_SHIFT;
+            let Some(offset) = disk_range(disk, sector, bytes) else {
+                debug!("virtio-blk discard/write-zeroes at sector {sector} out of range");
+                return BlkStatus::IoErr;
+            };
+            let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+            ranges.push((offset, bytes, unmap));
+        }
+
+        for (offset, bytes, unmap) in ranges {
+            let result = if zeroes {
+                disk.write_zeroes(offset, bytes, unmap)
+            } else {
+                disk.discard(offset, bytes)
+            };
+            if let Err(e) = result {
+                warn!("virtio-blk discard/write-zeroes failed: {e}");
+                return BlkStatus::IoErr;
+            }
+        }
+        BlkStatus::Ok
+    }
+}
+
+/// Byte offset of `len` bytes at `sector`, if `sector * 512 + len` neither overflows nor
+/// passes the disk's last whole sector.
+fn disk_range(disk: &dyn DiskBackend, sector: u64, len: u64) -> Option<u64> {
+    let capacity = disk.size() >> SECTOR_SHIFT << SECTOR_SHIFT;
+    let offset = sector.checked_mul(SECTOR_SIZE)?;
+    let end = offset.checked_add(len)?;
+    (end <= capacity).then_some(offset)
+}
+
+/// Parses and executes one chain: the per-chain step of [`process_queue`](crate::process_queue),
+/// for devices that manage their queue themselves.
+///
+/// On `Ok`, put the chain's head in the used ring with [`Completion::used_len`]; on `Err`, put
+/// it there with length 0.
+pub fn process_chain<T>(
+    mut chain: DescriptorChain<T>,
+    disk: &dyn DiskBackend,
+    cfg: &BlockConfig,
+) -> Result<Completion, RequestError>
+where
+    T: Deref,
+    T::Target: GuestMemory,
+{
+    let request = Request::parse(&mut chain)?;
+    request.execute(chain.memory(), disk, cfg)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeDisk;
+
+    #[test]
+    fn block_config_serial() {
+        let c = BlockConfig::new(false, "abc");
+        assert_eq!(&c.serial[..4], b"abc\0");
+        let long = BlockConfig::new(true, "0123456789abcdefghijKLMN");
+        assert_eq!(&long.serial, b"0123456789abcdefghij");
+        assert!(long.read_only);
+    }
+
+    #[test]
+    fn disk_range_checks() {
+        let disk = FakeDisk::new(4096 + 100);
+        assert_eq!(disk_range(&disk, 0, 4096), Some(0));
+        assert_eq!(disk_range(&disk, 7, 512), Some(3584));
+        // The partial sector at the end is not part of the disk.
+        assert_eq!(disk_range(&disk, 8, 1), None);
+        assert_eq!(disk_range(&disk, 8, 0), Some(4096));
+        assert_eq!(disk_range(&disk, 9, 0), None);
+        assert_eq!(disk_range(&disk, u64::MAX, 0), None);
+        assert_eq!(disk_range(&disk, u64::MAX >> 9, 512), None);
+        assert_eq!(disk_range(&disk, 0, u64::MAX), None);
+    }
+}
