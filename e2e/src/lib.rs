@@ -8,7 +8,11 @@
 //! * [`run_vm`] runs a VMM command with a hard timeout and collects its output;
 //! * [`GuestReport`] parses the guest's output protocol and asserts on it;
 //! * [`require_kvm`] and [`qemu_binary`] implement the environment policy:
-//!   without `/dev/kvm` a test is skipped loudly, a missing QEMU is a failure.
+//!   without `/dev/kvm` a test is skipped loudly, a missing QEMU is a failure;
+//! * stage 2 (PCI, virtio-pci): [`Stage2Keys`] builds the command-line keys,
+//!   [`write_disk_pattern`] / [`verify_disk_pattern`] prepare and check a disk
+//!   image for the virtio-blk checks, [`virtio_checks`] names the checks a
+//!   device reports, [`ScratchDir`] holds the files of one test.
 //!
 //! This is test support code: its functions panic with a descriptive message
 //! when the environment is broken (guest does not build, QEMU missing).
@@ -16,10 +20,12 @@
 #![deny(missing_docs)]
 
 use std::fmt::Write as _;
-use std::io::Read;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write as _};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -42,6 +48,240 @@ pub const STAGE1_CHECKS: &[&str] = &[
     "smp",
     "rtc",
 ];
+
+/// The stage-2 PCI checks every guest run reports (with or without virtio
+/// devices). Without `expect.virtio`, `virtio.count` only reports what it found.
+pub const STAGE2_PCI_CHECKS: &[&str] = &[
+    "pci.enum",
+    "pci.hostbridge",
+    "pci.bars",
+    "pci.caps",
+    "virtio.count",
+    "virtio.modern",
+];
+
+/// Checks every modern virtio-blk device reports when the command line has
+/// `blk.pattern.sector` (without `blk.readonly=1`). `mq` is reported only if
+/// the device offers a second queue, `readonly` only with `blk.readonly=1`
+/// (which replaces `write`).
+pub const VIRTIO_BLK_CHECKS: &[&str] = &[
+    "init",
+    "pcicfg",
+    "capacity",
+    "read",
+    "get_id",
+    "flush",
+    "write",
+    "oob",
+    "msix_mask",
+    "msix",
+];
+
+/// Checks every modern virtio-rng device reports.
+pub const VIRTIO_RNG_CHECKS: &[&str] = &["init", "pcicfg", "read", "msix"];
+
+/// Checks every modern virtio-console device reports.
+pub const VIRTIO_CONSOLE_CHECKS: &[&str] = &["init", "pcicfg", "write", "msix"];
+
+/// Checks every modern virtio-net device reports (initialisation only).
+pub const VIRTIO_NET_CHECKS: &[&str] = &["init", "pcicfg"];
+
+/// Full check names for device `n` of `kind` (`blk`, `rng`, `console`,
+/// `net`): `virtio.<kind><n>.<check>` for each of `checks`.
+pub fn virtio_checks(kind: &str, n: usize, checks: &[&str]) -> Vec<String> {
+    checks
+        .iter()
+        .map(|c| format!("virtio.{kind}{n}.{c}"))
+        .collect()
+}
+
+/// Sector size of the disk patterns.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Sectors the guest's `write` check writes, from `blk.pattern.sector`.
+pub const GUEST_WRITE_SECTORS: u64 = 8;
+
+/// The host pattern (`blk.pattern.sector`): the byte at absolute offset `o`
+/// of the disk image.
+pub fn disk_pattern_byte(o: u64) -> u8 {
+    ((o >> 9) as u8) ^ ((o & 0x1ff) as u8) ^ 0xa5
+}
+
+/// The guest pattern: the byte the guest writes at absolute offset `o` of
+/// sectors `S..S + 8` (`S` = `blk.pattern.sector`).
+pub fn guest_pattern_byte(o: u64) -> u8 {
+    ((o >> 9) as u8).wrapping_mul(7) ^ 0x3c ^ ((o & 0xff) as u8)
+}
+
+/// Creates (or truncates) `path` as a raw disk image of `size` bytes (a
+/// multiple of 512) filled with the host pattern ([`disk_pattern_byte`]).
+pub fn write_disk_pattern(path: &Path, size: u64) -> std::io::Result<()> {
+    if !size.is_multiple_of(SECTOR_SIZE) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("disk size {size} is not a multiple of {SECTOR_SIZE}"),
+        ));
+    }
+    let mut w = BufWriter::with_capacity(1 << 20, File::create(path)?);
+    let mut chunk = vec![0u8; 1 << 16];
+    let mut o = 0u64;
+    while o < size {
+        let n = chunk
+            .len()
+            .min(usize::try_from(size - o).unwrap_or(usize::MAX));
+        for (i, b) in chunk[..n].iter_mut().enumerate() {
+            *b = disk_pattern_byte(o + i as u64);
+        }
+        w.write_all(&chunk[..n])?;
+        o += n as u64;
+    }
+    w.into_inner().map_err(|e| e.into_error())?.sync_all()
+}
+
+/// Checks a disk image prepared by [`write_disk_pattern`]: exactly `size`
+/// bytes, the host pattern everywhere except, if `guest_sector` is given,
+/// sectors `guest_sector..guest_sector + GUEST_WRITE_SECTORS`, which must hold
+/// the guest pattern ([`guest_pattern_byte`]). The error names the number of
+/// wrong bytes and the first few.
+pub fn verify_disk_pattern(
+    path: &Path,
+    size: u64,
+    guest_sector: Option<u64>,
+) -> Result<(), String> {
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let len = file
+        .metadata()
+        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?
+        .len();
+    if len != size {
+        return Err(format!(
+            "{} is {len} bytes, expected {size}",
+            path.display()
+        ));
+    }
+    let guest = guest_sector.map(|s| s * SECTOR_SIZE..(s + GUEST_WRITE_SECTORS) * SECTOR_SIZE);
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    let mut chunk = vec![0u8; 1 << 16];
+    let mut o = 0u64;
+    let mut wrong = 0u64;
+    let mut first = String::new();
+    while o < size {
+        let n = chunk
+            .len()
+            .min(usize::try_from(size - o).unwrap_or(usize::MAX));
+        r.read_exact(&mut chunk[..n])
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        for (i, &got) in chunk[..n].iter().enumerate() {
+            let at = o + i as u64;
+            let (want, which) = match &guest {
+                Some(g) if g.contains(&at) => (guest_pattern_byte(at), "guest"),
+                _ => (disk_pattern_byte(at), "host"),
+            };
+            if got != want {
+                if wrong < 8 {
+                    let _ = write!(
+                        first,
+                        "\n  offset {at:#x} (sector {}): {got:#04x}, expected {want:#04x} ({which} pattern)",
+                        at / SECTOR_SIZE
+                    );
+                }
+                wrong += 1;
+            }
+        }
+        o += n as u64;
+    }
+    if wrong == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {wrong} byte(s) differ from the expected patterns:{first}",
+            path.display()
+        ))
+    }
+}
+
+/// The stage-2 command-line keys (see docs/test-guest.md); all optional.
+#[derive(Debug, Clone, Default)]
+pub struct Stage2Keys {
+    /// `expect.virtio=kind:count,...` (kinds `blk`, `net`, `rng`, `console`);
+    /// `None` leaves the key out.
+    pub virtio: Option<Vec<(&'static str, u32)>>,
+    /// `blk.pattern.sector=S`: the disk holds the host pattern; the guest
+    /// writes its own to sectors `S..S + 8`.
+    pub blk_pattern_sector: Option<u64>,
+    /// `blk.serial=...`: expected GET_ID string (no spaces).
+    pub blk_serial: Option<String>,
+    /// `blk.readonly=1`.
+    pub blk_readonly: bool,
+    /// `console.message=...`: what the guest writes on the virtio console
+    /// (no spaces), followed by a newline.
+    pub console_message: Option<String>,
+}
+
+impl Stage2Keys {
+    /// The keys as space-separated words (empty if none is set), to append
+    /// to a stage-1 command line.
+    pub fn to_cmdline(&self) -> String {
+        let mut words = Vec::new();
+        if let Some(v) = &self.virtio {
+            let list: Vec<String> = v.iter().map(|(k, n)| format!("{k}:{n}")).collect();
+            words.push(format!("expect.virtio={}", list.join(",")));
+        }
+        if let Some(s) = self.blk_pattern_sector {
+            words.push(format!("blk.pattern.sector={s}"));
+        }
+        if let Some(s) = &self.blk_serial {
+            words.push(format!("blk.serial={s}"));
+        }
+        if self.blk_readonly {
+            words.push("blk.readonly=1".to_string());
+        }
+        if let Some(m) = &self.console_message {
+            words.push(format!("console.message={m}"));
+        }
+        words.join(" ")
+    }
+}
+
+/// A fresh directory under the system temporary directory, removed with
+/// everything in it when dropped.
+#[derive(Debug)]
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    /// Creates `<tmp>/nimbus-<tag>-<pid>-<n>`.
+    ///
+    /// # Panics
+    /// If the directory cannot be created.
+    pub fn new(tag: &str) -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!("nimbus-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        if let Err(e) = std::fs::create_dir_all(&path) {
+            panic!("cannot create {}: {e}", path.display());
+        }
+        ScratchDir { path }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A path inside the directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
 
 /// Environment variables that would change how the guest is compiled (they
 /// override `guest/.cargo/config.toml`), removed before building it.
@@ -613,6 +853,66 @@ mod tests {
         assert_eq!(run.status.and_then(|s| s.code()), Some(3));
         assert_eq!(run.stdout, "out\n");
         assert_eq!(run.stderr, "err\n");
+    }
+
+    #[test]
+    fn disk_patterns_match_the_guest_definition() {
+        // Spot values from the definitions in docs/test-guest.md.
+        assert_eq!(disk_pattern_byte(0), 0xa5);
+        assert_eq!(disk_pattern_byte(0x1ff), 0xff ^ 0xa5);
+        assert_eq!(disk_pattern_byte(0x201), 0xa5); // sector 1 ^ byte 1
+        assert_eq!(guest_pattern_byte(0), 0x3c);
+        assert_eq!(guest_pattern_byte(0x203), 7 ^ 0x3c ^ 3);
+        assert_eq!(guest_pattern_byte(0x2_0000), 0x3c); // sector 256 wraps to 0
+    }
+
+    #[test]
+    fn disk_pattern_write_and_verify() {
+        let dir = ScratchDir::new("e2e-unit-disk");
+        let img = dir.file("disk.img");
+        let size = 64 * SECTOR_SIZE;
+        write_disk_pattern(&img, size).expect("write image");
+        verify_disk_pattern(&img, size, None).expect("fresh image verifies");
+        assert!(verify_disk_pattern(&img, size, Some(8)).is_err());
+        // Write the guest pattern to sectors 8..16 like the guest does.
+        let mut data = std::fs::read(&img).expect("read image");
+        for o in 8 * SECTOR_SIZE..16 * SECTOR_SIZE {
+            data[o as usize] = guest_pattern_byte(o);
+        }
+        data[100] ^= 1;
+        std::fs::write(&img, &data).expect("write image");
+        let err = verify_disk_pattern(&img, size, Some(8)).expect_err("one byte is wrong");
+        assert!(
+            err.contains("1 byte(s) differ") && err.contains("offset 0x64"),
+            "{err}"
+        );
+        data[100] ^= 1;
+        std::fs::write(&img, &data).expect("write image");
+        verify_disk_pattern(&img, size, Some(8)).expect("guest pattern verifies");
+        assert!(verify_disk_pattern(&img, size + SECTOR_SIZE, Some(8)).is_err());
+        let path = dir.path().to_path_buf();
+        drop(dir);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn stage2_keys_cmdline() {
+        assert_eq!(Stage2Keys::default().to_cmdline(), "");
+        let k = Stage2Keys {
+            virtio: Some(vec![("blk", 1), ("rng", 1)]),
+            blk_pattern_sector: Some(2048),
+            blk_serial: Some("abc".into()),
+            blk_readonly: true,
+            console_message: Some("hi".into()),
+        };
+        assert_eq!(
+            k.to_cmdline(),
+            "expect.virtio=blk:1,rng:1 blk.pattern.sector=2048 blk.serial=abc blk.readonly=1 console.message=hi"
+        );
+        assert_eq!(
+            virtio_checks("rng", 0, VIRTIO_RNG_CHECKS)[0],
+            "virtio.rng0.init"
+        );
     }
 
     #[test]

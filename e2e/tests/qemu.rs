@@ -5,11 +5,15 @@
 //! Needs /dev/kvm (skipped loudly without it) and qemu-system-x86_64 (a
 //! failure without it: run scripts/install-deps).
 
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use e2e::{
-    guest_elf, qemu_binary, qemu_q35_command, require_kvm, run_vm, stage1_cmdline, GuestReport,
-    STAGE1_CHECKS,
+    guest_elf, qemu_binary, qemu_q35_command, require_kvm, run_vm, stage1_cmdline,
+    verify_disk_pattern, virtio_checks, write_disk_pattern, GuestReport, ScratchDir, Stage2Keys,
+    VmRun, STAGE1_CHECKS, STAGE2_PCI_CHECKS, VIRTIO_BLK_CHECKS, VIRTIO_CONSOLE_CHECKS,
+    VIRTIO_RNG_CHECKS,
 };
 
 /// SeaBIOS alone takes ~3 s on PVM hosts (its CPL0 code is emulated).
@@ -26,6 +30,8 @@ fn boot_stage1(test: &str, cpus: u32, mem_mib: u64) -> GuestReport {
     run.assert_success();
     let report = run.report();
     report.assert_passed(STAGE1_CHECKS);
+    // Stage 2 runs too: q35's own PCI devices (no virtio) must pass.
+    report.assert_passed(STAGE2_PCI_CHECKS);
     assert_eq!(
         report.detail("cmdline"),
         Some(format!("\"{cmdline}\"").as_str()),
@@ -101,4 +107,166 @@ fn qemu_q35_guest_fault_is_reported() {
         "{}",
         run.describe()
     );
+}
+
+/// Size of the stage-2 test disk image.
+const DISK_SIZE: u64 = 8 << 20;
+/// Where the guest writes its pattern (4 KiB from here), well inside the disk.
+const PATTERN_SECTOR: u64 = 2048;
+const DISK_SERIAL: &str = "nimbus-qemu-disk0";
+const CONSOLE_MESSAGE: &str = "nimbus-virtio-console-ok";
+
+/// Boots q35 with the stage-2 command line plus `devices` (QEMU arguments)
+/// and returns the run after checking that QEMU exited 0.
+fn boot_stage2(test: &str, keys: &Stage2Keys, devices: &[&str]) -> (VmRun, GuestReport) {
+    qemu_binary();
+    let cmdline = format!("{} {}", stage1_cmdline(1, 256 << 20), keys.to_cmdline());
+    let elf = guest_elf();
+    let mut cmd: Command = qemu_q35_command(&elf, 1, 256, &cmdline);
+    cmd.args(devices);
+    let run = run_vm(cmd, TIMEOUT);
+    eprintln!("{test}: QEMU finished in {:.1?}", run.elapsed);
+    run.assert_success();
+    let report = run.report();
+    assert_eq!(
+        report.detail("cmdline"),
+        Some(format!("\"{cmdline}\"").as_str()),
+        "{}",
+        run.describe()
+    );
+    (run, report)
+}
+
+fn drive_arg(image: &Path, readonly: bool) -> String {
+    format!(
+        "if=none,id=d0,format=raw,file={}{}",
+        image.display(),
+        if readonly { ",readonly=on" } else { "" }
+    )
+}
+
+/// Stage 2 against QEMU's modern-only virtio-pci devices: a virtio-blk disk
+/// with two request queues and a serial number, virtio-rng, and a
+/// virtio-serial device with a console on port 0. Afterwards the disk image
+/// must hold the guest's pattern exactly in the sectors it wrote and the host
+/// pattern everywhere else, and the console file the guest's message.
+#[test]
+fn qemu_q35_stage2_virtio() {
+    if !require_kvm("qemu_q35_stage2_virtio") {
+        return;
+    }
+    let dir = ScratchDir::new("qemu-stage2");
+    let image = dir.file("disk.img");
+    let console = dir.file("console.txt");
+    write_disk_pattern(&image, DISK_SIZE).expect("write the disk image");
+    let keys = Stage2Keys {
+        virtio: Some(vec![("blk", 1), ("rng", 1), ("console", 1)]),
+        blk_pattern_sector: Some(PATTERN_SECTOR),
+        blk_serial: Some(DISK_SERIAL.to_string()),
+        console_message: Some(CONSOLE_MESSAGE.to_string()),
+        ..Stage2Keys::default()
+    };
+    let blk =
+        format!("virtio-blk-pci,drive=d0,disable-legacy=on,serial={DISK_SERIAL},num-queues=2");
+    let drive = drive_arg(&image, false);
+    let chardev = format!("file,id=c0,path={}", console.display());
+    let (run, report) = boot_stage2(
+        "qemu_q35_stage2_virtio",
+        &keys,
+        &[
+            "-device",
+            &blk,
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-rng-pci,disable-legacy=on",
+            "-device",
+            "virtio-serial-pci,disable-legacy=on",
+            "-chardev",
+            &chardev,
+            "-device",
+            "virtconsole,chardev=c0",
+        ],
+    );
+    let mut names: Vec<String> = STAGE1_CHECKS
+        .iter()
+        .chain(STAGE2_PCI_CHECKS)
+        .map(|s| s.to_string())
+        .collect();
+    names.extend(virtio_checks("blk", 0, VIRTIO_BLK_CHECKS));
+    names.extend(virtio_checks("blk", 0, &["mq"]));
+    names.extend(virtio_checks("rng", 0, VIRTIO_RNG_CHECKS));
+    names.extend(virtio_checks("console", 0, VIRTIO_CONSOLE_CHECKS));
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    report.assert_passed(&names);
+    assert!(
+        report
+            .detail("virtio.blk0.get_id")
+            .is_some_and(|d| d.contains(&format!("id=\"{DISK_SERIAL}\""))),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        report
+            .detail("virtio.blk0.capacity")
+            .is_some_and(|d| d.contains(&format!("sectors={} ", DISK_SIZE / 512))),
+        "{}",
+        run.describe()
+    );
+    if let Err(e) = verify_disk_pattern(&image, DISK_SIZE, Some(PATTERN_SECTOR)) {
+        panic!("disk image after the run: {e}\n{}", run.describe());
+    }
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(
+        text.contains(&format!("{CONSOLE_MESSAGE}\n")),
+        "virtio console output {text:?} lacks {CONSOLE_MESSAGE:?}\n{}",
+        run.describe()
+    );
+}
+
+/// A read-only virtio-blk disk: the device offers VIRTIO_BLK_F_RO, a write
+/// fails with IOERR, and the image file is unchanged.
+#[test]
+fn qemu_q35_stage2_readonly_disk() {
+    if !require_kvm("qemu_q35_stage2_readonly_disk") {
+        return;
+    }
+    let dir = ScratchDir::new("qemu-stage2-ro");
+    let image = dir.file("disk.img");
+    write_disk_pattern(&image, DISK_SIZE).expect("write the disk image");
+    let keys = Stage2Keys {
+        virtio: Some(vec![("blk", 1)]),
+        blk_pattern_sector: Some(PATTERN_SECTOR),
+        blk_readonly: true,
+        ..Stage2Keys::default()
+    };
+    let drive = drive_arg(&image, true);
+    let (run, report) = boot_stage2(
+        "qemu_q35_stage2_readonly_disk",
+        &keys,
+        &[
+            "-device",
+            "virtio-blk-pci,drive=d0,disable-legacy=on",
+            "-drive",
+            &drive,
+        ],
+    );
+    let checks: Vec<&str> = VIRTIO_BLK_CHECKS
+        .iter()
+        .copied()
+        .filter(|&c| c != "write")
+        .chain(["readonly"])
+        .collect();
+    let mut names: Vec<String> = STAGE2_PCI_CHECKS.iter().map(|s| s.to_string()).collect();
+    names.extend(virtio_checks("blk", 0, &checks));
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    report.assert_passed(&names);
+    assert!(
+        report.test("virtio.blk0.write").is_none(),
+        "no write check on a read-only disk\n{}",
+        run.describe()
+    );
+    if let Err(e) = verify_disk_pattern(&image, DISK_SIZE, None) {
+        panic!("read-only disk image changed: {e}\n{}", run.describe());
+    }
 }

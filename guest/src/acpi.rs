@@ -115,6 +115,19 @@ pub struct Acpi {
     pub fadt: Option<Fadt>,
     /// Parsed MADT, if present and valid.
     pub madt: Option<Madt>,
+    /// The MCFG allocation for PCI segment 0 that covers bus 0, if any.
+    pub ecam: Option<Ecam>,
+}
+
+/// One MCFG allocation (an ECAM window).
+#[derive(Clone, Copy, Debug)]
+pub struct Ecam {
+    /// Base address of the window (the address of bus `start_bus`).
+    pub base: u64,
+    /// First bus decoded.
+    pub start_bus: u8,
+    /// Last bus decoded.
+    pub end_bus: u8,
 }
 
 impl Acpi {
@@ -222,6 +235,7 @@ pub fn run(si: &StartInfo, expect: &Expectations) -> Acpi {
         count: 0,
         fadt: None,
         madt: None,
+        ecam: None,
     };
 
     if let Some(root) = check_rsdp(si.rsdp_paddr) {
@@ -272,7 +286,7 @@ pub fn run(si: &StartInfo, expect: &Expectations) -> Acpi {
     }
 
     acpi.madt = check_madt(acpi.find(b"APIC"), expect);
-    check_mcfg(acpi.find(b"MCFG"));
+    acpi.ecam = check_mcfg(acpi.find(b"MCFG"));
     plan_shutdown(&acpi);
     acpi
 }
@@ -583,10 +597,11 @@ fn check_madt(t: Option<Table>, expect: &Expectations) -> Option<Madt> {
     Some(madt)
 }
 
-fn check_mcfg(t: Option<Table>) {
+/// The `acpi.mcfg` check; returns the segment-0 allocation that covers bus 0.
+fn check_mcfg(t: Option<Table>) -> Option<Ecam> {
     let Some(t) = t else {
         check("acpi.mcfg", false, format_args!("no valid MCFG"));
-        return;
+        return None;
     };
     let n = u64::from(t.len.saturating_sub(44)) / 16;
     if n == 0 {
@@ -595,8 +610,9 @@ fn check_mcfg(t: Option<Table>) {
             false,
             format_args!("no allocation in MCFG (len={})", t.len),
         );
-        return;
+        return None;
     }
+    let mut ecam = None;
     let mut ok = true;
     let mut detail: StrBuf<200> = StrBuf::new();
     for i in 0..n {
@@ -612,8 +628,16 @@ fn check_mcfg(t: Option<Table>) {
             if i > 0 { "; " } else { "" }
         );
         ok &= base != 0 && start <= end;
+        if ecam.is_none() && seg == 0 && start == 0 && base != 0 && start <= end {
+            ecam = Some(Ecam {
+                base,
+                start_bus: start,
+                end_bus: end,
+            });
+        }
     }
     check("acpi.mcfg", ok, format_args!("{detail}"));
+    ecam
 }
 
 /// Finds `Name(_S5_, Package(){ SLP_TYPa, ... })` in an AML table and
@@ -768,6 +792,7 @@ pub fn plan_shutdown_quietly(start_info_addr: u64) {
         count: 0,
         fadt: None,
         madt: None,
+        ecam: None,
     };
     for i in 0..u64::from(root.len - HEADER_LEN) / entry_size {
         let at = root.addr + u64::from(HEADER_LEN) + i * entry_size;

@@ -20,8 +20,16 @@ extern "C" {
     static ap_trampoline_end: u8;
     static __image_start: u8;
     static __image_end: u8;
+    static irq_counts: [u64; IRQ_VECTORS + 1];
+    static mut lapic_eoi_addr: u64;
     fn svc_park_insn() -> !;
 }
+
+/// First interrupt vector the CPL0 handler counts (MSI-X vectors of the
+/// stage-2 virtio checks).
+pub const IRQ_VECTOR_BASE: u8 = 0x40;
+/// Number of counted vectors: `IRQ_VECTOR_BASE..IRQ_VECTOR_BASE + IRQ_VECTORS`.
+pub const IRQ_VECTORS: usize = 64;
 
 /// Writes a byte to an I/O port.
 pub fn outb(port: u16, value: u8) {
@@ -40,12 +48,30 @@ pub fn outw(port: u16, value: u16) {
     }
 }
 
+/// Writes a 32-bit word to an I/O port.
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
 /// Reads a byte from an I/O port.
 pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: as for `outb`.
     unsafe {
         asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags))
+    }
+    v
+}
+
+/// Reads a 16-bit word from an I/O port.
+pub fn inw(port: u16) -> u16 {
+    let v: u16;
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("in ax, dx", in("dx") port, out("ax") v, options(nomem, nostack, preserves_flags))
     }
     v
 }
@@ -135,4 +161,32 @@ pub fn image_range() -> (u64, u64) {
         (&raw const __image_start) as u64,
         (&raw const __image_end) as u64,
     )
+}
+
+/// How many interrupts the CPL0 handler has counted on `vector` (0 for a
+/// vector outside the counted range).
+pub fn irq_count(vector: u8) -> u64 {
+    let Some(i) = usize::from(vector).checked_sub(usize::from(IRQ_VECTOR_BASE)) else {
+        return 0;
+    };
+    if i >= IRQ_VECTORS {
+        return 0;
+    }
+    // SAFETY: the counters are plain memory the CPL0 handler increments;
+    // an aligned volatile read of one of them is always valid.
+    unsafe { core::ptr::read_volatile((&raw const irq_counts).cast::<u64>().add(i)) }
+}
+
+/// Number of spurious-vector (0xff) interrupts the CPL0 handler has seen.
+pub fn spurious_count() -> u64 {
+    // SAFETY: as for `irq_count`; slot IRQ_VECTORS is the spurious counter.
+    unsafe { core::ptr::read_volatile((&raw const irq_counts).cast::<u64>().add(IRQ_VECTORS)) }
+}
+
+/// Sets the address of the local APIC EOI register the CPL0 interrupt
+/// handler writes (LAPIC base + 0xb0).
+pub fn set_lapic_eoi(addr: u64) {
+    // SAFETY: a plain store the CPL0 handler reads; no interrupt is expected
+    // before the stage-2 checks program a vector, which happens afterwards.
+    unsafe { core::ptr::write_volatile(&raw mut lapic_eoi_addr, addr) }
 }

@@ -39,6 +39,9 @@
 .set PTE_LARGE,      0x87
 /* cache disable + write-through for the 3..4 GiB MMIO hole */
 .set PTE_UNCACHED,   0x18
+/* Device interrupt vectors counted by isr_common (arch::IRQ_VECTOR_BASE/IRQ_VECTORS) */
+.set IRQ_BASE,       0x40
+.set IRQ_COUNT,      64
 /* RFLAGS for CPL3: IOPL=3, IF=1, reserved bit 1 */
 .set USER_RFLAGS,    0x3202
 
@@ -293,8 +296,33 @@ isr_stubs:
     .set vec, vec + 1
 .endr
 
-/* Stack: vector, error, rip, cs, rflags, rsp, ss. */
+/*
+ * Stack: vector, error, rip, cs, rflags, rsp, ss.
+ *
+ * Vectors IRQ_BASE..IRQ_BASE+IRQ_COUNT-1 are device interrupts (the stage-2
+ * MSI-X vectors): count them in irq_counts, EOI the local APIC, return.
+ * Vector 0xff is the APIC spurious vector: count it, no EOI. Everything else
+ * is a fault (or the park service call).
+ */
 isr_common:
+    cmpq $IRQ_BASE, (%rsp)
+    jb 2f
+    cmpq $0xff, (%rsp)
+    je 3f
+    cmpq $(IRQ_BASE + IRQ_COUNT), (%rsp)
+    jae 2f
+    pushq %rax
+    movq 8(%rsp), %rax
+    lock incq irq_counts - IRQ_BASE * 8(, %rax, 8)
+    movq lapic_eoi_addr(%rip), %rax
+    movl $0, (%rax)
+    popq %rax
+    addq $16, %rsp
+    iretq
+3:  lock incq irq_counts + IRQ_COUNT * 8(%rip)
+    addq $16, %rsp
+    iretq
+2:
     cmpq $6, (%rsp)                     /* #UD at svc_park_insn: park */
     jne 1f
     leaq svc_park_insn(%rip), %rax
@@ -455,6 +483,14 @@ ap_next_index:
     .long 1
 fault_lock:
     .long 0
+/* Interrupt counters: one per vector IRQ_BASE.., then the spurious vector. */
+.global irq_counts
+irq_counts:
+    .fill IRQ_COUNT + 1, 8, 0
+/* Local APIC EOI register written by the interrupt path (set from the MADT). */
+.global lapic_eoi_addr
+lapic_eoi_addr:
+    .quad 0xfee000b0
 .global fault_info
 fault_info:
     .fill 8, 8, 0                       /* vector error rip cs rflags rsp cr2 cpu */

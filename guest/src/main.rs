@@ -1,4 +1,5 @@
-//! Nimbus test guest, stage 1.
+//! Nimbus test guest: stage 1 (boot, memory, ACPI, SMP, RTC) then stage 2
+//! (PCI, virtio-pci).
 //!
 //! A freestanding PVH guest: `boot.s` does the CPL0 minimum (long mode,
 //! GDT/IDT/TSS, identity map) and drops to CPL3, where everything in this
@@ -11,13 +12,17 @@
 #![no_main]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
+// Errors are fixed-capacity strings (`virtio::Why`): there is no heap to box them into.
+#![allow(clippy::result_large_err)]
 
 mod acpi;
 mod arch;
+mod blk;
 mod expect;
 mod lifecycle;
 mod mem;
 mod memtest;
+mod pci;
 mod phys;
 mod regions;
 mod report;
@@ -25,8 +30,10 @@ mod rtc;
 mod serial;
 mod shutdown;
 mod smp;
+mod stage2;
 mod startinfo;
 mod time;
+mod virtio;
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -130,6 +137,7 @@ pub extern "C" fn rust_main(start_info_addr: u64) -> ! {
     memtest::check_memtouch(&si, &avoid);
     smp::check_smp(&si, acpi.madt.as_ref(), &expect, &avoid);
     rtc::check_rtc(&expect);
+    stage2::run(&acpi, text);
     finish()
 }
 

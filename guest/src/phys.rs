@@ -85,3 +85,31 @@ pub fn mmio_write8(addr: u64, value: u8) {
     // guest image.
     unsafe { core::ptr::write_volatile(addr as *mut u8, value) }
 }
+
+/// 8-bit MMIO read (single access); 0xff if the address is not mapped.
+pub fn mmio_read8(addr: u64) -> u8 {
+    if !readable(addr, 1) {
+        return 0xff;
+    }
+    // SAFETY: mapped device register outside the Rust program's memory.
+    unsafe { core::ptr::read_volatile(addr as *const u8) }
+}
+
+/// 16-bit MMIO read (naturally aligned, single access).
+pub fn mmio_read16(addr: u64) -> u16 {
+    if !readable(addr, 2) || !addr.is_multiple_of(2) {
+        return 0xffff;
+    }
+    // SAFETY: mapped, aligned device register outside the Rust program's memory.
+    unsafe { core::ptr::read_volatile(addr as *const u16) }
+}
+
+/// 16-bit MMIO write (naturally aligned, single access).
+pub fn mmio_write16(addr: u64, value: u16) {
+    if !readable(addr, 2) || !addr.is_multiple_of(2) {
+        return;
+    }
+    // SAFETY: callers pass device registers (PCI configuration space, BARs),
+    // never the guest image.
+    unsafe { core::ptr::write_volatile(addr as *mut u16, value) }
+}

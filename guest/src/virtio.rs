@@ -1,0 +1,862 @@
+//! The modern virtio-pci transport (virtio 1.2, section 4.1) as a driver
+//! sees it: vendor capabilities, the device-status handshake, feature
+//! negotiation, split virtqueues in guest RAM, notifications, MSI-X.
+//!
+//! All device memory the guest shares with the device comes from a static,
+//! page-aligned arena in the image (`.bss`), which the identity map makes
+//! physical == virtual. Requests are issued one at a time per queue and
+//! completions are polled from the used ring; with MSI-X each completion is
+//! also expected to raise the queue's interrupt vector, which the CPL0
+//! handler in boot.s counts (`arch::irq_count`).
+
+use core::cell::UnsafeCell;
+use core::fmt::Write;
+use core::sync::atomic::{fence, AtomicU8, AtomicUsize, Ordering};
+
+use crate::arch::{self, inb, inl, inw, outb, outl, outw, IRQ_VECTORS, IRQ_VECTOR_BASE};
+use crate::pci::{
+    self, Bar, BarKind, Function, Mech, CMD_BUS_MASTER, CMD_INTX_DISABLE, CMD_IO, CMD_MEM,
+};
+use crate::phys;
+use crate::report::StrBuf;
+use crate::time::Deadline;
+
+/// Error text for the transport's checks.
+pub type Why = StrBuf<320>;
+
+/// Makes a [`Why`] from format arguments.
+#[macro_export]
+macro_rules! why {
+    ($($arg:tt)*) => {{
+        let mut w: $crate::virtio::Why = $crate::report::StrBuf::new();
+        let _ = core::fmt::Write::write_fmt(&mut w, format_args!($($arg)*));
+        w
+    }};
+}
+
+/// Feature bits (virtio 1.2 section 6).
+pub const F_VERSION_1: u64 = 1 << 32;
+pub const F_ACCESS_PLATFORM: u64 = 1 << 33;
+
+/// Device status bits.
+const S_ACKNOWLEDGE: u8 = 1;
+const S_DRIVER: u8 = 2;
+const S_DRIVER_OK: u8 = 4;
+const S_FEATURES_OK: u8 = 8;
+const S_FAILED: u8 = 128;
+
+/// Common configuration layout (virtio 1.2 4.1.4.3).
+const C_DFSELECT: u64 = 0x00;
+const C_DF: u64 = 0x04;
+const C_GFSELECT: u64 = 0x08;
+const C_GF: u64 = 0x0c;
+const C_MSIX_CONFIG: u64 = 0x10;
+const C_NUM_QUEUES: u64 = 0x12;
+const C_STATUS: u64 = 0x14;
+const C_CFG_GENERATION: u64 = 0x15;
+const C_Q_SELECT: u64 = 0x16;
+const C_Q_SIZE: u64 = 0x18;
+const C_Q_MSIX: u64 = 0x1a;
+const C_Q_ENABLE: u64 = 0x1c;
+const C_Q_NOTIFY_OFF: u64 = 0x1e;
+const C_Q_DESC: u64 = 0x20;
+const C_Q_DRIVER: u64 = 0x28;
+const C_Q_DEVICE: u64 = 0x30;
+/// Minimum length of the common configuration structure (up to queue_device).
+const COMMON_MIN_LEN: u64 = 0x38;
+
+/// virtio_pci_cap cfg_type values.
+const CFG_COMMON: u8 = 1;
+const CFG_NOTIFY: u8 = 2;
+const CFG_ISR: u8 = 3;
+const CFG_DEVICE: u8 = 4;
+const CFG_PCI: u8 = 5;
+
+const MSIX_ENABLE: u16 = 1 << 15;
+const MSIX_FUNCTION_MASK: u16 = 1 << 14;
+/// Address of an MSI to the local APIC with ID 0 (physical destination mode).
+const MSI_ADDRESS: u32 = 0xfee0_0000;
+
+/// Virtqueue descriptor flags.
+const VIRTQ_DESC_F_NEXT: u16 = 1;
+const VIRTQ_DESC_F_WRITE: u16 = 2;
+/// Queue size used: at most this many descriptors.
+const MAX_QUEUE_SIZE: u16 = 64;
+/// Offsets of the rings inside a queue's page (64 descriptors use 1 KiB).
+const AVAIL_OFF: usize = 1024;
+const USED_OFF: usize = 2048;
+
+/// How long one request may take (completion and interrupt).
+pub const REQUEST_TIMEOUT_US: u64 = 2_000_000;
+
+const PAGE: usize = 4096;
+const DMA_PAGES: usize = 64;
+
+#[repr(C, align(4096))]
+struct Arena(UnsafeCell<[u8; DMA_PAGES * PAGE]>);
+
+// SAFETY: the arena is only reached through `DmaPage`s, each handed out once
+// by `alloc_page`; the guest runs its checks on one CPU.
+unsafe impl Sync for Arena {}
+
+static ARENA: Arena = Arena(UnsafeCell::new([0; DMA_PAGES * PAGE]));
+static ARENA_NEXT: AtomicUsize = AtomicUsize::new(0);
+static NEXT_VECTOR: AtomicU8 = AtomicU8::new(IRQ_VECTOR_BASE);
+
+/// One 4 KiB page of guest RAM shared with devices.
+#[derive(Clone, Copy, Debug)]
+pub struct DmaPage {
+    ptr: *mut u8,
+}
+
+impl DmaPage {
+    /// A zeroed page from the arena, or `None` when it is used up.
+    pub fn alloc() -> Option<DmaPage> {
+        let i = ARENA_NEXT.fetch_add(1, Ordering::SeqCst);
+        if i >= DMA_PAGES {
+            return None;
+        }
+        // SAFETY: page i lies inside the arena and is handed out only once.
+        let ptr = unsafe { ARENA.0.get().cast::<u8>().add(i * PAGE) };
+        let p = DmaPage { ptr };
+        for off in 0..PAGE {
+            p.write8(off, 0);
+        }
+        Some(p)
+    }
+
+    /// Guest-physical address of byte `off` (identity map: the same as the
+    /// virtual address).
+    pub fn phys(&self, off: usize) -> u64 {
+        self.ptr as u64 + off as u64
+    }
+
+    /// Reads byte `off` (< 4096) as the device left it.
+    pub fn read8(&self, off: usize) -> u8 {
+        assert!(off < PAGE);
+        // SAFETY: inside this page; volatile because the device writes it.
+        unsafe { self.ptr.add(off).read_volatile() }
+    }
+
+    /// Writes byte `off` (< 4096).
+    pub fn write8(&self, off: usize, v: u8) {
+        assert!(off < PAGE);
+        // SAFETY: inside this page; volatile because the device reads it.
+        unsafe { self.ptr.add(off).write_volatile(v) }
+    }
+
+    fn read16(&self, off: usize) -> u16 {
+        assert!(off + 2 <= PAGE && off.is_multiple_of(2));
+        // SAFETY: aligned and inside this page.
+        unsafe { self.ptr.add(off).cast::<u16>().read_volatile() }
+    }
+
+    fn write16(&self, off: usize, v: u16) {
+        assert!(off + 2 <= PAGE && off.is_multiple_of(2));
+        // SAFETY: aligned and inside this page.
+        unsafe { self.ptr.add(off).cast::<u16>().write_volatile(v) }
+    }
+
+    fn read32(&self, off: usize) -> u32 {
+        assert!(off + 4 <= PAGE && off.is_multiple_of(4));
+        // SAFETY: aligned and inside this page.
+        unsafe { self.ptr.add(off).cast::<u32>().read_volatile() }
+    }
+
+    fn write32(&self, off: usize, v: u32) {
+        assert!(off + 4 <= PAGE && off.is_multiple_of(4));
+        // SAFETY: aligned and inside this page.
+        unsafe { self.ptr.add(off).cast::<u32>().write_volatile(v) }
+    }
+
+    fn write64(&self, off: usize, v: u64) {
+        self.write32(off, v as u32);
+        self.write32(off + 4, (v >> 32) as u32);
+    }
+}
+
+/// A window into a BAR (memory or I/O space); accesses outside it read
+/// all ones and are not written.
+#[derive(Clone, Copy, Debug)]
+pub struct Region {
+    io: bool,
+    base: u64,
+    len: u64,
+}
+
+impl Region {
+    fn new(bar: &Bar, off: u64, len: u64) -> Option<Region> {
+        Self::check(bar, off, len).ok()
+    }
+
+    /// The window `[off, off + len)` of `bar`, or why it cannot be used.
+    fn check(bar: &Bar, off: u64, len: u64) -> Result<Region, &'static str> {
+        if !bar.assigned() {
+            return Err("BAR not implemented or not assigned");
+        }
+        if !bar.contains(off, len) {
+            return Err("window extends past the end of the BAR");
+        }
+        let io = bar.kind == BarKind::Io;
+        let base = bar.addr + off;
+        if io && base + len > 0x1_0000 {
+            return Err("I/O window beyond port 0xffff");
+        }
+        if !io && !phys::readable(base, len) {
+            return Err("memory window beyond the guest's identity map");
+        }
+        Ok(Region { io, base, len })
+    }
+
+    fn ok(&self, off: u64, size: u64) -> bool {
+        off.checked_add(size).is_some_and(|e| e <= self.len)
+    }
+
+    /// Reads 8 bits at `off`.
+    pub fn r8(&self, off: u64) -> u8 {
+        match (self.ok(off, 1), self.io) {
+            (false, _) => 0xff,
+            (true, true) => inb((self.base + off) as u16),
+            (true, false) => phys::mmio_read8(self.base + off),
+        }
+    }
+
+    /// Reads 16 bits at `off`.
+    pub fn r16(&self, off: u64) -> u16 {
+        match (self.ok(off, 2), self.io) {
+            (false, _) => 0xffff,
+            (true, true) => inw((self.base + off) as u16),
+            (true, false) => phys::mmio_read16(self.base + off),
+        }
+    }
+
+    /// Reads 32 bits at `off`.
+    pub fn r32(&self, off: u64) -> u32 {
+        match (self.ok(off, 4), self.io) {
+            (false, _) => 0xffff_ffff,
+            (true, true) => inl((self.base + off) as u16),
+            (true, false) => phys::mmio_read32(self.base + off),
+        }
+    }
+
+    /// Writes 8 bits at `off`.
+    pub fn w8(&self, off: u64, v: u8) {
+        match (self.ok(off, 1), self.io) {
+            (false, _) => {}
+            (true, true) => outb((self.base + off) as u16, v),
+            (true, false) => phys::mmio_write8(self.base + off, v),
+        }
+    }
+
+    /// Writes 16 bits at `off`.
+    pub fn w16(&self, off: u64, v: u16) {
+        match (self.ok(off, 2), self.io) {
+            (false, _) => {}
+            (true, true) => outw((self.base + off) as u16, v),
+            (true, false) => phys::mmio_write16(self.base + off, v),
+        }
+    }
+
+    /// Writes 32 bits at `off`.
+    pub fn w32(&self, off: u64, v: u32) {
+        match (self.ok(off, 4), self.io) {
+            (false, _) => {}
+            (true, true) => outl((self.base + off) as u16, v),
+            (true, false) => phys::mmio_write32(self.base + off, v),
+        }
+    }
+
+    /// Writes a 64-bit field as two 32-bit halves, low first.
+    fn w64(&self, off: u64, v: u64) {
+        self.w32(off, v as u32);
+        self.w32(off + 4, (v >> 32) as u32);
+    }
+}
+
+/// A virtio_pci_cap as found in configuration space.
+#[derive(Clone, Copy, Debug)]
+struct VirtioCap {
+    at: u8,
+    cfg_type: u8,
+    bar: u8,
+    offset: u32,
+    length: u32,
+}
+
+/// The MSI-X capability of a function.
+#[derive(Clone, Copy, Debug)]
+pub struct Msix {
+    table: Region,
+    pba: Region,
+    /// Number of table entries.
+    pub size: u16,
+    /// CPU vector of table entry 0; entry e raises `base_vector + e`.
+    pub base_vector: u8,
+    /// Entries programmed (from 0).
+    pub entries: u16,
+}
+
+impl Msix {
+    /// CPU vector programmed into table entry `e`.
+    pub fn vector(&self, e: u16) -> Option<u8> {
+        (e < self.entries).then(|| self.base_vector + e as u8)
+    }
+
+    /// Masks or unmasks table entry `e` (vector control bit 0).
+    pub fn set_masked(&self, e: u16, masked: bool) {
+        let off = u64::from(e) * 16 + 12;
+        let ctl = self.table.r32(off);
+        self.table.w32(off, if masked { ctl | 1 } else { ctl & !1 });
+        // Read back so the write has reached the device before going on.
+        let _ = self.table.r32(off);
+    }
+
+    /// The pending bit of entry `e` in the PBA.
+    pub fn pending(&self, e: u16) -> bool {
+        let word = self.pba.r32(u64::from(e / 32) * 4);
+        word & (1 << (e % 32)) != 0
+    }
+}
+
+/// A modern virtio-pci function being driven.
+pub struct Transport {
+    /// The PCI function.
+    pub func: Function,
+    mech: Mech,
+    common: Region,
+    notify: Region,
+    notify_mult: u32,
+    /// The device-specific configuration, if the device has one.
+    pub device: Option<Region>,
+    common_cap: VirtioCap,
+    device_cap: Option<VirtioCap>,
+    pcicfg: Option<u8>,
+    msix_cap: Option<u8>,
+    /// MSI-X state once enabled.
+    pub msix: Option<Msix>,
+    /// Feature bits the device offers.
+    pub offered: u64,
+    /// Feature bits negotiated.
+    pub features: u64,
+    /// Where each capability was found, for the INFO line.
+    pub layout: StrBuf<400>,
+}
+
+fn cfg_type_name(t: u8) -> &'static str {
+    match t {
+        CFG_COMMON => "common",
+        CFG_NOTIFY => "notify",
+        CFG_ISR => "isr",
+        CFG_DEVICE => "device",
+        CFG_PCI => "pci",
+        8 => "shm",
+        _ => "other",
+    }
+}
+
+impl Transport {
+    /// Enables decoding and bus mastering on `f` and finds its virtio
+    /// capabilities (the first usable one of each type) and MSI-X.
+    pub fn probe(mech: Mech, f: &Function) -> Result<Transport, Why> {
+        let b = f.bdf;
+        let caps = pci::caps(mech, b, f.header);
+        if let Some(e) = &caps.error {
+            return Err(why!("capability list: {e}"));
+        }
+        let mut found: [Option<VirtioCap>; 6] = [None; 6];
+        let mut layout: StrBuf<400> = StrBuf::new();
+        let mut uses_io = false;
+        for at in caps.with_id(pci::CAP_VENDOR) {
+            let at16 = u16::from(at);
+            let cap_len = mech.read8(b, at16 + 2);
+            if cap_len < 16 {
+                continue;
+            }
+            let c = VirtioCap {
+                at,
+                cfg_type: mech.read8(b, at16 + 3),
+                bar: mech.read8(b, at16 + 4),
+                offset: mech.read32(b, at16 + 8),
+                length: mech.read32(b, at16 + 12),
+            };
+            let _ = write!(
+                layout,
+                " {}@{:#x}:bar{}+{:#x}/{:#x}",
+                cfg_type_name(c.cfg_type),
+                at,
+                c.bar,
+                c.offset,
+                c.length
+            );
+            let t = usize::from(c.cfg_type);
+            if !(1..=5).contains(&t) || found[t].is_some() {
+                continue;
+            }
+            if c.cfg_type == CFG_PCI {
+                if cap_len >= 20 {
+                    found[t] = Some(c);
+                }
+                continue;
+            }
+            if c.cfg_type == CFG_NOTIFY && cap_len < 20 {
+                continue;
+            }
+            let Some(bar) = f.bars.get(usize::from(c.bar)) else {
+                let _ = write!(layout, "(unusable: no BAR {})", c.bar);
+                continue;
+            };
+            match Region::check(bar, u64::from(c.offset), u64::from(c.length)) {
+                Ok(_) => {
+                    uses_io |= bar.kind == BarKind::Io;
+                    found[t] = Some(c);
+                }
+                Err(e) => {
+                    let _ = write!(layout, "(unusable: {e})");
+                }
+            }
+        }
+        let region = |t: u8| -> Option<Region> {
+            let c = found[usize::from(t)]?;
+            Region::new(
+                &f.bars[usize::from(c.bar)],
+                u64::from(c.offset),
+                u64::from(c.length),
+            )
+        };
+        let Some(common) = region(CFG_COMMON).filter(|r| r.len >= COMMON_MIN_LEN) else {
+            return Err(why!("no usable common configuration capability:{layout}"));
+        };
+        let Some(notify) = region(CFG_NOTIFY).filter(|r| r.len >= 2) else {
+            return Err(why!("no usable notification capability:{layout}"));
+        };
+        if region(CFG_ISR).is_none() {
+            return Err(why!("no usable ISR capability:{layout}"));
+        }
+        let notify_mult =
+            found[usize::from(CFG_NOTIFY)].map_or(0, |c| mech.read32(b, u16::from(c.at) + 16));
+        let _ = write!(layout, " notify_off_multiplier={notify_mult}");
+        let msix_cap = caps.with_id(pci::CAP_MSIX).next();
+        let cmd = mech.read16(b, 0x04);
+        let mut want = cmd | CMD_MEM | CMD_BUS_MASTER | CMD_INTX_DISABLE;
+        if uses_io {
+            want |= CMD_IO;
+        }
+        mech.write16(b, 0x04, want);
+        Ok(Transport {
+            func: *f,
+            mech,
+            common,
+            notify,
+            notify_mult,
+            device: region(CFG_DEVICE),
+            common_cap: found[usize::from(CFG_COMMON)].unwrap_or(VirtioCap {
+                at: 0,
+                cfg_type: CFG_COMMON,
+                bar: 0,
+                offset: 0,
+                length: 0,
+            }),
+            device_cap: found[usize::from(CFG_DEVICE)],
+            pcicfg: found[usize::from(CFG_PCI)].map(|c| c.at),
+            msix_cap,
+            msix: None,
+            offered: 0,
+            features: 0,
+            layout,
+        })
+    }
+
+    fn status(&self) -> u8 {
+        self.common.r8(C_STATUS)
+    }
+
+    fn set_status(&self, s: u8) {
+        self.common.w8(C_STATUS, s);
+    }
+
+    /// Marks the device FAILED (after a handshake error).
+    pub fn fail(&self) {
+        self.set_status(self.status() | S_FAILED);
+    }
+
+    /// Reset, ACKNOWLEDGE, DRIVER, feature negotiation (VERSION_1 required;
+    /// `wanted` & offered accepted), FEATURES_OK read back.
+    pub fn negotiate(&mut self, wanted: u64) -> Result<(), Why> {
+        self.set_status(0);
+        let d = Deadline::after_us(1_000_000);
+        while self.status() != 0 {
+            if d.passed() {
+                return Err(why!("device status stays {:#x} after reset", self.status()));
+            }
+            arch::pause();
+        }
+        self.set_status(S_ACKNOWLEDGE);
+        self.set_status(S_ACKNOWLEDGE | S_DRIVER);
+        self.common.w32(C_DFSELECT, 0);
+        let lo = self.common.r32(C_DF);
+        self.common.w32(C_DFSELECT, 1);
+        let hi = self.common.r32(C_DF);
+        self.offered = (u64::from(hi) << 32) | u64::from(lo);
+        if self.offered & F_VERSION_1 == 0 {
+            self.fail();
+            return Err(why!("VERSION_1 not offered (features={:#x})", self.offered));
+        }
+        self.features = self.offered & (wanted | F_VERSION_1 | F_ACCESS_PLATFORM);
+        self.common.w32(C_GFSELECT, 0);
+        self.common.w32(C_GF, self.features as u32);
+        self.common.w32(C_GFSELECT, 1);
+        self.common.w32(C_GF, (self.features >> 32) as u32);
+        self.set_status(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+        if self.status() & S_FEATURES_OK == 0 {
+            self.fail();
+            return Err(why!(
+                "FEATURES_OK not accepted (offered={:#x} driver={:#x})",
+                self.offered,
+                self.features
+            ));
+        }
+        Ok(())
+    }
+
+    /// Number of queues the device reports.
+    pub fn num_queues(&self) -> u16 {
+        self.common.r16(C_NUM_QUEUES)
+    }
+
+    /// Enables MSI-X with `entries` table entries (0: config, 1 + i: queue
+    /// i), each raising its own CPU vector at the local APIC `apic_id`, and
+    /// assigns entry 0 to configuration changes.
+    pub fn setup_msix(&mut self, entries: u16, apic_id: u32) -> Result<(), Why> {
+        let Some(cap) = self.msix_cap else {
+            return Err(why!("no MSI-X capability"));
+        };
+        let (m, b) = (self.mech, self.func.bdf);
+        let c = u16::from(cap);
+        let ctl = m.read16(b, c + 2);
+        let size = (ctl & 0x7ff) + 1;
+        let table_reg = m.read32(b, c + 4);
+        let pba_reg = m.read32(b, c + 8);
+        let bar_of = |reg: u32| self.func.bars.get((reg & 7) as usize).copied();
+        let table = bar_of(table_reg)
+            .and_then(|bar| Region::new(&bar, u64::from(table_reg & !7), u64::from(size) * 16));
+        let pba = bar_of(pba_reg).and_then(|bar| {
+            Region::new(
+                &bar,
+                u64::from(pba_reg & !7),
+                u64::from(size.div_ceil(64)) * 8,
+            )
+        });
+        let (Some(table), Some(pba)) = (table, pba) else {
+            return Err(why!(
+                "MSI-X table ({table_reg:#x}) or PBA ({pba_reg:#x}) outside its BAR (size {size})"
+            ));
+        };
+        let entries = entries.min(size);
+        let base = NEXT_VECTOR.load(Ordering::SeqCst);
+        let limit = usize::from(IRQ_VECTOR_BASE) + IRQ_VECTORS;
+        if usize::from(base) + usize::from(entries) > limit {
+            return Err(why!("out of interrupt vectors"));
+        }
+        NEXT_VECTOR.store(base + entries as u8, Ordering::SeqCst);
+        m.write16(b, c + 2, ctl | MSIX_ENABLE | MSIX_FUNCTION_MASK);
+        for e in 0..entries {
+            let off = u64::from(e) * 16;
+            table.w32(off, MSI_ADDRESS | ((apic_id & 0xff) << 12));
+            table.w32(off + 4, 0);
+            table.w32(off + 8, u32::from(base) + u32::from(e));
+            table.w32(off + 12, 0);
+        }
+        m.write16(b, c + 2, (ctl | MSIX_ENABLE) & !MSIX_FUNCTION_MASK);
+        let now = m.read16(b, c + 2);
+        if now & (MSIX_ENABLE | MSIX_FUNCTION_MASK) != MSIX_ENABLE {
+            return Err(why!("MSI-X message control reads {now:#x} after enabling"));
+        }
+        self.msix = Some(Msix {
+            table,
+            pba,
+            size,
+            base_vector: base,
+            entries,
+        });
+        self.common.w16(C_MSIX_CONFIG, 0);
+        let got = self.common.r16(C_MSIX_CONFIG);
+        if got != 0 {
+            return Err(why!("config_msix_vector reads {got:#x} after writing 0"));
+        }
+        Ok(())
+    }
+
+    /// Sets up queue `index` with at most [`MAX_QUEUE_SIZE`] entries; with
+    /// MSI-X it signals table entry `1 + index` (or the last entry).
+    pub fn setup_queue(&mut self, index: u16) -> Result<Queue, Why> {
+        self.common.w16(C_Q_SELECT, index);
+        let max = self.common.r16(C_Q_SIZE);
+        if max == 0 {
+            return Err(why!("queue {index} not available (queue_size 0)"));
+        }
+        if max < 4 {
+            return Err(why!(
+                "queue {index}: queue_size {max} is too small for the guest's requests (needs 4)"
+            ));
+        }
+        let mut size = max.min(MAX_QUEUE_SIZE);
+        // Split virtqueues have power-of-two sizes.
+        while !size.is_power_of_two() {
+            size &= size - 1;
+        }
+        let Some(mem) = DmaPage::alloc() else {
+            return Err(why!("out of DMA memory"));
+        };
+        self.common.w16(C_Q_SIZE, size);
+        self.common.w64(C_Q_DESC, mem.phys(0));
+        self.common.w64(C_Q_DRIVER, mem.phys(AVAIL_OFF));
+        self.common.w64(C_Q_DEVICE, mem.phys(USED_OFF));
+        let mut entry = None;
+        if let Some(m) = &self.msix {
+            let e = (1 + index).min(m.entries.saturating_sub(1));
+            self.common.w16(C_Q_MSIX, e);
+            let got = self.common.r16(C_Q_MSIX);
+            if got != e {
+                return Err(why!(
+                    "queue {index}: queue_msix_vector reads {got:#x} after writing {e}"
+                ));
+            }
+            entry = Some(e);
+        }
+        let notify_off = u64::from(self.common.r16(C_Q_NOTIFY_OFF)) * u64::from(self.notify_mult);
+        if !self.notify.ok(notify_off, 2) {
+            return Err(why!(
+                "queue {index}: notify offset {notify_off:#x} outside the notify region (len {:#x})",
+                self.notify.len
+            ));
+        }
+        self.common.w16(C_Q_ENABLE, 1);
+        if self.common.r16(C_Q_ENABLE) != 1 {
+            return Err(why!("queue {index}: queue_enable does not read back 1"));
+        }
+        Ok(Queue {
+            index,
+            size,
+            max,
+            mem,
+            notify: self.notify,
+            notify_off,
+            avail_idx: 0,
+            last_used: 0,
+            entry,
+            vector: entry.and_then(|e| self.msix.as_ref().and_then(|m| m.vector(e))),
+        })
+    }
+
+    /// Sets DRIVER_OK; fails if the device then reports an error state.
+    pub fn driver_ok(&mut self) -> Result<(), Why> {
+        self.set_status(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+        let s = self.status();
+        if s & (S_FAILED | 64) != 0 || s & S_DRIVER_OK == 0 {
+            return Err(why!("device status {s:#x} after DRIVER_OK"));
+        }
+        Ok(())
+    }
+
+    /// Reads the device configuration with `f`, retrying while
+    /// config_generation changes (bounded).
+    pub fn read_config<T>(&self, f: impl Fn(&Region) -> T) -> Option<T> {
+        let dev = self.device.as_ref()?;
+        for _ in 0..16 {
+            let g = self.common.r8(C_CFG_GENERATION);
+            let v = f(dev);
+            if self.common.r8(C_CFG_GENERATION) == g {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// Reads `width` (1, 2 or 4) bytes at `off` in BAR `bar` through the
+    /// PCI configuration access capability (cfg_type 5) at `at`.
+    fn pcicfg_read(&self, at: u8, bar: u8, off: u32, width: u8) -> u32 {
+        let (m, b, a) = (self.mech, self.func.bdf, u16::from(at));
+        m.write8(b, a + 4, bar);
+        m.write32(b, a + 8, off);
+        m.write32(b, a + 12, u32::from(width));
+        let v = m.read32(b, a + 16);
+        match width {
+            1 => v & 0xff,
+            2 => v & 0xffff,
+            _ => v,
+        }
+    }
+
+    /// The `pcicfg` check: num_queues in the common configuration and, if
+    /// `dev_width` is nonzero and the device has a device configuration,
+    /// its first field (`dev_width` bytes: the natural width of that field),
+    /// each read through the PCI configuration access capability and
+    /// directly. Returns whether all agree and a description.
+    pub fn pcicfg_compare(&self, dev_width: u8) -> (bool, StrBuf<200>) {
+        let mut d: StrBuf<200> = StrBuf::new();
+        let Some(at) = self.pcicfg else {
+            let _ = write!(d, "no PCI configuration access capability (cfg_type 5)");
+            return (false, d);
+        };
+        let c = self.common_cap;
+        let via = self.pcicfg_read(at, c.bar, c.offset + C_NUM_QUEUES as u32, 2);
+        let direct = u32::from(self.common.r16(C_NUM_QUEUES));
+        let mut ok = via == direct;
+        let _ = write!(
+            d,
+            "common.num_queues via cfg_type 5 {via:#x} direct {direct:#x}"
+        );
+        if let (Some(c), Some(dev), 1 | 2 | 4) = (self.device_cap, &self.device, dev_width) {
+            let via = self.pcicfg_read(at, c.bar, c.offset, dev_width);
+            let direct = match dev_width {
+                1 => u32::from(dev.r8(0)),
+                2 => u32::from(dev.r16(0)),
+                _ => dev.r32(0),
+            };
+            ok &= via == direct;
+            let _ = write!(
+                d,
+                "; device[0..{dev_width}] via cfg_type 5 {via:#x} direct {direct:#x}"
+            );
+        }
+        (ok, d)
+    }
+}
+
+/// One buffer of a request: guest-physical address, length, and whether
+/// the device writes it.
+#[derive(Clone, Copy, Debug)]
+pub struct Buf {
+    /// Guest-physical address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Device-writable.
+    pub write: bool,
+}
+
+/// What happened to one request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Completion {
+    /// The used ring returned it: (descriptor id, bytes written).
+    pub used: Option<(u32, u32)>,
+    /// The queue's vector fired (counter incremented) after submission.
+    pub irq: bool,
+    /// Whether an interrupt was expected (MSI-X vector set and not masked).
+    pub irq_expected: bool,
+    /// Microseconds from notify until both were seen (or the timeout).
+    pub us: u64,
+}
+
+/// A split virtqueue in one page of guest RAM; one request in flight at a
+/// time, using descriptors from 0.
+pub struct Queue {
+    /// Queue index.
+    pub index: u16,
+    /// Size in use.
+    pub size: u16,
+    /// Maximum size the device reported.
+    pub max: u16,
+    mem: DmaPage,
+    notify: Region,
+    notify_off: u64,
+    avail_idx: u16,
+    last_used: u16,
+    /// MSI-X table entry.
+    pub entry: Option<u16>,
+    /// CPU vector the queue's entry raises.
+    pub vector: Option<u8>,
+}
+
+impl Queue {
+    /// Places `bufs` as one descriptor chain, publishes it in the available
+    /// ring and notifies the device.
+    fn submit(&mut self, bufs: &[Buf]) {
+        let n = bufs.len().min(usize::from(self.size));
+        for (i, b) in bufs[..n].iter().enumerate() {
+            let d = i * 16;
+            let mut flags = 0;
+            if i + 1 < n {
+                flags |= VIRTQ_DESC_F_NEXT;
+            }
+            if b.write {
+                flags |= VIRTQ_DESC_F_WRITE;
+            }
+            self.mem.write64(d, b.addr);
+            self.mem.write32(d + 8, b.len);
+            self.mem.write16(d + 12, flags);
+            self.mem
+                .write16(d + 14, if i + 1 < n { i as u16 + 1 } else { 0 });
+        }
+        let slot = usize::from(self.avail_idx % self.size);
+        self.mem.write16(AVAIL_OFF + 4 + 2 * slot, 0);
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem.write16(AVAIL_OFF + 2, self.avail_idx);
+        fence(Ordering::SeqCst);
+        self.notify.w16(self.notify_off, self.index);
+    }
+
+    /// The next used element, if the device has returned one.
+    fn poll_used(&mut self) -> Option<(u32, u32)> {
+        let idx = self.mem.read16(USED_OFF + 2);
+        if idx == self.last_used {
+            return None;
+        }
+        fence(Ordering::SeqCst);
+        let slot = usize::from(self.last_used % self.size);
+        let id = self.mem.read32(USED_OFF + 4 + 8 * slot);
+        let len = self.mem.read32(USED_OFF + 4 + 8 * slot + 4);
+        self.last_used = self.last_used.wrapping_add(1);
+        Some((id, len))
+    }
+
+    /// Submits `bufs` and waits (bounded) for the used ring and, if
+    /// `irq_expected`, the queue's interrupt.
+    pub fn transact(&mut self, bufs: &[Buf], irq_expected: bool) -> Completion {
+        let vector = self.vector.filter(|_| irq_expected);
+        let before = vector.map_or(0, arch::irq_count);
+        let t0 = arch::rdtsc();
+        let d = Deadline::after_us(REQUEST_TIMEOUT_US);
+        self.submit(bufs);
+        let mut c = Completion {
+            irq_expected: vector.is_some(),
+            ..Completion::default()
+        };
+        loop {
+            if c.used.is_none() {
+                c.used = self.poll_used();
+            }
+            if let Some(v) = vector {
+                c.irq = arch::irq_count(v) > before;
+            }
+            if (c.used.is_some() && (c.irq || vector.is_none())) || d.passed() {
+                break;
+            }
+            arch::pause();
+        }
+        c.us = crate::time::us_since(t0);
+        c
+    }
+}
+
+/// Interrupt bookkeeping for a device's `msix` check.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IrqTally {
+    /// Completions waited for with an interrupt expected.
+    pub waited: u32,
+    /// Of those, signalled by the expected vector.
+    pub signalled: u32,
+}
+
+impl IrqTally {
+    /// Records one completion.
+    pub fn add(&mut self, c: &Completion) {
+        if c.irq_expected && c.used.is_some() {
+            self.waited += 1;
+            if c.irq {
+                self.signalled += 1;
+            }
+        }
+    }
+}
