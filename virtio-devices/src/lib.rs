@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod block;
+pub mod console;
 pub mod rng;
 pub mod transport;
 pub mod worker;

@@ -14,7 +14,7 @@ use devices::Bus;
 use hypervisor::{Hypervisor, Vcpu};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{ConsoleOutputMode, VmConfig};
+use crate::config::{ConsoleConfig, ConsoleOutputMode, VmConfig};
 use crate::control::{VmControl, VmEvent};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::pci_devices::{PciDevices, PciError};
@@ -129,12 +129,13 @@ impl devices::Interrupt for IrqfdInterrupt {
     }
 }
 
-/// Where the 16550's output goes, opened once per VMM process so reboots keep appending.
+/// Where a serial port's or console's output goes, opened once per VMM process so reboots keep
+/// appending.
 #[derive(Debug)]
-pub enum SerialSink {
-    /// No UART at all.
+pub enum OutputSink {
+    /// No device at all.
     Off,
-    /// UART present, output dropped.
+    /// Device present, output dropped.
     Null,
     /// The VMM's standard output.
     Stdout,
@@ -142,17 +143,17 @@ pub enum SerialSink {
     File(File),
 }
 
-impl SerialSink {
-    /// Opens the sink for `config.serial`.
-    pub fn open(config: &VmConfig) -> Result<Self, VmError> {
-        Ok(match config.serial.mode {
+impl OutputSink {
+    /// Opens the sink for a serial port or console (`what` names it in errors).
+    pub fn open(cons: &ConsoleConfig, what: &'static str) -> Result<Self, VmError> {
+        Ok(match cons.mode {
             ConsoleOutputMode::Off => Self::Off,
             ConsoleOutputMode::Null => Self::Null,
             ConsoleOutputMode::Tty => Self::Stdout,
             ConsoleOutputMode::File => {
-                let path = config.serial.file.as_deref().unwrap_or(Path::new(""));
+                let path = cons.file.as_deref().unwrap_or(Path::new(""));
                 let file = File::create(path).map_err(|source| VmError::Open {
-                    what: "serial file",
+                    what,
                     path: path.display().to_string(),
                     source,
                 })?;
@@ -169,7 +170,7 @@ impl SerialSink {
             Self::Null => Some(Box::new(std::io::sink())),
             Self::Stdout => Some(Box::new(std::io::stdout())),
             Self::File(f) => Some(Box::new(f.try_clone().map_err(|source| VmError::Os {
-                what: "serial file handle",
+                what: "output file handle",
                 source,
             })?)),
         })
@@ -180,7 +181,8 @@ impl SerialSink {
 /// battery-backed CMOS (clock offset and NVRAM), as on a physical machine.
 #[derive(Debug)]
 pub struct Board {
-    serial: SerialSink,
+    serial: OutputSink,
+    console: OutputSink,
     serial_input: SerialTarget,
     cmos: Arc<Mutex<devices::rtc::Rtc>>,
     /// Disk images, opened (and locked) once for the VMM's lifetime.
@@ -225,9 +227,10 @@ fn open_disks(config: &VmConfig) -> Result<Vec<OpenDisk>, VmError> {
 impl Board {
     /// The board for `config`; `start` is the VMM's process start (for boot-progress timing).
     pub fn new(config: &VmConfig, start: Instant) -> Result<Self, VmError> {
-        let serial = SerialSink::open(config)?;
+        let serial = OutputSink::open(&config.serial, "serial file")?;
+        let console = OutputSink::open(&config.console, "console file")?;
         let serial_input = SerialTarget::default();
-        if matches!(serial, SerialSink::Stdout) {
+        if matches!(serial, OutputSink::Stdout) {
             spawn_forwarder(std::io::stdin(), serial_input.clone()).map_err(|source| {
                 VmError::Os {
                     what: "serial input thread",
@@ -237,6 +240,7 @@ impl Board {
         }
         Ok(Self {
             serial,
+            console,
             serial_input,
             cmos: Arc::new(Mutex::new(devices::rtc::Rtc::default())),
             disks: open_disks(config)?,
@@ -351,6 +355,12 @@ impl Vm {
                 format!("_disk{i}"),
             );
             pci.add_virtio(Box::new(dev))?;
+        }
+        if let Some(out) = board.console.writer()? {
+            pci.add_virtio(Box::new(virtio_devices::console::Console::new(
+                out,
+                "_console".into(),
+            )))?;
         }
         pci.add_virtio(Box::new(virtio_devices::rng::Rng::new(
             rng_source,

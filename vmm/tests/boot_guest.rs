@@ -142,7 +142,15 @@ fn serial_to_file_and_log_to_file() {
             "boot=1",
             "size=128M",
             &cmdline,
-            &["--serial", &serial_arg, "--log-file", &log_arg, "-v"],
+            &[
+                "--serial",
+                &serial_arg,
+                "--console",
+                "off",
+                "--log-file",
+                &log_arg,
+                "-v",
+            ],
         ),
         TIMEOUT,
     );
@@ -176,7 +184,7 @@ fn serial_off_still_boots_and_powers_off() {
             "boot=1",
             "size=64M",
             "mode=boot",
-            &["--serial", "off", "-v"],
+            &["--serial", "off", "--console", "off", "-v"],
         ),
         TIMEOUT,
     );

@@ -1,5 +1,5 @@
 //! The test guest's stage-2 checks under Nimbus: PCI through ECAM and 0xcf8, modern virtio-pci
-//! with MSI-X, virtio-blk and virtio-rng, asserted on both sides: the guest's checks pass and the
+//! with MSI-X, virtio-blk, virtio-rng and virtio-console, asserted on both sides: the guest's checks pass and the
 //! backing image holds exactly what the guest wrote (or is unchanged when read-only).
 //!
 //! Needs /dev/kvm; without it each test prints a loud SKIPPED line.
@@ -10,14 +10,19 @@ use std::time::Duration;
 use e2e::{
     guest_elf, require_kvm, run_vm, stage1_cmdline, verify_disk_pattern, virtio_checks,
     write_disk_pattern, ScratchDir, Stage2Keys, VmRun, STAGE1_CHECKS, STAGE2_PCI_CHECKS,
-    VIRTIO_BLK_CHECKS, VIRTIO_RNG_CHECKS,
+    VIRTIO_BLK_CHECKS, VIRTIO_CONSOLE_CHECKS, VIRTIO_RNG_CHECKS,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const DISK_SIZE: u64 = 8 << 20;
 const GUEST_SECTOR: u64 = 2048;
 
+/// Boots with `disks` and no virtio console (so device counts are exact).
 fn boot(disks: &[String], keys: &Stage2Keys) -> VmRun {
+    boot_with_console(disks, keys, "off")
+}
+
+fn boot_with_console(disks: &[String], keys: &Stage2Keys, console: &str) -> VmRun {
     let cmdline = format!("{} {}", stage1_cmdline(1, 256 << 20), keys.to_cmdline());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
     cmd.arg("--kernel").arg(guest_elf()).args([
@@ -25,6 +30,8 @@ fn boot(disks: &[String], keys: &Stage2Keys) -> VmRun {
         "size=256M",
         "--serial",
         "tty",
+        "--console",
+        console,
         "--cmdline",
         &cmdline,
     ]);
@@ -44,22 +51,25 @@ fn assert_checks(run: &VmRun, checks: &[String]) {
 }
 
 #[test]
-fn disk_and_rng_through_pci_and_msix() {
-    if !require_kvm("disk_and_rng_through_pci_and_msix") {
+fn disk_rng_and_console_through_pci_and_msix() {
+    if !require_kvm("disk_rng_and_console_through_pci_and_msix") {
         return;
     }
     let dir = ScratchDir::new("virtio-disk");
     let image = dir.file("disk.img");
+    let console = dir.file("console.txt");
     write_disk_pattern(&image, DISK_SIZE).expect("image");
     let keys = Stage2Keys {
-        virtio: Some(vec![("blk", 1), ("rng", 1)]),
+        virtio: Some(vec![("blk", 1), ("rng", 1), ("console", 1)]),
         blk_pattern_sector: Some(GUEST_SECTOR),
         blk_serial: Some("nimbus-disk-0".into()),
+        console_message: Some("hello-from-the-virtio-console".into()),
         ..Default::default()
     };
-    let run = boot(
+    let run = boot_with_console(
         &[format!("path={},serial=nimbus-disk-0", image.display())],
         &keys,
+        &format!("file={}", console.display()),
     );
     run.assert_success();
     let report = run.report();
@@ -67,7 +77,16 @@ fn disk_and_rng_through_pci_and_msix() {
     report.assert_passed(STAGE2_PCI_CHECKS);
     assert_checks(&run, &names("blk", 0, VIRTIO_BLK_CHECKS));
     assert_checks(&run, &names("rng", 0, VIRTIO_RNG_CHECKS));
-    // Host side: the guest's 4 KiB landed at sector 2048 and nothing else changed.
+    assert_checks(&run, &names("console", 0, VIRTIO_CONSOLE_CHECKS));
+    // Host side: the console text reached the file, the guest's 4 KiB landed at sector 2048 and
+    // nothing else in the image changed.
+    let text = std::fs::read_to_string(&console).expect("console file");
+    assert_eq!(
+        text,
+        "hello-from-the-virtio-console\n",
+        "{}",
+        run.describe()
+    );
     verify_disk_pattern(&image, DISK_SIZE, Some(GUEST_SECTOR))
         .unwrap_or_else(|e| panic!("{e}\n{}", run.describe()));
 }
