@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::config::{
-    kv, ConfigError, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig, RngConfig,
-    VmConfig,
+    kv, ConfigError, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
+    RngConfig, VmConfig,
 };
 
 /// Nimbus: a virtual machine monitor for cloud workloads.
@@ -32,6 +32,10 @@ pub struct Cli {
     /// repeat the option (or give several values) for more disks.
     #[arg(long, value_name = "path=PATH[,...]", num_args = 1.., action = clap::ArgAction::Append)]
     pub disk: Vec<String>,
+    /// Network interface: tap=NAME[,mac=MAC][,ip=IP][,mask=MASK][,num_queues=N][,queue_size=N]
+    /// [,fd=N][,id=ID][,mtu=N]; repeat for more interfaces.
+    #[arg(long, value_name = "tap=NAME[,...]", num_args = 1.., action = clap::ArgAction::Append)]
+    pub net: Vec<String>,
     /// Entropy device: src=PATH (default /dev/urandom).
     #[arg(long, value_name = "src=PATH")]
     pub rng: Option<String>,
@@ -87,6 +91,14 @@ impl Cli {
                 .collect::<Result<Vec<_>, _>>()?;
             config.disks = Some(disks);
         }
+        if !self.net.is_empty() {
+            let nets = self
+                .net
+                .iter()
+                .map(|s| parse_net(s))
+                .collect::<Result<Vec<_>, _>>()?;
+            config.net = Some(nets);
+        }
         if let Some(s) = &self.rng {
             config.rng = kv::from_str::<RngConfig>(s).map_err(|source| ConfigError::Parse {
                 option: "rng",
@@ -109,6 +121,38 @@ impl Cli {
         }
         Ok(config)
     }
+}
+
+/// Parses one `--net`: CH spells the passed fds `fd=3` (or `fd=[3,4]`); the config field is `fds`.
+fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
+    let parse_err = |source| ConfigError::Parse {
+        option: "net",
+        source,
+    };
+    let mut fds = None;
+    let mut rest = Vec::new();
+    for (k, v) in kv::split(s).map_err(parse_err)? {
+        if k == "fd" {
+            let list = v.trim_start_matches('[').trim_end_matches(']');
+            let parsed = list
+                .split(|c| c == ';' || c == ' ')
+                .filter(|t| !t.is_empty())
+                .map(|t| {
+                    t.parse::<i32>()
+                        .map_err(|_| kv::KvError::Invalid(format!("fd '{t}' is not a number")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(parse_err)?;
+            fds = Some(parsed);
+        } else {
+            rest.push(format!("{k}=\"{v}\""));
+        }
+    }
+    let mut net = kv::from_str::<NetConfig>(&rest.join(",")).map_err(parse_err)?;
+    if fds.is_some() {
+        net.fds = fds;
+    }
+    Ok(net)
 }
 
 /// The version line. Management stacks written for Cloud Hypervisor (libvirt) parse
@@ -216,6 +260,36 @@ mod tests {
             .expect_err("dup")
             .to_string()
             .contains("used twice"));
+    }
+
+    #[test]
+    fn nets() {
+        let c = parse(&[
+            "--kernel",
+            "/k",
+            "--net",
+            "tap=tap0,mac=52:54:00:12:34:56,ip=10.0.0.1,mask=255.0.0.0",
+            "fd=[3;4],num_queues=4",
+        ])
+        .expect("config");
+        let nets = c.net.clone().unwrap_or_default();
+        assert_eq!(nets[0].tap.as_deref(), Some("tap0"));
+        assert_eq!(nets[0].ip, std::net::Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!((nets[0].num_queues, nets[0].queue_size), (2, 256));
+        assert_eq!(nets[1].fds, Some(vec![3, 4]));
+        c.validate().expect("valid");
+        for bad in [
+            "tap=t,mac=52:54:00:12:34",
+            "tap=t,mac=01:00:5e:00:00:01",
+            "tap=t,num_queues=3",
+            "fd=3,num_queues=4",
+            "tap=a-very-long-tap-name0",
+        ] {
+            let c = parse(&["--kernel", "/k", "--net", bad]).expect("parses");
+            assert!(c.validate().is_err(), "{bad} must be rejected");
+        }
+        assert!(parse(&["--kernel", "/k", "--net", "tap=t,ip=10.0.0"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--net", "fd=x"]).is_err());
     }
 
     #[test]

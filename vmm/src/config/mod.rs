@@ -298,6 +298,154 @@ impl DiskConfig {
     }
 }
 
+fn default_net_ip() -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(192, 168, 249, 1)
+}
+
+fn default_net_mask() -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(255, 255, 255, 0)
+}
+
+fn default_net_queues() -> usize {
+    2
+}
+
+fn default_net_queue_size() -> u16 {
+    256
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A virtio-net interface over a TAP (CH `NetConfig`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// TAP interface name (created when missing); generated when neither this nor `fds` is given.
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// Host-side IPv4 address of the TAP.
+    #[serde(default = "default_net_ip")]
+    pub ip: std::net::Ipv4Addr,
+    /// Host-side netmask.
+    #[serde(default = "default_net_mask")]
+    pub mask: std::net::Ipv4Addr,
+    /// Guest MAC address; random (locally administered) when absent.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// Host-side MAC of the TAP.
+    #[serde(default)]
+    pub host_mac: Option<String>,
+    /// MTU offered to the guest.
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    /// Behind a virtual IOMMU (not supported; must stay false).
+    #[serde(default)]
+    pub iommu: bool,
+    /// Queues (two per queue pair).
+    #[serde(default = "default_net_queues")]
+    pub num_queues: usize,
+    /// Descriptors per queue.
+    #[serde(default = "default_net_queue_size")]
+    pub queue_size: u16,
+    /// Served by a vhost-user backend (arrives with the split-process work).
+    #[serde(default)]
+    pub vhost_user: bool,
+    /// vhost-user socket.
+    #[serde(default)]
+    pub vhost_socket: Option<String>,
+    /// Device identifier.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// TAP file descriptors passed by a manager (one per queue pair). In API JSON these are
+    /// ignored: fds arrive with SCM_RIGHTS.
+    #[serde(default)]
+    pub fds: Option<Vec<i32>>,
+    /// PCI segment.
+    #[serde(default)]
+    pub pci_segment: u16,
+    /// Offer TSO to the guest.
+    #[serde(default = "default_true")]
+    pub offload_tso: bool,
+    /// Offer UFO to the guest.
+    #[serde(default = "default_true")]
+    pub offload_ufo: bool,
+    /// Offer checksum offload to the guest.
+    #[serde(default = "default_true")]
+    pub offload_csum: bool,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("'{s}' is not a MAC address (aa:bb:cc:dd:ee:ff)"));
+    }
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = (p.len() == 2)
+            .then(|| u8::from_str_radix(p, 16).ok())
+            .flatten()
+            .ok_or_else(|| format!("'{s}' is not a MAC address (aa:bb:cc:dd:ee:ff)"))?;
+    }
+    Ok(mac)
+}
+
+impl NetConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let name = self
+            .tap
+            .clone()
+            .or_else(|| self.id.clone())
+            .unwrap_or_else(|| "?".into());
+        let err = |m: String| ConfigError::Device(format!("net {name}: {m}"));
+        if self.vhost_user {
+            return Err(err("vhost_user is not supported yet".into()));
+        }
+        if self.iommu {
+            return Err(err("iommu is not supported".into()));
+        }
+        if self.num_queues < 2 || self.num_queues % 2 != 0 || self.num_queues > 32 {
+            return Err(err(format!(
+                "num_queues {} must be an even number in 2..=32",
+                self.num_queues
+            )));
+        }
+        if !self.queue_size.is_power_of_two() || !(2..=1024).contains(&self.queue_size) {
+            return Err(err(format!(
+                "queue_size {} is not a power of two in 2..=1024",
+                self.queue_size
+            )));
+        }
+        for mac in [&self.mac, &self.host_mac].into_iter().flatten() {
+            let bytes = parse_mac(mac).map_err(err)?;
+            if bytes[0] & 1 != 0 {
+                return Err(err(format!("MAC {mac} is a multicast address")));
+            }
+        }
+        if let Some(fds) = &self.fds {
+            if fds.len() * 2 != self.num_queues {
+                return Err(err(format!(
+                    "{} fds given for {} queues (one fd per queue pair)",
+                    fds.len(),
+                    self.num_queues
+                )));
+            }
+        }
+        if self
+            .tap
+            .as_ref()
+            .is_some_and(|t| t.is_empty() || t.len() > 15)
+        {
+            return Err(err("tap name must be 1..=15 bytes".into()));
+        }
+        if self.pci_segment != 0 {
+            return Err(err("only PCI segment 0 exists".into()));
+        }
+        Ok(())
+    }
+}
+
 /// The entropy device (CH `RngConfig`); Cloud Hypervisor always has one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -356,6 +504,9 @@ pub struct VmConfig {
     /// Disks.
     #[serde(default)]
     pub disks: Option<Vec<DiskConfig>>,
+    /// Network interfaces.
+    #[serde(default)]
+    pub net: Option<Vec<NetConfig>>,
     /// The entropy device.
     #[serde(default)]
     pub rng: RngConfig,
@@ -377,6 +528,7 @@ impl Default for VmConfig {
             memory: MemoryConfig::default(),
             payload: None,
             disks: None,
+            net: None,
             rng: RngConfig::default(),
             serial: default_serial(),
             console: default_console(),
@@ -450,8 +602,13 @@ impl VmConfig {
         for disk in self.disks.iter().flatten() {
             disk.validate()?;
         }
+        for net in self.net.iter().flatten() {
+            net.validate()?;
+        }
         let mut ids = std::collections::HashSet::new();
-        for id in self.disks.iter().flatten().filter_map(|d| d.id.as_ref()) {
+        let disk_ids = self.disks.iter().flatten().filter_map(|d| d.id.as_ref());
+        let net_ids = self.net.iter().flatten().filter_map(|n| n.id.as_ref());
+        for id in disk_ids.chain(net_ids) {
             if !ids.insert(id) {
                 return Err(ConfigError::Device(format!("device id {id} is used twice")));
             }
