@@ -135,7 +135,7 @@ fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
         if k == "fd" {
             let list = v.trim_start_matches('[').trim_end_matches(']');
             let parsed = list
-                .split(|c| c == ';' || c == ' ')
+                .split([';', ' '])
                 .filter(|t| !t.is_empty())
                 .map(|t| {
                     t.parse::<i32>()

@@ -405,7 +405,7 @@ impl NetConfig {
         if self.iommu {
             return Err(err("iommu is not supported".into()));
         }
-        if self.num_queues < 2 || self.num_queues % 2 != 0 || self.num_queues > 32 {
+        if self.num_queues < 2 || !self.num_queues.is_multiple_of(2) || self.num_queues > 32 {
             return Err(err(format!(
                 "num_queues {} must be an even number in 2..=32",
                 self.num_queues
