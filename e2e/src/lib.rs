@@ -12,7 +12,14 @@
 //! * stage 2 (PCI, virtio-pci): [`Stage2Keys`] builds the command-line keys,
 //!   [`write_disk_pattern`] / [`verify_disk_pattern`] prepare and check a disk
 //!   image for the virtio-blk checks, [`virtio_checks`] names the checks a
-//!   device reports, [`ScratchDir`] holds the files of one test.
+//!   device reports, [`ScratchDir`] holds the files of one test;
+//! * [`spawn_vm`] starts a VMM and returns a [`RunningVm`] whose serial
+//!   output can be watched while it runs ([`RunningVm::wait_for_line`]);
+//! * virtio-net: [`NetNs`] is a network namespace for the VMM's TAP,
+//!   [`PacketSocket`] sends and captures frames on that TAP,
+//!   [`net_test_frame`] / [`verify_net_tx_frames`] define and check the test
+//!   frames, and [`exchange_test_frames`] is the whole host side of the
+//!   guest's `rx` and `tx` checks.
 //!
 //! This is test support code: its functions panic with a descriptive message
 //! when the environment is broken (guest does not build, QEMU missing).
@@ -26,7 +33,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -83,8 +90,10 @@ pub const VIRTIO_RNG_CHECKS: &[&str] = &["init", "pcicfg", "read", "msix"];
 /// Checks every modern virtio-console device reports.
 pub const VIRTIO_CONSOLE_CHECKS: &[&str] = &["init", "pcicfg", "write", "msix"];
 
-/// Checks every modern virtio-net device reports (initialisation only).
-pub const VIRTIO_NET_CHECKS: &[&str] = &["init", "pcicfg"];
+/// Checks every modern virtio-net device reports when the host exchanges
+/// the test frames ([`exchange_test_frames`]). With `net.rx.count=0` there
+/// is no `rx`, with `net.tx.count=0` no `tx`, with both no `msix`.
+pub const VIRTIO_NET_CHECKS: &[&str] = &["init", "pcicfg", "mac", "rx", "tx", "msix"];
 
 /// Full check names for device `n` of `kind` (`blk`, `rng`, `console`,
 /// `net`): `virtio.<kind><n>.<check>` for each of `checks`.
@@ -216,6 +225,14 @@ pub struct Stage2Keys {
     /// `console.message=...`: what the guest writes on the virtio console
     /// (no spaces), followed by a newline.
     pub console_message: Option<String>,
+    /// `net.mac=xx:xx:xx:xx:xx:xx`: the MAC address the virtio-net device
+    /// must report.
+    pub net_mac: Option<[u8; 6]>,
+    /// `net.tx.count=N`: test frames the guest transmits (guest default 8).
+    pub net_tx_count: Option<u32>,
+    /// `net.rx.count=N`: test frames the guest waits for after printing
+    /// `INFO virtio.net<n>.rx.ready` (guest default 4; 0: no rx check).
+    pub net_rx_count: Option<u32>,
 }
 
 impl Stage2Keys {
@@ -238,6 +255,15 @@ impl Stage2Keys {
         }
         if let Some(m) = &self.console_message {
             words.push(format!("console.message={m}"));
+        }
+        if let Some(m) = self.net_mac {
+            words.push(format!("net.mac={}", format_mac(m)));
+        }
+        if let Some(n) = self.net_tx_count {
+            words.push(format!("net.tx.count={n}"));
+        }
+        if let Some(n) = self.net_rx_count {
+            words.push(format!("net.rx.count={n}"));
         }
         words.join(" ")
     }
@@ -508,8 +534,24 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 ///
 /// # Panics
 /// If the process cannot be started.
-pub fn run_vm(mut cmd: Command, timeout: Duration) -> VmRun {
-    let _serial = VM_LOCK
+pub fn run_vm(cmd: Command, timeout: Duration) -> VmRun {
+    spawn_vm(cmd).finish(timeout)
+}
+
+/// Starts `cmd` like [`run_vm`] (stdin from /dev/null, stdout and stderr
+/// captured, own process group, SIGKILL if the test process dies, one VM
+/// at a time per process) but returns at once, so that a test can watch the
+/// guest's serial output while it runs ([`RunningVm::wait_for_line`]) and
+/// act on it. [`RunningVm::finish`] waits for the exit; dropping a
+/// `RunningVm` (also during a panic) kills the VMM's process group.
+///
+/// While a `RunningVm` exists, [`run_vm`] and `spawn_vm` in other threads of
+/// the same process wait for it.
+///
+/// # Panics
+/// If the process cannot be started.
+pub fn spawn_vm(mut cmd: Command) -> RunningVm {
+    let serial = VM_LOCK
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     cmd.stdin(Stdio::null())
@@ -533,15 +575,112 @@ pub fn run_vm(mut cmd: Command, timeout: Duration) -> VmRun {
     };
     let stdout = Collector::start(child.stdout.take());
     let stderr = Collector::start(child.stderr.take());
-    let (status, timed_out) = wait_with_timeout(&mut child, timeout);
-    let elapsed = start.elapsed();
-    let drain_deadline = Instant::now() + DRAIN_GRACE;
-    VmRun {
-        status,
-        stdout: stdout.finish(drain_deadline),
-        stderr: stderr.finish(drain_deadline),
-        timed_out,
-        elapsed,
+    RunningVm {
+        child: Some(child),
+        stdout,
+        stderr,
+        start,
+        _serial: serial,
+    }
+}
+
+/// A VMM started by [`spawn_vm`]. Dropping it kills the VMM's process group.
+#[derive(Debug)]
+pub struct RunningVm {
+    /// `None` once waited for.
+    child: Option<Child>,
+    stdout: Collector,
+    stderr: Collector,
+    start: Instant,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl RunningVm {
+    /// Waits at most `timeout` for a complete stdout line (the guest's
+    /// serial port) containing `pattern` and returns it (without the line
+    /// end). Looks at everything printed since the start, so a line that
+    /// came before the call is found at once.
+    ///
+    /// # Errors
+    /// If no such line appears in time or stdout ends (the VMM exited)
+    /// before one does; the message carries the output so far.
+    pub fn wait_for_line(&self, pattern: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        let found = self.stdout.wait_until(deadline, |bytes, eof| {
+            let text = String::from_utf8_lossy(bytes);
+            // Only complete lines, unless the stream has ended.
+            let complete = if eof {
+                &text[..]
+            } else {
+                text.rfind('\n').map_or("", |end| &text[..end])
+            };
+            if let Some(line) = complete.lines().find(|l| l.contains(pattern)) {
+                return Some(Ok(line.trim_end_matches('\r').to_string()));
+            }
+            eof.then(|| Err("the VMM closed its output (exited)".to_string()))
+        });
+        let why = match found {
+            Some(Ok(line)) => return Ok(line),
+            Some(Err(why)) => why,
+            None => format!("not within {timeout:.1?}"),
+        };
+        Err(format!(
+            "no line containing {pattern:?} from the VMM: {why}\n{}",
+            self.describe_so_far()
+        ))
+    }
+
+    /// The VMM's stdout (the guest's serial port) so far, lossily UTF-8.
+    pub fn stdout_so_far(&self) -> String {
+        self.stdout.snapshot()
+    }
+
+    /// Timing, stderr and stdout so far, for failure messages.
+    pub fn describe_so_far(&self) -> String {
+        format!(
+            "VMM running for {:.1?}\n----- stderr so far -----\n{}\n----- stdout (guest serial) so far -----\n{}\n------------------",
+            self.start.elapsed(),
+            self.stderr.snapshot().trim_end(),
+            self.stdout.snapshot().trim_end()
+        )
+    }
+
+    /// Waits at most `timeout` (from now) for the VMM to exit, killing its
+    /// process group on expiry (`timed_out` is then set), and collects the
+    /// output.
+    pub fn finish(mut self, timeout: Duration) -> VmRun {
+        let (status, timed_out) = match self.child.as_mut() {
+            Some(child) => wait_with_timeout(child, timeout),
+            None => (None, false),
+        };
+        self.child = None;
+        let elapsed = self.start.elapsed();
+        let drain_deadline = Instant::now() + DRAIN_GRACE;
+        VmRun {
+            status,
+            stdout: self.stdout.finish(drain_deadline),
+            stderr: self.stderr.finish(drain_deadline),
+            timed_out,
+            elapsed,
+        }
+    }
+
+    /// Kills the VMM's process group now and collects the output
+    /// (`timed_out` is set: the run did not end by itself).
+    pub fn kill(self) -> VmRun {
+        if let Some(child) = &self.child {
+            kill_group(child);
+        }
+        self.finish(Duration::ZERO)
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            kill_group(child);
+            let _ = child.wait();
+        }
     }
 }
 
@@ -572,41 +711,81 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> (Option<ExitStatus
     }
 }
 
-/// Reads a pipe on a thread into a shared buffer.
+/// What a [`Collector`] thread has read: the bytes and whether the pipe
+/// has ended.
+#[derive(Debug, Default)]
+struct Captured {
+    bytes: Vec<u8>,
+    eof: bool,
+}
+
+/// Reads a pipe on a thread into a shared buffer; waiters are woken on
+/// every chunk.
+#[derive(Debug)]
 struct Collector {
-    buf: Arc<Mutex<Vec<u8>>>,
-    done: Option<mpsc::Receiver<()>>,
+    shared: Arc<(Mutex<Captured>, Condvar)>,
 }
 
 impl Collector {
     fn start<R: Read + Send + 'static>(pipe: Option<R>) -> Self {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let done = pipe.map(|mut p| {
-            let (tx, rx) = mpsc::channel();
-            let shared = Arc::clone(&buf);
-            thread::spawn(move || {
-                let mut chunk = [0u8; 4096];
-                // EOF or a read error ends the capture; what was read is kept.
-                while let Ok(n @ 1..) = p.read(&mut chunk) {
-                    shared
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .extend_from_slice(&chunk[..n]);
-                }
-                let _ = tx.send(());
-            });
-            rx
-        });
-        Collector { buf, done }
+        let shared = Arc::new((Mutex::new(Captured::default()), Condvar::new()));
+        match pipe {
+            None => Self::lock(&shared).eof = true,
+            Some(mut p) => {
+                let shared = Arc::clone(&shared);
+                thread::spawn(move || {
+                    let mut chunk = [0u8; 4096];
+                    // EOF or a read error ends the capture; what was read is kept.
+                    while let Ok(n @ 1..) = p.read(&mut chunk) {
+                        Self::lock(&shared).bytes.extend_from_slice(&chunk[..n]);
+                        shared.1.notify_all();
+                    }
+                    Self::lock(&shared).eof = true;
+                    shared.1.notify_all();
+                });
+            }
+        }
+        Collector { shared }
+    }
+
+    fn lock(shared: &(Mutex<Captured>, Condvar)) -> std::sync::MutexGuard<'_, Captured> {
+        shared.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Calls `f(bytes so far, eof)` now and after every new chunk until it
+    /// returns `Some` or `deadline` passes (`None`).
+    fn wait_until<T>(
+        &self,
+        deadline: Instant,
+        mut f: impl FnMut(&[u8], bool) -> Option<T>,
+    ) -> Option<T> {
+        let mut c = Self::lock(&self.shared);
+        loop {
+            if let Some(v) = f(&c.bytes, c.eof) {
+                return Some(v);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || c.eof {
+                return None;
+            }
+            c = self
+                .shared
+                .1
+                .wait_timeout(c, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// What was read so far, lossily UTF-8.
+    fn snapshot(&self) -> String {
+        String::from_utf8_lossy(&Self::lock(&self.shared).bytes).into_owned()
     }
 
     /// Waits for EOF until `deadline`, then returns what was read.
-    fn finish(self, deadline: Instant) -> String {
-        if let Some(rx) = &self.done {
-            let _ = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
-        }
-        let bytes = self.buf.lock().unwrap_or_else(|e| e.into_inner());
-        String::from_utf8_lossy(&bytes).into_owned()
+    fn finish(&self, deadline: Instant) -> String {
+        self.wait_until(deadline, |_, eof| eof.then_some(()));
+        self.snapshot()
     }
 }
 
@@ -762,6 +941,530 @@ fn parse_done(rest: &str) -> Option<(u32, u32)> {
     Some((pass?, fail?))
 }
 
+// ---------------------------------------------------------------------------
+// virtio-net: test frames, network namespaces, packet sockets on the TAP.
+// ---------------------------------------------------------------------------
+
+/// Ethertype of the virtio-net test frames (IEEE 802 local experimental 1).
+pub const NET_TEST_ETHERTYPE: u16 = 0x88b5;
+
+/// Payload length of test frame `i` is `NET_PAYLOAD_SIZES[i % 8]` (the
+/// guest's definition, docs/test-guest.md).
+pub const NET_PAYLOAD_SIZES: [usize; 8] = [1500, 64, 1024, 333, 1499, 65, 800, 257];
+
+/// The Ethernet broadcast address (destination of the guest's frames).
+pub const BROADCAST_MAC: [u8; 6] = [0xff; 6];
+
+/// Source address the host side uses for the frames it sends to the guest
+/// (locally administered; the guest does not check it).
+pub const HOST_TEST_MAC: [u8; 6] = [0x02, 0x4e, 0x49, 0x4d, 0x42, 0x01];
+
+/// Which way a test frame travels: its marker word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetDir {
+    /// Guest to host, payload `NIMBUS-NET-TX <i>`.
+    Tx,
+    /// Host to guest, payload `NIMBUS-NET-RX <i>`.
+    Rx,
+}
+
+impl NetDir {
+    fn prefix(self) -> &'static str {
+        match self {
+            NetDir::Tx => "NIMBUS-NET-TX ",
+            NetDir::Rx => "NIMBUS-NET-RX ",
+        }
+    }
+}
+
+/// Payload of test frame `i`: the marker `NIMBUS-NET-TX <i>` (or `-RX`), a
+/// NUL byte, then byte `((7 * o + 13 * i) mod 256) ^ 0x5a` at each payload
+/// offset `o`, up to `NET_PAYLOAD_SIZES[i % 8]` bytes.
+pub fn net_test_payload(dir: NetDir, i: u32) -> Vec<u8> {
+    let len = NET_PAYLOAD_SIZES[i as usize % NET_PAYLOAD_SIZES.len()];
+    let marker = format!("{}{i}", dir.prefix()).into_bytes();
+    (0..len)
+        .map(|o| match o.cmp(&marker.len()) {
+            std::cmp::Ordering::Less => marker[o],
+            std::cmp::Ordering::Equal => 0,
+            std::cmp::Ordering::Greater => {
+                ((o as u32).wrapping_mul(7).wrapping_add(i.wrapping_mul(13)) as u8) ^ 0x5a
+            }
+        })
+        .collect()
+}
+
+/// Test frame `i`: `dst`, `src`, ethertype [`NET_TEST_ETHERTYPE`], then
+/// [`net_test_payload`]. The guest transmits `net_test_frame(Tx, i,
+/// BROADCAST_MAC, guest_mac)`; the host sends `net_test_frame(Rx, i,
+/// guest_mac, any)`.
+pub fn net_test_frame(dir: NetDir, i: u32, dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(1514);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&NET_TEST_ETHERTYPE.to_be_bytes());
+    f.extend_from_slice(&net_test_payload(dir, i));
+    f
+}
+
+/// The index of a test frame travelling `dir` (ethertype and marker
+/// checked, nothing else), if `frame` is one.
+pub fn net_test_frame_index(frame: &[u8], dir: NetDir) -> Option<u32> {
+    if frame.len() < 14 || frame[12..14] != NET_TEST_ETHERTYPE.to_be_bytes() {
+        return None;
+    }
+    let rest = frame[14..].strip_prefix(dir.prefix().as_bytes())?;
+    let end = rest.iter().position(|&b| b == 0)?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
+
+/// Checks the guest's transmitted frames as captured on the TAP: frames
+/// `0..count` each exactly once and byte for byte `net_test_frame(Tx, i,
+/// BROADCAST_MAC, guest_mac)`; frames that are not TX test frames are
+/// ignored.
+///
+/// # Errors
+/// Names the missing, duplicated and wrong frames.
+pub fn verify_net_tx_frames(
+    frames: &[Vec<u8>],
+    count: u32,
+    guest_mac: [u8; 6],
+) -> Result<(), String> {
+    let mut seen = vec![0u32; count as usize];
+    let mut problems = Vec::new();
+    for f in frames {
+        let Some(i) = net_test_frame_index(f, NetDir::Tx) else {
+            continue;
+        };
+        let Some(n) = seen.get_mut(i as usize) else {
+            problems.push(format!("frame NIMBUS-NET-TX {i}: index beyond {count}"));
+            continue;
+        };
+        *n += 1;
+        let want = net_test_frame(NetDir::Tx, i, BROADCAST_MAC, guest_mac);
+        if *f != want {
+            let at = f.iter().zip(&want).position(|(a, b)| a != b);
+            problems.push(format!(
+                "frame NIMBUS-NET-TX {i}: {} bytes (expected {}), first difference at {at:?}",
+                f.len(),
+                want.len()
+            ));
+        }
+    }
+    for (i, &n) in seen.iter().enumerate() {
+        match n {
+            1 => {}
+            0 => problems.push(format!("frame NIMBUS-NET-TX {i} not captured")),
+            n => problems.push(format!("frame NIMBUS-NET-TX {i} captured {n} times")),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} frame(s) captured, problems:\n  {}",
+            frames.len(),
+            problems.join("\n  ")
+        ))
+    }
+}
+
+/// Formats a MAC address as `xx:xx:xx:xx:xx:xx` (the form of `net.mac`).
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Runs `ip` with `args`; returns stdout.
+fn ip(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "ip {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A network namespace `nimbus-<tag>-<pid>-<n>` (`ip netns add`), deleted
+/// when dropped, also when a test panics. Needs root (CAP_SYS_ADMIN and
+/// CAP_NET_ADMIN) and iproute2.
+///
+/// A VMM runs inside it through [`NetNs::wrap`] (`ip netns exec`), so the
+/// TAP it creates lives there, invisible to the host and to other tests;
+/// [`PacketSocket::open`] then talks to that TAP from the test process.
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    /// Creates the namespace (only the loopback device, down).
+    ///
+    /// # Panics
+    /// If `ip netns add` fails (not root, no iproute2).
+    pub fn new(tag: &str) -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("nimbus-{tag}-{}-{n}", std::process::id());
+        // A leftover of a killed run with a recycled pid.
+        let _ = ip(&["netns", "del", &name]);
+        if let Err(e) = ip(&["netns", "add", &name]) {
+            panic!("cannot create network namespace {name} (needs root and iproute2): {e}");
+        }
+        NetNs { name }
+    }
+
+    /// The namespace's name (for `ip netns exec <name>` / `ip -n <name>`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace's bind mount, `/var/run/netns/<name>` (for `setns`).
+    pub fn path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.name)
+    }
+
+    /// `cmd` rewritten to run inside the namespace: `ip netns exec <name>
+    /// <program> <args...>`, with the same environment changes and working
+    /// directory (standard I/O settings are not carried over; [`run_vm`] and
+    /// [`spawn_vm`] set them). `ip netns exec` execs the program, so the
+    /// process started is the program itself.
+    pub fn wrap(&self, cmd: Command) -> Command {
+        let mut w = Command::new("ip");
+        w.args(["netns", "exec", &self.name])
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => w.env(k, v),
+                None => w.env_remove(k),
+            };
+        }
+        if let Some(dir) = cmd.get_current_dir() {
+            w.current_dir(dir);
+        }
+        w
+    }
+
+    /// Runs `ip -n <name> <args...>` and returns its stdout.
+    ///
+    /// # Errors
+    /// If `ip` fails; the message has its stderr.
+    pub fn ip(&self, args: &[&str]) -> Result<String, String> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!("warning: {e}");
+        }
+    }
+}
+
+/// `sll_pkttype` of frames the interface itself sent.
+const PACKET_OUTGOING: u8 = 4;
+
+/// An AF_PACKET socket bound to one interface inside a [`NetNs`], for one
+/// ethertype: frames written with [`PacketSocket::send`] leave through the
+/// interface (on a TAP: they reach the VMM, i.e. the guest's receive
+/// queue); [`PacketSocket::recv`] returns the frames the interface receives
+/// (on a TAP: what the guest transmitted), never the ones sent from the
+/// host side.
+#[derive(Debug)]
+pub struct PacketSocket {
+    fd: std::os::fd::OwnedFd,
+    ifindex: i32,
+    ethertype: u16,
+}
+
+impl PacketSocket {
+    /// Waits at most `timeout` for `ifname` to appear in `ns` (a VMM
+    /// creates its TAP at start-up), sets it up (`ip -n <ns> link set <if>
+    /// up`) and opens a socket bound to it for `ethertype`. The socket is
+    /// created on a thread that has entered the namespace (`setns`), so it
+    /// belongs there; the test's other threads stay in the host namespace.
+    ///
+    /// # Errors
+    /// If the interface does not appear in time or a system call fails.
+    pub fn open(
+        ns: &NetNs,
+        ifname: &str,
+        ethertype: u16,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let path = ns.path();
+        let ns_name = ns.name().to_string();
+        let ifname = ifname.to_string();
+        let deadline = Instant::now() + timeout;
+        let worker = thread::spawn(move || -> Result<PacketSocket, String> {
+            use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+            let nsf = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            // SAFETY: plain system call on an fd we own; it changes the
+            // network namespace of this (short-lived) thread only.
+            if unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(format!(
+                    "setns({}): {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                ));
+            }
+            let cname = std::ffi::CString::new(ifname.as_str())
+                .map_err(|_| format!("bad interface name {ifname:?}"))?;
+            let ifindex = loop {
+                // SAFETY: `cname` is a valid NUL-terminated string.
+                let idx = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+                if idx != 0 {
+                    break i32::try_from(idx).map_err(|_| format!("ifindex {idx}"))?;
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!(
+                        "interface {ifname} did not appear in namespace {ns_name} within {timeout:.1?}"
+                    ));
+                }
+                thread::sleep(Duration::from_millis(10));
+            };
+            ip(&["-n", &ns_name, "link", "set", "dev", &ifname, "up"])?;
+            let proto = i32::from(ethertype.to_be());
+            // SAFETY: plain system call; the result is checked.
+            let raw = unsafe {
+                libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto)
+            };
+            if raw < 0 {
+                return Err(format!(
+                    "socket(AF_PACKET): {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            // SAFETY: `raw` is a fresh descriptor nobody else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = ethertype.to_be();
+            sll.sll_ifindex = ifindex;
+            // SAFETY: `sll` is a valid sockaddr_ll of the length passed.
+            let r = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&raw const sll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            if r != 0 {
+                return Err(format!(
+                    "bind(AF_PACKET, {ifname}): {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            Ok(PacketSocket {
+                fd,
+                ifindex,
+                ethertype,
+            })
+        });
+        worker
+            .join()
+            .unwrap_or_else(|_| Err("the namespace thread panicked".to_string()))
+    }
+
+    /// The interface index (inside the namespace).
+    pub fn ifindex(&self) -> i32 {
+        self.ifindex
+    }
+
+    /// Sends one complete Ethernet frame (header included; at most 1514
+    /// bytes for a standard MTU) out of the interface.
+    ///
+    /// # Errors
+    /// If the kernel refuses it (e.g. the interface is down).
+    pub fn send(&self, frame: &[u8]) -> Result<(), String> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the buffer is valid for `frame.len()` bytes.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        if usize::try_from(n).ok() == Some(frame.len()) {
+            Ok(())
+        } else {
+            Err(format!(
+                "send of a {}-byte frame (ethertype {:#06x}) returned {n}: {}",
+                frame.len(),
+                self.ethertype,
+                std::io::Error::last_os_error()
+            ))
+        }
+    }
+
+    /// The next frame the interface receives, waiting at most `timeout`
+    /// (`None` when none came). Frames sent from the host side are skipped.
+    pub fn recv(&self, timeout: Duration) -> Option<Vec<u8>> {
+        use std::os::fd::AsRawFd;
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+            // SAFETY: one valid pollfd.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            if r <= 0 {
+                return None;
+            }
+            // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            // SAFETY: `buf` and `from` are valid for the lengths passed.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                    (&raw mut from).cast(),
+                    &mut from_len,
+                )
+            };
+            let Ok(n) = usize::try_from(n) else {
+                if Instant::now() >= deadline {
+                    return None;
+                }
+                continue;
+            };
+            if from.sll_pkttype != PACKET_OUTGOING {
+                return Some(buf[..n].to_vec());
+            }
+        }
+    }
+
+    /// Collects received frames for which `keep` is true until there are
+    /// `count` of them or `timeout` passes; returns what was collected.
+    pub fn capture(
+        &self,
+        count: usize,
+        timeout: Duration,
+        mut keep: impl FnMut(&[u8]) -> bool,
+    ) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut frames = Vec::new();
+        while frames.len() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.recv(left) {
+                Some(f) if keep(&f) => frames.push(f),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        frames
+    }
+}
+
+/// Captures up to `count` frames of `ethertype` that `ifname` in `ns`
+/// receives (what the guest sends, for a VMM's TAP), within `timeout`
+/// (which also bounds the wait for the interface). The socket is opened
+/// when this is called: frames sent earlier are not seen, so call it (on a
+/// thread) before the guest transmits, or use [`PacketSocket`] directly.
+///
+/// # Errors
+/// If the socket cannot be opened.
+pub fn capture_frames(
+    ns: &NetNs,
+    ifname: &str,
+    ethertype: u16,
+    count: usize,
+    timeout: Duration,
+) -> Result<Vec<Vec<u8>>, String> {
+    let deadline = Instant::now() + timeout;
+    let sock = PacketSocket::open(ns, ifname, ethertype, timeout)?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    Ok(sock.capture(count, left, |_| true))
+}
+
+/// Sends `frames` (complete Ethernet frames, ethertype taken from the first
+/// one) out of `ifname` in `ns`, i.e. to the guest behind a VMM's TAP.
+/// Waits at most 10 s for the interface.
+///
+/// # Errors
+/// If the socket cannot be opened or a send fails.
+pub fn send_frames(ns: &NetNs, ifname: &str, frames: &[Vec<u8>]) -> Result<(), String> {
+    let Some(first) = frames.first() else {
+        return Ok(());
+    };
+    let ethertype = first
+        .get(12..14)
+        .map_or(NET_TEST_ETHERTYPE, |b| u16::from_be_bytes([b[0], b[1]]));
+    let sock = PacketSocket::open(ns, ifname, ethertype, Duration::from_secs(10))?;
+    frames.iter().try_for_each(|f| sock.send(f))
+}
+
+/// Parameters of [`exchange_test_frames`].
+#[derive(Debug, Clone)]
+pub struct NetExchange {
+    /// The TAP the VMM creates inside the namespace.
+    pub tap: String,
+    /// The guest's MAC address (`net.mac`).
+    pub guest_mac: [u8; 6],
+    /// `net.rx.count`: frames the host sends after the guest's
+    /// `INFO virtio.net<n>.rx.ready` line (0: none, no wait for that line).
+    pub rx_count: u32,
+    /// `net.tx.count`: frames expected from the guest.
+    pub tx_count: u32,
+    /// Device number `n` in the guest's check names (`virtio.net<n>.*`).
+    pub device: usize,
+    /// Bound on each step (TAP appearing, the ready line, the capture).
+    pub timeout: Duration,
+}
+
+/// The host side of the guest's `virtio.net<n>.rx` and `tx` checks against
+/// a running VMM whose TAP is `x.tap` inside `ns`: opens a [`PacketSocket`]
+/// on the TAP (waiting for it and setting it up), waits for the guest's
+/// `INFO virtio.net<n>.rx.ready` line, sends `net_test_frame(Rx, i,
+/// guest_mac, HOST_TEST_MAC)` for `i < rx_count`, then captures the guest's
+/// TX test frames and checks them with [`verify_net_tx_frames`]. Returns
+/// the captured TX frames.
+///
+/// # Errors
+/// Any step failing or timing out; the message includes the VMM's output.
+pub fn exchange_test_frames(
+    vm: &RunningVm,
+    ns: &NetNs,
+    x: &NetExchange,
+) -> Result<Vec<Vec<u8>>, String> {
+    let ctx = |e: String| format!("{e}\n{}", vm.describe_so_far());
+    let sock = PacketSocket::open(ns, &x.tap, NET_TEST_ETHERTYPE, x.timeout).map_err(ctx)?;
+    if x.rx_count > 0 {
+        vm.wait_for_line(&format!("INFO virtio.net{}.rx.ready", x.device), x.timeout)?;
+        for i in 0..x.rx_count {
+            sock.send(&net_test_frame(NetDir::Rx, i, x.guest_mac, HOST_TEST_MAC))
+                .map_err(ctx)?;
+        }
+    }
+    let frames = sock.capture(x.tx_count as usize, x.timeout, |f| {
+        net_test_frame_index(f, NetDir::Tx).is_some()
+    });
+    verify_net_tx_frames(&frames, x.tx_count, x.guest_mac).map_err(ctx)?;
+    Ok(frames)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -904,10 +1607,13 @@ mod tests {
             blk_serial: Some("abc".into()),
             blk_readonly: true,
             console_message: Some("hi".into()),
+            net_mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0xab]),
+            net_tx_count: Some(3),
+            net_rx_count: Some(0),
         };
         assert_eq!(
             k.to_cmdline(),
-            "expect.virtio=blk:1,rng:1 blk.pattern.sector=2048 blk.serial=abc blk.readonly=1 console.message=hi"
+            "expect.virtio=blk:1,rng:1 blk.pattern.sector=2048 blk.serial=abc blk.readonly=1 console.message=hi net.mac=52:54:00:12:34:ab net.tx.count=3 net.rx.count=0"
         );
         assert_eq!(
             virtio_checks("rng", 0, VIRTIO_RNG_CHECKS)[0],
@@ -922,5 +1628,77 @@ mod tests {
             c.starts_with("expect.cpus=2 expect.mem=3758096384 expect.now="),
             "{c}"
         );
+    }
+
+    #[test]
+    fn net_test_frames_match_the_guest_definition() {
+        let f = net_test_frame(NetDir::Tx, 0, BROADCAST_MAC, [2, 0, 0, 0, 0, 1]);
+        assert_eq!(f.len(), 14 + 1500);
+        assert_eq!(&f[..6], &[0xff; 6]);
+        assert_eq!(&f[6..12], &[2, 0, 0, 0, 0, 1]);
+        assert_eq!(&f[12..14], &[0x88, 0xb5]);
+        assert_eq!(&f[14..30], b"NIMBUS-NET-TX 0\0");
+        // Payload offset 16, frame 0: (7 * 16) ^ 0x5a.
+        assert_eq!(f[14 + 16], (7 * 16) ^ 0x5a);
+        let p = net_test_payload(NetDir::Rx, 9);
+        assert_eq!(p.len(), 64);
+        assert_eq!(&p[..16], b"NIMBUS-NET-RX 9\0");
+        assert_eq!(p[63], ((7 * 63 + 13 * 9) as u8) ^ 0x5a);
+        assert_eq!(net_test_frame_index(&f, NetDir::Tx), Some(0));
+        assert_eq!(net_test_frame_index(&f, NetDir::Rx), None);
+        let g = net_test_frame(NetDir::Rx, 12, [1; 6], [2; 6]);
+        assert_eq!(net_test_frame_index(&g, NetDir::Rx), Some(12));
+        assert_eq!(g.len(), 14 + NET_PAYLOAD_SIZES[4]);
+    }
+
+    #[test]
+    fn verify_net_tx_frames_finds_problems() {
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let good: Vec<Vec<u8>> = (0..3)
+            .map(|i| net_test_frame(NetDir::Tx, i, BROADCAST_MAC, mac))
+            .collect();
+        verify_net_tx_frames(&good, 3, mac).expect("all three");
+        let e = verify_net_tx_frames(&good[..2], 3, mac).expect_err("one missing");
+        assert!(e.contains("NIMBUS-NET-TX 2 not captured"), "{e}");
+        let mut bad = good.clone();
+        bad[1][50] ^= 1;
+        bad.push(good[0].clone());
+        let e = verify_net_tx_frames(&bad, 3, mac).expect_err("corrupt and duplicate");
+        assert!(e.contains("TX 1: 78 bytes") && e.contains("TX 0 captured 2 times"), "{e}");
+        assert_eq!(format_mac(mac), "52:54:00:12:34:56");
+    }
+
+    #[test]
+    fn spawn_vm_streams_lines_and_kills_on_drop() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo one; sleep 0.2; echo 'INFO ready x'; sleep 30"]);
+        let t0 = Instant::now();
+        let vm = spawn_vm(cmd);
+        assert_eq!(
+            vm.wait_for_line("ready", Duration::from_secs(10)),
+            Ok("INFO ready x".to_string())
+        );
+        let e = vm
+            .wait_for_line("never", Duration::from_millis(200))
+            .expect_err("no such line");
+        assert!(e.contains("INFO ready x"), "{e}");
+        let run = vm.kill();
+        assert!(run.timed_out && !run.success());
+        assert_eq!(run.stdout, "one\nINFO ready x\n");
+        // Dropping a running VM kills it too.
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "sleep 30"]);
+        drop(spawn_vm(cmd));
+        assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+        // A VMM that exits ends the wait early.
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo bye"]);
+        let vm = spawn_vm(cmd);
+        let e = vm
+            .wait_for_line("ready", Duration::from_secs(20))
+            .expect_err("exited");
+        assert!(e.contains("exited"), "{e}");
+        assert!(vm.finish(Duration::from_secs(10)).success());
+        assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
     }
 }

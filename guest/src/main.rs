@@ -22,6 +22,7 @@ mod expect;
 mod lifecycle;
 mod mem;
 mod memtest;
+mod net;
 mod pci;
 mod phys;
 mod regions;

@@ -1,6 +1,6 @@
 //! Stage 2: PCI on bus 0 and the modern virtio-pci devices found there
-//! (blk, rng, console driven; net initialised only). Runs after the
-//! stage-1 checks. Command-line keys are described in docs/test-guest.md.
+//! (blk, net, rng, console). Runs after the stage-1 checks. Command-line
+//! keys are described in docs/test-guest.md.
 
 use core::fmt::Write;
 
@@ -8,7 +8,7 @@ use crate::acpi::Acpi;
 use crate::pci::{self, Bus};
 use crate::report::{check, Ascii, StrBuf};
 use crate::virtio::{Buf, DmaPage, IrqTally, Queue, Transport, Why, F_VERSION_1};
-use crate::{arch, blk, expect, phys, println, why};
+use crate::{arch, blk, expect, net, phys, println, why};
 
 const VIRTIO_VENDOR: u16 = 0x1af4;
 /// Device kinds driven: name and virtio device type (device ID 0x1040 + type).
@@ -164,7 +164,7 @@ fn run_virtio(bus: &Bus, keys: &Keys<'_>, apic_id: u32) {
             "blk" => blk::run(t, n, keys, apic_id),
             "rng" => run_rng(t, name.as_str(), apic_id),
             "console" => run_console(t, name.as_str(), n, keys, apic_id),
-            _ => run_net(t, name.as_str(), apic_id),
+            _ => net::run(t, n, keys, apic_id),
         }
     }
 }
@@ -256,8 +256,8 @@ pub fn check_msix(t: &Transport, name: &str, tally: &IrqTally, queues: &[Option<
 }
 
 /// Negotiates `wanted`, runs [`finish_init`] with `nq` queues and reports
-/// `init`. None if initialisation failed (reported).
-fn bring_up(
+/// `init` and `pcicfg`. None if initialisation failed (reported).
+pub fn bring_up(
     t: &mut Transport,
     name: &str,
     dev_width: u8,
@@ -389,10 +389,4 @@ fn run_console(mut t: Transport, name: &str, n: usize, keys: &Keys<'_>, apic_id:
         Some(w) => check_named(name, "msix", false, format_args!("{w}")),
         None => check_msix(&t, name, &tally, &queues),
     }
-}
-
-fn run_net(mut t: Transport, name: &str, apic_id: u32) {
-    // Initialisation only (receiveq 0, transmitq 1); no traffic. Device
-    // configuration starts with u8 mac[6].
-    let _ = bring_up(&mut t, name, 1, F_VERSION_1, 2, apic_id);
 }

@@ -4,10 +4,12 @@
 //!
 //! All device memory the guest shares with the device comes from a static,
 //! page-aligned arena in the image (`.bss`), which the identity map makes
-//! physical == virtual. Requests are issued one at a time per queue and
-//! completions are polled from the used ring; with MSI-X each completion is
-//! also expected to raise the queue's interrupt vector, which the CPL0
-//! handler in boot.s counts (`arch::irq_count`).
+//! physical == virtual. Descriptor chains are placed from a free list (blk,
+//! rng and console issue one request at a time per queue; net keeps many
+//! receive buffers and a batch of frames in flight) and completions are
+//! polled from the used ring; with MSI-X each completion is also expected to
+//! raise the queue's interrupt vector, which the CPL0 handler in boot.s
+//! counts (`arch::irq_count`).
 
 use core::cell::UnsafeCell;
 use core::fmt::Write;
@@ -143,6 +145,22 @@ impl DmaPage {
         assert!(off < PAGE);
         // SAFETY: inside this page; volatile because the device reads it.
         unsafe { self.ptr.add(off).write_volatile(v) }
+    }
+
+    /// Copies `data` into the page at `off` (the range must fit).
+    pub fn write_bytes(&self, off: usize, data: &[u8]) {
+        assert!(off.checked_add(data.len()).is_some_and(|e| e <= PAGE));
+        for (i, &b) in data.iter().enumerate() {
+            self.write8(off + i, b);
+        }
+    }
+
+    /// Copies `out.len()` bytes from the page at `off` (the range must fit).
+    pub fn read_bytes(&self, off: usize, out: &mut [u8]) {
+        assert!(off.checked_add(out.len()).is_some_and(|e| e <= PAGE));
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = self.read8(off + i);
+        }
     }
 
     fn read16(&self, off: usize) -> u16 {
@@ -643,6 +661,9 @@ impl Transport {
             notify_off,
             avail_idx: 0,
             last_used: 0,
+            // size is a power of two <= 64.
+            free: u64::MAX >> (64 - u32::from(size)),
+            chains: [0; MAX_QUEUE_SIZE as usize],
             entry,
             vector: entry.and_then(|e| self.msix.as_ref().and_then(|m| m.vector(e))),
         })
@@ -748,8 +769,10 @@ pub struct Completion {
     pub us: u64,
 }
 
-/// A split virtqueue in one page of guest RAM; one request in flight at a
-/// time, using descriptors from 0.
+/// A split virtqueue in one page of guest RAM. Descriptors come from a free
+/// list, so several chains may be in flight ([`Queue::add`], [`Queue::kick`],
+/// [`Queue::pop_used`]); [`Queue::transact`] is the one-request-at-a-time
+/// form the blk, rng and console checks use.
 pub struct Queue {
     /// Queue index.
     pub index: u16,
@@ -762,22 +785,57 @@ pub struct Queue {
     notify_off: u64,
     avail_idx: u16,
     last_used: u16,
+    /// Free descriptors (bit d: descriptor d), only bits below `size`.
+    free: u64,
+    /// Descriptors of the chain whose head is d (0: d is not a head in flight).
+    chains: [u64; MAX_QUEUE_SIZE as usize],
     /// MSI-X table entry.
     pub entry: Option<u16>,
     /// CPU vector the queue's entry raises.
     pub vector: Option<u8>,
 }
 
+/// One element taken from the used ring.
+#[derive(Clone, Copy, Debug)]
+pub struct Used {
+    /// Descriptor id the device returned.
+    pub id: u32,
+    /// Bytes the device wrote.
+    pub len: u32,
+    /// Whether `id` was the head of a chain in flight (if not, nothing was
+    /// freed: the device returned a bogus id).
+    pub known: bool,
+}
+
 impl Queue {
-    /// Places `bufs` as one descriptor chain, publishes it in the available
-    /// ring and notifies the device.
-    fn submit(&mut self, bufs: &[Buf]) {
-        let n = bufs.len().min(usize::from(self.size));
-        for (i, b) in bufs[..n].iter().enumerate() {
-            let d = i * 16;
+    /// Number of free descriptors.
+    pub fn free_descriptors(&self) -> u32 {
+        self.free.count_ones()
+    }
+
+    /// Places `bufs` (at least one) as one descriptor chain and publishes it
+    /// in the available ring, without notifying the device. Returns the head
+    /// descriptor, or `None` if there are not enough free descriptors.
+    pub fn add(&mut self, bufs: &[Buf]) -> Option<u16> {
+        if bufs.is_empty() || bufs.len() > self.free.count_ones() as usize {
+            return None;
+        }
+        let mut ids = [0u16; MAX_QUEUE_SIZE as usize];
+        let mut mask = 0u64;
+        for id in ids.iter_mut().take(bufs.len()) {
+            let d = (self.free & !mask).trailing_zeros();
+            mask |= 1 << d;
+            *id = d as u16;
+        }
+        self.free &= !mask;
+        let n = bufs.len();
+        for (i, b) in bufs.iter().enumerate() {
+            let d = usize::from(ids[i]) * 16;
             let mut flags = 0;
+            let mut next = 0;
             if i + 1 < n {
                 flags |= VIRTQ_DESC_F_NEXT;
+                next = ids[i + 1];
             }
             if b.write {
                 flags |= VIRTQ_DESC_F_WRITE;
@@ -785,20 +843,27 @@ impl Queue {
             self.mem.write64(d, b.addr);
             self.mem.write32(d + 8, b.len);
             self.mem.write16(d + 12, flags);
-            self.mem
-                .write16(d + 14, if i + 1 < n { i as u16 + 1 } else { 0 });
+            self.mem.write16(d + 14, next);
         }
+        let head = ids[0];
+        self.chains[usize::from(head)] = mask;
         let slot = usize::from(self.avail_idx % self.size);
-        self.mem.write16(AVAIL_OFF + 4 + 2 * slot, 0);
+        self.mem.write16(AVAIL_OFF + 4 + 2 * slot, head);
         fence(Ordering::SeqCst);
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.mem.write16(AVAIL_OFF + 2, self.avail_idx);
+        Some(head)
+    }
+
+    /// Notifies the device of new available buffers.
+    pub fn kick(&self) {
         fence(Ordering::SeqCst);
         self.notify.w16(self.notify_off, self.index);
     }
 
-    /// The next used element, if the device has returned one.
-    fn poll_used(&mut self) -> Option<(u32, u32)> {
+    /// The next used element, if the device has returned one; frees its
+    /// chain.
+    pub fn pop_used(&mut self) -> Option<Used> {
         let idx = self.mem.read16(USED_OFF + 2);
         if idx == self.last_used {
             return None;
@@ -808,24 +873,40 @@ impl Queue {
         let id = self.mem.read32(USED_OFF + 4 + 8 * slot);
         let len = self.mem.read32(USED_OFF + 4 + 8 * slot + 4);
         self.last_used = self.last_used.wrapping_add(1);
-        Some((id, len))
+        let chain = usize::try_from(id)
+            .ok()
+            .and_then(|i| self.chains.get_mut(i))
+            .filter(|c| **c != 0);
+        let known = match chain {
+            Some(c) => {
+                self.free |= *c;
+                *c = 0;
+                true
+            }
+            None => false,
+        };
+        Some(Used { id, len, known })
     }
 
     /// Submits `bufs` and waits (bounded) for the used ring and, if
-    /// `irq_expected`, the queue's interrupt.
+    /// `irq_expected`, the queue's interrupt. Meant for queues with nothing
+    /// else in flight: the first used element is taken as the answer.
     pub fn transact(&mut self, bufs: &[Buf], irq_expected: bool) -> Completion {
         let vector = self.vector.filter(|_| irq_expected);
         let before = vector.map_or(0, arch::irq_count);
         let t0 = arch::rdtsc();
         let d = Deadline::after_us(REQUEST_TIMEOUT_US);
-        self.submit(bufs);
         let mut c = Completion {
             irq_expected: vector.is_some(),
             ..Completion::default()
         };
+        if self.add(bufs).is_none() {
+            return c;
+        }
+        self.kick();
         loop {
             if c.used.is_none() {
-                c.used = self.poll_used();
+                c.used = self.pop_used().map(|u| (u.id, u.len));
             }
             if let Some(v) = vector {
                 c.irq = arch::irq_count(v) > before;
