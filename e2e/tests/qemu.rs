@@ -10,10 +10,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use e2e::{
-    exchange_test_frames, format_mac, guest_elf, qemu_binary, qemu_q35_command, require_kvm,
-    run_vm, spawn_vm, stage1_cmdline, verify_disk_pattern, virtio_checks, write_disk_pattern,
-    GuestReport, NetExchange, NetNs, ScratchDir, Stage2Keys, VmRun, STAGE1_CHECKS,
-    STAGE2_PCI_CHECKS, VIRTIO_BLK_CHECKS, VIRTIO_CONSOLE_CHECKS, VIRTIO_NET_CHECKS,
+    format_mac, guest_elf, qemu_binary, qemu_q35_command, require_kvm, run_vm, stage1_cmdline,
+    verify_disk_pattern, virtio_checks, write_disk_pattern, GuestReport, Nic, ScratchDir,
+    Stage2Keys, VmRun, STAGE1_CHECKS, STAGE2_PCI_CHECKS, VIRTIO_BLK_CHECKS, VIRTIO_CONSOLE_CHECKS,
     VIRTIO_RNG_CHECKS,
 };
 
@@ -272,101 +271,27 @@ fn qemu_q35_stage2_readonly_disk() {
     }
 }
 
-/// One virtio-net device of a QEMU run: its TAP (created by QEMU inside the
-/// test's network namespace), its MAC and the frame counts for its checks.
-struct Nic {
-    tap: &'static str,
-    mac: [u8; 6],
-    rx_count: u32,
-    tx_count: u32,
-}
-
-/// Boots q35 inside a fresh network namespace with one modern virtio-net
-/// device per `nics` entry, each on its own TAP, plays the host side of each
-/// device's `rx` and `tx` checks in turn (frames sent after the guest's
-/// `rx.ready` line, the guest's frames captured and checked byte for byte),
-/// and checks that QEMU exited 0 after a clean report with every net check
-/// passed. `words` are extra guest command-line keys.
+/// Boots q35 with one modern virtio-net device per `nics` entry (see
+/// [`e2e::boot_net`]).
 fn boot_net(test: &str, nics: &[Nic], words: &str) -> (VmRun, GuestReport) {
     qemu_binary();
-    let mut cmdline = format!(
-        "{} expect.virtio=net:{}",
-        stage1_cmdline(1, 256 << 20),
-        nics.len()
-    );
-    for (n, nic) in nics.iter().enumerate() {
-        cmdline += &format!(
-            " net{n}.mac={} net{n}.rx.count={} net{n}.tx.count={}",
-            format_mac(nic.mac),
-            nic.rx_count,
-            nic.tx_count
-        );
-    }
-    if !words.is_empty() {
-        cmdline += " ";
-        cmdline += words;
-    }
-    let elf = guest_elf();
-    let mut cmd: Command = qemu_q35_command(&elf, 1, 256, &cmdline);
-    for (n, nic) in nics.iter().enumerate() {
-        // romfile= : no iPXE option ROM for SeaBIOS to run (~0.4 s on PVM).
-        cmd.args([
-            "-netdev",
-            &format!("tap,id=n{n},ifname={},script=no,downscript=no", nic.tap),
-            "-device",
-            &format!(
-                "virtio-net-pci,netdev=n{n},mac={},disable-legacy=on,romfile=",
-                format_mac(nic.mac)
-            ),
-        ]);
-    }
-    let ns = NetNs::new("qemu-net");
-    let vm = spawn_vm(ns.wrap(cmd));
-    for (n, nic) in nics.iter().enumerate() {
-        let x = NetExchange {
-            tap: nic.tap.to_string(),
-            guest_mac: nic.mac,
-            rx_count: nic.rx_count,
-            tx_count: nic.tx_count,
-            device: n,
-            timeout: TIMEOUT,
-        };
-        if let Err(e) = exchange_test_frames(&vm, &ns, &x) {
-            panic!("{test}: net{n} on {}: {e}", nic.tap);
+    e2e::boot_net(test, nics, &[], words, TIMEOUT, |cmdline| {
+        let elf = guest_elf();
+        let mut cmd: Command = qemu_q35_command(&elf, 1, 256, cmdline);
+        for (n, nic) in nics.iter().enumerate() {
+            // romfile= : no iPXE option ROM for SeaBIOS to run (~0.4 s on PVM).
+            cmd.args([
+                "-netdev",
+                &format!("tap,id=n{n},ifname={},script=no,downscript=no", nic.tap),
+                "-device",
+                &format!(
+                    "virtio-net-pci,netdev=n{n},mac={},disable-legacy=on,romfile=",
+                    format_mac(nic.mac)
+                ),
+            ]);
         }
-    }
-    let run = vm.finish(TIMEOUT);
-    eprintln!("{test}: QEMU finished in {:.1?}", run.elapsed);
-    for line in run.stdout.lines().filter(|l| l.contains("virtio.net")) {
-        eprintln!("{test}: {line}");
-    }
-    run.assert_success();
-    let report = run.report();
-    let mut names: Vec<String> = STAGE2_PCI_CHECKS.iter().map(|s| s.to_string()).collect();
-    for n in 0..nics.len() {
-        names.extend(virtio_checks("net", n, VIRTIO_NET_CHECKS));
-    }
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    report.assert_passed(&names);
-    assert_eq!(
-        report.detail("cmdline"),
-        Some(format!("\"{cmdline}\"").as_str()),
-        "{}",
-        run.describe()
-    );
-    for (n, nic) in nics.iter().enumerate() {
-        let rx = report.detail(&format!("virtio.net{n}.rx")).unwrap_or_default();
-        let tx = report.detail(&format!("virtio.net{n}.tx")).unwrap_or_default();
-        let mac = report.detail(&format!("virtio.net{n}.mac")).unwrap_or_default();
-        assert!(
-            rx.starts_with(&format!("{0}/{0} test frames intact", nic.rx_count))
-                && tx.starts_with(&format!("{0}/{0} frames", nic.tx_count))
-                && mac.starts_with(&format!("mac={}", format_mac(nic.mac))),
-            "net{n}: rx {rx:?} tx {tx:?} mac {mac:?}\n{}",
-            run.describe()
-        );
-    }
-    (run, report)
+        cmd
+    })
 }
 
 /// virtio-net against QEMU's modern-only device on a TAP in a private
@@ -434,5 +359,9 @@ fn qemu_q35_stage2_virtio_net_two_devices() {
         run.describe()
     );
     let tx0 = report.detail("virtio.net0.tx").unwrap_or_default();
-    assert!(tx0.contains("in 3 batch(es)"), "{tx0:?}\n{}", run.describe());
+    assert!(
+        tx0.contains("in 3 batch(es)"),
+        "{tx0:?}\n{}",
+        run.describe()
+    );
 }

@@ -9,6 +9,7 @@
 
 pub mod block;
 pub mod console;
+pub mod net;
 pub mod rng;
 pub mod transport;
 pub mod worker;

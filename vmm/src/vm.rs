@@ -14,7 +14,7 @@ use devices::Bus;
 use hypervisor::{Hypervisor, Vcpu};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{ConsoleConfig, ConsoleOutputMode, VmConfig};
+use crate::config::{ConfigError, ConsoleConfig, ConsoleOutputMode, VmConfig};
 use crate::control::{VmControl, VmEvent};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::pci_devices::{PciDevices, PciError};
@@ -91,6 +91,15 @@ pub enum VmError {
         /// Cause.
         #[source]
         source: block::BlockError,
+    },
+    /// A network interface could not be set up.
+    #[error("net {name}")]
+    Net {
+        /// TAP name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: Box<net_util::NetError>,
     },
     /// PCI devices could not be set up.
     #[error("PCI devices")]
@@ -187,6 +196,8 @@ pub struct Board {
     cmos: Arc<Mutex<devices::rtc::Rtc>>,
     /// Disk images, opened (and locked) once for the VMM's lifetime.
     disks: Vec<OpenDisk>,
+    /// TAP queues, opened once (passed fds cannot be reopened).
+    nets: Vec<OpenNet>,
     start: Instant,
 }
 
@@ -197,6 +208,76 @@ struct OpenDisk {
     num_queues: u16,
     queue_size: u16,
     serial: String,
+}
+
+/// A network interface's TAP queues and the guest's view of it.
+#[derive(Debug)]
+struct OpenNet {
+    taps: Vec<net_util::Tap>,
+    mac: net_util::MacAddr,
+    queue_size: u16,
+    mtu: Option<u16>,
+    offloads: net_util::Offloads,
+}
+
+fn open_nets(config: &VmConfig) -> Result<Vec<OpenNet>, VmError> {
+    let mut nets = Vec::new();
+    for n in config.net.iter().flatten() {
+        let name = n.tap.clone().unwrap_or_default();
+        let err = |source: net_util::NetError| VmError::Net {
+            name: name.clone(),
+            source: Box::new(source),
+        };
+        let pairs = n.num_queues / 2;
+        let taps = match &n.fds {
+            Some(fds) => fds
+                .iter()
+                .map(|&fd| {
+                    // SAFETY: the fds were handed to this process (CLI or SCM_RIGHTS) to own; each
+                    // is claimed once, here.
+                    unsafe { net_util::Tap::from_raw_fd(fd) }
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(err)?,
+            None => {
+                let taps = net_util::Tap::open_named(&name, pairs).map_err(err)?;
+                if let Some(first) = taps.first() {
+                    first.set_ip_addr(n.ip, n.mask).map_err(err)?;
+                    if let Some(host_mac) = &n.host_mac {
+                        let mac = host_mac.parse().map_err(|e| {
+                            VmError::Config(ConfigError::Device(format!("net {name}: {e}")))
+                        })?;
+                        first.set_mac(mac).map_err(err)?;
+                    }
+                    if let Some(mtu) = n.mtu {
+                        first.set_mtu(mtu).map_err(err)?;
+                    }
+                    first.set_up().map_err(err)?;
+                }
+                taps
+            }
+        };
+        // A random MAC is chosen once, so it stays the same across guest reboots.
+        let mac = match &n.mac {
+            Some(m) => m
+                .parse()
+                .map_err(|e| VmError::Config(ConfigError::Device(format!("net {name}: {e}"))))?,
+            None => net_util::MacAddr::random_local(),
+        };
+        let offloads = net_util::Offloads {
+            csum: n.offload_csum,
+            tso: n.offload_tso,
+            ufo: n.offload_ufo,
+        };
+        nets.push(OpenNet {
+            taps,
+            mac,
+            queue_size: n.queue_size,
+            mtu: n.mtu,
+            offloads,
+        });
+    }
+    Ok(nets)
 }
 
 fn open_disks(config: &VmConfig) -> Result<Vec<OpenDisk>, VmError> {
@@ -244,6 +325,7 @@ impl Board {
             serial_input,
             cmos: Arc::new(Mutex::new(devices::rtc::Rtc::default())),
             disks: open_disks(config)?,
+            nets: open_nets(config)?,
             start,
         })
     }
@@ -354,6 +436,22 @@ impl Vm {
                 &d.serial,
                 format!("_disk{i}"),
             );
+            pci.add_virtio(Box::new(dev))?;
+        }
+        for (i, n) in board.nets.iter().enumerate() {
+            let taps = n
+                .taps
+                .iter()
+                .map(net_util::Tap::try_clone)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| VmError::Net {
+                    name: format!("_net{i}"),
+                    source: Box::new(source),
+                })?;
+            let dev =
+                virtio_devices::net::Net::new(taps, n.mac, n.queue_size, n.mtu, format!("_net{i}"))
+                    .map_err(|e| VmError::Failed(format!("net {i}: {e}")))?
+                    .with_offloads(n.offloads);
             pci.add_virtio(Box::new(dev))?;
         }
         if let Some(out) = board.console.writer()? {

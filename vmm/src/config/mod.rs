@@ -375,22 +375,6 @@ pub struct NetConfig {
     pub offload_csum: bool,
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let parts: Vec<&str> = s.split(':').collect();
-    let mut mac = [0u8; 6];
-    if parts.len() != 6 {
-        return Err(format!("'{s}' is not a MAC address (aa:bb:cc:dd:ee:ff)"));
-    }
-    for (b, p) in mac.iter_mut().zip(parts) {
-        *b = (p.len() == 2)
-            .then(|| u8::from_str_radix(p, 16).ok())
-            .flatten()
-            .ok_or_else(|| format!("'{s}' is not a MAC address (aa:bb:cc:dd:ee:ff)"))?;
-    }
-    Ok(mac)
-}
-
 impl NetConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let name = self
@@ -418,8 +402,8 @@ impl NetConfig {
             )));
         }
         for mac in [&self.mac, &self.host_mac].into_iter().flatten() {
-            let bytes = parse_mac(mac).map_err(err)?;
-            if bytes[0] & 1 != 0 {
+            let parsed: net_util::MacAddr = mac.parse().map_err(|e| err(format!("{e}")))?;
+            if parsed.is_multicast() {
                 return Err(err(format!("MAC {mac} is a multicast address")));
             }
         }
