@@ -96,21 +96,12 @@ impl VirtioDevice for Block {
             disk: self.disk.clone(),
             config: self.request_config.clone(),
         };
-        let worker = Worker::spawn(
-            self.name.clone(),
-            Box::new(handler),
-            a.queues,
-            a.mem,
-            a.interrupt,
-        )
-        .map_err(ActivateError::Resource)?;
-        self.worker = Some(worker);
+        self.worker = Some(Worker::start(&self.name, Box::new(handler), a)?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        // Dropping the worker stops and joins its thread.
+        self.worker = None;
     }
 }

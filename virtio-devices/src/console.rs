@@ -9,7 +9,10 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace};
 
 use crate::worker::{QueueHandler, Worker};
-use crate::{device_type, ActivateError, ActiveQueue, Activation, GuestMemoryAtomic, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::{
+    device_type, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice,
+    VIRTIO_F_VERSION_1,
+};
 
 const QUEUE_SIZE: u16 = 128;
 const TRANSMIT_QUEUE: u16 = 1;
@@ -26,14 +29,20 @@ pub struct Console {
 
 impl std::fmt::Debug for Console {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Console").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Console")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
 impl Console {
     /// A console writing the guest's output to `out`; its thread is called `name`.
     pub fn new(out: Box<dyn Write + Send>, name: String) -> Self {
-        Self { out: Arc::new(Mutex::new(out)), name, worker: None }
+        Self {
+            out: Arc::new(Mutex::new(out)),
+            name,
+            worker: None,
+        }
     }
 }
 
@@ -66,13 +75,17 @@ impl QueueHandler for ConsoleQueues {
                 }
             }
             let _ = out.flush();
-            q.queue.add_used(&*mem, head, 0).map_err(|e| format!("used ring: {e}"))?;
+            q.queue
+                .add_used(&*mem, head, 0)
+                .map_err(|e| format!("used ring: {e}"))?;
             used_any = true;
         }
         if !used_any {
             return Ok(false);
         }
-        q.queue.needs_notification(&*mem).map_err(|e| format!("used ring: {e}"))
+        q.queue
+            .needs_notification(&*mem)
+            .map_err(|e| format!("used ring: {e}"))
     }
 }
 
@@ -95,16 +108,15 @@ impl VirtioDevice for Console {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let handler = ConsoleQueues { out: self.out.clone() };
-        let worker = Worker::spawn(self.name.clone(), Box::new(handler), a.queues, a.mem, a.interrupt)
-            .map_err(ActivateError::Resource)?;
-        self.worker = Some(worker);
+        let handler = ConsoleQueues {
+            out: self.out.clone(),
+        };
+        self.worker = Some(Worker::start(&self.name, Box::new(handler), a)?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        // Dropping the worker stops and joins its thread.
+        self.worker = None;
     }
 }

@@ -102,21 +102,12 @@ impl VirtioDevice for Rng {
                 a.queues.len()
             )));
         }
-        let worker = Worker::spawn(
-            self.name.clone(),
-            Box::new(RngQueue { source }),
-            a.queues,
-            a.mem,
-            a.interrupt,
-        )
-        .map_err(ActivateError::Resource)?;
-        self.worker = Some(worker);
+        self.worker = Some(Worker::start(&self.name, Box::new(RngQueue { source }), a)?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        // Dropping the worker stops and joins its thread.
+        self.worker = None;
     }
 }

@@ -93,6 +93,24 @@ impl Worker {
         })
     }
 
+    /// Starts a device's worker for `activation`: the usual body of [`VirtioDevice::activate`].
+    ///
+    /// [`VirtioDevice::activate`]: crate::VirtioDevice::activate
+    pub fn start(
+        name: &str,
+        handler: Box<dyn QueueHandler>,
+        activation: crate::Activation,
+    ) -> Result<Self, crate::ActivateError> {
+        Self::spawn(
+            name.to_string(),
+            handler,
+            activation.queues,
+            activation.mem,
+            activation.interrupt,
+        )
+        .map_err(crate::ActivateError::Resource)
+    }
+
     /// Stops the thread and returns the queues it served.
     pub fn stop(mut self) -> Vec<ActiveQueue> {
         self.join()
