@@ -8,7 +8,12 @@
 use std::process::Command;
 use std::time::Duration;
 
-use e2e::{boot_net, format_mac, guest_elf, require_kvm, Nic};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use e2e::{
+    boot_net, exchange_test_frames, format_mac, guest_elf, require_kvm, spawn_vm, stage1_cmdline,
+    virtio_checks, NetExchange, NetNs, Nic, VIRTIO_NET_CHECKS,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// Nimbus's default device besides the NICs (`--console off`).
@@ -103,4 +108,76 @@ fn two_nics_with_and_without_mergeable_buffers() {
     );
     let rx1 = report.detail("virtio.net1.rx").unwrap_or_default();
     assert!(rx1.contains("mrg_rxbuf=no"), "{rx1}\n{}", run.describe());
+}
+
+/// Opens TAP `name` (one queue) inside the namespace at `ns_path`, as a manager such as Kata or
+/// libvirt does before handing the fd to the VMM; returns an inheritable duplicate of the fd.
+fn open_tap_in_namespace(ns_path: std::path::PathBuf, name: &'static str) -> OwnedFd {
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(&ns_path).expect("netns file");
+        // SAFETY: setns on a valid namespace fd only changes this short-lived thread's namespace.
+        assert_eq!(
+            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns"
+        );
+        let taps = net_util::Tap::open_named(name, 1).expect("tap in namespace");
+        let tap = taps.first().expect("one queue");
+        // SAFETY: dup of a valid descriptor; the copy has no CLOEXEC, so the VMM inherits it,
+        // and it keeps the interface alive after `taps` closes its own fd.
+        let raw = unsafe { libc::dup(tap.as_raw_fd()) };
+        assert!(raw >= 0, "dup: {}", std::io::Error::last_os_error());
+        // SAFETY: `raw` is a fresh descriptor owned by nothing else.
+        unsafe { OwnedFd::from_raw_fd(raw) }
+    })
+    .join()
+    .expect("tap thread")
+}
+
+/// The management-stack path: the TAP is opened by someone else (in its network namespace) and
+/// passed to Nimbus as an inherited fd (`--net fd=N`); Nimbus leaves the interface alone.
+#[test]
+fn passed_tap_fd_carries_frames() {
+    if !require_kvm("passed_tap_fd_carries_frames") {
+        return;
+    }
+    let ns = NetNs::new("tapfd");
+    let tap = open_tap_in_namespace(ns.path(), "nimbus-fd0");
+    let mac = [0x52, 0x54, 0x00, 0xab, 0xcd, 0x20];
+    let cmdline = format!(
+        "{} expect.virtio=net:1,rng:1 net0.mac={} net0.rx.count=2 net0.tx.count=4",
+        stage1_cmdline(1, 256 << 20),
+        format_mac(mac)
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
+    cmd.arg("--kernel").arg(guest_elf()).args([
+        "--memory",
+        "size=256M",
+        "--serial",
+        "tty",
+        "--console",
+        "off",
+        "--cmdline",
+        &cmdline,
+        "--net",
+        &format!("fd={},mac={}", tap.as_raw_fd(), format_mac(mac)),
+    ]);
+    let vm = spawn_vm(cmd);
+    drop(tap); // the VMM has its own copy now
+    let x = NetExchange {
+        tap: "nimbus-fd0".into(),
+        guest_mac: mac,
+        rx_count: 2,
+        tx_count: 4,
+        device: 0,
+        timeout: TIMEOUT,
+    };
+    if let Err(e) = exchange_test_frames(&vm, &ns, &x) {
+        panic!("frame exchange over the passed fd: {e}");
+    }
+    let run = vm.finish(TIMEOUT);
+    run.assert_success();
+    let names = virtio_checks("net", 0, VIRTIO_NET_CHECKS);
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    run.report().assert_passed(&refs);
 }
