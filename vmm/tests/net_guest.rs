@@ -116,11 +116,8 @@ fn open_tap_in_namespace(ns_path: std::path::PathBuf, name: &'static str) -> Own
     std::thread::spawn(move || {
         let ns = std::fs::File::open(&ns_path).expect("netns file");
         // SAFETY: setns on a valid namespace fd only changes this short-lived thread's namespace.
-        assert_eq!(
-            unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-            0,
-            "setns"
-        );
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
         let taps = net_util::Tap::open_named(name, 1).expect("tap in namespace");
         let tap = taps.first().expect("one queue");
         // SAFETY: dup of a valid descriptor; the copy has no CLOEXEC, so the VMM inherits it,
