@@ -16,6 +16,22 @@ pub trait QueueHandler: Send {
     /// An error means the device is broken: the worker sets DEVICE_NEEDS_RESET and stops.
     fn process(&mut self, queue: &mut ActiveQueue, mem: &GuestMemoryAtomic)
         -> Result<bool, String>;
+
+    /// A descriptor besides the queue kicks whose readiness the handler wants (e.g. an input
+    /// source). Level-triggered: the handler must consume what made it readable.
+    fn extra_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    /// [`QueueHandler::extra_fd`] is readable; returns the indices of queues whose driver must
+    /// be interrupted.
+    fn on_extra(
+        &mut self,
+        _queues: &mut [ActiveQueue],
+        _mem: &GuestMemoryAtomic,
+    ) -> Result<Vec<u16>, String> {
+        Ok(Vec::new())
+    }
 }
 
 /// A running worker thread.
@@ -26,6 +42,7 @@ pub struct Worker {
 }
 
 const STOP_TOKEN: u64 = u64::MAX;
+const EXTRA_TOKEN: u64 = u64::MAX - 1;
 
 impl Worker {
     /// Starts a thread named `name` serving `queues` with `handler`.
@@ -50,6 +67,13 @@ impl Worker {
                 EpollEvent::new(EventSet::IN, i as u64),
             )?;
         }
+        if let Some(fd) = handler.extra_fd() {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, EXTRA_TOKEN),
+            )?;
+        }
         let stop_fd = stop.try_clone()?;
         let handle = std::thread::Builder::new()
             .name(name.clone())
@@ -60,7 +84,7 @@ impl Worker {
                         return queues;
                     }
                 }
-                let mut events = vec![EpollEvent::default(); queues.len() + 1];
+                let mut events = vec![EpollEvent::default(); queues.len() + 2];
                 loop {
                     let n = match epoll.wait(-1, &mut events) {
                         Ok(n) => n,
@@ -76,6 +100,19 @@ impl Worker {
                         if token == STOP_TOKEN {
                             let _ = stop_fd.read();
                             return queues;
+                        }
+                        if token == EXTRA_TOKEN {
+                            match handler.on_extra(&mut queues, &mem) {
+                                Ok(signal) => {
+                                    signal.into_iter().for_each(|q| interrupt.signal_queue(q))
+                                }
+                                Err(e) => {
+                                    log::error!("{name}: {e}; device needs reset");
+                                    interrupt.needs_reset();
+                                    return queues;
+                                }
+                            }
+                            continue;
                         }
                         let Some(q) = queues.get_mut(token as usize) else {
                             continue;

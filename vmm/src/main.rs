@@ -70,7 +70,8 @@ fn main() -> ExitCode {
         Ok(hv) => hv,
         Err(e) => return fail(&chain(&e)),
     };
-    let _terminal = (config.serial.mode == vmm::config::ConsoleOutputMode::Tty)
+    let tty = vmm::config::ConsoleOutputMode::Tty;
+    let _terminal = (config.serial.mode == tty || config.console.mode == tty)
         .then(vmm::serial_input::TerminalGuard::raw_stdin);
     match vmm::vm::run(&hv, &config, start) {
         Ok(()) => ExitCode::SUCCESS,

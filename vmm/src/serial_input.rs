@@ -1,8 +1,8 @@
-//! Guest serial input from the VMM's standard input (`--serial tty`).
+//! Guest console input from the VMM's standard input (`--console tty`, else `--serial tty`).
 //!
-//! A thread named `serial_stdin` reads standard input and feeds the UART of the VM currently
-//! running (the target changes on every reboot). Bytes wait while the guest's receive FIFO is full;
-//! none are dropped. On a terminal, input is switched to non-canonical, no-echo mode so each key
+//! A thread named `serial_stdin` reads standard input and feeds the [`InputSink`] of the VM
+//! currently running (the virtio console's input buffer or the UART; the target changes on every
+//! reboot). Bytes wait while the guest's side is full; none are dropped. On a terminal, input is switched to non-canonical, no-echo mode so each key
 //! reaches the guest at once; signals stay on, so Ctrl-C still stops the VMM. [`TerminalGuard`]
 //! restores the terminal.
 
@@ -12,8 +12,33 @@ use std::time::Duration;
 
 use devices::serial::Serial;
 
-/// The UART that input goes to, if a VM is running.
-pub type SerialTarget = Arc<Mutex<Option<Arc<Mutex<Serial>>>>>;
+/// Takes input bytes for the guest.
+pub trait InputSink: Send + Sync + std::fmt::Debug {
+    /// Accepts as many of `bytes` as fit now; returns how many.
+    fn push(&self, bytes: &[u8]) -> usize;
+}
+
+/// The 16550's receive FIFO.
+#[derive(Debug)]
+pub struct SerialInput(pub Arc<Mutex<Serial>>);
+
+impl InputSink for SerialInput {
+    fn push(&self, bytes: &[u8]) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .enqueue_input(bytes)
+    }
+}
+
+impl InputSink for virtio_devices::console::ConsoleInput {
+    fn push(&self, bytes: &[u8]) -> usize {
+        virtio_devices::console::ConsoleInput::push(self, bytes)
+    }
+}
+
+/// Where input goes, if a VM is running.
+pub type InputTarget = Arc<Mutex<Option<Arc<dyn InputSink>>>>;
 
 /// Restores the terminal settings of standard input when dropped.
 #[derive(Debug)]
@@ -59,7 +84,7 @@ impl Drop for TerminalGuard {
 /// Starts the thread forwarding `input` to `target` until `input` ends.
 pub fn spawn_forwarder(
     mut input: impl Read + Send + 'static,
-    target: SerialTarget,
+    target: InputTarget,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("serial_stdin".into())
@@ -77,15 +102,11 @@ pub fn spawn_forwarder(
                 };
                 let mut rest = &buf[..n];
                 while !rest.is_empty() {
-                    let uart = target.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    let taken = uart.map_or(0, |u| {
-                        u.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .enqueue_input(rest)
-                    });
+                    let sink = target.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let taken = sink.map_or(0, |s| s.push(rest));
                     rest = &rest[taken..];
                     if !rest.is_empty() {
-                        // FIFO full, or no VM between reboots: let the guest drain it.
+                        // The guest's side is full, or no VM between reboots: let it drain.
                         std::thread::sleep(Duration::from_millis(1));
                     }
                 }
@@ -114,7 +135,8 @@ mod tests {
             Arc::new(NoIrq),
             Box::new(std::io::sink()),
         )));
-        let target: SerialTarget = Arc::new(Mutex::new(Some(uart.clone())));
+        let sink: Arc<dyn InputSink> = Arc::new(SerialInput(uart.clone()));
+        let target: InputTarget = Arc::new(Mutex::new(Some(sink)));
         let text: Vec<u8> = (0..200u8).map(|i| b'a' + i % 26).collect();
         spawn_forwarder(std::io::Cursor::new(text.clone()), target).expect("spawn");
         let mut got = Vec::new();

@@ -18,7 +18,7 @@ use crate::config::{ConfigError, ConsoleConfig, ConsoleOutputMode, VmConfig};
 use crate::control::{VmControl, VmEvent};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::pci_devices::{PciDevices, PciError};
-use crate::serial_input::{spawn_forwarder, SerialTarget};
+use crate::serial_input::{spawn_forwarder, InputSink, InputTarget, SerialInput};
 use crate::vcpu::{VcpuContext, VcpuThread};
 
 /// Errors building or running a VM.
@@ -192,7 +192,8 @@ impl OutputSink {
 pub struct Board {
     serial: OutputSink,
     console: OutputSink,
-    serial_input: SerialTarget,
+    /// Where standard input goes: the virtio console when it is `tty`, else the serial port.
+    input: InputTarget,
     cmos: Arc<Mutex<devices::rtc::Rtc>>,
     /// Disk images, opened (and locked) once for the VMM's lifetime.
     disks: Vec<OpenDisk>,
@@ -310,19 +311,17 @@ impl Board {
     pub fn new(config: &VmConfig, start: Instant) -> Result<Self, VmError> {
         let serial = OutputSink::open(&config.serial, "serial file")?;
         let console = OutputSink::open(&config.console, "console file")?;
-        let serial_input = SerialTarget::default();
-        if matches!(serial, OutputSink::Stdout) {
-            spawn_forwarder(std::io::stdin(), serial_input.clone()).map_err(|source| {
-                VmError::Os {
-                    what: "serial input thread",
-                    source,
-                }
+        let input = InputTarget::default();
+        if matches!(serial, OutputSink::Stdout) || matches!(console, OutputSink::Stdout) {
+            spawn_forwarder(std::io::stdin(), input.clone()).map_err(|source| VmError::Os {
+                what: "serial input thread",
+                source,
             })?;
         }
         Ok(Self {
             serial,
             console,
-            serial_input,
+            input,
             cmos: Arc::new(Mutex::new(devices::rtc::Rtc::default())),
             disks: open_disks(config)?,
             nets: open_nets(config)?,
@@ -455,10 +454,23 @@ impl Vm {
             pci.add_virtio(Box::new(dev))?;
         }
         if let Some(out) = board.console.writer()? {
-            pci.add_virtio(Box::new(virtio_devices::console::Console::new(
-                out,
-                "_console".into(),
-            )))?;
+            // A `tty` console takes standard input (the serial port then gets none).
+            let input = match board.console {
+                OutputSink::Stdout => {
+                    let input = virtio_devices::console::ConsoleInput::new().map_err(|source| {
+                        VmError::Os {
+                            what: "console input",
+                            source,
+                        }
+                    })?;
+                    let sink: Arc<dyn InputSink> = input.clone();
+                    *board.input.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+                    Some(input)
+                }
+                _ => None,
+            };
+            let console = virtio_devices::console::Console::new(out, input, "_console".into());
+            pci.add_virtio(Box::new(console))?;
         }
         pci.add_virtio(Box::new(virtio_devices::rng::Rng::new(
             rng_source,
@@ -575,7 +587,10 @@ fn add_platform_devices(
         interrupts.push(irq.clone());
         let uart = Arc::new(Mutex::new(devices::serial::Serial::new(irq, out)));
         place("COM1", uart.clone(), layout::COM1_PORT, 8)?;
-        *board.serial_input.lock().unwrap_or_else(|p| p.into_inner()) = Some(uart);
+        if !matches!(board.console, OutputSink::Stdout) {
+            let sink: Arc<dyn InputSink> = Arc::new(SerialInput(uart));
+            *board.input.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+        }
     }
     place("CMOS RTC", board.cmos.clone(), layout::CMOS_PORT, 2)?;
     place(
@@ -626,7 +641,7 @@ pub fn run(hv: &dyn Hypervisor, config: &VmConfig, start: Instant) -> Result<(),
         boots += 1;
         let event = vm.run();
         // Input typed while no VM runs waits for the next boot's UART.
-        *board.serial_input.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *board.input.lock().unwrap_or_else(|p| p.into_inner()) = None;
         match event? {
             VmEvent::PowerOff => {
                 log::info!("guest powered off after {boots} boot(s)");
