@@ -12,6 +12,7 @@ pub mod console;
 pub mod net;
 pub mod rng;
 pub mod transport;
+pub mod vhost_user;
 pub mod worker;
 
 use std::sync::Arc;

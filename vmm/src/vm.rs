@@ -92,6 +92,15 @@ pub enum VmError {
         #[source]
         source: block::BlockError,
     },
+    /// A vhost-user backend could not be reached or used.
+    #[error("vhost-user backend {socket}")]
+    VhostUser {
+        /// Socket path.
+        socket: String,
+        /// Cause.
+        #[source]
+        source: virtio_devices::vhost_user::VhostUserError,
+    },
     /// A network interface could not be set up.
     #[error("net {name}")]
     Net {
@@ -202,13 +211,18 @@ pub struct Board {
     start: Instant,
 }
 
-/// A disk image and how the guest sees it.
+/// A disk and how the guest sees it.
 #[derive(Debug)]
-struct OpenDisk {
-    image: Arc<dyn block::DiskBackend>,
-    num_queues: u16,
-    queue_size: u16,
-    serial: String,
+enum OpenDisk {
+    /// An image served by Nimbus itself.
+    Image {
+        image: Arc<dyn block::DiskBackend>,
+        num_queues: u16,
+        queue_size: u16,
+        serial: String,
+    },
+    /// A connection to a vhost-user-blk backend.
+    VhostUser(virtio_devices::vhost_user::blk::VhostUserBlk),
 }
 
 /// A network interface's TAP queues and the guest's view of it.
@@ -284,6 +298,18 @@ fn open_nets(config: &VmConfig) -> Result<Vec<OpenNet>, VmError> {
 fn open_disks(config: &VmConfig) -> Result<Vec<OpenDisk>, VmError> {
     let mut disks = Vec::new();
     for (i, d) in config.disks.iter().flatten().enumerate() {
+        if d.vhost_user {
+            let socket = d.vhost_socket.clone().unwrap_or_default();
+            let dev = virtio_devices::vhost_user::blk::VhostUserBlk::new(
+                &socket,
+                d.num_queues as u16,
+                d.queue_size,
+                format!("_disk{i}"),
+            )
+            .map_err(|source| VmError::VhostUser { socket, source })?;
+            disks.push(OpenDisk::VhostUser(dev));
+            continue;
+        }
         let path = d.path.clone().unwrap_or_default();
         let image =
             block::RawFile::open(&path, d.readonly, d.direct).map_err(|source| VmError::Disk {
@@ -296,7 +322,7 @@ fn open_disks(config: &VmConfig) -> Result<Vec<OpenDisk>, VmError> {
             .clone()
             .or_else(|| d.id.clone())
             .unwrap_or_else(|| format!("_disk{i}"));
-        disks.push(OpenDisk {
+        disks.push(OpenDisk::Image {
             image: Arc::new(image),
             num_queues: d.num_queues as u16,
             queue_size: d.queue_size,
@@ -428,14 +454,22 @@ impl Vm {
         )?;
         let rng_source = open("rng source", &config.rng.src)?;
         for (i, d) in board.disks.iter().enumerate() {
-            let dev = virtio_devices::block::Block::new(
-                d.image.clone(),
-                d.num_queues,
-                d.queue_size,
-                &d.serial,
-                format!("_disk{i}"),
-            );
-            pci.add_virtio(Box::new(dev))?;
+            let dev: Box<dyn virtio_devices::VirtioDevice> = match d {
+                OpenDisk::Image {
+                    image,
+                    num_queues,
+                    queue_size,
+                    serial,
+                } => Box::new(virtio_devices::block::Block::new(
+                    image.clone(),
+                    *num_queues,
+                    *queue_size,
+                    serial,
+                    format!("_disk{i}"),
+                )),
+                OpenDisk::VhostUser(dev) => Box::new(dev.fresh()),
+            };
+            pci.add_virtio(dev)?;
         }
         for (i, n) in board.nets.iter().enumerate() {
             let taps = n

@@ -243,8 +243,8 @@ pub struct DiskConfig {
     /// Served by a vhost-user backend (arrives with the split-process work).
     #[serde(default)]
     pub vhost_user: bool,
-    /// vhost-user socket.
-    #[serde(default)]
+    /// vhost-user socket (CLI: `socket=`).
+    #[serde(default, alias = "socket")]
     pub vhost_socket: Option<String>,
     /// Device identifier (generated when absent).
     #[serde(default)]
@@ -270,8 +270,10 @@ impl DiskConfig {
         if self.path.is_none() && !self.vhost_user {
             return Err(ConfigError::Device("disk: path is required".into()));
         }
-        if self.vhost_user {
-            return Err(err("vhost_user is not supported yet".into()));
+        if self.vhost_user && self.vhost_socket.is_none() {
+            return Err(ConfigError::Device(
+                "disk: vhost_user=on needs socket=PATH".into(),
+            ));
         }
         if self.iommu {
             return Err(err("iommu is not supported".into()));
@@ -585,6 +587,11 @@ impl VmConfig {
         }
         for disk in self.disks.iter().flatten() {
             disk.validate()?;
+            if disk.vhost_user && !(self.memory.shared || self.memory.hugepages) {
+                return Err(ConfigError::Memory(
+                    "vhost-user devices need guest memory the backend can map: add shared=on to --memory".into(),
+                ));
+            }
         }
         for net in self.net.iter().flatten() {
             net.validate()?;
