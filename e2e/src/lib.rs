@@ -13,6 +13,8 @@
 //!   [`write_disk_pattern`] / [`verify_disk_pattern`] prepare and check a disk
 //!   image for the virtio-blk checks, [`virtio_checks`] names the checks a
 //!   device reports, [`ScratchDir`] holds the files of one test;
+//! * hostile mode: [`Stage2Keys::hostile`] turns it on, [`hostile_checks`]
+//!   names its checks;
 //! * [`spawn_vm`] starts a VMM and returns a [`RunningVm`] whose serial
 //!   output can be watched while it runs ([`RunningVm::wait_for_line`]);
 //! * virtio-net: [`NetNs`] is a network namespace for the VMM's TAP,
@@ -94,6 +96,32 @@ pub const VIRTIO_CONSOLE_CHECKS: &[&str] = &["init", "pcicfg", "write", "msix"];
 /// the test frames ([`exchange_test_frames`]). With `net.rx.count=0` there
 /// is no `rx`, with `net.tx.count=0` no `tx`, with both no `msix`.
 pub const VIRTIO_NET_CHECKS: &[&str] = &["init", "pcicfg", "mac", "rx", "tx", "msix"];
+
+/// The hostile mode's attacks (`hostile=1`, see docs/test-guest.md), in the order the guest
+/// runs them; each is reported as `hostile.<attack>`. `survivors` (rng and blk still work)
+/// comes last.
+pub const HOSTILE_ATTACKS: &[&str] = &[
+    "desc_oob",
+    "desc_loop",
+    "desc_zero_len",
+    "desc_huge",
+    "status_readonly",
+    "bad_queue_size",
+    "ring_oob",
+    "avail_idx_jump",
+    "config_oob",
+    "pci_cfg_junk",
+    "bar_move",
+    "survivors",
+];
+
+/// Full check names of the hostile mode: `hostile.<attack>` for each of [`HOSTILE_ATTACKS`].
+pub fn hostile_checks() -> Vec<String> {
+    HOSTILE_ATTACKS
+        .iter()
+        .map(|a| format!("hostile.{a}"))
+        .collect()
+}
 
 /// Full check names for device `n` of `kind` (`blk`, `rng`, `console`,
 /// `net`): `virtio.<kind><n>.<check>` for each of `checks`.
@@ -233,6 +261,9 @@ pub struct Stage2Keys {
     /// `net.rx.count=N`: test frames the guest waits for after printing
     /// `INFO virtio.net<n>.rx.ready` (guest default 4; 0: no rx check).
     pub net_rx_count: Option<u32>,
+    /// `hostile=1`: after the stage-2 checks the guest attacks the VMM through the first
+    /// virtio-blk device and reports `hostile.*` checks ([`hostile_checks`]).
+    pub hostile: bool,
 }
 
 impl Stage2Keys {
@@ -264,6 +295,9 @@ impl Stage2Keys {
         }
         if let Some(n) = self.net_rx_count {
             words.push(format!("net.rx.count={n}"));
+        }
+        if self.hostile {
+            words.push("hostile=1".to_string());
         }
         words.join(" ")
     }
@@ -1610,11 +1644,14 @@ mod tests {
             net_mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0xab]),
             net_tx_count: Some(3),
             net_rx_count: Some(0),
+            hostile: true,
         };
         assert_eq!(
             k.to_cmdline(),
-            "expect.virtio=blk:1,rng:1 blk.pattern.sector=2048 blk.serial=abc blk.readonly=1 console.message=hi net.mac=52:54:00:12:34:ab net.tx.count=3 net.rx.count=0"
+            "expect.virtio=blk:1,rng:1 blk.pattern.sector=2048 blk.serial=abc blk.readonly=1 console.message=hi net.mac=52:54:00:12:34:ab net.tx.count=3 net.rx.count=0 hostile=1"
         );
+        assert_eq!(hostile_checks()[0], "hostile.desc_oob");
+        assert_eq!(hostile_checks().len(), HOSTILE_ATTACKS.len());
         assert_eq!(
             virtio_checks("rng", 0, VIRTIO_RNG_CHECKS)[0],
             "virtio.rng0.init"
@@ -1810,4 +1847,579 @@ pub fn boot_net(
         );
     }
     (run, report)
+}
+
+// ---------------------------------------------------------------------------
+// vhost-user-blk: the `vhost_user_block` daemon (see docs/vhost-user.md).
+// ---------------------------------------------------------------------------
+
+pub use vhost_user_block_daemon::{
+    qemu_vhost_user_blk_args, vhost_user_block_binary, VhostUserBlockDaemon, VhostUserBlockRun,
+    VHOST_USER_BLOCK_ENV,
+};
+
+/// Helpers to run the `vhost_user_block` daemon next to a VMM.
+mod vhost_user_block_daemon {
+    use std::fs::File;
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::process::CommandExt;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, ExitStatus, Stdio};
+    use std::sync::OnceLock;
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use super::repo_root;
+
+    /// Environment variable naming a prebuilt `vhost_user_block` to use instead of building
+    /// one.
+    pub const VHOST_USER_BLOCK_ENV: &str = "NIMBUS_VHOST_USER_BLOCK";
+
+    /// The `vhost_user_block` binary: `$NIMBUS_VHOST_USER_BLOCK` if set, else built once per
+    /// test process with `cargo build -p vhost_user_block` from the repository root. That
+    /// inner build inherits the environment (`CARGO_TARGET_DIR`, flags) of the `cargo test`
+    /// that runs the test, so it shares its target directory and finds the binary up to date
+    /// when the workspace was built (`cargo test --workspace` builds it); its path comes from
+    /// cargo's JSON messages.
+    ///
+    /// # Panics
+    /// If the build fails (the message carries cargo's output) or the variable names no file.
+    pub fn vhost_user_block_binary() -> PathBuf {
+        static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+        match BIN.get_or_init(find_or_build) {
+            Ok(path) => path.clone(),
+            Err(msg) => panic!("{msg}"),
+        }
+    }
+
+    fn find_or_build() -> Result<PathBuf, String> {
+        if let Some(path) = std::env::var_os(VHOST_USER_BLOCK_ENV) {
+            let path = PathBuf::from(path);
+            return if path.is_file() {
+                Ok(path)
+            } else {
+                Err(format!(
+                    "{VHOST_USER_BLOCK_ENV}={} is not a file",
+                    path.display()
+                ))
+            };
+        }
+        let root = repo_root();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = Command::new(&cargo)
+            .current_dir(&root)
+            .args([
+                "build",
+                "-p",
+                "vhost_user_block",
+                "--bin",
+                "vhost_user_block",
+            ])
+            .args([
+                "--message-format",
+                "json-render-diagnostics",
+                "--manifest-path",
+            ])
+            .arg(root.join("Cargo.toml"))
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| {
+                format!(
+                    "cannot run {} to build vhost_user_block: {e}",
+                    Path::new(&cargo).display()
+                )
+            })?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return Err(format!(
+                "building vhost_user_block failed ({}):\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        stdout
+            .lines()
+            .filter(|l| l.contains("\"compiler-artifact\"") && l.contains("\"vhost_user_block\""))
+            .find_map(json_executable)
+            .filter(|p| p.is_file())
+            .ok_or_else(|| {
+                format!("cargo built vhost_user_block but named no executable:\n{stdout}")
+            })
+    }
+
+    /// The `"executable"` string of one cargo JSON message (paths need no unescaping beyond
+    /// `\\` and `\"`).
+    fn json_executable(line: &str) -> Option<PathBuf> {
+        let rest = &line[line.find("\"executable\":\"")? + "\"executable\":\"".len()..];
+        let mut path = String::new();
+        let mut chars = rest.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' => return Some(PathBuf::from(path)),
+                '\\' => path.push(chars.next()?),
+                c => path.push(c),
+            }
+        }
+        None
+    }
+
+    /// QEMU arguments for a `vhost-user-blk-pci` device on `socket` with `num_queues` queues,
+    /// plus the shareable guest RAM vhost-user needs (a memfd backend of `mem_mib` MiB, which
+    /// must equal `-m`).
+    pub fn qemu_vhost_user_blk_args(socket: &Path, num_queues: u16, mem_mib: u64) -> Vec<String> {
+        vec![
+            "-object".into(),
+            format!("memory-backend-memfd,id=mem,size={mem_mib}M,share=on"),
+            "-machine".into(),
+            "memory-backend=mem".into(),
+            "-chardev".into(),
+            format!("socket,id=vub,path={}", socket.display()),
+            "-device".into(),
+            format!("vhost-user-blk-pci,chardev=vub,num-queues={num_queues},disable-legacy=on"),
+        ]
+    }
+
+    /// A `vhost_user_block` daemon started by a test. Dropping it kills the daemon.
+    #[derive(Debug)]
+    pub struct VhostUserBlockDaemon {
+        child: Option<Child>,
+        socket: PathBuf,
+        log: PathBuf,
+        start: Instant,
+    }
+
+    /// How a daemon ended.
+    #[derive(Debug)]
+    pub struct VhostUserBlockRun {
+        /// Exit status; `None` if it could not be waited for.
+        pub status: Option<ExitStatus>,
+        /// It was still running at the deadline and was killed.
+        pub timed_out: bool,
+        /// Its stderr (the log, `-v`).
+        pub log: String,
+        /// Whether its socket still existed after the exit.
+        pub socket_left: bool,
+    }
+
+    impl VhostUserBlockRun {
+        /// Exit status and log, for failure messages.
+        pub fn describe(&self) -> String {
+            format!(
+                "vhost_user_block {}{}\n----- daemon stderr -----\n{}\n-------------------------",
+                match (self.status, self.timed_out) {
+                    (_, true) => "killed after timeout".to_string(),
+                    (Some(s), false) => s.to_string(),
+                    (None, false) => "exit status unknown".to_string(),
+                },
+                if self.socket_left {
+                    ", socket left behind"
+                } else {
+                    ""
+                },
+                self.log.trim_end()
+            )
+        }
+
+        /// Panics unless the daemon exited 0 by itself and removed its socket.
+        pub fn assert_clean_exit(&self) {
+            assert!(
+                !self.timed_out && self.status.is_some_and(|s| s.success()) && !self.socket_left,
+                "the daemon did not exit cleanly\n{}",
+                self.describe()
+            );
+        }
+    }
+
+    impl VhostUserBlockDaemon {
+        /// Starts `vhost_user_block -v --block-backend <backend>` (whose `socket=` must be
+        /// `socket`) with its stderr in `log`, and waits until the socket exists.
+        ///
+        /// # Panics
+        /// If the daemon cannot be started, exits, or creates no socket within 10 s.
+        pub fn start(backend: &str, socket: &Path, log: &Path) -> Self {
+            let bin = vhost_user_block_binary();
+            let log_file = match File::create(log) {
+                Ok(f) => f,
+                Err(e) => panic!("cannot create {}: {e}", log.display()),
+            };
+            let mut cmd = Command::new(&bin);
+            cmd.args(["-v", "--block-backend", backend])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log_file)
+                .process_group(0);
+            // SAFETY: the closure runs in the child between fork and exec and only makes the
+            // prctl system call, which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => panic!("cannot start {}: {e}", bin.display()),
+            };
+            let mut daemon = VhostUserBlockDaemon {
+                child: Some(child),
+                socket: socket.to_path_buf(),
+                log: log.to_path_buf(),
+                start: Instant::now(),
+            };
+            let deadline = daemon.start + Duration::from_secs(10);
+            while !is_socket(socket) {
+                let exited = daemon
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                if exited.is_some() || Instant::now() > deadline {
+                    let run = daemon.finish(Duration::ZERO);
+                    panic!(
+                        "vhost_user_block created no socket at {}\n{}",
+                        socket.display(),
+                        run.describe()
+                    );
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            daemon
+        }
+
+        /// Its stderr so far.
+        pub fn log_so_far(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+
+        /// Sends `signal` to the daemon.
+        pub fn signal(&self, signal: i32) {
+            if let Some(pid) = self.child.as_ref().and_then(|c| i32::try_from(c.id()).ok()) {
+                // SAFETY: plain system call on our own child, not yet reaped.
+                unsafe { libc::kill(pid, signal) };
+            }
+        }
+
+        /// Waits at most `timeout` for the daemon to exit (killing it on expiry).
+        pub fn finish(mut self, timeout: Duration) -> VhostUserBlockRun {
+            let deadline = Instant::now() + timeout;
+            let (mut status, mut timed_out) = (None, false);
+            if let Some(child) = self.child.as_mut() {
+                loop {
+                    match child.try_wait() {
+                        Ok(Some(s)) => {
+                            status = Some(s);
+                            break;
+                        }
+                        Ok(None) if Instant::now() < deadline => {
+                            thread::sleep(Duration::from_millis(10))
+                        }
+                        _ => {
+                            timed_out = true;
+                            let _ = child.kill();
+                            status = child.wait().ok();
+                            break;
+                        }
+                    }
+                }
+            }
+            self.child = None;
+            VhostUserBlockRun {
+                status,
+                timed_out,
+                log: self.log_so_far(),
+                socket_left: is_socket(&self.socket),
+            }
+        }
+    }
+
+    impl Drop for VhostUserBlockDaemon {
+        fn drop(&mut self) {
+            if let Some(child) = self.child.as_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    fn is_socket(path: &Path) -> bool {
+        std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn executable_from_cargo_json() {
+            let line = r#"{"reason":"compiler-artifact","target":{"name":"vhost_user_block"},"executable":"/t/debug/vhost_user_block","fresh":true}"#;
+            assert_eq!(
+                json_executable(line),
+                Some(PathBuf::from("/t/debug/vhost_user_block"))
+            );
+            assert_eq!(
+                json_executable(r#"{"executable":"/a\\b\"c"}"#),
+                Some(PathBuf::from("/a\\b\"c"))
+            );
+            assert_eq!(json_executable(r#"{"executable":null}"#), None);
+            assert_eq!(json_executable(r#"{"executable":"/unterminated"#), None);
+        }
+
+        #[test]
+        fn qemu_args() {
+            let a = qemu_vhost_user_blk_args(Path::new("/s.sock"), 2, 256);
+            assert!(a.contains(&"memory-backend-memfd,id=mem,size=256M,share=on".to_string()));
+            assert!(a.contains(&"socket,id=vub,path=/s.sock".to_string()));
+            assert!(
+                a.contains(&"vhost-user-blk-pci,chardev=vub,num-queues=2,disable-legacy=on".into())
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Long, CPU-bound guests (a real Linux kernel) side by side, and watching their
+// output with fail-fast patterns (vmm/tests/linux_guest.rs).
+// ---------------------------------------------------------------------------
+
+pub use parallel_vms::{spawn_vm_parallel, LineMatch, PARALLEL_VMS};
+
+/// [`spawn_vm_parallel`] and [`RunningVm::wait_for_line_after`].
+mod parallel_vms {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    use std::sync::{Mutex, MutexGuard};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use super::{Collector, RunningVm};
+
+    /// How many VMs [`spawn_vm_parallel`] lets run at once in one test process.
+    pub const PARALLEL_VMS: usize = 2;
+
+    static SLOTS: [Mutex<()>; PARALLEL_VMS] = [const { Mutex::new(()) }; PARALLEL_VMS];
+
+    /// Starts `cmd` like [`super::spawn_vm`] (stdin from /dev/null, output captured, own
+    /// process group killed on drop, SIGKILL if the test process dies) but lets up to
+    /// [`PARALLEL_VMS`] such VMs run at once, for guests that take tens of seconds and one
+    /// core each (a Linux boot on a PVM host). It waits for a free slot; the wait does not
+    /// count against any timeout. It is not serialised with [`super::run_vm`] /
+    /// [`super::spawn_vm`]: a test binary should use one or the other.
+    ///
+    /// # Panics
+    /// If the process cannot be started.
+    pub fn spawn_vm_parallel(mut cmd: Command) -> RunningVm {
+        let slot = take_slot();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.process_group(0);
+        // SAFETY: the closure runs in the child between fork and exec and only
+        // makes the prctl system call, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let start = Instant::now();
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => panic!("cannot start {:?}: {e}", cmd.get_program()),
+        };
+        let stdout = Collector::start(child.stdout.take());
+        let stderr = Collector::start(child.stderr.take());
+        RunningVm {
+            child: Some(child),
+            stdout,
+            stderr,
+            start,
+            _serial: slot,
+        }
+    }
+
+    fn take_slot() -> MutexGuard<'static, ()> {
+        loop {
+            for slot in &SLOTS {
+                match slot.try_lock() {
+                    Ok(guard) => return guard,
+                    Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => {}
+                }
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A line found by [`RunningVm::wait_for_line_after`].
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct LineMatch {
+        /// The line, without its line end.
+        pub line: String,
+        /// Byte offset in stdout just past the line: where to continue for the next one.
+        pub end: usize,
+        /// Time from the VMM's start until the line was seen (its arrival, if the wait
+        /// was already running then).
+        pub at: Duration,
+    }
+
+    /// How often stderr is looked at while waiting for stdout.
+    const STDERR_POLL: Duration = Duration::from_millis(100);
+
+    impl RunningVm {
+        /// Time since the VMM was started.
+        pub fn elapsed(&self) -> Duration {
+            self.start.elapsed()
+        }
+
+        /// Waits at most `timeout` for a complete stdout line containing `pattern` that
+        /// starts at or after byte offset `from` (0, or the `end` of a previous match, to
+        /// find the next occurrence), and returns it with where it ends and when it was
+        /// seen. Fails fast: as soon as a complete stdout line from `from` on contains one
+        /// of `fatal_stdout` (e.g. `Kernel panic`), stderr contains one of `fatal_stderr`
+        /// (e.g. the VMM's `ERROR` log lines), or stdout ends (the VMM exited).
+        ///
+        /// # Errors
+        /// Timeout, a fatal line, or the end of the output; the message names the cause and
+        /// carries the output so far.
+        pub fn wait_for_line_after(
+            &self,
+            from: usize,
+            pattern: &str,
+            fatal_stdout: &[&str],
+            fatal_stderr: &[&str],
+            timeout: Duration,
+        ) -> Result<LineMatch, String> {
+            let deadline = Instant::now() + timeout;
+            let why = loop {
+                let slice_end = deadline.min(Instant::now() + STDERR_POLL);
+                let found = self.stdout.wait_until(slice_end, |bytes, eof| {
+                    scan_lines(bytes, eof, from, pattern, fatal_stdout)
+                });
+                match found {
+                    Some(Ok((line, end))) => {
+                        return Ok(LineMatch {
+                            line,
+                            end,
+                            at: self.start.elapsed(),
+                        })
+                    }
+                    Some(Err(why)) => break why,
+                    None => {}
+                }
+                let stderr = self.stderr.snapshot();
+                if let Some(l) = stderr
+                    .lines()
+                    .find(|l| fatal_stderr.iter().any(|f| l.contains(f)))
+                {
+                    break format!("the VMM reported {l:?}");
+                }
+                if Instant::now() >= deadline {
+                    break format!("not within {timeout:.1?}");
+                }
+            };
+            Err(format!(
+                "no line containing {pattern:?} from the VMM: {why}\n{}",
+                self.describe_so_far()
+            ))
+        }
+    }
+
+    /// The first complete line at or after `from` containing `pattern` (Ok) or one of
+    /// `fatal` (Err), or Err at the end of the stream; None to keep waiting.
+    fn scan_lines(
+        bytes: &[u8],
+        eof: bool,
+        from: usize,
+        pattern: &str,
+        fatal: &[&str],
+    ) -> Option<Result<(String, usize), String>> {
+        let tail = bytes.get(from..).unwrap_or_default();
+        let mut offset = from;
+        let mut rest = tail;
+        loop {
+            let (raw, next) = match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => (&rest[..i], i + 1),
+                None if eof && !rest.is_empty() => (rest, rest.len()),
+                None => break,
+            };
+            let line = String::from_utf8_lossy(raw);
+            let line = line.trim_end_matches('\r');
+            offset += next;
+            if let Some(f) = fatal.iter().find(|f| line.contains(*f)) {
+                return Some(Err(format!("fatal line ({f:?}): {line:?}")));
+            }
+            if line.contains(pattern) {
+                return Some(Ok((line.to_string(), offset)));
+            }
+            rest = &rest[next..];
+        }
+        eof.then(|| Err("the VMM closed its output (exited)".to_string()))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::super::spawn_vm;
+        use super::*;
+
+        #[test]
+        fn scan_lines_finds_next_occurrence_and_fatal_lines() {
+            let out = b"a boot\nx Run /init\nNIMBUS\nRun /init again\npartial Run";
+            let first = scan_lines(out, false, 0, "Run /init", &[]);
+            assert_eq!(first, Some(Ok(("x Run /init".to_string(), 19))));
+            let second = scan_lines(out, false, 19, "Run /init", &[]);
+            assert_eq!(second, Some(Ok(("Run /init again".to_string(), 42))));
+            // The incomplete last line only counts once the stream has ended.
+            assert_eq!(scan_lines(out, false, 42, "partial", &[]), None);
+            assert_eq!(
+                scan_lines(out, true, 42, "partial", &[]),
+                Some(Ok(("partial Run".to_string(), out.len())))
+            );
+            let fatal = scan_lines(out, false, 0, "never", &["NIMBUS"]);
+            assert!(matches!(fatal, Some(Err(e)) if e.contains("\"NIMBUS\"")));
+            assert!(matches!(
+                scan_lines(out, true, 0, "never", &[]),
+                Some(Err(e)) if e.contains("exited")
+            ));
+        }
+
+        #[test]
+        fn parallel_vms_run_side_by_side_and_fail_fast() {
+            let t0 = Instant::now();
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", "sleep 0.5; echo one; sleep 30"]);
+            let a = spawn_vm_parallel(cmd);
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", "sleep 0.5; echo two; echo 'Kernel panic - x'; sleep 30"]);
+            let b = spawn_vm_parallel(cmd);
+            let m = a
+                .wait_for_line_after(0, "one", &[], &[], Duration::from_secs(10))
+                .expect("one");
+            assert_eq!((m.line.as_str(), m.end), ("one", 4));
+            let e = b
+                .wait_for_line_after(0, "never", &["Kernel panic"], &[], Duration::from_secs(20))
+                .expect_err("panic line");
+            assert!(e.contains("Kernel panic - x"), "{e}");
+            // Both ran at once: well under the two sleeps in a row.
+            assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", "echo '[ 1 ms ERROR vcpu0] bad' >&2; sleep 30"]);
+            let c = spawn_vm_parallel({
+                drop(a);
+                cmd
+            });
+            let e = c
+                .wait_for_line_after(0, "x", &[], &["ERROR"], Duration::from_secs(20))
+                .expect_err("stderr error");
+            assert!(e.contains("ERROR vcpu0"), "{e}");
+            drop((b, c));
+            // The serialised spawn_vm is independent of the parallel slots.
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", "echo fine"]);
+            assert!(spawn_vm(cmd).finish(Duration::from_secs(10)).success());
+            assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+        }
+    }
 }

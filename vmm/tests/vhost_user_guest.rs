@@ -154,3 +154,39 @@ fn unreachable_backend_is_a_clear_error() {
         run.describe()
     );
 }
+
+/// The project's own daemon behind Nimbus's frontend: the split-process design end to end. The
+/// daemon exits 0 when Nimbus disconnects, and removes its socket.
+#[test]
+fn vhost_user_block_daemon_serves_nimbus() {
+    if !require_kvm("vhost_user_block_daemon_serves_nimbus") {
+        return;
+    }
+    let dir = ScratchDir::new("vhost-user-ours");
+    let (image, socket) = scratch(&dir);
+    let backend = format!(
+        "path={},socket={},num_queues=2,serial=nimbus-vub0",
+        image.display(),
+        socket.display()
+    );
+    let daemon = e2e::VhostUserBlockDaemon::start(&backend, &socket, &dir.file("daemon.log"));
+    let keys = Stage2Keys {
+        virtio: Some(vec![("blk", 1), ("rng", 1)]),
+        blk_pattern_sector: Some(GUEST_SECTOR),
+        blk_serial: Some("nimbus-vub0".into()),
+        ..Default::default()
+    };
+    let cmdline = format!("{} {}", stage1_cmdline(1, 256 << 20), keys.to_cmdline());
+    let disk = format!("vhost_user=on,socket={},num_queues=2", socket.display());
+    let run = run_vm(nimbus("size=256M,shared=on", &disk, &cmdline), TIMEOUT);
+    let daemon_run = daemon.finish(Duration::from_secs(10));
+    run.assert_success();
+    let mut checks: Vec<&str> = VIRTIO_BLK_CHECKS.to_vec();
+    checks.push("mq");
+    let names = virtio_checks("blk", 0, &checks);
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    run.report().assert_passed(&refs);
+    daemon_run.assert_clean_exit();
+    verify_disk_pattern(&image, DISK_SIZE, Some(GUEST_SECTOR))
+        .unwrap_or_else(|e| panic!("{e}\n{}", run.describe()));
+}

@@ -1,0 +1,505 @@
+//! [`BlockBackend`]: the virtio-blk device behind the vhost-user protocol, as a
+//! [`VhostUserBackend`] for the `vhost-user-backend` crate.
+//!
+//! The crate does the protocol (ownership, features, memory table, ring setup, one epoll worker
+//! thread per entry of [`VhostUserBackend::queues_per_thread`]); this type supplies what is
+//! virtio-blk: the feature bits and configuration space from the `block` crate, as Nimbus's
+//! in-process device uses them, and the request processing of [`block::process_queue_bounded`]
+//! (the budgeted form of the `block::process_queue` that device uses).
+
+use std::io;
+use std::ops::Deref;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use block::{process_queue_bounded, BlockConfig, DiskBackend, VirtioBlkConfig};
+use log::{debug, warn};
+use vhost::vhost_user::message::{
+    VhostUserProtocolFeatures, VhostUserVirtioFeatures, VHOST_USER_CONFIG_OFFSET,
+    VHOST_USER_CONFIG_SIZE,
+};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::config::BackendConfig;
+
+/// Guest memory as the backend crate shares it: the frontend's regions, replaced as a whole on
+/// every `SET_MEM_TABLE`. `B` is the dirty-page bitmap (`()`: no dirty logging).
+pub type GuestMemory<B = ()> = GuestMemoryAtomic<GuestMemoryMmap<B>>;
+
+/// The ring type the backend uses: one reader-writer lock per queue, so the protocol thread
+/// (`GET_VRING_BASE`, ...) waits for a worker in the middle of a queue and vice versa.
+pub type Vring<B = ()> = VringRwLock<GuestMemory<B>>;
+
+/// Most chains a worker completes per hold of its ring's lock (see `serve_queue`).
+pub const CHAINS_PER_BATCH: usize = 64;
+
+/// Errors creating a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The eventfd that stops a worker thread could not be created.
+    #[error("cannot create the exit event of worker {thread}")]
+    ExitEvent {
+        /// Worker thread (= queue) index.
+        thread: usize,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One worker's exit event: the crate polls the consumer, the daemon writes the notifier.
+type ExitEvent = (EventConsumer, EventNotifier);
+
+/// An exit event consumer handed to the crate: the descriptor number it got, and a duplicate
+/// of the same eventfd to recognise that descriptor by later.
+#[derive(Debug)]
+struct HandedOut {
+    fd: RawFd,
+    keeper: EventConsumer,
+}
+
+/// Per-queue state kept between events.
+#[derive(Debug, Default)]
+struct QueueState {
+    /// The queue failed (broken available ring, used ring outside memory); the failure was
+    /// logged once and is not logged again until the driver sets the device up anew.
+    broken: AtomicBool,
+}
+
+/// A virtio-blk device served over vhost-user: one disk, `num_queues` request queues, each
+/// handled by its own worker thread.
+///
+/// Created per frontend connection (the backend crate keeps per-connection state in the
+/// daemon), sharing the disk between connections.
+pub struct BlockBackend<B: Bitmap + 'static = ()> {
+    disk: Arc<dyn DiskBackend>,
+    request_config: BlockConfig,
+    config: VirtioBlkConfig,
+    features: u64,
+    num_queues: u16,
+    queue_size: u16,
+    mem: Mutex<GuestMemory<B>>,
+    queues: Vec<QueueState>,
+    exit_events: Mutex<Vec<Option<ExitEvent>>>,
+    handed_out: Mutex<Vec<HandedOut>>,
+    event_idx: AtomicBool,
+}
+
+impl<B: Bitmap + 'static> std::fmt::Debug for BlockBackend<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockBackend")
+            .field("disk", &self.disk)
+            .field("features", &format_args!("{:#x}", self.features))
+            .field("num_queues", &self.num_queues)
+            .field("queue_size", &self.queue_size)
+            .field("queues", &self.queues)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Bitmap + 'static> BlockBackend<B> {
+    /// A backend serving `disk` as `config` describes (queues, ring size, serial, read-only),
+    /// reading guest memory through `mem` (the same object given to the `VhostUserDaemon`).
+    ///
+    /// The device is read-only if `config.readonly` or the disk itself is. `num_queues` is
+    /// kept within 1..=64 (the crate maps queues to threads with a 64-bit mask).
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::ExitEvent`] if an eventfd cannot be created.
+    pub fn new(
+        disk: Arc<dyn DiskBackend>,
+        config: &BackendConfig,
+        mem: GuestMemory<B>,
+    ) -> Result<Self, BackendError> {
+        let readonly = config.readonly || disk.read_only();
+        let num_queues = config.num_queues.clamp(1, crate::config::MAX_NUM_QUEUES);
+        let exit_events = (0..usize::from(num_queues))
+            .map(|thread| {
+                new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
+                    .map(Some)
+                    .map_err(|source| BackendError::ExitEvent { thread, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(BlockBackend {
+            config: VirtioBlkConfig::for_disk(disk.as_ref(), num_queues, config.queue_size),
+            request_config: BlockConfig::new(readonly, config.serial_or_empty()),
+            features: block::features(readonly, num_queues)
+                | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            num_queues,
+            queue_size: config.queue_size,
+            mem: Mutex::new(mem),
+            queues: (0..num_queues).map(|_| QueueState::default()).collect(),
+            exit_events: Mutex::new(exit_events),
+            handed_out: Mutex::new(Vec::new()),
+            event_idx: AtomicBool::new(false),
+            disk,
+        })
+    }
+
+    /// The configuration space the frontend reads with `GET_CONFIG`.
+    pub fn config_space(&self) -> &VirtioBlkConfig {
+        &self.config
+    }
+
+    /// Whether the driver negotiated `VIRTIO_RING_F_EVENT_IDX` (the crate then sets it on
+    /// every queue).
+    pub fn event_idx(&self) -> bool {
+        self.event_idx.load(Ordering::Relaxed)
+    }
+
+    fn memory(&self) -> GuestMemory<B> {
+        self.mem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Closes the exit event descriptors handed to the crate. vhost-user-backend 0.24 turns
+    /// each into a raw descriptor for its epoll and never closes it, so without this every
+    /// connection of a `--keep-running` daemon leaks one descriptor per queue.
+    ///
+    /// A descriptor is closed only if it still refers to the eventfd handed out (checked with
+    /// `kcmp`): one that the crate closed after all, its number since reused, is left alone.
+    /// Returns how many were closed.
+    ///
+    /// # Safety
+    ///
+    /// The `VhostUserDaemon` that used this backend must have been dropped, its worker threads
+    /// joined: nothing may use the handed-out descriptors any more.
+    pub unsafe fn close_orphaned_exit_events(&self) -> usize {
+        let handed_out = std::mem::take(
+            &mut *self
+                .handed_out
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        let mut closed = 0;
+        for h in handed_out {
+            if same_open_file(h.fd, h.keeper.as_raw_fd()) {
+                // SAFETY: `h.fd` is a descriptor this backend created and gave to the crate,
+                // which dropped every user of it (the caller guarantees), and which still
+                // refers to our eventfd, so it was not closed and reused for another file.
+                // Taking ownership and dropping it closes it exactly once.
+                drop(unsafe { OwnedFd::from_raw_fd(h.fd) });
+                closed += 1;
+            } else {
+                debug!("exit event descriptor {} already closed", h.fd);
+            }
+        }
+        closed
+    }
+
+    fn clear_broken(&self) {
+        for q in &self.queues {
+            q.broken.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Drains queue `index` (held in `vring`) and notifies the frontend whenever the driver
+    /// needs it.
+    ///
+    /// The ring's lock is taken per batch of [`CHAINS_PER_BATCH`] chains, not for the whole
+    /// drain: a driver that keeps the queue full must not keep the protocol thread (which
+    /// takes the same lock to stop the ring on `GET_VRING_BASE`) waiting.
+    fn serve_queue(&self, index: usize, vring: &Vring<B>) {
+        loop {
+            let mem = self.memory();
+            let mut state = vring.get_mut();
+            // A stopped (GET_VRING_BASE) or disabled ring must not be touched; an event may
+            // still arrive for it from before.
+            if !state.is_enabled() || !virtio_queue::QueueT::ready(state.get_queue()) {
+                debug!("queue {index}: event for a stopped or disabled ring ignored");
+                return;
+            }
+            let guard = mem.memory();
+            let result = process_queue_bounded(
+                state.get_queue_mut(),
+                guard.deref(),
+                self.disk.as_ref(),
+                &self.request_config,
+                CHAINS_PER_BATCH,
+            );
+            drop(guard);
+            let outcome = match result {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    // The queue is unusable until the driver sets it up again. Without a way
+                    // to set DEVICE_NEEDS_RESET (that is the frontend's), log once so a hostile
+                    // driver kicking a broken ring cannot flood the log.
+                    let first = self
+                        .queues
+                        .get(index)
+                        .is_some_and(|q| !q.broken.swap(true, Ordering::Relaxed));
+                    if first {
+                        warn!("queue {index}: {e}; ignoring it until the driver sets it up again");
+                    } else {
+                        debug!("queue {index}: {e}");
+                    }
+                    return;
+                }
+            };
+            if let Some(bad) = &outcome.first_malformed {
+                // The chains went back with length 0; the queue keeps being served.
+                warn!(
+                    "queue {index}: {} malformed request(s), first: head {}: {}",
+                    outcome.malformed, bad.head, bad.error
+                );
+            }
+            if outcome.needs_notification {
+                if let Err(e) = state.signal_used_queue() {
+                    warn!("queue {index}: cannot signal the call eventfd: {e}");
+                }
+            }
+            if !outcome.more_pending {
+                return;
+            }
+            drop(state);
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Whether descriptors `a` and `b` of this process refer to the same open file description.
+/// False if the kernel cannot tell (`kcmp` unavailable).
+fn same_open_file(a: RawFd, b: RawFd) -> bool {
+    /// `KCMP_FILE` from `<linux/kcmp.h>`.
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: getpid has no preconditions.
+    let pid = libc::c_long::from(unsafe { libc::getpid() });
+    // SAFETY: kcmp compares two descriptors of our own process; no memory is passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_FILE,
+            libc::c_long::from(a),
+            libc::c_long::from(b),
+        )
+    };
+    rc == 0
+}
+
+impl<B> VhostUserBackend for BlockBackend<B>
+where
+    B: Bitmap + Send + Sync + 'static,
+{
+    type Bitmap = B;
+    type Vring = Vring<B>;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.queue_size)
+    }
+
+    /// [`block::features`] plus `VHOST_USER_F_PROTOCOL_FEATURES`.
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!("driver features {features:#x}");
+        // A new SET_FEATURES starts a new driver session: report queue failures again.
+        self.clear_broken();
+    }
+
+    /// `MQ`, `CONFIG` and `REPLY_ACK`. Not `INFLIGHT_SHMFD`: the crate's protocol handler
+    /// refuses `GET_INFLIGHT_FD`/`SET_INFLIGHT_FD` whatever the backend says.
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn reset_device(&self) {
+        self.clear_broken();
+    }
+
+    /// Recorded for [`event_idx`](Self::event_idx); the crate itself sets the flag on each
+    /// queue, which is what [`block::process_queue_bounded`] looks at.
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    /// `size` bytes of the configuration space from `offset`, zero-filled past its end.
+    ///
+    /// QEMU (and Nimbus) ask from offset 0; Cloud Hypervisor's frontend asks from
+    /// `VHOST_USER_CONFIG_OFFSET` (0x100, where the device configuration starts in a legacy
+    /// virtio-pci BAR). The virtio-blk configuration is 60 bytes, so an offset of 0x100 or more
+    /// can only mean the latter and is taken relative to 0x100.
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        if size > VHOST_USER_CONFIG_SIZE {
+            // The protocol layer already refuses this; an empty answer is an error reply.
+            return Vec::new();
+        }
+        let offset = if offset >= VHOST_USER_CONFIG_OFFSET {
+            offset - VHOST_USER_CONFIG_OFFSET
+        } else {
+            offset
+        };
+        let mut data = vec![0u8; size as usize];
+        self.config.read(u64::from(offset), &mut data);
+        data
+    }
+
+    /// Ignored, like the in-process device's: `CONFIG_WCE` is not offered, so no field is
+    /// writable. Succeeding keeps the connection up (the crate drops it on an error).
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        debug!(
+            "ignoring a {}-byte configuration write at {offset:#x}",
+            buf.len()
+        );
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemory<B>) -> io::Result<()> {
+        *self.mem.lock().unwrap_or_else(PoisonError::into_inner) = mem;
+        Ok(())
+    }
+
+    /// One worker thread per queue: queue `i` is thread `i`'s only ring.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    /// The crate asks once per worker when the daemon is created; without an exit event a
+    /// worker never ends and dropping the daemon (which joins the workers) hangs.
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let taken = self
+            .exit_events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(thread_index)
+            .and_then(Option::take);
+        // Asked twice, or for a thread that does not exist: make a new one if possible.
+        let (consumer, notifier) = match taken {
+            Some(event) => event,
+            None => new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
+                .map_err(|e| warn!("worker {thread_index}: cannot create an exit event: {e}"))
+                .ok()?,
+        };
+        match consumer.try_clone() {
+            Ok(keeper) => self
+                .handed_out
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(HandedOut {
+                    fd: consumer.as_raw_fd(),
+                    keeper,
+                }),
+            // Only the descriptor's later reclaim is lost.
+            Err(e) => debug!("worker {thread_index}: cannot duplicate the exit event: {e}"),
+        }
+        Some((consumer, notifier))
+    }
+
+    /// A kick on queue `thread_id` (each worker has one ring, so `device_event` is 0 and
+    /// `vrings` holds that ring), or the ring was just enabled.
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if !evset.contains(EventSet::IN) {
+            debug!("queue {thread_id}: ignoring event set {evset:?}");
+            return Ok(());
+        }
+        // An error return ends the worker thread for good; only an impossible event gets one.
+        let vring = vrings.get(usize::from(device_event)).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("worker {thread_id}: event {device_event} names no ring"),
+            )
+        })?;
+        self.serve_queue(thread_id, vring);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use block::FakeDisk;
+    use vm_memory::GuestMemoryMmap;
+
+    fn backend(config: &BackendConfig, disk: FakeDisk) -> BlockBackend {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+        BlockBackend::new(Arc::new(disk), config, mem).unwrap()
+    }
+
+    #[test]
+    fn exit_events_are_handed_out_once_each() {
+        let mut c = BackendConfig::new("p", "s");
+        c.num_queues = 2;
+        let b = backend(&c, FakeDisk::new(4096));
+        let (consumer, notifier) = b.exit_event(1).unwrap();
+        notifier.notify().unwrap();
+        consumer.consume().unwrap();
+        assert!(b.exit_event(0).is_some());
+        // Asked again: a fresh pair rather than None (which would hang the daemon's drop).
+        let (consumer, notifier) = b.exit_event(0).unwrap();
+        notifier.notify().unwrap();
+        consumer.consume().unwrap();
+        assert!(b.exit_event(7).is_some());
+    }
+
+    #[test]
+    fn orphaned_exit_events_are_closed_once() {
+        let mut c = BackendConfig::new("p", "s");
+        c.num_queues = 2;
+        let b = backend(&c, FakeDisk::new(4096));
+        // What the crate does: keep the notifier, turn the consumer into a raw descriptor.
+        let (c0, n0) = b.exit_event(0).unwrap();
+        let (c1, n1) = b.exit_event(1).unwrap();
+        let fd0 = std::os::fd::IntoRawFd::into_raw_fd(c0);
+        let fd1 = std::os::fd::IntoRawFd::into_raw_fd(c1);
+        // The crate closed one after all: it must not be closed again.
+        // SAFETY: fd1 came from into_raw_fd just above and is owned by nobody else.
+        drop(unsafe { OwnedFd::from_raw_fd(fd1) });
+        drop((n0, n1));
+        // SAFETY: no daemon uses this backend.
+        assert_eq!(unsafe { b.close_orphaned_exit_events() }, 1);
+        // SAFETY: fcntl(F_GETFD) only queries the descriptor.
+        assert_eq!(unsafe { libc::fcntl(fd0, libc::F_GETFD) }, -1, "fd0 closed");
+        // SAFETY: as above.
+        assert_eq!(unsafe { b.close_orphaned_exit_events() }, 0, "nothing left");
+    }
+
+    #[test]
+    fn queue_count_is_bounded() {
+        let mut c = BackendConfig::new("p", "s");
+        c.num_queues = 200;
+        let b = backend(&c, FakeDisk::new(4096));
+        assert_eq!(b.num_queues(), 64);
+        assert_eq!(b.queues_per_thread().last(), Some(&(1u64 << 63)));
+        c.num_queues = 0;
+        assert_eq!(backend(&c, FakeDisk::new(4096)).num_queues(), 1);
+    }
+
+    #[test]
+    fn read_only_disk_makes_a_read_only_device() {
+        let b = backend(
+            &BackendConfig::new("p", "s"),
+            FakeDisk::new(4096).make_read_only(),
+        );
+        assert_ne!(
+            b.features() & (1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO),
+            0
+        );
+        assert!(b.request_config.read_only);
+    }
+}

@@ -1,0 +1,361 @@
+//! The `--block-backend` option: Cloud Hypervisor's `key=value,...` syntax parsed into one typed
+//! [`BackendConfig`].
+
+use std::path::PathBuf;
+
+/// The `--block-backend` syntax, for help and error messages.
+pub const SYNTAX: &str =
+    "path=<image>,socket=<socket>[,num_queues=<1..64>][,queue_size=<2..1024, power of two>]\
+[,readonly=true|false][,direct=true|false][,serial=<at most 20 bytes>]";
+
+/// Each key of the option, with a one-line description (the help text is built from it).
+pub const KEYS: &[(&str, &str)] = &[
+    ("path", "disk image or block device (required)"),
+    (
+        "socket",
+        "vhost-user socket to create and listen on (required)",
+    ),
+    (
+        "num_queues",
+        "request queues, one worker thread each (default 1)",
+    ),
+    (
+        "queue_size",
+        "largest ring the frontend may set, also sets seg_max (default 128)",
+    ),
+    (
+        "readonly",
+        "open the image read-only and offer VIRTIO_BLK_F_RO (default false)",
+    ),
+    (
+        "direct",
+        "open the image with O_DIRECT, bypassing the host page cache (default false)",
+    ),
+    ("serial", "the GET_ID answer (default: empty, 20 NUL bytes)"),
+];
+
+/// Default `num_queues`.
+pub const DEFAULT_NUM_QUEUES: u16 = 1;
+/// Default `queue_size`: Nimbus's in-process disk default and QEMU's `vhost-user-blk` default, so
+/// the `seg_max` the daemon advertises fits the ring a frontend uses by default.
+pub const DEFAULT_QUEUE_SIZE: u16 = 128;
+/// Most request queues: the backend crate maps queues to worker threads with a 64-bit mask.
+pub const MAX_NUM_QUEUES: u16 = 64;
+/// Largest ring size (QEMU's `VIRTQUEUE_MAX_SIZE`, the limit Nimbus's own disks use too).
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Longest serial: the size of the `GET_ID` answer.
+pub const MAX_SERIAL_LEN: usize = block::VIRTIO_BLK_ID_BYTES;
+
+/// Errors in a `--block-backend` value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A comma-separated item without `=`.
+    #[error("'{0}' is not of the form key=value")]
+    NotKeyValue(String),
+    /// A double quote that is never closed.
+    #[error("unterminated quote in '{0}'")]
+    UnterminatedQuote(String),
+    /// A key the option does not have.
+    #[error("unknown key '{0}' (known: {known})", known = known_keys())]
+    UnknownKey(String),
+    /// A key given twice.
+    #[error("key '{0}' is given more than once")]
+    DuplicateKey(String),
+    /// A required key is absent.
+    #[error("'{0}=' is required")]
+    Missing(&'static str),
+    /// A value the key does not accept.
+    #[error("{key}={value}: expected {expected}")]
+    InvalidValue {
+        /// The key.
+        key: &'static str,
+        /// The value as given.
+        value: String,
+        /// What the key accepts.
+        expected: &'static str,
+    },
+}
+
+/// What the daemon serves and how: one disk image on one socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Disk image (raw) or block device.
+    pub path: PathBuf,
+    /// The vhost-user socket the daemon creates and listens on.
+    pub socket: PathBuf,
+    /// Request queues (1..=64), each served by its own worker thread.
+    pub num_queues: u16,
+    /// Largest ring size a frontend may set (a power of two in 2..=1024); the configuration
+    /// space's `seg_max` is `queue_size - 2`.
+    pub queue_size: u16,
+    /// Open the image read-only; the device offers `VIRTIO_BLK_F_RO` and fails writes.
+    pub readonly: bool,
+    /// Open the image with `O_DIRECT`.
+    pub direct: bool,
+    /// Serial number for `GET_ID` (at most 20 bytes).
+    pub serial: Option<String>,
+}
+
+impl BackendConfig {
+    /// A configuration with the defaults for everything but the image and the socket.
+    pub fn new(path: impl Into<PathBuf>, socket: impl Into<PathBuf>) -> Self {
+        BackendConfig {
+            path: path.into(),
+            socket: socket.into(),
+            num_queues: DEFAULT_NUM_QUEUES,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            readonly: false,
+            direct: false,
+            serial: None,
+        }
+    }
+
+    /// Parses `path=...,socket=...,...` (see [`SYNTAX`]). Keys are case-sensitive; an unknown
+    /// or repeated key is an error, as is an empty `path` or `socket`. A value may be
+    /// double-quoted to contain commas.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the offending key or item.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use vhost_user_block::BackendConfig;
+    ///
+    /// let c = BackendConfig::parse("path=/img,socket=/run/vub.sock,num_queues=2,readonly=true")
+    ///     .unwrap();
+    /// assert_eq!(c.num_queues, 2);
+    /// assert!(c.readonly);
+    /// assert_eq!(c.queue_size, 128);
+    /// assert!(BackendConfig::parse("path=/img").is_err());
+    /// ```
+    pub fn parse(input: &str) -> Result<Self, ConfigError> {
+        let mut path = None;
+        let mut socket = None;
+        let mut config = BackendConfig::new("", "");
+        let mut seen: Vec<&'static str> = Vec::new();
+        for item in split_items(input)?.iter().filter(|s| !s.is_empty()) {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| ConfigError::NotKeyValue(item.to_string()))?;
+            let key = KEYS
+                .iter()
+                .map(|(k, _)| *k)
+                .find(|k| *k == key)
+                .ok_or_else(|| ConfigError::UnknownKey(key.to_string()))?;
+            if seen.contains(&key) {
+                return Err(ConfigError::DuplicateKey(key.to_string()));
+            }
+            seen.push(key);
+            let invalid = |expected: &'static str| ConfigError::InvalidValue {
+                key,
+                value: value.to_string(),
+                expected,
+            };
+            match key {
+                "path" | "socket" => {
+                    if value.is_empty() {
+                        return Err(invalid("a path"));
+                    }
+                    if key == "path" {
+                        path = Some(PathBuf::from(value));
+                    } else {
+                        socket = Some(PathBuf::from(value));
+                    }
+                }
+                "num_queues" => {
+                    config.num_queues = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_NUM_QUEUES).contains(n))
+                        .ok_or_else(|| invalid("a number in 1..=64"))?;
+                }
+                "queue_size" => {
+                    config.queue_size = value
+                        .parse()
+                        .ok()
+                        .filter(|n: &u16| n.is_power_of_two() && (2..=MAX_QUEUE_SIZE).contains(n))
+                        .ok_or_else(|| invalid("a power of two in 2..=1024"))?;
+                }
+                "readonly" => {
+                    config.readonly = parse_bool(value).ok_or_else(|| invalid("true or false"))?
+                }
+                "direct" => {
+                    config.direct = parse_bool(value).ok_or_else(|| invalid("true or false"))?
+                }
+                "serial" => {
+                    if value.len() > MAX_SERIAL_LEN {
+                        return Err(invalid("at most 20 bytes"));
+                    }
+                    config.serial = Some(value.to_string());
+                }
+                // Every key of KEYS has an arm above.
+                _ => return Err(ConfigError::UnknownKey(key.to_string())),
+            }
+        }
+        config.path = path.ok_or(ConfigError::Missing("path"))?;
+        config.socket = socket.ok_or(ConfigError::Missing("socket"))?;
+        Ok(config)
+    }
+
+    /// The `GET_ID` answer, as the in-process device builds it.
+    pub fn serial_or_empty(&self) -> &str {
+        self.serial.as_deref().unwrap_or("")
+    }
+}
+
+/// The keys of [`KEYS`], comma-separated.
+fn known_keys() -> String {
+    KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+}
+
+/// Splits at commas outside double quotes; the quotes themselves are dropped, so
+/// `path="/a,b.img"` names `/a,b.img` (as in `nimbus`'s options).
+fn split_items(input: &str) -> Result<Vec<String>, ConfigError> {
+    let mut items = vec![String::new()];
+    let mut quoted = false;
+    for c in input.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => items.push(String::new()),
+            c => {
+                if let Some(last) = items.last_mut() {
+                    last.push(c);
+                }
+            }
+        }
+    }
+    if quoted {
+        return Err(ConfigError::UnterminatedQuote(input.to_string()));
+    }
+    Ok(items)
+}
+
+/// `true`/`on` or `false`/`off` (Cloud Hypervisor's toggle spellings).
+fn parse_bool(value: &str) -> Option<bool> {
+    match value {
+        "true" | "on" => Some(true),
+        "false" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_option() {
+        let c = BackendConfig::parse(
+            "path=/a/b.img,socket=/run/x.sock,num_queues=4,queue_size=256,readonly=on,direct=true,serial=disk-7",
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            BackendConfig {
+                path: "/a/b.img".into(),
+                socket: "/run/x.sock".into(),
+                num_queues: 4,
+                queue_size: 256,
+                readonly: true,
+                direct: true,
+                serial: Some("disk-7".into()),
+            }
+        );
+        assert_eq!(c.serial_or_empty(), "disk-7");
+    }
+
+    #[test]
+    fn defaults_and_order() {
+        let c = BackendConfig::parse("socket=s,path=p,").unwrap();
+        assert_eq!(c, BackendConfig::new("p", "s"));
+        assert_eq!(c.num_queues, 1);
+        assert_eq!(c.queue_size, 128);
+        assert!(!c.readonly && !c.direct);
+        assert_eq!(c.serial_or_empty(), "");
+        let c = BackendConfig::parse("path=p,socket=s,readonly=false,direct=off,serial=").unwrap();
+        assert!(!c.readonly && !c.direct);
+        assert_eq!(c.serial.as_deref(), Some(""));
+        let c = BackendConfig::parse("path=p,socket=s,num_queues=64,queue_size=1024").unwrap();
+        assert_eq!((c.num_queues, c.queue_size), (64, 1024));
+        let c = BackendConfig::parse("path=p,socket=s,queue_size=2,serial=01234567890123456789")
+            .unwrap();
+        assert_eq!(c.queue_size, 2);
+    }
+
+    #[test]
+    fn quoted_values() {
+        let c = BackendConfig::parse(r#"path="/a,b.img",socket=/s,serial="x,y""#).unwrap();
+        assert_eq!(c.path, PathBuf::from("/a,b.img"));
+        assert_eq!(c.serial.as_deref(), Some("x,y"));
+        assert_eq!(
+            BackendConfig::parse(r#"path="/a,socket=/s"#).unwrap_err(),
+            ConfigError::UnterminatedQuote(r#"path="/a,socket=/s"#.into())
+        );
+    }
+
+    #[test]
+    fn bad_options() {
+        use ConfigError::*;
+        let err = |s: &str| BackendConfig::parse(s).unwrap_err();
+        assert_eq!(err(""), Missing("path"));
+        assert_eq!(err("path=p"), Missing("socket"));
+        assert_eq!(err("socket=s"), Missing("path"));
+        assert_eq!(err("path=p,socket=s,bogus=1"), UnknownKey("bogus".into()));
+        assert_eq!(err("path=p,socket=s,Path=x"), UnknownKey("Path".into()));
+        assert_eq!(
+            err("path=p,socket=s,readonly"),
+            NotKeyValue("readonly".into())
+        );
+        assert_eq!(err("path=p,path=q,socket=s"), DuplicateKey("path".into()));
+        for bad in [
+            "path=,socket=s",
+            "path=p,socket=",
+            "path=p,socket=s,num_queues=0",
+            "path=p,socket=s,num_queues=65",
+            "path=p,socket=s,num_queues=-1",
+            "path=p,socket=s,num_queues=two",
+            "path=p,socket=s,queue_size=100",
+            "path=p,socket=s,queue_size=1",
+            "path=p,socket=s,queue_size=2048",
+            "path=p,socket=s,queue_size=0",
+            "path=p,socket=s,readonly=yes",
+            "path=p,socket=s,direct=1",
+            "path=p,socket=s,serial=012345678901234567890",
+        ] {
+            assert!(
+                matches!(BackendConfig::parse(bad), Err(InvalidValue { .. })),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            err("path=p,socket=s,x=1").to_string(),
+            "unknown key 'x' (known: path, socket, num_queues, queue_size, readonly, direct, serial)"
+        );
+        let msg = err("path=p,socket=s,queue_size=100").to_string();
+        assert_eq!(msg, "queue_size=100: expected a power of two in 2..=1024");
+    }
+
+    #[test]
+    fn every_key_is_parsed() {
+        for (key, _) in KEYS {
+            let value = match *key {
+                "num_queues" | "queue_size" => "2",
+                "readonly" | "direct" => "true",
+                _ => "x",
+            };
+            let input = match *key {
+                "path" => format!("path={value},socket=s"),
+                "socket" => format!("path=p,socket={value}"),
+                _ => format!("path=p,socket=s,{key}={value}"),
+            };
+            BackendConfig::parse(&input).unwrap();
+            assert!(
+                SYNTAX.contains(&format!("{key}=")),
+                "{key} missing from SYNTAX"
+            );
+        }
+    }
+}
