@@ -2392,7 +2392,10 @@ mod parallel_vms {
             cmd.args(["-c", "sleep 0.5; echo one; sleep 30"]);
             let a = spawn_vm_parallel(cmd);
             let mut cmd = Command::new("sh");
-            cmd.args(["-c", "sleep 0.5; echo two; echo 'Kernel panic - x'; sleep 30"]);
+            cmd.args([
+                "-c",
+                "sleep 0.5; echo two; echo 'Kernel panic - x'; sleep 30",
+            ]);
             let b = spawn_vm_parallel(cmd);
             let m = a
                 .wait_for_line_after(0, "one", &[], &[], Duration::from_secs(10))
