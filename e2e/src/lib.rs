@@ -701,11 +701,19 @@ impl RunningVm {
 
     /// Kills the VMM's process group now and collects the output
     /// (`timed_out` is set: the run did not end by itself).
-    pub fn kill(self) -> VmRun {
+    pub fn kill(mut self) -> VmRun {
+        // Killed means it was still running when we killed it; the signal's delivery races
+        // with `finish`, so decide here rather than from the wait.
+        let running = self
+            .child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
         if let Some(child) = &self.child {
             kill_group(child);
         }
-        self.finish(Duration::ZERO)
+        let mut run = self.finish(Duration::from_secs(5));
+        run.timed_out |= running;
+        run
     }
 }
 
