@@ -38,7 +38,6 @@ mod fake;
 mod queue;
 mod raw;
 mod request;
-mod sg;
 mod virtio;
 
 pub use disk::{BlockError, DiskBackend};
@@ -53,3 +52,4 @@ pub use virtio::{
     MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEGMENTS, REQUEST_HEADER_SIZE, SECTOR_SHIFT,
     SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
 };
+pub use virtio_chain::ChainError;

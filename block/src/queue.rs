@@ -36,13 +36,7 @@ pub enum QueueError {
 }
 
 /// A chain that was not a usable request; it went to the used ring with length 0.
-#[derive(Debug)]
-pub struct MalformedChain {
-    /// Head index of the chain.
-    pub head: u16,
-    /// What was wrong with it.
-    pub error: RequestError,
-}
+pub type MalformedChain = virtio_chain::MalformedChain<RequestError>;
 
 /// What a [`process_queue`] call did.
 #[derive(Debug, Default)]

@@ -4,12 +4,12 @@ use std::ops::Deref;
 
 use log::{debug, warn};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+use virtio_chain::{ChainError, SgError, SgList, Split};
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
 use crate::aligned::AlignedBuffer;
 use crate::disk::DiskBackend;
-use crate::sg::{SgError, SgList};
 use crate::virtio::{
     BlkStatus, RequestType, DISCARD_SEGMENT_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS,
     MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEGMENTS, REQUEST_HEADER_SIZE, SECTOR_SHIFT,
@@ -49,34 +49,10 @@ impl BlockConfig {
 /// `DEVICE_NEEDS_RESET`, since only a broken or hostile driver builds such chains.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
-    /// The chain yielded no descriptor (head index out of range, unreadable descriptor table,
-    /// or an invalid indirect table).
-    #[error("descriptor chain is empty or its head is invalid")]
-    EmptyChain,
-    /// The chain stopped while its last descriptor still had `NEXT` set: a loop, a chain longer
-    /// than the queue, a `next` index out of range, an unreadable descriptor, a bad indirect
-    /// table, or more than 4 GiB in total.
-    #[error("descriptor chain is cut short after {descriptors} descriptors")]
-    Truncated {
-        /// Descriptors read before the chain stopped.
-        descriptors: usize,
-    },
-    /// A device-readable descriptor follows a device-writable one.
-    #[error("device-readable descriptor {index} follows a device-writable one")]
-    ReadableAfterWritable {
-        /// Position of the descriptor in the chain.
-        index: usize,
-    },
-    /// A descriptor's buffer is not entirely inside guest memory.
-    #[error("descriptor {index} ({len} bytes at {addr:#x}) is outside guest memory")]
-    OutsideMemory {
-        /// Position of the descriptor in the chain.
-        index: usize,
-        /// Guest address of the buffer.
-        addr: u64,
-        /// Length of the buffer.
-        len: u32,
-    },
+    /// The descriptor chain is malformed: empty, cut short, a device-readable descriptor after
+    /// a device-writable one, or a buffer outside guest memory.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
     /// The chain has no device-writable byte to hold the status.
     #[error("descriptor chain has no device-writable byte for the status")]
     NoStatus,
@@ -114,7 +90,7 @@ pub struct Completion {
 /// The chain is taken as two byte streams, whatever its descriptor boundaries (virtio 1.x has
 /// no layout requirement): the device-readable part starts with the 16-byte header followed by
 /// `OUT` data or discard/write-zeroes segments; the device-writable part holds `IN`/`GET_ID`
-/// data and ends with the status byte. Zero-length descriptors are ignored.
+/// data and ends with the status byte. Zero-length descriptors add no byte to either part.
 #[derive(Clone, Debug)]
 pub struct Request {
     request_type: RequestType,
@@ -140,53 +116,11 @@ impl Request {
         T: Deref,
         T::Target: GuestMemory,
     {
-        let mut readable = SgList::default();
-        let mut writable = SgList::default();
-        let mut count = 0usize;
-        let mut last_has_next = false;
-        let mut seen_writable = false;
-        // Not a `for` loop: the body needs `chain.memory()`.
-        #[allow(clippy::while_let_on_iterator)]
-        while let Some(desc) = chain.next() {
-            let index = count;
-            count += 1;
-            last_has_next = desc.has_next();
-            let write = desc.is_write_only();
-            if write {
-                seen_writable = true;
-            } else if seen_writable {
-                return Err(RequestError::ReadableAfterWritable { index });
-            }
-            if desc.len() == 0 {
-                continue;
-            }
-            let access = if write {
-                Permissions::Write
-            } else {
-                Permissions::Read
-            };
-            if !chain
-                .memory()
-                .check_range(desc.addr(), desc.len() as usize, access)
-            {
-                return Err(RequestError::OutsideMemory {
-                    index,
-                    addr: desc.addr().0,
-                    len: desc.len(),
-                });
-            }
-            if write {
-                writable.push(desc.addr(), desc.len());
-            } else {
-                readable.push(desc.addr(), desc.len());
-            }
-        }
-        if count == 0 {
-            return Err(RequestError::EmptyChain);
-        }
-        if last_has_next {
-            return Err(RequestError::Truncated { descriptors: count });
-        }
+        let Split {
+            readable,
+            mut writable,
+            ..
+        } = virtio_chain::split(chain)?;
         let status = writable.pop_last_byte().ok_or(RequestError::NoStatus)?;
         if readable.len() < REQUEST_HEADER_SIZE {
             return Err(RequestError::HeaderTooShort {
@@ -198,8 +132,8 @@ impl Request {
             .cursor()
             .read(chain.memory(), &mut header)
             .map_err(|e| match e {
-                SgError::Memory(source) => RequestError::HeaderRead(source),
-                SgError::PastEnd => RequestError::HeaderTooShort {
+                SgError::Memory { source, .. } => RequestError::HeaderRead(source),
+                SgError::PastEnd { .. } => RequestError::HeaderTooShort {
                     len: readable.len(),
                 },
             })?;

@@ -6,8 +6,8 @@
 mod common;
 
 use block::{
-    process_chain, process_queue, process_queue_bounded, BlkStatus, BlockConfig, DiskBackend,
-    FakeDisk, FakeOp, QueueError, Request, RequestError, RequestType,
+    process_chain, process_queue, process_queue_bounded, BlkStatus, BlockConfig, ChainError,
+    DiskBackend, FakeDisk, FakeOp, QueueError, Request, RequestError, RequestType,
 };
 use common::{memory, pattern, Buf, Driver, QSIZE};
 use virtio_bindings::virtio_blk::{
@@ -361,7 +361,7 @@ fn missing_or_readonly_status_is_malformed() {
     let head = d.add_chain(&[Buf::r(hdr, 16), Buf::w(data, 512), Buf::r(status, 1)]);
     assert!(matches!(
         malformed(&mut d, &disk, head),
-        RequestError::ReadableAfterWritable { index: 2 }
+        RequestError::Chain(ChainError::ReadableAfterWritable { index: 2 })
     ));
     assert_eq!(d.byte(status), 0xff);
     assert!(disk.ops().is_empty());
@@ -398,14 +398,14 @@ fn descriptor_outside_memory_is_malformed() {
         let head = d.add_chain(&[Buf::r(hdr, 16), Buf::w(addr, len), Buf::w(status, 1)]);
         assert!(matches!(
             malformed(&mut d, &disk, head),
-            RequestError::OutsideMemory { index: 1, .. }
+            RequestError::Chain(ChainError::OutsideMemory { index: 1, .. })
         ));
     }
     // The status descriptor itself outside memory.
     let head = d.add_chain(&[Buf::r(hdr, 16), Buf::w(u64::MAX, 1)]);
     assert!(matches!(
         malformed(&mut d, &disk, head),
-        RequestError::OutsideMemory { index: 1, .. }
+        RequestError::Chain(ChainError::OutsideMemory { index: 1, .. })
     ));
     assert_eq!(d.byte(status), 0xff);
     assert!(disk.ops().is_empty());
@@ -424,14 +424,14 @@ fn looping_chain_terminates() {
     d.push_avail(0);
     assert!(matches!(
         malformed(&mut d, &disk, 0),
-        RequestError::Truncated { descriptors } if descriptors == usize::from(QSIZE)
+        RequestError::Chain(ChainError::Truncated { descriptors }) if descriptors == usize::from(QSIZE)
     ));
     // A `next` index past the table.
     d.store_desc(2, hdr, 16, VRING_DESC_F_NEXT, 200);
     d.push_avail(2);
     assert!(matches!(
         malformed(&mut d, &disk, 2),
-        RequestError::Truncated { descriptors: 1 }
+        RequestError::Chain(ChainError::Truncated { descriptors: 1 })
     ));
     assert!(disk.ops().is_empty());
 }

@@ -2,10 +2,10 @@
 //! and a one-byte `ack` (device-writable).
 
 use log::debug;
+use virtio_chain::{ChainError, MalformedChain, SgList};
 use virtio_queue::Queue;
 use vm_memory::GuestMemory;
 
-use crate::chain::{self, ChainError, MalformedChain};
 use crate::queue::{self, NetQueueError};
 use crate::virtio::{CTRL_ACK_ERR, CTRL_ACK_OK, CTRL_CLASS_MQ, CTRL_MQ_VQ_PAIRS_SET};
 
@@ -101,10 +101,10 @@ pub fn process_ctrl<M: GuestMemory>(
 }
 
 fn parse_command<M: GuestMemory>(
-    chain: virtio_queue::DescriptorChain<&M>,
+    mut chain: virtio_queue::DescriptorChain<&M>,
     mem: &M,
-) -> Result<(CtrlCommand, chain::Segments), ChainError> {
-    let parsed = chain::parse(chain)?;
+) -> Result<(CtrlCommand, SgList), ChainError> {
+    let parsed = virtio_chain::split(&mut chain)?;
     if parsed.writable.is_empty() {
         return Err(ChainError::TooShort {
             what: "ack buffer",

@@ -33,7 +33,6 @@
 //! ```
 #![deny(missing_docs)]
 
-mod chain;
 mod ctrl;
 #[cfg(any(test, feature = "test-utils"))]
 mod fake;
@@ -46,7 +45,6 @@ pub mod testing;
 mod tx;
 mod virtio;
 
-pub use chain::{ChainError, MalformedChain};
 pub use ctrl::{process_ctrl, CtrlCommand, CtrlOutcome};
 #[cfg(any(test, feature = "test-utils"))]
 pub use fake::{FakeTap, FakeTapPeer};
@@ -61,3 +59,4 @@ pub use virtio::{
     ETH_HLEN, MAX_FRAME_LEN, MAX_PACKET_LEN, MAX_QUEUE_PAIRS, MIN_MTU, VNET_HDR_LEN,
     VNET_HDR_NUM_BUFFERS_OFFSET,
 };
+pub use virtio_chain::{ChainError, MalformedChain};

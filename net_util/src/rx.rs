@@ -4,10 +4,10 @@ use std::io::{self, IoSliceMut};
 
 use log::debug;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF};
+use virtio_chain::{ChainError, MalformedChain, SgList, Split};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
 
-use crate::chain::{self, ChainError, MalformedChain, ParsedChain, Segments};
 use crate::queue::{self, NetQueueError};
 use crate::tap::TapQueue;
 use crate::virtio::{
@@ -56,7 +56,7 @@ pub struct RxOutcome {
 #[derive(Debug)]
 struct HeldChain {
     head: u16,
-    buffers: Segments,
+    buffers: SgList,
 }
 
 enum Placement {
@@ -196,12 +196,12 @@ impl NetRx {
             {
                 return Ok(Placement::TooBig);
             }
-            let Some(chain) = queue::pop(queue, mem)? else {
+            let Some(mut chain) = queue::pop(queue, mem)? else {
                 return Ok(Placement::NoBuffers);
             };
             let head = chain.head_index();
             let first = self.held.is_empty();
-            match chain::parse(chain).and_then(|p| receive_buffers(p, first)) {
+            match virtio_chain::split(&mut chain).and_then(|p| receive_buffers(p, first)) {
                 Ok(buffers) => self.held.push(HeldChain { head, buffers }),
                 Err(error) => {
                     debug!("virtio-net rx: malformed chain {head}: {error}");
@@ -248,7 +248,7 @@ impl NetRx {
 
 /// The device-writable buffers of a receive chain; the first chain of a packet must hold the
 /// whole virtio-net header.
-fn receive_buffers(chain: ParsedChain, first: bool) -> Result<Segments, ChainError> {
+fn receive_buffers(chain: Split, first: bool) -> Result<SgList, ChainError> {
     if !chain.readable.is_empty() {
         return Err(ChainError::WrongDirection("device-readable"));
     }

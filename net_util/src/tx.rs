@@ -3,10 +3,10 @@
 use std::io::{self, IoSlice};
 
 use log::debug;
+use virtio_chain::{ChainError, MalformedChain};
 use virtio_queue::Queue;
 use vm_memory::GuestMemory;
 
-use crate::chain::{self, ChainError, MalformedChain};
 use crate::queue::{self, NetQueueError};
 use crate::tap::TapQueue;
 use crate::virtio::{ETH_HLEN, MAX_PACKET_LEN, VNET_HDR_LEN};
@@ -128,13 +128,13 @@ impl NetTx {
     /// Copies the packet of `chain` into the bounce buffer; returns its length.
     fn load<M>(
         &mut self,
-        chain: virtio_queue::DescriptorChain<&M>,
+        mut chain: virtio_queue::DescriptorChain<&M>,
         mem: &M,
     ) -> Result<usize, ChainError>
     where
         M: GuestMemory,
     {
-        let parsed = chain::parse(chain)?;
+        let parsed = virtio_chain::split(&mut chain)?;
         if !parsed.writable.is_empty() {
             return Err(ChainError::WrongDirection("device-writable"));
         }
