@@ -12,18 +12,25 @@ use crate::stage2::{self, Keys};
 use crate::virtio::{Buf, DmaPage, IrqTally, Queue, Transport, Why, F_VERSION_1};
 use crate::{arch, println, time, why};
 
-const SECTOR: u64 = 512;
+/// Sector size of virtio-blk requests.
+pub const SECTOR: u64 = 512;
 /// Bytes the write check writes (8 sectors).
 const WRITE_LEN: usize = 4096;
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
+/// Request types.
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
+/// Request status values (0xff: the guest's "not written" marker).
+pub const S_OK: u8 = 0;
+pub const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
+/// What the guest puts in the status byte before submitting a request.
+pub const S_UNWRITTEN: u8 = 0xff;
+/// Offset of the status byte in the header page.
+const STATUS_OFF: usize = 64;
 
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
@@ -40,7 +47,8 @@ pub fn guest_byte(o: u64) -> u8 {
     ((o >> 9) as u8).wrapping_mul(7) ^ 0x3c ^ ((o & 0xff) as u8)
 }
 
-fn status_name(s: u8) -> &'static str {
+/// Name of a request status for details.
+pub fn status_name(s: u8) -> &'static str {
     match s {
         S_OK => "OK",
         S_IOERR => "IOERR",
@@ -50,19 +58,27 @@ fn status_name(s: u8) -> &'static str {
     }
 }
 
-struct Blk {
-    t: Transport,
-    name: StrBuf<24>,
-    queues: [Option<Queue>; 2],
+/// A virtio-blk device the guest drives, kept after its checks for the hostile mode and
+/// the benchmark.
+pub struct Blk {
+    /// The transport.
+    pub t: Transport,
+    /// `virtio.blk<n>`.
+    pub name: StrBuf<24>,
+    /// Request queues (queue 1 only with MQ).
+    pub queues: [Option<Queue>; 2],
     /// Request header at 0, status byte at 64.
-    hdr: DmaPage,
+    pub hdr: DmaPage,
     /// Data buffer (one page).
-    data: DmaPage,
+    pub data: DmaPage,
     /// Set when the device failed to complete a request: later requests
     /// are not attempted.
-    dead: Option<Why>,
+    pub dead: Option<Why>,
     tally: IrqTally,
-    capacity: u64,
+    /// Capacity in sectors (0 until read).
+    pub capacity: u64,
+    /// Where MSI-X messages go.
+    pub apic_id: u32,
 }
 
 impl Blk {
@@ -70,6 +86,68 @@ impl Blk {
         let mut n: StrBuf<48> = StrBuf::new();
         let _ = write!(n, "{}.{what}", self.name);
         check(n.as_str(), ok, detail);
+    }
+
+    /// Writes a request header (`kind`, `sector`) into the header page and marks the status
+    /// byte unwritten. Returns the header buffer (device-readable, 16 bytes) and the status
+    /// buffer (device-writable, 1 byte).
+    pub fn prepare(&self, kind: u32, sector: u64) -> (Buf, Buf) {
+        for (i, b) in kind
+            .to_le_bytes()
+            .iter()
+            .chain(&0u32.to_le_bytes())
+            .chain(&sector.to_le_bytes())
+            .enumerate()
+        {
+            self.hdr.write8(i, *b);
+        }
+        self.hdr.write8(STATUS_OFF, S_UNWRITTEN);
+        let hdr = Buf {
+            addr: self.hdr.phys(0),
+            len: 16,
+            write: false,
+        };
+        let status = Buf {
+            addr: self.hdr.phys(STATUS_OFF),
+            len: 1,
+            write: true,
+        };
+        (hdr, status)
+    }
+
+    /// The status byte of the last request.
+    pub fn status_byte(&self) -> u8 {
+        self.hdr.read8(STATUS_OFF)
+    }
+
+    /// The data page as one buffer of `len` bytes.
+    pub fn data_buf(&self, len: u32, dev_writes: bool) -> Buf {
+        Buf {
+            addr: self.data.phys(0),
+            len,
+            write: dev_writes,
+        }
+    }
+
+    /// Resets the device and sets it up again as at start (same features, queues, MSI-X
+    /// vectors and ring pages); clears `dead`.
+    pub fn reinit(&mut self) -> Result<(), Why> {
+        self.queues = [None, None];
+        init_queues(self)?;
+        self.dead = None;
+        Ok(())
+    }
+
+    /// Reads sector `s` (one sector) on queue 0 and compares it with the host pattern if
+    /// `pattern`.
+    pub fn read_sector_checked(&mut self, s: u64, pattern: bool) -> Result<(), Why> {
+        self.read(0, s, SECTOR as u32)?;
+        if pattern {
+            if let Some(w) = self.mismatch(s, SECTOR as usize, host_byte) {
+                return Err(why!("sector {s}: {w}"));
+            }
+        }
+        Ok(())
     }
 
     /// One request on queue `q`: `len` data bytes (device-writable if
@@ -97,33 +175,10 @@ impl Blk {
         if let Some(d) = &self.dead {
             return Err(why!("not attempted: {d}"));
         }
+        let (hdr, status) = self.prepare(kind, sector);
+        let data = self.data_buf(len, dev_writes);
         let Some(queue) = self.queues.get_mut(q).and_then(Option::as_mut) else {
             return Err(why!("queue {q} not set up"));
-        };
-        for (i, b) in kind
-            .to_le_bytes()
-            .iter()
-            .chain(&0u32.to_le_bytes())
-            .chain(&sector.to_le_bytes())
-            .enumerate()
-        {
-            self.hdr.write8(i, *b);
-        }
-        self.hdr.write8(64, 0xff);
-        let hdr = Buf {
-            addr: self.hdr.phys(0),
-            len: 16,
-            write: false,
-        };
-        let status = Buf {
-            addr: self.hdr.phys(64),
-            len: 1,
-            write: true,
-        };
-        let data = Buf {
-            addr: self.data.phys(0),
-            len,
-            write: dev_writes,
         };
         let c = if len > 0 {
             queue.transact(&[hdr, data, status], irq)
@@ -138,11 +193,11 @@ impl Blk {
                 "request type {kind} sector {sector} not completed within 2 s"
             ));
         }
-        Ok(self.hdr.read8(64))
+        Ok(self.status_byte())
     }
 
     /// Reads `len` bytes at `sector` into the data page; status must be OK.
-    fn read(&mut self, q: usize, sector: u64, len: u32) -> Result<(), Why> {
+    pub fn read(&mut self, q: usize, sector: u64, len: u32) -> Result<(), Why> {
         for i in 0..len as usize {
             self.data.write8(i, 0);
         }
@@ -153,7 +208,7 @@ impl Blk {
     }
 
     /// First byte of the data page that differs from `f(absolute offset)`.
-    fn mismatch(&self, sector: u64, len: usize, f: fn(u64) -> u8) -> Option<Why> {
+    pub fn mismatch(&self, sector: u64, len: usize, f: fn(u64) -> u8) -> Option<Why> {
         (0..len).find_map(|i| {
             let o = sector * SECTOR + i as u64;
             let (got, want) = (self.data.read8(i), f(o));
@@ -168,14 +223,11 @@ impl Blk {
     }
 }
 
-/// Initialises the device and runs every `virtio.blk<n>.*` check.
-pub fn run(t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
+/// Initialises device `n` (reporting `init`). Returns the device, and why MSI-X could not
+/// be set up if it could not; `None` if initialisation failed (reported).
+pub fn open(t: Transport, n: usize, apic_id: u32) -> Option<(Blk, Option<Why>)> {
     let mut name: StrBuf<24> = StrBuf::new();
     let _ = write!(name, "virtio.blk{n}");
-    let key = |field: &str| keys.get("blk", n, field);
-    let pattern = key("pattern.sector");
-    let serial = key("serial");
-    let readonly = key("readonly");
     let (Some(hdr), Some(data)) = (DmaPage::alloc(), DmaPage::alloc()) else {
         stage2::check_named(
             name.as_str(),
@@ -183,7 +235,7 @@ pub fn run(t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
             false,
             format_args!("out of DMA memory"),
         );
-        return;
+        return None;
     };
     let mut b = Blk {
         t,
@@ -194,28 +246,42 @@ pub fn run(t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
         dead: None,
         tally: IrqTally::default(),
         capacity: 0,
+        apic_id,
     };
-    let msix_err = match init(&mut b, apic_id) {
-        Ok(e) => e,
+    match init(&mut b) {
+        Ok(e) => Some((b, e)),
         Err(w) => {
             b.t.fail();
             b.check("init", false, format_args!("{} {w}", b.t.func.bdf));
-            return;
+            None
         }
-    };
+    }
+}
+
+/// The device configuration's capacity (sectors) and blk_size.
+pub fn read_capacity(t: &Transport) -> Option<(u64, u32)> {
+    t.read_config(|r| (u64::from(r.r32(0)) | (u64::from(r.r32(4)) << 32), r.r32(20)))
+}
+
+/// Initialises the device and runs every `virtio.blk<n>.*` check. Returns the device if it
+/// was initialised and has a nonzero capacity (for the hostile mode).
+pub fn run(t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) -> Option<Blk> {
+    let key = |field: &str| keys.get("blk", n, field);
+    let pattern = key("pattern.sector");
+    let serial = key("serial");
+    let readonly = key("readonly");
+    let (mut b, msix_err) = open(t, n, apic_id)?;
     // Device configuration starts with le64 capacity (32-bit accesses).
     stage2::check_pcicfg(&b.t, b.name.as_str(), 4);
 
     // capacity
-    let cfg =
-        b.t.read_config(|r| (u64::from(r.r32(0)) | (u64::from(r.r32(4)) << 32), r.r32(20)));
-    let Some((capacity, blk_size)) = cfg else {
+    let Some((capacity, blk_size)) = read_capacity(&b.t) else {
         b.check(
             "capacity",
             false,
             format_args!("device configuration unreadable"),
         );
-        return;
+        return None;
     };
     b.capacity = capacity;
     let pattern_sector = match pattern.map(crate::expect::parse_u64) {
@@ -227,7 +293,7 @@ pub fn run(t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
                 false,
                 format_args!("bad blk.pattern.sector value"),
             );
-            return;
+            return None;
         }
     };
     let mut ok = capacity > 0;
@@ -251,7 +317,7 @@ pub fn run(t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
     }
     b.check("capacity", ok, format_args!("{detail}"));
     if capacity == 0 {
-        return;
+        return None;
     }
 
     // read: sectors 0, 1 and the last one.
@@ -310,19 +376,27 @@ pub fn run(t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
             stage2::check_msix(&b.t, b.name.as_str(), &b.tally, &b.queues);
         }
     }
+    Some(b)
 }
 
-/// Handshake and queues (a second queue if MQ offers one). Ok(Some(w)):
-/// initialised, but MSI-X could not be set up.
-fn init(b: &mut Blk, apic_id: u32) -> Result<Option<Why>, Why> {
+/// Handshake and queues, then the `init` line. Ok(Some(w)): initialised, but MSI-X could
+/// not be set up.
+fn init(b: &mut Blk) -> Result<Option<Why>, Why> {
+    let msix_err = init_queues(b)?;
+    stage2::report_init(b.name.as_str(), &b.t, &b.queues);
+    Ok(msix_err)
+}
+
+/// Handshake and queues (a second queue if MQ offers one). Ok(Some(w)): initialised, but
+/// MSI-X could not be set up.
+fn init_queues(b: &mut Blk) -> Result<Option<Why>, Why> {
     b.t.negotiate(F_VERSION_1 | F_RO | F_BLK_SIZE | F_FLUSH | F_MQ)?;
     let mut nq = 1;
     if b.t.features & F_MQ != 0 && b.t.read_config(|r| r.r16(34)).unwrap_or(1) > 1 {
         nq = 2;
     }
-    let (queues, msix_err) = stage2::finish_init(&mut b.t, nq, apic_id)?;
+    let (queues, msix_err) = stage2::finish_init(&mut b.t, nq, b.apic_id)?;
     b.queues = queues;
-    stage2::report_init(b.name.as_str(), &b.t, &b.queues);
     Ok(msix_err)
 }
 

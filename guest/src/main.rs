@@ -17,8 +17,10 @@
 
 mod acpi;
 mod arch;
+mod bench;
 mod blk;
 mod expect;
+mod hostile;
 mod lifecycle;
 mod mem;
 mod memtest;
@@ -134,6 +136,11 @@ pub extern "C" fn rust_main(start_info_addr: u64) -> ! {
     let mut avoid = Regions::boot_structures(&si, cmdline.as_ref().map_or(0, CString::len));
     for (s, e) in acpi.ranges() {
         avoid.add(s, e);
+    }
+    if let Some(kind) = expect::value(text, "bench") {
+        // Benchmark mode: no memory/SMP/RTC checks, see bench.rs.
+        bench::run(kind, &si, &acpi, &avoid, text);
+        finish();
     }
     memtest::check_memtouch(&si, &avoid);
     smp::check_smp(&si, acpi.madt.as_ref(), &expect, &avoid);

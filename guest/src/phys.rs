@@ -113,3 +113,69 @@ pub fn mmio_write16(addr: u64, value: u16) {
     // never the guest image.
     unsafe { core::ptr::write_volatile(addr as *mut u16, value) }
 }
+
+/// One MMIO read of `width` bytes (1, 2, 4 or 8) at any alignment, as a single instruction:
+/// for the hostile checks, which make accesses a well-behaved driver never makes. All ones if
+/// the address is not mapped or the width is not one of those.
+pub fn mmio_read_any(addr: u64, width: u8) -> u64 {
+    if !readable(addr, u64::from(width)) {
+        return u64::MAX;
+    }
+    let p = addr as *const u8;
+    // SAFETY: mapped (checked above); callers pass device registers (BARs, ECAM), never the
+    // guest's own memory, so the read has no effect on Rust objects. A plain `mov` has no
+    // alignment requirement on x86.
+    unsafe {
+        match width {
+            1 => {
+                let v: u8;
+                core::arch::asm!("mov {v}, byte ptr [{p}]", p = in(reg) p, v = out(reg_byte) v, options(nostack, preserves_flags));
+                u64::from(v)
+            }
+            2 => {
+                let v: u16;
+                core::arch::asm!("mov {v:x}, word ptr [{p}]", p = in(reg) p, v = out(reg) v, options(nostack, preserves_flags));
+                u64::from(v)
+            }
+            4 => {
+                let v: u32;
+                core::arch::asm!("mov {v:e}, dword ptr [{p}]", p = in(reg) p, v = out(reg) v, options(nostack, preserves_flags));
+                u64::from(v)
+            }
+            8 => {
+                let v: u64;
+                core::arch::asm!("mov {v}, qword ptr [{p}]", p = in(reg) p, v = out(reg) v, options(nostack, preserves_flags));
+                v
+            }
+            _ => u64::MAX,
+        }
+    }
+}
+
+/// One MMIO write of the low `width` bytes (1, 2, 4 or 8) of `value` at any alignment, as a
+/// single instruction (see [`mmio_read_any`]). Nothing happens for an unmapped address or
+/// another width.
+pub fn mmio_write_any(addr: u64, width: u8, value: u64) {
+    if !readable(addr, u64::from(width)) {
+        return;
+    }
+    let p = addr as *mut u8;
+    // SAFETY: as for `mmio_read_any`: callers pass device registers, never the guest image.
+    unsafe {
+        match width {
+            1 => {
+                core::arch::asm!("mov byte ptr [{p}], {v}", p = in(reg) p, v = in(reg_byte) value as u8, options(nostack, preserves_flags))
+            }
+            2 => {
+                core::arch::asm!("mov word ptr [{p}], {v:x}", p = in(reg) p, v = in(reg) value as u16, options(nostack, preserves_flags))
+            }
+            4 => {
+                core::arch::asm!("mov dword ptr [{p}], {v:e}", p = in(reg) p, v = in(reg) value as u32, options(nostack, preserves_flags))
+            }
+            8 => {
+                core::arch::asm!("mov qword ptr [{p}], {v}", p = in(reg) p, v = in(reg) value, options(nostack, preserves_flags))
+            }
+            _ => {}
+        }
+    }
+}

@@ -8,7 +8,7 @@ use crate::acpi::Acpi;
 use crate::pci::{self, Bus};
 use crate::report::{check, Ascii, StrBuf};
 use crate::virtio::{Buf, DmaPage, IrqTally, Queue, Transport, Why, F_VERSION_1};
-use crate::{arch, blk, expect, net, phys, println, why};
+use crate::{arch, blk, expect, hostile, net, phys, println, why};
 
 const VIRTIO_VENDOR: u16 = 0x1af4;
 /// Device kinds driven: name and virtio device type (device ID 0x1040 + type).
@@ -42,8 +42,23 @@ impl<'a> Keys<'a> {
     }
 }
 
-/// Runs all stage-2 checks.
+/// Runs all stage-2 checks, then, with `hostile=1`, the hostile mode (see docs/test-guest.md).
 pub fn run(acpi: &Acpi, cmdline: &str) {
+    let (bus, apic_id) = setup(acpi);
+    let keys = Keys { text: cmdline };
+    let (blk, rng) = run_virtio(&bus, &keys, apic_id);
+    if expect::value(cmdline, "hostile") == Some("1") {
+        hostile::run(&bus, blk, rng, &keys);
+    }
+    let spurious = arch::spurious_count();
+    if spurious != 0 {
+        println!("INFO stage2 spurious_interrupts={spurious}");
+    }
+}
+
+/// The local APIC set up for MSI-X delivery, then the PCI checks (`pci.*`). Returns bus 0
+/// and the BSP's APIC ID.
+pub fn setup(acpi: &Acpi) -> (Bus, u32) {
     let lapic = acpi.madt.as_ref().map_or(0xfee0_0000, |m| m.lapic_base);
     arch::set_lapic_eoi(lapic + LAPIC_EOI);
     // Software-enable the local APIC (SVR bit 8), spurious vector 0xff.
@@ -58,11 +73,14 @@ pub fn run(acpi: &Acpi, cmdline: &str) {
     let mut bus = pci::check_enum(acpi.ecam);
     pci::check_bars(&mut bus);
     pci::check_caps(&bus);
-    run_virtio(&bus, &Keys { text: cmdline }, apic_id);
-    let spurious = arch::spurious_count();
-    if spurious != 0 {
-        println!("INFO stage2 spurious_interrupts={spurious}");
-    }
+    (bus, apic_id)
+}
+
+/// The modern virtio devices of `kind` (`blk`, `rng`, ...) on the bus, in bus order.
+pub fn functions_of<'b>(bus: &'b Bus, kind: &'b str) -> impl Iterator<Item = &'b pci::Function> {
+    bus.functions().iter().filter(move |f| {
+        f.vendor == VIRTIO_VENDOR && kind_of(f.device).is_some_and(|k| KINDS[k].0 == kind)
+    })
 }
 
 fn parse_expect(v: &str) -> Option<[u32; 4]> {
@@ -80,7 +98,8 @@ fn kind_of(device: u16) -> Option<usize> {
     KINDS.iter().position(|k| k.1 == t)
 }
 
-fn run_virtio(bus: &Bus, keys: &Keys<'_>, apic_id: u32) {
+/// Checks every modern virtio device; returns the first blk and rng device if they work.
+fn run_virtio(bus: &Bus, keys: &Keys<'_>, apic_id: u32) -> (Option<blk::Blk>, Option<Rng>) {
     let mut modern = [0u32; 4];
     let mut transitional = [0u32; 4];
     for f in bus.functions().iter().filter(|f| f.vendor == VIRTIO_VENDOR) {
@@ -145,6 +164,7 @@ fn run_virtio(bus: &Bus, keys: &Keys<'_>, apic_id: u32) {
     );
 
     let mut index = [0usize; 4];
+    let (mut first_blk, mut first_rng) = (None, None);
     for f in bus.functions().iter().filter(|f| f.vendor == VIRTIO_VENDOR) {
         let Some(k) = kind_of(f.device) else {
             continue;
@@ -161,12 +181,23 @@ fn run_virtio(bus: &Bus, keys: &Keys<'_>, apic_id: u32) {
             }
         };
         match KINDS[k].0 {
-            "blk" => blk::run(t, n, keys, apic_id),
-            "rng" => run_rng(t, name.as_str(), apic_id),
+            "blk" => {
+                let b = blk::run(t, n, keys, apic_id);
+                if n == 0 {
+                    first_blk = b;
+                }
+            }
+            "rng" => {
+                let r = run_rng(t, name.as_str(), apic_id);
+                if n == 0 {
+                    first_rng = r;
+                }
+            }
             "console" => run_console(t, name.as_str(), n, keys, apic_id),
             _ => net::run(t, n, keys, apic_id),
         }
     }
+    (first_blk, first_rng)
 }
 
 /// Prints `TEST <name>.<what> ...`.
@@ -282,59 +313,109 @@ pub fn bring_up(
     }
 }
 
-fn run_rng(mut t: Transport, name: &str, apic_id: u32) {
-    let Some((mut queues, msix_err)) = bring_up(&mut t, name, 0, F_VERSION_1, 1, apic_id) else {
-        return;
-    };
-    let Some(page) = DmaPage::alloc() else {
-        check_named(name, "read", false, format_args!("out of DMA memory"));
-        return;
-    };
-    let mut tally = IrqTally::default();
-    let mut got = 0usize;
-    let mut requests = 0;
-    let mut err: Option<Why> = None;
-    if let Some(q) = queues[0].as_mut() {
-        while got < 64 && requests < 16 {
-            requests += 1;
+/// A virtio-rng device kept after its checks (the hostile mode's `survivors` check).
+pub struct Rng {
+    /// The transport.
+    pub t: Transport,
+    queue: Option<Queue>,
+    page: DmaPage,
+}
+
+/// What [`Rng::read64`] got.
+pub struct RngRead {
+    /// Bytes received (at most 64).
+    pub got: usize,
+    /// Requests made.
+    pub requests: u32,
+    /// The bytes (only the first `got` are meaningful).
+    pub bytes: [u8; 64],
+    /// Why it stopped early.
+    pub err: Option<Why>,
+}
+
+impl RngRead {
+    /// 64 bytes arrived and they are not all equal.
+    pub fn ok(&self) -> bool {
+        let all_equal = self.bytes.iter().all(|&b| b == self.bytes[0]);
+        self.err.is_none() && self.got == 64 && !all_equal
+    }
+}
+
+impl core::fmt::Display for RngRead {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let all_equal = self.bytes.iter().all(|&b| b == self.bytes[0]);
+        write!(
+            f,
+            "{} bytes in {} request(s), first 8: ",
+            self.got, self.requests
+        )?;
+        for b in &self.bytes[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        write!(
+            f,
+            "{}{}",
+            if all_equal { " (all bytes equal)" } else { "" },
+            self.err.as_ref().map_or("", |w| w.as_str())
+        )
+    }
+}
+
+impl Rng {
+    /// Asks for 64 bytes (at most 16 requests), each completion recorded in `tally`.
+    pub fn read64(&mut self, tally: &mut IrqTally) -> RngRead {
+        let mut r = RngRead {
+            got: 0,
+            requests: 0,
+            bytes: [0; 64],
+            err: None,
+        };
+        for i in 0..64 {
+            self.page.write8(i, 0);
+        }
+        let Some(q) = self.queue.as_mut() else {
+            r.err = Some(why!("queue 0 not set up"));
+            return r;
+        };
+        while r.got < 64 && r.requests < 16 {
+            r.requests += 1;
             let c = q.transact(
                 &[Buf {
-                    addr: page.phys(got),
-                    len: (64 - got) as u32,
+                    addr: self.page.phys(r.got),
+                    len: (64 - r.got) as u32,
                     write: true,
                 }],
                 true,
             );
             tally.add(&c);
             match c.used {
-                Some((_, len)) => got += (len as usize).min(64 - got),
+                Some((_, len)) => r.got += (len as usize).min(64 - r.got),
                 None => {
-                    err = Some(why!("request {requests} not completed within 2 s"));
+                    r.err = Some(why!("request {} not completed within 2 s", r.requests));
                     break;
                 }
             }
         }
+        r.bytes = core::array::from_fn(|i| self.page.read8(i));
+        r
     }
-    let bytes: [u8; 64] = core::array::from_fn(|i| page.read8(i));
-    let all_equal = bytes.iter().all(|&b| b == bytes[0]);
-    let mut hex: StrBuf<40> = StrBuf::new();
-    for b in &bytes[..8] {
-        let _ = write!(hex, "{b:02x}");
-    }
-    check_named(
-        name,
-        "read",
-        err.is_none() && got == 64 && !all_equal,
-        format_args!(
-            "{got} bytes in {requests} request(s), first 8: {hex}{}{}",
-            if all_equal { " (all bytes equal)" } else { "" },
-            err.as_ref().map_or("", |w| w.as_str())
-        ),
-    );
+}
+
+fn run_rng(mut t: Transport, name: &str, apic_id: u32) -> Option<Rng> {
+    let ([queue, _], msix_err) = bring_up(&mut t, name, 0, F_VERSION_1, 1, apic_id)?;
+    let Some(page) = DmaPage::alloc() else {
+        check_named(name, "read", false, format_args!("out of DMA memory"));
+        return None;
+    };
+    let mut rng = Rng { t, queue, page };
+    let mut tally = IrqTally::default();
+    let r = rng.read64(&mut tally);
+    check_named(name, "read", r.ok(), format_args!("{r}"));
     match msix_err {
         Some(w) => check_named(name, "msix", false, format_args!("{w}")),
-        None => check_msix(&t, name, &tally, &queues),
+        None => check_msix(&rng.t, name, &tally, core::slice::from_ref(&rng.queue)),
     }
+    Some(rng)
 }
 
 fn run_console(mut t: Transport, name: &str, n: usize, keys: &Keys<'_>, apic_id: u32) {

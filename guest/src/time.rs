@@ -1,6 +1,8 @@
 //! TSC-based delays. The TSC rate comes from CPUID when the hypervisor or CPU
 //! reports it, else from the ACPI PM timer, else a conservative guess (so
-//! waits err on the long side).
+//! waits err on the long side). The block benchmark measures it against the
+//! CMOS clock instead ([`calibrate_rtc`]): exact enough for rates and the
+//! same method under every VMM.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -83,6 +85,31 @@ pub fn calibrate(fadt: Option<&Fadt>) {
     }
     TSC_KHZ.store(khz, Ordering::Relaxed);
     println!("INFO tsc khz={khz} source={source}");
+}
+
+/// Measures the TSC rate over one second of the CMOS clock: from one change of the seconds
+/// register to the next (each edge seen within one register read, two port exits). Takes
+/// 1-2 s. Stores the rate for delays and returns it in kHz; `None` if the clock does not
+/// tick (within ~3 s by the previous rate).
+pub fn calibrate_rtc() -> Option<u64> {
+    let d = Deadline::after_us(3_000_000);
+    let next_edge = || -> Option<u64> {
+        let s = crate::rtc::cmos(0);
+        while crate::rtc::cmos(0) == s {
+            if d.passed() {
+                return None;
+            }
+        }
+        Some(rdtsc())
+    };
+    let t1 = next_edge()?;
+    let t2 = next_edge()?;
+    let khz = t2.wrapping_sub(t1) / 1000;
+    if khz < 100_000 {
+        return None;
+    }
+    TSC_KHZ.store(khz, Ordering::Relaxed);
+    Some(khz)
 }
 
 /// A point in the future, in TSC ticks.

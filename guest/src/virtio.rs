@@ -289,6 +289,53 @@ impl Region {
         self.w32(off, v as u32);
         self.w32(off + 4, (v >> 32) as u32);
     }
+
+    /// Length of the window in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Address (memory) or port (I/O) of the window's first byte.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// One access of `width` bytes (1, 2, 4 or 8) at `off`, at any alignment (the hostile
+    /// checks); all ones outside the window and for 8-byte I/O accesses.
+    pub fn read_any(&self, off: u64, width: u8) -> u64 {
+        match (self.ok(off, u64::from(width)), self.io, width) {
+            (false, _, _) | (true, true, 8) => u64::MAX,
+            (true, true, 1) => u64::from(self.r8(off)),
+            (true, true, 2) => u64::from(inw((self.base + off) as u16)),
+            (true, true, _) => u64::from(inl((self.base + off) as u16)),
+            (true, false, _) => phys::mmio_read_any(self.base + off, width),
+        }
+    }
+
+    /// One write of `width` bytes (1, 2, 4 or 8) at `off`, at any alignment; nothing outside
+    /// the window or for 8-byte I/O accesses.
+    pub fn write_any(&self, off: u64, width: u8, v: u64) {
+        match (self.ok(off, u64::from(width)), self.io, width) {
+            (false, _, _) | (true, true, 8) => {}
+            (true, true, 1) => self.w8(off, v as u8),
+            (true, true, 2) => outw((self.base + off) as u16, v as u16),
+            (true, true, _) => outl((self.base + off) as u16, v as u32),
+            (true, false, _) => phys::mmio_write_any(self.base + off, width, v),
+        }
+    }
+
+    /// The same window after its BAR moved from `old` (`size` bytes) to `new`; unchanged if
+    /// the window is not in that BAR.
+    fn rebased(self, io: bool, old: u64, size: u64, new: u64) -> Region {
+        if self.io == io && self.base >= old && self.base - old < size {
+            Region {
+                base: self.base - old + new,
+                ..self
+            }
+        } else {
+            self
+        }
+    }
 }
 
 /// A virtio_pci_cap as found in configuration space.
@@ -343,6 +390,7 @@ pub struct Transport {
     mech: Mech,
     common: Region,
     notify: Region,
+    isr: Region,
     notify_mult: u32,
     /// The device-specific configuration, if the device has one.
     pub device: Option<Region>,
@@ -358,7 +406,16 @@ pub struct Transport {
     pub features: u64,
     /// Where each capability was found, for the INFO line.
     pub layout: StrBuf<400>,
+    /// Ring pages of queues set up so far, reused when the driver sets a queue up again
+    /// after a reset (the hostile checks re-initialise devices several times).
+    queue_pages: [Option<DmaPage>; QUEUE_PAGE_CACHE],
 }
+
+/// Queues (from index 0) whose ring page a [`Transport`] keeps for re-use.
+const QUEUE_PAGE_CACHE: usize = 4;
+
+/// Device status DEVICE_NEEDS_RESET.
+pub const S_NEEDS_RESET: u8 = 64;
 
 fn cfg_type_name(t: u8) -> &'static str {
     match t {
@@ -447,9 +504,9 @@ impl Transport {
         let Some(notify) = region(CFG_NOTIFY).filter(|r| r.len >= 2) else {
             return Err(why!("no usable notification capability:{layout}"));
         };
-        if region(CFG_ISR).is_none() {
+        let Some(isr) = region(CFG_ISR) else {
             return Err(why!("no usable ISR capability:{layout}"));
-        }
+        };
         let notify_mult =
             found[usize::from(CFG_NOTIFY)].map_or(0, |c| mech.read32(b, u16::from(c.at) + 16));
         let _ = write!(layout, " notify_off_multiplier={notify_mult}");
@@ -465,6 +522,7 @@ impl Transport {
             mech,
             common,
             notify,
+            isr,
             notify_mult,
             device: region(CFG_DEVICE),
             common_cap: found[usize::from(CFG_COMMON)].unwrap_or(VirtioCap {
@@ -481,15 +539,85 @@ impl Transport {
             offered: 0,
             features: 0,
             layout,
+            queue_pages: [None; QUEUE_PAGE_CACHE],
         })
     }
 
-    fn status(&self) -> u8 {
+    /// The device status register.
+    pub fn status(&self) -> u8 {
         self.common.r8(C_STATUS)
     }
 
-    fn set_status(&self, s: u8) {
+    /// Writes the device status register.
+    pub fn set_status(&self, s: u8) {
         self.common.w8(C_STATUS, s);
+    }
+
+    /// The common configuration window.
+    pub fn common(&self) -> &Region {
+        &self.common
+    }
+
+    /// How configuration space is reached.
+    pub fn mech(&self) -> Mech {
+        self.mech
+    }
+
+    /// The BAR (index) whose memory range holds the notification window.
+    pub fn notify_bar(&self) -> Option<usize> {
+        let n = self.notify;
+        self.func.bars.iter().position(|b| {
+            b.assigned()
+                && (b.kind == BarKind::Io) == n.io
+                && n.base >= b.addr
+                && n.base - b.addr < b.size
+        })
+    }
+
+    /// The part of the common configuration's BAR from the end of the common configuration
+    /// window (its capability's length) to the next virtio structure or MSI-X window in that
+    /// BAR (or the BAR's end): bytes a driver has no reason to touch. `None` if there is none.
+    pub fn common_gap(&self) -> Option<Region> {
+        let c = self.common;
+        let bar = self.func.bars.iter().find(|b| {
+            b.assigned()
+                && (b.kind == BarKind::Io) == c.io
+                && c.base >= b.addr
+                && c.base - b.addr < b.size
+        })?;
+        let start = c.base + c.len;
+        let mut end = bar.addr + bar.size;
+        let mut others = [Some(self.notify), Some(self.isr), self.device, None, None];
+        if let Some(m) = &self.msix {
+            others[3] = Some(m.table);
+            others[4] = Some(m.pba);
+        }
+        for w in others.iter().flatten().filter(|w| w.io == c.io) {
+            if w.base < start && w.base + w.len > start {
+                return None;
+            }
+            if w.base >= start && w.base < end {
+                end = w.base;
+            }
+        }
+        (end > start).then_some(Region {
+            io: c.io,
+            base: start,
+            len: end - start,
+        })
+    }
+
+    /// Resets the device (status 0) and waits (at most 1 s) until it reads back 0.
+    pub fn reset(&self) -> Result<(), Why> {
+        self.set_status(0);
+        let d = Deadline::after_us(1_000_000);
+        while self.status() != 0 {
+            if d.passed() {
+                return Err(why!("device status stays {:#x} after reset", self.status()));
+            }
+            arch::pause();
+        }
+        Ok(())
     }
 
     /// Marks the device FAILED (after a handshake error).
@@ -500,14 +628,7 @@ impl Transport {
     /// Reset, ACKNOWLEDGE, DRIVER, feature negotiation (VERSION_1 required;
     /// `wanted` & offered accepted), FEATURES_OK read back.
     pub fn negotiate(&mut self, wanted: u64) -> Result<(), Why> {
-        self.set_status(0);
-        let d = Deadline::after_us(1_000_000);
-        while self.status() != 0 {
-            if d.passed() {
-                return Err(why!("device status stays {:#x} after reset", self.status()));
-            }
-            arch::pause();
-        }
+        self.reset()?;
         self.set_status(S_ACKNOWLEDGE);
         self.set_status(S_ACKNOWLEDGE | S_DRIVER);
         self.common.w32(C_DFSELECT, 0);
@@ -570,12 +691,19 @@ impl Transport {
             ));
         };
         let entries = entries.min(size);
-        let base = NEXT_VECTOR.load(Ordering::SeqCst);
-        let limit = usize::from(IRQ_VECTOR_BASE) + IRQ_VECTORS;
-        if usize::from(base) + usize::from(entries) > limit {
-            return Err(why!("out of interrupt vectors"));
-        }
-        NEXT_VECTOR.store(base + entries as u8, Ordering::SeqCst);
+        // Setting MSI-X up again (after a device reset) keeps the CPU vectors it had.
+        let base = match self.msix {
+            Some(m) if m.entries >= entries => m.base_vector,
+            _ => {
+                let base = NEXT_VECTOR.load(Ordering::SeqCst);
+                let limit = usize::from(IRQ_VECTOR_BASE) + IRQ_VECTORS;
+                if usize::from(base) + usize::from(entries) > limit {
+                    return Err(why!("out of interrupt vectors"));
+                }
+                NEXT_VECTOR.store(base + entries as u8, Ordering::SeqCst);
+                base
+            }
+        };
         m.write16(b, c + 2, ctl | MSIX_ENABLE | MSIX_FUNCTION_MASK);
         for e in 0..entries {
             let off = u64::from(e) * 16;
@@ -622,13 +750,68 @@ impl Transport {
         while !size.is_power_of_two() {
             size &= size - 1;
         }
-        let Some(mem) = DmaPage::alloc() else {
+        let mem = self.queue_page(index)?;
+        let rings = QueueRings {
+            size,
+            desc: mem.phys(0),
+            driver: mem.phys(AVAIL_OFF),
+            device: mem.phys(USED_OFF),
+        };
+        let (entry, notify_off) = self.program_queue(index, rings)?;
+        Ok(Queue {
+            index,
+            size,
+            max,
+            mem,
+            notify: self.notify,
+            notify_off,
+            avail_idx: 0,
+            last_used: 0,
+            // size is a power of two <= 64.
+            free: u64::MAX >> (64 - u32::from(size)),
+            chains: [0; MAX_QUEUE_SIZE as usize],
+            entry,
+            vector: entry.and_then(|e| self.msix.as_ref().and_then(|m| m.vector(e))),
+        })
+    }
+
+    /// A zeroed ring page for queue `index`: the one it had before if it was set up already.
+    fn queue_page(&mut self, index: u16) -> Result<DmaPage, Why> {
+        if let Some(p) = self.queue_pages.get(usize::from(index)).copied().flatten() {
+            for off in 0..PAGE {
+                p.write8(off, 0);
+            }
+            return Ok(p);
+        }
+        let Some(p) = DmaPage::alloc() else {
             return Err(why!("out of DMA memory"));
         };
-        self.common.w16(C_Q_SIZE, size);
-        self.common.w64(C_Q_DESC, mem.phys(0));
-        self.common.w64(C_Q_DRIVER, mem.phys(AVAIL_OFF));
-        self.common.w64(C_Q_DEVICE, mem.phys(USED_OFF));
+        if let Some(slot) = self.queue_pages.get_mut(usize::from(index)) {
+            *slot = Some(p);
+        }
+        Ok(p)
+    }
+
+    /// Queue `index`'s maximum size (queue_size as the device reports it before the
+    /// driver writes it).
+    pub fn queue_max(&self, index: u16) -> u16 {
+        self.common.w16(C_Q_SELECT, index);
+        self.common.r16(C_Q_SIZE)
+    }
+
+    /// Programs queue `index` with `rings` exactly as given (no check of size or
+    /// addresses: the hostile checks hand the device bad values on purpose), its MSI-X
+    /// entry, and enables it. Returns the MSI-X entry and the notification offset.
+    pub fn program_queue(
+        &mut self,
+        index: u16,
+        rings: QueueRings,
+    ) -> Result<(Option<u16>, u64), Why> {
+        self.common.w16(C_Q_SELECT, index);
+        self.common.w16(C_Q_SIZE, rings.size);
+        self.common.w64(C_Q_DESC, rings.desc);
+        self.common.w64(C_Q_DRIVER, rings.driver);
+        self.common.w64(C_Q_DEVICE, rings.device);
         let mut entry = None;
         if let Some(m) = &self.msix {
             let e = (1 + index).min(m.entries.saturating_sub(1));
@@ -652,28 +835,82 @@ impl Transport {
         if self.common.r16(C_Q_ENABLE) != 1 {
             return Err(why!("queue {index}: queue_enable does not read back 1"));
         }
-        Ok(Queue {
-            index,
-            size,
-            max,
-            mem,
-            notify: self.notify,
-            notify_off,
-            avail_idx: 0,
-            last_used: 0,
-            // size is a power of two <= 64.
-            free: u64::MAX >> (64 - u32::from(size)),
-            chains: [0; MAX_QUEUE_SIZE as usize],
-            entry,
-            vector: entry.and_then(|e| self.msix.as_ref().and_then(|m| m.vector(e))),
-        })
+        Ok((entry, notify_off))
+    }
+
+    /// Sets DRIVER_OK (with ACKNOWLEDGE, DRIVER, FEATURES_OK) without looking at the result.
+    pub fn set_driver_ok(&self) {
+        self.set_status(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    }
+
+    /// The CPU vector of MSI-X entry 0 (configuration changes), if MSI-X is on.
+    pub fn config_vector(&self) -> Option<u8> {
+        self.msix.as_ref().and_then(|m| m.vector(0))
+    }
+
+    /// Moves memory BAR `bar` to `new` (decoding off while the BAR changes, COMMAND
+    /// restored afterwards) and follows it: every window of this transport in that BAR
+    /// (common, notify, device configuration, MSI-X table and PBA) now points at the new
+    /// place. Queues keep their own copy of the notify window: see [`Queue::follow`].
+    pub fn move_bar(&mut self, bar: usize, new: u64) -> Result<(), Why> {
+        let Some(old) = self.func.bars.get(bar).copied() else {
+            return Err(why!("no BAR {bar}"));
+        };
+        let is64 = match old.kind {
+            BarKind::Mem64 => true,
+            BarKind::Mem32 if new >> 32 == 0 => false,
+            _ => {
+                return Err(why!(
+                    "BAR {bar} is {:?}: cannot move it to {new:#x}",
+                    old.kind
+                ))
+            }
+        };
+        if !old.assigned() || !new.is_multiple_of(old.size) || !phys::readable(new, old.size) {
+            return Err(why!(
+                "cannot move BAR {bar} ({:#x}, size {:#x}) to {new:#x}",
+                old.addr,
+                old.size
+            ));
+        }
+        let (m, b) = (self.mech, self.func.bdf);
+        let reg = 0x10 + 4 * bar as u16;
+        let cmd = m.read16(b, 0x04);
+        m.write16(b, 0x04, cmd & !(CMD_MEM | CMD_IO));
+        let low_flags = m.read32(b, reg) & 0xf;
+        m.write32(b, reg, (new as u32 & !0xf) | low_flags);
+        if is64 {
+            m.write32(b, reg + 4, (new >> 32) as u32);
+        }
+        m.write16(b, 0x04, cmd);
+        let lo = u64::from(m.read32(b, reg) & !0xf);
+        let hi = if is64 {
+            u64::from(m.read32(b, reg + 4))
+        } else {
+            0
+        };
+        let now = (hi << 32) | lo;
+        if now != new {
+            return Err(why!("BAR {bar} reads {now:#x} after writing {new:#x}"));
+        }
+        self.func.bars[bar].addr = new;
+        let r = |w: Region| w.rebased(false, old.addr, old.size, new);
+        self.common = r(self.common);
+        self.notify = r(self.notify);
+        self.isr = r(self.isr);
+        self.device = self.device.map(r);
+        if let Some(mx) = self.msix.as_mut() {
+            mx.table = r(mx.table);
+            mx.pba = r(mx.pba);
+        }
+        Ok(())
     }
 
     /// Sets DRIVER_OK; fails if the device then reports an error state.
     pub fn driver_ok(&mut self) -> Result<(), Why> {
-        self.set_status(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+        self.set_driver_ok();
         let s = self.status();
-        if s & (S_FAILED | 64) != 0 || s & S_DRIVER_OK == 0 {
+        if s & (S_FAILED | S_NEEDS_RESET) != 0 || s & S_DRIVER_OK == 0 {
             return Err(why!("device status {s:#x} after DRIVER_OK"));
         }
         Ok(())
@@ -744,6 +981,19 @@ impl Transport {
     }
 }
 
+/// Where a queue's rings are and how big it is, as the driver programs them.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueRings {
+    /// queue_size.
+    pub size: u16,
+    /// Descriptor table address.
+    pub desc: u64,
+    /// Driver (available) ring address.
+    pub driver: u64,
+    /// Device (used) ring address.
+    pub device: u64,
+}
+
 /// One buffer of a request: guest-physical address, length, and whether
 /// the device writes it.
 #[derive(Clone, Copy, Debug)]
@@ -755,6 +1005,22 @@ pub struct Buf {
     /// Device-writable.
     pub write: bool,
 }
+
+/// One descriptor of a chain given explicitly: its buffer and where `next` points, as a
+/// position in the same list (`None`: the chain ends here, no NEXT flag). [`Queue::add`]
+/// links the buffers in order; the hostile checks build loops with this.
+#[derive(Clone, Copy, Debug)]
+pub struct RawDesc {
+    /// The buffer.
+    pub buf: Buf,
+    /// Position (in the list given to [`Queue::add_raw`]) of the next descriptor.
+    pub next: Option<usize>,
+}
+
+/// Available ring flag: the driver does not want used buffer notifications.
+const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// Used ring flag: the device does not want available buffer notifications.
+const VIRTQ_USED_F_NO_NOTIFY: u16 = 1;
 
 /// What happened to one request.
 #[derive(Clone, Copy, Debug, Default)]
@@ -817,48 +1083,136 @@ impl Queue {
     /// in the available ring, without notifying the device. Returns the head
     /// descriptor, or `None` if there are not enough free descriptors.
     pub fn add(&mut self, bufs: &[Buf]) -> Option<u16> {
-        if bufs.is_empty() || bufs.len() > self.free.count_ones() as usize {
+        let n = bufs.len();
+        if n > usize::from(MAX_QUEUE_SIZE) {
+            return None;
+        }
+        let mut raw = [RawDesc {
+            buf: Buf {
+                addr: 0,
+                len: 0,
+                write: false,
+            },
+            next: None,
+        }; MAX_QUEUE_SIZE as usize];
+        for (i, b) in bufs.iter().enumerate() {
+            raw[i] = RawDesc {
+                buf: *b,
+                next: (i + 1 < n).then_some(i + 1),
+            };
+        }
+        self.add_raw(&raw[..n])
+    }
+
+    /// Places `descs` (at least one; the first is the head) in free descriptors, linked as
+    /// their `next` fields say (which may loop), and publishes the head in the available
+    /// ring without notifying the device. Returns the head descriptor, or `None` if there
+    /// are not enough free descriptors.
+    pub fn add_raw(&mut self, descs: &[RawDesc]) -> Option<u16> {
+        if descs.is_empty() || descs.len() > self.free.count_ones() as usize {
             return None;
         }
         let mut ids = [0u16; MAX_QUEUE_SIZE as usize];
         let mut mask = 0u64;
-        for id in ids.iter_mut().take(bufs.len()) {
+        for id in ids.iter_mut().take(descs.len()) {
             let d = (self.free & !mask).trailing_zeros();
             mask |= 1 << d;
             *id = d as u16;
         }
         self.free &= !mask;
-        let n = bufs.len();
-        for (i, b) in bufs.iter().enumerate() {
+        for (i, r) in descs.iter().enumerate() {
             let d = usize::from(ids[i]) * 16;
             let mut flags = 0;
             let mut next = 0;
-            if i + 1 < n {
+            if let Some(j) = r.next {
                 flags |= VIRTQ_DESC_F_NEXT;
-                next = ids[i + 1];
+                next = ids.get(j).copied().unwrap_or(j as u16);
             }
-            if b.write {
+            if r.buf.write {
                 flags |= VIRTQ_DESC_F_WRITE;
             }
-            self.mem.write64(d, b.addr);
-            self.mem.write32(d + 8, b.len);
+            self.mem.write64(d, r.buf.addr);
+            self.mem.write32(d + 8, r.buf.len);
             self.mem.write16(d + 12, flags);
             self.mem.write16(d + 14, next);
         }
         let head = ids[0];
         self.chains[usize::from(head)] = mask;
+        self.publish(head);
+        Some(head)
+    }
+
+    /// Puts `head` in the next available ring slot and advances the index.
+    fn publish(&mut self, head: u16) {
         let slot = usize::from(self.avail_idx % self.size);
         self.mem.write16(AVAIL_OFF + 4 + 2 * slot, head);
         fence(Ordering::SeqCst);
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.mem.write16(AVAIL_OFF + 2, self.avail_idx);
-        Some(head)
     }
 
     /// Notifies the device of new available buffers.
     pub fn kick(&self) {
         fence(Ordering::SeqCst);
         self.notify.w16(self.notify_off, self.index);
+    }
+
+    /// Notifies the device unless it asked not to be (VIRTQ_USED_F_NO_NOTIFY: it is still
+    /// working through the available ring and will see the new buffers). Returns whether
+    /// it notified.
+    pub fn kick_if_needed(&self) -> bool {
+        fence(Ordering::SeqCst);
+        if self.mem.read16(USED_OFF) & VIRTQ_USED_F_NO_NOTIFY != 0 {
+            return false;
+        }
+        self.notify.w16(self.notify_off, self.index);
+        true
+    }
+
+    /// Asks the device for used buffer notifications (interrupts) or not
+    /// (VIRTQ_AVAIL_F_NO_INTERRUPT; a device may still send some).
+    pub fn set_interrupts(&mut self, on: bool) {
+        let flags = if on { 0 } else { VIRTQ_AVAIL_F_NO_INTERRUPT };
+        self.mem.write16(AVAIL_OFF, flags);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Writes the available ring's index as given, without placing anything (hostile).
+    pub fn set_avail_idx_raw(&mut self, idx: u16) {
+        fence(Ordering::SeqCst);
+        self.mem.write16(AVAIL_OFF + 2, idx);
+    }
+
+    /// Writes `head` into available ring slot `slot` (modulo the size) without publishing it
+    /// (hostile).
+    pub fn set_avail_slot_raw(&mut self, slot: u16, head: u16) {
+        let slot = usize::from(slot % self.size);
+        self.mem.write16(AVAIL_OFF + 4 + 2 * slot, head);
+    }
+
+    /// The used ring's index as the device last wrote it.
+    pub fn used_idx(&self) -> u16 {
+        self.mem.read16(USED_OFF + 2)
+    }
+
+    /// Where this queue's rings are, as programmed.
+    pub fn rings(&self) -> QueueRings {
+        QueueRings {
+            size: self.size,
+            desc: self.mem.phys(0),
+            driver: self.mem.phys(AVAIL_OFF),
+            device: self.mem.phys(USED_OFF),
+        }
+    }
+
+    /// Takes the notify window from `t` again after [`Transport::move_bar`].
+    pub fn follow(&mut self, t: &Transport) {
+        self.notify = t.notify;
+    }
+
+    /// The notification address of this queue (memory space) or port (I/O).
+    pub fn notify_addr(&self) -> u64 {
+        self.notify.base + self.notify_off
     }
 
     /// The next used element, if the device has returned one; frees its
