@@ -8,7 +8,7 @@ use virtio_chain::{ChainError, SgError, SgList, Split};
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
-use crate::aligned::AlignedBuffer;
+use crate::aligned::with_bounce_buffer;
 use crate::disk::DiskBackend;
 use crate::virtio::{
     BlkStatus, RequestType, DISCARD_SEGMENT_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS,
@@ -248,23 +248,24 @@ impl Request {
             );
             return (BlkStatus::IoErr, 0);
         };
-        let mut buf = AlignedBuffer::new(len.min(IO_CHUNK) as usize);
         let mut cursor = self.writable.cursor();
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(IO_CHUNK) as usize;
-            let piece = &mut buf.as_mut_slice()[..n];
-            if let Err(e) = disk.read_at(offset + done, piece) {
-                warn!("virtio-blk read failed: {e}");
-                return (BlkStatus::IoErr, done);
+        with_bounce_buffer(len.min(IO_CHUNK) as usize, |buf| {
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(IO_CHUNK) as usize;
+                let piece = &mut buf[..n];
+                if let Err(e) = disk.read_at(offset + done, piece) {
+                    warn!("virtio-blk read failed: {e}");
+                    return (BlkStatus::IoErr, done);
+                }
+                if let Err(e) = cursor.write(mem, piece) {
+                    debug!("virtio-blk read: cannot fill guest buffers: {e}");
+                    return (BlkStatus::IoErr, done);
+                }
+                done += n as u64;
             }
-            if let Err(e) = cursor.write(mem, piece) {
-                debug!("virtio-blk read: cannot fill guest buffers: {e}");
-                return (BlkStatus::IoErr, done);
-            }
-            done += n as u64;
-        }
-        (BlkStatus::Ok, done)
+            (BlkStatus::Ok, done)
+        })
     }
 
     /// `OUT`: device-readable buffers to disk.
@@ -281,26 +282,27 @@ impl Request {
             );
             return BlkStatus::IoErr;
         };
-        let mut buf = AlignedBuffer::new(len.min(IO_CHUNK) as usize);
         let mut cursor = self.readable.cursor();
         if cursor.skip(REQUEST_HEADER_SIZE as usize).is_err() {
             return BlkStatus::IoErr;
         }
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(IO_CHUNK) as usize;
-            let piece = &mut buf.as_mut_slice()[..n];
-            if let Err(e) = cursor.read(mem, piece) {
-                debug!("virtio-blk write: cannot read guest buffers: {e}");
-                return BlkStatus::IoErr;
+        with_bounce_buffer(len.min(IO_CHUNK) as usize, |buf| {
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(IO_CHUNK) as usize;
+                let piece = &mut buf[..n];
+                if let Err(e) = cursor.read(mem, piece) {
+                    debug!("virtio-blk write: cannot read guest buffers: {e}");
+                    return BlkStatus::IoErr;
+                }
+                if let Err(e) = disk.write_at(offset + done, piece) {
+                    warn!("virtio-blk write failed: {e}");
+                    return BlkStatus::IoErr;
+                }
+                done += n as u64;
             }
-            if let Err(e) = disk.write_at(offset + done, piece) {
-                warn!("virtio-blk write failed: {e}");
-                return BlkStatus::IoErr;
-            }
-            done += n as u64;
-        }
-        BlkStatus::Ok
+            BlkStatus::Ok
+        })
     }
 
     /// `GET_ID`: the serial, as much of it as fits.
