@@ -61,7 +61,7 @@ impl QueueHandler for BlockQueues {
             .map_err(|e| e.to_string())?;
         if let Some(bad) = &outcome.first_malformed {
             // The chains were returned with length 0; the device keeps serving the queue.
-            log::warn!(
+            crate::warn_limited!(
                 "virtio-blk queue {}: {} malformed request(s), first: {bad:?}",
                 q.index,
                 outcome.malformed

@@ -10,6 +10,7 @@
 pub mod block;
 pub mod console;
 pub mod net;
+pub mod ratelimit;
 pub mod rng;
 pub mod transport;
 pub mod vhost_user;

@@ -500,7 +500,7 @@ impl NetLoop {
         c.malformed_chains
             .fetch_add(out.malformed as u64, Ordering::Relaxed);
         if let Some(bad) = &out.first_malformed {
-            log::warn!(
+            crate::warn_limited!(
                 "{}: receive queue {}: {} malformed chain(s), first {}: {}",
                 self.name,
                 q.index,
@@ -549,7 +549,7 @@ impl NetLoop {
         c.malformed_chains
             .fetch_add(out.malformed as u64, Ordering::Relaxed);
         if let Some(bad) = &out.first_malformed {
-            log::warn!(
+            crate::warn_limited!(
                 "{}: transmit queue {}: {} malformed chain(s), first {}: {}",
                 self.name,
                 q.index,
