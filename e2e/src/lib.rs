@@ -1862,8 +1862,8 @@ pub fn boot_net(
 // ---------------------------------------------------------------------------
 
 pub use vhost_user_block_daemon::{
-    qemu_vhost_user_blk_args, vhost_user_block_binary, VhostUserBlockDaemon, VhostUserBlockRun,
-    VHOST_USER_BLOCK_ENV,
+    qemu_vhost_user_blk_args, vhost_user_block_binary, workspace_binary, VhostUserBlockDaemon,
+    VhostUserBlockRun, VHOST_USER_BLOCK_ENV,
 };
 
 /// Helpers to run the `vhost_user_block` daemon next to a VMM.
@@ -1873,7 +1873,7 @@ mod vhost_user_block_daemon {
     use std::os::unix::process::CommandExt;
     use std::path::{Path, PathBuf};
     use std::process::{Child, Command, ExitStatus, Stdio};
-    use std::sync::OnceLock;
+    use std::sync::Mutex;
     use std::thread;
     use std::time::{Duration, Instant};
 
@@ -1893,36 +1893,46 @@ mod vhost_user_block_daemon {
     /// # Panics
     /// If the build fails (the message carries cargo's output) or the variable names no file.
     pub fn vhost_user_block_binary() -> PathBuf {
-        static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-        match BIN.get_or_init(find_or_build) {
-            Ok(path) => path.clone(),
+        workspace_binary("vhost_user_block", VHOST_USER_BLOCK_ENV)
+    }
+
+    /// The binary of workspace package `package` (binary of the same name): `$env` if set,
+    /// else built once per test process with `cargo build -p <package>` (see
+    /// [`vhost_user_block_binary`] for why that is cheap).
+    ///
+    /// # Panics
+    /// If the build fails (the message carries cargo's output) or the variable names no file.
+    pub fn workspace_binary(package: &'static str, env: &str) -> PathBuf {
+        static BINS: Mutex<Vec<(&'static str, Result<PathBuf, String>)>> = Mutex::new(Vec::new());
+        let mut bins = BINS.lock().unwrap_or_else(|p| p.into_inner());
+        let found = match bins.iter().find(|(p, _)| *p == package) {
+            Some((_, r)) => r.clone(),
+            None => {
+                let r = find_or_build(package, env);
+                bins.push((package, r.clone()));
+                r
+            }
+        };
+        match found {
+            Ok(path) => path,
             Err(msg) => panic!("{msg}"),
         }
     }
 
-    fn find_or_build() -> Result<PathBuf, String> {
-        if let Some(path) = std::env::var_os(VHOST_USER_BLOCK_ENV) {
+    fn find_or_build(package: &str, env: &str) -> Result<PathBuf, String> {
+        if let Some(path) = std::env::var_os(env) {
             let path = PathBuf::from(path);
             return if path.is_file() {
                 Ok(path)
             } else {
-                Err(format!(
-                    "{VHOST_USER_BLOCK_ENV}={} is not a file",
-                    path.display()
-                ))
+                Err(format!("{env}={} is not a file", path.display()))
             };
         }
         let root = repo_root();
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let out = Command::new(&cargo)
             .current_dir(&root)
-            .args([
-                "build",
-                "-p",
-                "vhost_user_block",
-                "--bin",
-                "vhost_user_block",
-            ])
+            .args(["build", "-p", package, "--bin", package])
             .args([
                 "--message-format",
                 "json-render-diagnostics",
@@ -1933,26 +1943,25 @@ mod vhost_user_block_daemon {
             .output()
             .map_err(|e| {
                 format!(
-                    "cannot run {} to build vhost_user_block: {e}",
+                    "cannot run {} to build {package}: {e}",
                     Path::new(&cargo).display()
                 )
             })?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             return Err(format!(
-                "building vhost_user_block failed ({}):\n{}",
+                "building {package} failed ({}):\n{}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
+        let quoted = format!("\"{package}\"");
         stdout
             .lines()
-            .filter(|l| l.contains("\"compiler-artifact\"") && l.contains("\"vhost_user_block\""))
+            .filter(|l| l.contains("\"compiler-artifact\"") && l.contains(&quoted))
             .find_map(json_executable)
             .filter(|p| p.is_file())
-            .ok_or_else(|| {
-                format!("cargo built vhost_user_block but named no executable:\n{stdout}")
-            })
+            .ok_or_else(|| format!("cargo built {package} but named no executable:\n{stdout}"))
     }
 
     /// The `"executable"` string of one cargo JSON message (paths need no unescaping beyond

@@ -225,19 +225,35 @@ enum OpenDisk {
     VhostUser(virtio_devices::vhost_user::blk::VhostUserBlk),
 }
 
-/// A network interface's TAP queues and the guest's view of it.
+/// A network interface: TAP queues served by Nimbus, or a vhost-user backend.
 #[derive(Debug)]
-struct OpenNet {
-    taps: Vec<net_util::Tap>,
-    mac: net_util::MacAddr,
-    queue_size: u16,
-    mtu: Option<u16>,
-    offloads: net_util::Offloads,
+enum OpenNet {
+    /// TAP queues and the guest's view of them.
+    Tap {
+        taps: Vec<net_util::Tap>,
+        mac: net_util::MacAddr,
+        queue_size: u16,
+        mtu: Option<u16>,
+        offloads: net_util::Offloads,
+    },
+    /// A connection to a vhost-user-net backend.
+    VhostUser(virtio_devices::vhost_user::net::VhostUserNet),
 }
 
 fn open_nets(config: &VmConfig) -> Result<Vec<OpenNet>, VmError> {
     let mut nets = Vec::new();
-    for n in config.net.iter().flatten() {
+    for (i, n) in config.net.iter().flatten().enumerate() {
+        if n.vhost_user {
+            let socket = n.vhost_socket.clone().unwrap_or_default();
+            let dev = virtio_devices::vhost_user::net::VhostUserNet::new(
+                &socket,
+                n.queue_size,
+                format!("_net{i}"),
+            )
+            .map_err(|source| VmError::VhostUser { socket, source })?;
+            nets.push(OpenNet::VhostUser(dev));
+            continue;
+        }
         let name = n.tap.clone().unwrap_or_default();
         let err = |source: net_util::NetError| VmError::Net {
             name: name.clone(),
@@ -284,7 +300,7 @@ fn open_nets(config: &VmConfig) -> Result<Vec<OpenNet>, VmError> {
             tso: n.offload_tso,
             ufo: n.offload_ufo,
         };
-        nets.push(OpenNet {
+        nets.push(OpenNet::Tap {
             taps,
             mac,
             queue_size: n.queue_size,
@@ -472,20 +488,37 @@ impl Vm {
             pci.add_virtio(dev)?;
         }
         for (i, n) in board.nets.iter().enumerate() {
-            let taps = n
-                .taps
-                .iter()
-                .map(net_util::Tap::try_clone)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|source| VmError::Net {
-                    name: format!("_net{i}"),
-                    source: Box::new(source),
-                })?;
-            let dev =
-                virtio_devices::net::Net::new(taps, n.mac, n.queue_size, n.mtu, format!("_net{i}"))
-                    .map_err(|e| VmError::Failed(format!("net {i}: {e}")))?
-                    .with_offloads(n.offloads);
-            pci.add_virtio(Box::new(dev))?;
+            let dev: Box<dyn virtio_devices::VirtioDevice> = match n {
+                OpenNet::Tap {
+                    taps,
+                    mac,
+                    queue_size,
+                    mtu,
+                    offloads,
+                } => {
+                    let taps = taps
+                        .iter()
+                        .map(net_util::Tap::try_clone)
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|source| VmError::Net {
+                            name: format!("_net{i}"),
+                            source: Box::new(source),
+                        })?;
+                    Box::new(
+                        virtio_devices::net::Net::new(
+                            taps,
+                            *mac,
+                            *queue_size,
+                            *mtu,
+                            format!("_net{i}"),
+                        )
+                        .map_err(|e| VmError::Failed(format!("net {i}: {e}")))?
+                        .with_offloads(*offloads),
+                    )
+                }
+                OpenNet::VhostUser(dev) => Box::new(dev.fresh()),
+            };
+            pci.add_virtio(dev)?;
         }
         if let Some(out) = board.console.writer()? {
             // A `tty` console takes standard input (the serial port then gets none).

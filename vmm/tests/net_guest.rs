@@ -178,3 +178,107 @@ fn passed_tap_fd_carries_frames() {
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     run.report().assert_passed(&refs);
 }
+
+/// Split-process networking: the project's `vhost_user_net` daemon owns the TAP (in a private
+/// namespace) and moves the packets; Nimbus only runs the device model. The guest's frames are
+/// captured on the daemon's TAP and frames injected there reach the guest; the daemon exits 0
+/// when Nimbus disconnects.
+#[test]
+fn vhost_user_net_daemon_carries_frames() {
+    if !require_kvm("vhost_user_net_daemon_carries_frames") {
+        return;
+    }
+    let ns = NetNs::new("vun");
+    let dir = e2e::ScratchDir::new("vhost-user-net");
+    let socket = dir.file("net.sock");
+    let mac = [0x52, 0x54, 0x00, 0xab, 0xcd, 0x30];
+    let mut daemon = Command::new(e2e::workspace_binary(
+        "vhost_user_net",
+        "NIMBUS_VHOST_USER_NET",
+    ));
+    daemon.args([
+        "--net-backend",
+        &format!(
+            "ip=192.168.249.1,mask=255.255.255.0,mac={},socket={},tap=nimbus-vun0",
+            format_mac(mac),
+            socket.display()
+        ),
+    ]);
+    let mut daemon = ns
+        .wrap(daemon)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.file("daemon.log")).expect("log"))
+        .spawn()
+        .expect("start vhost_user_net");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vhost_user_net created no socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cmdline = format!(
+        "{} expect.virtio=net:1,rng:1 net0.mac={} net0.rx.count=2 net0.tx.count=4",
+        stage1_cmdline(1, 256 << 20),
+        format_mac(mac)
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
+    cmd.arg("--kernel").arg(guest_elf()).args([
+        "--memory",
+        "size=256M,shared=on",
+        "--serial",
+        "tty",
+        "--console",
+        "off",
+        "--cmdline",
+        &cmdline,
+        "--net",
+        &format!("vhost_user=on,socket={}", socket.display()),
+    ]);
+    let vm = spawn_vm(cmd);
+    let x = NetExchange {
+        tap: "nimbus-vun0".into(),
+        guest_mac: mac,
+        rx_count: 2,
+        tx_count: 4,
+        device: 0,
+        timeout: TIMEOUT,
+    };
+    let exchanged = exchange_test_frames(&vm, &ns, &x);
+    let run = vm.finish(TIMEOUT);
+    let status = wait_child(&mut daemon, Duration::from_secs(10));
+    let log = std::fs::read_to_string(dir.file("daemon.log")).unwrap_or_default();
+    if let Err(e) = exchanged {
+        panic!("frame exchange through vhost_user_net: {e}\ndaemon log:\n{log}");
+    }
+    run.assert_success();
+    let names = virtio_checks("net", 0, VIRTIO_NET_CHECKS);
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    run.report().assert_passed(&refs);
+    assert_eq!(
+        status,
+        Some(0),
+        "daemon exit after Nimbus disconnected; log:\n{log}"
+    );
+    assert!(!socket.exists(), "the daemon must remove its socket");
+}
+
+/// Waits at most `timeout` for `child`, killing it after; its exit code.
+fn wait_child(child: &mut std::process::Child, timeout: Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return s.code(),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}

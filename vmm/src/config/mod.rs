@@ -353,8 +353,8 @@ pub struct NetConfig {
     /// Served by a vhost-user backend (arrives with the split-process work).
     #[serde(default)]
     pub vhost_user: bool,
-    /// vhost-user socket.
-    #[serde(default)]
+    /// vhost-user socket (CLI: `socket=`).
+    #[serde(default, alias = "socket")]
     pub vhost_socket: Option<String>,
     /// Device identifier.
     #[serde(default)]
@@ -386,7 +386,19 @@ impl NetConfig {
             .unwrap_or_else(|| "?".into());
         let err = |m: String| ConfigError::Device(format!("net {name}: {m}"));
         if self.vhost_user {
-            return Err(err("vhost_user is not supported yet".into()));
+            if self.vhost_socket.is_none() {
+                return Err(err("vhost_user=on needs socket=PATH".into()));
+            }
+            if self.num_queues != 2 {
+                return Err(err(
+                    "vhost-user networking supports one queue pair (num_queues=2) for now".into(),
+                ));
+            }
+            if self.tap.is_some() || self.fds.is_some() {
+                return Err(err(
+                    "a vhost-user interface has no tap or fd: the backend owns the TAP".into(),
+                ));
+            }
         }
         if self.iommu {
             return Err(err("iommu is not supported".into()));
@@ -595,6 +607,11 @@ impl VmConfig {
         }
         for net in self.net.iter().flatten() {
             net.validate()?;
+            if net.vhost_user && !(self.memory.shared || self.memory.hugepages) {
+                return Err(ConfigError::Memory(
+                    "vhost-user devices need guest memory the backend can map: add shared=on to --memory".into(),
+                ));
+            }
         }
         let mut ids = std::collections::HashSet::new();
         let disk_ids = self.disks.iter().flatten().filter_map(|d| d.id.as_ref());

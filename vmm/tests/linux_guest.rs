@@ -1,0 +1,900 @@
+//! A real Linux guest under Nimbus: the tailored test kernel and initramfs built by
+//! `scripts/build-linux-guest` (see docs/linux-guest.md) boot through PVH, and the tests assert on
+//! the kernel's own log (`console=ttyS0`, Nimbus `--serial tty`) and on what the test init
+//! (`linux/init/nimbus-init.c`) reports: ACPI tables and S5 power-off, an ACPI reboot, PCI
+//! enumeration with BARs inside Nimbus's windows and MSI-X, virtio-blk (capacity, a host marker
+//! read, a guest marker written, a read-only disk refusing writes), virtio-net (kernel IP
+//! autoconfiguration, a UDP round trip through the host's stack, frames captured on the TAP), and
+//! the same kernel under QEMU as a reference, with boot-to-milestone times.
+//!
+//! Boots are shared: one "devices" boot serves the ACPI power-off, PCI, blk and net tests; the
+//! reboot and QEMU tests have their own. Each boot is a single vCPU spending most of its time in
+//! emulated kernel mode (PVM hosts), so at most two run at once ([`e2e::spawn_vm_parallel`]).
+//! Every wait fails fast on a kernel panic, an oops, an init error line or a Nimbus `ERROR`.
+//!
+//! Needs /dev/kvm (else each test prints a loud SKIPPED line), root (network namespace, TAP),
+//! and the kernel: the build script runs once per test process (cached; a cold build takes a few
+//! minutes). A failed build fails the tests with its output.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use e2e::{
+    format_mac, qemu_q35_command, repo_root, require_kvm, spawn_vm_parallel, NetNs, PacketSocket,
+    RunningVm, ScratchDir, VmRun,
+};
+
+/// Kernel command line of every boot: the kernel log on the serial port (`earlyprintk`: from the
+/// first line, so that an early panic shows and "Linux version" is timed when it happens), and
+/// what the PVM hosts need (`noxsave`: no XSAVE/XRSTOR; `clearcpuid=`: no CMPXCHG16B, SMAP
+/// (`clac`), POPCNT); `rodata=off` saves ~1.7 s.
+const BASE_CMDLINE: &str =
+    "console=ttyS0 earlyprintk=ttyS0 noxsave clearcpuid=141,308,151 rodata=off";
+/// Guest RAM.
+const MEMORY_MIB: u64 = 128;
+/// Bound on each awaited line: a boot takes 15-30 s on the PVM hosts under Nimbus, up to ~50 s
+/// under QEMU with two boots at once; a dead kernel is caught by the fatal lines or the VMM's
+/// exit long before this.
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on the VMM's exit after the guest's last line.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Lines that end a boot at once: the kernel died or the init failed.
+const FATAL_STDOUT: &[&str] = &[
+    "Kernel panic",
+    "Oops",
+    "BUG: ",
+    "kernel BUG",
+    "general protection fault",
+    "NIMBUS-LINUX error",
+];
+/// Nimbus log lines that end a boot at once (warnings are its default level).
+const FATAL_STDERR: &[&str] = &["ERROR"];
+
+/// The disks of the devices boot: vda (writable, an odd size) and vdb (read-only).
+const VDA_SECTORS: u64 = 40_963;
+const VDB_SECTORS: u64 = 8_197;
+/// Where the host's marker is (both disks) and where the guest writes (vda) or tries to (vdb).
+const HOST_SECTOR: u64 = 2048;
+const GUEST_SECTOR: u64 = 4096;
+const VDA_HOST_MARKER: &str = "NIMBUS-HOST-MARKER-VDA";
+const VDB_HOST_MARKER: &str = "NIMBUS-HOST-MARKER-VDB";
+const GUEST_MARKER: &str = "NIMBUS-GUEST-MARKER";
+
+/// The devices boot's virtio-net: TAP (inside a fresh network namespace), host and guest.
+const TAP: &str = "nimbus-lg0";
+const HOST_IP: [u8; 4] = [192, 168, 249, 1];
+const GUEST_IP: [u8; 4] = [192, 168, 249, 2];
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x4c, 0x47, 0x01];
+/// The UDP datagram the init sends to the host's discard port (nothing listens there, so the
+/// host answers ICMP port unreachable and the init's recv fails with ECONNREFUSED).
+const UDP_PORT: u16 = 9;
+const UDP_TEXT: &str = "NIMBUS-LINUX-UDP";
+
+/// Nimbus's PCI MMIO windows (arch layout): 32-bit below the MCFG area, 64-bit from 4 GiB.
+const MMIO32: (u64, u64) = (0xc000_0000, 0xdfff_ffff);
+const MMIO64_START: u64 = 0x1_0000_0000;
+
+/// `IORESOURCE_*` flags in /sys/bus/pci/devices/*/resource.
+const IORESOURCE_IO: u64 = 0x100;
+const IORESOURCE_MEM: u64 = 0x200;
+const IORESOURCE_MEM_64: u64 = 0x0010_0000;
+
+fn ip(a: [u8; 4]) -> String {
+    format!("{}.{}.{}.{}", a[0], a[1], a[2], a[3])
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernel and initramfs
+// ---------------------------------------------------------------------------------------------
+
+struct LinuxGuest {
+    vmlinux: PathBuf,
+    initramfs: PathBuf,
+}
+
+/// Runs `scripts/build-linux-guest` once per process (it is cached across runs).
+///
+/// # Panics
+/// If the build fails, with its output.
+fn linux_guest() -> &'static LinuxGuest {
+    static GUEST: OnceLock<Result<LinuxGuest, String>> = OnceLock::new();
+    match GUEST.get_or_init(build_linux_guest) {
+        Ok(g) => g,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn build_linux_guest() -> Result<LinuxGuest, String> {
+    let script = repo_root().join("scripts").join("build-linux-guest");
+    let t0 = Instant::now();
+    let out = Command::new(&script)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let failed = |why: &str| {
+        format!(
+            "{} failed: {why}\n----- stdout -----\n{stdout}\n----- stderr -----\n{stderr}",
+            script.display()
+        )
+    };
+    if !out.status.success() {
+        return Err(failed(&out.status.to_string()));
+    }
+    let value = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(PathBuf::from)
+            .filter(|p| p.is_file())
+    };
+    let (Some(vmlinux), Some(initramfs)) = (value("vmlinux="), value("initramfs=")) else {
+        return Err(failed(
+            "no existing vmlinux=/initramfs= paths in its output",
+        ));
+    };
+    eprintln!(
+        "linux guest: {} and {} ({:.1?})",
+        vmlinux.display(),
+        initramfs.display(),
+        t0.elapsed()
+    );
+    Ok(LinuxGuest { vmlinux, initramfs })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Following a boot
+// ---------------------------------------------------------------------------------------------
+
+/// One VMM run: the output, the time each milestone line was seen (from the VMM's start), and
+/// why it was cut short, if it was.
+struct Boot {
+    name: &'static str,
+    run: VmRun,
+    milestones: Vec<(String, Duration)>,
+    failure: Option<String>,
+}
+
+impl Boot {
+    /// Waits for each of `milestones` in turn (each after the previous one), then for the
+    /// VMM's exit; kills it at the first failure.
+    fn follow(name: &'static str, vm: RunningVm, milestones: &[&str]) -> Boot {
+        Self::follow_with(name, vm, milestones, FATAL_STDERR)
+    }
+
+    fn follow_with(
+        name: &'static str,
+        vm: RunningVm,
+        milestones: &[&str],
+        fatal_stderr: &[&str],
+    ) -> Boot {
+        let mut times = Vec::new();
+        let mut failure = None;
+        let mut from = 0;
+        for m in milestones {
+            match vm.wait_for_line_after(from, m, FATAL_STDOUT, fatal_stderr, STEP_TIMEOUT) {
+                Ok(found) => {
+                    from = found.end;
+                    times.push(((*m).to_string(), found.at));
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let run = if failure.is_some() {
+            vm.kill()
+        } else {
+            vm.finish(EXIT_TIMEOUT)
+        };
+        if failure.is_none() {
+            times.push(("VMM exit".to_string(), run.elapsed));
+        }
+        let boot = Boot {
+            name,
+            run,
+            milestones: times,
+            failure,
+        };
+        eprintln!("{}", boot.timeline());
+        boot
+    }
+
+    /// `<name>: <milestone> <t> | ...` for the test output and docs.
+    fn timeline(&self) -> String {
+        let mut s = format!("linux guest {} boot-to-milestone:", self.name);
+        for (m, t) in &self.milestones {
+            let _ = write!(s, " | {m:?} {:.1} s", t.as_secs_f64());
+        }
+        s
+    }
+
+    /// The whole story, for failure messages.
+    fn describe(&self) -> String {
+        format!(
+            "{}\n{}{}",
+            self.timeline(),
+            self.failure
+                .as_deref()
+                .map_or(String::new(), |f| format!("boot cut short: {f}\n")),
+            self.run.describe()
+        )
+    }
+
+    /// Panics unless the boot reached every milestone and the VMM exited 0.
+    fn assert_clean(&self) {
+        assert!(
+            self.failure.is_none() && self.run.success(),
+            "{} boot did not complete cleanly\n{}",
+            self.name,
+            self.describe()
+        );
+    }
+
+    fn lines(&self) -> impl Iterator<Item = &str> {
+        self.run.stdout.lines().map(|l| l.trim_end_matches('\r'))
+    }
+
+    /// The kernel log / init lines containing `pattern`.
+    fn grep(&self, pattern: &str) -> Vec<&str> {
+        self.lines().filter(|l| l.contains(pattern)).collect()
+    }
+
+    /// Asserts some line contains `pattern`; returns the first.
+    fn expect_line(&self, pattern: &str) -> &str {
+        match self.lines().find(|l| l.contains(pattern)) {
+            Some(l) => l,
+            None => panic!(
+                "no line containing {pattern:?} in the {} boot\n{}",
+                self.name,
+                self.describe()
+            ),
+        }
+    }
+
+    /// The init's `NIMBUS-LINUX <kind> ...` lines, without the prefix and kind.
+    fn init_lines(&self, kind: &str) -> Vec<&str> {
+        let prefix = format!("NIMBUS-LINUX {kind} ");
+        self.lines()
+            .filter_map(|l| l.strip_prefix(prefix.as_str()))
+            .collect()
+    }
+}
+
+/// `key=value` of a whitespace-separated line.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn hex(s: &str) -> Option<u64> {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16).ok()
+}
+
+/// A raw image of `sectors` zero sectors with `text` at the start of each (sector, text).
+fn make_image(path: &Path, sectors: u64, markers: &[(u64, &str)]) -> Vec<u8> {
+    let data = image_bytes(sectors, markers);
+    if let Err(e) = std::fs::write(path, &data) {
+        panic!("cannot write {}: {e}", path.display());
+    }
+    data
+}
+
+fn image_bytes(sectors: u64, markers: &[(u64, &str)]) -> Vec<u8> {
+    let mut data = vec![0u8; usize::try_from(sectors * 512).expect("image size")];
+    for (sector, text) in markers {
+        let at = usize::try_from(sector * 512).expect("sector");
+        data[at..at + text.len()].copy_from_slice(text.as_bytes());
+    }
+    data
+}
+
+/// Compares an image with what it should hold; names the differing sectors.
+fn check_image(path: &Path, want: &[u8]) -> Result<(), String> {
+    let got = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if got.len() != want.len() {
+        return Err(format!(
+            "{} is {} bytes, expected {}",
+            path.display(),
+            got.len(),
+            want.len()
+        ));
+    }
+    let bad: Vec<usize> = got
+        .chunks(512)
+        .zip(want.chunks(512))
+        .enumerate()
+        .filter(|(_, (g, w))| g != w)
+        .map(|(i, _)| i)
+        .collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let first = bad[0] * 512;
+    let text = String::from_utf8_lossy(&got[first..first + 32]).into_owned();
+    Err(format!(
+        "{}: {} sector(s) differ from the expected content: {:?}{}; sector {} starts with {text:?}",
+        path.display(),
+        bad.len(),
+        &bad[..bad.len().min(8)],
+        if bad.len() > 8 { " ..." } else { "" },
+        bad[0]
+    ))
+}
+
+fn nimbus(guest: &LinuxGuest, cmdline: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
+    cmd.arg("--kernel")
+        .arg(&guest.vmlinux)
+        .arg("--initramfs")
+        .arg(&guest.initramfs)
+        .args(["--cmdline", &format!("{BASE_CMDLINE} {cmdline}")])
+        .args(["--memory", &format!("size={MEMORY_MIB}M")])
+        .args(["--serial", "tty", "--console", "off"]);
+    cmd
+}
+
+// ---------------------------------------------------------------------------------------------
+// The devices boot: two disks (one read-only), a NIC, the default rng
+// ---------------------------------------------------------------------------------------------
+
+struct DevicesBoot {
+    boot: Boot,
+    /// vda and vdb compared with their expected content after the run.
+    vda_check: Result<(), String>,
+    vdb_check: Result<(), String>,
+    /// Frames the guest sent, captured on the TAP (all ethertypes), or why not.
+    frames: Result<Vec<Vec<u8>>, String>,
+}
+
+fn devices_boot() -> &'static DevicesBoot {
+    static BOOT: OnceLock<DevicesBoot> = OnceLock::new();
+    BOOT.get_or_init(run_devices_boot)
+}
+
+fn run_devices_boot() -> DevicesBoot {
+    let guest = linux_guest();
+    let dir = ScratchDir::new("linux-devices");
+    let (vda, vdb) = (dir.file("vda.img"), dir.file("vdb.img"));
+    make_image(&vda, VDA_SECTORS, &[(HOST_SECTOR, VDA_HOST_MARKER)]);
+    let vdb_want = make_image(&vdb, VDB_SECTORS, &[(HOST_SECTOR, VDB_HOST_MARKER)]);
+    let words = format!(
+        "ip={}::{}:255.255.255.0::eth0:off \
+         nimbus.disk=read:{HOST_SECTOR} nimbus.disk=write:{GUEST_SECTOR}:{GUEST_MARKER} \
+         nimbus.disk=vdb:read:{HOST_SECTOR} nimbus.disk=vdb:rowrite:{GUEST_SECTOR} \
+         nimbus.net=udp:{}:{UDP_PORT}:{UDP_TEXT}",
+        ip(GUEST_IP),
+        ip(HOST_IP),
+        ip(HOST_IP)
+    );
+    let mut cmd = nimbus(guest, &words);
+    cmd.arg("--disk")
+        .arg(format!("path={}", vda.display()))
+        .arg(format!("path={},readonly=on", vdb.display()))
+        .arg("--net")
+        .arg(format!(
+            "tap={TAP},ip={},mask=255.255.255.0,mac={}",
+            ip(HOST_IP),
+            format_mac(GUEST_MAC)
+        ));
+    let ns = NetNs::new("linux");
+    let vm = spawn_vm_parallel(ns.wrap(cmd));
+    // ETH_P_ALL: every frame the guest sends. Nimbus creates the TAP at start-up.
+    let stop = Arc::new(AtomicBool::new(false));
+    let capture = PacketSocket::open(&ns, TAP, 0x0003, Duration::from_secs(20)).map(|sock| {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || capture_guest_frames(&sock, &stop))
+    });
+    let boot = Boot::follow(
+        "devices",
+        vm,
+        &[
+            "Linux version",
+            "Run /init",
+            "NIMBUS-LINUX-INIT",
+            "NIMBUS-LINUX power-off",
+            "reboot: Power down",
+        ],
+    );
+    stop.store(true, Ordering::SeqCst);
+    let frames = capture.and_then(|t| {
+        t.join()
+            .map_err(|_| "the capture thread panicked".to_string())
+    });
+    let vda_want = image_bytes(
+        VDA_SECTORS,
+        &[(HOST_SECTOR, VDA_HOST_MARKER), (GUEST_SECTOR, GUEST_MARKER)],
+    );
+    DevicesBoot {
+        vda_check: check_image(&vda, &vda_want),
+        vdb_check: check_image(&vdb, &vdb_want),
+        boot,
+        frames,
+    }
+}
+
+/// Collects what the guest sends on the TAP until `stop`, keeping at most 256 frames.
+fn capture_guest_frames(sock: &PacketSocket, stop: &AtomicBool) -> Vec<Vec<u8>> {
+    let mut frames = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        if let Some(f) = sock.recv(Duration::from_millis(200)) {
+            if frames.len() < 256 && f.get(6..12) == Some(&GUEST_MAC[..]) {
+                frames.push(f);
+            }
+        }
+    }
+    frames
+}
+
+/// An ARP request from the guest (sender GUEST_MAC/GUEST_IP) for `target`.
+fn is_guest_arp_request(f: &[u8], target: [u8; 4]) -> bool {
+    f.len() >= 42
+        && f[12..14] == [0x08, 0x06]
+        && f[14..22] == [0, 1, 0x08, 0x00, 6, 4, 0, 1]
+        && f[22..28] == GUEST_MAC
+        && f[28..32] == GUEST_IP
+        && f[38..42] == target
+}
+
+/// The payload of a UDP/IPv4 frame from GUEST_IP to `dst`:`port`, if `f` is one.
+fn guest_udp_payload(f: &[u8], dst: [u8; 4], port: u16) -> Option<&[u8]> {
+    if f.len() < 34 || f[12..14] != [0x08, 0x00] || f[14] >> 4 != 4 || f[23] != 17 {
+        return None;
+    }
+    let ihl = usize::from(f[14] & 0xf) * 4;
+    if f[26..30] != GUEST_IP || f[30..34] != dst {
+        return None;
+    }
+    let udp = f.get(14 + ihl..)?;
+    if udp.len() < 8 || udp[2..4] != port.to_be_bytes() {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+    udp.get(8..len)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+/// ACPI: the tables are found and parsed without an error or warning, the AML interpreter runs,
+/// MCFG is used for ECAM, S5 is supported, and the init's power-off goes through ACPI S5 and
+/// ends the VM with Nimbus exiting 0.
+#[test]
+fn acpi_power_off_exits_0() {
+    if !require_kvm("acpi_power_off_exits_0") {
+        return;
+    }
+    let d = devices_boot();
+    let b = &d.boot;
+    b.assert_clean();
+    for table in ["RSDP", "XSDT", "FACP", "DSDT", "APIC", "MCFG"] {
+        b.expect_line(&format!("ACPI: {table} 0x"));
+    }
+    b.expect_line("ACPI: Using ACPI (MADT) for SMP configuration information");
+    b.expect_line("IOAPIC[0]: apic_id");
+    b.expect_line("PCI: MMCONFIG for domain 0000 [bus 00-ff] at [mem 0xe0000000-0xefffffff]");
+    b.expect_line("ACPI: 1 ACPI AML tables successfully acquired and loaded");
+    b.expect_line("ACPI: Interpreter enabled");
+    let states = b.expect_line("ACPI: PM: (supports");
+    assert!(states.contains("S5"), "no S5 in {states:?}");
+    b.expect_line("ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00-ff])");
+    let bad: Vec<&str> = b
+        .lines()
+        .filter(|l| {
+            [
+                "ACPI Error",
+                "ACPI BIOS Error",
+                "ACPI Exception",
+                "ACPI Warning",
+                "ACPI BIOS Warning",
+            ]
+            .iter()
+            .any(|p| l.contains(p))
+                || (l.contains("MMCONFIG")
+                    && ["not reserved", "not using", "no "]
+                        .iter()
+                        .any(|p| l.contains(p)))
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "ACPI problems:\n{}\n{}",
+        bad.join("\n"),
+        b.describe()
+    );
+    // The init asked for the power-off; the kernel used ACPI S5; Nimbus exited 0 (assert_clean).
+    let tail: Vec<&str> = b
+        .lines()
+        .skip_while(|l| !l.contains("NIMBUS-LINUX power-off"))
+        .collect();
+    assert!(
+        tail.iter()
+            .any(|l| l.contains("ACPI: PM: Preparing to enter system sleep state S5"))
+            && tail
+                .last()
+                .is_some_and(|l| l.contains("reboot: Power down")),
+        "power-off did not go through ACPI S5 as the last thing:\n{}",
+        b.describe()
+    );
+}
+
+/// PCI: the host bridge and every configured device (two virtio-blk, one virtio-net, the
+/// default virtio-rng) are enumerated with the expected IDs and nothing else; every BAR is
+/// assigned, naturally aligned and inside Nimbus's 32-bit or (64-bit BARs) 64-bit window, which
+/// the kernel took from ACPI; every virtio device is bound and uses MSI-X (not MSI, not INTx),
+/// and its interrupts arrive.
+#[test]
+fn pci_devices_bars_and_msix() {
+    if !require_kvm("pci_devices_bars_and_msix") {
+        return;
+    }
+    let b = &devices_boot().boot;
+    b.assert_clean();
+    b.expect_line("PCI host bridge to bus 0000:00");
+    b.expect_line(&format!(
+        "root bus resource [mem {:#x}-{:#x} window]",
+        MMIO32.0, MMIO32.1
+    ));
+    let win64 = b.expect_line(&format!("root bus resource [mem {MMIO64_START:#x}-"));
+    let mmio64_end = win64
+        .split(&format!("{MMIO64_START:#x}-"))
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(hex)
+        .unwrap_or_else(|| panic!("cannot parse the 64-bit window in {win64:?}"));
+    let failures: Vec<&str> = b
+        .lines()
+        .filter(|l| {
+            l.starts_with('[')
+                && (l.contains("pci") || l.contains("PCI"))
+                && ["can't", "failed", "no space", "not assigned", "conflict"]
+                    .iter()
+                    .any(|p| l.contains(p))
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "PCI problems:\n{}\n{}",
+        failures.join("\n"),
+        b.describe()
+    );
+
+    let devices = b.init_lines("pci");
+    let mut ids: Vec<String> = devices
+        .iter()
+        .map(|l| {
+            format!(
+                "{}:{}",
+                field(l, "vendor").unwrap_or("?"),
+                field(l, "device").unwrap_or("?")
+            )
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        [
+            "1af4:1041",
+            "1af4:1042",
+            "1af4:1042",
+            "1af4:1044",
+            "8086:0d57"
+        ],
+        "PCI devices seen by Linux:\n{}\n{}",
+        devices.join("\n"),
+        b.describe()
+    );
+    let bars = b.init_lines("bar");
+    let mut msix_total = 0;
+    for dev in &devices {
+        let bdf = dev.split_whitespace().next().unwrap_or_default();
+        let class = field(dev, "class").unwrap_or_default();
+        if class == "0x060000" {
+            assert!(
+                !bars.iter().any(|l| l.starts_with(bdf)),
+                "the host bridge has BARs: {bars:?}"
+            );
+            continue;
+        }
+        assert_eq!(field(dev, "driver"), Some("virtio-pci"), "{dev}");
+        let msix: u32 = field(dev, "msix").and_then(|n| n.parse().ok()).unwrap_or(0);
+        assert!(
+            msix >= 2 && field(dev, "msi") == Some("0"),
+            "{bdf}: expected MSI-X vectors (config + queues) and no MSI: {dev}\n{}",
+            b.describe()
+        );
+        msix_total += msix;
+        let mine: Vec<&&str> = bars.iter().filter(|l| l.starts_with(bdf)).collect();
+        assert!(!mine.is_empty(), "{bdf} has no assigned BAR: {dev}");
+        for bar in mine {
+            let (start, end, flags) = (
+                field(bar, "start").and_then(hex).unwrap_or(0),
+                field(bar, "end").and_then(hex).unwrap_or(0),
+                field(bar, "flags").and_then(hex).unwrap_or(0),
+            );
+            let size = end.wrapping_sub(start).wrapping_add(1);
+            assert!(
+                flags & IORESOURCE_MEM != 0 && flags & IORESOURCE_IO == 0,
+                "not a memory BAR: {bar}"
+            );
+            assert!(
+                size.is_power_of_two() && start % size == 0,
+                "BAR not naturally aligned: {bar}"
+            );
+            let inside = if flags & IORESOURCE_MEM_64 != 0 {
+                (start >= MMIO64_START && end <= mmio64_end)
+                    || (start >= MMIO32.0 && end <= MMIO32.1)
+            } else {
+                start >= MMIO32.0 && end <= MMIO32.1
+            };
+            assert!(
+                inside,
+                "BAR outside Nimbus's windows ({:#x}-{:#x}, {MMIO64_START:#x}-{mmio64_end:#x}): {bar}",
+                MMIO32.0, MMIO32.1
+            );
+        }
+    }
+    // /proc/interrupts: one PCI-MSI line per MSI-X vector; the disks' and the NIC's queue
+    // interrupts arrived (the guest did I/O and received the ARP reply and the ICMP error).
+    let irqs = b.init_lines("irq");
+    let msi_lines: Vec<&&str> = irqs.iter().filter(|l| l.contains("PCI-MSI")).collect();
+    assert_eq!(
+        msi_lines.len(),
+        msix_total as usize,
+        "MSI-X vectors in sysfs vs /proc/interrupts:\n{}",
+        irqs.join("\n")
+    );
+    for queue in ["-req.0", "-input.0"] {
+        let line = msi_lines
+            .iter()
+            .find(|l| l.contains(queue))
+            .unwrap_or_else(|| panic!("no {queue} interrupt:\n{}", irqs.join("\n")));
+        let count: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(count > 0, "no interrupt delivered on {line:?}");
+    }
+}
+
+/// virtio-blk: vda and vdb with the images' exact capacities; the guest reads the host's marker
+/// from both and writes its own to vda, which the host finds in the file afterwards, with
+/// nothing else changed.
+#[test]
+fn blk_reads_host_marker_and_writes_one_back() {
+    if !require_kvm("blk_reads_host_marker_and_writes_one_back") {
+        return;
+    }
+    let d = devices_boot();
+    let b = &d.boot;
+    b.assert_clean();
+    for (disk, sectors) in [("vda", VDA_SECTORS), ("vdb", VDB_SECTORS)] {
+        let line = b.expect_line(&format!("[{disk}] "));
+        assert!(
+            line.contains("virtio_blk virtio")
+                && line.contains(&format!("[{disk}] {sectors} 512-byte logical blocks")),
+            "{disk}: expected {sectors} sectors: {line:?}"
+        );
+        assert!(
+            b.init_lines("block")
+                .iter()
+                .any(|l| l.starts_with(&format!("{disk} sectors={sectors} "))),
+            "init's view of {disk}: {:?}",
+            b.init_lines("block")
+        );
+    }
+    let reads = b.init_lines("disk-read");
+    for want in [
+        format!("dev=vda sector={HOST_SECTOR} text={VDA_HOST_MARKER}"),
+        format!("dev=vdb sector={HOST_SECTOR} text={VDB_HOST_MARKER}"),
+    ] {
+        assert!(
+            reads.contains(&want.as_str()),
+            "want {want:?}, got {reads:?}"
+        );
+    }
+    assert_eq!(
+        b.init_lines("disk-write"),
+        [format!("dev=vda sector={GUEST_SECTOR} write=512 fsync=0")],
+        "{}",
+        b.describe()
+    );
+    if let Err(e) = &d.vda_check {
+        panic!("vda after the run: {e}\n{}", b.describe());
+    }
+}
+
+/// A read-only disk (`--disk ...,readonly=on`): the guest sees it read-only, its write fails
+/// with an error, and the image is unchanged.
+#[test]
+fn blk_readonly_disk_refuses_guest_writes() {
+    if !require_kvm("blk_readonly_disk_refuses_guest_writes") {
+        return;
+    }
+    let d = devices_boot();
+    let b = &d.boot;
+    b.assert_clean();
+    assert!(
+        b.init_lines("block")
+            .iter()
+            .any(|l| l.starts_with("vdb ") && l.ends_with(" ro=1")),
+        "vdb not read-only in the guest: {:?}",
+        b.init_lines("block")
+    );
+    let rowrite = b.init_lines("disk-rowrite");
+    let [line] = rowrite[..] else {
+        panic!(
+            "expected one disk-rowrite line: {rowrite:?}\n{}",
+            b.describe()
+        );
+    };
+    let failed = |k: &str| field(line, k).is_some_and(|v| v.starts_with('-'));
+    assert!(
+        line.starts_with("dev=vdb ") && (failed("open") || failed("write") || failed("fsync")),
+        "the write to the read-only disk did not fail: {line:?}"
+    );
+    if let Err(e) = &d.vdb_check {
+        panic!("read-only vdb changed: {e}\n{}", b.describe());
+    }
+}
+
+/// virtio-net: kernel IP autoconfiguration brings eth0 up with the MAC from `--net mac=`; the
+/// init's UDP datagram to the host makes the guest ARP for the host (captured on the TAP), the
+/// host answers, the datagram follows (captured, payload intact) and the host's ICMP port
+/// unreachable comes back to the guest's socket (ECONNREFUSED): both directions work.
+#[test]
+fn net_autoconfig_and_udp_round_trip() {
+    if !require_kvm("net_autoconfig_and_udp_round_trip") {
+        return;
+    }
+    let d = devices_boot();
+    let b = &d.boot;
+    b.assert_clean();
+    b.expect_line("IP-Config: Complete:");
+    b.expect_line(&format!(
+        "device=eth0, hwaddr={}, ipaddr={}, mask=255.255.255.0, gw={}",
+        format_mac(GUEST_MAC),
+        ip(GUEST_IP),
+        ip(HOST_IP)
+    ));
+    assert!(
+        b.init_lines("net")
+            .contains(&format!("eth0 mac={} operstate=up", format_mac(GUEST_MAC)).as_str()),
+        "eth0 in the guest: {:?}",
+        b.init_lines("net")
+    );
+    assert_eq!(
+        b.init_lines("net-udp"),
+        [format!("send={} recv=-111", UDP_TEXT.len())],
+        "the UDP round trip (expected ECONNREFUSED from the host's ICMP error)\n{}",
+        b.describe()
+    );
+    let frames = d
+        .frames
+        .as_ref()
+        .unwrap_or_else(|e| panic!("capture on {TAP}: {e}"));
+    let summary = || {
+        frames
+            .iter()
+            .map(|f| {
+                let n = f.len().min(42);
+                format!("{} bytes: {:02x?}", f.len(), &f[..n])
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        frames.iter().any(|f| is_guest_arp_request(f, HOST_IP)),
+        "no ARP request for {} from the guest among {} frames:\n{}",
+        ip(HOST_IP),
+        frames.len(),
+        summary()
+    );
+    assert!(
+        frames
+            .iter()
+            .any(|f| guest_udp_payload(f, HOST_IP, UDP_PORT) == Some(UDP_TEXT.as_bytes())),
+        "no UDP datagram {UDP_TEXT:?} to port {UDP_PORT} from the guest among {} frames:\n{}",
+        frames.len(),
+        summary()
+    );
+}
+
+/// Reboot through ACPI: the init marks its disk and reboots; Nimbus resets the VM in place, the
+/// kernel boots a second time, the init sees the mark and powers off; Nimbus exits 0.
+#[test]
+fn acpi_reboot_restarts_once() {
+    if !require_kvm("acpi_reboot_restarts_once") {
+        return;
+    }
+    let guest = linux_guest();
+    let dir = ScratchDir::new("linux-reboot");
+    let img = dir.file("vda.img");
+    make_image(&img, 2 * GUEST_SECTOR, &[]);
+    let mut cmd = nimbus(
+        guest,
+        &format!("nimbus.reboot={GUEST_SECTOR} nimbus.dump=0"),
+    );
+    cmd.arg("--disk").arg(format!("path={}", img.display()));
+    let b = Boot::follow(
+        "reboot",
+        spawn_vm_parallel(cmd),
+        &[
+            "Linux version",
+            "NIMBUS-LINUX-INIT",
+            "NIMBUS-LINUX reboot restarting",
+            "reboot: Restarting system",
+            "Linux version",
+            "NIMBUS-LINUX-INIT",
+            "NIMBUS-LINUX reboot second-boot",
+            "reboot: Power down",
+        ],
+    );
+    b.assert_clean();
+    assert_eq!(b.grep("Linux version").len(), 2, "{}", b.describe());
+    assert_eq!(b.grep("NIMBUS-LINUX-INIT").len(), 2, "{}", b.describe());
+    let want = image_bytes(2 * GUEST_SECTOR, &[(GUEST_SECTOR, "NIMBUS-REBOOTED")]);
+    if let Err(e) = check_image(&img, &want) {
+        panic!("the reboot mark: {e}\n{}", b.describe());
+    }
+}
+
+/// The same kernel and initramfs under QEMU (q35, PVH `-kernel`, virtio-blk-pci) as a
+/// reference: it boots, reads the host's marker, powers off; the boot-to-milestone times are
+/// printed next to Nimbus's.
+#[test]
+fn qemu_reference_boot() {
+    if !require_kvm("qemu_reference_boot") {
+        return;
+    }
+    let guest = linux_guest();
+    let dir = ScratchDir::new("linux-qemu");
+    let img = dir.file("vda.img");
+    make_image(&img, VDA_SECTORS, &[(HOST_SECTOR, VDA_HOST_MARKER)]);
+    let cmdline = format!("{BASE_CMDLINE} nimbus.disk=read:{HOST_SECTOR}");
+    let mut cmd = qemu_q35_command(&guest.vmlinux, 1, MEMORY_MIB, &cmdline);
+    cmd.arg("-nodefaults")
+        .arg("-initrd")
+        .arg(&guest.initramfs)
+        .arg("-drive")
+        .arg(format!("file={},if=none,id=vda,format=raw", img.display()))
+        .args(["-device", "virtio-blk-pci,drive=vda,disable-legacy=on"]);
+    let b = Boot::follow_with(
+        "qemu",
+        spawn_vm_parallel(cmd),
+        &[
+            "Linux version",
+            "Run /init",
+            "NIMBUS-LINUX-INIT",
+            "NIMBUS-LINUX power-off",
+            "reboot: Power down",
+        ],
+        &[],
+    );
+    b.assert_clean();
+    b.expect_line(&format!("[vda] {VDA_SECTORS} 512-byte logical blocks"));
+    assert_eq!(
+        b.init_lines("disk-read"),
+        [format!(
+            "dev=vda sector={HOST_SECTOR} text={VDA_HOST_MARKER}"
+        )],
+        "{}",
+        b.describe()
+    );
+    assert!(
+        b.init_lines("pci")
+            .iter()
+            .any(|l| l.contains("vendor=1af4 device=1042") && !l.contains("msix=0")),
+        "{:?}",
+        b.init_lines("pci")
+    );
+}
