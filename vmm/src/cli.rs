@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::config::{
-    kv, ConfigError, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
-    RngConfig, VmConfig,
+    kv, ConfigError, ConsoleConfig, CpusConfig, DiskConfig, FsConfig, MemoryConfig, NetConfig,
+    PayloadConfig, RngConfig, VmConfig,
 };
 
 /// Nimbus: a virtual machine monitor for cloud workloads.
@@ -36,6 +36,9 @@ pub struct Cli {
     /// [,fd=N][,id=ID][,mtu=N]; repeat for more interfaces.
     #[arg(long, value_name = "tap=NAME[,...]", num_args = 1.., action = clap::ArgAction::Append)]
     pub net: Vec<String>,
+    /// virtio-fs share: tag=TAG,socket=PATH[,num_queues=N][,queue_size=N][,id=ID]; repeatable.
+    #[arg(long, value_name = "tag=TAG,socket=PATH[,...]", num_args = 1.., action = clap::ArgAction::Append)]
+    pub fs: Vec<String>,
     /// Entropy device: src=PATH (default /dev/urandom).
     #[arg(long, value_name = "src=PATH")]
     pub rng: Option<String>,
@@ -98,6 +101,19 @@ impl Cli {
                 .map(|s| parse_net(s))
                 .collect::<Result<Vec<_>, _>>()?;
             config.net = Some(nets);
+        }
+        if !self.fs.is_empty() {
+            let shares = self
+                .fs
+                .iter()
+                .map(|s| {
+                    kv::from_str::<FsConfig>(s).map_err(|source| ConfigError::Parse {
+                        option: "fs",
+                        source,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            config.fs = Some(shares);
         }
         if let Some(s) = &self.rng {
             config.rng = kv::from_str::<RngConfig>(s).map_err(|source| ConfigError::Parse {
@@ -290,6 +306,45 @@ mod tests {
         }
         assert!(parse(&["--kernel", "/k", "--net", "tap=t,ip=10.0.0"]).is_err());
         assert!(parse(&["--kernel", "/k", "--net", "fd=x"]).is_err());
+    }
+
+    #[test]
+    fn fs_shares() {
+        let c = parse(&[
+            "--kernel",
+            "/k",
+            "--memory",
+            "size=1G,shared=on",
+            "--fs",
+            "tag=myfs,socket=/run/fs.sock",
+        ])
+        .expect("config");
+        let fs = c.fs.clone().unwrap_or_default();
+        assert_eq!(
+            (fs[0].tag.as_str(), fs[0].num_queues, fs[0].queue_size),
+            ("myfs", 1, 1024)
+        );
+        c.validate().expect("valid");
+        let no_shared = parse(&["--kernel", "/k", "--fs", "tag=myfs,socket=/s"]).expect("parses");
+        assert!(no_shared
+            .validate()
+            .expect_err("shared")
+            .to_string()
+            .contains("shared=on"));
+        let long_tag = parse(&[
+            "--kernel",
+            "/k",
+            "--memory",
+            "size=1G,shared=on",
+            "--fs",
+            &format!("tag={},socket=/s", "t".repeat(37)),
+        ])
+        .expect("parses");
+        assert!(long_tag.validate().is_err());
+        assert!(
+            parse(&["--kernel", "/k", "--fs", "socket=/s"]).is_err(),
+            "tag is required"
+        );
     }
 
     #[test]

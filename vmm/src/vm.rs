@@ -208,6 +208,8 @@ pub struct Board {
     disks: Vec<OpenDisk>,
     /// TAP queues, opened once (passed fds cannot be reopened).
     nets: Vec<OpenNet>,
+    /// virtio-fs backend connections.
+    fs: Vec<virtio_devices::vhost_user::fs::VhostUserFs>,
     start: Instant,
 }
 
@@ -311,6 +313,23 @@ fn open_nets(config: &VmConfig) -> Result<Vec<OpenNet>, VmError> {
     Ok(nets)
 }
 
+fn open_fs(config: &VmConfig) -> Result<Vec<virtio_devices::vhost_user::fs::VhostUserFs>, VmError> {
+    let mut shares = Vec::new();
+    for (i, f) in config.fs.iter().flatten().enumerate() {
+        let socket = f.socket.display().to_string();
+        let dev = virtio_devices::vhost_user::fs::VhostUserFs::new(
+            &socket,
+            &f.tag,
+            f.num_queues as u16,
+            f.queue_size,
+            format!("_fs{i}"),
+        )
+        .map_err(|source| VmError::VhostUser { socket, source })?;
+        shares.push(dev);
+    }
+    Ok(shares)
+}
+
 fn open_disks(config: &VmConfig) -> Result<Vec<OpenDisk>, VmError> {
     let mut disks = Vec::new();
     for (i, d) in config.disks.iter().flatten().enumerate() {
@@ -367,6 +386,7 @@ impl Board {
             cmos: Arc::new(Mutex::new(devices::rtc::Rtc::default())),
             disks: open_disks(config)?,
             nets: open_nets(config)?,
+            fs: open_fs(config)?,
             start,
         })
     }
@@ -519,6 +539,9 @@ impl Vm {
                 OpenNet::VhostUser(dev) => Box::new(dev.fresh()),
             };
             pci.add_virtio(dev)?;
+        }
+        for share in &board.fs {
+            pci.add_virtio(Box::new(share.fresh()))?;
         }
         if let Some(out) = board.console.writer()? {
             // A `tty` console takes standard input (the serial port then gets none).

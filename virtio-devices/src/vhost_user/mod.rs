@@ -5,6 +5,7 @@
 //! eventfds that a relay thread turns into MSI-X interrupts (keeping per-vector masking right).
 
 pub mod blk;
+pub mod fs;
 pub mod net;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;

@@ -444,6 +444,63 @@ impl NetConfig {
     }
 }
 
+fn default_fs_queues() -> usize {
+    1
+}
+
+fn default_fs_queue_size() -> u16 {
+    1024
+}
+
+/// A virtio-fs share served by a vhost-user-fs backend such as virtiofsd (CH `FsConfig`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsConfig {
+    /// Tag the guest mounts (1..=36 bytes).
+    pub tag: String,
+    /// The backend's socket.
+    pub socket: std::path::PathBuf,
+    /// Request queues.
+    #[serde(default = "default_fs_queues")]
+    pub num_queues: usize,
+    /// Descriptors per queue.
+    #[serde(default = "default_fs_queue_size")]
+    pub queue_size: u16,
+    /// Device identifier.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// PCI segment (Kata puts virtio-fs on segment 1; only 0 exists for now).
+    #[serde(default)]
+    pub pci_segment: u16,
+}
+
+impl FsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: String| ConfigError::Device(format!("fs {}: {m}", self.tag));
+        if self.tag.is_empty() || self.tag.len() > 36 {
+            return Err(ConfigError::Device(format!(
+                "fs: tag '{}' must be 1..=36 bytes",
+                self.tag
+            )));
+        }
+        if self.num_queues == 0 || self.num_queues > 16 {
+            return Err(err(format!(
+                "num_queues {} is not in 1..=16",
+                self.num_queues
+            )));
+        }
+        if !self.queue_size.is_power_of_two() || !(2..=1024).contains(&self.queue_size) {
+            return Err(err(format!(
+                "queue_size {} is not a power of two in 2..=1024",
+                self.queue_size
+            )));
+        }
+        if self.pci_segment != 0 {
+            return Err(err("only PCI segment 0 exists".into()));
+        }
+        Ok(())
+    }
+}
+
 /// The entropy device (CH `RngConfig`); Cloud Hypervisor always has one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -505,6 +562,9 @@ pub struct VmConfig {
     /// Network interfaces.
     #[serde(default)]
     pub net: Option<Vec<NetConfig>>,
+    /// virtio-fs shares.
+    #[serde(default)]
+    pub fs: Option<Vec<FsConfig>>,
     /// The entropy device.
     #[serde(default)]
     pub rng: RngConfig,
@@ -527,6 +587,7 @@ impl Default for VmConfig {
             payload: None,
             disks: None,
             net: None,
+            fs: None,
             rng: RngConfig::default(),
             serial: default_serial(),
             console: default_console(),
@@ -608,6 +669,14 @@ impl VmConfig {
         for net in self.net.iter().flatten() {
             net.validate()?;
             if net.vhost_user && !(self.memory.shared || self.memory.hugepages) {
+                return Err(ConfigError::Memory(
+                    "vhost-user devices need guest memory the backend can map: add shared=on to --memory".into(),
+                ));
+            }
+        }
+        for fs in self.fs.iter().flatten() {
+            fs.validate()?;
+            if !(self.memory.shared || self.memory.hugepages) {
                 return Err(ConfigError::Memory(
                     "vhost-user devices need guest memory the backend can map: add shared=on to --memory".into(),
                 ));
