@@ -2443,3 +2443,253 @@ mod parallel_vms {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// virtio-fs: virtiofsd (the external vhost-user-fs backend, see docs/test-guest.md).
+// ---------------------------------------------------------------------------
+
+pub use virtiofsd_daemon::{
+    qemu_vhost_user_fs_args, virtiofs_keys, virtiofsd_binary, Virtiofsd, VirtiofsdRun,
+    VIRTIOFSD_ENV, VIRTIO_FS_CHECKS,
+};
+
+/// Helpers to run virtiofsd next to a VMM and to ask the test guest for its virtio-fs checks.
+mod virtiofsd_daemon {
+    use std::fs::File;
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::process::CommandExt;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, ExitStatus, Stdio};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    /// Environment variable naming the virtiofsd binary to use instead of the one on `PATH`.
+    pub const VIRTIOFSD_ENV: &str = "NIMBUS_VIRTIOFSD";
+
+    /// Check names of one virtio-fs device (`virtio.fs<n>.<name>`, see [`super::virtio_checks`]).
+    pub const VIRTIO_FS_CHECKS: &[&str] =
+        &["init", "pcicfg", "fuse_init", "lookup", "read", "msix"];
+
+    /// The virtiofsd binary: `$NIMBUS_VIRTIOFSD`, else `virtiofsd` on `PATH`, else
+    /// `~/.cargo/bin/virtiofsd` (where `scripts/install-virtiofsd` puts it).
+    ///
+    /// # Errors
+    /// `virtiofsd not installed: run scripts/install-virtiofsd` when there is none.
+    pub fn virtiofsd_binary() -> Result<PathBuf, String> {
+        if let Some(p) = std::env::var_os(VIRTIOFSD_ENV) {
+            let p = PathBuf::from(p);
+            return if p.is_file() {
+                Ok(p)
+            } else {
+                Err(format!("{VIRTIOFSD_ENV}={} is not a file", p.display()))
+            };
+        }
+        let on_path = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("virtiofsd"))
+                .find(|p| p.is_file())
+        });
+        let cargo_home = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
+        on_path
+            .or_else(|| {
+                cargo_home
+                    .map(|c| c.join("bin/virtiofsd"))
+                    .filter(|p| p.is_file())
+            })
+            .ok_or_else(|| "virtiofsd not installed: run scripts/install-virtiofsd".to_string())
+    }
+
+    /// The test guest's virtio-fs keys: the device's `tag`, and a regular file `file` in the
+    /// shared directory's root holding exactly `content` (neither with spaces).
+    pub fn virtiofs_keys(tag: &str, file: &str, content: &str) -> String {
+        format!("fs.tag={tag} fs.file={file} fs.content={content}")
+    }
+
+    /// QEMU arguments for a `vhost-user-fs-pci` device with `tag` on `socket`, plus the
+    /// shareable guest RAM vhost-user needs (a memfd backend of `mem_mib` MiB, which must
+    /// equal `-m`). QEMU defaults: one request queue, queue size 128.
+    pub fn qemu_vhost_user_fs_args(socket: &Path, tag: &str, mem_mib: u64) -> Vec<String> {
+        vec![
+            "-object".into(),
+            format!("memory-backend-memfd,id=mem,size={mem_mib}M,share=on"),
+            "-machine".into(),
+            "memory-backend=mem".into(),
+            "-chardev".into(),
+            format!("socket,id=fs0,path={}", socket.display()),
+            "-device".into(),
+            format!("vhost-user-fs-pci,chardev=fs0,tag={tag}"),
+        ]
+    }
+
+    /// A virtiofsd started by a test. Dropping it kills the daemon.
+    #[derive(Debug)]
+    pub struct Virtiofsd {
+        child: Option<Child>,
+        socket: PathBuf,
+        log: PathBuf,
+    }
+
+    /// How a virtiofsd ended.
+    #[derive(Debug)]
+    pub struct VirtiofsdRun {
+        /// Exit status; `None` if it could not be waited for.
+        pub status: Option<ExitStatus>,
+        /// It was still running at the deadline and was killed.
+        pub timed_out: bool,
+        /// Its stdout and stderr.
+        pub log: String,
+    }
+
+    impl VirtiofsdRun {
+        /// Exit status and log, for failure messages.
+        pub fn describe(&self) -> String {
+            format!(
+                "virtiofsd {}\n----- virtiofsd log -----\n{}\n-------------------------",
+                match (self.status, self.timed_out) {
+                    (_, true) => "killed after timeout".to_string(),
+                    (Some(s), false) => s.to_string(),
+                    (None, false) => "exit status unknown".to_string(),
+                },
+                self.log.trim_end()
+            )
+        }
+
+        /// Panics unless virtiofsd exited 0 by itself (it does when its frontend
+        /// disconnects).
+        pub fn assert_clean_exit(&self) {
+            assert!(
+                !self.timed_out && self.status.is_some_and(|s| s.success()),
+                "virtiofsd did not exit cleanly\n{}",
+                self.describe()
+            );
+        }
+    }
+
+    impl Virtiofsd {
+        /// Starts `virtiofsd --socket-path=<socket> --shared-dir=<shared_dir> --cache=never
+        /// --sandbox none <extra...>` with its output in `log`, and waits until the socket
+        /// exists. `--sandbox none` keeps it one process (no namespace child that outlives a
+        /// killed parent) and works without root; it serves one frontend connection and
+        /// exits when that closes.
+        ///
+        /// # Panics
+        /// If virtiofsd is not installed ("virtiofsd not installed: run
+        /// scripts/install-virtiofsd"), cannot be started, exits, or creates no socket
+        /// within 10 s.
+        pub fn start(shared_dir: &Path, socket: &Path, log: &Path, extra: &[&str]) -> Self {
+            let bin = match virtiofsd_binary() {
+                Ok(b) => b,
+                Err(e) => panic!("{e}"),
+            };
+            let log_file = match File::create(log) {
+                Ok(f) => f,
+                Err(e) => panic!("cannot create {}: {e}", log.display()),
+            };
+            let log_err = match log_file.try_clone() {
+                Ok(f) => f,
+                Err(e) => panic!("cannot duplicate {}: {e}", log.display()),
+            };
+            let mut cmd = Command::new(&bin);
+            cmd.arg(format!("--socket-path={}", socket.display()))
+                .arg(format!("--shared-dir={}", shared_dir.display()))
+                .args(["--cache=never", "--sandbox", "none"])
+                .args(extra)
+                .stdin(Stdio::null())
+                .stdout(log_file)
+                .stderr(log_err)
+                .process_group(0);
+            // SAFETY: the closure runs in the child between fork and exec and only makes the
+            // prctl system call, which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => panic!("cannot start {}: {e}", bin.display()),
+            };
+            let mut daemon = Virtiofsd {
+                child: Some(child),
+                socket: socket.to_path_buf(),
+                log: log.to_path_buf(),
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !is_socket(&daemon.socket) {
+                let exited = daemon
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                if exited.is_some() || Instant::now() > deadline {
+                    let run = daemon.finish(Duration::ZERO);
+                    panic!(
+                        "virtiofsd created no socket at {}\n{}",
+                        socket.display(),
+                        run.describe()
+                    );
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            daemon
+        }
+
+        /// The vhost-user socket.
+        pub fn socket(&self) -> &Path {
+            &self.socket
+        }
+
+        /// Its output so far.
+        pub fn log_so_far(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+
+        /// Waits at most `timeout` for virtiofsd to exit (killing it on expiry).
+        pub fn finish(mut self, timeout: Duration) -> VirtiofsdRun {
+            let deadline = Instant::now() + timeout;
+            let (mut status, mut timed_out) = (None, false);
+            if let Some(child) = self.child.as_mut() {
+                loop {
+                    match child.try_wait() {
+                        Ok(Some(s)) => {
+                            status = Some(s);
+                            break;
+                        }
+                        Ok(None) if Instant::now() < deadline => {
+                            thread::sleep(Duration::from_millis(10))
+                        }
+                        _ => {
+                            timed_out = true;
+                            let _ = child.kill();
+                            status = child.wait().ok();
+                            break;
+                        }
+                    }
+                }
+            }
+            self.child = None;
+            VirtiofsdRun {
+                status,
+                timed_out,
+                log: self.log_so_far(),
+            }
+        }
+    }
+
+    impl Drop for Virtiofsd {
+        fn drop(&mut self) {
+            if let Some(child) = self.child.as_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    fn is_socket(p: &Path) -> bool {
+        std::fs::metadata(p).is_ok_and(|m| m.file_type().is_socket())
+    }
+}

@@ -129,20 +129,24 @@ struct Stats {
     ticks: u64,
 }
 
-/// Runs the benchmark (`bench=<kind>`; only `blk` exists) and reports it.
+/// Runs the benchmark (`bench=<kind>`: `blk`, or `net` in netbench.rs) and reports it.
 pub fn run(kind: &str, si: &StartInfo, acpi: &Acpi, avoid: &Regions, cmdline: &str) {
-    if kind != "blk" {
-        check(
-            "bench.blk",
-            false,
-            format_args!("unknown benchmark bench={kind}"),
-        );
-        return;
-    }
     let secs = expect::value(cmdline, "bench.secs")
         .and_then(expect::parse_u64)
         .filter(|s| (1..=600).contains(s))
         .unwrap_or(5);
+    match kind {
+        "blk" => {}
+        "net" => return crate::netbench::run(acpi, cmdline, secs),
+        _ => {
+            check(
+                "bench.blk",
+                false,
+                format_args!("unknown benchmark bench={kind}"),
+            );
+            return;
+        }
+    }
     let only = expect::value(cmdline, "bench.only");
     match bench_blk(si, acpi, avoid, secs, only) {
         Ok(d) => check("bench.blk", true, format_args!("{d}")),

@@ -23,19 +23,19 @@ use crate::virtio::{
 };
 use crate::{arch, expect, println, why};
 
-const F_MAC: u64 = 1 << 5;
+pub(crate) const F_MAC: u64 = 1 << 5;
 const F_MRG_RXBUF: u64 = 1 << 15;
 
 /// virtio_net_hdr_v1: with VERSION_1 num_buffers is always present.
-const HDR_LEN: usize = 12;
-const ETH_HLEN: usize = 14;
-const ETHERTYPE: u16 = 0x88b5;
+pub(crate) const HDR_LEN: usize = 12;
+pub(crate) const ETH_HLEN: usize = 14;
+pub(crate) const ETHERTYPE: u16 = 0x88b5;
 /// Largest payload (MTU 1500) and frame (without FCS).
 const MAX_PAYLOAD: usize = 1500;
-const MAX_FRAME: usize = ETH_HLEN + MAX_PAYLOAD;
+pub(crate) const MAX_FRAME: usize = ETH_HLEN + MAX_PAYLOAD;
 /// Payload length of test frame `i` is `PAYLOAD_SIZES[i % 8]`.
 const PAYLOAD_SIZES: [usize; 8] = [1500, 64, 1024, 333, 1499, 65, 800, 257];
-const BROADCAST: Mac = Mac([0xff; 6]);
+pub(crate) const BROADCAST: Mac = Mac([0xff; 6]);
 
 const DEFAULT_TX_COUNT: u32 = 8;
 const DEFAULT_RX_COUNT: u32 = 4;
@@ -55,7 +55,7 @@ const PAGE: usize = 4096;
 
 /// An Ethernet address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Mac([u8; 6]);
+pub(crate) struct Mac(pub(crate) [u8; 6]);
 
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -70,7 +70,7 @@ impl fmt::Display for Mac {
 
 impl Mac {
     /// Parses `xx:xx:xx:xx:xx:xx` (hex digits, either case).
-    fn parse(s: &str) -> Option<Mac> {
+    pub(crate) fn parse(s: &str) -> Option<Mac> {
         let mut m = [0u8; 6];
         let mut parts = s.split(':');
         for b in m.iter_mut() {
@@ -149,7 +149,7 @@ fn test_frame_index(frame: &[u8], dir: Dir) -> Option<u32> {
 }
 
 /// Allocates `N` DMA pages.
-fn alloc_pages<const N: usize>() -> Option<[DmaPage; N]> {
+pub(crate) fn alloc_pages<const N: usize>() -> Option<[DmaPage; N]> {
     let first = DmaPage::alloc()?;
     let mut pages = [first; N];
     for p in pages.iter_mut().skip(1) {
@@ -245,7 +245,7 @@ pub fn run(mut t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
 /// `mac`: VIRTIO_NET_F_MAC offered, the address unicast and nonzero, equal
 /// to `net.mac` if given. Returns the address the traffic checks use (the
 /// device's, else `net.mac`, else a locally administered placeholder).
-fn check_mac(t: &Transport, name: &str, want: Option<&str>) -> Mac {
+pub(crate) fn check_mac(t: &Transport, name: &str, want: Option<&str>) -> Mac {
     let want_mac = want.map(Mac::parse);
     let fallback = match want_mac {
         Some(Some(m)) => m,

@@ -1,5 +1,5 @@
 //! Stage 2: PCI on bus 0 and the modern virtio-pci devices found there
-//! (blk, net, rng, console). Runs after the stage-1 checks. Command-line
+//! (blk, net, rng, console, fs). Runs after the stage-1 checks. Command-line
 //! keys are described in docs/test-guest.md.
 
 use core::fmt::Write;
@@ -8,12 +8,18 @@ use crate::acpi::Acpi;
 use crate::pci::{self, Bus};
 use crate::report::{check, Ascii, StrBuf};
 use crate::virtio::{Buf, DmaPage, IrqTally, Queue, Transport, Why, F_VERSION_1};
-use crate::{arch, blk, expect, hostile, net, phys, println, why};
+use crate::{arch, blk, expect, fs, hostile, net, phys, println, why};
 
 const VIRTIO_VENDOR: u16 = 0x1af4;
 /// Device kinds driven: name and virtio device type (device ID 0x1040 + type).
-const KINDS: [(&str, u16); 4] = [("net", 1), ("blk", 2), ("console", 3), ("rng", 4)];
-/// Transitional device IDs of the same kinds.
+const KINDS: [(&str, u16); 5] = [
+    ("net", 1),
+    ("blk", 2),
+    ("console", 3),
+    ("rng", 4),
+    ("fs", 26),
+];
+/// Transitional device IDs of the first four kinds (virtio-fs has none).
 const TRANSITIONAL: [u16; 4] = [0x1000, 0x1001, 0x1003, 0x1005];
 
 const LAPIC_ID: u64 = 0x20;
@@ -30,6 +36,11 @@ pub struct Keys<'a> {
 }
 
 impl<'a> Keys<'a> {
+    /// Lookups in command line `text`.
+    pub fn new(text: &'a str) -> Self {
+        Keys { text }
+    }
+
     /// The value for device `n` of `kind`.
     pub fn get(&self, kind: &str, n: usize, field: &str) -> Option<&'a str> {
         let mut k: StrBuf<64> = StrBuf::new();
@@ -83,8 +94,8 @@ pub fn functions_of<'b>(bus: &'b Bus, kind: &'b str) -> impl Iterator<Item = &'b
     })
 }
 
-fn parse_expect(v: &str) -> Option<[u32; 4]> {
-    let mut out = [0; 4];
+fn parse_expect(v: &str) -> Option<[u32; KINDS.len()]> {
+    let mut out = [0; KINDS.len()];
     for item in v.split(',') {
         let (k, c) = item.split_once(':')?;
         let i = KINDS.iter().position(|x| x.0 == k)?;
@@ -100,8 +111,8 @@ fn kind_of(device: u16) -> Option<usize> {
 
 /// Checks every modern virtio device; returns the first blk and rng device if they work.
 fn run_virtio(bus: &Bus, keys: &Keys<'_>, apic_id: u32) -> (Option<blk::Blk>, Option<Rng>) {
-    let mut modern = [0u32; 4];
-    let mut transitional = [0u32; 4];
+    let mut modern = [0u32; KINDS.len()];
+    let mut transitional = [0u32; KINDS.len()];
     for f in bus.functions().iter().filter(|f| f.vendor == VIRTIO_VENDOR) {
         if let Some(i) = kind_of(f.device) {
             modern[i] += 1;
@@ -146,7 +157,7 @@ fn run_virtio(bus: &Bus, keys: &Keys<'_>, apic_id: u32) -> (Option<blk::Blk>, Op
     }
     let mut bad: StrBuf<120> = StrBuf::new();
     if let Some(Some(exp)) = parsed {
-        for i in 0..4 {
+        for i in 0..KINDS.len() {
             if transitional[i] > 0 && modern[i] < exp[i] {
                 let _ = write!(
                     bad,
@@ -163,7 +174,7 @@ fn run_virtio(bus: &Bus, keys: &Keys<'_>, apic_id: u32) -> (Option<blk::Blk>, Op
         format_args!("transitional_ignored={ntrans}{bad}"),
     );
 
-    let mut index = [0usize; 4];
+    let mut index = [0usize; KINDS.len()];
     let (mut first_blk, mut first_rng) = (None, None);
     for f in bus.functions().iter().filter(|f| f.vendor == VIRTIO_VENDOR) {
         let Some(k) = kind_of(f.device) else {
@@ -194,6 +205,7 @@ fn run_virtio(bus: &Bus, keys: &Keys<'_>, apic_id: u32) -> (Option<blk::Blk>, Op
                 }
             }
             "console" => run_console(t, name.as_str(), n, keys, apic_id),
+            "fs" => fs::run(t, n, keys, apic_id),
             _ => net::run(t, n, keys, apic_id),
         }
     }
