@@ -17,7 +17,8 @@ pub const VIRTIO_ID_FS: u32 = 26;
 pub const TAG_LEN: usize = 36;
 /// Ring and VERSION_1 bits; no device-specific feature (NOTIFICATION needs a queue Nimbus does
 /// not set up).
-const SUPPORTED: u64 = VIRTIO_F_VERSION_1 | crate::VIRTIO_RING_F_EVENT_IDX | crate::VIRTIO_RING_F_INDIRECT_DESC;
+const SUPPORTED: u64 =
+    VIRTIO_F_VERSION_1 | crate::VIRTIO_RING_F_EVENT_IDX | crate::VIRTIO_RING_F_INDIRECT_DESC;
 
 #[derive(Debug)]
 struct Shared {
@@ -37,15 +38,25 @@ pub struct VhostUserFs {
 
 impl VhostUserFs {
     /// Connects to the backend at `socket`; the guest mounts the file system by `tag`.
-    pub fn new(socket: &str, tag: &str, request_queues: u16, queue_size: u16, name: String) -> Result<Self, VhostUserError> {
+    pub fn new(
+        socket: &str,
+        tag: &str,
+        request_queues: u16,
+        queue_size: u16,
+        name: String,
+    ) -> Result<Self, VhostUserError> {
         if tag.is_empty() || tag.len() > TAG_LEN {
-            return Err(VhostUserError::Unsupported(format!("tag '{tag}' must be 1..={TAG_LEN} bytes")));
+            return Err(VhostUserError::Unsupported(format!(
+                "tag '{tag}' must be 1..={TAG_LEN} bytes"
+            )));
         }
         let queues = 1 + request_queues.max(1);
         let wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
         let mut connection = Connection::connect(socket, u64::from(queues), wanted)?;
         if connection.features & VIRTIO_F_VERSION_1 == 0 {
-            return Err(VhostUserError::Unsupported("does not offer VIRTIO_F_VERSION_1".into()));
+            return Err(VhostUserError::Unsupported(
+                "does not offer VIRTIO_F_VERSION_1".into(),
+            ));
         }
         connection.features &= SUPPORTED;
         let mut config = vec![0u8; TAG_LEN + 4];
@@ -57,16 +68,27 @@ impl VhostUserFs {
             config,
             queue_sizes: vec![queue_size; usize::from(queues)],
         };
-        Ok(Self { shared: Arc::new(shared), name, relay: None })
+        Ok(Self {
+            shared: Arc::new(shared),
+            name,
+            relay: None,
+        })
     }
 
     /// A device for a new VM instance on the same backend connection.
     pub fn fresh(&self) -> Self {
-        Self { shared: self.shared.clone(), name: self.name.clone(), relay: None }
+        Self {
+            shared: self.shared.clone(),
+            name: self.name.clone(),
+            relay: None,
+        }
     }
 
     fn connection(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.shared.connection.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 }
 
