@@ -567,9 +567,11 @@ impl Vm {
             "_rng0".into(),
         )))?;
 
-        let supported = hv
+        let mut supported = hv
             .supported_cpuid()
             .map_err(hv_err("reading the supported CPUID"))?;
+        cpuid::fill_brand_string(&mut supported, &cpuid::host_brand_leaves());
+        let hwcr = cpuid::amd_hwcr(&supported);
         let mut vcpus = Vec::with_capacity(usize::from(boot_cpus));
         for id in 0..u32::from(boot_cpus) {
             let vcpu = hv_vm
@@ -579,6 +581,12 @@ impl Vm {
             vcpu.set_cpuid(&cpuid::vcpu_cpuid(&supported, id as u8, max_cpus))
                 .map_err(err("CPUID"))?;
             vcpu.set_msrs(&cpu::boot_msrs()).map_err(err("MSRs"))?;
+            if let Some(msr) = hwcr {
+                // Best effort: older KVM refuses writes to HWCR; the guest then only logs a warning.
+                if let Err(e) = vcpu.set_msrs(&[msr]) {
+                    log::debug!("vcpu{id}: HWCR.TscFreqSel not settable: {e}");
+                }
+            }
             vcpu.set_fpu(&cpu::boot_fpu()).map_err(err("FPU"))?;
             let mut lapic = vcpu.lapic().map_err(err("LAPIC"))?;
             cpu::set_lint_pins(&mut lapic);

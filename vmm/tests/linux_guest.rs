@@ -510,6 +510,26 @@ fn acpi_power_off_exits_0() {
         bad.join("\n"),
         b.describe()
     );
+    // The CPU Nimbus describes is coherent: a model name, and an invariant TSC that the
+    // firmware-side MSR agrees with (HWCR.TscFreqSel on AMD).
+    // Without a brand string Linux prints "<vendor> <family>/<model>" (e.g. "AMD 1a/02").
+    let cpu = b.expect_line("CPU: ");
+    let model = cpu
+        .split("CPU: ")
+        .nth(1)
+        .and_then(|m| m.split(" (family").next())
+        .unwrap_or_default();
+    assert!(
+        !model.is_empty() && !model.contains('/'),
+        "no model name: {cpu}"
+    );
+    let firmware: Vec<&str> = b.lines().filter(|l| l.contains("[Firmware Bug]")).collect();
+    assert!(
+        firmware.is_empty(),
+        "firmware complaints:\n{}\n{}",
+        firmware.join("\n"),
+        b.describe()
+    );
     // The init asked for the power-off; the kernel used ACPI S5; Nimbus exited 0 (assert_clean).
     let tail: Vec<&str> = b
         .lines()

@@ -136,3 +136,127 @@ mod tests {
         assert_eq!(l1.edx & EDX_HTT, 0);
     }
 }
+
+/// First of the three processor brand string leaves.
+const LEAF_BRAND_FIRST: u32 = 0x8000_0002;
+const LEAF_ADVANCED_POWER: u32 = 0x8000_0007;
+const EDX_INVARIANT_TSC: u32 = 1 << 8;
+/// AMD's hardware configuration MSR; bit 24 (TscFreqSel) says the TSC counts at P0 frequency.
+const MSR_AMD_HWCR: u32 = 0xc001_0015;
+const HWCR_TSC_FREQ_SEL: u64 = 1 << 24;
+
+/// The host's processor brand string leaves (0x80000002..=0x80000004).
+pub fn host_brand_leaves() -> Vec<CpuIdEntry> {
+    (LEAF_BRAND_FIRST..LEAF_BRAND_FIRST + 3)
+        .map(|function| {
+            let r = std::arch::x86_64::__cpuid(function);
+            CpuIdEntry {
+                function,
+                index: 0,
+                flags: 0,
+                eax: r.eax,
+                ebx: r.ebx,
+                ecx: r.ecx,
+                edx: r.edx,
+            }
+        })
+        .collect()
+}
+
+/// Fills brand string leaves the hypervisor reported as all zeros from `host` (some KVM versions
+/// leave them empty; guests then print no model name).
+pub fn fill_brand_string(supported: &mut [CpuIdEntry], host: &[CpuIdEntry]) {
+    for e in supported
+        .iter_mut()
+        .filter(|e| (LEAF_BRAND_FIRST..LEAF_BRAND_FIRST + 3).contains(&e.function))
+    {
+        if (e.eax, e.ebx, e.ecx, e.edx) == (0, 0, 0, 0) {
+            if let Some(h) = host.iter().find(|h| h.function == e.function) {
+                *e = CpuIdEntry {
+                    flags: e.flags,
+                    index: e.index,
+                    ..*h
+                };
+            }
+        }
+    }
+}
+
+/// On AMD, an invariant TSC in CPUID must come with HWCR.TscFreqSel set, or Linux reports a
+/// firmware bug and distrusts the TSC. The MSR value to write, when that applies.
+pub fn amd_hwcr(cpuid: &[CpuIdEntry]) -> Option<hypervisor::MsrEntry> {
+    let leaf0 = cpuid.iter().find(|e| e.function == 0)?;
+    let amd = (leaf0.ebx, leaf0.edx, leaf0.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163); // "AuthenticAMD"
+    let invariant = cpuid
+        .iter()
+        .any(|e| e.function == LEAF_ADVANCED_POWER && e.edx & EDX_INVARIANT_TSC != 0);
+    (amd && invariant).then_some(hypervisor::MsrEntry {
+        index: MSR_AMD_HWCR,
+        data: HWCR_TSC_FREQ_SEL,
+    })
+}
+
+#[cfg(test)]
+mod platform_tests {
+    use super::*;
+
+    #[test]
+    fn empty_brand_leaves_come_from_the_host() {
+        let mut supported = vec![
+            CpuIdEntry {
+                function: 0x8000_0002,
+                ..Default::default()
+            },
+            CpuIdEntry {
+                function: 0x8000_0003,
+                eax: 7,
+                ..Default::default()
+            },
+        ];
+        let host = vec![
+            CpuIdEntry {
+                function: 0x8000_0002,
+                eax: 0x2044_4d41,
+                ..Default::default()
+            },
+            CpuIdEntry {
+                function: 0x8000_0003,
+                eax: 9,
+                ..Default::default()
+            },
+        ];
+        fill_brand_string(&mut supported, &host);
+        assert_eq!(supported[0].eax, 0x2044_4d41);
+        assert_eq!(supported[1].eax, 7, "a brand the hypervisor gave is kept");
+        assert_eq!(host_brand_leaves().len(), 3);
+    }
+
+    #[test]
+    fn hwcr_only_for_amd_with_invariant_tsc() {
+        let amd = CpuIdEntry {
+            function: 0,
+            ebx: 0x6874_7541,
+            edx: 0x6974_6e65,
+            ecx: 0x444d_4163,
+            ..Default::default()
+        };
+        let intel = CpuIdEntry {
+            function: 0,
+            ebx: 0x756e_6547,
+            edx: 0x4965_6e69,
+            ecx: 0x6c65_746e,
+            ..Default::default()
+        };
+        let inv = CpuIdEntry {
+            function: LEAF_ADVANCED_POWER,
+            edx: EDX_INVARIANT_TSC,
+            ..Default::default()
+        };
+        assert_eq!(
+            amd_hwcr(&[amd, inv]).map(|m| (m.index, m.data)),
+            Some((MSR_AMD_HWCR, 1 << 24))
+        );
+        assert_eq!(amd_hwcr(&[intel, inv]), None);
+        assert_eq!(amd_hwcr(&[amd]), None);
+    }
+}
