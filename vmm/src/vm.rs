@@ -209,7 +209,7 @@ pub struct Board {
     /// TAP queues, opened once (passed fds cannot be reopened).
     nets: Vec<OpenNet>,
     /// virtio-fs backend connections.
-    fs: Vec<virtio_devices::vhost_user::fs::VhostUserFs>,
+    fs: Vec<virtio_devices::vhost_user::VhostUserDevice>,
     start: Instant,
 }
 
@@ -224,7 +224,7 @@ enum OpenDisk {
         serial: String,
     },
     /// A connection to a vhost-user-blk backend.
-    VhostUser(virtio_devices::vhost_user::blk::VhostUserBlk),
+    VhostUser(virtio_devices::vhost_user::VhostUserDevice),
 }
 
 /// A network interface: TAP queues served by Nimbus, or a vhost-user backend.
@@ -239,7 +239,7 @@ enum OpenNet {
         offloads: net_util::Offloads,
     },
     /// A connection to a vhost-user-net backend.
-    VhostUser(virtio_devices::vhost_user::net::VhostUserNet),
+    VhostUser(virtio_devices::vhost_user::VhostUserDevice),
 }
 
 fn open_nets(config: &VmConfig) -> Result<Vec<OpenNet>, VmError> {
@@ -247,12 +247,9 @@ fn open_nets(config: &VmConfig) -> Result<Vec<OpenNet>, VmError> {
     for (i, n) in config.net.iter().flatten().enumerate() {
         if n.vhost_user {
             let socket = n.vhost_socket.clone().unwrap_or_default();
-            let dev = virtio_devices::vhost_user::net::VhostUserNet::new(
-                &socket,
-                n.queue_size,
-                format!("_net{i}"),
-            )
-            .map_err(|source| VmError::VhostUser { socket, source })?;
+            let dev =
+                virtio_devices::vhost_user::net::connect(&socket, n.queue_size, format!("_net{i}"))
+                    .map_err(|source| VmError::VhostUser { socket, source })?;
             nets.push(OpenNet::VhostUser(dev));
             continue;
         }
@@ -313,11 +310,11 @@ fn open_nets(config: &VmConfig) -> Result<Vec<OpenNet>, VmError> {
     Ok(nets)
 }
 
-fn open_fs(config: &VmConfig) -> Result<Vec<virtio_devices::vhost_user::fs::VhostUserFs>, VmError> {
+fn open_fs(config: &VmConfig) -> Result<Vec<virtio_devices::vhost_user::VhostUserDevice>, VmError> {
     let mut shares = Vec::new();
     for (i, f) in config.fs.iter().flatten().enumerate() {
         let socket = f.socket.display().to_string();
-        let dev = virtio_devices::vhost_user::fs::VhostUserFs::new(
+        let dev = virtio_devices::vhost_user::fs::connect(
             &socket,
             &f.tag,
             f.num_queues as u16,
@@ -335,7 +332,7 @@ fn open_disks(config: &VmConfig) -> Result<Vec<OpenDisk>, VmError> {
     for (i, d) in config.disks.iter().flatten().enumerate() {
         if d.vhost_user {
             let socket = d.vhost_socket.clone().unwrap_or_default();
-            let dev = virtio_devices::vhost_user::blk::VhostUserBlk::new(
+            let dev = virtio_devices::vhost_user::blk::connect(
                 &socket,
                 d.num_queues as u16,
                 d.queue_size,

@@ -5,8 +5,11 @@
 //! eventfds that a relay thread turns into MSI-X interrupts (keeping per-vector masking right).
 
 pub mod blk;
+mod device;
 pub mod fs;
 pub mod net;
+
+pub use device::VhostUserDevice;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
