@@ -9,7 +9,6 @@
 
 use std::io;
 use std::ops::Deref;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -20,12 +19,11 @@ use vhost::vhost_user::message::{
     VHOST_USER_CONFIG_SIZE,
 };
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_daemon::ExitEvents;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::config::BackendConfig;
 
@@ -54,17 +52,6 @@ pub enum BackendError {
     },
 }
 
-/// One worker's exit event: the crate polls the consumer, the daemon writes the notifier.
-type ExitEvent = (EventConsumer, EventNotifier);
-
-/// An exit event consumer handed to the crate: the descriptor number it got, and a duplicate
-/// of the same eventfd to recognise that descriptor by later.
-#[derive(Debug)]
-struct HandedOut {
-    fd: RawFd,
-    keeper: EventConsumer,
-}
-
 /// Per-queue state kept between events.
 #[derive(Debug, Default)]
 struct QueueState {
@@ -87,8 +74,7 @@ pub struct BlockBackend<B: Bitmap + 'static = ()> {
     queue_size: u16,
     mem: Mutex<GuestMemory<B>>,
     queues: Vec<QueueState>,
-    exit_events: Mutex<Vec<Option<ExitEvent>>>,
-    handed_out: Mutex<Vec<HandedOut>>,
+    exit_events: ExitEvents,
     event_idx: AtomicBool,
 }
 
@@ -121,13 +107,8 @@ impl<B: Bitmap + 'static> BlockBackend<B> {
     ) -> Result<Self, BackendError> {
         let readonly = config.readonly || disk.read_only();
         let num_queues = config.num_queues.clamp(1, crate::config::MAX_NUM_QUEUES);
-        let exit_events = (0..usize::from(num_queues))
-            .map(|thread| {
-                new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
-                    .map(Some)
-                    .map_err(|source| BackendError::ExitEvent { thread, source })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let exit_events = ExitEvents::new(usize::from(num_queues))
+            .map_err(|(thread, source)| BackendError::ExitEvent { thread, source })?;
         Ok(BlockBackend {
             config: VirtioBlkConfig::for_disk(disk.as_ref(), num_queues, config.queue_size),
             request_config: BlockConfig::new(readonly, config.serial_or_empty()),
@@ -137,8 +118,7 @@ impl<B: Bitmap + 'static> BlockBackend<B> {
             queue_size: config.queue_size,
             mem: Mutex::new(mem),
             queues: (0..num_queues).map(|_| QueueState::default()).collect(),
-            exit_events: Mutex::new(exit_events),
-            handed_out: Mutex::new(Vec::new()),
+            exit_events,
             event_idx: AtomicBool::new(false),
             disk,
         })
@@ -175,26 +155,8 @@ impl<B: Bitmap + 'static> BlockBackend<B> {
     /// The `VhostUserDaemon` that used this backend must have been dropped, its worker threads
     /// joined: nothing may use the handed-out descriptors any more.
     pub unsafe fn close_orphaned_exit_events(&self) -> usize {
-        let handed_out = std::mem::take(
-            &mut *self
-                .handed_out
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        let mut closed = 0;
-        for h in handed_out {
-            if same_open_file(h.fd, h.keeper.as_raw_fd()) {
-                // SAFETY: `h.fd` is a descriptor this backend created and gave to the crate,
-                // which dropped every user of it (the caller guarantees), and which still
-                // refers to our eventfd, so it was not closed and reused for another file.
-                // Taking ownership and dropping it closes it exactly once.
-                drop(unsafe { OwnedFd::from_raw_fd(h.fd) });
-                closed += 1;
-            } else {
-                debug!("exit event descriptor {} already closed", h.fd);
-            }
-        }
-        closed
+        // SAFETY: as the caller guarantees.
+        unsafe { self.exit_events.close_orphaned() }
     }
 
     fn clear_broken(&self) {
@@ -267,25 +229,10 @@ impl<B: Bitmap + 'static> BlockBackend<B> {
     }
 }
 
-/// Whether descriptors `a` and `b` of this process refer to the same open file description.
-/// False if the kernel cannot tell (`kcmp` unavailable).
-fn same_open_file(a: RawFd, b: RawFd) -> bool {
-    /// `KCMP_FILE` from `<linux/kcmp.h>`.
-    const KCMP_FILE: libc::c_long = 0;
-    // SAFETY: getpid has no preconditions.
-    let pid = libc::c_long::from(unsafe { libc::getpid() });
-    // SAFETY: kcmp compares two descriptors of our own process; no memory is passed.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_kcmp,
-            pid,
-            pid,
-            KCMP_FILE,
-            libc::c_long::from(a),
-            libc::c_long::from(b),
-        )
-    };
-    rc == 0
+impl<B: Bitmap + 'static> AsRef<ExitEvents> for BlockBackend<B> {
+    fn as_ref(&self) -> &ExitEvents {
+        &self.exit_events
+    }
 }
 
 impl<B> VhostUserBackend for BlockBackend<B>
@@ -376,32 +323,7 @@ where
     /// The crate asks once per worker when the daemon is created; without an exit event a
     /// worker never ends and dropping the daemon (which joins the workers) hangs.
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let taken = self
-            .exit_events
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_mut(thread_index)
-            .and_then(Option::take);
-        // Asked twice, or for a thread that does not exist: make a new one if possible.
-        let (consumer, notifier) = match taken {
-            Some(event) => event,
-            None => new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
-                .map_err(|e| warn!("worker {thread_index}: cannot create an exit event: {e}"))
-                .ok()?,
-        };
-        match consumer.try_clone() {
-            Ok(keeper) => self
-                .handed_out
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(HandedOut {
-                    fd: consumer.as_raw_fd(),
-                    keeper,
-                }),
-            // Only the descriptor's later reclaim is lost.
-            Err(e) => debug!("worker {thread_index}: cannot duplicate the exit event: {e}"),
-        }
-        Some((consumer, notifier))
+        self.exit_events.take(thread_index)
     }
 
     /// A kick on queue `thread_id` (each worker has one ring, so `device_event` is 0 and
@@ -434,6 +356,7 @@ where
 mod tests {
     use super::*;
     use block::FakeDisk;
+    use std::os::fd::{FromRawFd, OwnedFd};
     use vm_memory::GuestMemoryMmap;
 
     fn backend(config: &BackendConfig, disk: FakeDisk) -> BlockBackend {

@@ -1,238 +1,85 @@
-//! The daemon's command line: `--block-backend <option> [--keep-running] [-v...]`.
+//! The daemon's command line: `--block-backend <option> [--keep-running] [-v...]`, parsed by
+//! `vhost_user_daemon` with the keys of [`BackendConfig`].
+//!
+//! ```
+//! use vhost_user_block::cli::{parse_args, Command};
+//!
+//! let cmd = parse_args(["--block-backend", "path=/img,socket=/s", "-v"].map(Into::into)).unwrap();
+//! let Command::Run(args) = cmd else { panic!() };
+//! assert_eq!(args.backend.socket.to_str(), Some("/s"));
+//! assert_eq!(args.verbose, 1);
+//! assert!(!args.keep_running);
+//! ```
 
-use std::ffi::OsString;
-use std::fmt::Write as _;
+pub use vhost_user_daemon::cli::parse_args;
+use vhost_user_daemon::cli::BackendOption;
 
 use crate::config::{BackendConfig, ConfigError, KEYS, SYNTAX};
 
 /// Errors on the command line; each is reported as one line.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CliError {
-    /// `--block-backend` is absent.
-    #[error("--block-backend is required (try --help)")]
-    MissingBackend,
-    /// An option that takes a value is last.
-    #[error("{0} needs a value")]
-    MissingValue(&'static str),
-    /// An option given twice.
-    #[error("{0} is given more than once")]
-    Duplicate(&'static str),
-    /// An argument the daemon does not know.
-    #[error("unexpected argument '{0}' (try --help)")]
-    Unexpected(String),
-    /// An argument that is not UTF-8.
-    #[error("argument '{0}' is not valid UTF-8")]
-    NotUtf8(String),
-    /// The `--block-backend` value is wrong.
-    #[error("--block-backend: {0}")]
-    Backend(#[from] ConfigError),
-}
-
+pub type CliError = vhost_user_daemon::cli::CliError<BackendConfig>;
 /// What the command line asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
-    /// Serve a disk.
-    Run(Args),
-    /// Print the help text.
-    Help,
-    /// Print the version.
-    Version,
-}
-
+pub type Command = vhost_user_daemon::cli::Command<BackendConfig>;
 /// The options of a [`Command::Run`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Args {
-    /// The `--block-backend` option.
-    pub backend: BackendConfig,
-    /// Serve frontend after frontend until terminated, instead of exiting when the first one
-    /// disconnects.
-    pub keep_running: bool,
-    /// `-v` count: 0 warnings and errors, 1 info, 2 debug, 3 trace.
-    pub verbose: u8,
-}
+pub type Args = vhost_user_daemon::cli::Args<BackendConfig>;
 
-/// Parses the arguments after the program name. `--help` or `--version` anywhere wins (as
-/// long as the arguments before it parse).
-///
-/// # Errors
-///
-/// A [`CliError`] for a missing, repeated, unknown or invalid argument.
-///
-/// # Example
-///
-/// ```
-/// use vhost_user_block::cli::{parse_args, Command};
-///
-/// let cmd = parse_args(["--block-backend", "path=/img,socket=/s", "-v"].map(Into::into)).unwrap();
-/// let Command::Run(args) = cmd else { panic!() };
-/// assert_eq!(args.backend.socket.to_str(), Some("/s"));
-/// assert_eq!(args.verbose, 1);
-/// assert!(!args.keep_running);
-/// ```
-pub fn parse_args<I>(args: I) -> Result<Command, CliError>
-where
-    I: IntoIterator<Item = OsString>,
-{
-    let mut backend = None;
-    let mut keep_running = false;
-    let mut verbose: u8 = 0;
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        let arg = arg
-            .into_string()
-            .map_err(|a| CliError::NotUtf8(a.to_string_lossy().into_owned()))?;
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        match name.as_str() {
-            "--block-backend" => {
-                let value = match inline {
-                    Some(v) => v,
-                    None => args
-                        .next()
-                        .ok_or(CliError::MissingValue("--block-backend"))?
-                        .into_string()
-                        .map_err(|a| CliError::NotUtf8(a.to_string_lossy().into_owned()))?,
-                };
-                if backend.is_some() {
-                    return Err(CliError::Duplicate("--block-backend"));
-                }
-                backend = Some(BackendConfig::parse(&value)?);
-            }
-            "--keep-running" if inline.is_none() => keep_running = true,
-            "--verbose" if inline.is_none() => verbose = verbose.saturating_add(1),
-            "-h" | "--help" if inline.is_none() => return Ok(Command::Help),
-            "-V" | "--version" if inline.is_none() => return Ok(Command::Version),
-            s if s.len() > 1 && s.starts_with('-') && s[1..].bytes().all(|b| b == b'v') => {
-                verbose = verbose.saturating_add(u8::try_from(s.len() - 1).unwrap_or(u8::MAX));
-            }
-            _ => return Err(CliError::Unexpected(arg)),
-        }
+impl BackendOption for BackendConfig {
+    const OPTION: &'static str = "--block-backend";
+    const SUMMARY: &'static str = "vhost-user-blk backend serving a raw disk image";
+    const SYNTAX: &'static str = SYNTAX;
+    const KEYS: &'static [(&'static str, &'static str)] = KEYS;
+    type Error = ConfigError;
+
+    fn parse(value: &str) -> Result<Self, ConfigError> {
+        BackendConfig::parse(value)
     }
-    Ok(Command::Run(Args {
-        backend: backend.ok_or(CliError::MissingBackend)?,
-        keep_running,
-        verbose,
-    }))
 }
 
 /// The `--help` text.
 pub fn usage(program: &str) -> String {
-    let mut s = format!(
-        "{program}: vhost-user-blk backend serving a raw disk image\n\n\
-         Usage: {program} --block-backend {SYNTAX} [--keep-running] [-v...]\n\n\
-         --block-backend keys:\n"
-    );
-    for (key, help) in KEYS {
-        let _ = writeln!(s, "  {key:<11} {help}");
-    }
-    s.push_str(
-        "\nOptions:\n\
-         \x20 --keep-running  serve frontends one after another until SIGTERM/SIGINT\n\
-         \x20                 (default: exit when the first frontend disconnects)\n\
-         \x20 -v, --verbose   more log output on stderr (-v info, -vv debug)\n\
-         \x20 -h, --help      this text\n\
-         \x20 -V, --version   the version\n\n\
-         Exit status: 0 after the frontend disconnected or on SIGTERM/SIGINT, 1 on any error.\n",
-    );
-    s
+    vhost_user_daemon::cli::usage::<BackendConfig>(program)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use vhost_user_daemon::cli::testing::{check_common, parse, run};
+
     use super::*;
-
-    fn parse(args: &[&str]) -> Result<Command, CliError> {
-        parse_args(args.iter().map(|s| OsString::from(*s)))
-    }
-
-    fn run(args: &[&str]) -> Args {
-        match parse(args).unwrap() {
-            Command::Run(a) => a,
-            other => panic!("{other:?}"),
-        }
-    }
 
     #[test]
     fn good_command_lines() {
-        let a = run(&["--block-backend", "path=/i,socket=/s"]);
+        let a = check_common::<BackendConfig>("path=/i,socket=/s");
         assert_eq!(a.backend, BackendConfig::new("/i", "/s"));
-        assert!(!a.keep_running);
-        assert_eq!(a.verbose, 0);
-        let a = run(&[
-            "-vv",
-            "--block-backend=path=/i,socket=/s,num_queues=2",
-            "--keep-running",
-            "--verbose",
-        ]);
+        let a: Args = run(&["--block-backend=path=/i,socket=/s,num_queues=2"]);
         assert_eq!(a.backend.num_queues, 2);
-        assert!(a.keep_running);
-        assert_eq!(a.verbose, 3);
-        assert_eq!(parse(&["--help"]).unwrap(), Command::Help);
-        assert_eq!(parse(&["-v", "-h"]).unwrap(), Command::Help);
-        assert_eq!(parse(&["-V"]).unwrap(), Command::Version);
-        assert_eq!(parse(&["--version"]).unwrap(), Command::Version);
     }
 
     #[test]
     fn bad_command_lines() {
-        assert_eq!(parse(&[]).unwrap_err(), CliError::MissingBackend);
-        assert_eq!(parse(&["-v"]).unwrap_err(), CliError::MissingBackend);
         assert_eq!(
-            parse(&["--block-backend"]).unwrap_err(),
-            CliError::MissingValue("--block-backend")
-        );
-        assert_eq!(
-            parse(&[
-                "--block-backend",
-                "path=a,socket=b",
-                "--block-backend=path=c,socket=d"
-            ])
-            .unwrap_err(),
-            CliError::Duplicate("--block-backend")
-        );
-        assert_eq!(
-            parse(&["--block-backend", "path=a,socket=b", "extra"]).unwrap_err(),
-            CliError::Unexpected("extra".into())
-        );
-        assert_eq!(
-            parse(&["--keep-running=yes"]).unwrap_err(),
-            CliError::Unexpected("--keep-running=yes".into())
-        );
-        assert_eq!(
-            parse(&["-x"]).unwrap_err(),
-            CliError::Unexpected("-x".into())
-        );
-        assert_eq!(
-            parse(&["--block-backend", "path=a"]).unwrap_err(),
+            parse::<BackendConfig>(&["--block-backend", "path=a"]).unwrap_err(),
             CliError::Backend(ConfigError::Missing("socket"))
         );
-        let e = parse(&["--block-backend", "path=a,socket=b,num_queues=0"]).unwrap_err();
+        let e = parse::<BackendConfig>(&["--block-backend", "path=a,socket=b,num_queues=0"])
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "--block-backend: num_queues=0: expected a number in 1..=64"
         );
         assert!(!e.to_string().contains('\n'));
-    }
-
-    #[test]
-    fn non_utf8_argument() {
-        use std::os::unix::ffi::OsStringExt;
-        let bad = OsString::from_vec(vec![b'-', b'-', 0xff]);
-        assert!(matches!(
-            parse_args([bad]).unwrap_err(),
-            CliError::NotUtf8(_)
-        ));
+        assert_eq!(
+            parse::<BackendConfig>(&[]).unwrap_err().to_string(),
+            "--block-backend is required (try --help)"
+        );
     }
 
     #[test]
     fn usage_lists_every_key() {
         let text = usage("vhost_user_block");
-        for (key, _) in KEYS {
-            assert!(text.contains(&format!("  {key} ")), "{key}");
-        }
-        assert!(text.contains("--keep-running"));
+        assert!(
+            text.starts_with("vhost_user_block: vhost-user-blk backend serving a raw disk image\n")
+        );
+        assert!(text.contains("--block-backend keys:\n"));
     }
 }

@@ -3,156 +3,17 @@
 //! Exit status 0 after the frontend disconnects (or, with `--keep-running`, on SIGTERM/SIGINT),
 //! 1 with one error line on stderr otherwise.
 
-use std::io::Write;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
-use vhost_user_block::cli::{parse_args, usage, Command};
-use vhost_user_block::{run, Terminator};
-
-const PROGRAM: &str = "vhost_user_block";
-
-/// `[  12.345 ms LEVEL thread] message` on stderr, time from process start.
-struct Logger {
-    start: Instant,
-    out: Mutex<std::io::Stderr>,
-}
-
-impl log::Log for Logger {
-    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.level() <= log::max_level()
-    }
-
-    fn log(&self, record: &log::Record<'_>) {
-        if !self.enabled(record.metadata()) {
-            return;
-        }
-        let ms = self.start.elapsed().as_secs_f64() * 1e3;
-        let thread = std::thread::current();
-        let name = thread.name().unwrap_or("?");
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(
-            out,
-            "[{ms:10.3} ms {:5} {name}] {}",
-            record.level(),
-            record.args()
-        );
-    }
-
-    fn flush(&self) {}
-}
-
-fn init_logger(verbose: u8) {
-    let level = match verbose {
-        0 => log::LevelFilter::Warn,
-        1 => log::LevelFilter::Info,
-        2 => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Trace,
-    };
-    let logger = Logger {
-        start: Instant::now(),
-        out: Mutex::new(std::io::stderr()),
-    };
-    if log::set_boxed_logger(Box::new(logger)).is_ok() {
-        log::set_max_level(level);
-    }
-}
-
-/// `outer: cause: root`, skipping causes the text already contains.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let text = c.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = c.source();
-    }
-    s
-}
-
-fn fail(message: &str) -> ExitCode {
-    eprintln!("{PROGRAM}: error: {message}");
-    ExitCode::FAILURE
-}
-
-/// The termination signals, blocked in every thread and taken by [`signal_thread`] with
-/// `sigwait`, so they never interrupt a worker.
-fn termination_signals() -> libc::sigset_t {
-    // SAFETY: an all-zero sigset_t is a valid value to initialise with sigemptyset.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-    }
-    set
-}
-
-/// Blocks the termination signals in the calling thread (and threads it starts later).
-fn block_termination_signals() -> std::io::Result<()> {
-    let set = termination_signals();
-    // SAFETY: `set` is a valid signal set; the old mask is not asked for.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(std::io::Error::from_raw_os_error(rc));
-    }
-    Ok(())
-}
-
-/// Waits for termination signals and turns each into a [`Terminator::request`].
-fn signal_thread(terminator: Arc<Terminator>) {
-    let set = termination_signals();
-    loop {
-        let mut signal: libc::c_int = 0;
-        // SAFETY: `set` and `signal` are valid for the call; the signals are blocked in every
-        // thread, so sigwait is the only consumer.
-        let rc = unsafe { libc::sigwait(&set, &mut signal) };
-        if rc != 0 {
-            log::error!("sigwait failed: {}", std::io::Error::from_raw_os_error(rc));
-            return;
-        }
-        log::info!("signal {signal}: terminating");
-        terminator.request();
-    }
-}
+use vhost_user_daemon::program::{main as daemon_main, Program};
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args_os().skip(1)) {
-        Ok(Command::Run(args)) => args,
-        Ok(Command::Help) => {
-            print!("{}", usage(PROGRAM));
-            return ExitCode::SUCCESS;
-        }
-        Ok(Command::Version) => {
-            println!("{PROGRAM} {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => return fail(&e.to_string()),
-    };
-    init_logger(args.verbose);
-    // Before any thread exists, so that every thread inherits the mask.
-    if let Err(e) = block_termination_signals() {
-        return fail(&format!("cannot block termination signals: {e}"));
-    }
-    let terminator = match Terminator::new() {
-        Ok(t) => Arc::new(t),
-        Err(e) => return fail(&format!("cannot create the termination eventfd: {e}")),
-    };
-    let for_signals = terminator.clone();
-    if let Err(e) = std::thread::Builder::new()
-        .name("vub-signals".into())
-        .spawn(move || signal_thread(for_signals))
-    {
-        return fail(&format!("cannot start the signal thread: {e}"));
-    }
-    match run(&args.backend, args.keep_running, &terminator) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&chain(&e)),
-    }
+    daemon_main(
+        Program {
+            name: "vhost_user_block",
+            version: env!("CARGO_PKG_VERSION"),
+            signal_thread: "vub-signals",
+        },
+        vhost_user_block::run,
+    )
 }

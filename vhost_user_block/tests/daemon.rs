@@ -5,58 +5,28 @@
 // Test code: a panic is how a helper reports failure.
 #![allow(clippy::unwrap_used)]
 
-use std::fs::{self, File};
-use std::io::Read;
-use std::os::fd::FromRawFd;
-use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::fs;
+use std::path::Path;
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use net_util::testing::{Buf, TestDriver};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::Frontend;
+use vhost::VhostBackend;
+use vhost_user_daemon::testing::{
+    self, file_id, handshake, is_socket, Daemon, FrontendRing, HandshakeOptions, Scratch, TIMEOUT,
+};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 };
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::QueueT;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
-};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost_user_block");
 const IMAGE_SIZE: u64 = 1 << 20;
 const MEM_SIZE: usize = 4 << 20;
-const TIMEOUT: Duration = Duration::from_secs(10);
-const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!("vub-test-{tag}-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn file(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn image_byte(o: u64) -> u8 {
     (o as u8) ^ ((o >> 9) as u8) ^ 0x5a
@@ -68,138 +38,30 @@ fn write_image(path: &Path) -> Vec<u8> {
     data
 }
 
-/// A running daemon, killed on drop if still running.
-struct Daemon {
-    child: Option<Child>,
-    socket: PathBuf,
+/// Starts the daemon with `--block-backend <backend> <extra...> -v`.
+trait Start {
+    fn start(backend: &str, extra: &[&str], socket: &Path) -> Self;
 }
 
-impl Daemon {
+impl Start for Daemon {
     fn start(backend: &str, extra: &[&str], socket: &Path) -> Self {
         // A socket already there (a stale one the daemon is to replace) does not count.
-        let stale = inode(socket);
-        let child = Command::new(BIN)
-            .arg("--block-backend")
-            .arg(backend)
-            .args(extra)
-            .arg("-v")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut d = Daemon {
-            child: Some(child),
-            socket: socket.to_path_buf(),
-        };
-        d.wait_for_socket(stale);
+        let stale = file_id(socket);
+        let mut d = Daemon::spawn(
+            BIN,
+            &[&["--block-backend", backend], extra, &["-v"]].concat(),
+        );
+        d.wait_for_socket(socket, stale);
         d
     }
-
-    fn wait_for_socket(&mut self, stale: Option<(u64, i64, i64)>) {
-        let deadline = Instant::now() + TIMEOUT;
-        while !is_socket(&self.socket) || inode(&self.socket) == stale {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "daemon exited ({status}) before creating its socket: {}",
-                    self.stderr()
-                );
-            }
-            assert!(Instant::now() < deadline, "no socket after {TIMEOUT:?}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        let pid = self.child.as_ref().unwrap().id() as libc::pid_t;
-        // SAFETY: plain system call on our own child, which is not yet reaped.
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
-    }
-
-    /// Descriptors the daemon has open.
-    fn fd_count(&self) -> usize {
-        let pid = self.child.as_ref().unwrap().id();
-        fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
-    }
-
-    fn stderr(&mut self) -> String {
-        let mut s = String::new();
-        if let Some(mut e) = self.child.as_mut().and_then(|c| c.stderr.take()) {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    }
-
-    /// Waits for the exit; returns the status and stderr.
-    fn wait(mut self) -> (ExitStatus, String) {
-        let status = wait_timeout(self.child.as_mut().unwrap());
-        let err = self.stderr();
-        self.child = None;
-        (status, err)
-    }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Identifies one file at `p`: inode numbers are reused at once, so with the change time.
-fn inode(p: &Path) -> Option<(u64, i64, i64)> {
-    use std::os::unix::fs::MetadataExt;
-    fs::symlink_metadata(p)
-        .ok()
-        .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
-}
-
-fn is_socket(p: &Path) -> bool {
-    fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
-}
-
-fn wait_timeout(child: &mut Child) -> ExitStatus {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("daemon still running after {TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Runs the binary to completion with `args`.
 fn run_bin(args: &[&str]) -> (ExitStatus, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    testing::run_bin(BIN, args)
 }
 
 fn assert_one_error_line(args: &[&str], needle: &str) {
-    let (status, _, err) = run_bin(args);
-    assert_eq!(status.code(), Some(1), "{args:?}: {err}");
-    assert_eq!(
-        err.lines().count(),
-        1,
-        "{args:?}: one line expected: {err:?}"
-    );
-    assert!(
-        err.starts_with("vhost_user_block: error: ") && err.contains(needle),
-        "{args:?}: {err:?} lacks {needle:?}"
-    );
+    testing::assert_one_error_line(BIN, "vhost_user_block", args, needle);
 }
 
 #[test]
@@ -311,16 +173,7 @@ fn sigterm_while_waiting_removes_the_socket() {
 
 /// Guest memory in a memfd, shareable with the daemon.
 fn shared_memory() -> GuestMemoryMmap {
-    let name = c"vub-test-guest-ram";
-    // SAFETY: `name` is a valid C string; the flags are valid.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEM_SIZE as u64).unwrap();
-    let region = MmapRegion::from_file(FileOffset::new(file, 0), MEM_SIZE).unwrap();
-    let region = GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
-    GuestMemoryMmap::from_regions(vec![region]).unwrap()
+    testing::shared_memory(c"vub-test-guest-ram", MEM_SIZE)
 }
 
 /// One queue of a frontend session: rings written by a `TestDriver`, kick and call eventfds.
@@ -373,65 +226,27 @@ struct Session {
     features: u64,
 }
 
-/// The message sequence a VMM sends (QEMU's order): ownership, features, protocol features,
-/// queue count, configuration, acked features, memory table, then per ring NUM, ADDR, BASE,
-/// CALL, KICK, ENABLE.
+/// Connects and sets the device up as a VMM does ([`handshake`]).
 fn connect(socket: &Path, mem: &GuestMemoryMmap, num_queues: usize, event_idx: bool) -> Session {
     let mut frontend = Frontend::connect(socket, num_queues as u64).unwrap();
-    frontend.set_owner().unwrap();
-    let offered = frontend.get_features().unwrap();
-    assert_ne!(offered & PROTOCOL_FEATURES_BIT, 0);
-    let protocol = frontend.get_protocol_features().unwrap();
-    let wanted = VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::REPLY_ACK;
-    assert!(protocol.contains(wanted), "{protocol:?}");
-    assert!(!protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
-    frontend.set_protocol_features(wanted).unwrap();
-    assert_eq!(frontend.get_queue_num().unwrap(), num_queues as u64);
-    let (_, config) = frontend
-        .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
-        .unwrap();
-    let mut acked = offered;
-    if !event_idx {
-        acked &= !(1 << VIRTIO_RING_F_EVENT_IDX);
-    }
-    frontend.set_features(acked).unwrap();
-    let regions: Vec<_> = mem
-        .iter()
-        .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).unwrap())
-        .collect();
-    frontend.set_mem_table(&regions).unwrap();
-    let mut queues = Vec::new();
-    for i in 0..num_queues {
-        let area = 0x10_0000 + 0x8_0000 * i as u64;
-        let driver = TestDriver::new(mem, 64, area, 0x8_0000);
-        let q = driver.queue(event_idx);
-        let hva = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
-        let ring = VringConfigData {
-            queue_max_size: 128,
-            queue_size: 64,
-            flags: 0,
-            desc_table_addr: hva(q.desc_table()),
-            used_ring_addr: hva(q.used_ring()),
-            avail_ring_addr: hva(q.avail_ring()),
-            log_addr: None,
-        };
-        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-        let call = EventFd::new(EFD_NONBLOCK).unwrap();
-        frontend.set_vring_num(i, 64).unwrap();
-        frontend.set_vring_addr(i, &ring).unwrap();
-        frontend.set_vring_base(i, 0).unwrap();
-        frontend.set_vring_call(i, &call).unwrap();
-        frontend.set_vring_kick(i, &kick).unwrap();
-        frontend.set_vring_enable(i, true).unwrap();
-        queues.push(Queue { driver, kick, call });
-    }
+    let options = HandshakeOptions {
+        config_len: 60,
+        event_idx,
+        queue_max_size: 128,
+    };
+    let h = handshake(&mut frontend, mem, num_queues, options);
+    assert!(!h
+        .protocol
+        .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+    let queues = h
+        .rings
+        .into_iter()
+        .map(|FrontendRing { driver, kick, call }| Queue { driver, kick, call });
     Session {
         frontend,
-        queues,
-        config,
-        features: offered,
+        queues: queues.collect(),
+        config: h.config,
+        features: h.offered,
     }
 }
 

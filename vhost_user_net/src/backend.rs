@@ -13,7 +13,6 @@
 
 use std::io;
 use std::ops::Deref;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -24,12 +23,11 @@ use vhost::vhost_user::message::{
     VHOST_USER_CONFIG_SIZE,
 };
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_daemon::ExitEvents;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 /// Guest memory as the backend crate shares it: the frontend's regions, replaced as a whole on
 /// every `SET_MEM_TABLE`. `B` is the dirty-page bitmap (`()`: no dirty logging).
@@ -62,17 +60,6 @@ pub enum BackendError {
         #[source]
         source: io::Error,
     },
-}
-
-/// One worker's exit event: the crate polls the consumer, the daemon writes the notifier.
-type ExitEvent = (EventConsumer, EventNotifier);
-
-/// An exit event consumer handed to the crate: the descriptor number it got, and a duplicate
-/// of the same eventfd to recognise that descriptor by later.
-#[derive(Debug)]
-struct HandedOut {
-    fd: RawFd,
-    keeper: EventConsumer,
 }
 
 /// The data path state of one queue pair, kept between events.
@@ -111,8 +98,7 @@ pub struct NetBackend<B: Bitmap + 'static = ()> {
     mem: Mutex<GuestMemory<B>>,
     pairs: Vec<Mutex<PairState>>,
     acked: AtomicU64,
-    exit_events: Mutex<Vec<Option<ExitEvent>>>,
-    handed_out: Mutex<Vec<HandedOut>>,
+    exit_events: ExitEvents,
     event_idx: AtomicBool,
 }
 
@@ -150,13 +136,8 @@ impl<B: Bitmap + 'static> NetBackend<B> {
                 pairs: pairs.clamp(1, max_pairs),
             });
         }
-        let exit_events = (0..pairs)
-            .map(|thread| {
-                new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
-                    .map(Some)
-                    .map_err(|source| BackendError::ExitEvent { thread, source })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let exit_events = ExitEvents::new(pairs)
+            .map_err(|(thread, source)| BackendError::ExitEvent { thread, source })?;
         Ok(NetBackend {
             config: VirtioNetConfig::new(mac, pairs, mtu),
             features: net_util::features(pairs, mtu)
@@ -165,8 +146,7 @@ impl<B: Bitmap + 'static> NetBackend<B> {
             mem: Mutex::new(mem),
             pairs: (0..pairs).map(|_| Mutex::new(PairState::new(0))).collect(),
             acked: AtomicU64::new(0),
-            exit_events: Mutex::new(exit_events),
-            handed_out: Mutex::new(Vec::new()),
+            exit_events,
             event_idx: AtomicBool::new(false),
             taps,
         })
@@ -232,25 +212,8 @@ impl<B: Bitmap + 'static> NetBackend<B> {
     /// The `VhostUserDaemon` that used this backend must have been dropped, its worker threads
     /// joined: nothing may use the handed-out descriptors any more.
     pub unsafe fn close_orphaned_exit_events(&self) -> usize {
-        let handed_out = std::mem::take(
-            &mut *self
-                .handed_out
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        let mut closed = 0;
-        for h in handed_out {
-            if same_open_file(h.fd, h.keeper.as_raw_fd()) {
-                // SAFETY: `h.fd` is a descriptor this backend created and gave to the crate,
-                // which dropped every user of it (the caller guarantees), and which still
-                // refers to our eventfd, so it was not closed and reused for another file.
-                drop(unsafe { OwnedFd::from_raw_fd(h.fd) });
-                closed += 1;
-            } else {
-                debug!("exit event descriptor {} already closed", h.fd);
-            }
-        }
-        closed
+        // SAFETY: as the caller guarantees.
+        unsafe { self.exit_events.close_orphaned() }
     }
 
     /// Sends what the driver queued on the transmit ring of pair `pair` to its TAP.
@@ -384,25 +347,10 @@ impl<B: Bitmap + 'static> NetBackend<B> {
     }
 }
 
-/// Whether descriptors `a` and `b` of this process refer to the same open file description.
-/// False if the kernel cannot tell (`kcmp` unavailable).
-fn same_open_file(a: RawFd, b: RawFd) -> bool {
-    /// `KCMP_FILE` from `<linux/kcmp.h>`.
-    const KCMP_FILE: libc::c_long = 0;
-    // SAFETY: getpid has no preconditions.
-    let pid = libc::c_long::from(unsafe { libc::getpid() });
-    // SAFETY: kcmp compares two descriptors of our own process; no memory is passed.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_kcmp,
-            pid,
-            pid,
-            KCMP_FILE,
-            libc::c_long::from(a),
-            libc::c_long::from(b),
-        )
-    };
-    rc == 0
+impl<B: Bitmap + 'static> AsRef<ExitEvents> for NetBackend<B> {
+    fn as_ref(&self) -> &ExitEvents {
+        &self.exit_events
+    }
 }
 
 impl<B> VhostUserBackend for NetBackend<B>
@@ -504,30 +452,7 @@ where
     /// The crate asks once per worker when the daemon is created; without an exit event a
     /// worker never ends and dropping the daemon (which joins the workers) hangs.
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let taken = self
-            .exit_events
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_mut(thread_index)
-            .and_then(Option::take);
-        let (consumer, notifier) = match taken {
-            Some(event) => event,
-            None => new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
-                .map_err(|e| warn!("worker {thread_index}: cannot create an exit event: {e}"))
-                .ok()?,
-        };
-        match consumer.try_clone() {
-            Ok(keeper) => self
-                .handed_out
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(HandedOut {
-                    fd: consumer.as_raw_fd(),
-                    keeper,
-                }),
-            Err(e) => debug!("worker {thread_index}: cannot duplicate the exit event: {e}"),
-        }
-        Some((consumer, notifier))
+        self.exit_events.take(thread_index)
     }
 
     /// A kick on the pair's receive (event 0) or transmit (event 1) ring, a ring just enabled,

@@ -8,35 +8,28 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::fs::{self, File};
-use std::io::Read;
-use std::os::fd::FromRawFd;
-use std::os::unix::fs::FileTypeExt;
+use std::fs;
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use net_util::testing::{in_new_netns, Buf, PacketSocket, TestDriver};
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::vhost_user::Frontend;
+use vhost::VhostBackend;
+use vhost_user_daemon::testing::{
+    self, handshake, is_socket, Daemon, FrontendRing, HandshakeOptions, Scratch, TIMEOUT,
+};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::QueueT;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
-};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vhost_user_net");
 const MEM_SIZE: usize = 4 << 20;
-const TIMEOUT: Duration = Duration::from_secs(10);
-const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const HOST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];
 /// Local experimental EtherTypes, so other traffic on the TAP is easy to skip.
@@ -45,143 +38,31 @@ const ETHERTYPE_RX: u16 = 0x88b6;
 const VNET_HDR_LEN: usize = 12;
 const RX_BUF_LEN: u32 = 2048;
 
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!("vun-test-{tag}-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-    fn file(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
+/// Starts the daemon with `--net-backend <backend> <extra...> -vv`.
+trait Start {
+    /// With `wait_for`, waits until that socket exists.
+    fn start(backend: &str, extra: &[&str], wait_for: Option<&Path>) -> Self;
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A running daemon, killed on drop if still running.
-struct Daemon {
-    child: Option<Child>,
-}
-
-impl Daemon {
-    /// Starts the daemon; with `wait_for` it waits until that socket exists.
+impl Start for Daemon {
     fn start(backend: &str, extra: &[&str], wait_for: Option<&Path>) -> Self {
-        let child = Command::new(BIN)
-            .arg("--net-backend")
-            .arg(backend)
-            .args(extra)
-            .arg("-vv")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut d = Daemon { child: Some(child) };
+        let mut d = Daemon::spawn(
+            BIN,
+            &[&["--net-backend", backend], extra, &["-vv"]].concat(),
+        );
         if let Some(socket) = wait_for {
-            let deadline = Instant::now() + TIMEOUT;
-            while !is_socket(socket) {
-                if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
-                    panic!(
-                        "daemon exited ({status}) before creating its socket: {}",
-                        d.stderr()
-                    );
-                }
-                assert!(Instant::now() < deadline, "no socket after {TIMEOUT:?}");
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            d.wait_for_socket(socket, None);
         }
         d
     }
-
-    /// Descriptors the daemon has open.
-    fn fd_count(&self) -> usize {
-        let pid = self.child.as_ref().unwrap().id();
-        fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        let pid = self.child.as_ref().unwrap().id() as libc::pid_t;
-        // SAFETY: plain system call on our own child, which is not yet reaped.
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
-    }
-
-    fn stderr(&mut self) -> String {
-        let mut s = String::new();
-        if let Some(mut e) = self.child.as_mut().and_then(|c| c.stderr.take()) {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    }
-
-    /// Waits for the exit; returns the status and stderr.
-    fn wait(mut self) -> (ExitStatus, String) {
-        let child = self.child.as_mut().unwrap();
-        let deadline = Instant::now() + TIMEOUT;
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("daemon still running after {TIMEOUT:?}: {}", self.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let err = self.stderr();
-        self.child = None;
-        (status, err)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn is_socket(p: &Path) -> bool {
-    fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
 }
 
 fn run_bin(args: &[&str]) -> (ExitStatus, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    testing::run_bin(BIN, args)
 }
 
 fn assert_one_error_line(args: &[&str], needle: &str) {
-    let (status, _, err) = run_bin(args);
-    assert_eq!(status.code(), Some(1), "{args:?}: {err}");
-    assert_eq!(
-        err.lines().count(),
-        1,
-        "{args:?}: one line expected: {err:?}"
-    );
-    assert!(
-        err.starts_with("vhost_user_net: error: ") && err.contains(needle),
-        "{args:?}: {err:?} lacks {needle:?}"
-    );
+    testing::assert_one_error_line(BIN, "vhost_user_net", args, needle);
 }
 
 #[test]
@@ -232,16 +113,7 @@ fn quiet_netns() {
 
 /// Guest memory in a memfd, shareable with the daemon.
 fn shared_memory() -> GuestMemoryMmap {
-    let name = c"vun-test-guest-ram";
-    // SAFETY: `name` is a valid C string; the flags are valid.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEM_SIZE as u64).unwrap();
-    let region = MmapRegion::from_file(FileOffset::new(file, 0), MEM_SIZE).unwrap();
-    let region = GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
-    GuestMemoryMmap::from_regions(vec![region]).unwrap()
+    testing::shared_memory(c"vun-test-guest-ram", MEM_SIZE)
 }
 
 /// One queue of a frontend session: rings written by a `TestDriver`, kick and call eventfds.
@@ -321,65 +193,29 @@ struct Session {
     features: u64,
 }
 
-/// The message sequence a VMM sends (QEMU's order): ownership, features, protocol features,
-/// queue count, configuration, acked features, memory table, then per ring NUM, ADDR, BASE,
-/// CALL, KICK, ENABLE.
+/// Sets the device up as a VMM does ([`handshake`]), acking everything offered, EVENT_IDX and
+/// MRG_RXBUF included.
 fn setup(mut frontend: Frontend, mem: &GuestMemoryMmap, num_queues: usize) -> Session {
-    frontend.set_owner().unwrap();
-    let offered = frontend.get_features().unwrap();
-    assert_ne!(offered & PROTOCOL_FEATURES_BIT, 0);
-    let protocol = frontend.get_protocol_features().unwrap();
-    let wanted = VhostUserProtocolFeatures::MQ
-        | VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::REPLY_ACK;
-    assert!(protocol.contains(wanted), "{protocol:?}");
-    frontend.set_protocol_features(wanted).unwrap();
-    assert_eq!(frontend.get_queue_num().unwrap(), num_queues as u64);
-    let (_, config) = frontend
-        .get_config(0, 24, VhostUserConfigFlags::WRITABLE, &[0u8; 24])
-        .unwrap();
-    // Everything offered, EVENT_IDX and MRG_RXBUF included.
-    frontend.set_features(offered).unwrap();
-    let regions: Vec<_> = mem
-        .iter()
-        .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r).unwrap())
-        .collect();
-    frontend.set_mem_table(&regions).unwrap();
-    let mut queues = Vec::new();
-    for i in 0..num_queues {
-        let area = 0x10_0000 + 0x8_0000 * i as u64;
-        let driver = TestDriver::new(mem, 64, area, 0x8_0000);
-        let q = driver.queue(true);
-        let hva = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
-        let ring = VringConfigData {
-            queue_max_size: 256,
-            queue_size: 64,
-            flags: 0,
-            desc_table_addr: hva(q.desc_table()),
-            used_ring_addr: hva(q.used_ring()),
-            avail_ring_addr: hva(q.avail_ring()),
-            log_addr: None,
-        };
-        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-        let call = EventFd::new(EFD_NONBLOCK).unwrap();
-        frontend.set_vring_num(i, 64).unwrap();
-        frontend.set_vring_addr(i, &ring).unwrap();
-        frontend.set_vring_base(i, 0).unwrap();
-        frontend.set_vring_call(i, &call).unwrap();
-        frontend.set_vring_kick(i, &kick).unwrap();
-        frontend.set_vring_enable(i, true).unwrap();
-        queues.push(Queue {
+    let options = HandshakeOptions {
+        config_len: 24,
+        event_idx: true,
+        queue_max_size: 256,
+    };
+    let h = handshake(&mut frontend, mem, num_queues, options);
+    let queues = h
+        .rings
+        .into_iter()
+        .map(|FrontendRing { driver, kick, call }| Queue {
             driver,
             kick,
             call,
             buffers: HashMap::new(),
         });
-    }
     Session {
         frontend,
-        queues,
-        config,
-        features: offered,
+        queues: queues.collect(),
+        config: h.config,
+        features: h.offered,
     }
 }
 

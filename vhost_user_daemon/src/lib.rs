@@ -1,0 +1,23 @@
+//! `vhost_user_daemon`: what the vhost-user backend daemons (`vhost_user_block`,
+//! `vhost_user_net`) share, so that each keeps only its backend and its option's keys.
+//!
+//! - [`socket`]: the listening socket ([`SocketFile`]), termination ([`Terminator`]) and the
+//!   common errors ([`DaemonError`]);
+//! - [`serve`]: the connection loop, generic over the daemon's [`Device`];
+//! - [`exit`]: the worker threads' exit events ([`ExitEvents`]);
+//! - [`cli`]: the command line, generic over the daemon's [`cli::BackendOption`];
+//! - [`program`]: the binaries' `main` (logger, signals, exit status);
+//! - `testing` (feature `test-utils`): the daemons' integration-test harness.
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod exit;
+pub mod program;
+pub mod serve;
+pub mod socket;
+#[cfg(feature = "test-utils")]
+pub mod testing;
+
+pub use exit::ExitEvents;
+pub use serve::{serve, serve_client, Device, GuestMemory};
+pub use socket::{DaemonError, SocketFile, Terminator};
