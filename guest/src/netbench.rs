@@ -107,8 +107,7 @@ fn bench(acpi: &Acpi, cmdline: &str, secs: u64) -> Result<StrBuf<300>, Why> {
     };
     let mut t = Transport::probe(bus.mech, f)?;
     let name = "virtio.net0";
-    let Some((mut queues, _)) =
-        stage2::bring_up(&mut t, name, 1, F_VERSION_1 | F_MAC, 2, apic_id)
+    let Some((mut queues, _)) = stage2::bring_up(&mut t, name, 1, F_VERSION_1 | F_MAC, 2, apic_id)
     else {
         return Err(why!("virtio-net initialisation failed"));
     };
@@ -235,10 +234,7 @@ fn run_size(
         while let Some(u) = q.pop_used() {
             let k = slot_of.get(u.id as usize).copied().unwrap_or(usize::MAX);
             if !u.known || k == usize::MAX {
-                return Err(why!(
-                    "net.tx.{size}: the device returned bogus id {}",
-                    u.id
-                ));
+                return Err(why!("net.tx.{size}: the device returned bogus id {}", u.id));
             }
             slot_of[u.id as usize] = usize::MAX;
             batch += 1;
