@@ -168,9 +168,8 @@ pub fn process_queue_bounded<M: GuestMemory>(
         }
     }
     if outcome.completed > 0 {
-        outcome.needs_notification = queue
-            .needs_notification(mem)
-            .map_err(QueueError::Notification)?;
+        outcome.needs_notification =
+            virtio_chain::needs_notification(queue, mem).map_err(QueueError::Notification)?;
     }
     Ok(outcome)
 }

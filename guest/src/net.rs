@@ -202,8 +202,7 @@ pub fn run(mut t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
         wanted &= !F_MRG_RXBUF;
     }
     // Device configuration starts with u8 mac[6].
-    let Some((mut queues, msix_err)) = stage2::bring_up(&mut t, name, 1, wanted, 2, apic_id)
-    else {
+    let Some((mut queues, msix_err)) = stage2::bring_up(&mut t, name, 1, wanted, 2, apic_id) else {
         return;
     };
     let mac = check_mac(&t, name, key("mac"));

@@ -81,7 +81,5 @@ pub(crate) fn needs_notification<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
 ) -> Result<bool, NetQueueError> {
-    queue
-        .needs_notification(mem)
-        .map_err(NetQueueError::Notification)
+    virtio_chain::needs_notification(queue, mem).map_err(NetQueueError::Notification)
 }

@@ -122,9 +122,7 @@ impl ConsoleQueues {
         if !used_any {
             return Ok(false);
         }
-        q.queue
-            .needs_notification(&*mem)
-            .map_err(|e| format!("used ring: {e}"))
+        virtio_chain::needs_notification(&mut q.queue, &*mem).map_err(|e| format!("used ring: {e}"))
     }
 }
 
@@ -186,9 +184,7 @@ impl QueueHandler for ConsoleQueues {
         if !used_any {
             return Ok(false);
         }
-        q.queue
-            .needs_notification(&*mem)
-            .map_err(|e| format!("used ring: {e}"))
+        virtio_chain::needs_notification(&mut q.queue, &*mem).map_err(|e| format!("used ring: {e}"))
     }
 }
 

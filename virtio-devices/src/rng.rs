@@ -68,9 +68,7 @@ impl QueueHandler for RngQueue {
         if !used_any {
             return Ok(false);
         }
-        q.queue
-            .needs_notification(&*mem)
-            .map_err(|e| format!("used ring: {e}"))
+        virtio_chain::needs_notification(&mut q.queue, &*mem).map_err(|e| format!("used ring: {e}"))
     }
 }
 

@@ -44,5 +44,8 @@ mod split;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
+pub mod notify;
+
+pub use notify::needs_notification;
 pub use sg::{SgCursor, SgError, SgList};
 pub use split::{split, ChainError, MalformedChain, Split};
