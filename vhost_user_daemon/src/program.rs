@@ -4,9 +4,8 @@
 //! Exit status 0 after the frontend disconnects (or, with `--keep-running`, on SIGTERM/SIGINT),
 //! 1 with one error line on stderr otherwise.
 
-use std::io::Write;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cli::{parse_args, usage, BackendOption, Command};
@@ -23,50 +22,8 @@ pub struct Program {
     pub signal_thread: &'static str,
 }
 
-/// `[  12.345 ms LEVEL thread] message` on stderr, time from process start.
-struct Logger {
-    start: Instant,
-    out: Mutex<std::io::Stderr>,
-}
-
-impl log::Log for Logger {
-    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.level() <= log::max_level()
-    }
-
-    fn log(&self, record: &log::Record<'_>) {
-        if !self.enabled(record.metadata()) {
-            return;
-        }
-        let ms = self.start.elapsed().as_secs_f64() * 1e3;
-        let thread = std::thread::current();
-        let name = thread.name().unwrap_or("?");
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(
-            out,
-            "[{ms:10.3} ms {:5} {name}] {}",
-            record.level(),
-            record.args()
-        );
-    }
-
-    fn flush(&self) {}
-}
-
 fn init_logger(verbose: u8) {
-    let level = match verbose {
-        0 => log::LevelFilter::Warn,
-        1 => log::LevelFilter::Info,
-        2 => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Trace,
-    };
-    let logger = Logger {
-        start: Instant::now(),
-        out: Mutex::new(std::io::stderr()),
-    };
-    if log::set_boxed_logger(Box::new(logger)).is_ok() {
-        log::set_max_level(level);
-    }
+    nimbus_log::init(Instant::now(), verbose, Box::new(std::io::stderr()));
 }
 
 /// `outer: cause: root`, skipping causes the text already contains.

@@ -5,7 +5,6 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod interrupts;
-pub mod logger;
 pub mod memory;
 pub mod pci_devices;
 pub mod serial_input;

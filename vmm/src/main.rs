@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         },
         None => Box::new(std::io::stderr()),
     };
-    vmm::logger::init(start, cli.verbose, log_out);
+    nimbus_log::init(start, cli.verbose, log_out);
 
     let config = match cli.vm_config() {
         Ok(c) => c,

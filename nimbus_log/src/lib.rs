@@ -1,5 +1,6 @@
-//! A small logger: `[  12.345 ms LEVEL target] message` to stderr or a file, with the time
+//! The log format of every Nimbus process (the VMM and the vhost-user daemons): `[  12.345 ms LEVEL target] message` to stderr or a file, with the time
 //! measured from process start.
+#![deny(missing_docs)]
 
 use std::io::Write;
 use std::sync::Mutex;
