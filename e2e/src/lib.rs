@@ -584,10 +584,16 @@ pub fn run_vm(cmd: Command, timeout: Duration) -> VmRun {
 ///
 /// # Panics
 /// If the process cannot be started.
-pub fn spawn_vm(mut cmd: Command) -> RunningVm {
+pub fn spawn_vm(cmd: Command) -> RunningVm {
     let serial = VM_LOCK
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
+    spawn_holding(cmd, serial)
+}
+
+/// Starts `cmd` as a VM (own process group, killed with the test process, output collected),
+/// holding `guard` (a run slot) for as long as the VM runs.
+fn spawn_holding(mut cmd: Command, guard: std::sync::MutexGuard<'static, ()>) -> RunningVm {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -614,7 +620,7 @@ pub fn spawn_vm(mut cmd: Command) -> RunningVm {
         stdout,
         stderr,
         start,
-        _serial: serial,
+        _serial: guard,
     }
 }
 
@@ -2203,13 +2209,12 @@ pub use parallel_vms::{spawn_vm_parallel, LineMatch, PARALLEL_VMS};
 
 /// [`spawn_vm_parallel`] and [`RunningVm::wait_for_line_after`].
 mod parallel_vms {
-    use std::os::unix::process::CommandExt;
-    use std::process::{Command, Stdio};
+    use std::process::Command;
     use std::sync::{Mutex, MutexGuard};
     use std::thread;
     use std::time::{Duration, Instant};
 
-    use super::{Collector, RunningVm};
+    use super::RunningVm;
 
     /// How many VMs [`spawn_vm_parallel`] lets run at once in one test process.
     pub const PARALLEL_VMS: usize = 2;
@@ -2225,36 +2230,8 @@ mod parallel_vms {
     ///
     /// # Panics
     /// If the process cannot be started.
-    pub fn spawn_vm_parallel(mut cmd: Command) -> RunningVm {
-        let slot = take_slot();
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        cmd.process_group(0);
-        // SAFETY: the closure runs in the child between fork and exec and only
-        // makes the prctl system call, which is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let start = Instant::now();
-        let mut child = match cmd.spawn() {
-            Ok(child) => child,
-            Err(e) => panic!("cannot start {:?}: {e}", cmd.get_program()),
-        };
-        let stdout = Collector::start(child.stdout.take());
-        let stderr = Collector::start(child.stderr.take());
-        RunningVm {
-            child: Some(child),
-            stdout,
-            stderr,
-            start,
-            _serial: slot,
-        }
+    pub fn spawn_vm_parallel(cmd: Command) -> RunningVm {
+        super::spawn_holding(cmd, take_slot())
     }
 
     fn take_slot() -> MutexGuard<'static, ()> {
