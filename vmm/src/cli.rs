@@ -306,6 +306,32 @@ mod tests {
         }
         assert!(parse(&["--kernel", "/k", "--net", "tap=t,ip=10.0.0"]).is_err());
         assert!(parse(&["--kernel", "/k", "--net", "fd=x"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--net", "vhost_mode=sideways"]).is_err());
+    }
+
+    #[test]
+    fn vhost_user_net_modes() {
+        use crate::config::VhostMode;
+        let c = parse(&[
+            "--kernel",
+            "/k",
+            "--net",
+            "vhost_user=on,socket=/s1",
+            "vhost_user=on,socket=/s2,vhost_mode=server",
+            "vhost_user=on,socket=/s3,vhost_mode=client",
+        ])
+        .expect("config");
+        let modes: Vec<_> = c.net.iter().flatten().map(|n| n.vhost_mode).collect();
+        assert_eq!(
+            modes,
+            [VhostMode::Client, VhostMode::Server, VhostMode::Client]
+        );
+        // Cloud Hypervisor's JSON spelling.
+        let n: crate::config::NetConfig = serde_json::from_str(
+            r#"{"vhost_user":true,"vhost_socket":"/s","vhost_mode":"Server"}"#,
+        )
+        .expect("json");
+        assert_eq!(n.vhost_mode, VhostMode::Server);
     }
 
     #[test]

@@ -12,9 +12,10 @@ use std::time::Instant;
 use arch::x86_64::{acpi, boot, cpu, cpuid, layout};
 use devices::Bus;
 use hypervisor::{Hypervisor, Vcpu};
+use virtio_devices::vhost_user::Endpoint;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{ConfigError, ConsoleConfig, ConsoleOutputMode, VmConfig};
+use crate::config::{ConfigError, ConsoleConfig, ConsoleOutputMode, VhostMode, VmConfig};
 use crate::control::{VmControl, VmEvent};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::pci_devices::{PciDevices, PciError};
@@ -247,9 +248,20 @@ fn open_nets(config: &VmConfig) -> Result<Vec<OpenNet>, VmError> {
     for (i, n) in config.net.iter().flatten().enumerate() {
         if n.vhost_user {
             let socket = n.vhost_socket.clone().unwrap_or_default();
-            let dev =
-                virtio_devices::vhost_user::net::connect(&socket, n.queue_size, format!("_net{i}"))
-                    .map_err(|source| VmError::VhostUser { socket, source })?;
+            let err = |source| VmError::VhostUser {
+                socket: socket.clone(),
+                source,
+            };
+            let endpoint = match n.vhost_mode {
+                VhostMode::Client => Endpoint::Connect(socket.clone().into()),
+                VhostMode::Server => Endpoint::listen(socket.as_ref()).map_err(err)?,
+            };
+            let dev = virtio_devices::vhost_user::net::connect(
+                endpoint,
+                n.queue_size,
+                format!("_net{i}"),
+            )
+            .map_err(err)?;
             nets.push(OpenNet::VhostUser(dev));
             continue;
         }
@@ -315,7 +327,7 @@ fn open_fs(config: &VmConfig) -> Result<Vec<virtio_devices::vhost_user::VhostUse
     for (i, f) in config.fs.iter().flatten().enumerate() {
         let socket = f.socket.display().to_string();
         let dev = virtio_devices::vhost_user::fs::connect(
-            &socket,
+            Endpoint::Connect(f.socket.clone()),
             &f.tag,
             f.num_queues as u16,
             f.queue_size,
@@ -333,7 +345,7 @@ fn open_disks(config: &VmConfig) -> Result<Vec<OpenDisk>, VmError> {
         if d.vhost_user {
             let socket = d.vhost_socket.clone().unwrap_or_default();
             let dev = virtio_devices::vhost_user::blk::connect(
-                &socket,
+                Endpoint::Connect(socket.clone().into()),
                 d.num_queues as u16,
                 d.queue_size,
                 format!("_disk{i}"),

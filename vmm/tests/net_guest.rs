@@ -188,42 +188,71 @@ fn vhost_user_net_daemon_carries_frames() {
     if !require_kvm("vhost_user_net_daemon_carries_frames") {
         return;
     }
-    let ns = NetNs::new("vun");
-    let dir = e2e::ScratchDir::new("vhost-user-net");
-    let socket = dir.file("net.sock");
-    let mac = [0x52, 0x54, 0x00, 0xab, 0xcd, 0x30];
-    let mut daemon = Command::new(e2e::workspace_binary(
-        "vhost_user_net",
-        "NIMBUS_VHOST_USER_NET",
-    ));
-    daemon.args([
-        "--net-backend",
-        &format!(
-            "ip=192.168.249.1,mask=255.255.255.0,mac={},socket={},tap=nimbus-vun0",
-            format_mac(mac),
-            socket.display()
-        ),
-    ]);
-    let mut daemon = ns
-        .wrap(daemon)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.file("daemon.log")).expect("log"))
-        .spawn()
-        .expect("start vhost_user_net");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "vhost_user_net created no socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    vhost_user_net_exchange("vun", false);
+}
+
+/// The same with the socket the other way round (`--net vhost_mode=server`, daemon
+/// `client=on`), the mode Kata uses: Nimbus creates the socket and waits for the daemon.
+#[test]
+fn vhost_user_net_daemon_connects_to_nimbus() {
+    if !require_kvm("vhost_user_net_daemon_connects_to_nimbus") {
+        return;
     }
+    vhost_user_net_exchange("vus", true);
+}
+
+/// Boots the guest with a vhost-user-net interface served by `vhost_user_net` in namespace
+/// `tag`, with Nimbus as the socket's server when `nimbus_listens`, and checks frames both ways.
+fn vhost_user_net_exchange(tag: &str, nimbus_listens: bool) {
+    let ns = NetNs::new(tag);
+    let dir = e2e::ScratchDir::new(&format!("vhost-user-net-{tag}"));
+    let socket = dir.file("net.sock");
+    let tap = format!("nimbus-{tag}0");
+    let mac = [0x52, 0x54, 0x00, 0xab, 0xcd, 0x30];
+    let wait_for_socket = |who: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{who} created no socket"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let start_daemon = || {
+        let mut daemon = Command::new(e2e::workspace_binary(
+            "vhost_user_net",
+            "NIMBUS_VHOST_USER_NET",
+        ));
+        daemon.args([
+            "--net-backend",
+            &format!(
+                "ip=192.168.249.1,mask=255.255.255.0,mac={},socket={},tap={tap},client={}",
+                format_mac(mac),
+                socket.display(),
+                if nimbus_listens { "on" } else { "off" }
+            ),
+        ]);
+        ns.wrap(daemon)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.file("daemon.log")).expect("log"))
+            .spawn()
+            .expect("start vhost_user_net")
+    };
+    let mut daemon = if nimbus_listens {
+        None
+    } else {
+        let d = start_daemon();
+        wait_for_socket("vhost_user_net");
+        Some(d)
+    };
     let cmdline = format!(
         "{} expect.virtio=net:1,rng:1 net0.mac={} net0.rx.count=2 net0.tx.count=4",
         stage1_cmdline(1, 256 << 20),
         format_mac(mac)
     );
+    let mode = if nimbus_listens { "server" } else { "client" };
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
     cmd.arg("--kernel").arg(guest_elf()).args([
         "--memory",
@@ -235,11 +264,19 @@ fn vhost_user_net_daemon_carries_frames() {
         "--cmdline",
         &cmdline,
         "--net",
-        &format!("vhost_user=on,socket={}", socket.display()),
+        &format!(
+            "vhost_user=on,socket={},vhost_mode={mode}",
+            socket.display()
+        ),
     ]);
     let vm = spawn_vm(cmd);
+    if nimbus_listens {
+        wait_for_socket("Nimbus (vhost_mode=server)");
+        daemon = Some(start_daemon());
+    }
+    let mut daemon = daemon.expect("daemon started");
     let x = NetExchange {
-        tap: "nimbus-vun0".into(),
+        tap: tap.clone(),
         guest_mac: mac,
         rx_count: 2,
         tx_count: 4,
@@ -262,7 +299,15 @@ fn vhost_user_net_daemon_carries_frames() {
         Some(0),
         "daemon exit after Nimbus disconnected; log:\n{log}"
     );
-    assert!(!socket.exists(), "the daemon must remove its socket");
+    assert!(
+        !socket.exists(),
+        "the socket's creator ({}) must remove it",
+        if nimbus_listens {
+            "Nimbus"
+        } else {
+            "the daemon"
+        }
+    );
 }
 
 /// Waits at most `timeout` for `child`, killing it after; its exit code.

@@ -5,7 +5,7 @@
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
-use super::{Connection, VhostUserDevice, VhostUserError};
+use super::{Backend, Endpoint, VhostUserDevice, VhostUserError};
 use crate::{device_type, VIRTIO_F_VERSION_1};
 
 /// Size of the virtio-blk configuration space read from the backend.
@@ -19,17 +19,23 @@ const SUPPORTED: u64 = 0x00ff_ffff
     | crate::VIRTIO_RING_F_EVENT_IDX
     | crate::VIRTIO_RING_F_INDIRECT_DESC;
 
-/// Connects to the backend at `socket`, with up to `num_queues` queues of `queue_size`.
+/// Connects to the backend at `endpoint`, with up to `num_queues` queues of `queue_size`.
 pub fn connect(
-    socket: &str,
+    endpoint: Endpoint,
     num_queues: u16,
     queue_size: u16,
     name: String,
 ) -> Result<VhostUserDevice, VhostUserError> {
     let wanted = VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
-        | VhostUserProtocolFeatures::REPLY_ACK;
-    let mut connection = Connection::connect(socket, u64::from(num_queues.max(1)), wanted)?;
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+    let backend = Backend {
+        endpoint,
+        max_queues: u64::from(num_queues.max(1)),
+        wanted,
+    };
+    let mut connection = backend.connect(true)?;
     if connection.features & VIRTIO_F_VERSION_1 == 0 {
         return Err(VhostUserError::Unsupported(
             "does not offer VIRTIO_F_VERSION_1".into(),
@@ -42,6 +48,7 @@ pub fn connect(
         connection.features &= !VIRTIO_BLK_F_MQ;
     }
     Ok(VhostUserDevice::new(
+        backend,
         connection,
         device_type::BLOCK,
         config,

@@ -1,15 +1,19 @@
-//! The device half every vhost-user frontend shares: the connection (kept across guest reboots),
-//! what was learnt from the backend, and the relay of its interrupts while the driver runs.
+//! The device half every vhost-user frontend shares: the link to the backend (kept across
+//! guest reboots and backend restarts), what was learnt from the backend, and the relay thread
+//! while the driver runs.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use super::Connection;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::relay::{error_chain, Link, Relay};
+use super::{Backend, Connection, Ring, Session, VhostUserError};
 use crate::worker::Worker;
-use crate::{read_config_bytes, ActivateError, Activation, VirtioDevice};
+use crate::{read_config_bytes, ActivateError, Activation, ActiveQueue, VirtioDevice};
 
 #[derive(Debug)]
 struct Shared {
-    connection: Mutex<Connection>,
+    link: Arc<Link>,
     device_type: u32,
     config: Vec<u8>,
     queue_sizes: Vec<u16>,
@@ -25,9 +29,11 @@ pub struct VhostUserDevice {
 }
 
 impl VhostUserDevice {
-    /// A device of `device_type` on `connection`, offering the connection's features, with
-    /// `config` as its configuration space and one queue per entry of `queue_sizes`.
+    /// A device of `device_type` on `connection` to `backend`, offering the connection's
+    /// features, with `config` as its configuration space and one queue per entry of
+    /// `queue_sizes`.
     pub(super) fn new(
+        backend: Backend,
         connection: Connection,
         device_type: u32,
         config: Vec<u8>,
@@ -36,7 +42,10 @@ impl VhostUserDevice {
     ) -> Self {
         let shared = Shared {
             features: connection.features,
-            connection: Mutex::new(connection),
+            link: Arc::new(Link {
+                backend,
+                connection: std::sync::Mutex::new(Some(connection)),
+            }),
             device_type,
             config,
             queue_sizes,
@@ -48,20 +57,13 @@ impl VhostUserDevice {
         }
     }
 
-    /// A device for a new VM instance on the same backend connection.
+    /// A device for a new VM instance on the same backend link.
     pub fn fresh(&self) -> Self {
         Self {
             shared: self.shared.clone(),
             name: self.name.clone(),
             relay: None,
         }
-    }
-
-    fn connection(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.shared
-            .connection
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -86,15 +88,98 @@ impl VirtioDevice for VhostUserDevice {
         if a.queues.is_empty() {
             return Err(ActivateError::InvalidSetup("no queue enabled".into()));
         }
-        let relay = self.connection().start(a, &self.name)?;
-        self.relay = Some(relay);
+        let mut rings = Vec::with_capacity(a.queues.len());
+        let mut calls = Vec::with_capacity(a.queues.len());
+        let mut bases = Vec::with_capacity(a.queues.len());
+        for q in a.queues {
+            use virtio_queue::QueueT;
+            let call = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Resource)?;
+            let ring = &q.queue;
+            rings.push(Ring {
+                index: q.index,
+                size: ring.size(),
+                max_size: ring.max_size(),
+                desc: ring.desc_table(),
+                avail: ring.avail_ring(),
+                used: ring.used_ring(),
+                kick: q.kick,
+                call: call.try_clone().map_err(ActivateError::Resource)?,
+            });
+            bases.push(ring.next_avail());
+            // The relay waits on the call eventfd in the queue's place.
+            calls.push(ActiveQueue {
+                index: q.index,
+                queue: q.queue,
+                kick: call,
+            });
+        }
+        let sizes = &self.shared.queue_sizes;
+        let mut session = Session {
+            mem: a.mem.clone(),
+            features: a.features,
+            rings,
+            inflight_shape: (sizes.len() as u16, sizes.iter().copied().max().unwrap_or(0)),
+            inflight: None,
+        };
+        let link = &self.shared.link;
+        let mut connection = link.connection();
+        if connection.is_none() {
+            *connection = link.backend.connect(false).ok();
+        }
+        let started = match connection.as_mut() {
+            Some(c) => match c.start(&mut session, &bases) {
+                Ok(()) => true,
+                Err(VhostUserError::Setup(m)) => return Err(ActivateError::InvalidSetup(m)),
+                Err(e) => {
+                    log::warn!(
+                        "{}: the vhost-user backend at {} failed the device's setup: {}; reconnecting",
+                        self.name,
+                        link.backend.endpoint.path().display(),
+                        error_chain(&e)
+                    );
+                    *connection = None;
+                    false
+                }
+            },
+            None => {
+                log::warn!(
+                    "{}: the vhost-user backend at {} is away; the device waits for it",
+                    self.name,
+                    link.backend.endpoint.path().display()
+                );
+                false
+            }
+        };
+        drop(connection);
+        let relay = Relay::new(
+            link.clone(),
+            session,
+            self.name.clone(),
+            started,
+            u32::from(!started),
+        )
+        .map_err(ActivateError::Resource)?;
+        let activation = Activation {
+            mem: a.mem,
+            features: a.features,
+            interrupt: a.interrupt,
+            queues: calls,
+        };
+        self.relay = Some(Worker::start(&self.name, Box::new(relay), activation)?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if self.relay.take().is_some() {
+        if let Some(relay) = self.relay.take() {
+            // The relay (and the session it holds) goes first: it may be reconnecting.
+            drop(relay);
             let queues = self.shared.queue_sizes.len();
-            self.connection().stop(queues);
+            let mut connection = self.shared.link.connection();
+            if let Some(c) = connection.as_mut() {
+                if !c.stop(queues) {
+                    *connection = None;
+                }
+            }
         }
     }
 }

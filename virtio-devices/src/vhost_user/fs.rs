@@ -5,7 +5,7 @@
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
-use super::{Connection, VhostUserDevice, VhostUserError};
+use super::{Backend, Endpoint, VhostUserDevice, VhostUserError};
 use crate::VIRTIO_F_VERSION_1;
 
 /// virtio device type of virtio-fs.
@@ -17,9 +17,9 @@ pub const TAG_LEN: usize = 36;
 const SUPPORTED: u64 =
     VIRTIO_F_VERSION_1 | crate::VIRTIO_RING_F_EVENT_IDX | crate::VIRTIO_RING_F_INDIRECT_DESC;
 
-/// Connects to the backend at `socket`; the guest mounts the file system by `tag`.
+/// Connects to the backend at `endpoint`; the guest mounts the file system by `tag`.
 pub fn connect(
-    socket: &str,
+    endpoint: Endpoint,
     tag: &str,
     request_queues: u16,
     queue_size: u16,
@@ -32,7 +32,12 @@ pub fn connect(
     }
     let queues = 1 + request_queues.max(1);
     let wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
-    let mut connection = Connection::connect(socket, u64::from(queues), wanted)?;
+    let backend = Backend {
+        endpoint,
+        max_queues: u64::from(queues),
+        wanted,
+    };
+    let mut connection = backend.connect(true)?;
     if connection.features & VIRTIO_F_VERSION_1 == 0 {
         return Err(VhostUserError::Unsupported(
             "does not offer VIRTIO_F_VERSION_1".into(),
@@ -43,6 +48,7 @@ pub fn connect(
     config[..tag.len()].copy_from_slice(tag.as_bytes());
     config[TAG_LEN..].copy_from_slice(&u32::from(queues - 1).to_le_bytes());
     Ok(VhostUserDevice::new(
+        backend,
         connection,
         VIRTIO_ID_FS,
         config,

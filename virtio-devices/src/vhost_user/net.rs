@@ -5,7 +5,7 @@
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
-use super::{Connection, VhostUserDevice, VhostUserError};
+use super::{Backend, Endpoint, VhostUserDevice, VhostUserError};
 use crate::{device_type, VIRTIO_F_VERSION_1};
 
 /// Size of the virtio-net configuration space read from the backend.
@@ -18,16 +18,21 @@ const SUPPORTED: u64 = (0x00ff_ffff & !VIRTIO_NET_F_CTRL_VQ & !VIRTIO_NET_F_MQ)
     | crate::VIRTIO_RING_F_EVENT_IDX
     | crate::VIRTIO_RING_F_INDIRECT_DESC;
 
-/// Connects to the backend at `socket` (one queue pair of `queue_size`).
+/// Connects to the backend at `endpoint` (one queue pair of `queue_size`).
 pub fn connect(
-    socket: &str,
+    endpoint: Endpoint,
     queue_size: u16,
     name: String,
 ) -> Result<VhostUserDevice, VhostUserError> {
     let wanted = VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK;
-    let mut connection = Connection::connect(socket, 2, wanted)?;
+    let backend = Backend {
+        endpoint,
+        max_queues: 2,
+        wanted,
+    };
+    let mut connection = backend.connect(true)?;
     if connection.features & VIRTIO_F_VERSION_1 == 0 {
         return Err(VhostUserError::Unsupported(
             "does not offer VIRTIO_F_VERSION_1".into(),
@@ -46,6 +51,7 @@ pub fn connect(
     }
     connection.features &= SUPPORTED;
     Ok(VhostUserDevice::new(
+        backend,
         connection,
         device_type::NET,
         config,

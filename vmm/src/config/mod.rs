@@ -320,6 +320,18 @@ fn default_true() -> bool {
     true
 }
 
+/// Which side of a vhost-user socket listens (CH `VhostMode`; CLI `client`/`server`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VhostMode {
+    /// The backend listens, Nimbus connects.
+    #[default]
+    #[serde(alias = "client")]
+    Client,
+    /// Nimbus listens, the backend connects (e.g. `vhost_user_net --net-backend client=on`).
+    #[serde(alias = "server")]
+    Server,
+}
+
 /// A virtio-net interface over a TAP (CH `NetConfig`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
@@ -356,6 +368,9 @@ pub struct NetConfig {
     /// vhost-user socket (CLI: `socket=`).
     #[serde(default, alias = "socket")]
     pub vhost_socket: Option<String>,
+    /// Who creates the vhost-user socket.
+    #[serde(default)]
+    pub vhost_mode: VhostMode,
     /// Device identifier.
     #[serde(default)]
     pub id: Option<String>,

@@ -1,0 +1,265 @@
+//! The thread that serves a running vhost-user device: it turns the backend's call eventfds
+//! into interrupts, and it watches the backend's socket. When the backend goes away the device
+//! keeps its [`Session`] and waits — on a retry timer (Nimbus connects) or on its listening
+//! socket (the backend connects) — then hands the session to the new backend with every ring
+//! resuming at the used index in guest memory: what the old backend completed stays completed,
+//! everything after it is served again. Backends that complete requests in order
+//! (`vhost_user_block`, `vhost_user_net`) need nothing more; backends that keep an inflight
+//! area (`INFLIGHT_SHMFD`, e.g. `qemu-storage-daemon`) get it back and resubmit from it.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::{Backend, Connection, Session, VhostUserError};
+use crate::worker::QueueHandler;
+use crate::{ActiveQueue, GuestMemoryAtomic};
+
+/// How often a client retries a backend that went away.
+const RETRY_INTERVAL: Duration = Duration::from_millis(200);
+/// Backends that accept the connection and then refuse the setup this many times in a row
+/// are given up on (the device then needs a reset).
+const MAX_REFUSALS: u32 = 3;
+
+const SOCKET: u64 = 0;
+const RETRY: u64 = 1;
+
+/// A device's way to its backend: the address and the current connection (none while the
+/// backend is away).
+#[derive(Debug)]
+pub(super) struct Link {
+    pub(super) backend: Backend,
+    pub(super) connection: Mutex<Option<Connection>>,
+}
+
+impl Link {
+    pub(super) fn connection(&self) -> MutexGuard<'_, Option<Connection>> {
+        self.connection.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn path(&self) -> std::path::Display<'_> {
+        self.backend.endpoint.path().display()
+    }
+}
+
+/// What the relay waits for besides calls.
+enum Watch {
+    /// The connected backend's socket, for a hang-up.
+    Socket(RawFd),
+    /// The retry timer (client) or the listening socket (server), for a backend coming back.
+    Retry(Option<TimerFd>),
+}
+
+/// The [`QueueHandler`] of a vhost-user device's relay thread. Its queues' "kicks" are the
+/// backend's call eventfds.
+pub(super) struct Relay {
+    link: Arc<Link>,
+    session: Session,
+    name: String,
+    poll: Epoll,
+    watch: Watch,
+    refusals: u32,
+}
+
+impl Relay {
+    /// A relay for `session`, running on the link's connection when `connected`, else waiting
+    /// for the backend.
+    pub(super) fn new(
+        link: Arc<Link>,
+        session: Session,
+        name: String,
+        connected: bool,
+        refusals: u32,
+    ) -> std::io::Result<Self> {
+        let mut relay = Self {
+            link,
+            session,
+            name,
+            poll: Epoll::new()?,
+            watch: Watch::Retry(None),
+            refusals,
+        };
+        if connected {
+            relay.watch_socket()?;
+        } else {
+            relay.wait_for_backend()?;
+        }
+        Ok(relay)
+    }
+
+    fn watch_socket(&mut self) -> std::io::Result<()> {
+        let Some(fd) = self.link.connection().as_ref().map(Connection::raw_fd) else {
+            return self.wait_for_backend();
+        };
+        // Only a hang-up: replies are read by whoever sent the request.
+        let hangup = EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR;
+        self.poll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(hangup, SOCKET))?;
+        self.watch = Watch::Socket(fd);
+        Ok(())
+    }
+
+    fn wait_for_backend(&mut self) -> std::io::Result<()> {
+        let (fd, timer) = match self.link.backend.endpoint.listener_fd() {
+            Some(fd) => (fd, None),
+            None => {
+                let mut timer = TimerFd::new()?;
+                timer.reset(RETRY_INTERVAL, Some(RETRY_INTERVAL))?;
+                (timer.as_raw_fd(), Some(timer))
+            }
+        };
+        self.poll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, RETRY),
+        )?;
+        self.watch = Watch::Retry(timer);
+        Ok(())
+    }
+
+    fn unwatch(&mut self) {
+        let fd = match &self.watch {
+            Watch::Socket(fd) => Some(*fd),
+            Watch::Retry(Some(timer)) => Some(timer.as_raw_fd()),
+            Watch::Retry(None) => self.link.backend.endpoint.listener_fd(),
+        };
+        if let Some(fd) = fd {
+            let _ = self
+                .poll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+        self.watch = Watch::Retry(None);
+    }
+
+    fn disconnected(&mut self) -> Result<(), String> {
+        self.unwatch();
+        *self.link.connection() = None;
+        log::warn!(
+            "{}: the vhost-user backend at {} went away; waiting for it to come back (the guest's requests wait)",
+            self.name,
+            self.link.path()
+        );
+        self.wait_for_backend()
+            .map_err(|e| format!("cannot wait for the backend: {e}"))
+    }
+
+    /// One attempt to get the backend back. Returns the queues to interrupt.
+    fn reconnect(
+        &mut self,
+        queues: &[ActiveQueue],
+        mem: &GuestMemoryAtomic,
+    ) -> Result<Vec<u16>, String> {
+        if let Watch::Retry(Some(timer)) = &mut self.watch {
+            let _ = timer.wait();
+        }
+        let mut connection = match self.link.backend.connect(false) {
+            Ok(c) => c,
+            Err(VhostUserError::Connect { .. }) => return Ok(Vec::new()),
+            Err(e) => {
+                log::warn!("{}: {}: {}", self.name, self.link.path(), error_chain(&e));
+                return Ok(Vec::new());
+            }
+        };
+        // Every ring resumes where the backend's completions stopped.
+        let m = mem.memory();
+        let mut bases = Vec::with_capacity(queues.len());
+        let mut resubmitted = 0u32;
+        for q in queues {
+            let used = q.queue.used_idx(&*m, Ordering::Acquire);
+            let avail = q.queue.avail_idx(&*m, Ordering::Acquire);
+            let (Ok(used), Ok(avail)) = (used, avail) else {
+                return Err(format!("queue {}: rings unreadable", q.index));
+            };
+            bases.push(used.0);
+            resubmitted += u32::from((avail - used).0);
+        }
+        drop(m);
+        match connection.start(&mut self.session, &bases) {
+            Ok(()) => {}
+            Err(VhostUserError::Setup(m)) => return Err(m),
+            Err(e) => {
+                self.refusals += 1;
+                log::warn!(
+                    "{}: the backend at {} is back but refused the device's setup ({}/{MAX_REFUSALS}): {}",
+                    self.name,
+                    self.link.path(),
+                    self.refusals,
+                    error_chain(&e)
+                );
+                if self.refusals >= MAX_REFUSALS {
+                    return Err("the backend keeps refusing the device's setup".into());
+                }
+                return Ok(Vec::new());
+            }
+        }
+        self.refusals = 0;
+        self.unwatch();
+        *self.link.connection() = Some(connection);
+        self.watch_socket()
+            .map_err(|e| format!("cannot watch the backend: {e}"))?;
+        // The old backend may have taken kicks it never served: look at every ring.
+        for ring in &self.session.rings {
+            let _ = ring.kick.write(1);
+        }
+        log::info!(
+            "{}: reconnected to the vhost-user backend at {}; rings resume at the used index, {resubmitted} request(s) in flight served again",
+            self.name,
+            self.link.path()
+        );
+        // Completions the old backend published without a notification.
+        Ok(queues.iter().map(|q| q.index).collect())
+    }
+}
+
+impl QueueHandler for Relay {
+    fn process(
+        &mut self,
+        _queue: &mut ActiveQueue,
+        _mem: &GuestMemoryAtomic,
+    ) -> Result<bool, String> {
+        // A call: interrupt the driver for this queue.
+        Ok(true)
+    }
+
+    fn extra_fd(&self) -> Option<RawFd> {
+        Some(self.poll.as_raw_fd())
+    }
+
+    fn on_extra(
+        &mut self,
+        queues: &mut [ActiveQueue],
+        mem: &GuestMemoryAtomic,
+    ) -> Result<Vec<u16>, String> {
+        let mut events = [EpollEvent::default(); 2];
+        let n = self
+            .poll
+            .wait(0, &mut events)
+            .map_err(|e| format!("epoll: {e}"))?;
+        let mut signal = Vec::new();
+        for ev in &events[..n] {
+            match ev.data() {
+                SOCKET => self.disconnected()?,
+                _ => signal.extend(self.reconnect(queues, mem)?),
+            }
+        }
+        Ok(signal)
+    }
+}
+
+/// An error with its causes, on one line.
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
