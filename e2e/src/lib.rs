@@ -645,8 +645,25 @@ impl RunningVm {
     /// If no such line appears in time or stdout ends (the VMM exited)
     /// before one does; the message carries the output so far.
     pub fn wait_for_line(&self, pattern: &str, timeout: Duration) -> Result<String, String> {
+        self.wait_for(&self.stdout, pattern, timeout)
+    }
+
+    /// As [`RunningVm::wait_for_line`], on the VMM's stderr (its log).
+    ///
+    /// # Errors
+    /// As [`RunningVm::wait_for_line`].
+    pub fn wait_for_log_line(&self, pattern: &str, timeout: Duration) -> Result<String, String> {
+        self.wait_for(&self.stderr, pattern, timeout)
+    }
+
+    fn wait_for(
+        &self,
+        stream: &Collector,
+        pattern: &str,
+        timeout: Duration,
+    ) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
-        let found = self.stdout.wait_until(deadline, |bytes, eof| {
+        let found = stream.wait_until(deadline, |bytes, eof| {
             let text = String::from_utf8_lossy(bytes);
             // Only complete lines, unless the stream has ended.
             let complete = if eof {
@@ -2668,5 +2685,81 @@ mod virtiofsd_daemon {
 
     fn is_socket(p: &Path) -> bool {
         std::fs::metadata(p).is_ok_and(|m| m.file_type().is_socket())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Block soak mode (`soak=blk`, docs/test-guest.md "Block soak"): command line, progress
+// lines and the image check.
+// ---------------------------------------------------------------------------
+
+/// The guest's block soak keys: `soak=blk soak.mib=<mib> soak.mibps=<mibps>` (0: no rate
+/// limit), plus `soak.stall=<secs>` if given (guest default 30).
+pub fn soak_blk_keys(mib: u64, mibps: u64, stall_secs: Option<u64>) -> String {
+    let mut keys = format!("soak=blk soak.mib={mib} soak.mibps={mibps}");
+    if let Some(s) = stall_secs {
+        keys.push_str(&format!(" soak.stall={s}"));
+    }
+    keys
+}
+
+/// The progress line the soak guest prints once `mib` MiB of writes have completed (`mib` a
+/// multiple of 8, or the region size); for [`RunningVm::wait_for_line`].
+pub fn soak_blk_written_line(mib: u64) -> String {
+    format!("INFO soak blk written={mib} MiB")
+}
+
+/// Checks that the bytes `range` of the image at `path` hold the guest pattern
+/// ([`guest_pattern_byte`], the data `soak=blk` writes). The error names the number of
+/// wrong bytes and the first few.
+pub fn verify_guest_pattern(path: &Path, range: std::ops::Range<u64>) -> Result<(), String> {
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let len = file
+        .metadata()
+        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?
+        .len();
+    if len < range.end {
+        return Err(format!(
+            "{} is {len} bytes, shorter than {:#x}",
+            path.display(),
+            range.end
+        ));
+    }
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    std::io::Seek::seek(&mut r, std::io::SeekFrom::Start(range.start))
+        .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
+    let mut chunk = vec![0u8; 1 << 20];
+    let (mut o, mut wrong, mut first) = (range.start, 0u64, String::new());
+    while o < range.end {
+        let n = chunk
+            .len()
+            .min(usize::try_from(range.end - o).unwrap_or(usize::MAX));
+        r.read_exact(&mut chunk[..n])
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        for (i, &got) in chunk[..n].iter().enumerate() {
+            let at = o + i as u64;
+            let want = guest_pattern_byte(at);
+            if got != want {
+                if wrong < 8 {
+                    let _ = write!(
+                        first,
+                        "\n  offset {at:#x} (sector {}): {got:#04x}, expected {want:#04x}",
+                        at / SECTOR_SIZE
+                    );
+                }
+                wrong += 1;
+            }
+        }
+        o += n as u64;
+    }
+    if wrong == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {wrong} byte(s) in {:#x}..{:#x} differ from the guest pattern:{first}",
+            path.display(),
+            range.start,
+            range.end
+        ))
     }
 }

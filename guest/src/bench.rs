@@ -19,11 +19,14 @@
 //! CPL0 entry, which would dominate the measurement. The device is notified after each
 //! batch of submissions unless it has asked not to be (VIRTQ_USED_F_NO_NOTIFY while it is
 //! still working through the ring). Buffers live in free RAM found from the memory map.
+//!
+//! The device setup ([`open_first_blk`], [`polled_queue`]) and the request engine
+//! ([`drive`]) are shared with the block soak mode (soak.rs).
 
 use core::fmt::Write;
 
 use crate::acpi::Acpi;
-use crate::blk::{self, Blk, SECTOR, S_OK, T_IN, T_OUT};
+use crate::blk::{self, Blk, SECTOR, S_OK, S_UNWRITTEN, T_IN, T_OUT};
 use crate::regions::Regions;
 use crate::report::{check, StrBuf};
 use crate::startinfo::{StartInfo, E820_RAM};
@@ -43,9 +46,11 @@ const DATA_OFF: u64 = 0x1000;
 
 /// A piece of free guest RAM, reached through the identity map.
 #[derive(Clone, Copy)]
-struct Scratch {
-    base: u64,
-    len: u64,
+pub struct Scratch {
+    /// Guest-physical (= virtual) address.
+    pub base: u64,
+    /// Length in bytes.
+    pub len: u64,
 }
 
 impl Scratch {
@@ -66,6 +71,41 @@ impl Scratch {
         for (i, &b) in bytes.iter().enumerate() {
             self.write8(off + i as u64, b);
         }
+    }
+
+    /// Address of bytes `off..off + len`, checked to lie inside.
+    fn at(&self, off: u64, len: u64) -> *mut u8 {
+        assert!(off.checked_add(len).is_some_and(|end| end <= self.len));
+        (self.base + off) as *mut u8
+    }
+
+    /// Fills `off..off + len` with `f(origin + i)` (plain stores, so the loop vectorises).
+    fn fill(&self, off: u64, len: u64, origin: u64, f: fn(u64) -> u8) {
+        // SAFETY: inside the scratch RAM (see `write8`); callers fill the data area of a slot
+        // that is not in flight (the device does not touch it), and the slice ends here.
+        let data = unsafe { core::slice::from_raw_parts_mut(self.at(off, len), len as usize) };
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = f(origin + i as u64);
+        }
+    }
+
+    /// The first `i` in `0..len` where byte `off + i` is not `f(origin + i)`: `(origin + i,
+    /// got, want)`.
+    fn mismatch(&self, off: u64, len: u64, origin: u64, f: fn(u64) -> u8) -> Option<(u64, u8, u8)> {
+        // SAFETY: as for `fill`: a completed slot, which the device no longer writes.
+        let data = unsafe { core::slice::from_raw_parts(self.at(off, len), len as usize) };
+        // Fast path: compare everything, then look for the position only if needed.
+        let all = data
+            .iter()
+            .enumerate()
+            .fold(0u8, |acc, (i, &b)| acc | (b ^ f(origin + i as u64)));
+        if all == 0 {
+            return None;
+        }
+        data.iter().enumerate().find_map(|(i, &got)| {
+            let o = origin + i as u64;
+            (got != f(o)).then(|| (o, got, f(o)))
+        })
     }
 }
 
@@ -112,14 +152,26 @@ enum Pattern {
     Sequential,
 }
 
+/// What the requests of one [`drive`] run look like.
+#[derive(Clone, Copy)]
+pub struct Shape {
+    /// `T_IN`, `T_OUT` or `T_FLUSH`.
+    pub kind: u32,
+    /// Data bytes per request (0 for FLUSH).
+    pub bs: u64,
+    /// Most requests in flight (at most 32).
+    pub depth: usize,
+    /// Data pattern, a function of the absolute byte offset: written (`T_OUT`) or checked
+    /// on completion with status OK (`T_IN`; a mismatch ends the run). `None`: whatever the
+    /// buffer holds is written, reads are not checked.
+    pub pattern: Option<fn(u64) -> u8>,
+}
+
 /// One workload.
 struct Workload {
     name: &'static str,
-    write: bool,
     pattern: Pattern,
-    /// Bytes per request.
-    bs: u64,
-    depth: usize,
+    shape: Shape,
 }
 
 /// What one workload did.
@@ -154,26 +206,43 @@ pub fn run(kind: &str, si: &StartInfo, acpi: &Acpi, avoid: &Regions, cmdline: &s
     }
 }
 
-fn bench_blk(
+/// The first virtio-blk device, set up for [`drive`]: what [`open_first_blk`] returns.
+pub struct Rig {
+    /// The device (`virtio.blk0.init` reported).
+    pub b: Blk,
+    /// Its capacity in sectors.
+    pub capacity: u64,
+    /// [`SCRATCH`] bytes of free RAM for the request buffers.
+    pub mem: Scratch,
+    /// TSC rate measured against the CMOS clock (also stored for `time`).
+    pub khz: u64,
+}
+
+/// The PCI checks (through `stage2::setup`), then the first modern virtio-blk device
+/// initialised (reporting `virtio.blk0.init`), its capacity (at least `min_bytes`), free RAM
+/// for the buffers and the TSC rate against the CMOS clock (1-2 s).
+pub fn open_first_blk(
     si: &StartInfo,
     acpi: &Acpi,
     avoid: &Regions,
-    secs: u64,
-    only: Option<&str>,
-) -> Result<StrBuf<300>, Why> {
+    min_bytes: u64,
+) -> Result<Rig, Why> {
     let (bus, apic_id) = stage2::setup(acpi);
     let Some(f) = stage2::functions_of(&bus, "blk").next() else {
         return Err(why!("no modern virtio-blk device"));
     };
     let t = Transport::probe(bus.mech, f)?;
-    let Some((mut b, _)) = blk::open(t, 0, apic_id) else {
+    let Some((b, _)) = blk::open(t, 0, apic_id) else {
         return Err(why!("virtio-blk initialisation failed"));
     };
     let Some((capacity, _)) = blk::read_capacity(&b.t) else {
         return Err(why!("device configuration unreadable"));
     };
-    if capacity < 2 * MIB / SECTOR {
-        return Err(why!("disk of {capacity} sectors is smaller than 2 MiB"));
+    if capacity < min_bytes.div_ceil(SECTOR) {
+        return Err(why!(
+            "disk of {capacity} sectors is smaller than {} MiB",
+            min_bytes.div_ceil(MIB)
+        ));
     }
     let Some(mem) = free_ram(si, avoid, SCRATCH) else {
         return Err(why!(
@@ -186,11 +255,17 @@ fn bench_blk(
             "the CMOS clock does not tick: cannot calibrate the TSC"
         ));
     };
-    println!(
-        "INFO bench blk {} capacity={capacity} sectors tsc_khz={khz} (CMOS clock) buffers={:#x}+{:#x} secs={secs}",
-        b.t.func.bdf, mem.base, mem.len
-    );
-    let exits = measure_exits(&mut b);
+    Ok(Rig {
+        b,
+        capacity,
+        mem,
+        khz,
+    })
+}
+
+/// Queue 0 of `b` with used-buffer notifications off, checked to hold [`MAX_DEPTH`]
+/// two-descriptor requests.
+pub fn polled_queue(b: &mut Blk) -> Result<&mut Queue, Why> {
     let Some(q) = b.queues[0].as_mut() else {
         return Err(why!("queue 0 not set up"));
     };
@@ -202,42 +277,44 @@ fn bench_blk(
         ));
     }
     q.set_interrupts(false);
+    Ok(q)
+}
+
+fn bench_blk(
+    si: &StartInfo,
+    acpi: &Acpi,
+    avoid: &Regions,
+    secs: u64,
+    only: Option<&str>,
+) -> Result<StrBuf<300>, Why> {
+    let Rig {
+        mut b,
+        capacity,
+        mem,
+        khz,
+    } = open_first_blk(si, acpi, avoid, 2 * MIB)?;
+    println!(
+        "INFO bench blk {} capacity={capacity} sectors tsc_khz={khz} (CMOS clock) buffers={:#x}+{:#x} secs={secs}",
+        b.t.func.bdf, mem.base, mem.len
+    );
+    let exits = measure_exits(&mut b);
+    let q = polled_queue(&mut b)?;
+    let workload = |name, write, pattern, bs, depth| Workload {
+        name,
+        pattern,
+        shape: Shape {
+            kind: if write { T_OUT } else { T_IN },
+            bs,
+            depth,
+            pattern: None,
+        },
+    };
     let workloads = [
-        Workload {
-            name: "blk.randread.4k.qd1",
-            write: false,
-            pattern: Pattern::Random,
-            bs: 4 * KIB,
-            depth: 1,
-        },
-        Workload {
-            name: "blk.randread.4k.qd32",
-            write: false,
-            pattern: Pattern::Random,
-            bs: 4 * KIB,
-            depth: 32,
-        },
-        Workload {
-            name: "blk.randwrite.4k.qd32",
-            write: true,
-            pattern: Pattern::Random,
-            bs: 4 * KIB,
-            depth: 32,
-        },
-        Workload {
-            name: "blk.read.1m.qd1",
-            write: false,
-            pattern: Pattern::Sequential,
-            bs: MIB,
-            depth: 1,
-        },
-        Workload {
-            name: "blk.write.1m.qd1",
-            write: true,
-            pattern: Pattern::Sequential,
-            bs: MIB,
-            depth: 1,
-        },
+        workload("blk.randread.4k.qd1", false, Pattern::Random, 4 * KIB, 1),
+        workload("blk.randread.4k.qd32", false, Pattern::Random, 4 * KIB, 32),
+        workload("blk.randwrite.4k.qd32", true, Pattern::Random, 4 * KIB, 32),
+        workload("blk.read.1m.qd1", false, Pattern::Sequential, MIB, 1),
+        workload("blk.write.1m.qd1", true, Pattern::Sequential, MIB, 1),
     ];
     let hz = khz * 1000;
     let mut errors = 0;
@@ -251,16 +328,16 @@ fn bench_blk(
         errors += s.errors;
         let elapsed = s.ticks as f64 / hz as f64;
         let per_s = s.done as f64 / elapsed;
-        if w.bs >= MIB {
+        if w.shape.bs >= MIB {
             println!(
                 "BENCH {} {:.1} MiB/s",
                 w.name,
-                per_s * w.bs as f64 / MIB as f64
+                per_s * w.shape.bs as f64 / MIB as f64
             );
         } else {
             println!("BENCH {} {:.0} IOPS", w.name, per_s);
         }
-        if w.depth == 1 {
+        if w.shape.depth == 1 {
             println!("BENCH {}.lat {:.1} us", w.name, 1e6 / per_s);
         }
     }
@@ -302,26 +379,29 @@ fn measure_exits(b: &mut Blk) -> (f64, f64) {
     (notify, us(arch::rdtsc() - t0))
 }
 
-/// Places the request of slot `k` for `sector` in the queue. Returns the head descriptor.
+/// Places the request of slot `k` for `sector` in the queue (filling its data first for a
+/// write with a pattern). Returns the head descriptor.
 fn submit(
     q: &mut Queue,
     mem: &Scratch,
-    w: &Workload,
+    w: &Shape,
     stride: u64,
     k: usize,
     sector: u64,
 ) -> Option<u16> {
     let slot = k as u64 * stride;
-    let kind = if w.write { T_OUT } else { T_IN };
     let mut hdr = [0u8; 16];
-    hdr[..4].copy_from_slice(&kind.to_le_bytes());
+    hdr[..4].copy_from_slice(&w.kind.to_le_bytes());
     hdr[8..].copy_from_slice(&sector.to_le_bytes());
     mem.write_bytes(slot + HDR_OFF, &hdr);
+    if let (T_OUT, Some(f)) = (w.kind, w.pattern) {
+        mem.fill(slot + DATA_OFF, w.bs, sector * SECTOR, f);
+    }
     let status_off = slot + DATA_OFF + w.bs;
-    mem.write8(status_off, 0xff);
+    mem.write8(status_off, S_UNWRITTEN);
     let bs = w.bs as u32;
-    let chain = if w.write {
-        [
+    let chain = match w.kind {
+        T_OUT => [
             Buf {
                 addr: mem.base + slot + HDR_OFF,
                 len: 16 + bs,
@@ -332,9 +412,9 @@ fn submit(
                 len: 1,
                 write: true,
             },
-        ]
-    } else {
-        [
+        ],
+        // T_IN, and T_FLUSH with bs = 0 (header, then the status byte alone).
+        _ => [
             Buf {
                 addr: mem.base + slot + HDR_OFF,
                 len: 16,
@@ -345,12 +425,136 @@ fn submit(
                 len: bs + 1,
                 write: true,
             },
-        ]
+        ],
     };
     q.add(&chain)
 }
 
-/// Keeps `w.depth` requests in flight for `ticks` TSC ticks, then lets the last ones
+/// What [`drive`]'s source of requests says.
+pub enum Next {
+    /// Submit a request at this sector.
+    Submit(u64),
+    /// Nothing to submit yet (rate limit); ask again.
+    Wait,
+    /// No more requests: let those in flight complete and return.
+    Done,
+}
+
+/// One completed request, as [`drive`] hands it to its caller.
+pub struct Done {
+    /// Its sector.
+    pub sector: u64,
+    /// Its status byte.
+    pub status: u8,
+    /// TSC at completion.
+    pub tsc: u64,
+}
+
+/// Keeps up to `w.depth` requests in flight on `q` (polled, see [`polled_queue`]): asks
+/// `next` (given the TSC) for a sector whenever a slot is free, until it says
+/// [`Next::Done`], and hands every completion to `done` (an `Err` from it ends the run).
+/// Reads with a pattern are checked against it. Errors: a bogus used id, a full queue, a
+/// read mismatch, or `stall_secs` seconds without any completion while requests are in
+/// flight (`<name>: no completion for S s, N requests in flight`). The device is notified
+/// after each batch of submissions: always when the queue was idle, else unless it has set
+/// VIRTQ_USED_F_NO_NOTIFY.
+pub fn drive(
+    q: &mut Queue,
+    mem: &Scratch,
+    w: &Shape,
+    name: &str,
+    stall_secs: u64,
+    mut next: impl FnMut(u64) -> Next,
+    mut done: impl FnMut(&Done) -> Result<(), Why>,
+) -> Result<(), Why> {
+    let stride = DATA_OFF + w.bs + 0x1000;
+    let depth = w.depth.clamp(1, MAX_DEPTH);
+    if depth as u64 * stride > mem.len {
+        return Err(why!("{name}: buffers do not fit in the scratch RAM"));
+    }
+    // Which slot each head descriptor belongs to, and each slot's sector.
+    let mut slot_of = [usize::MAX; 64];
+    let mut sector_of = [0u64; MAX_DEPTH];
+    let mut free: u64 = (1 << depth) - 1;
+    let mut in_flight = 0usize;
+    let mut exhausted = false;
+    let stall = stall_secs.saturating_mul(time::tsc_khz() * 1000);
+    let mut last_progress = arch::rdtsc();
+    loop {
+        let idle = in_flight == 0;
+        let mut added = false;
+        while free != 0 && !exhausted {
+            let now = arch::rdtsc();
+            let sector = match next(now) {
+                Next::Submit(s) => s,
+                Next::Wait => break,
+                Next::Done => {
+                    exhausted = true;
+                    break;
+                }
+            };
+            let k = free.trailing_zeros() as usize;
+            let head =
+                submit(q, mem, w, stride, k, sector).ok_or_else(|| why!("{name}: queue full"))?;
+            slot_of[usize::from(head)] = k;
+            sector_of[k] = sector;
+            free &= !(1 << k);
+            if in_flight == 0 {
+                last_progress = now;
+            }
+            in_flight += 1;
+            added = true;
+        }
+        if added {
+            if idle {
+                q.kick();
+            } else {
+                q.kick_if_needed();
+            }
+        }
+        if exhausted && in_flight == 0 {
+            return Ok(());
+        }
+        let mut got = false;
+        while let Some(u) = q.pop_used() {
+            let now = arch::rdtsc();
+            let k = slot_of.get(u.id as usize).copied().unwrap_or(usize::MAX);
+            if !u.known || k == usize::MAX {
+                return Err(why!("{name}: the device returned bogus id {}", u.id));
+            }
+            slot_of[u.id as usize] = usize::MAX;
+            got = true;
+            last_progress = now;
+            in_flight -= 1;
+            let sector = sector_of[k];
+            let data = k as u64 * stride + DATA_OFF;
+            let status = mem.read8(data + w.bs);
+            if let (T_IN, Some(f), S_OK) = (w.kind, w.pattern, status) {
+                if let Some((o, got, want)) = mem.mismatch(data, w.bs, sector * SECTOR, f) {
+                    return Err(why!(
+                        "{name}: byte at offset {o:#x} is {got:#04x}, expected {want:#04x}"
+                    ));
+                }
+            }
+            free |= 1 << k;
+            done(&Done {
+                sector,
+                status,
+                tsc: now,
+            })?;
+        }
+        if !got {
+            if in_flight > 0 && arch::rdtsc() - last_progress > stall {
+                return Err(why!(
+                    "{name}: no completion for {stall_secs} s, {in_flight} requests in flight"
+                ));
+            }
+            arch::pause();
+        }
+    }
+}
+
+/// Keeps `w.shape.depth` requests in flight for `ticks` TSC ticks, then lets the last ones
 /// complete. Counts every completion; the time runs to the last one.
 fn run_workload(
     q: &mut Queue,
@@ -359,25 +563,10 @@ fn run_workload(
     w: &Workload,
     ticks: u64,
 ) -> Result<Stats, Why> {
-    let stride = DATA_OFF + w.bs + 0x1000;
-    let depth = w.depth.min(MAX_DEPTH);
-    if depth as u64 * stride > mem.len {
-        return Err(why!("{}: buffers do not fit in the scratch RAM", w.name));
-    }
-    let sectors = w.bs / SECTOR;
+    let sectors = w.shape.bs / SECTOR;
     let blocks = capacity / sectors;
     let mut rand = Rand(0x9e37_79b9_7f4a_7c15);
     let mut seq = 0u64;
-    let mut next_sector = || match w.pattern {
-        Pattern::Random => (rand.next() % blocks) * sectors,
-        Pattern::Sequential => {
-            let s = seq * sectors;
-            seq = (seq + 1) % blocks;
-            s
-        }
-    };
-    // Which slot each head descriptor belongs to.
-    let mut slot_of = [usize::MAX; 64];
     let mut s = Stats {
         done: 0,
         errors: 0,
@@ -385,49 +574,27 @@ fn run_workload(
     };
     let t0 = arch::rdtsc();
     let end = t0 + ticks;
-    for k in 0..depth {
-        let head = submit(q, mem, w, stride, k, next_sector())
-            .ok_or_else(|| why!("{}: queue full", w.name))?;
-        slot_of[usize::from(head)] = k;
-    }
-    q.kick();
-    let mut in_flight = depth;
-    // A request not completed within 2 s (by the TSC rate) ends the run.
-    let stall = 2 * time::tsc_khz() * 1000;
-    let mut last_progress = t0;
-    while in_flight > 0 {
-        let mut added = false;
-        while let Some(u) = q.pop_used() {
-            let now = arch::rdtsc();
-            last_progress = now;
-            let k = slot_of.get(u.id as usize).copied().unwrap_or(usize::MAX);
-            if !u.known || k == usize::MAX {
-                return Err(why!("{}: the device returned bogus id {}", w.name, u.id));
-            }
-            s.done += 1;
-            if mem.read8(k as u64 * stride + DATA_OFF + w.bs) != S_OK {
-                s.errors += 1;
-            }
-            if now < end {
-                let head = submit(q, mem, w, stride, k, next_sector())
-                    .ok_or_else(|| why!("{}: queue full", w.name))?;
-                slot_of[usize::from(head)] = k;
-                added = true;
-            } else {
-                in_flight -= 1;
-                s.ticks = now - t0;
-            }
+    let next = |now: u64| {
+        if now >= end {
+            return Next::Done;
         }
-        if added {
-            q.kick_if_needed();
+        Next::Submit(match w.pattern {
+            Pattern::Random => (rand.next() % blocks) * sectors,
+            Pattern::Sequential => {
+                let s = seq * sectors;
+                seq = (seq + 1) % blocks;
+                s
+            }
+        })
+    };
+    // A request not completed within 2 s ends the run.
+    drive(q, mem, &w.shape, w.name, 2, next, |d| {
+        s.done += 1;
+        if d.status != S_OK {
+            s.errors += 1;
         }
-        if arch::rdtsc() - last_progress > stall {
-            return Err(why!(
-                "{}: no completion for 2 s ({in_flight} requests in flight)",
-                w.name
-            ));
-        }
-        arch::pause();
-    }
+        s.ticks = d.tsc - t0;
+        Ok(())
+    })?;
     Ok(s)
 }

@@ -20,7 +20,7 @@ const WRITE_LEN: usize = 4096;
 /// Request types.
 pub const T_IN: u32 = 0;
 pub const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
+pub const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 
 /// Request status values (0xff: the guest's "not written" marker).
@@ -34,7 +34,7 @@ const STATUS_OFF: usize = 64;
 
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
-const F_FLUSH: u64 = 1 << 9;
+pub const F_FLUSH: u64 = 1 << 9;
 const F_MQ: u64 = 1 << 12;
 
 /// Byte at absolute offset `o` of a disk the host filled with its pattern.

@@ -35,6 +35,7 @@ mod rtc;
 mod serial;
 mod shutdown;
 mod smp;
+mod soak;
 mod stage2;
 mod startinfo;
 mod time;
@@ -142,6 +143,11 @@ pub extern "C" fn rust_main(start_info_addr: u64) -> ! {
     if let Some(kind) = expect::value(text, "bench") {
         // Benchmark mode: no memory/SMP/RTC checks, see bench.rs.
         bench::run(kind, &si, &acpi, &avoid, text);
+        finish();
+    }
+    if let Some(kind) = expect::value(text, "soak") {
+        // Soak mode: likewise, see soak.rs.
+        soak::run(kind, &si, &acpi, &avoid, text);
         finish();
     }
     memtest::check_memtouch(&si, &avoid);
