@@ -17,9 +17,10 @@ mod relay;
 pub use device::VhostUserDevice;
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
@@ -189,15 +190,14 @@ impl Backend {
         let stream = self
             .endpoint
             .stream(wait)
-            .and_then(|s| {
-                s.set_read_timeout(Some(REPLY_TIMEOUT))?;
-                s.set_write_timeout(Some(REPLY_TIMEOUT))?;
-                Ok(s)
-            })
             .map_err(|source| VhostUserError::Connect {
                 path: self.endpoint.path().display().to_string(),
                 source,
             })?;
+        with_deadline(stream.as_raw_fd(), || self.handshake(stream))
+    }
+
+    fn handshake(&self, stream: UnixStream) -> Result<Connection, VhostUserError> {
         let mut frontend = Frontend::from_stream(stream, self.max_queues);
         frontend.set_owner().map_err(step("SET_OWNER"))?;
         let features = frontend.get_features().map_err(step("GET_FEATURES"))?;
@@ -228,6 +228,39 @@ impl Backend {
             max_queues: queues.min(self.max_queues),
         })
     }
+}
+
+/// Runs `f`, which talks to the backend on `socket`, and shuts the socket down if `f` takes
+/// longer than [`REPLY_TIMEOUT`]: the vhost crate waits for a reply for ever (it retries reads
+/// that time out), so a frozen backend would otherwise hang the calling vCPU or relay thread
+/// (or the VMM's exit). After the shutdown the pending read fails and the backend counts as
+/// gone. The watchdog holds its own duplicate of the socket, so it never touches a descriptor
+/// number that `f` closed.
+fn with_deadline<T>(socket: RawFd, f: impl FnOnce() -> T) -> T {
+    // SAFETY: the caller's socket is open now; it is only borrowed to be duplicated.
+    let watched = unsafe { BorrowedFd::borrow_raw(socket) }.try_clone_to_owned();
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        if let Ok(watched) = watched {
+            let spawned = std::thread::Builder::new()
+                .name("vhost-user-deadline".into())
+                .spawn_scoped(scope, move || {
+                if wait.recv_timeout(REPLY_TIMEOUT) == Err(RecvTimeoutError::Timeout) {
+                    log::warn!(
+                        "the vhost-user backend did not answer within {REPLY_TIMEOUT:?}: disconnecting it"
+                    );
+                    // SAFETY: shutdown(2) on a socket descriptor this thread owns.
+                    unsafe { libc::shutdown(watched.as_raw_fd(), libc::SHUT_RDWR) };
+                }
+            });
+            if let Err(e) = spawned {
+                log::warn!("no deadline for the vhost-user backend's answers: {e}");
+            }
+        }
+        let result = f();
+        drop(done);
+        result
+    })
 }
 
 /// A connected backend after feature discovery.
@@ -297,6 +330,10 @@ impl std::fmt::Debug for Session {
 impl Connection {
     /// Reads `len` bytes of the backend's device configuration space.
     pub fn config(&mut self, len: u32) -> Result<Vec<u8>, VhostUserError> {
+        with_deadline(self.frontend.as_raw_fd(), || self.read_config(len))
+    }
+
+    fn read_config(&mut self, len: u32) -> Result<Vec<u8>, VhostUserError> {
         if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(VhostUserError::Unsupported(
                 "does not serve its configuration space (CONFIG)".into(),
@@ -322,6 +359,10 @@ impl Connection {
     /// Hands `session` to the backend, each ring resuming at `bases[i]` (the next available
     /// index it will read).
     fn start(&mut self, s: &mut Session, bases: &[u16]) -> Result<(), VhostUserError> {
+        with_deadline(self.frontend.as_raw_fd(), || self.send_session(s, bases))
+    }
+
+    fn send_session(&mut self, s: &mut Session, bases: &[u16]) -> Result<(), VhostUserError> {
         if s.features & !self.features & !VHOST_USER_F_PROTOCOL_FEATURES != 0 {
             return Err(VhostUserError::Unsupported(format!(
                 "no longer offers features {:#x} the driver uses",
@@ -406,6 +447,10 @@ impl Connection {
     /// Stops the backend's rings (GET_VRING_BASE) so it no longer touches guest memory.
     /// False when the backend did not answer (it is gone).
     fn stop(&mut self, queues: usize) -> bool {
+        with_deadline(self.frontend.as_raw_fd(), || self.stop_rings(queues))
+    }
+
+    fn stop_rings(&mut self, queues: usize) -> bool {
         for i in 0..queues {
             if self.has_protocol_features {
                 let _ = self.frontend.set_vring_enable(i, false);
