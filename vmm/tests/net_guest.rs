@@ -188,7 +188,7 @@ fn vhost_user_net_daemon_carries_frames() {
     if !require_kvm("vhost_user_net_daemon_carries_frames") {
         return;
     }
-    vhost_user_net_exchange("vun", false);
+    vhost_user_net_exchange("vun", false, false);
 }
 
 /// The same with the socket the other way round (`--net vhost_mode=server`, daemon
@@ -198,12 +198,24 @@ fn vhost_user_net_daemon_connects_to_nimbus() {
     if !require_kvm("vhost_user_net_daemon_connects_to_nimbus") {
         return;
     }
-    vhost_user_net_exchange("vus", true);
+    vhost_user_net_exchange("vus", true, false);
+}
+
+/// The daemon is killed after the guest posted its receive buffers and started again (it
+/// connects to Nimbus's socket anew and creates a new TAP): Nimbus reconnects, the new daemon
+/// fills the buffers the guest posted before, and the guest's frames leave through it.
+#[test]
+fn vhost_user_net_daemon_restart_keeps_the_guest_connected() {
+    if !require_kvm("vhost_user_net_daemon_restart_keeps_the_guest_connected") {
+        return;
+    }
+    vhost_user_net_exchange("vur", true, true);
 }
 
 /// Boots the guest with a vhost-user-net interface served by `vhost_user_net` in namespace
-/// `tag`, with Nimbus as the socket's server when `nimbus_listens`, and checks frames both ways.
-fn vhost_user_net_exchange(tag: &str, nimbus_listens: bool) {
+/// `tag`, with Nimbus as the socket's server when `nimbus_listens`, and checks frames both ways;
+/// with `restart`, the daemon is killed and started again before the frames are exchanged.
+fn vhost_user_net_exchange(tag: &str, nimbus_listens: bool, restart: bool) {
     let ns = NetNs::new(tag);
     let dir = e2e::ScratchDir::new(&format!("vhost-user-net-{tag}"));
     let socket = dir.file("net.sock");
@@ -219,7 +231,7 @@ fn vhost_user_net_exchange(tag: &str, nimbus_listens: bool) {
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    let start_daemon = || {
+    let start_daemon = |log: &str| {
         let mut daemon = Command::new(e2e::workspace_binary(
             "vhost_user_net",
             "NIMBUS_VHOST_USER_NET",
@@ -236,25 +248,26 @@ fn vhost_user_net_exchange(tag: &str, nimbus_listens: bool) {
         ns.wrap(daemon)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.file("daemon.log")).expect("log"))
+            .stderr(std::fs::File::create(dir.file(log)).expect("log"))
             .spawn()
             .expect("start vhost_user_net")
     };
     let mut daemon = if nimbus_listens {
         None
     } else {
-        let d = start_daemon();
+        let d = start_daemon("daemon.log");
         wait_for_socket("vhost_user_net");
         Some(d)
     };
     let cmdline = format!(
-        "{} expect.virtio=net:1,rng:1 net0.mac={} net0.rx.count=2 net0.tx.count=4",
+        "{} expect.virtio=net:1,rng:1 net0.mac={} net0.rx.count=2 net0.tx.count=4 net0.rx.wait=30",
         stage1_cmdline(1, 256 << 20),
         format_mac(mac)
     );
     let mode = if nimbus_listens { "server" } else { "client" };
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
     cmd.arg("--kernel").arg(guest_elf()).args([
+        "-v",
         "--memory",
         "size=256M,shared=on",
         "--serial",
@@ -272,9 +285,28 @@ fn vhost_user_net_exchange(tag: &str, nimbus_listens: bool) {
     let vm = spawn_vm(cmd);
     if nimbus_listens {
         wait_for_socket("Nimbus (vhost_mode=server)");
-        daemon = Some(start_daemon());
+        daemon = Some(start_daemon("daemon.log"));
     }
     let mut daemon = daemon.expect("daemon started");
+    if restart {
+        let fail = |what: &str, e: String| -> ! { panic!("{what}: {e}") };
+        vm.wait_for_line("INFO virtio.net0.rx.ready", TIMEOUT)
+            .unwrap_or_else(|e| fail("guest not ready", e));
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        vm.wait_for_log_line("went away", TIMEOUT)
+            .unwrap_or_else(|e| fail("Nimbus did not notice the daemon's death", e));
+        if !nimbus_listens {
+            // The killed daemon's socket is left behind; the new one replaces it.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        daemon = start_daemon("daemon2.log");
+        if let Err(e) = vm.wait_for_log_line("reconnected", TIMEOUT) {
+            let log = std::fs::read_to_string(dir.file("daemon2.log")).unwrap_or_default();
+            let log1 = std::fs::read_to_string(dir.file("daemon.log")).unwrap_or_default();
+            panic!("no reconnection: {e}\nkilled daemon's log:\n{log1}\nrestarted daemon's log:\n{log}");
+        }
+    }
     let x = NetExchange {
         tap: tap.clone(),
         guest_mac: mac,
@@ -286,7 +318,8 @@ fn vhost_user_net_exchange(tag: &str, nimbus_listens: bool) {
     let exchanged = exchange_test_frames(&vm, &ns, &x);
     let run = vm.finish(TIMEOUT);
     let status = wait_child(&mut daemon, Duration::from_secs(10));
-    let log = std::fs::read_to_string(dir.file("daemon.log")).unwrap_or_default();
+    let log_name = if restart { "daemon2.log" } else { "daemon.log" };
+    let log = std::fs::read_to_string(dir.file(log_name)).unwrap_or_default();
     if let Err(e) = exchanged {
         panic!("frame exchange through vhost_user_net: {e}\ndaemon log:\n{log}");
     }
