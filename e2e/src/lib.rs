@@ -185,11 +185,7 @@ pub fn verify_disk_pattern(
     size: u64,
     guest_sector: Option<u64>,
 ) -> Result<(), String> {
-    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let len = file
-        .metadata()
-        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?
-        .len();
+    let len = image_len(path)?;
     if len != size {
         return Err(format!(
             "{} is {len} bytes, expected {size}",
@@ -197,28 +193,45 @@ pub fn verify_disk_pattern(
         ));
     }
     let guest = guest_sector.map(|s| s * SECTOR_SIZE..(s + GUEST_WRITE_SECTORS) * SECTOR_SIZE);
+    compare_image(path, 0..size, |at| match &guest {
+        Some(g) if g.contains(&at) => (guest_pattern_byte(at), "guest pattern"),
+        _ => (disk_pattern_byte(at), "host pattern"),
+    })
+}
+
+fn image_len(path: &Path) -> Result<u64, String> {
+    std::fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(|e| format!("cannot stat {}: {e}", path.display()))
+}
+
+/// Compares the bytes `range` of the image at `path` with `want(offset)` (the expected byte and
+/// the name of what it belongs to). The error names the number of wrong bytes and the first few.
+fn compare_image(
+    path: &Path,
+    range: std::ops::Range<u64>,
+    want: impl Fn(u64) -> (u8, &'static str),
+) -> Result<(), String> {
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let mut r = BufReader::with_capacity(1 << 20, file);
-    let mut chunk = vec![0u8; 1 << 16];
-    let mut o = 0u64;
-    let mut wrong = 0u64;
-    let mut first = String::new();
-    while o < size {
+    std::io::Seek::seek(&mut r, std::io::SeekFrom::Start(range.start))
+        .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
+    let mut chunk = vec![0u8; 1 << 20];
+    let (mut o, mut wrong, mut first) = (range.start, 0u64, String::new());
+    while o < range.end {
         let n = chunk
             .len()
-            .min(usize::try_from(size - o).unwrap_or(usize::MAX));
+            .min(usize::try_from(range.end - o).unwrap_or(usize::MAX));
         r.read_exact(&mut chunk[..n])
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         for (i, &got) in chunk[..n].iter().enumerate() {
             let at = o + i as u64;
-            let (want, which) = match &guest {
-                Some(g) if g.contains(&at) => (guest_pattern_byte(at), "guest"),
-                _ => (disk_pattern_byte(at), "host"),
-            };
-            if got != want {
+            let (expected, which) = want(at);
+            if got != expected {
                 if wrong < 8 {
                     let _ = write!(
                         first,
-                        "\n  offset {at:#x} (sector {}): {got:#04x}, expected {want:#04x} ({which} pattern)",
+                        "\n  offset {at:#x} (sector {}): {got:#04x}, expected {expected:#04x} ({which})",
                         at / SECTOR_SIZE
                     );
                 }
@@ -231,8 +244,10 @@ pub fn verify_disk_pattern(
         Ok(())
     } else {
         Err(format!(
-            "{}: {wrong} byte(s) differ from the expected patterns:{first}",
-            path.display()
+            "{}: {wrong} byte(s) in {:#x}..{:#x} differ from what was expected:{first}",
+            path.display(),
+            range.start,
+            range.end
         ))
     }
 }
@@ -1651,7 +1666,7 @@ mod tests {
         std::fs::write(&img, &data).expect("write image");
         let err = verify_disk_pattern(&img, size, Some(8)).expect_err("one byte is wrong");
         assert!(
-            err.contains("1 byte(s) differ") && err.contains("offset 0x64"),
+            err.contains("1 byte(s) in 0x0..0x8000 differ") && err.contains("offset 0x64"),
             "{err}"
         );
         data[100] ^= 1;
@@ -2713,11 +2728,7 @@ pub fn soak_blk_written_line(mib: u64) -> String {
 /// ([`guest_pattern_byte`], the data `soak=blk` writes). The error names the number of
 /// wrong bytes and the first few.
 pub fn verify_guest_pattern(path: &Path, range: std::ops::Range<u64>) -> Result<(), String> {
-    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let len = file
-        .metadata()
-        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?
-        .len();
+    let len = image_len(path)?;
     if len < range.end {
         return Err(format!(
             "{} is {len} bytes, shorter than {:#x}",
@@ -2725,41 +2736,5 @@ pub fn verify_guest_pattern(path: &Path, range: std::ops::Range<u64>) -> Result<
             range.end
         ));
     }
-    let mut r = BufReader::with_capacity(1 << 20, file);
-    std::io::Seek::seek(&mut r, std::io::SeekFrom::Start(range.start))
-        .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
-    let mut chunk = vec![0u8; 1 << 20];
-    let (mut o, mut wrong, mut first) = (range.start, 0u64, String::new());
-    while o < range.end {
-        let n = chunk
-            .len()
-            .min(usize::try_from(range.end - o).unwrap_or(usize::MAX));
-        r.read_exact(&mut chunk[..n])
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        for (i, &got) in chunk[..n].iter().enumerate() {
-            let at = o + i as u64;
-            let want = guest_pattern_byte(at);
-            if got != want {
-                if wrong < 8 {
-                    let _ = write!(
-                        first,
-                        "\n  offset {at:#x} (sector {}): {got:#04x}, expected {want:#04x}",
-                        at / SECTOR_SIZE
-                    );
-                }
-                wrong += 1;
-            }
-        }
-        o += n as u64;
-    }
-    if wrong == 0 {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}: {wrong} byte(s) in {:#x}..{:#x} differ from the guest pattern:{first}",
-            path.display(),
-            range.start,
-            range.end
-        ))
-    }
+    compare_image(path, range, |at| (guest_pattern_byte(at), "guest pattern"))
 }

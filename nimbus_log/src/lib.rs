@@ -54,3 +54,20 @@ pub fn init(start: Instant, verbosity: u8, out: Box<dyn Write + Send>) {
         log::set_max_level(level);
     }
 }
+
+/// An error and its causes on one line, `outer: cause: root`, for logs and error messages.
+/// Some library errors already print their cause; a cause whose text the line already
+/// contains is not repeated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = c.source();
+    }
+    s
+}

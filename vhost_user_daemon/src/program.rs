@@ -26,21 +26,6 @@ fn init_logger(verbose: u8) {
     nimbus_log::init(Instant::now(), verbose, Box::new(std::io::stderr()));
 }
 
-/// `outer: cause: root`, skipping causes the text already contains.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let text = c.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 fn fail(program: &str, message: &str) -> ExitCode {
     eprintln!("{program}: error: {message}");
     ExitCode::FAILURE
@@ -131,6 +116,6 @@ where
     }
     match run(&args.backend, args.keep_running, &terminator) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(name, &chain(&e)),
+        Err(e) => fail(name, &nimbus_log::error_chain(&e)),
     }
 }

@@ -491,7 +491,7 @@ impl NetLoop {
         let out = pair
             .net_rx
             .process(&mut q.queue, &*mem, pair.tap.as_ref(), RX_BUDGET)
-            .map_err(|e| format!("receive queue {}: {}", q.index, describe(&e)))?;
+            .map_err(|e| format!("receive queue {}: {}", q.index, nimbus_log::error_chain(&e)))?;
         let c = &self.counters;
         c.rx_frames.fetch_add(out.frames as u64, Ordering::Relaxed);
         c.rx_bytes.fetch_add(out.bytes, Ordering::Relaxed);
@@ -539,7 +539,13 @@ impl NetLoop {
         let out = pair
             .net_tx
             .process(&mut q.queue, &*mem, pair.tap.as_ref(), TX_BUDGET)
-            .map_err(|e| format!("transmit queue {}: {}", q.index, describe(&e)))?;
+            .map_err(|e| {
+                format!(
+                    "transmit queue {}: {}",
+                    q.index,
+                    nimbus_log::error_chain(&e)
+                )
+            })?;
         pair.tx_pending = out.more_pending;
         let c = &self.counters;
         c.tx_frames.fetch_add(out.frames as u64, Ordering::Relaxed);
@@ -609,7 +615,7 @@ impl NetLoop {
                 false
             }
         })
-        .map_err(|e| format!("control queue {}: {}", q.index, describe(&e)))?;
+        .map_err(|e| format!("control queue {}: {}", q.index, nimbus_log::error_chain(&e)))?;
         self.ctrl_pending = out.more_pending;
         self.counters
             .malformed_chains
@@ -632,23 +638,13 @@ impl NetLoop {
 fn set_active_pairs(epoll: &Epoll, pairs: &mut [Pair], n: usize) -> Result<(), String> {
     for (i, pair) in pairs.iter_mut().enumerate() {
         let on = i < n;
-        pair.tap.set_queue_enabled(on).map_err(|e| describe(&e))?;
+        pair.tap
+            .set_queue_enabled(on)
+            .map_err(|e| nimbus_log::error_chain(&e))?;
         let poll = on && pair.rx.is_some() && !pair.tap_failed;
         poll_tap(epoll, pair, i, poll)?;
     }
     Ok(())
-}
-
-/// `e` and its sources, for logs.
-fn describe(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 #[cfg(test)]

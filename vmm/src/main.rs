@@ -9,22 +9,6 @@ use clap::Parser;
 use hypervisor::kvm::{KvmHypervisor, KVM_DEVICE};
 use vmm::cli::{version_line, Cli};
 
-/// Formats an error with its causes: `outer: cause: root`. Some library errors already print
-/// their cause; a cause whose text the line already contains is not repeated.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let text = c.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 fn fail(message: &str) -> ExitCode {
     eprintln!("nimbus: error: {message}");
     ExitCode::FAILURE
@@ -61,14 +45,14 @@ fn main() -> ExitCode {
 
     let config = match cli.vm_config() {
         Ok(c) => c,
-        Err(e) => return fail(&chain(&e)),
+        Err(e) => return fail(&nimbus_log::error_chain(&e)),
     };
     if let Err(e) = config.validate() {
-        return fail(&chain(&e));
+        return fail(&nimbus_log::error_chain(&e));
     }
     let hv = match KvmHypervisor::open(KVM_DEVICE) {
         Ok(hv) => hv,
-        Err(e) => return fail(&chain(&e)),
+        Err(e) => return fail(&nimbus_log::error_chain(&e)),
     };
     let tty = vmm::config::ConsoleOutputMode::Tty;
     let _terminal = (config.serial.mode == tty || config.console.mode == tty)
@@ -77,9 +61,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if cli.log_file.is_some() {
-                log::error!("{}", chain(&e));
+                log::error!("{}", nimbus_log::error_chain(&e));
             }
-            fail(&chain(&e))
+            fail(&nimbus_log::error_chain(&e))
         }
     }
 }

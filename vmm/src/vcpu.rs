@@ -93,8 +93,8 @@ fn run_loop(id: u32, vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {
             Ok(exit) => exit,
             Err(e) => {
                 ctx.control.post(VmEvent::Failed(format!(
-                    "vcpu{id}: {e}: {}",
-                    source_chain(&e)
+                    "vcpu{id}: {}",
+                    nimbus_log::error_chain(&e)
                 )));
                 break;
             }
@@ -147,16 +147,6 @@ fn run_loop(id: u32, vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {
             }
         }
     }
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        parts.push(s.to_string());
-        cur = s.source();
-    }
-    parts.join(": ")
 }
 
 /// A one-line register summary for failure reports.

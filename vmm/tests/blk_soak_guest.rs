@@ -35,6 +35,26 @@ fn sparse_image(path: &Path, size: u64, filled: &[u64]) {
     f.sync_all().expect("sync the image");
 }
 
+/// Nimbus (`-v`) booting the test guest with `cmdline` and one disk served by the vhost-user
+/// backend at `socket`.
+fn nimbus_on_vhost_user_blk(socket: &Path, cmdline: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
+    cmd.arg("--kernel").arg(guest_elf()).args([
+        "-v",
+        "--memory",
+        "size=256M,shared=on",
+        "--serial",
+        "tty",
+        "--console",
+        "off",
+        "--disk",
+        &format!("vhost_user=on,socket={}", socket.display()),
+        "--cmdline",
+        cmdline,
+    ]);
+    cmd
+}
+
 /// Checks that `[from, to)` of the image still holds the host pattern where `filled` put it
 /// and zeros elsewhere: the guest wrote nothing behind its region.
 fn verify_untouched(path: &Path, from: u64, to: u64, filled: &[u64]) {
@@ -110,19 +130,7 @@ fn soak_blk_vhost_user_block_daemon() {
         stage1_cmdline(1, 256 * MIB),
         soak_blk_keys(SOAK_MIB, 0, None)
     );
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
-    cmd.arg("--kernel").arg(guest_elf()).args([
-        "--memory",
-        "size=256M,shared=on",
-        "--serial",
-        "tty",
-        "--console",
-        "off",
-        "--disk",
-        &format!("vhost_user=on,socket={}", socket.display()),
-        "--cmdline",
-        &cmdline,
-    ]);
+    let cmd = nimbus_on_vhost_user_blk(&socket, &cmdline);
     let (run, _) = run_soak("soak_blk_vhost_user_block_daemon", cmd, SOAK_MIB);
     let daemon_run = daemon.finish(Duration::from_secs(10));
     daemon_run.assert_clean_exit();
@@ -159,20 +167,7 @@ fn block_daemon_killed_while_guest_writes_is_reconnected() {
         stage1_cmdline(1, 256 * MIB),
         soak_blk_keys(SOAK_MIB, 32, Some(20))
     );
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
-    cmd.arg("--kernel").arg(guest_elf()).args([
-        "-v",
-        "--memory",
-        "size=256M,shared=on",
-        "--serial",
-        "tty",
-        "--console",
-        "off",
-        "--disk",
-        &format!("vhost_user=on,socket={}", socket.display()),
-        "--cmdline",
-        &cmdline,
-    ]);
+    let cmd = nimbus_on_vhost_user_blk(&socket, &cmdline);
     let vm = spawn_vm(cmd);
     let fail = |what: &str, e: String| -> ! { panic!("{what}: {e}") };
     vm.wait_for_line(&soak_blk_written_line(16), TIMEOUT)
@@ -249,19 +244,7 @@ fn frozen_block_daemon_does_not_hang_nimbus() {
         stage1_cmdline(1, 256 * MIB),
         soak_blk_keys(48, 16, Some(2))
     );
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
-    cmd.arg("--kernel").arg(guest_elf()).args([
-        "--memory",
-        "size=256M,shared=on",
-        "--serial",
-        "tty",
-        "--console",
-        "off",
-        "--disk",
-        &format!("vhost_user=on,socket={}", socket.display()),
-        "--cmdline",
-        &cmdline,
-    ]);
+    let cmd = nimbus_on_vhost_user_blk(&socket, &cmdline);
     let vm = spawn_vm(cmd);
     if let Err(e) = vm.wait_for_line(&soak_blk_written_line(8), TIMEOUT) {
         panic!("first progress: {e}");

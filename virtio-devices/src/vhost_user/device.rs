@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::relay::{error_chain, Link, Relay};
+use super::relay::{Link, Relay};
 use super::{Backend, Connection, Ring, Session, VhostUserError};
 use crate::worker::Worker;
 use crate::{read_config_bytes, ActivateError, Activation, ActiveQueue, VirtioDevice};
@@ -135,7 +135,7 @@ impl VirtioDevice for VhostUserDevice {
                         "{}: the vhost-user backend at {} failed the device's setup: {}; reconnecting",
                         self.name,
                         link.backend.endpoint.path().display(),
-                        error_chain(&e)
+                        nimbus_log::error_chain(&e)
                     );
                     *connection = None;
                     false

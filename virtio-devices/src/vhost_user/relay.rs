@@ -162,7 +162,12 @@ impl Relay {
             Ok(c) => c,
             Err(VhostUserError::Connect { .. }) => return Ok(Vec::new()),
             Err(e) => {
-                log::warn!("{}: {}: {}", self.name, self.link.path(), error_chain(&e));
+                log::warn!(
+                    "{}: {}: {}",
+                    self.name,
+                    self.link.path(),
+                    nimbus_log::error_chain(&e)
+                );
                 return Ok(Vec::new());
             }
         };
@@ -190,7 +195,7 @@ impl Relay {
                     self.name,
                     self.link.path(),
                     self.refusals,
-                    error_chain(&e)
+                    nimbus_log::error_chain(&e)
                 );
                 if self.refusals >= MAX_REFUSALS {
                     return Err("the backend keeps refusing the device's setup".into());
@@ -250,16 +255,4 @@ impl QueueHandler for Relay {
         }
         Ok(signal)
     }
-}
-
-/// An error with its causes, on one line.
-pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }
