@@ -207,7 +207,10 @@ fn image_len(path: &Path) -> Result<u64, String> {
 
 /// Compares the bytes `range` of the image at `path` with `want(offset)` (the expected byte and
 /// the name of what it belongs to). The error names the number of wrong bytes and the first few.
-fn compare_image(
+///
+/// # Errors
+/// If the image cannot be read or any byte differs.
+pub fn compare_image(
     path: &Path,
     range: std::ops::Range<u64>,
     want: impl Fn(u64) -> (u8, &'static str),
@@ -2157,28 +2160,10 @@ mod vhost_user_block_daemon {
 
         /// Waits at most `timeout` for the daemon to exit (killing it on expiry).
         pub fn finish(mut self, timeout: Duration) -> VhostUserBlockRun {
-            let deadline = Instant::now() + timeout;
-            let (mut status, mut timed_out) = (None, false);
-            if let Some(child) = self.child.as_mut() {
-                loop {
-                    match child.try_wait() {
-                        Ok(Some(s)) => {
-                            status = Some(s);
-                            break;
-                        }
-                        Ok(None) if Instant::now() < deadline => {
-                            thread::sleep(Duration::from_millis(10))
-                        }
-                        _ => {
-                            timed_out = true;
-                            let _ = child.kill();
-                            status = child.wait().ok();
-                            break;
-                        }
-                    }
-                }
-            }
-            self.child = None;
+            let (status, timed_out) = match self.child.take() {
+                Some(mut child) => super::wait_with_timeout(&mut child, timeout),
+                None => (None, false),
+            };
             VhostUserBlockRun {
                 status,
                 timed_out,
@@ -2659,28 +2644,10 @@ mod virtiofsd_daemon {
 
         /// Waits at most `timeout` for virtiofsd to exit (killing it on expiry).
         pub fn finish(mut self, timeout: Duration) -> VirtiofsdRun {
-            let deadline = Instant::now() + timeout;
-            let (mut status, mut timed_out) = (None, false);
-            if let Some(child) = self.child.as_mut() {
-                loop {
-                    match child.try_wait() {
-                        Ok(Some(s)) => {
-                            status = Some(s);
-                            break;
-                        }
-                        Ok(None) if Instant::now() < deadline => {
-                            thread::sleep(Duration::from_millis(10))
-                        }
-                        _ => {
-                            timed_out = true;
-                            let _ = child.kill();
-                            status = child.wait().ok();
-                            break;
-                        }
-                    }
-                }
-            }
-            self.child = None;
+            let (status, timed_out) = match self.child.take() {
+                Some(mut child) => super::wait_with_timeout(&mut child, timeout),
+                None => (None, false),
+            };
             VirtiofsdRun {
                 status,
                 timed_out,

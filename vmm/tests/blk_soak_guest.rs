@@ -7,16 +7,16 @@
 //!
 //! Needs /dev/kvm (loud SKIPPED without it); the QEMU test needs qemu-system-x86_64.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use e2e::{
-    disk_pattern_byte, guest_elf, qemu_binary, qemu_q35_command, require_kvm, soak_blk_keys,
-    soak_blk_written_line, spawn_vm, stage1_cmdline, verify_guest_pattern, GuestReport, ScratchDir,
-    VhostUserBlockDaemon, VmRun,
+    compare_image, disk_pattern_byte, guest_elf, qemu_binary, qemu_q35_command, require_kvm,
+    soak_blk_keys, soak_blk_written_line, spawn_vm, stage1_cmdline, verify_guest_pattern,
+    GuestReport, ScratchDir, VhostUserBlockDaemon, VmRun,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -58,18 +58,15 @@ fn nimbus_on_vhost_user_blk(socket: &Path, cmdline: &str) -> Command {
 /// Checks that `[from, to)` of the image still holds the host pattern where `filled` put it
 /// and zeros elsewhere: the guest wrote nothing behind its region.
 fn verify_untouched(path: &Path, from: u64, to: u64, filled: &[u64]) {
-    let mut f = OpenOptions::new().read(true).open(path).expect("open");
-    f.seek(SeekFrom::Start(from)).expect("seek");
-    let mut data = vec![0u8; (to - from) as usize];
-    f.read_exact(&mut data).expect("read the image");
-    for (i, &got) in data.iter().enumerate() {
-        let o = from + i as u64;
-        let want = if filled.iter().any(|&at| (at..at + MIB).contains(&o)) {
-            disk_pattern_byte(o)
+    let result = compare_image(path, from..to, |o| {
+        if filled.iter().any(|&at| (at..at + MIB).contains(&o)) {
+            (disk_pattern_byte(o), "host pattern behind the soak region")
         } else {
-            0
-        };
-        assert_eq!(got, want, "byte at {o:#x} behind the soak region changed");
+            (0, "zero behind the soak region")
+        }
+    });
+    if let Err(e) = result {
+        panic!("the guest changed the image behind its soak region: {e}");
     }
 }
 
