@@ -4,6 +4,10 @@ use std::fmt::Debug;
 use std::io;
 use std::path::PathBuf;
 
+use vm_memory::{VolatileMemoryError, VolatileSlice};
+
+use crate::vectored;
+
 /// Errors from opening or accessing a disk image.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
@@ -82,6 +86,10 @@ pub enum BlockError {
         /// Size of the disk in bytes.
         size: u64,
     },
+    /// A buffer handed to a vectored access could not be read or written (a bug: callers hand
+    /// over slices they checked).
+    #[error("buffer access failed")]
+    Buffer(#[source] VolatileMemoryError),
     /// An I/O system call failed.
     #[error("{op} of {len} bytes at offset {offset} on disk image {path} failed")]
     Io {
@@ -126,6 +134,23 @@ pub trait DiskBackend: Debug + Send + Sync {
 
     /// Writes all of `buf` at `offset`.
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError>;
+
+    /// Fills `bufs`, in order, with the bytes at `offset..offset + total length`.
+    ///
+    /// `bufs` are usually guest memory, so a virtio-blk read lands in the guest without an
+    /// intermediate copy when the backend can do vectored I/O ([`RawFile`](crate::RawFile) uses
+    /// `preadv`). The default reads through this thread's bounce buffer with
+    /// [`read_at`](Self::read_at), at most 1 MiB at a time.
+    fn read_vectored_at(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<(), BlockError> {
+        vectored::read_bounced(self, offset, bufs)
+    }
+
+    /// Writes the bytes of `bufs`, in order, at `offset`; the counterpart of
+    /// [`read_vectored_at`](Self::read_vectored_at) (default: bounce, then
+    /// [`write_at`](Self::write_at)).
+    fn write_vectored_at(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<(), BlockError> {
+        vectored::write_bounced(self, offset, bufs)
+    }
 
     /// Makes completed writes durable.
     fn flush(&self) -> Result<(), BlockError>;

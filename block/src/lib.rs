@@ -38,6 +38,7 @@ mod fake;
 mod queue;
 mod raw;
 mod request;
+mod vectored;
 mod virtio;
 
 pub use disk::{BlockError, DiskBackend};

@@ -6,19 +6,17 @@ use log::{debug, warn};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 use virtio_chain::{ChainError, SgError, SgList, Split};
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
+use vm_memory::bitmap::{Bitmap, BitmapSlice, BS};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions, VolatileSlice,
+};
 
-use crate::aligned::with_bounce_buffer;
 use crate::disk::DiskBackend;
 use crate::virtio::{
     BlkStatus, RequestType, DISCARD_SEGMENT_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS,
     MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEGMENTS, REQUEST_HEADER_SIZE, SECTOR_SHIFT,
     SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
 };
-
-/// Largest piece of data moved between guest memory and the disk at once; bounds the memory a
-/// request can make the device allocate, whatever length the guest claims.
-const IO_CHUNK: u64 = 1 << 20;
 
 /// Per-device settings request execution needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -248,24 +246,25 @@ impl Request {
             );
             return (BlkStatus::IoErr, 0);
         };
-        let mut cursor = self.writable.cursor();
-        with_bounce_buffer(len.min(IO_CHUNK) as usize, |buf| {
-            let mut done = 0u64;
-            while done < len {
-                let n = (len - done).min(IO_CHUNK) as usize;
-                let piece = &mut buf[..n];
-                if let Err(e) = disk.read_at(offset + done, piece) {
-                    warn!("virtio-blk read failed: {e}");
-                    return (BlkStatus::IoErr, done);
-                }
-                if let Err(e) = cursor.write(mem, piece) {
-                    debug!("virtio-blk read: cannot fill guest buffers: {e}");
-                    return (BlkStatus::IoErr, done);
-                }
-                done += n as u64;
+        let slices = match guest_slices(mem, &self.writable, 0, Permissions::Write) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!("virtio-blk read: guest buffers: {e}");
+                return (BlkStatus::IoErr, 0);
             }
-            (BlkStatus::Ok, done)
-        })
+        };
+        let result = disk.read_vectored_at(offset, &plain_slices(&slices));
+        // Whatever the outcome, the disk may have written into every buffer.
+        for slice in &slices {
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
+        match result {
+            Ok(()) => (BlkStatus::Ok, len),
+            Err(e) => {
+                warn!("virtio-blk read failed: {e}");
+                (BlkStatus::IoErr, 0)
+            }
+        }
     }
 
     /// `OUT`: device-readable buffers to disk.
@@ -282,27 +281,21 @@ impl Request {
             );
             return BlkStatus::IoErr;
         };
-        let mut cursor = self.readable.cursor();
-        if cursor.skip(REQUEST_HEADER_SIZE as usize).is_err() {
-            return BlkStatus::IoErr;
-        }
-        with_bounce_buffer(len.min(IO_CHUNK) as usize, |buf| {
-            let mut done = 0u64;
-            while done < len {
-                let n = (len - done).min(IO_CHUNK) as usize;
-                let piece = &mut buf[..n];
-                if let Err(e) = cursor.read(mem, piece) {
-                    debug!("virtio-blk write: cannot read guest buffers: {e}");
-                    return BlkStatus::IoErr;
-                }
-                if let Err(e) = disk.write_at(offset + done, piece) {
-                    warn!("virtio-blk write failed: {e}");
-                    return BlkStatus::IoErr;
-                }
-                done += n as u64;
+        let slices = match guest_slices(mem, &self.readable, REQUEST_HEADER_SIZE, Permissions::Read)
+        {
+            Ok(s) => s,
+            Err(e) => {
+                debug!("virtio-blk write: guest buffers: {e}");
+                return BlkStatus::IoErr;
             }
-            BlkStatus::Ok
-        })
+        };
+        match disk.write_vectored_at(offset, &plain_slices(&slices)) {
+            Ok(()) => BlkStatus::Ok,
+            Err(e) => {
+                warn!("virtio-blk write failed: {e}");
+                BlkStatus::IoErr
+            }
+        }
     }
 
     /// `GET_ID`: the serial, as much of it as fits.
@@ -395,6 +388,47 @@ fn disk_range(disk: &dyn DiskBackend, sector: u64, len: u64) -> Option<u64> {
     let offset = sector.checked_mul(SECTOR_SIZE)?;
     let end = offset.checked_add(len)?;
     (end <= capacity).then_some(offset)
+}
+
+/// The guest memory behind `list`, from its byte `skip` on, as host memory slices.
+fn guest_slices<'m, M: GuestMemory + ?Sized>(
+    mem: &'m M,
+    list: &SgList,
+    skip: u64,
+    access: Permissions,
+) -> Result<Vec<VolatileSlice<'m, BS<'m, M::Bitmap>>>, GuestMemoryError> {
+    let mut slices = Vec::with_capacity(list.segments().len());
+    let mut skip = skip;
+    for &(addr, len) in list.segments() {
+        let len = u64::from(len);
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let start = addr
+            .checked_add(skip)
+            .ok_or(GuestMemoryError::InvalidGuestAddress(addr))?;
+        for slice in mem.get_slices(start, (len - skip) as usize, access)? {
+            slices.push(slice?);
+        }
+        skip = 0;
+    }
+    Ok(slices)
+}
+
+/// `slices` without their dirty bitmap, the form [`DiskBackend`] takes (the caller marks what
+/// the disk wrote).
+fn plain_slices<'m, B: BitmapSlice>(slices: &[VolatileSlice<'m, B>]) -> Vec<VolatileSlice<'m>> {
+    slices
+        .iter()
+        .map(|s| {
+            // SAFETY: `s` guarantees `s.len()` bytes of mapped memory at its address for 'm,
+            // accessed by everyone else through volatile accesses (or by the guest); the new
+            // slice covers the same bytes for the same lifetime. The guard is trivial (no Xen
+            // mapping), so the address stays valid after it is dropped.
+            unsafe { VolatileSlice::new(s.ptr_guard_mut().as_ptr(), s.len()) }
+        })
+        .collect()
 }
 
 /// Parses and executes one chain: the per-chain step of [`process_queue`](crate::process_queue),
