@@ -97,6 +97,11 @@ pub const VIRTIO_CONSOLE_CHECKS: &[&str] = &["init", "pcicfg", "write", "msix"];
 /// is no `rx`, with `net.tx.count=0` no `tx`, with both no `msix`.
 pub const VIRTIO_NET_CHECKS: &[&str] = &["init", "pcicfg", "mac", "rx", "tx", "msix"];
 
+/// Checks a virtio-net device driven with several queue pairs (`net<n>.pairs`, see
+/// [`boot_net_mq`]) reports when the host exchanges the test frames.
+pub const VIRTIO_NET_MQ_CHECKS: &[&str] =
+    &["init", "pcicfg", "mac", "ctrl", "rx", "tx", "mq", "msix"];
+
 /// The hostile mode's attacks (`hostile=1`, see docs/test-guest.md), in the order the guest
 /// runs them; each is reported as `hostile.<attack>`. `survivors` (rng and blk still work)
 /// comes last.
@@ -1758,6 +1763,45 @@ mod tests {
     }
 
     #[test]
+    fn net_mq_helpers() {
+        assert_eq!(net_tx_frames_of_pair(21, 2, 0), 11);
+        assert_eq!(net_tx_frames_of_pair(21, 2, 1), 10);
+        assert_eq!(net_tx_frames_of_pair(2, 3, 2), 0);
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let frames: Vec<Vec<u8>> = (0..5)
+            .map(|i| net_test_frame(NetDir::Tx, i, BROADCAST_MAC, mac))
+            .collect();
+        assert_eq!(net_tx_frames_per_pair(&frames, 2), vec![3, 2]);
+        let nic = Nic {
+            tap: "t",
+            mac,
+            rx_count: 3,
+            tx_count: 5,
+        };
+        let good = "TEST virtio.net0.init PASS x\n\
+            TEST virtio.net0.pcicfg PASS x\n\
+            TEST virtio.net0.mac PASS x\n\
+            TEST virtio.net0.ctrl PASS controlq 4: VQ_PAIRS_SET(0)=ERR VQ_PAIRS_SET(3)=ERR VQ_PAIRS_SET(2)=OK\n\
+            TEST virtio.net0.rx PASS 3/3 test frames intact in 0 ms (frames=3 ignored=0 multi_buffer=0 buffers=8 bufsize=2048 mrg_rxbuf=yes per_queue=q0:1,q2:2)\n\
+            TEST virtio.net0.tx PASS 5/5 frames (...); per pair (returned/sent): p0=3/3 p1=2/2; 2 of 2 batch(es) signalled\n\
+            TEST virtio.net0.mq PASS pairs=2; tx returned/sent per pair: p0=3/3 p1=2/2\n\
+            TEST virtio.net0.msix PASS x\n\
+            TESTS DONE pass=8 fail=0\n";
+        let r = GuestReport::parse(good);
+        check_net_mq_report(&r, 0, &nic, 2, 2, &frames).expect("clean report");
+        let e = check_net_mq_report(&r, 0, &nic, 2, 2, &frames[..4]).expect_err("frame 4 lost");
+        assert!(e.contains("pair 0: 2 of its 3 frames captured"), "{e}");
+        let bad = good.replace("VQ_PAIRS_SET(0)=ERR", "VQ_PAIRS_SET(0)=OK");
+        let e = check_net_mq_report(&GuestReport::parse(&bad), 0, &nic, 2, 2, &frames)
+            .expect_err("pairs=0 accepted");
+        assert!(e.contains("ctrl detail"), "{e}");
+        let short = good.replace("q2:2", "q2:1");
+        let e = check_net_mq_report(&GuestReport::parse(&short), 0, &nic, 2, 2, &frames)
+            .expect_err("per-queue counts short");
+        assert!(e.contains("add up to 2"), "{e}");
+    }
+
+    #[test]
     fn spawn_vm_streams_lines_and_kills_on_drop() {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo one; sleep 0.2; echo 'INFO ready x'; sleep 30"]);
@@ -1894,6 +1938,176 @@ pub fn boot_net(
             "net{n}: rx {rx:?} tx {tx:?} mac {mac:?}\n{}",
             run.describe()
         );
+    }
+    (run, report)
+}
+
+/// How many of the TX test frames `0..count` the guest puts on pair `pair` of `pairs` when it
+/// runs with `net<n>.pairs`: frame `i` leaves on pair `i % pairs`.
+pub fn net_tx_frames_of_pair(count: u32, pairs: u32, pair: u32) -> u32 {
+    if pairs == 0 {
+        return 0;
+    }
+    count / pairs + u32::from(pair < count % pairs)
+}
+
+/// The captured TX test frames per pair (frame `i` counted for pair `i % pairs`); frames that
+/// are not TX test frames are not counted.
+pub fn net_tx_frames_per_pair(frames: &[Vec<u8>], pairs: u32) -> Vec<u32> {
+    let mut per = vec![0u32; pairs as usize];
+    for f in frames {
+        if let Some(i) = net_test_frame_index(f, NetDir::Tx) {
+            if let Some(n) = per.get_mut((i % pairs.max(1)) as usize) {
+                *n += 1;
+            }
+        }
+    }
+    per
+}
+
+/// Checks the guest's report of device `n` run with `net<n>.pairs=pairs` against a device with
+/// `max_pairs` queue pairs, after the host exchanged `nic`'s frames and captured `captured`
+/// (what [`exchange_test_frames`] returned): every check of [`VIRTIO_NET_MQ_CHECKS`] passed;
+/// `ctrl` saw VQ_PAIRS_SET(0) and VQ_PAIRS_SET(max + 1) refused and VQ_PAIRS_SET(pairs)
+/// acknowledged; every frame reached the guest (counted per receive queue) and every pair
+/// returned its share of the TX frames ([`net_tx_frames_of_pair`]), which were all captured.
+///
+/// # Errors
+/// What does not hold.
+pub fn check_net_mq_report(
+    report: &GuestReport,
+    n: usize,
+    nic: &Nic,
+    pairs: u32,
+    max_pairs: u32,
+    captured: &[Vec<u8>],
+) -> Result<(), String> {
+    let mut problems = Vec::new();
+    for name in virtio_checks("net", n, VIRTIO_NET_MQ_CHECKS) {
+        match report.test(&name) {
+            Some((true, _)) => {}
+            Some((false, d)) => problems.push(format!("{name} FAILED: {d}")),
+            None => problems.push(format!("{name} missing")),
+        }
+    }
+    let detail = |c: &str| report.detail(&format!("virtio.net{n}.{c}")).unwrap_or("");
+    let ctrl = detail("ctrl");
+    let want_ctrl = format!(
+        "VQ_PAIRS_SET(0)=ERR VQ_PAIRS_SET({})=ERR VQ_PAIRS_SET({pairs})=OK",
+        max_pairs + 1
+    );
+    if !ctrl.contains(&want_ctrl) {
+        problems.push(format!("ctrl detail {ctrl:?} lacks {want_ctrl:?}"));
+    }
+    let rx = detail("rx");
+    if !rx.starts_with(&format!("{0}/{0} test frames intact", nic.rx_count)) {
+        problems.push(format!("rx detail {rx:?}: not all {} frames", nic.rx_count));
+    }
+    let per_queue: u32 = rx
+        .split_once("per_queue=")
+        .map(|(_, r)| r.split([')', ' ']).next().unwrap_or(""))
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|q| q.split_once(':').and_then(|(_, c)| c.parse::<u32>().ok()))
+        .sum();
+    if per_queue != nic.rx_count {
+        problems.push(format!(
+            "rx detail {rx:?}: per-queue counts add up to {per_queue}, not {}",
+            nic.rx_count
+        ));
+    }
+    let tx = detail("tx");
+    let mq = detail("mq");
+    let captured_per_pair = net_tx_frames_per_pair(captured, pairs);
+    for p in 0..pairs {
+        let want = net_tx_frames_of_pair(nic.tx_count, pairs, p);
+        let share = format!("p{p}={want}/{want}");
+        if !tx.contains(&share) || !mq.contains(&share) {
+            problems.push(format!(
+                "pair {p}: tx/mq details lack {share}: {tx:?} {mq:?}"
+            ));
+        }
+        if captured_per_pair[p as usize] != want {
+            problems.push(format!(
+                "pair {p}: {} of its {want} frames captured on the TAP",
+                captured_per_pair[p as usize]
+            ));
+        }
+    }
+    if !tx.starts_with(&format!("{0}/{0} frames", nic.tx_count)) {
+        problems.push(format!("tx detail {tx:?}: not all {} frames", nic.tx_count));
+    }
+    if let Err(e) = verify_net_tx_frames(captured, nic.tx_count, nic.mac) {
+        problems.push(e);
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n"))
+    }
+}
+
+/// Like [`boot_net`] for one device driven with `net0.pairs=pairs` against a device with
+/// `max_pairs` queue pairs: boots the VMM inside a fresh network namespace, plays the host
+/// side of `rx` and `tx` on `nic.tap` ([`exchange_test_frames`]) and asserts a clean run
+/// with the stage-2 PCI checks passed and [`check_net_mq_report`].
+#[allow(clippy::too_many_arguments)]
+pub fn boot_net_mq(
+    test: &str,
+    nic: &Nic,
+    pairs: u32,
+    max_pairs: u32,
+    other_devices: &[(&str, u32)],
+    words: &str,
+    timeout: Duration,
+    vmm_command: impl FnOnce(&str) -> Command,
+) -> (VmRun, GuestReport) {
+    let others: String = other_devices
+        .iter()
+        .map(|(k, n)| format!(",{k}:{n}"))
+        .collect();
+    let mut cmdline = format!(
+        "{} expect.virtio=net:1{others} net0.mac={} net0.rx.count={} net0.tx.count={} net0.pairs={pairs}",
+        stage1_cmdline(1, 256 << 20),
+        format_mac(nic.mac),
+        nic.rx_count,
+        nic.tx_count
+    );
+    if !words.is_empty() {
+        cmdline += " ";
+        cmdline += words;
+    }
+    let cmd = vmm_command(&cmdline);
+    let ns = NetNs::new("netmq");
+    let vm = spawn_vm(ns.wrap(cmd));
+    let x = NetExchange {
+        tap: nic.tap.to_string(),
+        guest_mac: nic.mac,
+        rx_count: nic.rx_count,
+        tx_count: nic.tx_count,
+        device: 0,
+        timeout,
+    };
+    let captured = match exchange_test_frames(&vm, &ns, &x) {
+        Ok(frames) => frames,
+        Err(e) => panic!("{test}: net0 on {}: {e}", nic.tap),
+    };
+    let run = vm.finish(timeout);
+    eprintln!("{test}: VMM finished in {:.1?}", run.elapsed);
+    for line in run.stdout.lines().filter(|l| l.contains("virtio.net")) {
+        eprintln!("{test}: {line}");
+    }
+    run.assert_success();
+    let report = run.report();
+    report.assert_passed(STAGE2_PCI_CHECKS);
+    assert_eq!(
+        report.detail("cmdline"),
+        Some(format!("\"{cmdline}\"").as_str()),
+        "{}",
+        run.describe()
+    );
+    if let Err(e) = check_net_mq_report(&report, 0, nic, pairs, max_pairs, &captured) {
+        panic!("{test}: {e}\n{}", run.describe());
     }
     (run, report)
 }

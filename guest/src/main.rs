@@ -26,6 +26,7 @@ mod lifecycle;
 mod mem;
 mod memtest;
 mod net;
+mod net_mq;
 mod netbench;
 mod pci;
 mod phys;

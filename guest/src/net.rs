@@ -21,10 +21,10 @@ use crate::time::Deadline;
 use crate::virtio::{
     Buf, DmaPage, IrqTally, Queue, Transport, Used, Why, F_VERSION_1, REQUEST_TIMEOUT_US,
 };
-use crate::{arch, expect, println, why};
+use crate::{arch, expect, net_mq, println, why};
 
 pub(crate) const F_MAC: u64 = 1 << 5;
-const F_MRG_RXBUF: u64 = 1 << 15;
+pub(crate) const F_MRG_RXBUF: u64 = 1 << 15;
 
 /// virtio_net_hdr_v1: with VERSION_1 num_buffers is always present.
 pub(crate) const HDR_LEN: usize = 12;
@@ -52,6 +52,8 @@ const TX_PAGES: usize = 4;
 const TX_SLOT: usize = 2048;
 const TX_SLOTS: usize = TX_PAGES * 4096 / TX_SLOT;
 const PAGE: usize = 4096;
+/// Most queue pairs the guest drives (`net.pairs`).
+pub(crate) const MAX_PAIRS: usize = 8;
 
 /// An Ethernet address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,53 +193,91 @@ fn pop_used_wait(q: &mut Queue) -> Option<Used> {
     }
 }
 
-/// Initialises the device and runs every `virtio.net<n>.*` check.
+/// Initialises the device and runs every `virtio.net<n>.*` check; with
+/// `net<n>.pairs` the multi-queue variant ([`net_mq::run`]).
 pub fn run(mut t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
     let mut name: StrBuf<24> = StrBuf::new();
     let _ = write!(name, "virtio.net{n}");
     let name = name.as_str();
     let key = |field: &str| keys.get("net", n, field);
-    let mut wanted = F_VERSION_1 | F_MAC | F_MRG_RXBUF;
-    if key("mrg_rxbuf") == Some("0") {
-        wanted &= !F_MRG_RXBUF;
+    if let Some(pairs) = key("pairs") {
+        net_mq::run(t, name, &key, apic_id, pairs);
+        return;
     }
+    let wanted = wanted_features(&key);
     // Device configuration starts with u8 mac[6].
     let Some((mut queues, msix_err)) = stage2::bring_up(&mut t, name, 1, wanted, 2, apic_id) else {
         return;
     };
     let mac = check_mac(&t, name, key("mac"));
     let mut tally = IrqTally::default();
-
-    match parse_rx_keys(&t, &key) {
-        Err(w) => stage2::check_named(name, "rx", false, format_args!("{w}")),
-        Ok(None) => println!("INFO {name}.rx not run: net.rx.count=0"),
-        Ok(Some(cfg)) => match queues[0].as_mut() {
-            Some(q) => check_rx(q, name, mac, &cfg, &mut tally),
-            None => stage2::check_named(name, "rx", false, format_args!("no receiveq")),
-        },
-    }
-    match key("tx.count").map(|v| expect::parse_u64(v).filter(|&c| c <= u64::from(MAX_TX_COUNT))) {
-        Some(None) => stage2::check_named(
-            name,
-            "tx",
-            false,
-            format_args!("bad net.tx.count value (0..={MAX_TX_COUNT})"),
-        ),
-        Some(Some(0)) => println!("INFO {name}.tx not run: net.tx.count=0"),
-        count => match queues[1].as_mut() {
-            Some(q) => {
-                let count = count.flatten().map_or(DEFAULT_TX_COUNT, |c| c as u32);
-                check_tx(q, name, mac, count, &mut tally);
-            }
-            None => stage2::check_named(name, "tx", false, format_args!("no transmitq")),
-        },
-    }
+    traffic(&t, &mut queues, 1, name, mac, &key, &mut tally);
     match msix_err {
         Some(w) => stage2::check_named(name, "msix", false, format_args!("{w}")),
         None if tally.waited == 0 => {
             println!("INFO {name}.msix not run: no traffic (net.rx.count=0 net.tx.count=0)");
         }
         None => stage2::check_msix(&t, name, &tally, &queues),
+    }
+}
+
+/// The single-queue feature set: VERSION_1, MAC and MRG_RXBUF (unless
+/// `net.mrg_rxbuf=0`).
+pub(crate) fn wanted_features<'a>(key: &impl Fn(&str) -> Option<&'a str>) -> u64 {
+    let mut wanted = F_VERSION_1 | F_MAC | F_MRG_RXBUF;
+    if key("mrg_rxbuf") == Some("0") {
+        wanted &= !F_MRG_RXBUF;
+    }
+    wanted
+}
+
+/// What the `tx` check sent and got back, per queue pair.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct TxPerPair {
+    /// Frames put on each pair's transmitq.
+    pub(crate) sent: [u32; MAX_PAIRS],
+    /// Of those, returned in the used ring.
+    pub(crate) returned: [u32; MAX_PAIRS],
+}
+
+/// The `rx` and `tx` checks on queue pairs `0..pairs` of `qs` (receiveq `k`
+/// at `qs[2k]`, transmitq `k` at `qs[2k + 1]`): the host's frames are taken
+/// from every receiveq, frame `i` is transmitted on pair `i % pairs`. With
+/// more than one pair (or `net.pairs`) the details name the queues. Returns
+/// the transmit counts per pair when `tx` ran.
+pub(crate) fn traffic<'a>(
+    t: &Transport,
+    qs: &mut [Option<Queue>],
+    pairs: usize,
+    name: &str,
+    mac: Mac,
+    key: &impl Fn(&str) -> Option<&'a str>,
+    tally: &mut IrqTally,
+) -> Option<TxPerPair> {
+    let multi = key("pairs").is_some();
+    match parse_rx_keys(t, key) {
+        Err(w) => stage2::check_named(name, "rx", false, format_args!("{w}")),
+        Ok(None) => println!("INFO {name}.rx not run: net.rx.count=0"),
+        Ok(Some(cfg)) => check_rx(qs, pairs, multi, name, mac, &cfg, tally),
+    }
+    match key("tx.count").map(|v| expect::parse_u64(v).filter(|&c| c <= u64::from(MAX_TX_COUNT))) {
+        Some(None) => {
+            stage2::check_named(
+                name,
+                "tx",
+                false,
+                format_args!("bad net.tx.count value (0..={MAX_TX_COUNT})"),
+            );
+            None
+        }
+        Some(Some(0)) => {
+            println!("INFO {name}.tx not run: net.tx.count=0");
+            None
+        }
+        count => {
+            let count = count.flatten().map_or(DEFAULT_TX_COUNT, |c| c as u32);
+            check_tx(qs, pairs, multi, name, mac, count, tally)
+        }
     }
 }
 
@@ -353,6 +393,24 @@ struct RxBufs {
 }
 
 impl RxBufs {
+    /// Buffers of `bufsize` bytes in `npages` (1..=[`RX_PAGES`]) new DMA pages, as many as
+    /// fit, at most the size of `q` and 64. `None` when the DMA memory is used up.
+    fn new(q: &Queue, bufsize: usize, npages: usize) -> Option<RxBufs> {
+        let npages = npages.clamp(1, RX_PAGES);
+        let first = DmaPage::alloc()?;
+        let mut pages = [first; RX_PAGES];
+        for p in pages.iter_mut().take(npages).skip(1) {
+            *p = DmaPage::alloc()?;
+        }
+        Some(RxBufs {
+            pages,
+            bufsize,
+            nbufs: (npages * (PAGE / bufsize)).min(usize::from(q.size)).min(64),
+            of_head: [0; 64],
+            unkicked: false,
+        })
+    }
+
     fn at(&self, b: usize) -> (DmaPage, usize) {
         let per_page = PAGE / self.bufsize;
         (self.pages[b / per_page], (b % per_page) * self.bufsize)
@@ -465,35 +523,99 @@ impl RxBufs {
     }
 }
 
-/// `rx`: posts the receive buffers, prints `INFO <name>.rx.ready`, and
-/// waits for test frames 0..count (each exactly once, intact, to our MAC or
-/// broadcast); other frames are ignored.
-fn check_rx(q: &mut Queue, name: &str, mac: Mac, cfg: &RxConfig, tally: &mut IrqTally) {
-    let Some(pages) = alloc_pages::<RX_PAGES>() else {
-        stage2::check_named(name, "rx", false, format_args!("out of DMA memory"));
-        return;
+/// What one received frame turned out to be.
+// Short-lived, on the stack; there is no heap to box the reason into.
+#[allow(clippy::large_enum_variant)]
+enum RxVerdict {
+    /// Not a receive test frame (router solicitations from the host, ...).
+    Ignored,
+    /// Test frame `i`, intact and new.
+    Good(u32),
+    /// Test frame `i`, but wrong.
+    Bad(u32, Why),
+}
+
+/// Judges `frame` against the receive test frames `0..count`, `got` being the
+/// ones already received (bit `i`); `expected` is scratch space.
+fn judge_rx(
+    frame: &[u8],
+    count: u32,
+    got: u64,
+    mac: Mac,
+    expected: &mut [u8; MAX_FRAME],
+) -> RxVerdict {
+    let Some(i) = test_frame_index(frame, Dir::Rx) else {
+        return RxVerdict::Ignored;
     };
-    let nbufs = (RX_PAGES * (PAGE / cfg.bufsize))
-        .min(usize::from(q.size))
-        .min(64);
-    let mut rx = RxBufs {
-        pages,
-        bufsize: cfg.bufsize,
-        nbufs,
-        of_head: [0; 64],
-        unkicked: false,
+    let len = frame.len();
+    let dst = Mac(core::array::from_fn(|k| frame[k]));
+    let src = Mac(core::array::from_fn(|k| frame[6 + k]));
+    let want_len = build_frame(expected, Dir::Rx, i, dst, src);
+    let why = if i >= count {
+        why!("index beyond net.rx.count={count}")
+    } else if got & (1 << i) != 0 {
+        why!("duplicate")
+    } else if dst != mac && dst != BROADCAST {
+        why!("to {dst}, not to {mac}")
+    } else if len != want_len {
+        why!("{len} bytes, expected {want_len}")
+    } else if let Some(o) = (0..len).find(|&o| frame[o] != expected[o]) {
+        why!(
+            "byte {o} is {:#04x}, expected {:#04x}",
+            frame[o],
+            expected[o]
+        )
+    } else {
+        return RxVerdict::Good(i);
     };
-    let vector = q.vector;
-    let mut base = vector.map_or(0, arch::irq_count);
-    for b in 0..rx.nbufs {
-        rx.post(q, b);
+    RxVerdict::Bad(i, why)
+}
+
+/// `rx`: posts the receive buffers on receiveqs `qs[2k]`, `k < pairs`,
+/// prints `INFO <name>.rx.ready`, and waits for test frames 0..count (each
+/// exactly once, intact, to our MAC or broadcast, on any of those queues);
+/// other frames are ignored. With `multi` the details count frames per queue.
+fn check_rx(
+    qs: &mut [Option<Queue>],
+    pairs: usize,
+    multi: bool,
+    name: &str,
+    mac: Mac,
+    cfg: &RxConfig,
+    tally: &mut IrqTally,
+) {
+    let pairs = pairs.clamp(1, MAX_PAIRS);
+    // Eight pages in all, at least one per queue.
+    let npages = (RX_PAGES / pairs).max(1);
+    let mut bufs: [Option<RxBufs>; MAX_PAIRS] = core::array::from_fn(|_| None);
+    let mut base = [0u64; MAX_PAIRS];
+    for k in 0..pairs {
+        let Some(q) = qs.get_mut(2 * k).and_then(Option::as_mut) else {
+            stage2::check_named(name, "rx", false, format_args!("no receiveq {}", 2 * k));
+            return;
+        };
+        let Some(mut rx) = RxBufs::new(q, cfg.bufsize, npages) else {
+            stage2::check_named(name, "rx", false, format_args!("out of DMA memory"));
+            return;
+        };
+        base[k] = q.vector.map_or(0, arch::irq_count);
+        for b in 0..rx.nbufs {
+            rx.post(q, b);
+        }
+        q.kick();
+        rx.unkicked = false;
+        bufs[k] = Some(rx);
     }
-    q.kick();
-    rx.unkicked = false;
+    let (nbufs, bufsize) = bufs[0].as_ref().map_or((0, 0), |b| (b.nbufs, b.bufsize));
+    let mut queues: StrBuf<64> = StrBuf::new();
+    if multi {
+        let _ = write!(queues, " pairs={pairs} receiveqs=");
+        for k in 0..pairs {
+            let _ = write!(queues, "{}{}", if k > 0 { "," } else { "" }, 2 * k);
+        }
+    }
     println!(
-        "INFO {name}.rx.ready mac={mac} buffers={} bufsize={}{} mrg_rxbuf={} expect={} wait={}s",
-        rx.nbufs,
-        rx.bufsize,
+        "INFO {name}.rx.ready mac={mac} buffers={nbufs} bufsize={bufsize}{} mrg_rxbuf={} expect={} wait={}s{queues}",
         cfg.note.unwrap_or(""),
         if cfg.mrg { "yes" } else { "no" },
         cfg.count,
@@ -506,6 +628,7 @@ fn check_rx(q: &mut Queue, name: &str, mac: Mac, cfg: &RxConfig, tally: &mut Irq
         (1u64 << cfg.count) - 1
     };
     let mut got = 0u64;
+    let mut per_queue = [0u32; MAX_PAIRS];
     let mut frames = 0u32;
     let mut ignored = 0u32;
     let mut merged = 0u32;
@@ -518,78 +641,69 @@ fn check_rx(q: &mut Queue, name: &str, mac: Mac, cfg: &RxConfig, tally: &mut Irq
     let wait = Deadline::after_us(cfg.wait_s * 1_000_000);
     // A flood of other frames must not keep the loop going for ever.
     let hard = Deadline::after_us(cfg.wait_s * 1_000_000 + 2 * REQUEST_TIMEOUT_US);
-    // Frames taken since the ring was last seen empty; their interrupt must
-    // come after `base`, read before that empty poll.
-    let mut pending = false;
+    // Per queue, frames taken since its ring was last seen empty; their
+    // interrupt must come after `base`, read before that empty poll.
+    let mut pending = [false; MAX_PAIRS];
     let t0 = arch::rdtsc();
     let mut dead: Option<Why> = None;
-    while !hard.passed() {
-        let snapshot = vector.map_or(0, arch::irq_count);
-        let Some(u) = q.pop_used() else {
-            if pending {
-                if !wait_irq(tally, vector, base) {
-                    irq_missed += 1;
+    'poll: while !hard.passed() {
+        let mut took = false;
+        for k in 0..pairs {
+            let (Some(q), Some(rx)) = (qs[2 * k].as_mut(), bufs[k].as_mut()) else {
+                continue;
+            };
+            let vector = q.vector;
+            let snapshot = vector.map_or(0, arch::irq_count);
+            let Some(u) = q.pop_used() else {
+                if pending[k] {
+                    if !wait_irq(tally, vector, base[k]) {
+                        irq_missed += 1;
+                    }
+                    pending[k] = false;
                 }
-                pending = false;
+                base[k] = snapshot;
+                if rx.unkicked {
+                    q.kick();
+                    rx.unkicked = false;
+                }
+                continue;
+            };
+            took = true;
+            pending[k] = true;
+            frames += 1;
+            let (len, num_buffers, multi_buf) = match rx.take(q, u, cfg.mrg, &mut frame) {
+                Ok(r) => r,
+                Err(w) => {
+                    bad += 1;
+                    let _ = write!(detail, " frame {frames}: {w};");
+                    if !u.known {
+                        dead = Some(w);
+                        break 'poll;
+                    }
+                    continue;
+                }
+            };
+            if !cfg.mrg && num_buffers != 1 {
+                num_buffers_not_1 += 1;
             }
-            base = snapshot;
-            if rx.unkicked {
-                q.kick();
-                rx.unkicked = false;
+            merged += u32::from(multi_buf);
+            match judge_rx(&frame[..len], cfg.count, got, mac, &mut expected) {
+                RxVerdict::Ignored => ignored += 1,
+                RxVerdict::Good(i) => {
+                    got |= 1 << i;
+                    per_queue[k] += 1;
+                }
+                RxVerdict::Bad(i, w) => {
+                    bad += 1;
+                    let _ = write!(detail, " NIMBUS-NET-RX {i}: {w};");
+                }
             }
+        }
+        if !took {
             if got == all || wait.passed() {
                 break;
             }
             arch::pause();
-            continue;
-        };
-        pending = true;
-        frames += 1;
-        let (len, num_buffers, multi) = match rx.take(q, u, cfg.mrg, &mut frame) {
-            Ok(r) => r,
-            Err(w) => {
-                bad += 1;
-                let _ = write!(detail, " frame {frames}: {w};");
-                if !u.known {
-                    dead = Some(w);
-                    break;
-                }
-                continue;
-            }
-        };
-        if !cfg.mrg && num_buffers != 1 {
-            num_buffers_not_1 += 1;
-        }
-        merged += u32::from(multi);
-        let Some(i) = test_frame_index(&frame[..len], Dir::Rx) else {
-            ignored += 1;
-            continue;
-        };
-        let dst = Mac(core::array::from_fn(|k| frame[k]));
-        let src = Mac(core::array::from_fn(|k| frame[6 + k]));
-        let want_len = build_frame(&mut expected, Dir::Rx, i, dst, src);
-        let mut why: Option<Why> = None;
-        if i >= cfg.count {
-            why = Some(why!("index beyond net.rx.count={}", cfg.count));
-        } else if got & (1 << i) != 0 {
-            why = Some(why!("duplicate"));
-        } else if dst != mac && dst != BROADCAST {
-            why = Some(why!("to {dst}, not to {mac}"));
-        } else if len != want_len {
-            why = Some(why!("{len} bytes, expected {want_len}"));
-        } else if let Some(o) = (0..len).find(|&o| frame[o] != expected[o]) {
-            why = Some(why!(
-                "byte {o} is {:#04x}, expected {:#04x}",
-                frame[o],
-                expected[o]
-            ));
-        }
-        match why {
-            None => got |= 1 << i,
-            Some(w) => {
-                bad += 1;
-                let _ = write!(detail, " NIMBUS-NET-RX {i}: {w};");
-            }
         }
     }
     let us = crate::time::us_since(t0);
@@ -617,42 +731,83 @@ fn check_rx(q: &mut Queue, name: &str, mac: Mac, cfg: &RxConfig, tally: &mut Irq
             "INFO {name}.rx num_buffers != 1 in {num_buffers_not_1} frame(s) without MRG_RXBUF (the spec asks for 1)"
         );
     }
+    let mut per: StrBuf<96> = StrBuf::new();
+    if multi {
+        let _ = write!(per, " per_queue=");
+        for (k, n) in per_queue.iter().enumerate().take(pairs) {
+            let _ = write!(per, "{}q{}:{n}", if k > 0 { "," } else { "" }, 2 * k);
+        }
+    }
     stage2::check_named(
         name,
         "rx",
         got == all && bad == 0 && irq_missed == 0 && dead.is_none(),
         format_args!(
-            "{received}/{} test frames intact in {} ms (frames={frames} ignored={ignored} multi_buffer={merged} buffers={} bufsize={} mrg_rxbuf={}){detail}",
+            "{received}/{} test frames intact in {} ms (frames={frames} ignored={ignored} multi_buffer={merged} buffers={nbufs} bufsize={bufsize} mrg_rxbuf={}{per}){detail}",
             cfg.count,
             us / 1000,
-            rx.nbufs,
-            rx.bufsize,
             if cfg.mrg { "yes" } else { "no" },
         ),
     );
 }
 
-/// `tx`: sends test frames 0..count from `mac` to broadcast in batches of
-/// up to [`TX_SLOTS`] (chains of 1, 2 and 3 descriptors in turn: header and
-/// frame together, header then frame, header then the frame in two halves);
-/// every batch must come back in the used ring and raise an interrupt.
-fn check_tx(q: &mut Queue, name: &str, mac: Mac, count: u32, tally: &mut IrqTally) {
+/// `tx`: sends test frames 0..count from `mac` to broadcast, frame `i` on
+/// the transmitq of pair `i % pairs` (`qs[2k + 1]`), in batches of up to
+/// [`TX_SLOTS`] frames (chains of 1, 2 and 3 descriptors in turn: header and
+/// frame together, header then frame, header then the frame in two halves;
+/// one notification per queue and batch); every frame must come back in the
+/// used ring and every queue's batch must raise an interrupt. With `multi`
+/// the detail counts frames per pair. Returns those counts.
+fn check_tx(
+    qs: &mut [Option<Queue>],
+    pairs: usize,
+    multi: bool,
+    name: &str,
+    mac: Mac,
+    count: u32,
+    tally: &mut IrqTally,
+) -> Option<TxPerPair> {
+    let pairs = pairs.clamp(1, MAX_PAIRS);
+    if let Some(k) = (0..pairs).find(|&k| qs.get(2 * k + 1).is_none_or(Option::is_none)) {
+        stage2::check_named(
+            name,
+            "tx",
+            false,
+            format_args!("no transmitq {}", 2 * k + 1),
+        );
+        return None;
+    }
     let Some(pages) = alloc_pages::<TX_PAGES>() else {
         stage2::check_named(name, "tx", false, format_args!("out of DMA memory"));
-        return;
+        return None;
     };
-    println!("INFO {name}.tx.start frames={count} from={mac}");
-    let vector = q.vector;
+    if multi {
+        println!("INFO {name}.tx.start frames={count} from={mac} pairs={pairs}");
+    } else {
+        println!("INFO {name}.tx.start frames={count} from={mac}");
+    }
     let hdr = [0u8; HDR_LEN];
     let mut frame = [0u8; MAX_FRAME];
+    let mut per = TxPerPair::default();
     let (mut sent, mut returned, mut bytes, mut batches) = (0u32, 0u32, 0u64, 0u32);
     let (mut bogus, mut irq_missed, mut max_used_len) = (0u32, 0u32, 0u32);
     let mut err: Option<Why> = None;
     let t0 = arch::rdtsc();
     while sent < count && err.is_none() {
-        let base = vector.map_or(0, arch::irq_count);
+        let mut base = [0u64; MAX_PAIRS];
+        for (k, b) in base.iter_mut().enumerate().take(pairs) {
+            *b = qs[2 * k + 1]
+                .as_ref()
+                .and_then(|q| q.vector)
+                .map_or(0, arch::irq_count);
+        }
         let mut in_batch = 0usize;
-        while sent < count && in_batch < TX_SLOTS && q.free_descriptors() >= 3 {
+        let mut batch_of = [0u32; MAX_PAIRS];
+        while sent < count && in_batch < TX_SLOTS {
+            let k = sent as usize % pairs;
+            let Some(q) = qs[2 * k + 1].as_mut().filter(|q| q.free_descriptors() >= 3) else {
+                break;
+            };
             let page = pages[in_batch * TX_SLOT / PAGE];
             let off = (in_batch * TX_SLOT) % PAGE;
             let len = build_frame(&mut frame, Dir::Tx, sent, BROADCAST, mac);
@@ -675,33 +830,54 @@ fn check_tx(q: &mut Queue, name: &str, mac: Mac, count: u32, tally: &mut IrqTall
                     ro(f + u64::from(half), len as u32 - half),
                 ],
             ];
-            let k = sent as usize % 3;
-            if q.add(&chains[k][..=k]).is_none() {
+            let c = sent as usize % 3;
+            if q.add(&chains[c][..=c]).is_none() {
                 err = Some(why!("no free descriptors for frame {sent}"));
                 break;
             }
             in_batch += 1;
+            batch_of[k] += 1;
+            per.sent[k] += 1;
             sent += 1;
             bytes += len as u64;
         }
         if in_batch == 0 {
             break;
         }
-        q.kick();
-        batches += 1;
-        for _ in 0..in_batch {
-            let Some(u) = pop_used_wait(q) else {
-                err = Some(why!(
-                    "{returned} of {sent} frames returned; the rest not within 2 s"
-                ));
-                break;
-            };
-            returned += 1;
-            bogus += u32::from(!u.known);
-            max_used_len = max_used_len.max(u.len);
+        for k in 0..pairs {
+            if let Some(q) = qs[2 * k + 1].as_ref().filter(|_| batch_of[k] > 0) {
+                q.kick();
+                batches += 1;
+            }
         }
-        if err.is_none() && !wait_irq(tally, vector, base) {
-            irq_missed += 1;
+        for k in 0..pairs {
+            let Some(q) = qs[2 * k + 1].as_mut().filter(|_| batch_of[k] > 0) else {
+                continue;
+            };
+            let mut complete = true;
+            for _ in 0..batch_of[k] {
+                let Some(u) = pop_used_wait(q) else {
+                    complete = false;
+                    if err.is_none() {
+                        err = Some(if multi {
+                            why!(
+                                "{returned} of {sent} frames returned; the rest on transmitq {} not within 2 s",
+                                q.index
+                            )
+                        } else {
+                            why!("{returned} of {sent} frames returned; the rest not within 2 s")
+                        });
+                    }
+                    break;
+                };
+                returned += 1;
+                per.returned[k] += 1;
+                bogus += u32::from(!u.known);
+                max_used_len = max_used_len.max(u.len);
+            }
+            if complete && !wait_irq(tally, q.vector, base[k]) {
+                irq_missed += 1;
+            }
         }
     }
     let us = crate::time::us_since(t0);
@@ -711,7 +887,13 @@ fn check_tx(q: &mut Queue, name: &str, mac: Mac, count: u32, tally: &mut IrqTall
         "{returned}/{count} frames ({bytes} bytes, ethertype {ETHERTYPE:#06x}) from {mac} to {BROADCAST} returned in {batches} batch(es), {} ms; chains of 1/2/3 descriptors",
         us / 1000
     );
-    if vector.is_some() {
+    if multi {
+        let _ = write!(detail, "; per pair (returned/sent):");
+        for k in 0..pairs {
+            let _ = write!(detail, " p{k}={}/{}", per.returned[k], per.sent[k]);
+        }
+    }
+    if qs.iter().flatten().any(|q| q.vector.is_some()) {
         let _ = write!(
             detail,
             "; {} of {batches} batch(es) signalled",
@@ -733,4 +915,5 @@ fn check_tx(q: &mut Queue, name: &str, mac: Mac, count: u32, tally: &mut IrqTall
         err.is_none() && returned == count && bogus == 0 && irq_missed == 0,
         format_args!("{detail}"),
     );
+    Some(per)
 }

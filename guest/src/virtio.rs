@@ -799,6 +799,12 @@ impl Transport {
         self.common.r16(C_Q_SIZE)
     }
 
+    /// Whether queue `index` reads enabled (queue_enable = 1).
+    pub fn queue_enabled(&self, index: u16) -> bool {
+        self.common.w16(C_Q_SELECT, index);
+        self.common.r16(C_Q_ENABLE) == 1
+    }
+
     /// Programs queue `index` with `rings` exactly as given (no check of size or
     /// addresses: the hostile checks hand the device bad values on purpose), its MSI-X
     /// entry, and enables it. Returns the MSI-X entry and the notification offset.
