@@ -154,9 +154,18 @@ pub fn num_queues(num_queue_pairs: usize) -> usize {
     2 * num_queue_pairs + usize::from(num_queue_pairs > 1)
 }
 
-/// Index of the control queue of a device with `num_queue_pairs` pairs, if it has one.
-pub fn ctrl_queue_index(num_queue_pairs: usize) -> Option<usize> {
-    (num_queue_pairs > 1).then_some(2 * num_queue_pairs)
+/// Index of the control queue of a device with `num_queue_pairs` pairs once the driver
+/// accepted `features`: none without `CTRL_VQ`; after the last pair with `MQ`, else 2 (virtio
+/// 1.2, 5.1.2: without `MQ` the driver sees one pair, whatever the device has).
+pub fn ctrl_queue_index(num_queue_pairs: usize, features: u64) -> Option<usize> {
+    if !has_feature(features, VIRTIO_NET_F_CTRL_VQ) {
+        return None;
+    }
+    Some(if has_feature(features, VIRTIO_NET_F_MQ) {
+        2 * num_queue_pairs
+    } else {
+        2
+    })
 }
 
 /// Whether feature bit `feature` (e.g. `VIRTIO_NET_F_MRG_RXBUF`) is set in `features`.
@@ -334,8 +343,12 @@ mod tests {
         assert!(!has_feature(u64::MAX, 64));
         assert_eq!(num_queues(1), 2);
         assert_eq!(num_queues(4), 9);
-        assert_eq!(ctrl_queue_index(1), None);
-        assert_eq!(ctrl_queue_index(4), Some(8));
+        let ctrl = bit(VIRTIO_NET_F_CTRL_VQ);
+        let mq = bit(VIRTIO_NET_F_MQ);
+        assert_eq!(ctrl_queue_index(4, features(4, None) & !ctrl), None);
+        assert_eq!(ctrl_queue_index(4, ctrl | mq), Some(8));
+        assert_eq!(ctrl_queue_index(4, ctrl), Some(2));
+        assert_eq!(ctrl_queue_index(1, ctrl), Some(2));
     }
 
     #[test]

@@ -51,6 +51,15 @@ pub enum BackendError {
         /// Queue pairs.
         pairs: usize,
     },
+    /// A TAP queue could not be detached while its pair is not in use.
+    #[error("cannot detach TAP queue {queue}")]
+    Detach {
+        /// TAP queue (= queue pair) index.
+        queue: usize,
+        /// Cause.
+        #[source]
+        source: net_util::NetError,
+    },
     /// The eventfd that stops a worker thread could not be created.
     #[error("cannot create the exit event of worker {thread}")]
     ExitEvent {
@@ -72,6 +81,8 @@ struct PairState {
     tx_broken: bool,
     /// Reading the TAP failed; logged once.
     tap_failed: bool,
+    /// Attaching or detaching the TAP queue failed; logged once.
+    steer_failed: bool,
 }
 
 impl PairState {
@@ -82,6 +93,7 @@ impl PairState {
             rx_broken: false,
             tx_broken: false,
             tap_failed: false,
+            steer_failed: false,
         }
     }
 }
@@ -138,6 +150,11 @@ impl<B: Bitmap + 'static> NetBackend<B> {
         }
         let exit_events = ExitEvents::new(pairs)
             .map_err(|(thread, source)| BackendError::ExitEvent { thread, source })?;
+        // Only the first pair runs until the driver asks for more.
+        for (queue, tap) in taps.iter().enumerate().skip(1) {
+            tap.set_queue_enabled(false)
+                .map_err(|source| BackendError::Detach { queue, source })?;
+        }
         Ok(NetBackend {
             config: VirtioNetConfig::new(mac, pairs, mtu),
             features: net_util::features(pairs, mtu)
@@ -276,6 +293,27 @@ impl<B: Bitmap + 'static> NetBackend<B> {
             drop(ring);
             drop(state);
             std::thread::yield_now();
+        }
+    }
+
+    /// Keeps the TAP queue of pair `pair` attached while its receive ring runs (the first
+    /// pair's always), so the kernel steers packets only to queues whose ring takes them. The
+    /// frontend switches rings with `SET_VRING_ENABLE` (the driver's `VQ_PAIRS_SET`), which
+    /// the backend crate does not report; the next event of the pair's worker catches up: the
+    /// frontend kicks a ring it starts, and a stopped pair's TAP queue wakes the worker with
+    /// the first packet steered to it.
+    fn steer(&self, pair: usize, rx: &Vring<B>, tap: &dyn TapQueue) {
+        let wanted = pair == 0 || rx.get_ref().is_enabled();
+        if let Err(e) = tap.set_queue_enabled(wanted) {
+            if let Some(mut state) = self.pair(pair) {
+                if !std::mem::replace(&mut state.steer_failed, true) {
+                    warn!(
+                        "pair {pair}: cannot {} TAP queue {pair} of {}: {e}",
+                        if wanted { "attach" } else { "detach" },
+                        tap.if_name()
+                    );
+                }
+            }
         }
     }
 
@@ -480,6 +518,7 @@ where
                 format!("worker {thread_id} has no queue pair"),
             ));
         };
+        self.steer(thread_id, rx, tap.as_ref());
         self.serve_tx(thread_id, tx, tap.as_ref());
         self.serve_rx(thread_id, rx, tap.as_ref());
         Ok(())

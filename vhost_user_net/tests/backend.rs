@@ -246,6 +246,30 @@ fn disabled_rings_are_left_alone() {
 }
 
 #[test]
+fn a_pair_keeps_its_tap_queue_only_while_its_receive_ring_runs() {
+    let s = setup(2, None);
+    // Until the driver asks for more pairs, only the first pair's TAP queue takes packets.
+    assert!(s.peers[0].queue_enabled());
+    assert!(!s.peers[1].queue_enabled());
+    let rx = ring(&s, 0x1_0000, false);
+    let tx = ring(&s, 0x4_0000, false);
+    rx.vring.set_enabled(false);
+    event(&s, &rx, &tx, 1, 2 * 2 + 1);
+    assert!(!s.peers[1].queue_enabled());
+    // SET_VRING_ENABLE(1) on the receive ring, then the frontend's kick.
+    rx.vring.set_enabled(true);
+    event(&s, &rx, &tx, 1, 0);
+    assert!(s.peers[1].queue_enabled());
+    // Stopped again (VQ_PAIRS_SET with fewer pairs): the next packet's wake-up detaches it.
+    rx.vring.set_enabled(false);
+    event(&s, &rx, &tx, 1, 2 * 2 + 1);
+    assert!(!s.peers[1].queue_enabled());
+    // The first pair's queue stays attached whatever its ring does.
+    event(&s, &rx, &tx, 0, 2 * 2 + 1);
+    assert!(s.peers[0].queue_enabled());
+}
+
+#[test]
 fn stopping_the_receive_ring_drops_the_waiting_packet() {
     let s = setup(1, None);
     s.backend.acked_features(s.backend.features());

@@ -224,7 +224,7 @@ impl VirtioDevice for Net {
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         let num_pairs = self.taps.len();
-        let ctrl_index = ctrl_queue_index(num_pairs);
+        let ctrl_index = ctrl_queue_index(num_pairs, a.features);
         let mut rx: Vec<Option<ActiveQueue>> = (0..num_pairs).map(|_| None).collect();
         let mut tx: Vec<Option<ActiveQueue>> = (0..num_pairs).map(|_| None).collect();
         let mut ctrl = None;

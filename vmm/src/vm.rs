@@ -258,6 +258,7 @@ fn open_nets(config: &VmConfig) -> Result<Vec<OpenNet>, VmError> {
             };
             let dev = virtio_devices::vhost_user::net::connect(
                 endpoint,
+                (n.num_queues / 2) as u16,
                 n.queue_size,
                 format!("_net{i}"),
             )

@@ -11,8 +11,8 @@ use std::time::Duration;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use e2e::{
-    boot_net, exchange_test_frames, format_mac, guest_elf, require_kvm, spawn_vm, stage1_cmdline,
-    virtio_checks, NetExchange, NetNs, Nic, VIRTIO_NET_CHECKS,
+    boot_net, check_net_mq_report, exchange_test_frames, format_mac, guest_elf, require_kvm,
+    spawn_vm, stage1_cmdline, virtio_checks, NetExchange, NetNs, Nic, VIRTIO_NET_CHECKS,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -188,7 +188,7 @@ fn vhost_user_net_daemon_carries_frames() {
     if !require_kvm("vhost_user_net_daemon_carries_frames") {
         return;
     }
-    vhost_user_net_exchange("vun", false, false);
+    vhost_user_net_exchange("vun", false, false, Pairs::ONE);
 }
 
 /// The same with the socket the other way round (`--net vhost_mode=server`, daemon
@@ -198,7 +198,7 @@ fn vhost_user_net_daemon_connects_to_nimbus() {
     if !require_kvm("vhost_user_net_daemon_connects_to_nimbus") {
         return;
     }
-    vhost_user_net_exchange("vus", true, false);
+    vhost_user_net_exchange("vus", true, false, Pairs::ONE);
 }
 
 /// The daemon is killed after the guest posted its receive buffers and started again (it
@@ -209,13 +209,60 @@ fn vhost_user_net_daemon_restart_keeps_the_guest_connected() {
     if !require_kvm("vhost_user_net_daemon_restart_keeps_the_guest_connected") {
         return;
     }
-    vhost_user_net_exchange("vur", true, true);
+    vhost_user_net_exchange("vur", true, true, Pairs::ONE);
+}
+
+/// Multi-queue through the daemon: a three-pair `vhost_user_net` (a three-queue TAP), Nimbus
+/// asked for three pairs, the guest uses two (`net0.pairs=2`, docs/test-guest.md). Nimbus
+/// serves the control queue: VQ_PAIRS_SET(0) and (4) are refused, (2) starts the second pair's
+/// rings in the daemon; both transmit queues' frames cross the TAP and the host's frames reach
+/// the guest on a receive queue in use.
+#[test]
+fn vhost_user_net_daemon_serves_two_of_three_queue_pairs() {
+    if !require_kvm("vhost_user_net_daemon_serves_two_of_three_queue_pairs") {
+        return;
+    }
+    vhost_user_net_exchange("vum", false, false, Pairs { used: 2, device: 3 });
+}
+
+/// One pair of a two-pair interface in use: `vhost_user_net` keeps the second TAP queue
+/// detached, so every host frame lands in the pair the guest reads (the TAP's flow hash sends
+/// these frames to its second queue on this kernel, where they would be lost).
+#[test]
+fn vhost_user_net_daemon_steers_every_frame_to_the_pair_in_use() {
+    if !require_kvm("vhost_user_net_daemon_steers_every_frame_to_the_pair_in_use") {
+        return;
+    }
+    vhost_user_net_exchange("vum1", false, false, Pairs { used: 1, device: 2 });
+}
+
+/// The daemon of a two-pair interface is killed after the guest set both pairs up and posted
+/// its receive buffers, and started again: the new daemon gets both pairs' rings running (the
+/// count of running rings is part of the session), and frames cross both ways on both pairs.
+#[test]
+fn vhost_user_net_daemon_restart_keeps_both_queue_pairs() {
+    if !require_kvm("vhost_user_net_daemon_restart_keeps_both_queue_pairs") {
+        return;
+    }
+    vhost_user_net_exchange("vumr", true, true, Pairs { used: 2, device: 2 });
+}
+
+/// Queue pairs of a vhost-user interface: those of the device, those the guest uses.
+#[derive(Clone, Copy)]
+struct Pairs {
+    used: u32,
+    device: u32,
+}
+
+impl Pairs {
+    const ONE: Pairs = Pairs { used: 1, device: 1 };
 }
 
 /// Boots the guest with a vhost-user-net interface served by `vhost_user_net` in namespace
 /// `tag`, with Nimbus as the socket's server when `nimbus_listens`, and checks frames both ways;
 /// with `restart`, the daemon is killed and started again before the frames are exchanged.
-fn vhost_user_net_exchange(tag: &str, nimbus_listens: bool, restart: bool) {
+/// With a multi-queue device the guest runs its multi-queue checks.
+fn vhost_user_net_exchange(tag: &str, nimbus_listens: bool, restart: bool, pairs: Pairs) {
     let ns = NetNs::new(tag);
     let dir = e2e::ScratchDir::new(&format!("vhost-user-net-{tag}"));
     let socket = dir.file("net.sock");
@@ -239,10 +286,12 @@ fn vhost_user_net_exchange(tag: &str, nimbus_listens: bool, restart: bool) {
         daemon.args([
             "--net-backend",
             &format!(
-                "ip=192.168.249.1,mask=255.255.255.0,mac={},socket={},tap={tap},client={}",
+                "ip=192.168.249.1,mask=255.255.255.0,mac={},socket={},tap={tap},client={},\
+                 num_queues={}",
                 format_mac(mac),
                 socket.display(),
-                if nimbus_listens { "on" } else { "off" }
+                if nimbus_listens { "on" } else { "off" },
+                2 * pairs.device
             ),
         ]);
         ns.wrap(daemon)
@@ -259,11 +308,17 @@ fn vhost_user_net_exchange(tag: &str, nimbus_listens: bool, restart: bool) {
         wait_for_socket("vhost_user_net");
         Some(d)
     };
-    let cmdline = format!(
-        "{} expect.virtio=net:1,rng:1 net0.mac={} net0.rx.count=2 net0.tx.count=4 net0.rx.wait=30",
+    let mq = pairs.device > 1;
+    let (rx_count, tx_count) = if mq { (6, 12) } else { (2, 4) };
+    let mut cmdline = format!(
+        "{} expect.virtio=net:1,rng:1 net0.mac={} net0.rx.count={rx_count} \
+         net0.tx.count={tx_count} net0.rx.wait=30",
         stage1_cmdline(1, 256 << 20),
         format_mac(mac)
     );
+    if mq {
+        cmdline += &format!(" net0.pairs={}", pairs.used);
+    }
     let mode = if nimbus_listens { "server" } else { "client" };
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
     cmd.arg("--kernel").arg(guest_elf()).args([
@@ -278,8 +333,9 @@ fn vhost_user_net_exchange(tag: &str, nimbus_listens: bool, restart: bool) {
         &cmdline,
         "--net",
         &format!(
-            "vhost_user=on,socket={},vhost_mode={mode}",
-            socket.display()
+            "vhost_user=on,socket={},vhost_mode={mode},num_queues={}",
+            socket.display(),
+            2 * pairs.device
         ),
     ]);
     let vm = spawn_vm(cmd);
@@ -310,8 +366,8 @@ fn vhost_user_net_exchange(tag: &str, nimbus_listens: bool, restart: bool) {
     let x = NetExchange {
         tap: tap.clone(),
         guest_mac: mac,
-        rx_count: 2,
-        tx_count: 4,
+        rx_count,
+        tx_count,
         device: 0,
         timeout: TIMEOUT,
     };
@@ -320,13 +376,28 @@ fn vhost_user_net_exchange(tag: &str, nimbus_listens: bool, restart: bool) {
     let status = wait_child(&mut daemon, Duration::from_secs(10));
     let log_name = if restart { "daemon2.log" } else { "daemon.log" };
     let log = std::fs::read_to_string(dir.file(log_name)).unwrap_or_default();
-    if let Err(e) = exchanged {
-        panic!("frame exchange through vhost_user_net: {e}\ndaemon log:\n{log}");
-    }
+    let frames = match exchanged {
+        Ok(frames) => frames,
+        Err(e) => panic!("frame exchange through vhost_user_net: {e}\ndaemon log:\n{log}"),
+    };
     run.assert_success();
-    let names = virtio_checks("net", 0, VIRTIO_NET_CHECKS);
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    run.report().assert_passed(&refs);
+    if mq {
+        let nic = Nic {
+            tap: "",
+            mac,
+            rx_count,
+            tx_count,
+        };
+        if let Err(e) =
+            check_net_mq_report(&run.report(), 0, &nic, pairs.used, pairs.device, &frames)
+        {
+            panic!("{e}\n{}\ndaemon log:\n{log}", run.describe());
+        }
+    } else {
+        let names = virtio_checks("net", 0, VIRTIO_NET_CHECKS);
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        run.report().assert_passed(&refs);
+    }
     assert_eq!(
         status,
         Some(0),

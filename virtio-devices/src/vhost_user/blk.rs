@@ -54,5 +54,6 @@ pub fn connect(
         config,
         vec![queue_size; usize::from(queues)],
         name,
+        None,
     ))
 }

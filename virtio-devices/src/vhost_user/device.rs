@@ -9,7 +9,29 @@ use vmm_sys_util::eventfd::EventFd;
 use super::relay::{Link, Relay};
 use super::{Backend, Connection, Ring, Session, VhostUserError};
 use crate::worker::Worker;
-use crate::{read_config_bytes, ActivateError, Activation, ActiveQueue, VirtioDevice};
+use crate::{
+    read_config_bytes, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice,
+};
+
+/// A queue the frontend serves itself instead of handing it to the backend: virtio-net's
+/// control queue, which vhost-user backends leave to the frontend.
+pub(super) trait LocalQueue: std::fmt::Debug + Send + Sync {
+    /// The queue's index once the driver accepted `features`; `None` when it has none.
+    fn index(&self, features: u64) -> Option<u16>;
+
+    /// How many of the backend's rings, from ring 0, run when the driver starts.
+    fn initial_rings(&self, features: u64) -> u16;
+
+    /// Serves the queue after a kick from the driver; `use_rings(n)` runs the backend's rings
+    /// below `n` and stops the others. Returns whether to interrupt the driver.
+    fn process(
+        &self,
+        queue: &mut ActiveQueue,
+        mem: &GuestMemoryAtomic,
+        features: u64,
+        use_rings: &mut dyn FnMut(u16),
+    ) -> Result<bool, String>;
+}
 
 #[derive(Debug)]
 struct Shared {
@@ -18,6 +40,14 @@ struct Shared {
     config: Vec<u8>,
     queue_sizes: Vec<u16>,
     features: u64,
+    local: Option<Arc<dyn LocalQueue>>,
+}
+
+impl Shared {
+    /// Queues the backend serves: all but the local one.
+    fn backend_queues(&self) -> usize {
+        self.queue_sizes.len() - usize::from(self.local.is_some())
+    }
 }
 
 /// A virtio device whose data path runs in a vhost-user backend.
@@ -31,7 +61,7 @@ pub struct VhostUserDevice {
 impl VhostUserDevice {
     /// A device of `device_type` on `connection` to `backend`, offering the connection's
     /// features, with `config` as its configuration space and one queue per entry of
-    /// `queue_sizes`.
+    /// `queue_sizes`; the last of them is `local` when there is one.
     pub(super) fn new(
         backend: Backend,
         connection: Connection,
@@ -39,6 +69,7 @@ impl VhostUserDevice {
         config: Vec<u8>,
         queue_sizes: Vec<u16>,
         name: String,
+        local: Option<Arc<dyn LocalQueue>>,
     ) -> Self {
         let shared = Shared {
             features: connection.features,
@@ -49,6 +80,7 @@ impl VhostUserDevice {
             device_type,
             config,
             queue_sizes,
+            local,
         };
         Self {
             shared: Arc::new(shared),
@@ -88,11 +120,21 @@ impl VirtioDevice for VhostUserDevice {
         if a.queues.is_empty() {
             return Err(ActivateError::InvalidSetup("no queue enabled".into()));
         }
+        let local = self
+            .shared
+            .local
+            .as_ref()
+            .and_then(|l| Some((l.index(a.features)?, l.clone())));
         let mut rings = Vec::with_capacity(a.queues.len());
         let mut calls = Vec::with_capacity(a.queues.len());
         let mut bases = Vec::with_capacity(a.queues.len());
         for q in a.queues {
             use virtio_queue::QueueT;
+            if local.as_ref().is_some_and(|(index, _)| *index == q.index) {
+                // Served by the relay itself, on the transport's ioeventfd.
+                calls.push(q);
+                continue;
+            }
             let call = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Resource)?;
             let ring = &q.queue;
             rings.push(Ring {
@@ -113,11 +155,14 @@ impl VirtioDevice for VhostUserDevice {
                 kick: call,
             });
         }
-        let sizes = &self.shared.queue_sizes;
+        let sizes = &self.shared.queue_sizes[..self.shared.backend_queues()];
         let mut session = Session {
             mem: a.mem.clone(),
             features: a.features,
             rings,
+            active_rings: local
+                .as_ref()
+                .map_or(u16::MAX, |(_, l)| l.initial_rings(a.features)),
             inflight_shape: (sizes.len() as u16, sizes.iter().copied().max().unwrap_or(0)),
             inflight: None,
         };
@@ -154,6 +199,7 @@ impl VirtioDevice for VhostUserDevice {
         let relay = Relay::new(
             link.clone(),
             session,
+            local,
             self.name.clone(),
             started,
             u32::from(!started),
@@ -173,7 +219,7 @@ impl VirtioDevice for VhostUserDevice {
         if let Some(relay) = self.relay.take() {
             // The relay (and the session it holds) goes first: it may be reconnecting.
             drop(relay);
-            let queues = self.shared.queue_sizes.len();
+            let queues = self.shared.backend_queues();
             let mut connection = self.shared.link.connection();
             if let Some(c) = connection.as_mut() {
                 if !c.stop(queues) {

@@ -309,6 +309,9 @@ pub(crate) struct Session {
     /// virtio features the driver accepted.
     features: u64,
     rings: Vec<Ring>,
+    /// The backend runs the rings whose index is below this; the others are set up but stopped
+    /// (virtio-net pairs the driver does not use).
+    active_rings: u16,
     /// Queues and ring size of the inflight area (all the device's queues, at their maximum).
     inflight_shape: (u16, u16),
     inflight: Option<(VhostUserInflight, File)>,
@@ -436,12 +439,28 @@ impl Connection {
                 .map_err(step("SET_VRING_CALL"))?;
             f.set_vring_kick(i, &ring.kick)
                 .map_err(step("SET_VRING_KICK"))?;
-            if self.has_protocol_features {
+            if self.has_protocol_features && ring.index < s.active_rings {
                 f.set_vring_enable(i, true)
                     .map_err(step("SET_VRING_ENABLE"))?;
             }
         }
         Ok(())
+    }
+
+    /// Runs the session's rings below `s.active_rings` and stops the others
+    /// (`SET_VRING_ENABLE`); a backend without protocol features runs every ring.
+    fn enable_rings(&mut self, s: &Session) -> Result<(), VhostUserError> {
+        if !self.has_protocol_features {
+            return Ok(());
+        }
+        with_deadline(self.frontend.as_raw_fd(), || {
+            for ring in &s.rings {
+                self.frontend
+                    .set_vring_enable(usize::from(ring.index), ring.index < s.active_rings)
+                    .map_err(step("SET_VRING_ENABLE"))?;
+            }
+            Ok(())
+        })
     }
 
     /// Stops the backend's rings (GET_VRING_BASE) so it no longer touches guest memory.

@@ -17,6 +17,7 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::device::LocalQueue;
 use super::{Backend, Connection, Session, VhostUserError};
 use crate::worker::QueueHandler;
 use crate::{ActiveQueue, GuestMemoryAtomic};
@@ -61,6 +62,8 @@ enum Watch {
 pub(super) struct Relay {
     link: Arc<Link>,
     session: Session,
+    /// The queue served here rather than by the backend, with its index.
+    local: Option<(u16, Arc<dyn LocalQueue>)>,
     name: String,
     poll: Epoll,
     watch: Watch,
@@ -73,6 +76,7 @@ impl Relay {
     pub(super) fn new(
         link: Arc<Link>,
         session: Session,
+        local: Option<(u16, Arc<dyn LocalQueue>)>,
         name: String,
         connected: bool,
         refusals: u32,
@@ -80,6 +84,7 @@ impl Relay {
         let mut relay = Self {
             link,
             session,
+            local,
             name,
             poll: Epoll::new()?,
             watch: Watch::Retry(None),
@@ -175,7 +180,7 @@ impl Relay {
         let m = mem.memory();
         let mut bases = Vec::with_capacity(queues.len());
         let mut resubmitted = 0u32;
-        for q in queues {
+        for q in queues.iter().filter(|q| !self.is_local(q.index)) {
             let used = q.queue.used_idx(&*m, Ordering::Acquire);
             let avail = q.queue.avail_idx(&*m, Ordering::Acquire);
             let (Ok(used), Ok(avail)) = (used, avail) else {
@@ -218,18 +223,63 @@ impl Relay {
             self.link.path()
         );
         // Completions the old backend published without a notification.
-        Ok(queues.iter().map(|q| q.index).collect())
+        Ok(queues
+            .iter()
+            .map(|q| q.index)
+            .filter(|&i| !self.is_local(i))
+            .collect())
+    }
+
+    fn is_local(&self, index: u16) -> bool {
+        self.local.as_ref().is_some_and(|(i, _)| *i == index)
+    }
+
+    /// Runs the backend's rings below `count` and stops the others, now if the backend is
+    /// there, at the reconnection otherwise. Rings that start running are kicked once: the
+    /// driver may have made buffers available before they ran.
+    fn use_rings(&mut self, count: u16) {
+        let before = std::mem::replace(&mut self.session.active_rings, count);
+        if before == count {
+            return;
+        }
+        let mut connection = self.link.connection();
+        let Some(c) = connection.as_mut() else {
+            return;
+        };
+        if let Err(e) = c.enable_rings(&self.session) {
+            // The socket watch sees the backend go; the next one gets the rings as they are.
+            log::warn!(
+                "{}: cannot switch the backend's rings: {}",
+                self.name,
+                nimbus_log::error_chain(&e)
+            );
+            return;
+        }
+        drop(connection);
+        for ring in &self.session.rings {
+            if (before..count).contains(&ring.index) {
+                let _ = ring.kick.write(1);
+            }
+        }
+        log::info!("{}: the backend runs rings 0..{count}", self.name);
     }
 }
 
 impl QueueHandler for Relay {
     fn process(
         &mut self,
-        _queue: &mut ActiveQueue,
-        _mem: &GuestMemoryAtomic,
+        queue: &mut ActiveQueue,
+        mem: &GuestMemoryAtomic,
     ) -> Result<bool, String> {
-        // A call: interrupt the driver for this queue.
-        Ok(true)
+        match &self.local {
+            Some((index, local)) if *index == queue.index => {
+                let local = local.clone();
+                let features = self.session.features;
+                local.process(queue, mem, features, &mut |n| self.use_rings(n))
+            }
+            // A call: interrupt the driver for this queue.
+            _ => Ok(true),
+        }
     }
 
     fn extra_fd(&self) -> Option<RawFd> {

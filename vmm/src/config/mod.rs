@@ -404,11 +404,6 @@ impl NetConfig {
             if self.vhost_socket.is_none() {
                 return Err(err("vhost_user=on needs socket=PATH".into()));
             }
-            if self.num_queues != 2 {
-                return Err(err(
-                    "vhost-user networking supports one queue pair (num_queues=2) for now".into(),
-                ));
-            }
             if self.tap.is_some() || self.fds.is_some() {
                 return Err(err(
                     "a vhost-user interface has no tap or fd: the backend owns the TAP".into(),
