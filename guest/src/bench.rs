@@ -1,5 +1,5 @@
 //! Block benchmark (`bench=blk`): random 4 KiB reads at queue depth 1 and 32, random 4 KiB
-//! writes at depth 32, sequential 1 MiB reads and writes at depth 1, against the first
+//! writes at depth 32, sequential 1 MiB reads and writes at depth 1 and 4, against the first
 //! virtio-blk device, for `bench.secs` seconds each (default 5; `bench.only=TEXT` runs only
 //! the workloads whose name contains TEXT). Prints
 //! `BENCH <name> <value> <unit>` lines (see docs/test-guest.md) and a `bench.blk` check
@@ -35,8 +35,8 @@ use crate::{arch, expect, println, stage2, time, why};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
-/// Free RAM the benchmark needs: 32 slots of 4 KiB + 8 KiB, or one 1 MiB + 8 KiB slot.
-const SCRATCH: u64 = 2 * MIB;
+/// Free RAM the benchmark needs: 32 slots of 4 KiB + 8 KiB, or four 1 MiB + 8 KiB slots.
+const SCRATCH: u64 = 6 * MIB;
 /// Most requests in flight (two descriptors each on a 64-entry queue).
 const MAX_DEPTH: usize = 32;
 /// Offset of the request header in a slot; the data follows it at 0x1000 (page aligned),
@@ -315,6 +315,8 @@ fn bench_blk(
         workload("blk.randwrite.4k.qd32", true, Pattern::Random, 4 * KIB, 32),
         workload("blk.read.1m.qd1", false, Pattern::Sequential, MIB, 1),
         workload("blk.write.1m.qd1", true, Pattern::Sequential, MIB, 1),
+        workload("blk.read.1m.qd4", false, Pattern::Sequential, MIB, 4),
+        workload("blk.write.1m.qd4", true, Pattern::Sequential, MIB, 4),
     ];
     let hz = khz * 1000;
     let mut errors = 0;
