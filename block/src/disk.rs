@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use vm_memory::{VolatileMemoryError, VolatileSlice};
 
-use crate::vectored;
+use crate::vectored::{self, Direction};
 
 /// Errors from opening or accessing a disk image.
 #[derive(Debug, thiserror::Error)]
@@ -142,14 +142,14 @@ pub trait DiskBackend: Debug + Send + Sync {
     /// `preadv`). The default reads through this thread's bounce buffer with
     /// [`read_at`](Self::read_at), at most 1 MiB at a time.
     fn read_vectored_at(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<(), BlockError> {
-        vectored::read_bounced(self, offset, bufs)
+        vectored::bounced(self, Direction::Read, offset, bufs)
     }
 
     /// Writes the bytes of `bufs`, in order, at `offset`; the counterpart of
     /// [`read_vectored_at`](Self::read_vectored_at) (default: bounce, then
     /// [`write_at`](Self::write_at)).
     fn write_vectored_at(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<(), BlockError> {
-        vectored::write_bounced(self, offset, bufs)
+        vectored::bounced(self, Direction::Write, offset, bufs)
     }
 
     /// Makes completed writes durable.

@@ -184,6 +184,36 @@ impl RawFile {
                 && (addr as u64).is_multiple_of(self.mem_align))
     }
 
+    /// A vectored read or write: straight between `bufs` and the file when the kernel takes
+    /// them as they are, else (unaligned direct I/O, or `EINVAL` from it) through a bounce
+    /// buffer.
+    fn transfer_vectored(
+        &self,
+        direction: Direction,
+        offset: u64,
+        bufs: &[VolatileSlice<'_>],
+    ) -> Result<(), BlockError> {
+        let len = vectored::total_len(bufs);
+        check_range(&self.path, self.size, offset, len)?;
+        if self.vectored_aligned(offset, bufs) {
+            // Writes exclude read-modify-write cycles of the same blocks (see `rmw`).
+            let _shared = matches!(direction, Direction::Write)
+                .then(|| self.rmw.read().unwrap_or_else(PoisonError::into_inner));
+            match vectored::transfer(self.file.as_raw_fd(), direction, offset, bufs) {
+                Ok(()) => return Ok(()),
+                Err(e) if !(self.direct && e.raw_os_error() == Some(libc::EINVAL)) => {
+                    return Err(self.io_error(direction.op(), offset, len, e))
+                }
+                Err(_) => debug!(
+                    "{}: direct {} refused, bouncing",
+                    self.path.display(),
+                    direction.op()
+                ),
+            }
+        }
+        vectored::bounced(self, direction, offset, bufs)
+    }
+
     /// Whether a vectored access can go to the kernel as is: with direct I/O the offset and
     /// total length must be aligned, and every buffer's address and length too.
     fn vectored_aligned(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> bool {
@@ -326,37 +356,13 @@ impl DiskBackend for RawFile {
     /// `preadv` straight into `bufs`; through a bounce buffer when direct I/O cannot take
     /// them as they are (unaligned, or refused with `EINVAL`).
     fn read_vectored_at(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<(), BlockError> {
-        let len = vectored::total_len(bufs);
-        check_range(&self.path, self.size, offset, len)?;
-        if self.vectored_aligned(offset, bufs) {
-            match vectored::transfer(self.file.as_raw_fd(), Direction::Read, offset, bufs) {
-                Ok(()) => return Ok(()),
-                Err(e) if !(self.direct && e.raw_os_error() == Some(libc::EINVAL)) => {
-                    return Err(self.io_error("read", offset, len, e))
-                }
-                Err(_) => debug!("{}: direct read refused, bouncing", self.path.display()),
-            }
-        }
-        vectored::read_bounced(self, offset, bufs)
+        self.transfer_vectored(Direction::Read, offset, bufs)
     }
 
-    /// `pwritev` straight from `bufs`; through a bounce buffer when direct I/O cannot take
-    /// them as they are (unaligned, or refused with `EINVAL`).
+    /// `pwritev` straight from `bufs`, or through a bounce buffer as for reads.
     fn write_vectored_at(&self, offset: u64, bufs: &[VolatileSlice<'_>]) -> Result<(), BlockError> {
         self.check_writable()?;
-        let len = vectored::total_len(bufs);
-        check_range(&self.path, self.size, offset, len)?;
-        if self.vectored_aligned(offset, bufs) {
-            let _shared = self.rmw.read().unwrap_or_else(PoisonError::into_inner);
-            match vectored::transfer(self.file.as_raw_fd(), Direction::Write, offset, bufs) {
-                Ok(()) => return Ok(()),
-                Err(e) if !(self.direct && e.raw_os_error() == Some(libc::EINVAL)) => {
-                    return Err(self.io_error("write", offset, len, e))
-                }
-                Err(_) => debug!("{}: direct write refused, bouncing", self.path.display()),
-            }
-        }
-        vectored::write_bounced(self, offset, bufs)
+        self.transfer_vectored(Direction::Write, offset, bufs)
     }
 
     fn flush(&self) -> Result<(), BlockError> {

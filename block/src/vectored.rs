@@ -75,10 +75,12 @@ impl<'s, 'a> SliceCursor<'s, 'a> {
     }
 }
 
-/// [`DiskBackend::read_vectored_at`] through this thread's bounce buffer and
-/// [`DiskBackend::read_at`].
-pub(crate) fn read_bounced<D: DiskBackend + ?Sized>(
+/// [`DiskBackend::read_vectored_at`] or [`DiskBackend::write_vectored_at`] through this
+/// thread's bounce buffer and [`DiskBackend::read_at`] or [`DiskBackend::write_at`], at most
+/// [`BOUNCE_CHUNK`] bytes at a time.
+pub(crate) fn bounced<D: DiskBackend + ?Sized>(
     disk: &D,
+    direction: Direction,
     offset: u64,
     bufs: &[VolatileSlice<'_>],
 ) -> Result<(), BlockError> {
@@ -88,29 +90,16 @@ pub(crate) fn read_bounced<D: DiskBackend + ?Sized>(
         let mut done = 0u64;
         while done < len {
             let piece = &mut bounce[..(len - done).min(BOUNCE_CHUNK) as usize];
-            disk.read_at(offset + done, piece)?;
-            cursor.fill(piece).map_err(BlockError::Buffer)?;
-            done += piece.len() as u64;
-        }
-        Ok(())
-    })
-}
-
-/// [`DiskBackend::write_vectored_at`] through this thread's bounce buffer and
-/// [`DiskBackend::write_at`].
-pub(crate) fn write_bounced<D: DiskBackend + ?Sized>(
-    disk: &D,
-    offset: u64,
-    bufs: &[VolatileSlice<'_>],
-) -> Result<(), BlockError> {
-    let len = total_len(bufs);
-    let mut cursor = SliceCursor::new(bufs);
-    with_bounce_buffer(len.min(BOUNCE_CHUNK) as usize, |bounce| {
-        let mut done = 0u64;
-        while done < len {
-            let piece = &mut bounce[..(len - done).min(BOUNCE_CHUNK) as usize];
-            cursor.drain(piece).map_err(BlockError::Buffer)?;
-            disk.write_at(offset + done, piece)?;
+            match direction {
+                Direction::Read => {
+                    disk.read_at(offset + done, piece)?;
+                    cursor.fill(piece).map_err(BlockError::Buffer)?;
+                }
+                Direction::Write => {
+                    cursor.drain(piece).map_err(BlockError::Buffer)?;
+                    disk.write_at(offset + done, piece)?;
+                }
+            }
             done += piece.len() as u64;
         }
         Ok(())
@@ -124,6 +113,16 @@ pub(crate) enum Direction {
     Read,
     /// Memory to file (`pwritev`).
     Write,
+}
+
+impl Direction {
+    /// The operation's name in error messages.
+    pub(crate) fn op(self) -> &'static str {
+        match self {
+            Direction::Read => "read",
+            Direction::Write => "write",
+        }
+    }
 }
 
 /// Moves every byte of `bufs` between them and `fd` at `offset` with `preadv`/`pwritev`,
