@@ -385,6 +385,25 @@ pub fn repo_root() -> PathBuf {
         .map_or_else(|| manifest_dir.to_path_buf(), Path::to_path_buf)
 }
 
+/// A command that runs the VMM binary at `vmm` (Nimbus's command-line syntax) on the test guest
+/// with `--memory memory`, the guest command line `cmdline`, the serial port on stdout and no
+/// virtio console (so the guest's device counts are the test's devices); tests add their
+/// devices and flags.
+pub fn nimbus_test_guest(vmm: &str, memory: &str, cmdline: &str) -> Command {
+    let mut cmd = Command::new(vmm);
+    cmd.arg("--kernel").arg(guest_elf()).args([
+        "--memory",
+        memory,
+        "--serial",
+        "tty",
+        "--console",
+        "off",
+        "--cmdline",
+        cmdline,
+    ]);
+    cmd
+}
+
 /// Builds the test guest (release profile, target dir `<repo>/target/guest`)
 /// the first time it is called in this process and returns the absolute path
 /// of the ELF. Concurrent callers wait for the one build.
@@ -1849,22 +1868,18 @@ pub struct Nic {
     pub tx_count: u32,
 }
 
-/// Boots a VMM inside a fresh network namespace with one virtio-net device per
-/// `nics` entry, each on its own TAP, plays the host side of each device's `rx`
-/// and `tx` checks in turn (frames sent after the guest's `rx.ready` line, the
-/// guest's frames captured and checked byte for byte), and checks that the VMM
-/// exited 0 after a clean report with every net check passed. `words` are extra
-/// guest command-line keys; `other_devices` are the VMM's other virtio devices
-/// (`("rng", 1)`), so the guest's device count is exact; `vmm_command` builds the
-/// VMM's command for a guest command line (it runs inside the namespace).
-pub fn boot_net(
+/// The common part of [`boot_net`] and [`boot_net_mq`]: the guest command line (stage 1, the
+/// device count, each NIC's MAC and frame counts, then `words`), the VMM started inside a
+/// fresh network namespace, the host side of each device's `rx` and `tx` checks, and the run
+/// to its end. Returns the run, the command line and the frames captured per device.
+fn exchange_on_nics(
     test: &str,
     nics: &[Nic],
     other_devices: &[(&str, u32)],
     words: &str,
     timeout: Duration,
     vmm_command: impl FnOnce(&str) -> Command,
-) -> (VmRun, GuestReport) {
+) -> (VmRun, String, Vec<Vec<Vec<u8>>>) {
     let others: String = other_devices
         .iter()
         .map(|(k, n)| format!(",{k}:{n}"))
@@ -1889,6 +1904,7 @@ pub fn boot_net(
     let cmd = vmm_command(&cmdline);
     let ns = NetNs::new("net");
     let vm = spawn_vm(ns.wrap(cmd));
+    let mut captured = Vec::with_capacity(nics.len());
     for (n, nic) in nics.iter().enumerate() {
         let x = NetExchange {
             tap: nic.tap.to_string(),
@@ -1898,8 +1914,9 @@ pub fn boot_net(
             device: n,
             timeout,
         };
-        if let Err(e) = exchange_test_frames(&vm, &ns, &x) {
-            panic!("{test}: net{n} on {}: {e}", nic.tap);
+        match exchange_test_frames(&vm, &ns, &x) {
+            Ok(frames) => captured.push(frames),
+            Err(e) => panic!("{test}: net{n} on {}: {e}", nic.tap),
         }
     }
     let run = vm.finish(timeout);
@@ -1907,6 +1924,27 @@ pub fn boot_net(
     for line in run.stdout.lines().filter(|l| l.contains("virtio.net")) {
         eprintln!("{test}: {line}");
     }
+    (run, cmdline, captured)
+}
+
+/// Boots a VMM inside a fresh network namespace with one virtio-net device per
+/// `nics` entry, each on its own TAP, plays the host side of each device's `rx`
+/// and `tx` checks in turn (frames sent after the guest's `rx.ready` line, the
+/// guest's frames captured and checked byte for byte), and checks that the VMM
+/// exited 0 after a clean report with every net check passed. `words` are extra
+/// guest command-line keys; `other_devices` are the VMM's other virtio devices
+/// (`("rng", 1)`), so the guest's device count is exact; `vmm_command` builds the
+/// VMM's command for a guest command line (it runs inside the namespace).
+pub fn boot_net(
+    test: &str,
+    nics: &[Nic],
+    other_devices: &[(&str, u32)],
+    words: &str,
+    timeout: Duration,
+    vmm_command: impl FnOnce(&str) -> Command,
+) -> (VmRun, GuestReport) {
+    let (run, cmdline, _) =
+        exchange_on_nics(test, nics, other_devices, words, timeout, vmm_command);
     run.assert_success();
     let report = run.report();
     let mut names: Vec<String> = STAGE2_PCI_CHECKS.iter().map(|s| s.to_string()).collect();
@@ -2062,41 +2100,15 @@ pub fn boot_net_mq(
     timeout: Duration,
     vmm_command: impl FnOnce(&str) -> Command,
 ) -> (VmRun, GuestReport) {
-    let others: String = other_devices
-        .iter()
-        .map(|(k, n)| format!(",{k}:{n}"))
-        .collect();
-    let mut cmdline = format!(
-        "{} expect.virtio=net:1{others} net0.mac={} net0.rx.count={} net0.tx.count={} net0.pairs={pairs}",
-        stage1_cmdline(1, 256 << 20),
-        format_mac(nic.mac),
-        nic.rx_count,
-        nic.tx_count
-    );
-    if !words.is_empty() {
-        cmdline += " ";
-        cmdline += words;
-    }
-    let cmd = vmm_command(&cmdline);
-    let ns = NetNs::new("netmq");
-    let vm = spawn_vm(ns.wrap(cmd));
-    let x = NetExchange {
-        tap: nic.tap.to_string(),
-        guest_mac: nic.mac,
-        rx_count: nic.rx_count,
-        tx_count: nic.tx_count,
-        device: 0,
+    let words = format!("net0.pairs={pairs} {words}");
+    let (run, cmdline, captured) = exchange_on_nics(
+        test,
+        std::slice::from_ref(nic),
+        other_devices,
+        words.trim_end(),
         timeout,
-    };
-    let captured = match exchange_test_frames(&vm, &ns, &x) {
-        Ok(frames) => frames,
-        Err(e) => panic!("{test}: net0 on {}: {e}", nic.tap),
-    };
-    let run = vm.finish(timeout);
-    eprintln!("{test}: VMM finished in {:.1?}", run.elapsed);
-    for line in run.stdout.lines().filter(|l| l.contains("virtio.net")) {
-        eprintln!("{test}: {line}");
-    }
+        vmm_command,
+    );
     run.assert_success();
     let report = run.report();
     report.assert_passed(STAGE2_PCI_CHECKS);
@@ -2106,7 +2118,8 @@ pub fn boot_net_mq(
         "{}",
         run.describe()
     );
-    if let Err(e) = check_net_mq_report(&report, 0, nic, pairs, max_pairs, &captured) {
+    let captured = captured.first().map_or(&[][..], Vec::as_slice);
+    if let Err(e) = check_net_mq_report(&report, 0, nic, pairs, max_pairs, captured) {
         panic!("{test}: {e}\n{}", run.describe());
     }
     (run, report)

@@ -14,9 +14,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use e2e::{
-    compare_image, disk_pattern_byte, guest_elf, qemu_binary, qemu_q35_command, require_kvm,
-    soak_blk_keys, soak_blk_written_line, spawn_vm, stage1_cmdline, verify_guest_pattern,
-    GuestReport, ScratchDir, VhostUserBlockDaemon, VmRun,
+    compare_image, disk_pattern_byte, guest_elf, nimbus_test_guest, qemu_binary, qemu_q35_command,
+    require_kvm, soak_blk_keys, soak_blk_written_line, spawn_vm, stage1_cmdline,
+    verify_guest_pattern, GuestReport, ScratchDir, VhostUserBlockDaemon, VmRun,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -38,19 +38,11 @@ fn sparse_image(path: &Path, size: u64, filled: &[u64]) {
 /// Nimbus (`-v`) booting the test guest with `cmdline` and one disk served by the vhost-user
 /// backend at `socket`.
 fn nimbus_on_vhost_user_blk(socket: &Path, cmdline: &str) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
-    cmd.arg("--kernel").arg(guest_elf()).args([
+    let mut cmd = nimbus_test_guest(env!("CARGO_BIN_EXE_nimbus"), "size=256M,shared=on", cmdline);
+    cmd.args([
         "-v",
-        "--memory",
-        "size=256M,shared=on",
-        "--serial",
-        "tty",
-        "--console",
-        "off",
         "--disk",
         &format!("vhost_user=on,socket={}", socket.display()),
-        "--cmdline",
-        cmdline,
     ]);
     cmd
 }

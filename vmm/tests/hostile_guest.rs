@@ -11,11 +11,10 @@
 //!
 //! Needs /dev/kvm; without it the test prints a loud SKIPPED line.
 
-use std::process::Command;
 use std::time::Duration;
 
 use e2e::{
-    guest_elf, hostile_checks, require_kvm, run_vm, stage1_cmdline, verify_disk_pattern,
+    hostile_checks, nimbus_test_guest, require_kvm, run_vm, stage1_cmdline, verify_disk_pattern,
     virtio_checks, write_disk_pattern, GuestReport, ScratchDir, Stage2Keys, VmRun, STAGE1_CHECKS,
     STAGE2_PCI_CHECKS, VIRTIO_BLK_CHECKS, VIRTIO_RNG_CHECKS,
 };
@@ -32,19 +31,8 @@ fn boot_hostile(image: &std::path::Path) -> VmRun {
         ..Default::default()
     };
     let cmdline = format!("{} {}", stage1_cmdline(1, 256 << 20), keys.to_cmdline());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
-    cmd.arg("--kernel").arg(guest_elf()).args([
-        "--memory",
-        "size=256M",
-        "--serial",
-        "tty",
-        "--console",
-        "off",
-        "--cmdline",
-        &cmdline,
-        "--disk",
-        &format!("path={}", image.display()),
-    ]);
+    let mut cmd = nimbus_test_guest(env!("CARGO_BIN_EXE_nimbus"), "size=256M", &cmdline);
+    cmd.args(["--disk", &format!("path={}", image.display())]);
     run_vm(cmd, TIMEOUT)
 }
 

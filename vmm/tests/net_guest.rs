@@ -11,8 +11,9 @@ use std::time::Duration;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use e2e::{
-    boot_net, check_net_mq_report, exchange_test_frames, format_mac, guest_elf, require_kvm,
-    spawn_vm, stage1_cmdline, virtio_checks, NetExchange, NetNs, Nic, VIRTIO_NET_CHECKS,
+    boot_net, check_net_mq_report, exchange_test_frames, format_mac, nimbus_test_guest,
+    require_kvm, spawn_vm, stage1_cmdline, virtio_checks, NetExchange, NetNs, Nic,
+    VIRTIO_NET_CHECKS,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -20,17 +21,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 const RNG: &[(&str, u32)] = &[("rng", 1)];
 
 fn nimbus_with(nics: &[Nic], ips: &[&str], cmdline: &str) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
-    cmd.arg("--kernel").arg(guest_elf()).args([
-        "--memory",
-        "size=256M",
-        "--serial",
-        "tty",
-        "--console",
-        "off",
-        "--cmdline",
-        cmdline,
-    ]);
+    let mut cmd = nimbus_test_guest(env!("CARGO_BIN_EXE_nimbus"), "size=256M", cmdline);
     cmd.arg("--net");
     for (nic, ip) in nics.iter().zip(ips) {
         cmd.arg(format!(
@@ -146,16 +137,8 @@ fn passed_tap_fd_carries_frames() {
         stage1_cmdline(1, 256 << 20),
         format_mac(mac)
     );
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
-    cmd.arg("--kernel").arg(guest_elf()).args([
-        "--memory",
-        "size=256M",
-        "--serial",
-        "tty",
-        "--console",
-        "off",
-        "--cmdline",
-        &cmdline,
+    let mut cmd = nimbus_test_guest(env!("CARGO_BIN_EXE_nimbus"), "size=256M", &cmdline);
+    cmd.args([
         "--net",
         &format!("fd={},mac={}", tap.as_raw_fd(), format_mac(mac)),
     ]);
@@ -320,17 +303,13 @@ fn vhost_user_net_exchange(tag: &str, nimbus_listens: bool, restart: bool, pairs
         cmdline += &format!(" net0.pairs={}", pairs.used);
     }
     let mode = if nimbus_listens { "server" } else { "client" };
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
-    cmd.arg("--kernel").arg(guest_elf()).args([
-        "-v",
-        "--memory",
+    let mut cmd = nimbus_test_guest(
+        env!("CARGO_BIN_EXE_nimbus"),
         "size=256M,shared=on",
-        "--serial",
-        "tty",
-        "--console",
-        "off",
-        "--cmdline",
         &cmdline,
+    );
+    cmd.args([
+        "-v",
         "--net",
         &format!(
             "vhost_user=on,socket={},vhost_mode={mode},num_queues={}",

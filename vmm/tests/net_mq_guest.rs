@@ -13,8 +13,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use e2e::{
-    boot_net_mq, format_mac, guest_elf, qemu_binary, qemu_q35_command, require_kvm, run_vm,
-    stage1_cmdline, NetNs, Nic,
+    boot_net_mq, format_mac, guest_elf, nimbus_test_guest, qemu_binary, qemu_q35_command,
+    require_kvm, run_vm, stage1_cmdline, NetNs, Nic,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -23,16 +23,8 @@ const RNG: &[(&str, u32)] = &[("rng", 1)];
 
 /// Nimbus with one in-process virtio-net device on TAP `nic.tap` with `queue_pairs` pairs.
 fn nimbus_mq(nic: &Nic, queue_pairs: u32, cmdline: &str) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
-    cmd.arg("--kernel").arg(guest_elf()).args([
-        "--memory",
-        "size=256M",
-        "--serial",
-        "tty",
-        "--console",
-        "off",
-        "--cmdline",
-        cmdline,
+    let mut cmd = nimbus_test_guest(env!("CARGO_BIN_EXE_nimbus"), "size=256M", cmdline);
+    cmd.args([
         "--net",
         &format!(
             "tap={},mac={},ip=192.168.251.1,mask=255.255.255.0,num_queues={}",

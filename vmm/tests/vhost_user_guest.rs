@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use e2e::{
-    guest_elf, require_kvm, run_vm, stage1_cmdline, verify_disk_pattern, virtio_checks,
+    nimbus_test_guest, require_kvm, run_vm, stage1_cmdline, verify_disk_pattern, virtio_checks,
     write_disk_pattern, ScratchDir, Stage2Keys, STAGE1_CHECKS, VIRTIO_BLK_CHECKS,
 };
 
@@ -56,19 +56,8 @@ impl Drop for StorageDaemon {
 }
 
 fn nimbus(memory: &str, disk: &str, cmdline: &str) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
-    cmd.arg("--kernel").arg(guest_elf()).args([
-        "--memory",
-        memory,
-        "--serial",
-        "tty",
-        "--console",
-        "off",
-        "--disk",
-        disk,
-        "--cmdline",
-        cmdline,
-    ]);
+    let mut cmd = nimbus_test_guest(env!("CARGO_BIN_EXE_nimbus"), memory, cmdline);
+    cmd.args(["--disk", disk]);
     cmd
 }
 

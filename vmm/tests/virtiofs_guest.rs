@@ -4,12 +4,11 @@
 //!
 //! Needs /dev/kvm (loud SKIPPED without it) and virtiofsd (a failure without it).
 
-use std::process::Command;
 use std::time::Duration;
 
 use e2e::{
-    guest_elf, require_kvm, run_vm, stage1_cmdline, virtio_checks, virtiofs_keys, ScratchDir,
-    Stage2Keys, Virtiofsd, VIRTIO_FS_CHECKS,
+    nimbus_test_guest, require_kvm, run_vm, stage1_cmdline, virtio_checks, virtiofs_keys,
+    ScratchDir, Stage2Keys, Virtiofsd, VIRTIO_FS_CHECKS,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,18 +34,14 @@ fn guest_reads_a_host_file_through_virtiofsd() {
         keys.to_cmdline(),
         virtiofs_keys("nimbusfs", "greeting.txt", "hello-from-the-host")
     );
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
-    cmd.arg("--kernel").arg(guest_elf()).args([
-        "--memory",
+    let mut cmd = nimbus_test_guest(
+        env!("CARGO_BIN_EXE_nimbus"),
         "size=256M,shared=on",
-        "--serial",
-        "tty",
-        "--console",
-        "off",
+        &cmdline,
+    );
+    cmd.args([
         "--fs",
         &format!("tag=nimbusfs,socket={},queue_size=128", socket.display()),
-        "--cmdline",
-        &cmdline,
     ]);
     let run = run_vm(cmd, TIMEOUT);
     let fsd = daemon.finish(Duration::from_secs(10));
