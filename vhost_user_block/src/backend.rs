@@ -9,8 +9,10 @@
 
 use std::io;
 use std::ops::Deref;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use block::{process_queue_bounded, BlockConfig, DiskBackend, VirtioBlkConfig};
 use log::{debug, warn};
@@ -20,6 +22,7 @@ use vhost::vhost_user::message::{
 };
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vhost_user_daemon::ExitEvents;
+use virtio_chain::poll::poll_queue;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -76,6 +79,8 @@ pub struct BlockBackend<B: Bitmap + 'static = ()> {
     queues: Vec<QueueState>,
     exit_events: ExitEvents,
     event_idx: AtomicBool,
+    /// How long a worker polls its queue after serving it.
+    poll: Duration,
 }
 
 impl<B: Bitmap + 'static> std::fmt::Debug for BlockBackend<B> {
@@ -120,6 +125,7 @@ impl<B: Bitmap + 'static> BlockBackend<B> {
             queues: (0..num_queues).map(|_| QueueState::default()).collect(),
             exit_events,
             event_idx: AtomicBool::new(false),
+            poll: Duration::from_micros(u64::from(config.poll_us)),
             disk,
         })
     }
@@ -171,7 +177,13 @@ impl<B: Bitmap + 'static> BlockBackend<B> {
     /// The ring's lock is taken per batch of [`CHAINS_PER_BATCH`] chains, not for the whole
     /// drain: a driver that keeps the queue full must not keep the protocol thread (which
     /// takes the same lock to stop the ring on `GET_VRING_BASE`) waiting.
+    ///
+    /// After the drain the worker polls the queue for the configured window
+    /// ([`virtio_chain::poll`]) and serves it again if the driver made requests available
+    /// meanwhile; after [`MAX_POLL_ROUNDS`] such rounds it kicks itself and returns, so the
+    /// crate's loop (and its exit event) gets its turn.
     fn serve_queue(&self, index: usize, vring: &Vring<B>) {
+        let mut rounds = 0u32;
         loop {
             let mem = self.memory();
             let mut state = vring.get_mut();
@@ -221,11 +233,39 @@ impl<B: Bitmap + 'static> BlockBackend<B> {
                 }
             }
             if !outcome.more_pending {
-                return;
+                if self.poll.is_zero() {
+                    return;
+                }
+                rounds += 1;
+                if rounds > MAX_POLL_ROUNDS {
+                    drop(state);
+                    kick_again(vring);
+                    return;
+                }
+                let guard = mem.memory();
+                // The ring's lock is held for the window: the protocol thread waits at most that.
+                let polled = poll_queue(state.get_queue_mut(), guard.deref(), self.poll);
+                if !polled.unwrap_or(false) {
+                    return;
+                }
             }
             drop(state);
             std::thread::yield_now();
         }
+    }
+}
+
+/// Serve-and-poll rounds in a row before a worker returns to the crate's loop.
+const MAX_POLL_ROUNDS: u32 = 1024;
+
+/// Makes the ring's kick eventfd readable, so the worker serves the ring again after its epoll
+/// round (requests are waiting with driver notifications suppressed).
+fn kick_again<B: Bitmap + 'static>(vring: &Vring<B>) {
+    if let Some(kick) = vring.get_ref().get_kick() {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: write(2) of 8 bytes from a live buffer to the ring's kick eventfd, which the
+        // crate keeps open while the ring's state is borrowed.
+        let _ = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// The `--block-backend` syntax, for help and error messages.
 pub const SYNTAX: &str =
     "path=<image>,socket=<socket>[,num_queues=<1..64>][,queue_size=<2..1024, power of two>]\
-[,readonly=true|false][,direct=true|false][,serial=<at most 20 bytes>]";
+[,readonly=true|false][,direct=true|false][,serial=<at most 20 bytes>][,poll_queue=true|false][,poll_us=<0..1000>]";
 
 /// Each key of the option, with a one-line description (the help text is built from it).
 pub const KEYS: &[(&str, &str)] = &[
@@ -32,6 +32,14 @@ pub const KEYS: &[(&str, &str)] = &[
         "open the image with O_DIRECT, bypassing the host page cache (default false)",
     ),
     ("serial", "the GET_ID answer (default: empty, 20 NUL bytes)"),
+    (
+        "poll_queue",
+        "poll queues after serving them, as Cloud Hypervisor's key (default true)",
+    ),
+    (
+        "poll_us",
+        "microseconds a worker keeps polling its queue after serving it, 0: never (default 32)",
+    ),
 ];
 
 /// Default `num_queues`.
@@ -43,6 +51,10 @@ pub const DEFAULT_QUEUE_SIZE: u16 = 128;
 pub const MAX_NUM_QUEUES: u16 = 64;
 /// Largest ring size (QEMU's `VIRTQUEUE_MAX_SIZE`, the limit Nimbus's own disks use too).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Default `poll_us`: [`virtio_chain::poll::DEFAULT_POLL`].
+pub const DEFAULT_POLL_US: u32 = virtio_chain::poll::DEFAULT_POLL.as_micros() as u32;
+/// Largest `poll_us`: a millisecond of spinning per wake-up is already a lot of CPU.
+pub const MAX_POLL_US: u32 = 1000;
 /// Longest serial: the size of the `GET_ID` answer.
 pub const MAX_SERIAL_LEN: usize = block::VIRTIO_BLK_ID_BYTES;
 
@@ -94,6 +106,9 @@ pub struct BackendConfig {
     pub direct: bool,
     /// Serial number for `GET_ID` (at most 20 bytes).
     pub serial: Option<String>,
+    /// Microseconds a worker busy-polls its queue after serving it before it sleeps
+    /// (0..=1000; 0 never polls).
+    pub poll_us: u32,
 }
 
 impl BackendConfig {
@@ -107,6 +122,7 @@ impl BackendConfig {
             readonly: false,
             direct: false,
             serial: None,
+            poll_us: DEFAULT_POLL_US,
         }
     }
 
@@ -133,6 +149,7 @@ impl BackendConfig {
     pub fn parse(input: &str) -> Result<Self, ConfigError> {
         let mut path = None;
         let mut socket = None;
+        let mut poll_queue = true;
         let mut config = BackendConfig::new("", "");
         let mut seen: Vec<&'static str> = Vec::new();
         for item in split_items(input)?.iter().filter(|s| !s.is_empty()) {
@@ -190,9 +207,22 @@ impl BackendConfig {
                     }
                     config.serial = Some(value.to_string());
                 }
+                "poll_queue" => {
+                    poll_queue = parse_bool(value).ok_or_else(|| invalid("true or false"))?
+                }
+                "poll_us" => {
+                    config.poll_us = value
+                        .parse()
+                        .ok()
+                        .filter(|n| *n <= MAX_POLL_US)
+                        .ok_or_else(|| invalid("a number of microseconds in 0..=1000"))?;
+                }
                 // Every key of KEYS has an arm above.
                 _ => return Err(ConfigError::UnknownKey(key.to_string())),
             }
+        }
+        if !poll_queue {
+            config.poll_us = 0;
         }
         config.path = path.ok_or(ConfigError::Missing("path"))?;
         config.socket = socket.ok_or(ConfigError::Missing("socket"))?;
@@ -249,7 +279,7 @@ mod tests {
     #[test]
     fn full_option() {
         let c = BackendConfig::parse(
-            "path=/a/b.img,socket=/run/x.sock,num_queues=4,queue_size=256,readonly=on,direct=true,serial=disk-7",
+            "path=/a/b.img,socket=/run/x.sock,num_queues=4,queue_size=256,readonly=on,direct=true,serial=disk-7,poll_us=0",
         )
         .unwrap();
         assert_eq!(
@@ -262,6 +292,7 @@ mod tests {
                 readonly: true,
                 direct: true,
                 serial: Some("disk-7".into()),
+                poll_us: 0,
             }
         );
         assert_eq!(c.serial_or_empty(), "disk-7");
@@ -275,6 +306,13 @@ mod tests {
         assert_eq!(c.queue_size, 128);
         assert!(!c.readonly && !c.direct);
         assert_eq!(c.serial_or_empty(), "");
+        assert_eq!(c.poll_us, 32);
+        assert!(BackendConfig::parse("path=p,socket=s,poll_us=1001").is_err());
+        let off = BackendConfig::parse("path=p,socket=s,poll_us=50,poll_queue=false").unwrap();
+        assert_eq!(off.poll_us, 0);
+        let on = BackendConfig::parse("path=p,socket=s,poll_queue=on,poll_us=50").unwrap();
+        assert_eq!(on.poll_us, 50);
+        assert!(BackendConfig::parse("path=p,socket=s,poll_us=-1").is_err());
         let c = BackendConfig::parse("path=p,socket=s,readonly=false,direct=off,serial=").unwrap();
         assert!(!c.readonly && !c.direct);
         assert_eq!(c.serial.as_deref(), Some(""));
@@ -332,7 +370,8 @@ mod tests {
         }
         assert_eq!(
             err("path=p,socket=s,x=1").to_string(),
-            "unknown key 'x' (known: path, socket, num_queues, queue_size, readonly, direct, serial)"
+            "unknown key 'x' (known: path, socket, num_queues, queue_size, readonly, direct, serial, \
+             poll_queue, poll_us)"
         );
         let msg = err("path=p,socket=s,queue_size=100").to_string();
         assert_eq!(msg, "queue_size=100: expected a power of two in 2..=1024");
@@ -342,8 +381,8 @@ mod tests {
     fn every_key_is_parsed() {
         for (key, _) in KEYS {
             let value = match *key {
-                "num_queues" | "queue_size" => "2",
-                "readonly" | "direct" => "true",
+                "num_queues" | "queue_size" | "poll_us" => "2",
+                "readonly" | "direct" | "poll_queue" => "true",
                 _ => "x",
             };
             let input = match *key {

@@ -1,8 +1,9 @@
 //! virtio-blk over a [`block::DiskBackend`]: configuration space and feature set from the
 //! `block` crate (shared with the vhost-user daemon), one worker thread (`_disk<N>`) serving all
-//! request queues.
+//! request queues, which polls a queue briefly after serving it (see [`Block::with_poll`]).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use block::{BlockConfig, DiskBackend, VirtioBlkConfig};
 
@@ -21,6 +22,7 @@ pub struct Block {
     features: u64,
     queue_sizes: Vec<u16>,
     name: String,
+    poll: Duration,
     worker: Option<Worker>,
 }
 
@@ -43,14 +45,23 @@ impl Block {
             disk,
             queue_sizes: vec![queue_size; usize::from(num_queues.max(1))],
             name,
+            poll: virtio_chain::poll::DEFAULT_POLL,
             worker: None,
         }
+    }
+
+    /// How long the worker polls a queue after serving it before it sleeps
+    /// ([`virtio_chain::poll`]; default [`virtio_chain::poll::DEFAULT_POLL`], zero never polls).
+    pub fn with_poll(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
     }
 }
 
 struct BlockQueues {
     disk: Arc<dyn DiskBackend>,
     config: BlockConfig,
+    poll: Duration,
 }
 
 impl QueueHandler for BlockQueues {
@@ -68,6 +79,10 @@ impl QueueHandler for BlockQueues {
             );
         }
         Ok(outcome.needs_notification)
+    }
+
+    fn poll_window(&self) -> Duration {
+        self.poll
     }
 }
 
@@ -95,6 +110,7 @@ impl VirtioDevice for Block {
         let handler = BlockQueues {
             disk: self.disk.clone(),
             config: self.request_config.clone(),
+            poll: self.poll,
         };
         self.worker = Some(Worker::start(&self.name, Box::new(handler), a)?);
         Ok(())

@@ -45,6 +45,7 @@ mod split;
 pub mod testing;
 
 pub mod notify;
+pub mod poll;
 
 pub use notify::needs_notification;
 pub use sg::{SgCursor, SgError, SgList};

@@ -223,6 +223,7 @@ enum OpenDisk {
         num_queues: u16,
         queue_size: u16,
         serial: String,
+        poll: std::time::Duration,
     },
     /// A connection to a vhost-user-blk backend.
     VhostUser(virtio_devices::vhost_user::VhostUserDevice),
@@ -372,6 +373,7 @@ fn open_disks(config: &VmConfig) -> Result<Vec<OpenDisk>, VmError> {
             num_queues: d.num_queues as u16,
             queue_size: d.queue_size,
             serial,
+            poll: std::time::Duration::from_micros(u64::from(d.poll_us)),
         });
     }
     Ok(disks)
@@ -506,13 +508,17 @@ impl Vm {
                     num_queues,
                     queue_size,
                     serial,
-                } => Box::new(virtio_devices::block::Block::new(
-                    image.clone(),
-                    *num_queues,
-                    *queue_size,
-                    serial,
-                    format!("_disk{i}"),
-                )),
+                    poll,
+                } => Box::new(
+                    virtio_devices::block::Block::new(
+                        image.clone(),
+                        *num_queues,
+                        *queue_size,
+                        serial,
+                        format!("_disk{i}"),
+                    )
+                    .with_poll(*poll),
+                ),
                 OpenDisk::VhostUser(dev) => Box::new(dev.fresh()),
             };
             pci.add_virtio(dev)?;

@@ -100,6 +100,10 @@ fn malformed_options() {
         &nimbus(&["--kernel", "/k", "--serial", "loud"]),
         &["serial", "loud"],
     );
+    assert_one_error_line(
+        &nimbus(&["--kernel", "/k", "--disk", "path=/img,poll_us=5000"]),
+        &["poll_us 5000", "0..=1000"],
+    );
     assert_one_error_line(&nimbus(&["--no-such-option"]), &["--no-such-option"]);
 }
 

@@ -255,6 +255,14 @@ pub struct DiskConfig {
     /// Serial number the guest reads with GET_ID (at most 20 bytes).
     #[serde(default)]
     pub serial: Option<String>,
+    /// Microseconds the disk's worker keeps polling a queue after serving it before it sleeps
+    /// (0..=1000, 0: never; a Nimbus extension, QEMU's `poll-max-ns`).
+    #[serde(default = "default_poll_us")]
+    pub poll_us: u32,
+}
+
+fn default_poll_us() -> u32 {
+    virtio_chain::poll::DEFAULT_POLL.as_micros() as u32
 }
 
 impl DiskConfig {
@@ -292,6 +300,9 @@ impl DiskConfig {
         }
         if self.serial.as_ref().is_some_and(|s| s.len() > 20) {
             return Err(err("serial is longer than 20 bytes".into()));
+        }
+        if self.poll_us > 1000 {
+            return Err(err(format!("poll_us {} is not in 0..=1000", self.poll_us)));
         }
         if self.pci_segment != 0 {
             return Err(err("only PCI segment 0 exists".into()));
