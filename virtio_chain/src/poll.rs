@@ -57,6 +57,18 @@ pub fn poll_queue<M: GuestMemory>(
     window: Duration,
 ) -> Result<bool, virtio_queue::Error> {
     queue.disable_notification(mem)?;
+    if queue.event_idx_enabled() {
+        // virtio-queue leaves `avail_event` alone when it disables notifications, and the
+        // driver would still notify for the next buffer. One behind the next index to read
+        // never matches: the driver notifies only once `enable_notification` sets it again.
+        let addr = GuestAddress(queue.used_ring())
+            .checked_add(4 + 8 * u64::from(queue.size()))
+            .ok_or(virtio_queue::Error::InvalidSize)?;
+        let never = queue.next_avail().wrapping_sub(1).to_le();
+        mem.store(never, addr, Ordering::Release)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
     let deadline = Instant::now() + window;
     if spin_for_avail(
         mem,
@@ -76,6 +88,36 @@ mod tests {
 
     use super::*;
     use crate::testing::{Buf, TestDriver};
+
+    #[test]
+    fn with_event_idx_the_driver_is_told_not_to_notify_while_the_device_polls() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mem");
+        let mut driver = TestDriver::new(&mem, 16, 0x1000, 0x8000);
+        let mut queue = driver.queue(true);
+        let event_addr = GuestAddress(queue.used_ring() + 4 + 8 * 16);
+        std::thread::scope(|s| {
+            let mem = &mem;
+            let driver_side = s.spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                // What a driver reads before deciding to notify.
+                let seen: u16 = mem.read_obj(event_addr).expect("avail_event");
+                let addr = driver.alloc(64, 0);
+                driver.add_chain(&[Buf::r(addr, 64)]);
+                seen
+            });
+            assert!(poll_queue(&mut queue, mem, Duration::from_secs(10)).expect("poll"));
+            // One behind next_avail (0): no index the driver publishes matches it.
+            assert_eq!(driver_side.join().expect("driver"), u16::MAX);
+        });
+        // Nothing more comes: notifications are enabled again at the next index to read.
+        let mut next = queue.next_avail();
+        assert_eq!(next, 0);
+        next += 1;
+        queue.set_next_avail(next);
+        assert!(!poll_queue(&mut queue, &mem, Duration::from_millis(2)).expect("poll"));
+        let event: u16 = mem.read_obj(event_addr).expect("avail_event");
+        assert_eq!(event, 1);
+    }
 
     #[test]
     fn poll_sees_a_buffer_made_available_meanwhile_and_times_out_otherwise() {
