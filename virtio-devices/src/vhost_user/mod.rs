@@ -13,6 +13,8 @@ mod device;
 pub mod fs;
 pub mod net;
 mod relay;
+#[cfg(test)]
+mod tests;
 
 pub use device::VhostUserDevice;
 
