@@ -25,7 +25,9 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
-use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
@@ -214,6 +216,11 @@ impl Backend {
             frontend
                 .set_protocol_features(protocol)
                 .map_err(step("SET_PROTOCOL_FEATURES"))?;
+            // Every request then waits for the backend's verdict: a refused setup step fails
+            // `start` (and counts as a refusal) instead of passing unnoticed.
+            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
             if protocol.contains(VhostUserProtocolFeatures::MQ) {
                 queues = frontend.get_queue_num().map_err(step("GET_QUEUE_NUM"))?;
             }

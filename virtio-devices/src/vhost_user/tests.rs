@@ -27,7 +27,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::tempdir::TempDir;
 
-use super::{Backend, Endpoint, Ring, Session, VHOST_USER_F_PROTOCOL_FEATURES};
+use super::{Backend, Endpoint, Ring, Session, VhostUserError, VHOST_USER_F_PROTOCOL_FEATURES};
 use crate::{GuestMemoryAtomic, VIRTIO_F_VERSION_1};
 
 const MEM_SIZE: u64 = 0x10_0000;
@@ -126,12 +126,26 @@ enum Req {
     GetVringBase(u32),
 }
 
+/// What a [`FakeBackend`] offers.
+#[derive(Debug, Clone, Copy)]
+struct Offer {
+    inflight: bool,
+    /// Largest ring it takes (`SET_VRING_NUM` above it is refused, as `vhost_user_block`'s
+    /// `queue_size`).
+    max_ring: u32,
+}
+
+const WITH_INFLIGHT: Offer = Offer {
+    inflight: true,
+    max_ring: MAX_QUEUE_SIZE as u32,
+};
+
 /// A virtio-blk backend with two queues that records what it is asked; one per connection, as
 /// a restarted backend process knows nothing but what the frontend sends it.
 struct FakeBackend {
     /// Which connection of the server this is, from 1.
     connection: u64,
-    offer_inflight: bool,
+    offer: Offer,
     log: Vec<Req>,
 }
 
@@ -204,6 +218,9 @@ impl VhostUserBackendReqHandlerMut for FakeBackend {
     }
     fn set_vring_num(&mut self, index: u32, num: u32) -> ProtocolResult<()> {
         self.log.push(Req::VringNum { index, num });
+        if num > self.offer.max_ring {
+            return Err(ProtocolError::InvalidParam);
+        }
         Ok(())
     }
     fn set_vring_addr(
@@ -253,7 +270,7 @@ impl VhostUserBackendReqHandlerMut for FakeBackend {
         let mut offered = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK;
-        if self.offer_inflight {
+        if self.offer.inflight {
             offered |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         }
         Ok(offered)
@@ -381,7 +398,7 @@ struct FakeServer {
 }
 
 impl FakeServer {
-    fn start(path: &Path, offer_inflight: bool, connections: u64) -> Self {
+    fn start(path: &Path, offer: Offer, connections: u64) -> Self {
         let listener = UnixListener::bind(path).unwrap();
         let (accepted, connections_rx) = mpsc::channel();
         let (served, served_rx) = mpsc::channel();
@@ -392,7 +409,7 @@ impl FakeServer {
                 };
                 let fake = Arc::new(Mutex::new(FakeBackend {
                     connection,
-                    offer_inflight,
+                    offer,
                     log: Vec::new(),
                 }));
                 let mut handler = BackendReqHandler::from_stream(stream, fake.clone());
@@ -425,11 +442,16 @@ impl FakeServer {
 
     /// The next connection's record, once it has ended. Everything the frontend sent before
     /// the end is in it: the fake reads its socket to the end.
-    fn served(&self) -> Served {
-        let served = self
-            .served
+    fn next_served(&self) -> Served {
+        self.served
             .recv_timeout(Duration::from_secs(5))
-            .expect("the fake backend's connection did not end");
+            .expect("the fake backend's connection did not end")
+    }
+
+    /// [`Self::next_served`] for a connection the frontend (or the test) closed, the fake having
+    /// served every request.
+    fn served(&self) -> Served {
+        let served = self.next_served();
         assert!(
             matches!(served.end, ProtocolError::Disconnected),
             "the fake backend failed a request: {:?}; it was asked {:#?}",
@@ -556,7 +578,7 @@ fn sees_hang_up(fd: std::os::fd::RawFd) -> bool {
 fn inflight_area_is_fetched_once_and_handed_back_to_a_restarted_backend() {
     let dir = TempDir::new_with_prefix("/tmp/nimbus-vhost-inflight-").unwrap();
     let path = dir.as_path().join("blk.sock");
-    let fake = FakeServer::start(&path, true, 2);
+    let fake = FakeServer::start(&path, WITH_INFLIGHT, 2);
     let backend = Backend {
         endpoint: Endpoint::Connect(path),
         max_queues: u64::from(QUEUES),
@@ -648,7 +670,14 @@ fn inflight_area_is_fetched_once_and_handed_back_to_a_restarted_backend() {
 fn no_inflight_messages_for_a_backend_without_inflight_shmfd() {
     let dir = TempDir::new_with_prefix("/tmp/nimbus-vhost-inflight-").unwrap();
     let path = dir.as_path().join("blk.sock");
-    let fake = FakeServer::start(&path, false, 1);
+    let fake = FakeServer::start(
+        &path,
+        Offer {
+            inflight: false,
+            ..WITH_INFLIGHT
+        },
+        1,
+    );
     let backend = Backend {
         endpoint: Endpoint::Connect(path),
         max_queues: u64::from(QUEUES),
@@ -684,5 +713,47 @@ fn no_inflight_messages_for_a_backend_without_inflight_shmfd() {
                 | VhostUserProtocolFeatures::REPLY_ACK)
                 .bits()
         )
+    );
+}
+
+#[test]
+fn a_refused_setup_step_fails_start() {
+    let dir = TempDir::new_with_prefix("/tmp/nimbus-vhost-inflight-").unwrap();
+    let path = dir.as_path().join("blk.sock");
+    // Rings of QUEUE_SIZE are too large for this backend.
+    let offer = Offer {
+        max_ring: u32::from(QUEUE_SIZE) / 2,
+        ..WITH_INFLIGHT
+    };
+    let fake = FakeServer::start(&path, offer, 1);
+    let backend = Backend {
+        endpoint: Endpoint::Connect(path),
+        max_queues: u64::from(QUEUES),
+        wanted: wanted(),
+    };
+    let (mem, _) = guest_memory();
+    let mut session = blk_session(mem);
+
+    let mut connection = backend.connect(true).unwrap();
+    let result = connection.start(&mut session, &BASES);
+    drop(connection);
+    assert!(
+        matches!(
+            result,
+            Err(VhostUserError::Protocol {
+                step: "SET_VRING_NUM",
+                ..
+            })
+        ),
+        "start must report the refused SET_VRING_NUM, got {result:?}"
+    );
+    let served = fake.next_served();
+    assert!(matches!(served.end, ProtocolError::InvalidParam));
+    assert_eq!(
+        served.log.last(),
+        Some(&Req::VringNum {
+            index: 0,
+            num: u32::from(QUEUE_SIZE)
+        })
     );
 }
