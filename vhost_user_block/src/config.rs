@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use vhost_user_daemon::options;
+
 /// The `--block-backend` syntax, for help and error messages.
 pub const SYNTAX: &str =
     "path=<image>,socket=<socket>[,num_queues=<1..64>][,queue_size=<2..1024, power of two>]\
@@ -59,34 +61,7 @@ pub const MAX_POLL_US: u32 = 1000;
 pub const MAX_SERIAL_LEN: usize = block::VIRTIO_BLK_ID_BYTES;
 
 /// Errors in a `--block-backend` value.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConfigError {
-    /// A comma-separated item without `=`.
-    #[error("'{0}' is not of the form key=value")]
-    NotKeyValue(String),
-    /// A double quote that is never closed.
-    #[error("unterminated quote in '{0}'")]
-    UnterminatedQuote(String),
-    /// A key the option does not have.
-    #[error("unknown key '{0}' (known: {known})", known = known_keys())]
-    UnknownKey(String),
-    /// A key given twice.
-    #[error("key '{0}' is given more than once")]
-    DuplicateKey(String),
-    /// A required key is absent.
-    #[error("'{0}=' is required")]
-    Missing(&'static str),
-    /// A value the key does not accept.
-    #[error("{key}={value}: expected {expected}")]
-    InvalidValue {
-        /// The key.
-        key: &'static str,
-        /// The value as given.
-        value: String,
-        /// What the key accepts.
-        expected: &'static str,
-    },
-}
+pub use vhost_user_daemon::options::OptionError as ConfigError;
 
 /// What the daemon serves and how: one disk image on one socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,74 +126,46 @@ impl BackendConfig {
         let mut socket = None;
         let mut poll_queue = true;
         let mut config = BackendConfig::new("", "");
-        let mut seen: Vec<&'static str> = Vec::new();
-        for item in split_items(input)?.iter().filter(|s| !s.is_empty()) {
-            let (key, value) = item
-                .split_once('=')
-                .ok_or_else(|| ConfigError::NotKeyValue(item.to_string()))?;
-            let key = KEYS
-                .iter()
-                .map(|(k, _)| *k)
-                .find(|k| *k == key)
-                .ok_or_else(|| ConfigError::UnknownKey(key.to_string()))?;
-            if seen.contains(&key) {
-                return Err(ConfigError::DuplicateKey(key.to_string()));
-            }
-            seen.push(key);
-            let invalid = |expected: &'static str| ConfigError::InvalidValue {
-                key,
-                value: value.to_string(),
-                expected,
-            };
-            match key {
+        for item in options::items(input, KEYS)? {
+            let value = item.value.as_str();
+            match item.key {
                 "path" | "socket" => {
                     if value.is_empty() {
-                        return Err(invalid("a path"));
+                        return Err(item.invalid("a path"));
                     }
-                    if key == "path" {
+                    if item.key == "path" {
                         path = Some(PathBuf::from(value));
                     } else {
                         socket = Some(PathBuf::from(value));
                     }
                 }
                 "num_queues" => {
-                    config.num_queues = value
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=MAX_NUM_QUEUES).contains(n))
-                        .ok_or_else(|| invalid("a number in 1..=64"))?;
+                    config.num_queues =
+                        item.number(|n| (1..=MAX_NUM_QUEUES).contains(n), "a number in 1..=64")?
                 }
                 "queue_size" => {
-                    config.queue_size = value
-                        .parse()
-                        .ok()
-                        .filter(|n: &u16| n.is_power_of_two() && (2..=MAX_QUEUE_SIZE).contains(n))
-                        .ok_or_else(|| invalid("a power of two in 2..=1024"))?;
+                    config.queue_size = item.number(
+                        |n: &u16| n.is_power_of_two() && (2..=MAX_QUEUE_SIZE).contains(n),
+                        "a power of two in 2..=1024",
+                    )?
                 }
-                "readonly" => {
-                    config.readonly = parse_bool(value).ok_or_else(|| invalid("true or false"))?
-                }
-                "direct" => {
-                    config.direct = parse_bool(value).ok_or_else(|| invalid("true or false"))?
-                }
+                "readonly" => config.readonly = item.toggle()?,
+                "direct" => config.direct = item.toggle()?,
                 "serial" => {
                     if value.len() > MAX_SERIAL_LEN {
-                        return Err(invalid("at most 20 bytes"));
+                        return Err(item.invalid("at most 20 bytes"));
                     }
                     config.serial = Some(value.to_string());
                 }
-                "poll_queue" => {
-                    poll_queue = parse_bool(value).ok_or_else(|| invalid("true or false"))?
-                }
+                "poll_queue" => poll_queue = item.toggle()?,
                 "poll_us" => {
-                    config.poll_us = value
-                        .parse()
-                        .ok()
-                        .filter(|n| *n <= MAX_POLL_US)
-                        .ok_or_else(|| invalid("a number of microseconds in 0..=1000"))?;
+                    config.poll_us = item.number(
+                        |n| *n <= MAX_POLL_US,
+                        "a number of microseconds in 0..=1000",
+                    )?
                 }
-                // Every key of KEYS has an arm above.
-                _ => return Err(ConfigError::UnknownKey(key.to_string())),
+                // `items` only returns keys of KEYS, and each has an arm above.
+                _ => return Err(item.invalid("a key this daemon knows")),
             }
         }
         if !poll_queue {
@@ -232,42 +179,6 @@ impl BackendConfig {
     /// The `GET_ID` answer, as the in-process device builds it.
     pub fn serial_or_empty(&self) -> &str {
         self.serial.as_deref().unwrap_or("")
-    }
-}
-
-/// The keys of [`KEYS`], comma-separated.
-fn known_keys() -> String {
-    KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
-}
-
-/// Splits at commas outside double quotes; the quotes themselves are dropped, so
-/// `path="/a,b.img"` names `/a,b.img` (as in `nimbus`'s options).
-fn split_items(input: &str) -> Result<Vec<String>, ConfigError> {
-    let mut items = vec![String::new()];
-    let mut quoted = false;
-    for c in input.chars() {
-        match c {
-            '"' => quoted = !quoted,
-            ',' if !quoted => items.push(String::new()),
-            c => {
-                if let Some(last) = items.last_mut() {
-                    last.push(c);
-                }
-            }
-        }
-    }
-    if quoted {
-        return Err(ConfigError::UnterminatedQuote(input.to_string()));
-    }
-    Ok(items)
-}
-
-/// `true`/`on` or `false`/`off` (Cloud Hypervisor's toggle spellings).
-fn parse_bool(value: &str) -> Option<bool> {
-    match value {
-        "true" | "on" => Some(true),
-        "false" | "off" => Some(false),
-        _ => None,
     }
 }
 
@@ -341,8 +252,8 @@ mod tests {
         assert_eq!(err(""), Missing("path"));
         assert_eq!(err("path=p"), Missing("socket"));
         assert_eq!(err("socket=s"), Missing("path"));
-        assert_eq!(err("path=p,socket=s,bogus=1"), UnknownKey("bogus".into()));
-        assert_eq!(err("path=p,socket=s,Path=x"), UnknownKey("Path".into()));
+        assert!(matches!(err("path=p,socket=s,bogus=1"), UnknownKey { key, .. } if key == "bogus"));
+        assert!(matches!(err("path=p,socket=s,Path=x"), UnknownKey { key, .. } if key == "Path"));
         assert_eq!(
             err("path=p,socket=s,readonly"),
             NotKeyValue("readonly".into())

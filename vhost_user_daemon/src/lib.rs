@@ -12,6 +12,7 @@
 
 pub mod cli;
 pub mod exit;
+pub mod options;
 pub mod program;
 pub mod serve;
 pub mod socket;

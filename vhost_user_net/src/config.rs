@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use net_util::{MacAddr, MIN_MTU};
+use vhost_user_daemon::options;
 
 /// The `--net-backend` syntax, for help and error messages.
 pub const SYNTAX: &str =
@@ -51,31 +52,7 @@ pub const MAX_NUM_QUEUES: u16 = 64;
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 
 /// Errors in a `--net-backend` value.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConfigError {
-    /// A comma-separated item without `=`.
-    #[error("'{0}' is not of the form key=value")]
-    NotKeyValue(String),
-    /// A key the option does not have.
-    #[error("unknown key '{0}' (known: {known})", known = known_keys())]
-    UnknownKey(String),
-    /// A key given twice.
-    #[error("key '{0}' is given more than once")]
-    DuplicateKey(String),
-    /// A required key is absent.
-    #[error("'{0}=' is required")]
-    Missing(&'static str),
-    /// A value the key does not accept.
-    #[error("{key}={value}: expected {expected}")]
-    InvalidValue {
-        /// The key.
-        key: &'static str,
-        /// The value as given.
-        value: String,
-        /// What the key accepts.
-        expected: &'static str,
-    },
-}
+pub use vhost_user_daemon::options::OptionError as ConfigError;
 
 /// What the daemon serves and how: one TAP interface, one socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,50 +124,33 @@ impl BackendConfig {
         let mut mask = None;
         let mut socket = None;
         let mut config = BackendConfig::new(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, "");
-        let mut seen: Vec<&'static str> = Vec::new();
-        for item in input.split(',').filter(|s| !s.is_empty()) {
-            let (key, value) = item
-                .split_once('=')
-                .ok_or_else(|| ConfigError::NotKeyValue(item.to_string()))?;
-            let key = KEYS
-                .iter()
-                .map(|(k, _)| *k)
-                .find(|k| *k == key)
-                .ok_or_else(|| ConfigError::UnknownKey(key.to_string()))?;
-            if seen.contains(&key) {
-                return Err(ConfigError::DuplicateKey(key.to_string()));
-            }
-            seen.push(key);
-            let invalid = |expected: &'static str| ConfigError::InvalidValue {
-                key,
-                value: value.to_string(),
-                expected,
-            };
-            match key {
-                "ip" => ip = Some(value.parse().map_err(|_| invalid("an IPv4 address"))?),
+        for item in options::items(input, KEYS)? {
+            let value = item.value.as_str();
+            match item.key {
+                "ip" => ip = Some(value.parse().map_err(|_| item.invalid("an IPv4 address"))?),
                 "mask" => {
-                    let m: Ipv4Addr = value.parse().map_err(|_| invalid("an IPv4 netmask"))?;
+                    let m: Ipv4Addr = value.parse().map_err(|_| item.invalid("an IPv4 netmask"))?;
                     let bits = u32::from(m);
                     // Contiguous ones from the top.
                     if bits.leading_ones() + bits.trailing_zeros() != 32 {
-                        return Err(invalid("an IPv4 netmask"));
+                        return Err(item.invalid("an IPv4 netmask"));
                     }
                     mask = Some(m);
                 }
                 "socket" => {
                     if value.is_empty() {
-                        return Err(invalid("a path"));
+                        return Err(item.invalid("a path"));
                     }
                     socket = Some(PathBuf::from(value));
                 }
                 "mac" | "host_mac" => {
                     let mac: MacAddr = value
                         .parse()
-                        .map_err(|_| invalid("a MAC address like 52:54:00:12:34:56"))?;
+                        .map_err(|_| item.invalid("a MAC address like 52:54:00:12:34:56"))?;
                     if mac.is_multicast() {
-                        return Err(invalid("a unicast MAC address"));
+                        return Err(item.invalid("a unicast MAC address"));
                     }
-                    if key == "mac" {
+                    if item.key == "mac" {
                         config.mac = Some(mac);
                     } else {
                         config.host_mac = Some(mac);
@@ -204,58 +164,34 @@ impl BackendConfig {
                             .bytes()
                             .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace())
                     {
-                        return Err(invalid("an interface name of 1 to 15 bytes"));
+                        return Err(item.invalid("an interface name of 1 to 15 bytes"));
                     }
                     config.tap = Some(value.to_string());
                 }
                 "num_queues" => {
-                    config.num_queues = value
-                        .parse()
-                        .ok()
-                        .filter(|n: &u16| n & 1 == 0 && (2..=MAX_NUM_QUEUES).contains(n))
-                        .ok_or_else(|| invalid("an even number in 2..=64"))?;
+                    config.num_queues = item.number(
+                        |n: &u16| n & 1 == 0 && (2..=MAX_NUM_QUEUES).contains(n),
+                        "an even number in 2..=64",
+                    )?
                 }
                 "queue_size" => {
-                    config.queue_size = value
-                        .parse()
-                        .ok()
-                        .filter(|n: &u16| n.is_power_of_two() && (2..=MAX_QUEUE_SIZE).contains(n))
-                        .ok_or_else(|| invalid("a power of two in 2..=1024"))?;
+                    config.queue_size = item.number(
+                        |n: &u16| n.is_power_of_two() && (2..=MAX_QUEUE_SIZE).contains(n),
+                        "a power of two in 2..=1024",
+                    )?
                 }
                 "mtu" => {
-                    config.mtu = Some(
-                        value
-                            .parse()
-                            .ok()
-                            .filter(|n: &u16| *n >= MIN_MTU)
-                            .ok_or_else(|| invalid("a number in 68..=65535"))?,
-                    );
+                    config.mtu = Some(item.number(|n| *n >= MIN_MTU, "a number in 68..=65535")?)
                 }
-                "client" => {
-                    config.client = parse_bool(value).ok_or_else(|| invalid("on or off"))?
-                }
-                // Every key of KEYS has an arm above.
-                _ => return Err(ConfigError::UnknownKey(key.to_string())),
+                "client" => config.client = item.toggle()?,
+                // `items` only returns keys of KEYS, and each has an arm above.
+                _ => return Err(item.invalid("a key this daemon knows")),
             }
         }
         config.ip = ip.ok_or(ConfigError::Missing("ip"))?;
         config.mask = mask.ok_or(ConfigError::Missing("mask"))?;
         config.socket = socket.ok_or(ConfigError::Missing("socket"))?;
         Ok(config)
-    }
-}
-
-/// The keys of [`KEYS`], comma-separated.
-fn known_keys() -> String {
-    KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
-}
-
-/// `on`/`true` or `off`/`false` (Cloud Hypervisor's toggle spellings).
-fn parse_bool(value: &str) -> Option<bool> {
-    match value {
-        "true" | "on" => Some(true),
-        "false" | "off" => Some(false),
-        _ => None,
     }
 }
 
@@ -321,7 +257,9 @@ mod tests {
         assert_eq!(err(""), Missing("ip"));
         assert_eq!(err("ip=1.2.3.4"), Missing("mask"));
         assert_eq!(err("ip=1.2.3.4,mask=255.0.0.0"), Missing("socket"));
-        assert_eq!(err(&format!("{BASE},bogus=1")), UnknownKey("bogus".into()));
+        assert!(
+            matches!(err(&format!("{BASE},bogus=1")), UnknownKey { key, .. } if key == "bogus")
+        );
         assert_eq!(err(&format!("{BASE},client")), NotKeyValue("client".into()));
         assert_eq!(
             err(&format!("{BASE},ip=1.1.1.1")),
