@@ -16,11 +16,9 @@ use std::time::Duration;
 
 use block::{process_queue_bounded, BlockConfig, DiskBackend, VirtioBlkConfig};
 use log::{debug, warn};
-use vhost::vhost_user::message::{
-    VhostUserProtocolFeatures, VhostUserVirtioFeatures, VHOST_USER_CONFIG_OFFSET,
-    VHOST_USER_CONFIG_SIZE,
-};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_daemon::config_space::config_reply;
 use vhost_user_daemon::ExitEvents;
 use virtio_chain::poll::poll_queue;
 use vm_memory::bitmap::Bitmap;
@@ -319,25 +317,9 @@ where
         self.event_idx.store(enabled, Ordering::Relaxed);
     }
 
-    /// `size` bytes of the configuration space from `offset`, zero-filled past its end.
-    ///
-    /// QEMU (and Nimbus) ask from offset 0; Cloud Hypervisor's frontend asks from
-    /// `VHOST_USER_CONFIG_OFFSET` (0x100, where the device configuration starts in a legacy
-    /// virtio-pci BAR). The virtio-blk configuration is 60 bytes, so an offset of 0x100 or more
-    /// can only mean the latter and is taken relative to 0x100.
+    /// [`vhost_user_daemon::config_space::config_reply`] over the device's configuration.
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        if size > VHOST_USER_CONFIG_SIZE {
-            // The protocol layer already refuses this; an empty answer is an error reply.
-            return Vec::new();
-        }
-        let offset = if offset >= VHOST_USER_CONFIG_OFFSET {
-            offset - VHOST_USER_CONFIG_OFFSET
-        } else {
-            offset
-        };
-        let mut data = vec![0u8; size as usize];
-        self.config.read(u64::from(offset), &mut data);
-        data
+        config_reply(offset, size, |at, buf| self.config.read(at, buf))
     }
 
     /// Ignored, like the in-process device's: `CONFIG_WCE` is not offered, so no field is

@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod cli;
+pub mod config_space;
 pub mod exit;
 pub mod options;
 pub mod program;

@@ -18,11 +18,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use log::{debug, warn};
 use net_util::{tap_offload_flags, MacAddr, NetRx, NetTx, RxStop, TapQueue, VirtioNetConfig};
-use vhost::vhost_user::message::{
-    VhostUserProtocolFeatures, VhostUserVirtioFeatures, VHOST_USER_CONFIG_OFFSET,
-    VHOST_USER_CONFIG_SIZE,
-};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_daemon::config_space::config_reply;
 use vhost_user_daemon::ExitEvents;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -442,20 +440,9 @@ where
         self.event_idx.store(enabled, Ordering::Relaxed);
     }
 
-    /// `size` bytes of the 24-byte `virtio_net_config` from `offset`, zero-filled past its end;
-    /// an offset of 0x100 or more (Cloud Hypervisor's convention) is taken relative to 0x100.
+    /// [`vhost_user_daemon::config_space::config_reply`] over the device's configuration.
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        if size > VHOST_USER_CONFIG_SIZE {
-            return Vec::new();
-        }
-        let offset = if offset >= VHOST_USER_CONFIG_OFFSET {
-            offset - VHOST_USER_CONFIG_OFFSET
-        } else {
-            offset
-        };
-        let mut data = vec![0u8; size as usize];
-        self.config.read(u64::from(offset), &mut data);
-        data
+        config_reply(offset, size, |at, buf| self.config.read(at, buf))
     }
 
     /// Ignored: the configuration space is read-only for a `VERSION_1` driver. Succeeding
