@@ -2129,6 +2129,139 @@ pub fn boot_net_mq(
 // vhost-user-blk: the `vhost_user_block` daemon (see docs/vhost-user.md).
 // ---------------------------------------------------------------------------
 
+/// What the daemon helpers ([`VhostUserBlockDaemon`], [`Virtiofsd`]) share: a process in its
+/// own process group, killed if the test process dies, with its output in a log file and a
+/// socket to wait for; dropping it kills it.
+mod daemon_process {
+    use std::fs::File;
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::process::CommandExt;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, ExitStatus, Stdio};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    /// How long a daemon may take to create its socket.
+    const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+
+    #[derive(Debug)]
+    pub(crate) struct DaemonProcess {
+        child: Option<Child>,
+        socket: PathBuf,
+        log: PathBuf,
+    }
+
+    impl DaemonProcess {
+        /// Spawns `cmd` (program `what`) with stdin closed and stderr — and stdout with
+        /// `stdout_too` — in `log`, and waits until `socket` exists.
+        ///
+        /// # Panics
+        /// If it cannot be started, exits, or creates no socket within 10 s; the message
+        /// carries its exit status and log.
+        pub(crate) fn start(
+            what: &str,
+            mut cmd: Command,
+            socket: &Path,
+            log: &Path,
+            stdout_too: bool,
+        ) -> Self {
+            let open = || match File::create(log) {
+                Ok(f) => f,
+                Err(e) => panic!("cannot create {}: {e}", log.display()),
+            };
+            let log_file = open();
+            let stdout = if stdout_too {
+                match log_file.try_clone() {
+                    Ok(f) => Stdio::from(f),
+                    Err(e) => panic!("cannot duplicate {}: {e}", log.display()),
+                }
+            } else {
+                Stdio::null()
+            };
+            cmd.stdin(Stdio::null())
+                .stdout(stdout)
+                .stderr(log_file)
+                .process_group(0);
+            // SAFETY: the closure runs in the child between fork and exec and only makes the
+            // prctl system call, which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => panic!("cannot start {what}: {e}"),
+            };
+            let mut daemon = DaemonProcess {
+                child: Some(child),
+                socket: socket.to_path_buf(),
+                log: log.to_path_buf(),
+            };
+            let deadline = Instant::now() + SOCKET_TIMEOUT;
+            while !is_socket(socket) {
+                let exited = daemon
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                if exited.is_some() || Instant::now() > deadline {
+                    let (status, _, log) = daemon.finish(Duration::ZERO);
+                    panic!(
+                        "{what} created no socket at {} (exit status {status:?})\nlog:\n{}",
+                        socket.display(),
+                        log.trim_end()
+                    );
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            daemon
+        }
+
+        pub(crate) fn socket(&self) -> &Path {
+            &self.socket
+        }
+
+        pub(crate) fn log_so_far(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+
+        /// Sends `signal` to the daemon.
+        pub(crate) fn signal(&self, signal: i32) {
+            if let Some(pid) = self.child.as_ref().and_then(|c| i32::try_from(c.id()).ok()) {
+                // SAFETY: plain system call on our own child, not yet reaped.
+                unsafe { libc::kill(pid, signal) };
+            }
+        }
+
+        /// Waits at most `timeout` for the exit (killing it on expiry): exit status, whether
+        /// it timed out, the log.
+        pub(crate) fn finish(&mut self, timeout: Duration) -> (Option<ExitStatus>, bool, String) {
+            let (status, timed_out) = match self.child.take() {
+                Some(mut child) => super::wait_with_timeout(&mut child, timeout),
+                None => (None, false),
+            };
+            (status, timed_out, self.log_so_far())
+        }
+    }
+
+    impl Drop for DaemonProcess {
+        fn drop(&mut self) {
+            if let Some(child) = self.child.as_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// Whether `path` is a Unix socket (not following a symbolic link).
+    pub(crate) fn is_socket(path: &Path) -> bool {
+        std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+    }
+}
+
 pub use vhost_user_block_daemon::{
     qemu_vhost_user_blk_args, vhost_user_block_binary, workspace_binary, VhostUserBlockDaemon,
     VhostUserBlockRun, VHOST_USER_BLOCK_ENV,
@@ -2136,14 +2269,12 @@ pub use vhost_user_block_daemon::{
 
 /// Helpers to run the `vhost_user_block` daemon next to a VMM.
 mod vhost_user_block_daemon {
-    use std::fs::File;
-    use std::os::unix::fs::FileTypeExt;
-    use std::os::unix::process::CommandExt;
     use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, ExitStatus, Stdio};
+    use std::process::{Command, ExitStatus, Stdio};
     use std::sync::Mutex;
-    use std::thread;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
+
+    use crate::daemon_process::{is_socket, DaemonProcess};
 
     use super::repo_root;
 
@@ -2267,10 +2398,7 @@ mod vhost_user_block_daemon {
     /// A `vhost_user_block` daemon started by a test. Dropping it kills the daemon.
     #[derive(Debug)]
     pub struct VhostUserBlockDaemon {
-        child: Option<Child>,
-        socket: PathBuf,
-        log: PathBuf,
-        start: Instant,
+        process: DaemonProcess,
     }
 
     /// How a daemon ended.
@@ -2322,95 +2450,33 @@ mod vhost_user_block_daemon {
         /// # Panics
         /// If the daemon cannot be started, exits, or creates no socket within 10 s.
         pub fn start(backend: &str, socket: &Path, log: &Path) -> Self {
-            let bin = vhost_user_block_binary();
-            let log_file = match File::create(log) {
-                Ok(f) => f,
-                Err(e) => panic!("cannot create {}: {e}", log.display()),
-            };
-            let mut cmd = Command::new(&bin);
-            cmd.args(["-v", "--block-backend", backend])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log_file)
-                .process_group(0);
-            // SAFETY: the closure runs in the child between fork and exec and only makes the
-            // prctl system call, which is async-signal-safe.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+            let mut cmd = Command::new(vhost_user_block_binary());
+            cmd.args(["-v", "--block-backend", backend]);
+            VhostUserBlockDaemon {
+                process: DaemonProcess::start("vhost_user_block", cmd, socket, log, false),
             }
-            let child = match cmd.spawn() {
-                Ok(c) => c,
-                Err(e) => panic!("cannot start {}: {e}", bin.display()),
-            };
-            let mut daemon = VhostUserBlockDaemon {
-                child: Some(child),
-                socket: socket.to_path_buf(),
-                log: log.to_path_buf(),
-                start: Instant::now(),
-            };
-            let deadline = daemon.start + Duration::from_secs(10);
-            while !is_socket(socket) {
-                let exited = daemon
-                    .child
-                    .as_mut()
-                    .and_then(|c| c.try_wait().ok().flatten());
-                if exited.is_some() || Instant::now() > deadline {
-                    let run = daemon.finish(Duration::ZERO);
-                    panic!(
-                        "vhost_user_block created no socket at {}\n{}",
-                        socket.display(),
-                        run.describe()
-                    );
-                }
-                thread::sleep(Duration::from_millis(5));
-            }
-            daemon
         }
 
         /// Its stderr so far.
         pub fn log_so_far(&self) -> String {
-            std::fs::read_to_string(&self.log).unwrap_or_default()
+            self.process.log_so_far()
         }
 
         /// Sends `signal` to the daemon.
         pub fn signal(&self, signal: i32) {
-            if let Some(pid) = self.child.as_ref().and_then(|c| i32::try_from(c.id()).ok()) {
-                // SAFETY: plain system call on our own child, not yet reaped.
-                unsafe { libc::kill(pid, signal) };
-            }
+            self.process.signal(signal);
         }
 
         /// Waits at most `timeout` for the daemon to exit (killing it on expiry).
         pub fn finish(mut self, timeout: Duration) -> VhostUserBlockRun {
-            let (status, timed_out) = match self.child.take() {
-                Some(mut child) => super::wait_with_timeout(&mut child, timeout),
-                None => (None, false),
-            };
+            let (status, timed_out, log) = self.process.finish(timeout);
             VhostUserBlockRun {
                 status,
                 timed_out,
-                log: self.log_so_far(),
-                socket_left: is_socket(&self.socket),
+                log,
+                socket_left: is_socket(self.process.socket()),
             }
         }
-    }
-
-    impl Drop for VhostUserBlockDaemon {
-        fn drop(&mut self) {
-            if let Some(child) = self.child.as_mut() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-
-    fn is_socket(path: &Path) -> bool {
-        std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
     }
 
     #[cfg(test)]
@@ -2676,13 +2742,11 @@ pub use virtiofsd_daemon::{
 
 /// Helpers to run virtiofsd next to a VMM and to ask the test guest for its virtio-fs checks.
 mod virtiofsd_daemon {
-    use std::fs::File;
-    use std::os::unix::fs::FileTypeExt;
-    use std::os::unix::process::CommandExt;
     use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, ExitStatus, Stdio};
-    use std::thread;
-    use std::time::{Duration, Instant};
+    use std::process::{Command, ExitStatus};
+    use std::time::Duration;
+
+    use crate::daemon_process::DaemonProcess;
 
     /// Environment variable naming the virtiofsd binary to use instead of the one on `PATH`.
     pub const VIRTIOFSD_ENV: &str = "NIMBUS_VIRTIOFSD";
@@ -2747,9 +2811,7 @@ mod virtiofsd_daemon {
     /// A virtiofsd started by a test. Dropping it kills the daemon.
     #[derive(Debug)]
     pub struct Virtiofsd {
-        child: Option<Child>,
-        socket: PathBuf,
-        log: PathBuf,
+        process: DaemonProcess,
     }
 
     /// How a virtiofsd ended.
@@ -2804,96 +2866,35 @@ mod virtiofsd_daemon {
                 Ok(b) => b,
                 Err(e) => panic!("{e}"),
             };
-            let log_file = match File::create(log) {
-                Ok(f) => f,
-                Err(e) => panic!("cannot create {}: {e}", log.display()),
-            };
-            let log_err = match log_file.try_clone() {
-                Ok(f) => f,
-                Err(e) => panic!("cannot duplicate {}: {e}", log.display()),
-            };
-            let mut cmd = Command::new(&bin);
+            let mut cmd = Command::new(bin);
             cmd.arg(format!("--socket-path={}", socket.display()))
                 .arg(format!("--shared-dir={}", shared_dir.display()))
                 .args(["--cache=never", "--sandbox", "none"])
-                .args(extra)
-                .stdin(Stdio::null())
-                .stdout(log_file)
-                .stderr(log_err)
-                .process_group(0);
-            // SAFETY: the closure runs in the child between fork and exec and only makes the
-            // prctl system call, which is async-signal-safe.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+                .args(extra);
+            Virtiofsd {
+                process: DaemonProcess::start("virtiofsd", cmd, socket, log, true),
             }
-            let child = match cmd.spawn() {
-                Ok(c) => c,
-                Err(e) => panic!("cannot start {}: {e}", bin.display()),
-            };
-            let mut daemon = Virtiofsd {
-                child: Some(child),
-                socket: socket.to_path_buf(),
-                log: log.to_path_buf(),
-            };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !is_socket(&daemon.socket) {
-                let exited = daemon
-                    .child
-                    .as_mut()
-                    .and_then(|c| c.try_wait().ok().flatten());
-                if exited.is_some() || Instant::now() > deadline {
-                    let run = daemon.finish(Duration::ZERO);
-                    panic!(
-                        "virtiofsd created no socket at {}\n{}",
-                        socket.display(),
-                        run.describe()
-                    );
-                }
-                thread::sleep(Duration::from_millis(5));
-            }
-            daemon
         }
 
         /// The vhost-user socket.
         pub fn socket(&self) -> &Path {
-            &self.socket
+            self.process.socket()
         }
 
         /// Its output so far.
         pub fn log_so_far(&self) -> String {
-            std::fs::read_to_string(&self.log).unwrap_or_default()
+            self.process.log_so_far()
         }
 
         /// Waits at most `timeout` for virtiofsd to exit (killing it on expiry).
         pub fn finish(mut self, timeout: Duration) -> VirtiofsdRun {
-            let (status, timed_out) = match self.child.take() {
-                Some(mut child) => super::wait_with_timeout(&mut child, timeout),
-                None => (None, false),
-            };
+            let (status, timed_out, log) = self.process.finish(timeout);
             VirtiofsdRun {
                 status,
                 timed_out,
-                log: self.log_so_far(),
+                log,
             }
         }
-    }
-
-    impl Drop for Virtiofsd {
-        fn drop(&mut self) {
-            if let Some(child) = self.child.as_mut() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-
-    fn is_socket(p: &Path) -> bool {
-        std::fs::metadata(p).is_ok_and(|m| m.file_type().is_socket())
     }
 }
 
