@@ -21,7 +21,8 @@
  *   NIMBUS-LINUX irq <line>                 /proc/interrupts, line by line
  *   NIMBUS-LINUX iomem <line>               /proc/iomem, line by line
  *   NIMBUS-LINUX block <name> sectors=<n> ro=<0|1>      per disk in /sys/block
- *   NIMBUS-LINUX net <if> mac=<mac> operstate=<state>  per interface in /sys/class/net
+ *   NIMBUS-LINUX net <if> mac=<mac> operstate=<state> rx_queues=<n> tx_queues=<n>
+ *                                                     per interface in /sys/class/net
  *   NIMBUS-LINUX <action> ...               one result line per action (below)
  *   NIMBUS-LINUX power-off                  last line, then reboot(POWER_OFF)
  *   NIMBUS-LINUX error <what> <errno>       a setup step failed (init goes on)
@@ -44,6 +45,12 @@
  *                                      that port, so its ICMP "port unreachable"
  *                                      makes recv fail with ECONNREFUSED (-111);
  *                                      `net-udp send=<n|-errno> recv=<n|-errno>`
+ *   nimbus.net=channels:<if>:<n>       asks the interface's driver for <n> combined
+ *                                      channels (ethtool -L <if> combined <n>; for
+ *                                      virtio-net: VQ_PAIRS_SET(n) on the control
+ *                                      queue), then reads them back; `net-channels
+ *                                      <if> set=<0|-errno> combined=<n|-errno>
+ *                                      max=<n> rx_queues=<n> tx_queues=<n>`
  *   nimbus.reboot=<sector>             reboots once: if that sector of /dev/vda
  *                                      does not start with NIMBUS-REBOOTED, writes
  *                                      it, fsyncs, prints `reboot restarting` and
@@ -65,6 +72,7 @@ typedef long s64;
 #define SYS_sendto 44
 #define SYS_recvfrom 45
 #define SYS_setsockopt 54
+#define SYS_ioctl 16
 #define SYS_exit 60
 #define SYS_fsync 74
 #define SYS_mkdir 83
@@ -447,6 +455,16 @@ static void pci_device(const char *bdf)
 	}
 }
 
+static s64 rx_queues, tx_queues;
+
+static void count_queue(const char *name)
+{
+	if (starts(name, "rx-"))
+		rx_queues++;
+	else if (starts(name, "tx-"))
+		tx_queues++;
+}
+
 static void net_device(const char *ifname)
 {
 	char mac[32], state[32];
@@ -454,12 +472,20 @@ static void net_device(const char *ifname)
 	read_value(path, mac, sizeof(mac));
 	path_set("/sys/class/net/", ifname, "/operstate");
 	read_value(path, state, sizeof(state));
+	/* The queues the driver uses: for virtio-net, the pairs it asked for with VQ_PAIRS_SET. */
+	rx_queues = tx_queues = 0;
+	path_set("/sys/class/net/", ifname, "/queues");
+	for_each_entry(path, count_queue);
 	put("NIMBUS-LINUX net ");
 	put(ifname);
 	put(" mac=");
 	put(mac);
 	put(" operstate=");
 	put(state);
+	put(" rx_queues=");
+	put_dec(rx_queues);
+	put(" tx_queues=");
+	put_dec(tx_queues);
 	flush_line();
 }
 
@@ -650,6 +676,83 @@ static void net_udp(const char *arg)
 	flush_line();
 }
 
+/* SIOCETHTOOL with struct ethtool_channels (linux/ethtool.h). */
+#define SIOCETHTOOL 0x8946
+#define ETHTOOL_GCHANNELS 0x3c
+#define ETHTOOL_SCHANNELS 0x3d
+
+struct ethtool_channels {
+	unsigned int cmd, max_rx, max_tx, max_other, max_combined;
+	unsigned int rx_count, tx_count, other_count, combined_count;
+};
+
+struct ifreq_data {
+	char name[16];
+	void *data;
+	char pad[16];
+};
+
+static s64 ethtool_channels(s64 fd, const char *ifname, struct ethtool_channels *ch)
+{
+	struct ifreq_data ifr;
+	u64 i = 0;
+	memset(&ifr, 0, sizeof(ifr));
+	while (ifname[i] && i < sizeof(ifr.name) - 1) {
+		ifr.name[i] = ifname[i];
+		i++;
+	}
+	ifr.data = ch;
+	return sys3(SYS_ioctl, fd, SIOCETHTOOL, &ifr);
+}
+
+static void net_channels(const char *arg)
+{
+	char ifname[16];
+	struct ethtool_channels ch;
+	s64 fd, set, got;
+	u64 i = 0, n;
+
+	while (*arg && *arg != ':' && i < sizeof(ifname) - 1)
+		ifname[i++] = *arg++;
+	ifname[i] = 0;
+	if (*arg == ':')
+		arg++;
+	n = parse_dec(&arg);
+	fd = sys3(SYS_socket, AF_INET, SOCK_DGRAM, 0);
+	if (fd < 0) {
+		error("socket", fd);
+		return;
+	}
+	memset(&ch, 0, sizeof(ch));
+	ch.cmd = ETHTOOL_GCHANNELS;
+	set = ethtool_channels(fd, ifname, &ch);
+	if (set == 0) {
+		ch.cmd = ETHTOOL_SCHANNELS;
+		ch.combined_count = (unsigned int)n;
+		set = ethtool_channels(fd, ifname, &ch);
+	}
+	memset(&ch, 0, sizeof(ch));
+	ch.cmd = ETHTOOL_GCHANNELS;
+	got = ethtool_channels(fd, ifname, &ch);
+	sys3(SYS_close, fd, 0, 0);
+	rx_queues = tx_queues = 0;
+	path_set("/sys/class/net/", ifname, "/queues");
+	for_each_entry(path, count_queue);
+	put("NIMBUS-LINUX net-channels ");
+	put(ifname);
+	put(" set=");
+	put_dec(set);
+	put(" combined=");
+	put_dec(got == 0 ? (s64)ch.combined_count : got);
+	put(" max=");
+	put_dec((s64)ch.max_combined);
+	put(" rx_queues=");
+	put_dec(rx_queues);
+	put(" tx_queues=");
+	put_dec(tx_queues);
+	flush_line();
+}
+
 static void power(unsigned int cmd)
 {
 	sys6(SYS_reboot, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, cmd, 0, 0, 0);
@@ -733,6 +836,8 @@ static void run(void)
 			disk_action(w + 12);
 		else if (starts(w, "nimbus.net=udp:"))
 			net_udp(w + 15);
+		else if (starts(w, "nimbus.net=channels:"))
+			net_channels(w + 20);
 		else if (starts(w, "nimbus.reboot="))
 			reboot_once(w + 14);
 		while (*w && *w != ' ')

@@ -25,8 +25,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use e2e::{
-    format_mac, qemu_q35_command, repo_root, require_kvm, spawn_vm_parallel, NetNs, PacketSocket,
-    RunningVm, ScratchDir, VmRun,
+    format_mac, qemu_q35_command, repo_root, require_kvm, spawn_vm_parallel, workspace_binary,
+    NetNs, PacketSocket, RunningVm, ScratchDir, VhostUserBlockDaemon, VmRun,
 };
 
 /// Kernel command line of every boot: the kernel log on the serial port (`earlyprintk`: from the
@@ -330,13 +330,17 @@ fn check_image(path: &Path, want: &[u8]) -> Result<(), String> {
 }
 
 fn nimbus(guest: &LinuxGuest, cmdline: &str) -> Command {
+    nimbus_with_memory(guest, cmdline, &format!("size={MEMORY_MIB}M"))
+}
+
+fn nimbus_with_memory(guest: &LinuxGuest, cmdline: &str, memory: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
     cmd.arg("--kernel")
         .arg(&guest.vmlinux)
         .arg("--initramfs")
         .arg(&guest.initramfs)
         .args(["--cmdline", &format!("{BASE_CMDLINE} {cmdline}")])
-        .args(["--memory", &format!("size={MEMORY_MIB}M")])
+        .args(["--memory", memory])
         .args(["--serial", "tty", "--console", "off"]);
     cmd
 }
@@ -787,8 +791,13 @@ fn net_autoconfig_and_udp_round_trip() {
         ip(HOST_IP)
     ));
     assert!(
-        b.init_lines("net")
-            .contains(&format!("eth0 mac={} operstate=up", format_mac(GUEST_MAC)).as_str()),
+        b.init_lines("net").contains(
+            &format!(
+                "eth0 mac={} operstate=up rx_queues=1 tx_queues=1",
+                format_mac(GUEST_MAC)
+            )
+            .as_str()
+        ),
         "eth0 in the guest: {:?}",
         b.init_lines("net")
     );
@@ -826,6 +835,170 @@ fn net_autoconfig_and_udp_round_trip() {
         "no UDP datagram {UDP_TEXT:?} to port {UDP_PORT} from the guest among {} frames:\n{}",
         frames.len(),
         summary()
+    );
+}
+
+/// Linux with its disk and its NIC in the project's daemons, as Kata runs it: `vhost_user_block`
+/// serves the disk and `vhost_user_net` (TAP inside a fresh namespace, two queue pairs) the NIC,
+/// Nimbus only the device models, guest RAM shared. The kernel is uniprocessor, so its
+/// virtio_net driver starts on one pair; the init asks for two (`ethtool -L eth0 combined 2`,
+/// which the driver sends as VQ_PAIRS_SET(2) on the control queue Nimbus serves) before the UDP
+/// round trip. The host's marker is read and the guest's lands in the image through the daemon,
+/// eth0 offers two channels and runs two receive and two transmit queues after the change, with
+/// no queue-pair failure in the kernel log, the UDP round trip crosses the daemon's TAP, and both
+/// daemons exit 0 when Nimbus disconnects.
+#[test]
+fn split_process_disk_and_two_pair_nic() {
+    if !require_kvm("split_process_disk_and_two_pair_nic") {
+        return;
+    }
+    let guest = linux_guest();
+    let dir = ScratchDir::new("linux-split");
+    let vda = dir.file("vda.img");
+    make_image(&vda, VDA_SECTORS, &[(HOST_SECTOR, VDA_HOST_MARKER)]);
+    let (blk_sock, net_sock) = (dir.file("blk.sock"), dir.file("net.sock"));
+    let blk = VhostUserBlockDaemon::start(
+        &format!("path={},socket={}", vda.display(), blk_sock.display()),
+        &blk_sock,
+        &dir.file("blk.log"),
+    );
+    let tap = "nimbus-ls0";
+    let ns = NetNs::new("linuxsplit");
+    let mut net_cmd = Command::new(workspace_binary("vhost_user_net", "NIMBUS_VHOST_USER_NET"));
+    net_cmd.args([
+        "-v",
+        "--net-backend",
+        &format!(
+            "ip={},mask=255.255.255.0,mac={},socket={},tap={tap},num_queues=4",
+            ip(HOST_IP),
+            format_mac(GUEST_MAC),
+            net_sock.display()
+        ),
+    ]);
+    let net_log = dir.file("net.log");
+    let mut net = ns
+        .wrap(net_cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&net_log).expect("net log"))
+        .spawn()
+        .expect("start vhost_user_net");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !net_sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "vhost_user_net created no socket"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let words = format!(
+        "ip={}::{}:255.255.255.0::eth0:off \
+         nimbus.disk=read:{HOST_SECTOR} nimbus.disk=write:{GUEST_SECTOR}:{GUEST_MARKER} \
+         nimbus.net=channels:eth0:2 nimbus.net=udp:{}:{UDP_PORT}:{UDP_TEXT}",
+        ip(GUEST_IP),
+        ip(HOST_IP),
+        ip(HOST_IP)
+    );
+    let mut cmd = nimbus_with_memory(guest, &words, &format!("size={MEMORY_MIB}M,shared=on"));
+    cmd.arg("--disk")
+        .arg(format!("vhost_user=on,socket={}", blk_sock.display()))
+        .arg("--net")
+        .arg(format!(
+            "vhost_user=on,socket={},num_queues=4",
+            net_sock.display()
+        ));
+    let vm = spawn_vm_parallel(cmd);
+    let stop = Arc::new(AtomicBool::new(false));
+    let capture = PacketSocket::open(&ns, tap, 0x0003, Duration::from_secs(20)).map(|sock| {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || capture_guest_frames(&sock, &stop))
+    });
+    let b = Boot::follow(
+        "split-process",
+        vm,
+        &[
+            "Linux version",
+            "Run /init",
+            "NIMBUS-LINUX-INIT",
+            "NIMBUS-LINUX power-off",
+            "reboot: Power down",
+        ],
+    );
+    stop.store(true, Ordering::SeqCst);
+    let frames = capture.and_then(|t| {
+        t.join()
+            .map_err(|_| "the capture thread panicked".to_string())
+    });
+    let blk_run = blk.finish(Duration::from_secs(10));
+    let net_status = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match net.try_wait() {
+                Ok(Some(s)) => break s.code(),
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    let _ = net.kill();
+                    let _ = net.wait();
+                    break None;
+                }
+            }
+        }
+    };
+    let net_log = std::fs::read_to_string(&net_log).unwrap_or_default();
+    b.assert_clean();
+    assert!(
+        b.init_lines("disk-read")
+            .contains(&format!("dev=vda sector={HOST_SECTOR} text={VDA_HOST_MARKER}").as_str()),
+        "the host's marker through vhost_user_block\n{}",
+        b.describe()
+    );
+    let vda_want = image_bytes(
+        VDA_SECTORS,
+        &[(HOST_SECTOR, VDA_HOST_MARKER), (GUEST_SECTOR, GUEST_MARKER)],
+    );
+    if let Err(e) = check_image(&vda, &vda_want) {
+        panic!("vda after the run: {e}\n{}", b.describe());
+    }
+    let eth0 = format!(
+        "eth0 mac={} operstate=up rx_queues=1 tx_queues=1",
+        format_mac(GUEST_MAC)
+    );
+    assert!(
+        b.init_lines("net").contains(&eth0.as_str()),
+        "eth0 before the change: want {eth0:?}, got {:?}\n{}",
+        b.init_lines("net"),
+        b.describe()
+    );
+    assert_eq!(
+        b.init_lines("net-channels"),
+        ["eth0 set=0 combined=2 max=2 rx_queues=2 tx_queues=2"],
+        "two channels through Nimbus's control queue\n{}",
+        b.describe()
+    );
+    assert!(
+        b.grep("Fail to set num of queue pairs").is_empty(),
+        "{}",
+        b.describe()
+    );
+    assert_eq!(
+        b.init_lines("net-udp"),
+        [format!("send={} recv=-111", UDP_TEXT.len())],
+        "the UDP round trip through vhost_user_net\n{}\ndaemon log:\n{net_log}",
+        b.describe()
+    );
+    let frames = frames.unwrap_or_else(|e| panic!("capture on {tap}: {e}"));
+    assert!(
+        frames
+            .iter()
+            .any(|f| guest_udp_payload(f, HOST_IP, UDP_PORT) == Some(UDP_TEXT.as_bytes())),
+        "no UDP datagram from the guest among {} frames on {tap}",
+        frames.len()
+    );
+    blk_run.assert_clean_exit();
+    assert_eq!(
+        net_status,
+        Some(0),
+        "vhost_user_net's exit after Nimbus disconnected; log:\n{net_log}"
     );
 }
 
