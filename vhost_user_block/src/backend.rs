@@ -12,7 +12,7 @@ use std::ops::Deref;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use block::{process_queue_bounded, BlockConfig, DiskBackend, VirtioBlkConfig};
 use log::{debug, warn};
@@ -20,7 +20,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vhost_user_daemon::config_space::config_reply;
 use vhost_user_daemon::ExitEvents;
-use virtio_chain::poll::poll_queue;
+use virtio_chain::poll::{poll_queue, AdaptivePoll};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -54,11 +54,13 @@ pub enum BackendError {
 }
 
 /// Per-queue state kept between events.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct QueueState {
     /// The queue failed (broken available ring, used ring outside memory); the failure was
     /// logged once and is not logged again until the driver sets the device up anew.
     broken: AtomicBool,
+    /// The polling window, and when the queue was last drained and its worker went to sleep.
+    poll: Mutex<(AdaptivePoll, Option<Instant>)>,
 }
 
 /// A virtio-blk device served over vhost-user: one disk, `num_queues` request queues, each
@@ -77,8 +79,6 @@ pub struct BlockBackend<B: Bitmap + 'static = ()> {
     queues: Vec<QueueState>,
     exit_events: ExitEvents,
     event_idx: AtomicBool,
-    /// How long a worker polls its queue after serving it.
-    poll: Duration,
 }
 
 impl<B: Bitmap + 'static> std::fmt::Debug for BlockBackend<B> {
@@ -120,10 +120,17 @@ impl<B: Bitmap + 'static> BlockBackend<B> {
             num_queues,
             queue_size: config.queue_size,
             mem: Mutex::new(mem),
-            queues: (0..num_queues).map(|_| QueueState::default()).collect(),
+            queues: (0..num_queues)
+                .map(|_| QueueState {
+                    broken: AtomicBool::new(false),
+                    poll: Mutex::new((
+                        AdaptivePoll::new(Duration::from_micros(u64::from(config.poll_us))),
+                        None,
+                    )),
+                })
+                .collect(),
             exit_events,
             event_idx: AtomicBool::new(false),
-            poll: Duration::from_micros(u64::from(config.poll_us)),
             disk,
         })
     }
@@ -176,11 +183,21 @@ impl<B: Bitmap + 'static> BlockBackend<B> {
     /// drain: a driver that keeps the queue full must not keep the protocol thread (which
     /// takes the same lock to stop the ring on `GET_VRING_BASE`) waiting.
     ///
-    /// After the drain the worker polls the queue for the configured window
-    /// ([`virtio_chain::poll`]) and serves it again if the driver made requests available
-    /// meanwhile; after [`MAX_POLL_ROUNDS`] such rounds it kicks itself and returns, so the
+    /// After the drain the worker polls the queue for up to `poll_us` (the window adapts to
+    /// the driver, [`virtio_chain::poll::AdaptivePoll`]) and serves it again if the driver made
+    /// requests available meanwhile; after [`MAX_POLL_ROUNDS`] such rounds it kicks itself and returns, so the
     /// crate's loop (and its exit event) gets its turn.
     fn serve_queue(&self, index: usize, vring: &Vring<B>) {
+        let Some(queue) = self.queues.get(index) else {
+            return;
+        };
+        // Only this queue's worker takes the lock.
+        let mut poll = queue.poll.lock().unwrap_or_else(PoisonError::into_inner);
+        let (window, idle_since) = &mut *poll;
+        // Woken by the driver's notification: how long it took to come back adapts the window.
+        if let Some(since) = idle_since.take() {
+            window.record(since.elapsed());
+        }
         let mut rounds = 0u32;
         loop {
             let mem = self.memory();
@@ -231,7 +248,9 @@ impl<B: Bitmap + 'static> BlockBackend<B> {
                 }
             }
             if !outcome.more_pending {
-                if self.poll.is_zero() {
+                let drained = Instant::now();
+                if window.window().is_zero() {
+                    *idle_since = Some(drained);
                     return;
                 }
                 rounds += 1;
@@ -242,10 +261,12 @@ impl<B: Bitmap + 'static> BlockBackend<B> {
                 }
                 let guard = mem.memory();
                 // The ring's lock is held for the window: the protocol thread waits at most that.
-                let polled = poll_queue(state.get_queue_mut(), guard.deref(), self.poll);
+                let polled = poll_queue(state.get_queue_mut(), guard.deref(), window.window());
                 if !polled.unwrap_or(false) {
+                    *idle_since = Some(drained);
                     return;
                 }
+                window.record(drained.elapsed());
             }
             drop(state);
             std::thread::yield_now();

@@ -4,6 +4,9 @@
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
+
+use virtio_chain::poll::{poll_queue, AdaptivePoll};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -17,8 +20,8 @@ pub trait QueueHandler: Send {
     fn process(&mut self, queue: &mut ActiveQueue, mem: &GuestMemoryAtomic)
         -> Result<bool, String>;
 
-    /// How long the worker busy-polls a queue after serving it before it sleeps again
-    /// ([`virtio_chain::poll`]); zero (the default) never polls.
+    /// The longest the worker busy-polls a queue after serving it before it sleeps again
+    /// ([`virtio_chain::poll`]; the window adapts below it); zero (the default) never polls.
     fn poll_window(&self) -> std::time::Duration {
         std::time::Duration::ZERO
     }
@@ -81,12 +84,19 @@ impl Worker {
             )?;
         }
         let stop_fd = stop.try_clone()?;
+        let mut polls: Vec<QueuePoll> = queues
+            .iter()
+            .map(|_| QueuePoll {
+                window: AdaptivePoll::new(handler.poll_window()),
+                idle_since: None,
+            })
+            .collect();
         let handle = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
                 // Buffers may already be waiting from before activation.
-                for q in queues.iter_mut() {
-                    if !serve(&name, handler.as_mut(), q, &mem, interrupt.as_ref()) {
+                for (q, poll) in queues.iter_mut().zip(polls.iter_mut()) {
+                    if !serve(&name, handler.as_mut(), q, poll, &mem, interrupt.as_ref()) {
                         return queues;
                     }
                 }
@@ -120,11 +130,14 @@ impl Worker {
                             }
                             continue;
                         }
-                        let Some(q) = queues.get_mut(token as usize) else {
+                        let (Some(q), Some(poll)) = (
+                            queues.get_mut(token as usize),
+                            polls.get_mut(token as usize),
+                        ) else {
                             continue;
                         };
                         let _ = q.kick.read();
-                        if !serve(&name, handler.as_mut(), q, &mem, interrupt.as_ref()) {
+                        if !serve(&name, handler.as_mut(), q, poll, &mem, interrupt.as_ref()) {
                             return queues;
                         }
                     }
@@ -185,6 +198,13 @@ impl Drop for Worker {
 /// keep the worker from stopping.
 const MAX_POLL_ROUNDS: u32 = 1024;
 
+/// A queue's polling state in the worker.
+struct QueuePoll {
+    window: AdaptivePoll,
+    /// When the queue was last drained and the worker went to sleep on it.
+    idle_since: Option<Instant>,
+}
+
 /// Runs the handler on one queue, then, if the handler polls, serves the queue again as long
 /// as the driver makes buffers available within the poll window; false when the device is
 /// now broken.
@@ -192,9 +212,14 @@ fn serve(
     name: &str,
     handler: &mut dyn QueueHandler,
     q: &mut ActiveQueue,
+    poll: &mut QueuePoll,
     mem: &GuestMemoryAtomic,
     interrupt: &dyn VirtioInterrupt,
 ) -> bool {
+    // Woken by the driver's notification: how long it took to come back adapts the window.
+    if let Some(since) = poll.idle_since.take() {
+        poll.window.record(since.elapsed());
+    }
     for _ in 0..MAX_POLL_ROUNDS {
         match handler.process(q, mem) {
             Ok(true) => interrupt.signal_queue(q.index),
@@ -205,15 +230,19 @@ fn serve(
                 return false;
             }
         }
-        let window = handler.poll_window();
+        let window = poll.window.window();
+        let drained = Instant::now();
         if window.is_zero() {
+            poll.idle_since = Some(drained);
             return true;
         }
         use vm_memory::GuestAddressSpace;
         // A broken ring reports at the next regular pass.
-        if !virtio_chain::poll::poll_queue(&mut q.queue, &*mem.memory(), window).unwrap_or(false) {
+        if !poll_queue(&mut q.queue, &*mem.memory(), window).unwrap_or(false) {
+            poll.idle_since = Some(drained);
             return true;
         }
+        poll.window.record(drained.elapsed());
     }
     // Buffers are waiting with notifications suppressed: come back after the epoll round.
     let _ = q.kick.write(1);

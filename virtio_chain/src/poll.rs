@@ -2,6 +2,11 @@
 //! driver submitting its next request right after a completion is served without a
 //! notification: no VM exit for the driver, no thread wake-up for the device. The device keeps
 //! driver notifications suppressed while it polls and re-enables them before it sleeps.
+//!
+//! The window adapts ([`AdaptivePoll`], QEMU's `poll-grow`/`poll-shrink` rule): a driver that
+//! comes back later than the configured maximum shrinks it, down to not polling at all, so a
+//! slow, steady driver does not cost a spinning core; one that comes back within the maximum
+//! grows it again.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -13,6 +18,52 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 /// round trip on the hosts measured (docs/performance.md), as QEMU's default `poll-max-ns`
 /// (32 µs).
 pub const DEFAULT_POLL: Duration = Duration::from_micros(32);
+
+/// Smallest window [`AdaptivePoll`] grows to from zero (QEMU's initial 4 µs).
+const GROW_FROM: Duration = Duration::from_micros(4);
+
+/// A queue's polling window, adapted to how long the driver takes to come back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdaptivePoll {
+    max: Duration,
+    window: Duration,
+}
+
+impl AdaptivePoll {
+    /// Starts at (and never grows past) `max`; a zero `max` never polls.
+    pub fn new(max: Duration) -> Self {
+        AdaptivePoll { max, window: max }
+    }
+
+    /// How long to poll now.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// The driver made buffers available `idle` after the queue was last drained (found by
+    /// polling, or by its notification after the device went to sleep). Within the window:
+    /// nothing to change. Later than the maximum: polling would not have helped, halve the
+    /// window (to zero below 1 µs). Between the two: a longer window would have caught it,
+    /// double it (from 4 µs), up to the maximum.
+    pub fn record(&mut self, idle: Duration) {
+        if idle <= self.window {
+            return;
+        }
+        if idle > self.max {
+            self.window /= 2;
+            if self.window < Duration::from_micros(1) {
+                self.window = Duration::ZERO;
+            }
+        } else if self.window < self.max {
+            self.window = if self.window.is_zero() {
+                GROW_FROM
+            } else {
+                self.window * 2
+            }
+            .min(self.max);
+        }
+    }
+}
 
 /// Spins until the driver's available index at `avail_ring` (the guest address of the
 /// available ring) differs from `next_avail` or `deadline` passes; whether it moved. A guest
@@ -88,6 +139,32 @@ mod tests {
 
     use super::*;
     use crate::testing::{Buf, TestDriver};
+
+    #[test]
+    fn the_window_shrinks_for_slow_drivers_and_grows_for_quick_ones() {
+        let us = Duration::from_micros;
+        let mut p = AdaptivePoll::new(us(32));
+        assert_eq!(p.window(), us(32));
+        // Caught by polling: no change.
+        p.record(us(5));
+        assert_eq!(p.window(), us(32));
+        // A driver that comes back after 1 ms: halve, down to no polling at all.
+        for want in [16, 8, 4, 2, 1, 0] {
+            p.record(us(1000));
+            assert_eq!(p.window(), us(want));
+        }
+        p.record(us(1000));
+        assert_eq!(p.window(), Duration::ZERO);
+        // It speeds up: 20 µs would have been caught by a longer window; grow back to the max.
+        for want in [4, 8, 16, 32, 32] {
+            p.record(us(20));
+            assert_eq!(p.window(), us(want));
+        }
+        // Zero maximum: never polls.
+        let mut off = AdaptivePoll::new(Duration::ZERO);
+        off.record(us(1));
+        assert_eq!(off.window(), Duration::ZERO);
+    }
 
     #[test]
     fn with_event_idx_the_driver_is_told_not_to_notify_while_the_device_polls() {
