@@ -390,14 +390,35 @@ fn run_devices_boot() -> DevicesBoot {
         ));
     let ns = NetNs::new("linux");
     let vm = spawn_vm_parallel(ns.wrap(cmd));
-    // ETH_P_ALL: every frame the guest sends. Nimbus creates the TAP at start-up.
+    // Nimbus creates the TAP at start-up.
+    let (boot, frames) = follow_capturing("devices", vm, &ns, TAP);
+    let vda_want = image_bytes(
+        VDA_SECTORS,
+        &[(HOST_SECTOR, VDA_HOST_MARKER), (GUEST_SECTOR, GUEST_MARKER)],
+    );
+    DevicesBoot {
+        vda_check: check_image(&vda, &vda_want),
+        vdb_check: check_image(&vdb, &vdb_want),
+        boot,
+        frames,
+    }
+}
+
+/// Follows a boot to power-off ([`Boot::follow`]) while capturing every frame (ETH_P_ALL) the
+/// guest sends on `tap` in `ns`; the frames, or why there are none.
+fn follow_capturing(
+    name: &'static str,
+    vm: RunningVm,
+    ns: &NetNs,
+    tap: &str,
+) -> (Boot, Result<Vec<Vec<u8>>, String>) {
     let stop = Arc::new(AtomicBool::new(false));
-    let capture = PacketSocket::open(&ns, TAP, 0x0003, Duration::from_secs(20)).map(|sock| {
+    let capture = PacketSocket::open(ns, tap, 0x0003, Duration::from_secs(20)).map(|sock| {
         let stop = Arc::clone(&stop);
         thread::spawn(move || capture_guest_frames(&sock, &stop))
     });
     let boot = Boot::follow(
-        "devices",
+        name,
         vm,
         &[
             "Linux version",
@@ -412,16 +433,7 @@ fn run_devices_boot() -> DevicesBoot {
         t.join()
             .map_err(|_| "the capture thread panicked".to_string())
     });
-    let vda_want = image_bytes(
-        VDA_SECTORS,
-        &[(HOST_SECTOR, VDA_HOST_MARKER), (GUEST_SECTOR, GUEST_MARKER)],
-    );
-    DevicesBoot {
-        vda_check: check_image(&vda, &vda_want),
-        vdb_check: check_image(&vdb, &vdb_want),
-        boot,
-        frames,
-    }
+    (boot, frames)
 }
 
 /// Collects what the guest sends on the TAP until `stop`, keeping at most 256 frames.
@@ -908,27 +920,7 @@ fn split_process_disk_and_two_pair_nic() {
             net_sock.display()
         ));
     let vm = spawn_vm_parallel(cmd);
-    let stop = Arc::new(AtomicBool::new(false));
-    let capture = PacketSocket::open(&ns, tap, 0x0003, Duration::from_secs(20)).map(|sock| {
-        let stop = Arc::clone(&stop);
-        thread::spawn(move || capture_guest_frames(&sock, &stop))
-    });
-    let b = Boot::follow(
-        "split-process",
-        vm,
-        &[
-            "Linux version",
-            "Run /init",
-            "NIMBUS-LINUX-INIT",
-            "NIMBUS-LINUX power-off",
-            "reboot: Power down",
-        ],
-    );
-    stop.store(true, Ordering::SeqCst);
-    let frames = capture.and_then(|t| {
-        t.join()
-            .map_err(|_| "the capture thread panicked".to_string())
-    });
+    let (b, frames) = follow_capturing("split-process", vm, &ns, tap);
     let blk_run = blk.finish(Duration::from_secs(10));
     let net_status = {
         let deadline = Instant::now() + Duration::from_secs(10);
