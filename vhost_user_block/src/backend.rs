@@ -17,24 +17,18 @@ use std::time::{Duration, Instant};
 use block::{process_queue_bounded, BlockConfig, DiskBackend, VirtioBlkConfig};
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use vhost_user_daemon::config_space::config_reply;
-use vhost_user_daemon::ExitEvents;
+use vhost_user_daemon::{ExitEvents, MemorySlot};
 use virtio_chain::poll::{poll_queue, AdaptivePoll};
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::config::BackendConfig;
 
-/// Guest memory as the backend crate shares it: the frontend's regions, replaced as a whole on
-/// every `SET_MEM_TABLE`. `B` is the dirty-page bitmap (`()`: no dirty logging).
-pub type GuestMemory<B = ()> = GuestMemoryAtomic<GuestMemoryMmap<B>>;
-
-/// The ring type the backend uses: one reader-writer lock per queue, so the protocol thread
-/// (`GET_VRING_BASE`, ...) waits for a worker in the middle of a queue and vice versa.
-pub type Vring<B = ()> = VringRwLock<GuestMemory<B>>;
+pub use vhost_user_daemon::{GuestMemory, Vring};
 
 /// Most chains a worker completes per hold of its ring's lock (see `serve_queue`).
 pub const CHAINS_PER_BATCH: usize = 64;
@@ -75,7 +69,7 @@ pub struct BlockBackend<B: Bitmap + 'static = ()> {
     features: u64,
     num_queues: u16,
     queue_size: u16,
-    mem: Mutex<GuestMemory<B>>,
+    mem: MemorySlot<B>,
     queues: Vec<QueueState>,
     exit_events: ExitEvents,
     event_idx: AtomicBool,
@@ -119,7 +113,7 @@ impl<B: Bitmap + 'static> BlockBackend<B> {
                 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
             num_queues,
             queue_size: config.queue_size,
-            mem: Mutex::new(mem),
+            mem: MemorySlot::new(mem),
             queues: (0..num_queues)
                 .map(|_| QueueState {
                     broken: AtomicBool::new(false),
@@ -144,13 +138,6 @@ impl<B: Bitmap + 'static> BlockBackend<B> {
     /// every queue).
     pub fn event_idx(&self) -> bool {
         self.event_idx.load(Ordering::Relaxed)
-    }
-
-    fn memory(&self) -> GuestMemory<B> {
-        self.mem
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
     }
 
     /// Closes the exit event descriptors handed to the crate. vhost-user-backend 0.24 turns
@@ -200,7 +187,7 @@ impl<B: Bitmap + 'static> BlockBackend<B> {
         }
         let mut rounds = 0u32;
         loop {
-            let mem = self.memory();
+            let mem = self.mem.current();
             let mut state = vring.get_mut();
             // A stopped (GET_VRING_BASE) or disabled ring must not be touched; an event may
             // still arrive for it from before.
@@ -354,7 +341,7 @@ where
     }
 
     fn update_memory(&self, mem: GuestMemory<B>) -> io::Result<()> {
-        *self.mem.lock().unwrap_or_else(PoisonError::into_inner) = mem;
+        self.mem.replace(mem);
         Ok(())
     }
 
@@ -403,7 +390,7 @@ mod tests {
     use vm_memory::GuestMemoryMmap;
 
     fn backend(config: &BackendConfig, disk: FakeDisk) -> BlockBackend {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+        let mem = GuestMemory::new(GuestMemoryMmap::<()>::new());
         BlockBackend::new(Arc::new(disk), config, mem).unwrap()
     }
 

@@ -5,6 +5,7 @@
 //!   common errors ([`DaemonError`]);
 //! - [`serve`]: the connection loop, generic over the daemon's [`Device`];
 //! - [`exit`]: the worker threads' exit events ([`ExitEvents`]);
+//! - [`memory`]: guest memory and rings as the backends see them ([`MemorySlot`]);
 //! - [`cli`]: the command line, generic over the daemon's [`cli::BackendOption`];
 //! - [`program`]: the binaries' `main` (logger, signals, exit status);
 //! - `testing` (feature `test-utils`): the daemons' integration-test harness.
@@ -13,6 +14,7 @@
 pub mod cli;
 pub mod config_space;
 pub mod exit;
+pub mod memory;
 pub mod options;
 pub mod program;
 pub mod serve;
@@ -21,5 +23,6 @@ pub mod socket;
 pub mod testing;
 
 pub use exit::ExitEvents;
-pub use serve::{serve, serve_client, Device, GuestMemory};
+pub use memory::{GuestMemory, MemorySlot, Vring};
+pub use serve::{serve, serve_client, Device};
 pub use socket::{DaemonError, SocketFile, Terminator};

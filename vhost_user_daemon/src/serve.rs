@@ -4,18 +4,16 @@
 
 use std::sync::Arc;
 
+use crate::exit::ExitEvents;
+use vm_memory::GuestMemoryMmap;
+
+use crate::memory::GuestMemory;
+use crate::socket::{is_disconnect, wait_for_frontend, DaemonError, SocketFile, Terminator, Wake};
 use log::{debug, info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{
     Error as DaemonCrateError, VhostUserBackend, VhostUserDaemon, VringRwLock,
 };
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-
-use crate::exit::ExitEvents;
-use crate::socket::{is_disconnect, wait_for_frontend, DaemonError, SocketFile, Terminator, Wake};
-
-/// Guest memory as the backends see it.
-pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 
 /// What differs between daemons: the backend built per connection, and what is done with it.
 pub trait Device {
@@ -74,7 +72,7 @@ fn connect<D: Device>(
     device: &D,
     connect: Connect<'_>,
 ) -> Result<Connection<D::Backend>, D::Error> {
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+    let mem = GuestMemory::new(GuestMemoryMmap::<()>::new());
     let backend = device.backend(mem.clone())?;
     let mut daemon = VhostUserDaemon::new(D::PROTOCOL_THREAD.to_string(), backend.clone(), mem)
         .map_err(|e| DaemonError::Setup {

@@ -19,20 +19,15 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use log::{debug, warn};
 use net_util::{tap_offload_flags, MacAddr, NetRx, NetTx, RxStop, TapQueue, VirtioNetConfig};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use vhost_user_daemon::config_space::config_reply;
-use vhost_user_daemon::ExitEvents;
+use vhost_user_daemon::{ExitEvents, MemorySlot};
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-/// Guest memory as the backend crate shares it: the frontend's regions, replaced as a whole on
-/// every `SET_MEM_TABLE`. `B` is the dirty-page bitmap (`()`: no dirty logging).
-pub type GuestMemory<B = ()> = GuestMemoryAtomic<GuestMemoryMmap<B>>;
-
-/// The ring type the backend uses: one reader-writer lock per queue.
-pub type Vring<B = ()> = VringRwLock<GuestMemory<B>>;
+pub use vhost_user_daemon::{GuestMemory, Vring};
 
 /// Most packets moved per hold of a ring's lock: the protocol thread (which takes the same
 /// lock to stop a ring) never waits long behind a busy queue.
@@ -105,7 +100,7 @@ pub struct NetBackend<B: Bitmap + 'static = ()> {
     config: VirtioNetConfig,
     features: u64,
     queue_size: u16,
-    mem: Mutex<GuestMemory<B>>,
+    mem: MemorySlot<B>,
     pairs: Vec<Mutex<PairState>>,
     acked: AtomicU64,
     exit_events: ExitEvents,
@@ -158,7 +153,7 @@ impl<B: Bitmap + 'static> NetBackend<B> {
             features: net_util::features(pairs, mtu)
                 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
             queue_size,
-            mem: Mutex::new(mem),
+            mem: MemorySlot::new(mem),
             pairs: (0..pairs).map(|_| Mutex::new(PairState::new(0))).collect(),
             acked: AtomicU64::new(0),
             exit_events,
@@ -192,13 +187,6 @@ impl<B: Bitmap + 'static> NetBackend<B> {
     /// Whether the driver negotiated `VIRTIO_RING_F_EVENT_IDX`.
     pub fn event_idx(&self) -> bool {
         self.event_idx.load(Ordering::Relaxed)
-    }
-
-    fn memory(&self) -> GuestMemory<B> {
-        self.mem
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
     }
 
     fn pair(&self, index: usize) -> Option<MutexGuard<'_, PairState>> {
@@ -237,7 +225,7 @@ impl<B: Bitmap + 'static> NetBackend<B> {
             let Some(mut state) = self.pair(pair) else {
                 return;
             };
-            let mem = self.memory();
+            let mem = self.mem.current();
             let mut ring = vring.get_mut();
             if !ring.is_enabled() || !virtio_queue::QueueT::ready(ring.get_queue()) {
                 return;
@@ -324,7 +312,7 @@ impl<B: Bitmap + 'static> NetBackend<B> {
             if state.tap_failed {
                 return;
             }
-            let mem = self.memory();
+            let mem = self.mem.current();
             let mut ring = vring.get_mut();
             if !ring.is_enabled() || !virtio_queue::QueueT::ready(ring.get_queue()) {
                 return;
@@ -456,7 +444,7 @@ where
     }
 
     fn update_memory(&self, mem: GuestMemory<B>) -> io::Result<()> {
-        *self.mem.lock().unwrap_or_else(PoisonError::into_inner) = mem;
+        self.mem.replace(mem);
         Ok(())
     }
 
