@@ -386,7 +386,6 @@ where
 mod tests {
     use super::*;
     use block::FakeDisk;
-    use std::os::fd::{FromRawFd, OwnedFd};
     use vm_memory::GuestMemoryMmap;
 
     fn backend(config: &BackendConfig, disk: FakeDisk) -> BlockBackend {
@@ -408,28 +407,6 @@ mod tests {
         notifier.notify().unwrap();
         consumer.consume().unwrap();
         assert!(b.exit_event(7).is_some());
-    }
-
-    #[test]
-    fn orphaned_exit_events_are_closed_once() {
-        let mut c = BackendConfig::new("p", "s");
-        c.num_queues = 2;
-        let b = backend(&c, FakeDisk::new(4096));
-        // What the crate does: keep the notifier, turn the consumer into a raw descriptor.
-        let (c0, n0) = b.exit_event(0).unwrap();
-        let (c1, n1) = b.exit_event(1).unwrap();
-        let fd0 = std::os::fd::IntoRawFd::into_raw_fd(c0);
-        let fd1 = std::os::fd::IntoRawFd::into_raw_fd(c1);
-        // The crate closed one after all: it must not be closed again.
-        // SAFETY: fd1 came from into_raw_fd just above and is owned by nobody else.
-        drop(unsafe { OwnedFd::from_raw_fd(fd1) });
-        drop((n0, n1));
-        // SAFETY: no daemon uses this backend.
-        assert_eq!(unsafe { b.close_orphaned_exit_events() }, 1);
-        // SAFETY: fcntl(F_GETFD) only queries the descriptor.
-        assert_eq!(unsafe { libc::fcntl(fd0, libc::F_GETFD) }, -1, "fd0 closed");
-        // SAFETY: as above.
-        assert_eq!(unsafe { b.close_orphaned_exit_events() }, 0, "nothing left");
     }
 
     #[test]

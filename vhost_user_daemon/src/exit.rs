@@ -136,3 +136,39 @@ fn same_open_file(a: RawFd, b: RawFd) -> bool {
     };
     rc == 0
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::os::fd::IntoRawFd;
+
+    use super::*;
+
+    #[test]
+    fn orphaned_exit_events_are_closed_once() {
+        let events = ExitEvents::new(2).unwrap();
+        // What the crate does: keep the notifier, turn the consumer into a raw descriptor.
+        let (c0, n0) = events.take(0).unwrap();
+        let (c1, n1) = events.take(1).unwrap();
+        let fd0 = c0.into_raw_fd();
+        let fd1 = c1.into_raw_fd();
+        // The test's own handle on fd0's eventfd, to recognise fd0 by afterwards: other tests'
+        // threads may reuse the number as soon as it is closed.
+        // SAFETY: fd0 is open (just handed out) and only borrowed to be duplicated.
+        let witness = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd0) }
+            .try_clone_to_owned()
+            .unwrap();
+        // The crate closed one after all: it must not be closed again.
+        // SAFETY: fd1 came from into_raw_fd just above and is owned by nobody else.
+        drop(unsafe { OwnedFd::from_raw_fd(fd1) });
+        drop((n0, n1));
+        // SAFETY: no daemon uses these events.
+        assert_eq!(unsafe { events.close_orphaned() }, 1);
+        assert!(
+            !same_open_file(fd0, witness.as_raw_fd()),
+            "fd0 still refers to the exit eventfd"
+        );
+        // SAFETY: as above.
+        assert_eq!(unsafe { events.close_orphaned() }, 0, "nothing left");
+    }
+}
