@@ -210,11 +210,7 @@ impl<B: Bitmap + 'static> BlockBackend<B> {
                     // The queue is unusable until the driver sets it up again. Without a way
                     // to set DEVICE_NEEDS_RESET (that is the frontend's), log once so a hostile
                     // driver kicking a broken ring cannot flood the log.
-                    let first = self
-                        .queues
-                        .get(index)
-                        .is_some_and(|q| !q.broken.swap(true, Ordering::Relaxed));
-                    if first {
+                    if !queue.broken.swap(true, Ordering::Relaxed) {
                         warn!("queue {index}: {e}; ignoring it until the driver sets it up again");
                     } else {
                         debug!("queue {index}: {e}");
@@ -235,9 +231,7 @@ impl<B: Bitmap + 'static> BlockBackend<B> {
                 }
             }
             if !outcome.more_pending {
-                let drained = Instant::now();
-                if window.window().is_zero() {
-                    *idle_since = Some(drained);
+                if !window.enabled() {
                     return;
                 }
                 rounds += 1;
@@ -246,10 +240,13 @@ impl<B: Bitmap + 'static> BlockBackend<B> {
                     kick_again(vring);
                     return;
                 }
+                let drained = Instant::now();
                 let guard = mem.memory();
                 // The ring's lock is held for the window: the protocol thread waits at most that.
-                let polled = poll_queue(state.get_queue_mut(), guard.deref(), window.window());
-                if !polled.unwrap_or(false) {
+                if window.window().is_zero()
+                    || !poll_queue(state.get_queue_mut(), guard.deref(), window.window())
+                        .unwrap_or(false)
+                {
                     *idle_since = Some(drained);
                     return;
                 }

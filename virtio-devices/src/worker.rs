@@ -230,15 +230,14 @@ fn serve(
                 return false;
             }
         }
-        let window = poll.window.window();
-        let drained = Instant::now();
-        if window.is_zero() {
-            poll.idle_since = Some(drained);
+        if !poll.window.enabled() {
             return true;
         }
+        let window = poll.window.window();
+        let drained = Instant::now();
         use vm_memory::GuestAddressSpace;
         // A broken ring reports at the next regular pass.
-        if !poll_queue(&mut q.queue, &*mem.memory(), window).unwrap_or(false) {
+        if window.is_zero() || !poll_queue(&mut q.queue, &*mem.memory(), window).unwrap_or(false) {
             poll.idle_since = Some(drained);
             return true;
         }

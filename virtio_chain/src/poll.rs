@@ -35,6 +35,11 @@ impl AdaptivePoll {
         AdaptivePoll { max, window: max }
     }
 
+    /// Whether this queue polls at all (a non-zero maximum).
+    pub fn enabled(&self) -> bool {
+        !self.max.is_zero()
+    }
+
     /// How long to poll now.
     pub fn window(&self) -> Duration {
         self.window
@@ -162,6 +167,7 @@ mod tests {
         }
         // Zero maximum: never polls.
         let mut off = AdaptivePoll::new(Duration::ZERO);
+        assert!(!off.enabled() && p.enabled());
         off.record(us(1));
         assert_eq!(off.window(), Duration::ZERO);
     }

@@ -20,7 +20,7 @@ pub(super) trait LocalQueue: std::fmt::Debug + Send + Sync {
     fn index(&self, features: u64) -> Option<u16>;
 
     /// How many of the backend's rings, from ring 0, run when the driver starts.
-    fn initial_rings(&self, features: u64) -> u16;
+    fn initial_rings(&self) -> u16;
 
     /// Serves the queue after a kick from the driver; `use_rings(n)` runs the backend's rings
     /// below `n` and stops the others. Returns whether to interrupt the driver.
@@ -160,9 +160,7 @@ impl VirtioDevice for VhostUserDevice {
             mem: a.mem.clone(),
             features: a.features,
             rings,
-            active_rings: local
-                .as_ref()
-                .map_or(u16::MAX, |(_, l)| l.initial_rings(a.features)),
+            active_rings: local.as_ref().map_or(u16::MAX, |(_, l)| l.initial_rings()),
             inflight_shape: (sizes.len() as u16, sizes.iter().copied().max().unwrap_or(0)),
             inflight: None,
         };

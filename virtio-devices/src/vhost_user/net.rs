@@ -35,8 +35,6 @@ const SUPPORTED: u64 = (0x00ff_ffff & !CTRL_VQ & !MQ & !(0b1111 << 18) & !(1 << 
     | VIRTIO_F_VERSION_1
     | crate::VIRTIO_RING_F_EVENT_IDX
     | crate::VIRTIO_RING_F_INDIRECT_DESC;
-/// Control commands answered per call before the relay looks at its other events.
-const CTRL_BUDGET: usize = 64;
 
 /// Connects to the backend at `endpoint` and makes a device of up to `pairs` queue pairs of
 /// `queue_size` (fewer when the backend serves fewer).
@@ -125,7 +123,7 @@ impl LocalQueue for ControlQueue {
         net_util::ctrl_queue_index(usize::from(self.pairs), features).map(|i| i as u16)
     }
 
-    fn initial_rings(&self, _features: u64) -> u16 {
+    fn initial_rings(&self) -> u16 {
         // The first pair, with or without MQ: without it the driver has only that pair.
         2
     }
@@ -140,42 +138,38 @@ impl LocalQueue for ControlQueue {
         let mq = features & MQ != 0;
         let (pairs, name) = (self.pairs, &self.name);
         let mem = mem.memory();
-        let mut notify = false;
-        loop {
-            let out = process_ctrl(&mut queue.queue, &*mem, CTRL_BUDGET, &mut |cmd| match cmd {
-                CtrlCommand::MqVqPairsSet(n) if mq && (1..=pairs).contains(&n) => {
-                    use_rings(2 * n);
-                    true
-                }
-                CtrlCommand::MqVqPairsSet(n) => {
-                    log::warn!("{name}: driver asked for {n} queue pairs of {pairs}");
-                    false
-                }
-                CtrlCommand::Unsupported { class, command } => {
-                    log::debug!("{name}: unsupported control command {class}.{command}");
-                    false
-                }
-            })
-            .map_err(|e| {
-                format!(
-                    "{name}: control queue {}: {}",
-                    queue.index,
-                    nimbus_log::error_chain(&e)
-                )
-            })?;
-            if let Some(bad) = &out.first_malformed {
-                log::warn!(
-                    "{name}: control queue {}: {} malformed chain(s), first: head {}: {}",
-                    queue.index,
-                    out.malformed,
-                    bad.head,
-                    bad.error
-                );
+        // Every waiting command, answered at once: drivers send few (VQ_PAIRS_SET when they
+        // start and when the pair count changes).
+        let out = process_ctrl(&mut queue.queue, &*mem, usize::MAX, &mut |cmd| match cmd {
+            CtrlCommand::MqVqPairsSet(n) if mq && (1..=pairs).contains(&n) => {
+                use_rings(2 * n);
+                true
             }
-            notify |= out.needs_notification;
-            if !out.more_pending {
-                return Ok(notify);
+            CtrlCommand::MqVqPairsSet(n) => {
+                log::warn!("{name}: driver asked for {n} queue pairs of {pairs}");
+                false
             }
+            CtrlCommand::Unsupported { class, command } => {
+                log::debug!("{name}: unsupported control command {class}.{command}");
+                false
+            }
+        })
+        .map_err(|e| {
+            format!(
+                "{name}: control queue {}: {}",
+                queue.index,
+                nimbus_log::error_chain(&e)
+            )
+        })?;
+        if let Some(bad) = &out.first_malformed {
+            log::warn!(
+                "{name}: control queue {}: {} malformed chain(s), first: head {}: {}",
+                queue.index,
+                out.malformed,
+                bad.head,
+                bad.error
+            );
         }
+        Ok(out.needs_notification)
     }
 }
