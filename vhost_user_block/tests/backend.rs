@@ -6,16 +6,14 @@
 // Test code: a panic is how a helper reports failure.
 #![allow(clippy::unwrap_used)]
 
-use std::fs::File;
-use std::io;
-use std::os::fd::{FromRawFd, IntoRawFd};
 use std::sync::Arc;
 
 use block::{FakeDisk, FakeOp, VirtioBlkConfig};
-use net_util::testing::{Buf, TestDriver};
+use net_util::testing::Buf;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use vhost_user_block::{BackendConfig, BlockBackend};
+use vhost_user_daemon::testing::DeviceRing;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_T_FLUSH,
@@ -23,10 +21,8 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag};
 
 const OK: u8 = 0;
 const IOERR: u8 = 1;
@@ -68,39 +64,25 @@ fn pattern(len: usize) -> Vec<u8> {
 
 /// One ring: the driver side in guest memory and the device side as the protocol handler
 /// would have set it up (SET_VRING_NUM/ADDR, KICK, CALL, ENABLE).
-struct Ring {
-    driver: TestDriver,
-    vring: VringRwLock<Mem>,
-    call: EventConsumer,
-}
+type Ring = DeviceRing;
 
 fn ring(s: &Setup, area: u64, event_idx: bool) -> Ring {
     ring_of(s, QSIZE, area, event_idx)
 }
 
 fn ring_of(s: &Setup, size: u16, area: u64, event_idx: bool) -> Ring {
-    let driver = TestDriver::new(&s.mem, size, area, 0x2_0000);
-    let q = driver.queue(event_idx);
-    let vring = VringRwLock::new(s.atomic.clone(), 1024).unwrap();
-    vring.set_queue_size(q.size());
-    vring
-        .set_queue_info(q.desc_table(), q.avail_ring(), q.used_ring())
-        .unwrap();
-    vring.set_queue_event_idx(event_idx);
-    vring.set_queue_ready(true);
-    vring.set_enabled(true);
-    let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).unwrap();
-    // SAFETY: into_raw_fd hands over the notifier's descriptor, which the File then owns.
-    let file = unsafe { File::from_raw_fd(notifier.into_raw_fd()) };
-    vring.set_call(Some(file));
-    Ring {
-        driver,
-        vring,
-        call: consumer,
-    }
+    DeviceRing::new(&s.mem, &s.atomic, size, 1024, area, event_idx)
 }
 
-impl Ring {
+/// Virtio-blk requests on a test ring.
+trait Requests {
+    /// Header + optional data + status; returns (head, status address).
+    fn request(&mut self, ty: u32, sector: u64, data: Option<Buf>) -> (u16, u64);
+    /// The status byte at `addr`.
+    fn status(&self, addr: u64) -> u8;
+}
+
+impl Requests for Ring {
     /// Header + optional data + status; returns (head, status address).
     fn request(&mut self, ty: u32, sector: u64, data: Option<Buf>) -> (u16, u64) {
         let mut hdr = Vec::new();
@@ -117,15 +99,6 @@ impl Ring {
 
     fn status(&self, addr: u64) -> u8 {
         self.driver.read(addr, 1)[0]
-    }
-
-    /// Whether the call eventfd was written since the last look.
-    fn called(&self) -> bool {
-        match self.call.consume() {
-            Ok(()) => true,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-            Err(e) => panic!("reading the call eventfd: {e}"),
-        }
     }
 }
 

@@ -8,7 +8,7 @@
 use std::ffi::CStr;
 use std::fs::{self, File};
 use std::io::Read;
-use std::os::fd::FromRawFd;
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -21,11 +21,15 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
 };
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::memory::{GuestMemory, Vring};
 
 /// `VIRTIO_RING_F_EVENT_IDX`.
 const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
@@ -320,5 +324,65 @@ pub fn handshake(
         offered,
         config,
         rings,
+    }
+}
+
+/// A ring as vhost-user-backend's protocol handler sets it up for a worker (SET_VRING_NUM and
+/// ADDR, CALL, ENABLE, ready), with its driver side in guest memory: what a backend's unit
+/// tests hand to `handle_event`.
+pub struct DeviceRing {
+    /// The driver side, in `mem`.
+    pub driver: TestDriver,
+    /// The device side.
+    pub vring: Vring,
+    /// The reading end of the ring's call eventfd.
+    pub call: EventConsumer,
+}
+
+impl std::fmt::Debug for DeviceRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceRing").finish_non_exhaustive()
+    }
+}
+
+impl DeviceRing {
+    /// `size` entries (the ring accepts up to `max`), the rings and buffers in the 128 KiB at
+    /// `area` of `mem`, which `atomic` shares with the backend.
+    pub fn new(
+        mem: &GuestMemoryMmap,
+        atomic: &GuestMemory,
+        size: u16,
+        max: u16,
+        area: u64,
+        event_idx: bool,
+    ) -> Self {
+        let driver = TestDriver::new(mem, size, area, 0x2_0000);
+        let q = driver.queue(event_idx);
+        let vring = Vring::new(atomic.clone(), max).unwrap();
+        vring.set_queue_size(q.size());
+        vring
+            .set_queue_info(q.desc_table(), q.avail_ring(), q.used_ring())
+            .unwrap();
+        vring.set_queue_event_idx(event_idx);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let (call, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).unwrap();
+        // SAFETY: into_raw_fd hands over the notifier's descriptor, which the File then owns.
+        let file = unsafe { File::from_raw_fd(notifier.into_raw_fd()) };
+        vring.set_call(Some(file));
+        DeviceRing {
+            driver,
+            vring,
+            call,
+        }
+    }
+
+    /// Whether the call eventfd was written since the last look.
+    pub fn called(&self) -> bool {
+        match self.call.consume() {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(e) => panic!("reading the call eventfd: {e}"),
+        }
     }
 }

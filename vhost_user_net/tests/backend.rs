@@ -6,15 +6,13 @@
 // Test code: a panic is how a helper reports failure.
 #![allow(clippy::unwrap_used)]
 
-use std::fs::File;
-use std::io;
-use std::os::fd::{FromRawFd, IntoRawFd};
 use std::sync::Arc;
 
-use net_util::testing::{Buf, TestDriver};
+use net_util::testing::Buf;
 use net_util::{tap_offload_flags, FakeTap, FakeTapPeer, MacAddr, TapQueue};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
+use vhost_user_daemon::testing::DeviceRing;
 use vhost_user_net::NetBackend;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
@@ -22,10 +20,8 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag};
 
 const MEM_SIZE: usize = 0x10_0000;
 const QSIZE: u16 = 16;
@@ -60,42 +56,10 @@ fn setup(pairs: usize, mtu: Option<u16>) -> Setup {
     }
 }
 
-struct Ring {
-    driver: TestDriver,
-    vring: VringRwLock<Mem>,
-    call: EventConsumer,
-}
+type Ring = DeviceRing;
 
 fn ring(s: &Setup, area: u64, event_idx: bool) -> Ring {
-    let driver = TestDriver::new(&s.mem, QSIZE, area, 0x2_0000);
-    let q = driver.queue(event_idx);
-    let vring = VringRwLock::new(s.atomic.clone(), 256).unwrap();
-    vring.set_queue_size(q.size());
-    vring
-        .set_queue_info(q.desc_table(), q.avail_ring(), q.used_ring())
-        .unwrap();
-    vring.set_queue_event_idx(event_idx);
-    vring.set_queue_ready(true);
-    vring.set_enabled(true);
-    let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).unwrap();
-    // SAFETY: into_raw_fd hands over the notifier's descriptor, which the File then owns.
-    let file = unsafe { File::from_raw_fd(notifier.into_raw_fd()) };
-    vring.set_call(Some(file));
-    Ring {
-        driver,
-        vring,
-        call: consumer,
-    }
-}
-
-impl Ring {
-    fn called(&self) -> bool {
-        match self.call.consume() {
-            Ok(()) => true,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-            Err(e) => panic!("reading the call eventfd: {e}"),
-        }
-    }
+    DeviceRing::new(&s.mem, &s.atomic, QSIZE, 256, area, event_idx)
 }
 
 fn frame(tag: u8) -> Vec<u8> {
