@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{
+use vm_config::{
     kv, ConfigError, ConsoleConfig, CpusConfig, DiskConfig, FsConfig, MemoryConfig, NetConfig,
     PayloadConfig, RngConfig, VmConfig,
 };
@@ -311,7 +311,7 @@ mod tests {
 
     #[test]
     fn vhost_user_net_modes() {
-        use crate::config::VhostMode;
+        use vm_config::VhostMode;
         let c = parse(&[
             "--kernel",
             "/k",
@@ -327,7 +327,7 @@ mod tests {
             [VhostMode::Client, VhostMode::Server, VhostMode::Client]
         );
         // Cloud Hypervisor's JSON spelling.
-        let n: crate::config::NetConfig = serde_json::from_str(
+        let n: vm_config::NetConfig = serde_json::from_str(
             r#"{"vhost_user":true,"vhost_socket":"/s","vhost_mode":"Server"}"#,
         )
         .expect("json");

@@ -2,7 +2,6 @@
 #![deny(missing_docs)]
 
 pub mod cli;
-pub mod config;
 pub mod control;
 pub mod interrupts;
 pub mod memory;

@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         Ok(hv) => hv,
         Err(e) => return fail(&nimbus_log::error_chain(&e)),
     };
-    let tty = vmm::config::ConsoleOutputMode::Tty;
+    let tty = vm_config::ConsoleOutputMode::Tty;
     let _terminal = (config.serial.mode == tty || config.console.mode == tty)
         .then(vmm::serial_input::TerminalGuard::raw_stdin);
     match vmm::vm::run(&hv, &config, start) {

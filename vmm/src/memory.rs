@@ -8,7 +8,7 @@ use hypervisor::Vm;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
-use crate::config::MemoryConfig;
+use vm_config::MemoryConfig;
 
 /// Guest memory as the rest of the VMM sees it.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap;

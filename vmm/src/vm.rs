@@ -15,7 +15,7 @@ use hypervisor::{Hypervisor, Vcpu};
 use virtio_devices::vhost_user::Endpoint;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{ConfigError, ConsoleConfig, ConsoleOutputMode, VhostMode, VmConfig};
+use vm_config::{ConfigError, ConsoleConfig, ConsoleOutputMode, VhostMode, VmConfig};
 use crate::control::{VmControl, VmEvent};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::pci_devices::{PciDevices, PciError};
@@ -27,7 +27,7 @@ use crate::vcpu::{VcpuContext, VcpuThread};
 pub enum VmError {
     /// The configuration is invalid.
     #[error("invalid configuration")]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] vm_config::ConfigError),
     /// The hypervisor failed.
     #[error("{what}")]
     Hypervisor {

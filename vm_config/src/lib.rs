@@ -4,6 +4,7 @@
 //! are CH's JSON names; CLI spellings that differ are serde aliases. Omitted fields take CH's
 //! defaults, unknown JSON fields are ignored (management stacks send fields we do not define), and
 //! [`VmConfig::validate`] rejects what cannot be built, with a message naming the field.
+#![deny(missing_docs)]
 
 pub mod kv;
 mod size;
