@@ -44,7 +44,9 @@ mod virtio;
 pub use disk::{BlockError, DiskBackend};
 #[cfg(any(test, feature = "test-utils"))]
 pub use fake::{FakeDisk, FakeOp};
-pub use queue::{process_queue, process_queue_bounded, MalformedChain, QueueError, QueueOutcome};
+pub use queue::{
+    process_queue, process_queue_bounded, IoCounts, MalformedChain, QueueError, QueueOutcome,
+};
 pub use raw::RawFile;
 pub use request::{process_chain, BlockConfig, Completion, Request, RequestError};
 pub use virtio::{

@@ -8,6 +8,7 @@ use vm_memory::GuestMemory;
 
 use crate::disk::DiskBackend;
 use crate::request::{BlockConfig, Request, RequestError};
+use crate::{BlkStatus, RequestType};
 
 /// Errors that leave the queue unusable until the driver resets the device.
 ///
@@ -54,6 +55,38 @@ pub struct QueueOutcome {
     /// available. Call again before waiting for the next driver notification, which will not
     /// come for those chains.
     pub more_pending: bool,
+    /// Reads and writes that completed successfully.
+    pub io: IoCounts,
+}
+
+/// Successful data requests, as Cloud Hypervisor's `vm.counters` reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoCounts {
+    /// `IN` requests.
+    pub read_ops: u64,
+    /// Bytes they read.
+    pub read_bytes: u64,
+    /// `OUT` requests.
+    pub write_ops: u64,
+    /// Bytes they wrote.
+    pub write_bytes: u64,
+}
+
+impl IoCounts {
+    fn count(&mut self, request: &Request) {
+        let len = request.data_len();
+        match request.request_type() {
+            RequestType::In => {
+                self.read_ops += 1;
+                self.read_bytes += len;
+            }
+            RequestType::Out => {
+                self.write_ops += 1;
+                self.write_bytes += len;
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Processes every available request on `queue`: pops each chain, executes it on `disk`, puts
@@ -142,9 +175,14 @@ pub fn process_queue_bounded<M: GuestMemory>(
                 break;
             };
             let head = chain.head_index();
-            let used_len = match Request::parse(&mut chain)
-                .and_then(|request| request.execute(mem, disk, cfg))
-            {
+            let done = Request::parse(&mut chain).and_then(|request| {
+                let completion = request.execute(mem, disk, cfg)?;
+                if completion.status == BlkStatus::Ok {
+                    outcome.io.count(&request);
+                }
+                Ok(completion)
+            });
+            let used_len = match done {
                 Ok(completion) => completion.used_len,
                 Err(error) => {
                     debug!("virtio-blk: malformed descriptor chain {head}: {error}");

@@ -35,6 +35,19 @@ pub enum ScriptedExit {
 /// Values read back by the VMM for `IoIn`/`MmioRead` exits: (address, bytes supplied).
 pub type Reads = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
 
+/// State a [`FakeVcpu`] keeps that tests inspect after the vCPU has moved to its thread.
+#[derive(Debug, Default)]
+pub struct FakeVcpuState {
+    /// MSR values written (and readable back); unknown MSRs read as 0.
+    pub msrs: std::collections::BTreeMap<u32, u64>,
+    /// Every `set_msrs` call, in order.
+    pub msr_writes: Vec<Vec<MsrEntry>>,
+    /// NMIs injected.
+    pub nmis: u32,
+    /// `run` calls made with immediate exit set.
+    pub immediate_exits: u32,
+}
+
 /// A vCPU that replays a script. When the script runs out it keeps returning
 /// [`VmExit::Interrupted`], like a vCPU kicked by a signal.
 #[derive(Debug, Default)]
@@ -45,6 +58,8 @@ pub struct FakeVcpu {
     reads: Reads,
     regs: StandardRegisters,
     sregs: SpecialRegisters,
+    state: Arc<Mutex<FakeVcpuState>>,
+    immediate_exit: bool,
 }
 
 impl FakeVcpu {
@@ -61,6 +76,15 @@ impl FakeVcpu {
         self.reads.clone()
     }
 
+    /// MSRs, NMIs and immediate exits, shared so tests can look after the vCPU is moved.
+    pub fn state(&self) -> Arc<Mutex<FakeVcpuState>> {
+        self.state.clone()
+    }
+
+    fn with_state<T>(&self, f: impl FnOnce(&mut FakeVcpuState) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     fn collect_pending_read(&mut self) {
         if let Some(addr) = self.pending_read.take() {
             self.reads
@@ -74,6 +98,10 @@ impl FakeVcpu {
 impl Vcpu for FakeVcpu {
     fn run(&mut self) -> Result<VmExit<'_>> {
         self.collect_pending_read();
+        if self.immediate_exit {
+            self.with_state(|s| s.immediate_exits += 1);
+            return Ok(VmExit::Interrupted);
+        }
         let Some(next) = self.script.pop_front() else {
             std::thread::sleep(std::time::Duration::from_millis(1));
             return Ok(VmExit::Interrupted);
@@ -143,7 +171,28 @@ impl Vcpu for FakeVcpu {
         Ok(())
     }
 
-    fn set_msrs(&self, _msrs: &[MsrEntry]) -> Result<()> {
+    fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()> {
+        self.with_state(|s| {
+            s.msrs.extend(msrs.iter().map(|m| (m.index, m.data)));
+            s.msr_writes.push(msrs.to_vec());
+        });
+        Ok(())
+    }
+
+    fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>> {
+        Ok(self.with_state(|s| {
+            indices
+                .iter()
+                .map(|&index| MsrEntry {
+                    index,
+                    data: s.msrs.get(&index).copied().unwrap_or(0),
+                })
+                .collect()
+        }))
+    }
+
+    fn nmi(&self) -> Result<()> {
+        self.with_state(|s| s.nmis += 1);
         Ok(())
     }
 
@@ -155,5 +204,7 @@ impl Vcpu for FakeVcpu {
         Ok(())
     }
 
-    fn set_immediate_exit(&mut self, _exit: bool) {}
+    fn set_immediate_exit(&mut self, exit: bool) {
+        self.immediate_exit = exit;
+    }
 }

@@ -229,6 +229,11 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
     fn set_irq_line(&self, gsi: u32, level: bool) -> Result<()>;
     /// Replaces the whole GSI routing table.
     fn set_gsi_routing(&self, routes: &[IrqRoute]) -> Result<()>;
+    /// Reads the VM's paravirtual clock (kvmclock) in nanoseconds.
+    fn clock(&self) -> Result<u64>;
+    /// Sets the VM's paravirtual clock, e.g. back to what [`Vm::clock`] read at pause, so a
+    /// guest does not see time jump across it.
+    fn set_clock(&self, ns: u64) -> Result<()>;
 }
 
 /// One virtual CPU. Owned by the thread that runs it.
@@ -249,6 +254,10 @@ pub trait Vcpu: Send + std::fmt::Debug {
     fn set_cpuid(&self, entries: &[CpuIdEntry]) -> Result<()>;
     /// Writes model specific registers.
     fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()>;
+    /// Reads the model specific registers numbered `indices`, in that order.
+    fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>>;
+    /// Injects a non-maskable interrupt, delivered at the next entry into the guest.
+    fn nmi(&self) -> Result<()>;
     /// Reads the local APIC register page.
     fn lapic(&self) -> Result<LapicState>;
     /// Writes the local APIC register page.

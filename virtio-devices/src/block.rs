@@ -2,11 +2,13 @@
 //! `block` crate (shared with the vhost-user daemon), one worker thread (`_disk<N>`) serving all
 //! request queues, which polls a queue briefly after serving it (see [`Block::with_poll`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use block::{BlockConfig, DiskBackend, VirtioBlkConfig};
 
+use crate::pause::PauseError;
 use crate::worker::{QueueHandler, Worker};
 use crate::{
     device_type, read_config_bytes, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic,
@@ -23,7 +25,32 @@ pub struct Block {
     queue_sizes: Vec<u16>,
     name: String,
     poll: Duration,
+    counters: Arc<IoCounters>,
     worker: Option<Worker>,
+}
+
+/// Successful reads and writes since the device was created.
+#[derive(Debug, Default)]
+struct IoCounters {
+    read_ops: AtomicU64,
+    read_bytes: AtomicU64,
+    write_ops: AtomicU64,
+    write_bytes: AtomicU64,
+}
+
+impl IoCounters {
+    fn add(&self, io: &block::IoCounts) {
+        for (counter, n) in [
+            (&self.read_ops, io.read_ops),
+            (&self.read_bytes, io.read_bytes),
+            (&self.write_ops, io.write_ops),
+            (&self.write_bytes, io.write_bytes),
+        ] {
+            if n != 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 impl Block {
@@ -46,6 +73,7 @@ impl Block {
             queue_sizes: vec![queue_size; usize::from(num_queues.max(1))],
             name,
             poll: virtio_chain::poll::DEFAULT_POLL,
+            counters: Arc::default(),
             worker: None,
         }
     }
@@ -62,6 +90,7 @@ struct BlockQueues {
     disk: Arc<dyn DiskBackend>,
     config: BlockConfig,
     poll: Duration,
+    counters: Arc<IoCounters>,
 }
 
 impl QueueHandler for BlockQueues {
@@ -70,6 +99,7 @@ impl QueueHandler for BlockQueues {
         let mem = mem.memory();
         let outcome = block::process_queue(&mut q.queue, &*mem, self.disk.as_ref(), &self.config)
             .map_err(|e| e.to_string())?;
+        self.counters.add(&outcome.io);
         if let Some(bad) = &outcome.first_malformed {
             // The chains were returned with length 0; the device keeps serving the queue.
             crate::warn_limited!(
@@ -111,6 +141,7 @@ impl VirtioDevice for Block {
             disk: self.disk.clone(),
             config: self.request_config.clone(),
             poll: self.poll,
+            counters: self.counters.clone(),
         };
         self.worker = Some(Worker::start(&self.name, Box::new(handler), a)?);
         Ok(())
@@ -119,5 +150,26 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         // Dropping the worker stops and joins its thread.
         self.worker = None;
+    }
+
+    fn pause(&mut self) -> Result<(), PauseError> {
+        self.worker.as_ref().map_or(Ok(()), Worker::pause)
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("read_bytes", get(&c.read_bytes)),
+            ("read_ops", get(&c.read_ops)),
+            ("write_bytes", get(&c.write_bytes)),
+            ("write_ops", get(&c.write_ops)),
+        ]
     }
 }

@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace};
 
+use crate::pause::PauseError;
 use crate::worker::{QueueHandler, Worker};
 use crate::{
     device_type, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice,
@@ -218,6 +219,16 @@ impl VirtioDevice for Console {
     fn reset(&mut self) {
         // Dropping the worker stops and joins its thread.
         self.worker = None;
+    }
+
+    fn pause(&mut self) -> Result<(), PauseError> {
+        self.worker.as_ref().map_or(Ok(()), Worker::pause)
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
     }
 }
 

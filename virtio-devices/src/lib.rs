@@ -10,6 +10,7 @@
 pub mod block;
 pub mod console;
 pub mod net;
+pub mod pause;
 pub mod ratelimit;
 pub mod rng;
 pub mod transport;
@@ -106,6 +107,16 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops the device (joins its workers) and forgets the queues.
     fn reset(&mut self);
+    /// Parks the device's threads between two requests until [`VirtioDevice::resume`]; a
+    /// device that is not running has nothing to park.
+    fn pause(&mut self) -> Result<(), pause::PauseError>;
+    /// Lets paused threads go on where they stopped.
+    fn resume(&mut self);
+    /// Cloud Hypervisor's `vm.counters` for this device (e.g. `read_bytes`, `rx_frames`);
+    /// empty when it keeps none.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// Copies `config` bytes at `offset` into `data`; bytes past the end read as 0.

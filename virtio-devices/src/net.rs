@@ -30,6 +30,7 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::pause::{PauseError, PauseSwitch};
 use crate::{
     device_type, read_config_bytes, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic,
     VirtioDevice, VirtioInterrupt,
@@ -47,6 +48,7 @@ const RX_BUDGET: usize = 64;
 const CTRL_BUDGET: usize = 64;
 
 const STOP_TOKEN: u64 = u64::MAX;
+const PAUSE_TOKEN: u64 = u64::MAX - 1;
 /// TAP tokens are `TAP_TOKEN | pair`; queue tokens are the queue index.
 const TAP_TOKEN: u64 = 1 << 32;
 
@@ -284,6 +286,7 @@ impl VirtioDevice for Net {
             mq: a.features & (1 << VIRTIO_NET_F_MQ) != 0,
             counters: self.counters.clone(),
             warned_tap_error: false,
+            pause: Arc::new(PauseSwitch::new(&self.name).map_err(ActivateError::Resource)?),
         };
         self.worker =
             Some(NetWorker::spawn(self.name.clone(), state).map_err(ActivateError::Resource)?);
@@ -295,12 +298,33 @@ impl VirtioDevice for Net {
             w.stop();
         }
     }
+
+    fn pause(&mut self) -> Result<(), PauseError> {
+        self.worker.as_ref().map_or(Ok(()), |w| w.pause.pause())
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &self.worker {
+            w.pause.resume();
+        }
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = self.counters();
+        vec![
+            ("rx_bytes", c.rx_bytes),
+            ("rx_frames", c.rx_frames),
+            ("tx_bytes", c.tx_bytes),
+            ("tx_frames", c.tx_frames),
+        ]
+    }
 }
 
 /// The running worker thread.
 #[derive(Debug)]
 struct NetWorker {
     stop: EventFd,
+    pause: Arc<PauseSwitch>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -328,6 +352,12 @@ impl NetWorker {
                 EpollEvent::new(EventSet::IN, u64::from(q.index)),
             )?;
         }
+        let pause = state.pause.clone();
+        state.epoll.ctl(
+            ControlOperation::Add,
+            pause.fd(),
+            EpollEvent::new(EventSet::IN, PAUSE_TOKEN),
+        )?;
         let handle = std::thread::Builder::new().name(name).spawn(move || {
             if let Err(e) = state.run() {
                 log::error!("{}: {e}; device needs reset", state.name);
@@ -336,6 +366,7 @@ impl NetWorker {
         })?;
         Ok(NetWorker {
             stop,
+            pause,
             handle: Some(handle),
         })
     }
@@ -345,6 +376,7 @@ impl NetWorker {
     }
 
     fn join(&mut self) {
+        self.pause.exit();
         let _ = self.stop.write(1);
         if let Some(Err(_)) = self.handle.take().map(JoinHandle::join) {
             log::error!("virtio-net worker thread panicked");
@@ -409,6 +441,7 @@ struct NetLoop {
     mq: bool,
     counters: Arc<Counters>,
     warned_tap_error: bool,
+    pause: Arc<PauseSwitch>,
 }
 
 impl NetLoop {
@@ -433,6 +466,13 @@ impl NetLoop {
                 let token = ev.data();
                 if token == STOP_TOKEN {
                     return Ok(());
+                }
+                if token == PAUSE_TOKEN {
+                    if !self.pause.park_if_asked() {
+                        return Ok(());
+                    }
+                    // Events gathered before the pause may be stale: wait again.
+                    break;
                 }
                 if token & TAP_TOKEN != 0 {
                     self.rx((token & !TAP_TOKEN) as usize)?;

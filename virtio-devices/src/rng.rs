@@ -6,6 +6,7 @@ use std::io::Read;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace};
 
+use crate::pause::PauseError;
 use crate::worker::{QueueHandler, Worker};
 use crate::{
     device_type, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice,
@@ -107,5 +108,15 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         // Dropping the worker stops and joins its thread.
         self.worker = None;
+    }
+
+    fn pause(&mut self) -> Result<(), PauseError> {
+        self.worker.as_ref().map_or(Ok(()), Worker::pause)
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
     }
 }

@@ -382,6 +382,31 @@ impl VirtioPciDevice {
         }
     }
 
+    /// Parks the device's threads (see [`VirtioDevice::pause`]).
+    pub fn pause(&mut self) -> Result<(), crate::pause::PauseError> {
+        if self.active {
+            self.device.pause()?;
+        }
+        Ok(())
+    }
+
+    /// Lets the device's threads go on.
+    pub fn resume(&mut self) {
+        if self.active {
+            self.device.resume();
+        }
+    }
+
+    /// The device's `vm.counters`.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.device.counters()
+    }
+
+    /// Where BAR 0 decodes now, if it does.
+    pub fn bar0(&self) -> Option<u64> {
+        self.bar0
+    }
+
     fn reset(&mut self) {
         if self.active {
             self.device.reset();
@@ -772,6 +797,10 @@ mod tests {
             Ok(())
         }
         fn reset(&mut self) {}
+        fn pause(&mut self) -> Result<(), crate::pause::PauseError> {
+            Ok(())
+        }
+        fn resume(&mut self) {}
     }
 
     struct Harness {

@@ -194,6 +194,22 @@ impl crate::Vm for KvmVm {
             .set_gsi_routing(&table)
             .map_err(op("KVM_SET_GSI_ROUTING"))
     }
+
+    fn clock(&self) -> Result<u64> {
+        self.fd
+            .get_clock()
+            .map(|c| c.clock)
+            .map_err(op("KVM_GET_CLOCK"))
+    }
+
+    fn set_clock(&self, ns: u64) -> Result<()> {
+        // No flags: KVM_CLOCK_REALTIME would make KVM add the time elapsed since the read.
+        let data = kvm_bindings::kvm_clock_data {
+            clock: ns,
+            ..Default::default()
+        };
+        self.fd.set_clock(&data).map_err(op("KVM_SET_CLOCK"))
+    }
 }
 
 /// A KVM vCPU.
@@ -309,6 +325,43 @@ impl Vcpu for KvmVcpu {
             });
         }
         Ok(())
+    }
+
+    fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>> {
+        let entries: Vec<_> = indices
+            .iter()
+            .map(|&index| kvm_bindings::kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut kvm_msrs =
+            kvm_bindings::Msrs::from_entries(&entries).map_err(|_| HypervisorError::Op {
+                op: "KVM_GET_MSRS",
+                source: std::io::Error::from_raw_os_error(libc::E2BIG),
+            })?;
+        let read = self.fd.get_msrs(&mut kvm_msrs).map_err(op("KVM_GET_MSRS"))?;
+        if read != indices.len() {
+            return Err(HypervisorError::Op {
+                op: "KVM_GET_MSRS",
+                source: std::io::Error::other(format!(
+                    "MSR {:#x} not readable",
+                    indices.get(read).copied().unwrap_or(0)
+                )),
+            });
+        }
+        Ok(kvm_msrs
+            .as_slice()
+            .iter()
+            .map(|e| MsrEntry {
+                index: e.index,
+                data: e.data,
+            })
+            .collect())
+    }
+
+    fn nmi(&self) -> Result<()> {
+        self.fd.nmi().map_err(op("KVM_NMI"))
     }
 
     fn lapic(&self) -> Result<LapicState> {

@@ -8,6 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::relay::{Link, Relay};
 use super::{Backend, Connection, Ring, Session, VhostUserError};
+use crate::pause::PauseError;
 use crate::worker::Worker;
 use crate::{
     read_config_bytes, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice,
@@ -211,6 +212,18 @@ impl VirtioDevice for VhostUserDevice {
         };
         self.relay = Some(Worker::start(&self.name, Box::new(relay), activation)?);
         Ok(())
+    }
+
+    fn pause(&mut self) -> Result<(), PauseError> {
+        // The relay stops forwarding the backend's completions (they wait in the call
+        // eventfds); the backend has no new kick to take while the vCPUs are paused.
+        self.relay.as_ref().map_or(Ok(()), Worker::pause)
+    }
+
+    fn resume(&mut self) {
+        if let Some(relay) = &self.relay {
+            relay.resume();
+        }
     }
 
     fn reset(&mut self) {
