@@ -31,49 +31,6 @@ fn fail(program: &str, message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// The termination signals, blocked in every thread and taken by [`signal_thread`] with
-/// `sigwait`, so they never interrupt a worker.
-fn termination_signals() -> libc::sigset_t {
-    // SAFETY: an all-zero sigset_t is a valid value to initialise with sigemptyset.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-    }
-    set
-}
-
-/// Blocks the termination signals in the calling thread (and threads it starts later).
-fn block_termination_signals() -> std::io::Result<()> {
-    let set = termination_signals();
-    // SAFETY: `set` is a valid signal set; the old mask is not asked for.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(std::io::Error::from_raw_os_error(rc));
-    }
-    Ok(())
-}
-
-/// Waits for termination signals and turns each into a [`Terminator::request`].
-fn signal_thread(terminator: Arc<Terminator>) {
-    let set = termination_signals();
-    loop {
-        let mut signal: libc::c_int = 0;
-        // SAFETY: `set` and `signal` are valid for the call; the signals are blocked in every
-        // thread, so sigwait is the only consumer.
-        let rc = unsafe { libc::sigwait(&set, &mut signal) };
-        if rc != 0 {
-            log::error!("sigwait failed: {}", std::io::Error::from_raw_os_error(rc));
-            return;
-        }
-        log::info!("signal {signal}: terminating");
-        terminator.request();
-    }
-}
-
 /// A daemon binary's `main`: parses the command line (help, version), sets up the logger and the
 /// termination signals, and calls `run` with the backend option, `--keep-running` and the
 /// terminator. Any error is one line on stderr and exit status 1.
@@ -100,7 +57,7 @@ where
     };
     init_logger(args.verbose);
     // Before any thread exists, so that every thread inherits the mask.
-    if let Err(e) = block_termination_signals() {
+    if let Err(e) = nimbus_thread::block_termination_signals() {
         return fail(name, &format!("cannot block termination signals: {e}"));
     }
     let terminator = match Terminator::new() {
@@ -108,10 +65,11 @@ where
         Err(e) => return fail(name, &format!("cannot create the termination eventfd: {e}")),
     };
     let for_signals = terminator.clone();
-    if let Err(e) = std::thread::Builder::new()
-        .name(program.signal_thread.into())
-        .spawn(move || signal_thread(for_signals))
-    {
+    let on_signal = move |signal| {
+        log::info!("signal {signal}: terminating");
+        for_signals.request();
+    };
+    if let Err(e) = nimbus_thread::spawn_signal_thread(program.signal_thread, on_signal) {
         return fail(name, &format!("cannot start the signal thread: {e}"));
     }
     match run(&args.backend, args.keep_running, &terminator) {

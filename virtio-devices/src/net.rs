@@ -358,12 +358,13 @@ impl NetWorker {
             pause.fd(),
             EpollEvent::new(EventSet::IN, PAUSE_TOKEN),
         )?;
-        let handle = std::thread::Builder::new().name(name).spawn(move || {
-            if let Err(e) = state.run() {
-                log::error!("{}: {e}; device needs reset", state.name);
-                state.interrupt.needs_reset();
-            }
-        })?;
+        let handle =
+            nimbus_thread::spawn(nimbus_thread::ThreadClass::DeviceWorker, name, move || {
+                if let Err(e) = state.run() {
+                    log::error!("{}: {e}; device needs reset", state.name);
+                    state.interrupt.needs_reset();
+                }
+            })?;
         Ok(NetWorker {
             stop,
             pause,

@@ -57,8 +57,9 @@ const EXTRA_TOKEN: u64 = u64::MAX - 1;
 const PAUSE_TOKEN: u64 = u64::MAX - 2;
 
 impl Worker {
-    /// Starts a thread named `name` serving `queues` with `handler`.
+    /// Starts a thread named `name` of `class` serving `queues` with `handler`.
     pub fn spawn(
+        class: nimbus_thread::ThreadClass,
         name: String,
         mut handler: Box<dyn QueueHandler>,
         mut queues: Vec<ActiveQueue>,
@@ -101,65 +102,63 @@ impl Worker {
                 idle_since: None,
             })
             .collect();
-        let handle = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                // Buffers may already be waiting from before activation.
-                for (q, poll) in queues.iter_mut().zip(polls.iter_mut()) {
+        let handle = nimbus_thread::spawn(class, name.clone(), move || {
+            // Buffers may already be waiting from before activation.
+            for (q, poll) in queues.iter_mut().zip(polls.iter_mut()) {
+                if !serve(&name, handler.as_mut(), q, poll, &mem, interrupt.as_ref()) {
+                    return queues;
+                }
+            }
+            let mut events = vec![EpollEvent::default(); queues.len() + 3];
+            loop {
+                let n = match epoll.wait(-1, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        log::error!("{name}: epoll failed: {e}");
+                        interrupt.needs_reset();
+                        return queues;
+                    }
+                };
+                for ev in &events[..n] {
+                    let token = ev.data();
+                    if token == STOP_TOKEN {
+                        let _ = stop_fd.read();
+                        return queues;
+                    }
+                    if token == PAUSE_TOKEN {
+                        if !thread_pause.park_if_asked() {
+                            return queues;
+                        }
+                        // Events gathered before the pause may be stale: wait again.
+                        break;
+                    }
+                    if token == EXTRA_TOKEN {
+                        match handler.on_extra(&mut queues, &mem) {
+                            Ok(signal) => {
+                                signal.into_iter().for_each(|q| interrupt.signal_queue(q))
+                            }
+                            Err(e) => {
+                                log::error!("{name}: {e}; device needs reset");
+                                interrupt.needs_reset();
+                                return queues;
+                            }
+                        }
+                        continue;
+                    }
+                    let (Some(q), Some(poll)) = (
+                        queues.get_mut(token as usize),
+                        polls.get_mut(token as usize),
+                    ) else {
+                        continue;
+                    };
+                    let _ = q.kick.read();
                     if !serve(&name, handler.as_mut(), q, poll, &mem, interrupt.as_ref()) {
                         return queues;
                     }
                 }
-                let mut events = vec![EpollEvent::default(); queues.len() + 3];
-                loop {
-                    let n = match epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            log::error!("{name}: epoll failed: {e}");
-                            interrupt.needs_reset();
-                            return queues;
-                        }
-                    };
-                    for ev in &events[..n] {
-                        let token = ev.data();
-                        if token == STOP_TOKEN {
-                            let _ = stop_fd.read();
-                            return queues;
-                        }
-                        if token == PAUSE_TOKEN {
-                            if !thread_pause.park_if_asked() {
-                                return queues;
-                            }
-                            // Events gathered before the pause may be stale: wait again.
-                            break;
-                        }
-                        if token == EXTRA_TOKEN {
-                            match handler.on_extra(&mut queues, &mem) {
-                                Ok(signal) => {
-                                    signal.into_iter().for_each(|q| interrupt.signal_queue(q))
-                                }
-                                Err(e) => {
-                                    log::error!("{name}: {e}; device needs reset");
-                                    interrupt.needs_reset();
-                                    return queues;
-                                }
-                            }
-                            continue;
-                        }
-                        let (Some(q), Some(poll)) = (
-                            queues.get_mut(token as usize),
-                            polls.get_mut(token as usize),
-                        ) else {
-                            continue;
-                        };
-                        let _ = q.kick.read();
-                        if !serve(&name, handler.as_mut(), q, poll, &mem, interrupt.as_ref()) {
-                            return queues;
-                        }
-                    }
-                }
-            })?;
+            }
+        })?;
         Ok(Self {
             stop,
             pause,
@@ -186,6 +185,7 @@ impl Worker {
         activation: crate::Activation,
     ) -> Result<Self, crate::ActivateError> {
         Self::spawn(
+            nimbus_thread::ThreadClass::DeviceWorker,
             name.to_string(),
             handler,
             activation.queues,
@@ -329,6 +329,7 @@ mod tests {
         };
         let served = Arc::new(AtomicU32::new(0));
         let worker = Worker::spawn(
+            nimbus_thread::ThreadClass::DeviceWorker,
             "test_worker".into(),
             Box::new(Counting(served.clone())),
             vec![queue],

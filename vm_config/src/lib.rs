@@ -38,6 +38,12 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// Two devices have the same id.
+    #[error("device id {0} is used twice")]
+    DuplicateId(String),
+    /// Two devices use the same file or socket.
+    #[error("{0} is used by two devices")]
+    DuplicatePath(String),
     /// A `key=value` option string did not parse.
     #[error("--{option}")]
     Parse {
@@ -618,10 +624,58 @@ impl Default for VmConfig {
     }
 }
 
+/// Id of the virtio console (Cloud Hypervisor's; it is not written into the configuration).
+pub const CONSOLE_DEVICE_ID: &str = "__console";
+/// Id of the entropy device (Cloud Hypervisor's; it is not written into the configuration).
+pub const RNG_DEVICE_ID: &str = "__rng";
+
 /// Smallest RAM accepted: room for the low-memory boot structures and a kernel at 1 MiB.
 pub const MIN_MEMORY: u64 = 2 << 20;
 
 impl VmConfig {
+    /// Gives every disk, network interface and virtio-fs share without an id one, by Cloud
+    /// Hypervisor's rule: a prefix per kind (`_disk`, `_net`, `_fs`) and one counter shared by
+    /// all kinds, skipping ids in use (one disk and one interface become `_disk0` and `_net1`);
+    /// and every interface without a guest MAC a random locally administered one. What is
+    /// generated is written here, so `vm.info` shows it and reboots keep it.
+    pub fn name_devices(&mut self) {
+        let mut used: std::collections::HashSet<String> = self.device_ids().collect();
+        let mut counter = 0u32;
+        let mut next = |prefix: &str| loop {
+            let id = format!("{prefix}{counter}");
+            counter += 1;
+            if used.insert(id.clone()) {
+                return id;
+            }
+        };
+        for d in self.disks.iter_mut().flatten() {
+            if d.id.is_none() {
+                d.id = Some(next("_disk"));
+            }
+        }
+        for n in self.net.iter_mut().flatten() {
+            if n.id.is_none() {
+                n.id = Some(next("_net"));
+            }
+            if n.mac.is_none() && !n.vhost_user {
+                n.mac = Some(net_util::MacAddr::random_local().to_string());
+            }
+        }
+        for f in self.fs.iter_mut().flatten() {
+            if f.id.is_none() {
+                f.id = Some(next("_fs"));
+            }
+        }
+    }
+
+    /// The ids given to devices.
+    pub fn device_ids(&self) -> impl Iterator<Item = String> + '_ {
+        let disks = self.disks.iter().flatten().filter_map(|d| d.id.clone());
+        let nets = self.net.iter().flatten().filter_map(|n| n.id.clone());
+        let fs = self.fs.iter().flatten().filter_map(|f| f.id.clone());
+        disks.chain(nets).chain(fs)
+    }
+
     /// Checks what can be checked without touching the host.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let c = &self.cpus;
@@ -705,11 +759,33 @@ impl VmConfig {
             }
         }
         let mut ids = std::collections::HashSet::new();
-        let disk_ids = self.disks.iter().flatten().filter_map(|d| d.id.as_ref());
-        let net_ids = self.net.iter().flatten().filter_map(|n| n.id.as_ref());
-        for id in disk_ids.chain(net_ids) {
-            if !ids.insert(id) {
-                return Err(ConfigError::Device(format!("device id {id} is used twice")));
+        for id in self.device_ids() {
+            if id.starts_with("__") || id.starts_with("_virtio-pci-") {
+                return Err(ConfigError::Device(format!(
+                    "device id {id} is reserved (ids starting with __ or _virtio-pci- are Nimbus's)"
+                )));
+            }
+            if !ids.insert(id.clone()) {
+                return Err(ConfigError::DuplicateId(id));
+            }
+        }
+        let mut paths = std::collections::HashSet::new();
+        let disk_paths = self.disks.iter().flatten().map(|d| {
+            if d.vhost_user {
+                d.vhost_socket.clone().map(PathBuf::from)
+            } else {
+                d.path.clone()
+            }
+        });
+        let net_sockets = self
+            .net
+            .iter()
+            .flatten()
+            .map(|n| n.vhost_socket.clone().map(PathBuf::from));
+        let fs_sockets = self.fs.iter().flatten().map(|f| Some(f.socket.clone()));
+        for path in disk_paths.chain(net_sockets).chain(fs_sockets).flatten() {
+            if !paths.insert(path.clone()) {
+                return Err(ConfigError::DuplicatePath(path.display().to_string()));
             }
         }
         if self.rng.iommu {

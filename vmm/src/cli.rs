@@ -48,6 +48,16 @@ pub struct Cli {
     /// virtio console: off|null|tty|file=PATH.
     #[arg(long, value_name = "MODE")]
     pub console: Option<String>,
+    /// Serve Cloud Hypervisor's REST API on this Unix socket: path=PATH, fd=N (a listening
+    /// socket passed by the caller) or PATH. Without --kernel the VMM waits for vm.create.
+    #[arg(long, value_name = "path=PATH|fd=N")]
+    pub api_socket: Option<String>,
+    /// Write lifecycle events (JSON) to this file or FIFO: path=PATH or fd=N.
+    #[arg(long, value_name = "path=PATH|fd=N")]
+    pub event_monitor: Option<String>,
+    /// System call filtering: only `false` is accepted until Nimbus has seccomp filters.
+    #[arg(long, value_name = "true|false|log")]
+    pub seccomp: Option<String>,
     /// More log output (-v info, -vv debug, -vvv trace).
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -60,6 +70,46 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// Whether the command line describes a VM (a kernel to boot).
+    pub fn has_payload(&self) -> bool {
+        self.kernel.is_some()
+    }
+
+    /// The VM options given besides the payload, by name (they need `--kernel`).
+    pub fn vm_options_without_payload(&self) -> Vec<&'static str> {
+        let mut given = Vec::new();
+        for (name, present) in [
+            ("--initramfs", self.initramfs.is_some()),
+            ("--cmdline", self.cmdline.is_some()),
+            ("--cpus", self.cpus.is_some()),
+            ("--memory", self.memory.is_some()),
+            ("--disk", !self.disk.is_empty()),
+            ("--net", !self.net.is_empty()),
+            ("--fs", !self.fs.is_empty()),
+            ("--rng", self.rng.is_some()),
+            ("--serial", self.serial.is_some()),
+            ("--console", self.console.is_some()),
+        ] {
+            if present {
+                given.push(name);
+            }
+        }
+        given
+    }
+
+    /// Checks `--seccomp`: Nimbus has no filters yet, so only `false` is honest.
+    pub fn check_seccomp(&self) -> Result<(), ConfigError> {
+        match self.seccomp.as_deref() {
+            None | Some("false") => Ok(()),
+            Some(v @ ("true" | "log")) => Err(ConfigError::Device(format!(
+                "--seccomp {v}: Nimbus has no system call filters yet; use --seccomp false"
+            ))),
+            Some(v) => Err(ConfigError::Device(format!(
+                "--seccomp: '{v}' is not true, false or log"
+            ))),
+        }
+    }
+
     /// The VM configuration the options describe (not yet validated).
     pub fn vm_config(&self) -> Result<VmConfig, ConfigError> {
         let mut config = VmConfig::default();
@@ -171,23 +221,16 @@ fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
     Ok(net)
 }
 
-/// The version line. Management stacks written for Cloud Hypervisor (libvirt) parse
-/// `cloud-hypervisor vX.Y.Z`; they get that form when the binary runs under that name.
-pub fn version_line(argv0: &str) -> String {
+/// The version line, in the form management stacks written for Cloud Hypervisor parse
+/// (libvirt reads `cloud-hypervisor vX.Y.Z` and gates features on the version): Nimbus takes
+/// the options libvirt passes (`--api-socket fd=N`, `--event-monitor`).
+pub fn version_line() -> String {
     let own = env!("CARGO_PKG_VERSION");
-    let invoked_as = std::path::Path::new(argv0)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("");
-    if invoked_as == "cloud-hypervisor" {
-        format!("cloud-hypervisor v{CH_COMPAT_VERSION} (nimbus v{own})")
-    } else {
-        format!("nimbus v{own}")
-    }
+    format!("cloud-hypervisor v{CH_COMPAT_VERSION} (nimbus {own})")
 }
 
 /// The Cloud Hypervisor release whose API and CLI Nimbus follows.
-pub const CH_COMPAT_VERSION: &str = "48.0.0";
+pub const CH_COMPAT_VERSION: &str = "51.1.0";
 
 #[cfg(test)]
 mod tests {
@@ -373,9 +416,49 @@ mod tests {
         );
     }
 
+    /// libvirt's reading of the version line: after "cloud-hypervisor ", past the last '/',
+    /// without a leading 'v', cut at the first '-', then major.minor.micro.
+    fn libvirt_version(line: &str) -> Option<(u32, u32, u32)> {
+        let rest = line.strip_prefix("cloud-hypervisor ")?;
+        let rest = rest.rsplit('/').next()?;
+        let rest = rest.strip_prefix('v').unwrap_or(rest);
+        let rest = rest.split('-').next()?;
+        let mut parts = rest.split('.').map(|p| {
+            p.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse::<u32>()
+                .ok()
+        });
+        Some((parts.next()??, parts.next()??, parts.next()??))
+    }
+
     #[test]
-    fn version_forms() {
-        assert!(version_line("/usr/bin/nimbus").starts_with("nimbus v"));
-        assert!(version_line("/usr/bin/cloud-hypervisor").starts_with("cloud-hypervisor v48.0.0"));
+    fn version_line_is_what_libvirt_parses() {
+        let line = version_line();
+        assert!(!line.contains('\n'));
+        assert_eq!(libvirt_version(&line), Some((51, 1, 0)));
+    }
+
+    #[test]
+    fn control_plane_options() {
+        let cli = Cli::try_parse_from([
+            "nimbus",
+            "--api-socket",
+            "fd=3",
+            "--event-monitor",
+            "path=/tmp/ev",
+            "--seccomp",
+            "false",
+        ])
+        .expect("parse");
+        assert_eq!(cli.api_socket.as_deref(), Some("fd=3"));
+        assert!(!cli.has_payload());
+        assert!(cli.vm_options_without_payload().is_empty());
+        cli.check_seccomp().expect("false is fine");
+        let cli = Cli::try_parse_from(["nimbus", "--seccomp", "true", "--disk", "path=/d"])
+            .expect("parse");
+        assert!(cli.check_seccomp().is_err());
+        assert_eq!(cli.vm_options_without_payload(), ["--disk"]);
     }
 }

@@ -1,7 +1,7 @@
 //! How the parts of a running VM tell the VMM that the VM must stop, and why.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 
 use devices::{PowerAction, PowerControl};
 
@@ -16,39 +16,59 @@ pub enum VmEvent {
     Failed(String),
 }
 
-/// The first event posted wins; everything running the VM polls [`VmControl::should_stop`].
-#[derive(Debug, Default)]
+/// Where a VM instance's first event goes (the VMM's command loop).
+pub type EventSink = Box<dyn Fn(VmEvent) + Send + Sync>;
+
+/// One VM instance's stop switch: the first event posted wins, stops every vCPU (they poll
+/// [`VmControl::should_stop`]) and is handed to the sink; later ones are dropped.
 pub struct VmControl {
     event: Mutex<Option<VmEvent>>,
-    posted: Condvar,
     stop: AtomicBool,
+    sink: EventSink,
+}
+
+impl std::fmt::Debug for VmControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmControl")
+            .field("stop", &self.stop)
+            .finish_non_exhaustive()
+    }
 }
 
 impl VmControl {
-    /// Records `event` unless another one came first, and wakes the waiter.
+    /// A switch whose first event goes to `sink`.
+    pub fn new(sink: EventSink) -> Self {
+        Self {
+            event: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            sink,
+        }
+    }
+
+    /// Records `event` unless another one came first, stops the vCPUs and tells the sink.
     pub fn post(&self, event: VmEvent) {
         let mut slot = self.event.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
-            *slot = Some(event);
+            *slot = Some(event.clone());
             self.stop.store(true, Ordering::SeqCst);
-            self.posted.notify_all();
+            drop(slot);
+            (self.sink)(event);
         }
     }
 
-    /// True once an event has been posted.
+    /// Stops the vCPUs without an event (the VMM tears the VM down on its own account); a
+    /// later guest event is dropped.
+    pub fn stop(&self) {
+        let mut slot = self.event.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(VmEvent::PowerOff);
+        }
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// True once the VM must stop.
     pub fn should_stop(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
-    }
-
-    /// Blocks until an event is posted and returns it.
-    pub fn wait(&self) -> VmEvent {
-        let mut slot = self.event.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(ev) = slot.clone() {
-                return ev;
-            }
-            slot = self.posted.wait(slot).unwrap_or_else(|p| p.into_inner());
-        }
     }
 }
 
@@ -63,21 +83,34 @@ impl PowerControl for VmControl {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+    use std::sync::mpsc;
 
     use super::*;
 
     #[test]
-    fn first_event_wins_and_wakes_the_waiter() {
-        let c = Arc::new(VmControl::default());
-        let waiter = {
-            let c = c.clone();
-            std::thread::spawn(move || c.wait())
-        };
+    fn first_event_wins_and_reaches_the_sink_once() {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let c = VmControl::new(Box::new(move |e| {
+            let _ = tx.lock().map(|t| t.send(e));
+        }));
         assert!(!c.should_stop());
         c.request(PowerAction::Reset);
         c.post(VmEvent::Failed("late".into()));
         assert!(c.should_stop());
-        assert_eq!(waiter.join().ok(), Some(VmEvent::Reset));
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![VmEvent::Reset]);
+    }
+
+    #[test]
+    fn a_vmm_stop_silences_later_guest_events() {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let c = VmControl::new(Box::new(move |e| {
+            let _ = tx.lock().map(|t| t.send(e));
+        }));
+        c.stop();
+        c.request(PowerAction::PowerOff);
+        assert!(c.should_stop());
+        assert!(rx.try_recv().is_err());
     }
 }

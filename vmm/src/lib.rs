@@ -1,8 +1,15 @@
-//! The Nimbus VMM: configuration, VM lifecycle, vCPU threads, guest memory.
+//! The Nimbus VMM: the command loop and its API, the VM lifecycle, devices, vCPU threads,
+//! guest memory.
 #![deny(missing_docs)]
 
+pub mod api;
+pub mod board;
 pub mod cli;
 pub mod control;
+pub mod controller;
+pub mod device_manager;
+pub mod events;
+pub mod fds;
 pub mod interrupts;
 pub mod memory;
 pub mod pci_devices;

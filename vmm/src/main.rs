@@ -1,13 +1,20 @@
-//! `nimbus`: parse the command line, open KVM, run the VM; exit 0 when the guest powers off.
+//! `nimbus`: parse the command line, start the VMM's command loop, serve the API if asked,
+//! boot the VM the command line describes; exit 0 when the guest powers off, on
+//! `vmm.shutdown` or on SIGTERM/SIGINT, 1 when the VM fails.
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
 use hypervisor::kvm::{KvmHypervisor, KVM_DEVICE};
+use vmm::api::ApiRequest;
 use vmm::cli::{version_line, Cli};
+use vmm::controller::{Command, Outcome, Vmm};
+use vmm::events::EventMonitor;
+use vmm::fds::FdStore;
 
 fn fail(message: &str) -> ExitCode {
     eprintln!("nimbus: error: {message}");
@@ -16,7 +23,6 @@ fn fail(message: &str) -> ExitCode {
 
 fn main() -> ExitCode {
     let start = Instant::now();
-    let argv0 = std::env::args().next().unwrap_or_default();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -31,7 +37,7 @@ fn main() -> ExitCode {
         }
     };
     if cli.version {
-        println!("{}", version_line(&argv0));
+        println!("{}", version_line());
         return ExitCode::SUCCESS;
     }
     let log_out: Box<dyn Write + Send> = match &cli.log_file {
@@ -42,28 +48,79 @@ fn main() -> ExitCode {
         None => Box::new(std::io::stderr()),
     };
     nimbus_log::init(start, cli.verbose, log_out);
-
-    let config = match cli.vm_config() {
-        Ok(c) => c,
-        Err(e) => return fail(&nimbus_log::error_chain(&e)),
-    };
-    if let Err(e) = config.validate() {
-        return fail(&nimbus_log::error_chain(&e));
-    }
-    let hv = match KvmHypervisor::open(KVM_DEVICE) {
-        Ok(hv) => hv,
-        Err(e) => return fail(&nimbus_log::error_chain(&e)),
-    };
-    let tty = vm_config::ConsoleOutputMode::Tty;
-    let _terminal = (config.serial.mode == tty || config.console.mode == tty)
-        .then(vmm::serial_input::TerminalGuard::raw_stdin);
-    match vmm::vm::run(&hv, &config, start) {
+    match run(&cli, start) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(message) => {
             if cli.log_file.is_some() {
-                log::error!("{}", nimbus_log::error_chain(&e));
+                log::error!("{message}");
             }
-            fail(&nimbus_log::error_chain(&e))
+            fail(&message)
         }
+    }
+}
+
+fn run(cli: &Cli, start: Instant) -> Result<(), String> {
+    let chain = |e: &dyn std::error::Error| nimbus_log::error_chain(e);
+    cli.check_seccomp().map_err(|e| chain(&e))?;
+    let config = if cli.has_payload() {
+        let config = cli.vm_config().map_err(|e| chain(&e))?;
+        config.validate().map_err(|e| chain(&e))?;
+        Some(config)
+    } else {
+        let stray = cli.vm_options_without_payload();
+        if !stray.is_empty() {
+            return Err(format!(
+                "{} need --kernel (without it, the VM is created with vm.create on --api-socket)",
+                stray.join(", ")
+            ));
+        }
+        if cli.api_socket.is_none() {
+            return Err("nothing to run: give --kernel (and the VM's options) or --api-socket".into());
+        }
+        None
+    };
+    // Before any thread starts, so every thread inherits the mask and the signal thread alone
+    // takes them.
+    nimbus_thread::block_termination_signals()
+        .map_err(|e| format!("cannot block the termination signals: {e}"))?;
+    let hv = KvmHypervisor::open(KVM_DEVICE).map_err(|e| chain(&e))?;
+    let mut fds = FdStore::default();
+    for n in config.iter().flat_map(|c| c.net.iter().flatten()) {
+        for &fd in n.fds.iter().flatten() {
+            fds.claim_inherited(fd)
+                .map_err(|e| format!("--net fd={fd}: {e}"))?;
+        }
+    }
+    let events = match &cli.event_monitor {
+        Some(option) => EventMonitor::open(option, start).map_err(|e| chain(&e))?,
+        None => EventMonitor::none(start),
+    };
+    let mut vmm = Vmm::new(Arc::new(hv), fds, events, start);
+    vmm.emit("vmm", "starting");
+    let signals = vmm.sender();
+    nimbus_thread::spawn_signal_thread("signal", move |signal| {
+        let _ = signals.send(Command::Signal(signal));
+    })
+    .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    let api = match &cli.api_socket {
+        Some(option) => Some(vmm::api::serve(option, vmm.sender()).map_err(|e| chain(&e))?),
+        None => None,
+    };
+    if let Some(config) = config {
+        for request in [ApiRequest::VmCreate(Box::new(config)), ApiRequest::VmBoot] {
+            vmm.request(request)
+                .map_err(|e| e.messages.get(1..).unwrap_or_default().join(": "))?;
+        }
+    }
+    let outcome = vmm.run();
+    // Answers already queued (vmm.shutdown's) are written before the socket goes.
+    if let Some(api) = api {
+        api.stop();
+    }
+    // Restores the terminal.
+    drop(vmm);
+    match outcome {
+        Outcome::Done => Ok(()),
+        Outcome::Failed(why) => Err(why),
     }
 }

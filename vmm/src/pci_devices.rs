@@ -163,9 +163,13 @@ impl PciDevices {
         })
     }
 
-    /// Adds a virtio device; its BAR 0 comes from the 64-bit window (the 32-bit one when that
-    /// is full). Returns the PCI slot.
-    pub fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<u8, PciError> {
+    /// Adds a virtio device in `slot` (or the first free one); its BAR 0 comes from the 64-bit
+    /// window (the 32-bit one when that is full). Returns the PCI slot and the device.
+    pub fn add_virtio(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+        slot: Option<u8>,
+    ) -> Result<(u8, Arc<Mutex<VirtioPciDevice>>), PciError> {
         let vectors = self
             .interrupts
             .msi_vectors(device.queue_max_sizes().len() as u16 + 1)
@@ -182,12 +186,13 @@ impl PciDevices {
             self.ioevents.clone(),
             self.mem.clone(),
         )?;
-        let shared: SharedPciDevice = Arc::new(Mutex::new(dev));
+        let dev = Arc::new(Mutex::new(dev));
+        let shared: SharedPciDevice = dev.clone();
         let slot = self
             .bus
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .add_device(shared, None)?;
-        Ok(slot)
+            .add_device(shared, slot)?;
+        Ok((slot, dev))
     }
 }

@@ -2,13 +2,14 @@
 //! port I/O and MMIO buses.
 
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::Bus;
 use hypervisor::{Vcpu, VmExit};
+use nimbus_thread::ThreadClass;
 
 use crate::control::{VmControl, VmEvent};
 
@@ -39,6 +40,63 @@ fn install_kick_handler() {
     });
 }
 
+/// The MSR of the time-stamp counter.
+const MSR_IA32_TSC: u32 = 0x10;
+
+/// Requests to all vCPU threads of a VM: pause and resume, NMIs.
+#[derive(Debug, Default)]
+pub struct VcpuGate {
+    /// Threads must park at their next check.
+    pause: AtomicBool,
+    /// Bumped by every `vm.nmi`; each thread injects one NMI per bump it has not seen.
+    nmi: AtomicU64,
+    /// Threads parked now.
+    parked: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl VcpuGate {
+    fn parked(&self) -> MutexGuard<'_, usize> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes parked threads so they look at the stop flag.
+    fn wake(&self) {
+        let _guard = self.parked();
+        self.changed.notify_all();
+    }
+
+    /// The vCPU thread's side of a pause, once the last exit's instruction is complete: saves
+    /// the TSC, waits until resumed (or stopped), and puts the TSC back so the guest does not
+    /// see the paused time.
+    fn park(&self, id: u32, vcpu: &mut dyn Vcpu, control: &VmControl) {
+        let tsc = match vcpu.msrs(&[MSR_IA32_TSC]) {
+            Ok(m) => m.first().copied(),
+            Err(e) => {
+                log::warn!("vcpu{id}: cannot save the TSC at pause: {e}");
+                None
+            }
+        };
+        let mut parked = self.parked();
+        *parked += 1;
+        self.changed.notify_all();
+        while self.pause.load(Ordering::SeqCst) && !control.should_stop() {
+            parked = self
+                .changed
+                .wait(parked)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        *parked -= 1;
+        self.changed.notify_all();
+        drop(parked);
+        if let Some(tsc) = tsc.filter(|_| !control.should_stop()) {
+            if let Err(e) = vcpu.set_msrs(&[tsc]) {
+                log::warn!("vcpu{id}: cannot restore the TSC after the pause: {e}");
+            }
+        }
+    }
+}
+
 /// What a vCPU thread needs besides its vCPU.
 #[derive(Debug, Clone)]
 pub struct VcpuContext {
@@ -48,6 +106,8 @@ pub struct VcpuContext {
     pub mmio_bus: Arc<Bus>,
     /// Where stop requests and failures go.
     pub control: Arc<VmControl>,
+    /// Pause and NMI requests.
+    pub gate: Arc<VcpuGate>,
 }
 
 /// A running vCPU thread.
@@ -56,6 +116,7 @@ pub struct VcpuThread {
     id: u32,
     handle: JoinHandle<()>,
     done: Arc<AtomicBool>,
+    gate: Arc<VcpuGate>,
 }
 
 impl VcpuThread {
@@ -64,21 +125,33 @@ impl VcpuThread {
         install_kick_handler();
         let done = Arc::new(AtomicBool::new(false));
         let done_flag = done.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                run_loop(id, vcpu.as_mut(), &ctx);
-                done_flag.store(true, Ordering::SeqCst);
-            })?;
-        Ok(Self { id, handle, done })
+        let gate = ctx.gate.clone();
+        let handle = nimbus_thread::spawn(ThreadClass::Vcpu, format!("vcpu{id}"), move || {
+            run_loop(id, vcpu.as_mut(), &ctx);
+            done_flag.store(true, Ordering::SeqCst);
+            ctx.gate.wake();
+        })?;
+        Ok(Self {
+            id,
+            handle,
+            done,
+            gate,
+        })
+    }
+
+    /// Interrupts `KVM_RUN` so the thread looks at its requests.
+    fn kick(&self) {
+        if !self.done.load(Ordering::SeqCst) {
+            // SAFETY: the thread has not been joined, so its pthread_t is valid.
+            unsafe { libc::pthread_kill(self.handle.as_pthread_t(), kick_signal()) };
+        }
     }
 
     /// Kicks the thread out of the guest until it notices the stop request, then joins it.
     pub fn stop(self) {
-        let pthread = self.handle.as_pthread_t();
         while !self.done.load(Ordering::SeqCst) {
-            // SAFETY: the thread has not been joined, so its pthread_t is valid.
-            unsafe { libc::pthread_kill(pthread, kick_signal()) };
+            self.gate.wake();
+            self.kick();
             std::thread::sleep(Duration::from_micros(200));
         }
         if self.handle.join().is_err() {
@@ -87,8 +160,68 @@ impl VcpuThread {
     }
 }
 
+/// Parks every thread of `threads` (all sharing one gate) between two guest exits; returns
+/// when all have parked or ended.
+pub fn pause_all(threads: &[VcpuThread]) {
+    let Some(gate) = threads.first().map(|t| t.gate.clone()) else {
+        return;
+    };
+    gate.pause.store(true, Ordering::SeqCst);
+    loop {
+        let running = threads
+            .iter()
+            .filter(|t| !t.done.load(Ordering::SeqCst))
+            .count();
+        let parked = gate.parked();
+        if *parked >= running {
+            return;
+        }
+        let _ = gate
+            .changed
+            .wait_timeout(parked, Duration::from_micros(200))
+            .unwrap_or_else(|p| p.into_inner());
+        for t in threads {
+            t.kick();
+        }
+    }
+}
+
+/// Lets the threads parked by [`pause_all`] run the guest again.
+pub fn resume_all(threads: &[VcpuThread]) {
+    if let Some(t) = threads.first() {
+        t.gate.pause.store(false, Ordering::SeqCst);
+        t.gate.wake();
+    }
+}
+
+/// Injects one NMI into every vCPU of `threads` (at its next entry into the guest).
+pub fn nmi_all(threads: &[VcpuThread]) {
+    if let Some(t) = threads.first() {
+        t.gate.nmi.fetch_add(1, Ordering::SeqCst);
+    }
+    for t in threads {
+        t.kick();
+    }
+}
+
 fn run_loop(id: u32, vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {
+    let mut nmis_seen = 0;
+    // Set while a pause is pending: KVM finishes the instruction of the last I/O exit (which
+    // may need more exits, e.g. `rep outsb`) and then returns at once instead of entering the
+    // guest; that return is the pause point.
+    let mut immediate_exit = false;
     while !ctx.control.should_stop() {
+        if ctx.gate.pause.load(Ordering::SeqCst) && !immediate_exit {
+            vcpu.set_immediate_exit(true);
+            immediate_exit = true;
+        }
+        let nmis = ctx.gate.nmi.load(Ordering::SeqCst);
+        if nmis != nmis_seen {
+            nmis_seen = nmis;
+            if let Err(e) = vcpu.nmi() {
+                log::warn!("vcpu{id}: cannot inject an NMI: {e}");
+            }
+        }
         let exit = match vcpu.run() {
             Ok(exit) => exit,
             Err(e) => {
@@ -119,6 +252,11 @@ fn run_loop(id: u32, vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {
                 if !ctx.mmio_bus.write(addr, data) {
                     log::debug!("vcpu{id}: write to unclaimed MMIO {addr:#x}");
                 }
+            }
+            VmExit::Interrupted if immediate_exit => {
+                vcpu.set_immediate_exit(false);
+                immediate_exit = false;
+                ctx.gate.park(id, vcpu, &ctx.control);
             }
             VmExit::Interrupted | VmExit::Halt => {}
             VmExit::Shutdown => {
@@ -186,6 +324,16 @@ mod tests {
         }
     }
 
+    /// A stop switch whose events arrive on a channel.
+    fn channel_control() -> (Arc<VmControl>, std::sync::mpsc::Receiver<VmEvent>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = Mutex::new(tx);
+        let control = VmControl::new(Box::new(move |e| {
+            let _ = tx.lock().map(|t| t.send(e));
+        }));
+        (Arc::new(control), rx)
+    }
+
     /// What a scripted vCPU run did.
     struct ScriptRun {
         event: VmEvent,
@@ -210,16 +358,17 @@ mod tests {
         mmio_bus
             .insert(mmio.clone(), 0xd000_0000, 0x1000)
             .expect("mmio");
-        let control = Arc::new(VmControl::default());
+        let (control, events) = channel_control();
         let vcpu = FakeVcpu::new(script);
         let reads = vcpu.reads();
         let ctx = VcpuContext {
             io_bus,
             mmio_bus,
             control: control.clone(),
+            gate: Arc::default(),
         };
         let thread = VcpuThread::spawn(id, Box::new(vcpu), ctx).expect("spawn");
-        let event = control.wait();
+        let event = events.recv_timeout(Duration::from_secs(10)).expect("event");
         thread.stop();
         let reads = reads.lock().map(|r| r.clone()).unwrap_or_default();
         let (writes, threads) = port
@@ -296,14 +445,96 @@ mod tests {
 
     #[test]
     fn stop_kicks_an_idle_vcpu() {
-        let control = Arc::new(VmControl::default());
+        let (control, _events) = channel_control();
         let ctx = VcpuContext {
             io_bus: Arc::new(Bus::new()),
             mmio_bus: Arc::new(Bus::new()),
             control: control.clone(),
+            gate: Arc::default(),
         };
         let thread = VcpuThread::spawn(1, Box::new(FakeVcpu::new([])), ctx).expect("spawn");
         control.post(VmEvent::PowerOff);
         thread.stop();
+    }
+
+    /// Counts port writes, each taking a millisecond.
+    #[derive(Default)]
+    struct SlowPort(Arc<std::sync::atomic::AtomicUsize>);
+    impl devices::BusDevice for SlowPort {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) {
+            std::thread::sleep(Duration::from_millis(1));
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn paused_vcpus_make_no_progress_and_get_their_tsc_back() {
+        let io_bus = Arc::new(Bus::new());
+        let port = SlowPort::default();
+        let writes = port.0.clone();
+        io_bus
+            .insert(Arc::new(Mutex::new(port)), 0x80, 1)
+            .expect("port");
+        let (control, _events) = channel_control();
+        let gate: Arc<VcpuGate> = Arc::default();
+        let mut threads = Vec::new();
+        let mut states = Vec::new();
+        for id in 0..2 {
+            let vcpu = FakeVcpu::new(vec![ScriptedExit::IoOut(0x80, vec![1]); 2000]);
+            let state = vcpu.state();
+            state
+                .lock()
+                .map(|mut s| s.msrs.insert(MSR_IA32_TSC, 1000 + u64::from(id)))
+                .expect("state");
+            states.push(state);
+            let ctx = VcpuContext {
+                io_bus: io_bus.clone(),
+                mmio_bus: Arc::new(Bus::new()),
+                control: control.clone(),
+                gate: gate.clone(),
+            };
+            threads.push(VcpuThread::spawn(id, Box::new(vcpu), ctx).expect("spawn"));
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        pause_all(&threads);
+        let at_pause = writes.load(Ordering::SeqCst);
+        assert!(at_pause > 0, "no progress before the pause");
+        // Time passes on the host while the VM is paused.
+        for s in &states {
+            s.lock()
+                .map(|mut s| s.msrs.insert(MSR_IA32_TSC, 999_999))
+                .expect("state");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(writes.load(Ordering::SeqCst), at_pause, "progress while paused");
+        for (id, s) in states.iter().enumerate() {
+            let s = s.lock().expect("state");
+            assert!(s.immediate_exits >= 1, "vcpu{id} parked without completing its exit");
+        }
+        resume_all(&threads);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(writes.load(Ordering::SeqCst) > at_pause, "no progress after resume");
+        for (id, s) in states.iter().enumerate() {
+            let s = s.lock().expect("state");
+            assert_eq!(
+                s.msrs.get(&MSR_IA32_TSC),
+                Some(&(1000 + id as u64)),
+                "vcpu{id}: the TSC jumped across the pause"
+            );
+        }
+        nmi_all(&threads);
+        std::thread::sleep(Duration::from_millis(30));
+        for s in &states {
+            assert_eq!(s.lock().expect("state").nmis, 1);
+        }
+        // Stopping paused vCPUs does not hang.
+        pause_all(&threads);
+        control.stop();
+        for t in threads {
+            t.stop();
+        }
     }
 }

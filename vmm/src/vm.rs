@@ -1,26 +1,26 @@
-//! One VM instance: hypervisor VM, guest RAM, platform devices, vCPUs, from a [`VmConfig`].
+//! One VM instance: hypervisor VM, guest RAM, platform devices, PCI devices and vCPUs, built
+//! from a [`VmConfig`] on a [`Board`].
 //!
-//! A reset tears the instance down and builds a fresh one from the same configuration, in the
-//! same process ([`run`]), so a guest reboot starts from a clean machine.
+//! A reset tears the instance down and the VMM builds a fresh one on the same board, so a
+//! guest reboot starts from a clean machine.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use arch::x86_64::{acpi, boot, cpu, cpuid, layout};
 use devices::Bus;
 use hypervisor::{Hypervisor, Vcpu};
-use virtio_devices::vhost_user::Endpoint;
+use vm_config::VmConfig;
 use vmm_sys_util::eventfd::EventFd;
 
-use vm_config::{ConfigError, ConsoleConfig, ConsoleOutputMode, VhostMode, VmConfig};
-use crate::control::{VmControl, VmEvent};
+use crate::board::{Board, OutputSink};
+use crate::control::{EventSink, VmControl};
+use crate::device_manager::DeviceManager;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::pci_devices::{PciDevices, PciError};
-use crate::serial_input::{spawn_forwarder, InputSink, InputTarget, SerialInput};
-use crate::vcpu::{VcpuContext, VcpuThread};
+use crate::serial_input::SerialInput;
+use crate::vcpu::{self, VcpuContext, VcpuThread};
 
 /// Errors building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +117,12 @@ pub enum VmError {
     /// A vCPU or device failed while the guest ran.
     #[error("the VM failed: {0}")]
     Failed(String),
+    /// A descriptor handed to the VMM cannot be used.
+    #[error("handed-over descriptor")]
+    Fd(#[from] crate::fds::FdError),
+    /// A device thread did not pause.
+    #[error("cannot pause the devices")]
+    Pause(#[source] virtio_devices::pause::PauseError),
 }
 
 fn hv_err(what: impl Into<String>) -> impl FnOnce(hypervisor::HypervisorError) -> VmError {
@@ -148,277 +154,27 @@ impl devices::Interrupt for IrqfdInterrupt {
     }
 }
 
-/// Where a serial port's or console's output goes, opened once per VMM process so reboots keep
-/// appending.
-#[derive(Debug)]
-pub enum OutputSink {
-    /// No device at all.
-    Off,
-    /// Device present, output dropped.
-    Null,
-    /// The VMM's standard output.
-    Stdout,
-    /// A file.
-    File(File),
-}
-
-impl OutputSink {
-    /// Opens the sink for a serial port or console (`what` names it in errors).
-    pub fn open(cons: &ConsoleConfig, what: &'static str) -> Result<Self, VmError> {
-        Ok(match cons.mode {
-            ConsoleOutputMode::Off => Self::Off,
-            ConsoleOutputMode::Null => Self::Null,
-            ConsoleOutputMode::Tty => Self::Stdout,
-            ConsoleOutputMode::File => {
-                let path = cons.file.as_deref().unwrap_or(Path::new(""));
-                let file = File::create(path).map_err(|source| VmError::Open {
-                    what,
-                    path: path.display().to_string(),
-                    source,
-                })?;
-                Self::File(file)
-            }
-            // Rejected by validation.
-            ConsoleOutputMode::Pty | ConsoleOutputMode::Socket => Self::Null,
-        })
-    }
-
-    fn writer(&self) -> Result<Option<Box<dyn Write + Send>>, VmError> {
-        Ok(match self {
-            Self::Off => None,
-            Self::Null => Some(Box::new(std::io::sink())),
-            Self::Stdout => Some(Box::new(std::io::stdout())),
-            Self::File(f) => Some(Box::new(f.try_clone().map_err(|source| VmError::Os {
-                what: "output file handle",
-                source,
-            })?)),
-        })
-    }
-}
-
-/// What outlives a guest reset: the serial sink (a file keeps growing across reboots) and the
-/// battery-backed CMOS (clock offset and NVRAM), as on a physical machine.
-#[derive(Debug)]
-pub struct Board {
-    serial: OutputSink,
-    console: OutputSink,
-    /// Where standard input goes: the virtio console when it is `tty`, else the serial port.
-    input: InputTarget,
-    cmos: Arc<Mutex<devices::rtc::Rtc>>,
-    /// Disk images, opened (and locked) once for the VMM's lifetime.
-    disks: Vec<OpenDisk>,
-    /// TAP queues, opened once (passed fds cannot be reopened).
-    nets: Vec<OpenNet>,
-    /// virtio-fs backend connections.
-    fs: Vec<virtio_devices::vhost_user::VhostUserDevice>,
-    start: Instant,
-}
-
-/// A disk and how the guest sees it.
-#[derive(Debug)]
-enum OpenDisk {
-    /// An image served by Nimbus itself.
-    Image {
-        image: Arc<dyn block::DiskBackend>,
-        num_queues: u16,
-        queue_size: u16,
-        serial: String,
-        poll: std::time::Duration,
-    },
-    /// A connection to a vhost-user-blk backend.
-    VhostUser(virtio_devices::vhost_user::VhostUserDevice),
-}
-
-/// A network interface: TAP queues served by Nimbus, or a vhost-user backend.
-#[derive(Debug)]
-enum OpenNet {
-    /// TAP queues and the guest's view of them.
-    Tap {
-        taps: Vec<net_util::Tap>,
-        mac: net_util::MacAddr,
-        queue_size: u16,
-        mtu: Option<u16>,
-        offloads: net_util::Offloads,
-    },
-    /// A connection to a vhost-user-net backend.
-    VhostUser(virtio_devices::vhost_user::VhostUserDevice),
-}
-
-fn open_nets(config: &VmConfig) -> Result<Vec<OpenNet>, VmError> {
-    let mut nets = Vec::new();
-    for (i, n) in config.net.iter().flatten().enumerate() {
-        if n.vhost_user {
-            let socket = n.vhost_socket.clone().unwrap_or_default();
-            let err = |source| VmError::VhostUser {
-                socket: socket.clone(),
-                source,
-            };
-            let endpoint = match n.vhost_mode {
-                VhostMode::Client => Endpoint::Connect(socket.clone().into()),
-                VhostMode::Server => Endpoint::listen(socket.as_ref()).map_err(err)?,
-            };
-            let dev = virtio_devices::vhost_user::net::connect(
-                endpoint,
-                (n.num_queues / 2) as u16,
-                n.queue_size,
-                format!("_net{i}"),
-            )
-            .map_err(err)?;
-            nets.push(OpenNet::VhostUser(dev));
-            continue;
-        }
-        let name = n.tap.clone().unwrap_or_default();
-        let err = |source: net_util::NetError| VmError::Net {
-            name: name.clone(),
-            source: Box::new(source),
-        };
-        let pairs = n.num_queues / 2;
-        let taps = match &n.fds {
-            Some(fds) => fds
-                .iter()
-                .map(|&fd| {
-                    // SAFETY: the fds were handed to this process (CLI or SCM_RIGHTS) to own; each
-                    // is claimed once, here.
-                    unsafe { net_util::Tap::from_raw_fd(fd) }
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(err)?,
-            None => {
-                let taps = net_util::Tap::open_named(&name, pairs).map_err(err)?;
-                if let Some(first) = taps.first() {
-                    first.set_ip_addr(n.ip, n.mask).map_err(err)?;
-                    if let Some(host_mac) = &n.host_mac {
-                        let mac = host_mac.parse().map_err(|e| {
-                            VmError::Config(ConfigError::Device(format!("net {name}: {e}")))
-                        })?;
-                        first.set_mac(mac).map_err(err)?;
-                    }
-                    if let Some(mtu) = n.mtu {
-                        first.set_mtu(mtu).map_err(err)?;
-                    }
-                    first.set_up().map_err(err)?;
-                }
-                taps
-            }
-        };
-        // A random MAC is chosen once, so it stays the same across guest reboots.
-        let mac = match &n.mac {
-            Some(m) => m
-                .parse()
-                .map_err(|e| VmError::Config(ConfigError::Device(format!("net {name}: {e}"))))?,
-            None => net_util::MacAddr::random_local(),
-        };
-        let offloads = net_util::Offloads {
-            csum: n.offload_csum,
-            tso: n.offload_tso,
-            ufo: n.offload_ufo,
-        };
-        nets.push(OpenNet::Tap {
-            taps,
-            mac,
-            queue_size: n.queue_size,
-            mtu: n.mtu,
-            offloads,
-        });
-    }
-    Ok(nets)
-}
-
-fn open_fs(config: &VmConfig) -> Result<Vec<virtio_devices::vhost_user::VhostUserDevice>, VmError> {
-    let mut shares = Vec::new();
-    for (i, f) in config.fs.iter().flatten().enumerate() {
-        let socket = f.socket.display().to_string();
-        let dev = virtio_devices::vhost_user::fs::connect(
-            Endpoint::Connect(f.socket.clone()),
-            &f.tag,
-            f.num_queues as u16,
-            f.queue_size,
-            format!("_fs{i}"),
-        )
-        .map_err(|source| VmError::VhostUser { socket, source })?;
-        shares.push(dev);
-    }
-    Ok(shares)
-}
-
-fn open_disks(config: &VmConfig) -> Result<Vec<OpenDisk>, VmError> {
-    let mut disks = Vec::new();
-    for (i, d) in config.disks.iter().flatten().enumerate() {
-        if d.vhost_user {
-            let socket = d.vhost_socket.clone().unwrap_or_default();
-            let dev = virtio_devices::vhost_user::blk::connect(
-                Endpoint::Connect(socket.clone().into()),
-                d.num_queues as u16,
-                d.queue_size,
-                format!("_disk{i}"),
-            )
-            .map_err(|source| VmError::VhostUser { socket, source })?;
-            disks.push(OpenDisk::VhostUser(dev));
-            continue;
-        }
-        let path = d.path.clone().unwrap_or_default();
-        let image =
-            block::RawFile::open(&path, d.readonly, d.direct).map_err(|source| VmError::Disk {
-                path: path.display().to_string(),
-                source,
-            })?;
-        // GET_ID answers the configured serial, else the device id (`_disk<N>` by default).
-        let serial = d
-            .serial
-            .clone()
-            .or_else(|| d.id.clone())
-            .unwrap_or_else(|| format!("_disk{i}"));
-        disks.push(OpenDisk::Image {
-            image: Arc::new(image),
-            num_queues: d.num_queues as u16,
-            queue_size: d.queue_size,
-            serial,
-            poll: std::time::Duration::from_micros(u64::from(d.poll_us)),
-        });
-    }
-    Ok(disks)
-}
-
-impl Board {
-    /// The board for `config`; `start` is the VMM's process start (for boot-progress timing).
-    pub fn new(config: &VmConfig, start: Instant) -> Result<Self, VmError> {
-        let serial = OutputSink::open(&config.serial, "serial file")?;
-        let console = OutputSink::open(&config.console, "console file")?;
-        let input = InputTarget::default();
-        if matches!(serial, OutputSink::Stdout) || matches!(console, OutputSink::Stdout) {
-            spawn_forwarder(std::io::stdin(), input.clone()).map_err(|source| VmError::Os {
-                what: "serial input thread",
-                source,
-            })?;
-        }
-        Ok(Self {
-            serial,
-            console,
-            input,
-            cmos: Arc::new(Mutex::new(devices::rtc::Rtc::default())),
-            disks: open_disks(config)?,
-            nets: open_nets(config)?,
-            fs: open_fs(config)?,
-            start,
-        })
-    }
-}
-
-/// A built VM, ready to boot.
+/// One instance of the machine: hypervisor VM, guest RAM, platform and PCI devices, vCPUs.
+/// A guest reset ends the instance; the VMM builds a fresh one on the same [`Board`].
 pub struct Vm {
-    // Field order matters for drop: vCPUs, then the hypervisor VM, then the RAM it maps.
+    // Field order matters for drop: vCPU threads, devices, then the hypervisor VM, then the RAM
+    // it maps.
+    threads: Vec<VcpuThread>,
     vcpus: Vec<(u32, Box<dyn Vcpu>)>,
+    devices: DeviceManager,
+    ged: Arc<Mutex<devices::acpi::Ged>>,
+    _interrupts: Vec<Arc<IrqfdInterrupt>>,
     hv_vm: Arc<dyn hypervisor::Vm>,
     memory: GuestMemoryMmap,
     ctx: VcpuContext,
-    _interrupts: Vec<Arc<IrqfdInterrupt>>,
-    _pci: PciDevices,
+    /// kvmclock read at pause, written back at resume.
+    paused_clock: Option<u64>,
 }
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vm")
-            .field("vcpus", &self.vcpus.len())
+            .field("vcpus", &(self.vcpus.len() + self.threads.len()))
             .field("memory", &self.memory)
             .finish_non_exhaustive()
     }
@@ -433,8 +189,15 @@ fn open(what: &'static str, path: &Path) -> Result<File, VmError> {
 }
 
 impl Vm {
-    /// Builds the machine described by `config` (already validated) on `hv`.
-    pub fn new(hv: &dyn Hypervisor, config: &VmConfig, board: &Board) -> Result<Self, VmError> {
+    /// Builds the machine described by `config` (already validated, devices named) on `hv`
+    /// with the host side of its devices from `board`; the instance's first power event or
+    /// failure goes to `sink`.
+    pub fn new(
+        hv: &dyn Hypervisor,
+        config: &VmConfig,
+        board: &Board,
+        sink: EventSink,
+    ) -> Result<Self, VmError> {
         let payload = config.payload.clone().unwrap_or_default();
         let kernel_path = payload.kernel.clone().unwrap_or_default();
         let mut kernel = open("kernel", &kernel_path)?;
@@ -481,18 +244,18 @@ impl Vm {
         })?;
         cpu::write_boot_gdt(&memory).map_err(VmError::Cpu)?;
 
-        let control = Arc::new(VmControl::default());
+        let control = Arc::new(VmControl::new(sink));
         let io_bus = Arc::new(Bus::new());
         let mmio_bus = Arc::new(Bus::new());
         let mut interrupts = Vec::new();
-        add_platform_devices(hv_vm.as_ref(), &io_bus, &control, board, &mut interrupts)?;
+        let ged = add_platform_devices(hv_vm.as_ref(), &io_bus, &control, board, &mut interrupts)?;
 
         // The reset register (0xcf9) shares the PCI configuration port dword (0xcf8).
         let reset_register = Arc::new(Mutex::new(devices::acpi::ResetRegister::new(
             control.clone(),
         )));
         let guest_mem = virtio_devices::GuestMemoryAtomic::new(memory.clone());
-        let mut pci = PciDevices::new(
+        let pci = PciDevices::new(
             hv_vm.clone(),
             &io_bus,
             &mmio_bus,
@@ -500,88 +263,14 @@ impl Vm {
             config.memory.size,
             reset_register,
         )?;
-        let rng_source = open("rng source", &config.rng.src)?;
-        for (i, d) in board.disks.iter().enumerate() {
-            let dev: Box<dyn virtio_devices::VirtioDevice> = match d {
-                OpenDisk::Image {
-                    image,
-                    num_queues,
-                    queue_size,
-                    serial,
-                    poll,
-                } => Box::new(
-                    virtio_devices::block::Block::new(
-                        image.clone(),
-                        *num_queues,
-                        *queue_size,
-                        serial,
-                        format!("_disk{i}"),
-                    )
-                    .with_poll(*poll),
-                ),
-                OpenDisk::VhostUser(dev) => Box::new(dev.fresh()),
-            };
-            pci.add_virtio(dev)?;
+        let mut devices = DeviceManager::new(pci);
+        if !matches!(board.serial(), OutputSink::Off) {
+            devices.add_platform("__serial");
         }
-        for (i, n) in board.nets.iter().enumerate() {
-            let dev: Box<dyn virtio_devices::VirtioDevice> = match n {
-                OpenNet::Tap {
-                    taps,
-                    mac,
-                    queue_size,
-                    mtu,
-                    offloads,
-                } => {
-                    let taps = taps
-                        .iter()
-                        .map(net_util::Tap::try_clone)
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|source| VmError::Net {
-                            name: format!("_net{i}"),
-                            source: Box::new(source),
-                        })?;
-                    Box::new(
-                        virtio_devices::net::Net::new(
-                            taps,
-                            *mac,
-                            *queue_size,
-                            *mtu,
-                            format!("_net{i}"),
-                        )
-                        .map_err(|e| VmError::Failed(format!("net {i}: {e}")))?
-                        .with_offloads(*offloads),
-                    )
-                }
-                OpenNet::VhostUser(dev) => Box::new(dev.fresh()),
-            };
-            pci.add_virtio(dev)?;
+        for d in board.devices() {
+            let dev = board.instance(d)?;
+            devices.add_virtio(&d.id, d.kind, &d.backend, dev)?;
         }
-        for share in &board.fs {
-            pci.add_virtio(Box::new(share.fresh()))?;
-        }
-        if let Some(out) = board.console.writer()? {
-            // A `tty` console takes standard input (the serial port then gets none).
-            let input = match board.console {
-                OutputSink::Stdout => {
-                    let input = virtio_devices::console::ConsoleInput::new().map_err(|source| {
-                        VmError::Os {
-                            what: "console input",
-                            source,
-                        }
-                    })?;
-                    let sink: Arc<dyn InputSink> = input.clone();
-                    *board.input.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
-                    Some(input)
-                }
-                _ => None,
-            };
-            let console = virtio_devices::console::Console::new(out, input, "_console".into());
-            pci.add_virtio(Box::new(console))?;
-        }
-        pci.add_virtio(Box::new(virtio_devices::rng::Rng::new(
-            rng_source,
-            "_rng0".into(),
-        )))?;
 
         let mut supported = hv
             .supported_cpuid()
@@ -613,46 +302,94 @@ impl Vm {
             vcpus.push((id, vcpu));
         }
         Ok(Self {
+            threads: Vec::new(),
             vcpus,
+            devices,
+            ged,
+            _interrupts: interrupts,
             hv_vm,
             memory,
             ctx: VcpuContext {
                 io_bus,
                 mmio_bus,
                 control,
+                gate: Arc::default(),
             },
-            _interrupts: interrupts,
-            _pci: pci,
+            paused_clock: None,
         })
     }
 
-    /// Starts every vCPU and blocks until the VM powers off, resets or fails.
-    pub fn run(mut self) -> Result<VmEvent, VmError> {
-        let mut threads = Vec::with_capacity(self.vcpus.len());
-        let mut spawn_error = None;
+    /// Starts every vCPU.
+    pub fn start(&mut self) -> Result<(), VmError> {
         for (id, vcpu) in self.vcpus.drain(..) {
-            match VcpuThread::spawn(id, vcpu, self.ctx.clone()) {
-                Ok(t) => threads.push(t),
-                Err(source) => {
-                    spawn_error = Some(VmError::Os {
-                        what: "spawning a vCPU thread",
-                        source,
-                    });
-                    self.ctx
-                        .control
-                        .post(VmEvent::Failed("vCPU thread spawn failed".into()));
-                    break;
-                }
+            let thread =
+                VcpuThread::spawn(id, vcpu, self.ctx.clone()).map_err(|source| VmError::Os {
+                    what: "spawning a vCPU thread",
+                    source,
+                })?;
+            self.threads.push(thread);
+        }
+        Ok(())
+    }
+
+    /// Stops the guest at a consistent point: every vCPU between two instructions (its last
+    /// I/O complete), then every device thread between two requests. The guest's clocks are
+    /// held: kvmclock is read now and written back at [`Vm::resume`] (each vCPU keeps its TSC).
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        vcpu::pause_all(&self.threads);
+        if let Err(e) = self.devices.pause() {
+            vcpu::resume_all(&self.threads);
+            return Err(VmError::Pause(e));
+        }
+        self.paused_clock = match self.hv_vm.clock() {
+            Ok(ns) => Some(ns),
+            Err(e) => {
+                log::warn!("cannot read kvmclock at pause: {e}");
+                None
+            }
+        };
+        Ok(())
+    }
+
+    /// Lets a paused guest go on where it stopped.
+    pub fn resume(&mut self) {
+        if let Some(ns) = self.paused_clock.take() {
+            if let Err(e) = self.hv_vm.set_clock(ns) {
+                log::warn!("cannot restore kvmclock at resume: {e}");
             }
         }
-        let event = self.ctx.control.wait();
-        for t in threads {
+        self.devices.resume();
+        vcpu::resume_all(&self.threads);
+    }
+
+    /// Injects an NMI into every vCPU.
+    pub fn nmi(&self) {
+        vcpu::nmi_all(&self.threads);
+    }
+
+    /// Presses the ACPI power button (a GED event).
+    pub fn power_button(&self) -> Result<(), VmError> {
+        self.ged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .notify(devices::acpi::GedEvent::PowerButton)
+            .map_err(|source| VmError::Os {
+                what: "raising the GED interrupt",
+                source,
+            })
+    }
+
+    /// The registry of this instance's devices.
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.ctx.control.stop();
+        for t in self.threads.drain(..) {
             t.stop();
-        }
-        drop(self.hv_vm);
-        match spawn_error {
-            Some(e) => Err(e),
-            None => Ok(event),
         }
     }
 }
@@ -689,24 +426,23 @@ fn add_platform_devices(
     control: &Arc<VmControl>,
     board: &Board,
     interrupts: &mut Vec<Arc<IrqfdInterrupt>>,
-) -> Result<(), VmError> {
+) -> Result<Arc<Mutex<devices::acpi::Ged>>, VmError> {
     let place = |what, dev: Arc<Mutex<dyn devices::BusDevice>>, base: u16, len: u64| {
         io_bus
             .insert(dev, u64::from(base), len)
             .map_err(|source| VmError::Bus { what, source })
     };
     let power: Arc<dyn devices::PowerControl> = control.clone();
-    if let Some(out) = board.serial.writer()? {
+    if let Some(out) = board.serial().writer()? {
         let irq = Arc::new(IrqfdInterrupt::new(vm, layout::COM1_GSI)?);
         interrupts.push(irq.clone());
         let uart = Arc::new(Mutex::new(devices::serial::Serial::new(irq, out)));
         place("COM1", uart.clone(), layout::COM1_PORT, 8)?;
-        if !matches!(board.console, OutputSink::Stdout) {
-            let sink: Arc<dyn InputSink> = Arc::new(SerialInput(uart));
-            *board.input.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+        if !board.console_takes_input() {
+            board.set_input(Some(Arc::new(SerialInput(uart))));
         }
     }
-    place("CMOS RTC", board.cmos.clone(), layout::CMOS_PORT, 2)?;
+    place("CMOS RTC", board.cmos().clone(), layout::CMOS_PORT, 2)?;
     place(
         "i8042",
         Arc::new(Mutex::new(devices::i8042::I8042::new(power.clone()))),
@@ -715,7 +451,7 @@ fn add_platform_devices(
     )?;
     place(
         "debug port",
-        Arc::new(Mutex::new(devices::debug_port::DebugPort::new(board.start))),
+        Arc::new(Mutex::new(devices::debug_port::DebugPort::new(board.start()))),
         layout::DEBUG_PORT,
         1,
     )?;
@@ -730,39 +466,7 @@ fn add_platform_devices(
     )?;
     let ged_irq = Arc::new(IrqfdInterrupt::new(vm, layout::ACPI_GED_GSI)?);
     interrupts.push(ged_irq.clone());
-    place(
-        "ACPI GED",
-        Arc::new(Mutex::new(devices::acpi::Ged::new(ged_irq))),
-        layout::ACPI_GED_PORT,
-        4,
-    )?;
-    Ok(())
-}
-
-/// Runs the VM described by `config` until it powers off (Ok) or fails (Err), rebuilding it in
-/// place on every guest reset.
-pub fn run(hv: &dyn Hypervisor, config: &VmConfig, start: Instant) -> Result<(), VmError> {
-    config.validate()?;
-    let board = Board::new(config, start)?;
-    let mut boots = 0u64;
-    loop {
-        let vm = Vm::new(hv, config, &board)?;
-        log::info!(
-            "VM built ({} vCPUs, {} MiB); booting",
-            config.cpus.boot_vcpus,
-            config.memory.size >> 20
-        );
-        boots += 1;
-        let event = vm.run();
-        // Input typed while no VM runs waits for the next boot's UART.
-        *board.input.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        match event? {
-            VmEvent::PowerOff => {
-                log::info!("guest powered off after {boots} boot(s)");
-                return Ok(());
-            }
-            VmEvent::Reset => log::info!("guest reset; rebooting"),
-            VmEvent::Failed(why) => return Err(VmError::Failed(why)),
-        }
-    }
+    let ged = Arc::new(Mutex::new(devices::acpi::Ged::new(ged_irq)));
+    place("ACPI GED", ged.clone(), layout::ACPI_GED_PORT, 4)?;
+    Ok(ged)
 }

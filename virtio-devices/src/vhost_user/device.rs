@@ -204,13 +204,16 @@ impl VirtioDevice for VhostUserDevice {
             u32::from(!started),
         )
         .map_err(ActivateError::Resource)?;
-        let activation = Activation {
-            mem: a.mem,
-            features: a.features,
-            interrupt: a.interrupt,
-            queues: calls,
-        };
-        self.relay = Some(Worker::start(&self.name, Box::new(relay), activation)?);
+        let relay = Worker::spawn(
+            nimbus_thread::ThreadClass::VhostUserRelay,
+            self.name.clone(),
+            Box::new(relay),
+            calls,
+            a.mem,
+            a.interrupt,
+        )
+        .map_err(ActivateError::Resource)?;
+        self.relay = Some(relay);
         Ok(())
     }
 

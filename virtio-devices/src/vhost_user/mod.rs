@@ -251,17 +251,20 @@ fn with_deadline<T>(socket: RawFd, f: impl FnOnce() -> T) -> T {
     let (done, wait) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|scope| {
         if let Ok(watched) = watched {
-            let spawned = std::thread::Builder::new()
-                .name("vhost-user-deadline".into())
-                .spawn_scoped(scope, move || {
-                if wait.recv_timeout(REPLY_TIMEOUT) == Err(RecvTimeoutError::Timeout) {
-                    log::warn!(
+            let spawned = nimbus_thread::spawn_scoped(
+                scope,
+                nimbus_thread::ThreadClass::VhostUserDeadline,
+                "vhost-user-deadline",
+                move || {
+                    if wait.recv_timeout(REPLY_TIMEOUT) == Err(RecvTimeoutError::Timeout) {
+                        log::warn!(
                         "the vhost-user backend did not answer within {REPLY_TIMEOUT:?}: disconnecting it"
                     );
-                    // SAFETY: shutdown(2) on a socket descriptor this thread owns.
-                    unsafe { libc::shutdown(watched.as_raw_fd(), libc::SHUT_RDWR) };
-                }
-            });
+                        // SAFETY: shutdown(2) on a socket descriptor this thread owns.
+                        unsafe { libc::shutdown(watched.as_raw_fd(), libc::SHUT_RDWR) };
+                    }
+                },
+            );
             if let Err(e) = spawned {
                 log::warn!("no deadline for the vhost-user backend's answers: {e}");
             }

@@ -1,0 +1,430 @@
+//! What a booted VM keeps across guest resets: the serial and console sinks (a file keeps
+//! growing across reboots), the battery-backed CMOS (clock offset and NVRAM), and every device's
+//! host side, opened once per boot (disk images and their locks, TAP queues, vhost-user
+//! connections). Each VM instance built on the board gets fresh guest-facing devices from it
+//! ([`BoardDevice::instance`]).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use virtio_devices::vhost_user::{Endpoint, VhostUserDevice};
+use virtio_devices::VirtioDevice;
+use vm_config::{ConsoleConfig, ConsoleOutputMode, DiskConfig, NetConfig, VhostMode, VmConfig};
+
+use crate::fds::FdStore;
+use crate::serial_input::{InputSink, InputTarget};
+use crate::vm::VmError;
+
+/// Where a serial port's or console's output goes.
+#[derive(Debug)]
+pub enum OutputSink {
+    /// No device at all.
+    Off,
+    /// Device present, output dropped.
+    Null,
+    /// The VMM's standard output.
+    Stdout,
+    /// A file.
+    File(File),
+}
+
+impl OutputSink {
+    /// Opens the sink for a serial port or console (`what` names it in errors).
+    pub fn open(cons: &ConsoleConfig, what: &'static str) -> Result<Self, VmError> {
+        Ok(match cons.mode {
+            ConsoleOutputMode::Off => Self::Off,
+            ConsoleOutputMode::Null => Self::Null,
+            ConsoleOutputMode::Tty => Self::Stdout,
+            ConsoleOutputMode::File => {
+                let path = cons.file.as_deref().unwrap_or(Path::new(""));
+                let file = File::create(path).map_err(|source| VmError::Open {
+                    what,
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                Self::File(file)
+            }
+            // Rejected by validation.
+            ConsoleOutputMode::Pty | ConsoleOutputMode::Socket => Self::Null,
+        })
+    }
+
+    /// A writer for one VM instance's device; `None` when there is no device.
+    pub fn writer(&self) -> Result<Option<Box<dyn Write + Send>>, VmError> {
+        Ok(match self {
+            Self::Off => None,
+            Self::Null => Some(Box::new(std::io::sink())),
+            Self::Stdout => Some(Box::new(std::io::stdout())),
+            Self::File(f) => Some(Box::new(f.try_clone().map_err(|source| VmError::Os {
+                what: "output file handle",
+                source,
+            })?)),
+        })
+    }
+}
+
+/// The host side of one virtio device.
+#[derive(Debug)]
+enum HostSide {
+    /// A disk image served by Nimbus itself.
+    Disk {
+        image: Arc<dyn block::DiskBackend>,
+        num_queues: u16,
+        queue_size: u16,
+        serial: String,
+        poll: std::time::Duration,
+    },
+    /// TAP queues served by Nimbus itself.
+    Tap {
+        taps: Vec<net_util::Tap>,
+        mac: net_util::MacAddr,
+        queue_size: u16,
+        mtu: Option<u16>,
+        offloads: net_util::Offloads,
+    },
+    /// A connection to a vhost-user backend (block, net or fs).
+    VhostUser(VhostUserDevice),
+    /// The entropy device, reading this file.
+    Rng(std::path::PathBuf),
+    /// The virtio console, writing to the board's console sink.
+    Console,
+}
+
+/// What kind of device a [`BoardDevice`] is, for the device tree and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// virtio-blk.
+    Disk,
+    /// virtio-net.
+    Net,
+    /// virtio-fs.
+    Fs,
+    /// virtio-rng.
+    Rng,
+    /// virtio-console.
+    Console,
+}
+
+/// One device of the board, with its id.
+#[derive(Debug)]
+pub struct BoardDevice {
+    /// The device's id (user-given or generated, see [`vm_config::VmConfig::name_devices`]).
+    pub id: String,
+    /// Its kind.
+    pub kind: DeviceKind,
+    /// How the backend is reached, for logs (`image /path`, `tap tap0`, `vhost-user /sock`).
+    pub backend: String,
+    /// PCI segment.
+    pub pci_segment: u16,
+    host: HostSide,
+}
+
+/// What outlives a guest reset.
+#[derive(Debug)]
+pub struct Board {
+    serial: OutputSink,
+    console: OutputSink,
+    /// Where standard input goes: the virtio console when it is `tty`, else the serial port.
+    input: InputTarget,
+    cmos: Arc<Mutex<devices::rtc::Rtc>>,
+    /// The virtio devices, in the order they get PCI slots.
+    devices: Vec<BoardDevice>,
+    start: Instant,
+}
+
+fn vhost_err(socket: &str) -> impl FnOnce(virtio_devices::vhost_user::VhostUserError) -> VmError {
+    let socket = socket.to_string();
+    move |source| VmError::VhostUser { socket, source }
+}
+
+fn open_disk(d: &DiskConfig, id: &str) -> Result<(HostSide, String), VmError> {
+    if d.vhost_user {
+        let socket = d.vhost_socket.clone().unwrap_or_default();
+        let dev = virtio_devices::vhost_user::blk::connect(
+            Endpoint::Connect(socket.clone().into()),
+            d.num_queues as u16,
+            d.queue_size,
+            id.to_string(),
+        )
+        .map_err(vhost_err(&socket))?;
+        return Ok((HostSide::VhostUser(dev), format!("vhost-user {socket}")));
+    }
+    let path = d.path.clone().unwrap_or_default();
+    let image = block::RawFile::open(&path, d.readonly, d.direct).map_err(|source| {
+        VmError::Disk {
+            path: path.display().to_string(),
+            source,
+        }
+    })?;
+    // GET_ID answers the configured serial, else the device id.
+    let serial = d.serial.clone().unwrap_or_else(|| id.to_string());
+    let host = HostSide::Disk {
+        image: Arc::new(image),
+        num_queues: d.num_queues as u16,
+        queue_size: d.queue_size,
+        serial,
+        poll: std::time::Duration::from_micros(u64::from(d.poll_us)),
+    };
+    Ok((host, format!("image {}", path.display())))
+}
+
+fn open_net(n: &NetConfig, id: &str, fds: &FdStore) -> Result<(HostSide, String), VmError> {
+    if n.vhost_user {
+        let socket = n.vhost_socket.clone().unwrap_or_default();
+        let endpoint = match n.vhost_mode {
+            VhostMode::Client => Endpoint::Connect(socket.clone().into()),
+            VhostMode::Server => Endpoint::listen(socket.as_ref()).map_err(vhost_err(&socket))?,
+        };
+        if n.vhost_mode == VhostMode::Server {
+            log::info!("{id}: waiting for a vhost-user-net backend to connect to {socket}");
+        }
+        let dev = virtio_devices::vhost_user::net::connect(
+            endpoint,
+            (n.num_queues / 2) as u16,
+            n.queue_size,
+            id.to_string(),
+        )
+        .map_err(vhost_err(&socket))?;
+        return Ok((HostSide::VhostUser(dev), format!("vhost-user {socket}")));
+    }
+    let name = n.tap.clone().unwrap_or_default();
+    let err = |source: net_util::NetError| VmError::Net {
+        name: if name.is_empty() { id.to_string() } else { name.clone() },
+        source: Box::new(source),
+    };
+    let pairs = n.num_queues / 2;
+    let taps = match &n.fds {
+        Some(numbers) => numbers
+            .iter()
+            .map(|&fd| {
+                let owned = fds.duplicate(fd)?;
+                net_util::Tap::from_fd(owned).map_err(err)
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        None => {
+            let taps = net_util::Tap::open_named(&name, pairs).map_err(err)?;
+            if let Some(first) = taps.first() {
+                first.set_ip_addr(n.ip, n.mask).map_err(err)?;
+                if let Some(host_mac) = &n.host_mac {
+                    let mac = host_mac.parse().map_err(|e| VmError::Failed(format!("{id}: {e}")))?;
+                    first.set_mac(mac).map_err(err)?;
+                }
+                if let Some(mtu) = n.mtu {
+                    first.set_mtu(mtu).map_err(err)?;
+                }
+                first.set_up().map_err(err)?;
+            }
+            taps
+        }
+    };
+    let mac = match &n.mac {
+        Some(m) => m
+            .parse()
+            .map_err(|e| VmError::Failed(format!("{id}: {e}")))?,
+        // Chosen once per boot, so it stays the same across guest reboots.
+        None => net_util::MacAddr::random_local(),
+    };
+    let backend = format!(
+        "tap {} mac {mac}",
+        taps.first().map_or("?", |t| t.if_name())
+    );
+    let host = HostSide::Tap {
+        taps,
+        mac,
+        queue_size: n.queue_size,
+        mtu: n.mtu,
+        offloads: net_util::Offloads {
+            csum: n.offload_csum,
+            tso: n.offload_tso,
+            ufo: n.offload_ufo,
+        },
+    };
+    Ok((host, backend))
+}
+
+fn id_of(id: &Option<String>) -> String {
+    id.clone().unwrap_or_default()
+}
+
+impl Board {
+    /// Opens the host side of every device of `config` (whose devices all have ids, see
+    /// [`vm_config::VmConfig::name_devices`]); `start` is the VMM's process start (for
+    /// boot-progress timing), `fds` holds descriptors handed to the VMM (TAPs), and `input`
+    /// is where standard input goes.
+    pub fn new(
+        config: &VmConfig,
+        fds: &FdStore,
+        input: InputTarget,
+        start: Instant,
+    ) -> Result<Self, VmError> {
+        let serial = OutputSink::open(&config.serial, "serial file")?;
+        let console = OutputSink::open(&config.console, "console file")?;
+        let mut devices = Vec::new();
+        let mut add = |id: String, kind, pci_segment, (host, backend): (HostSide, String)| {
+            log::debug!("{id}: {backend}");
+            devices.push(BoardDevice {
+                id,
+                kind,
+                backend,
+                pci_segment,
+                host,
+            });
+        };
+        for d in config.disks.iter().flatten() {
+            let id = id_of(&d.id);
+            add(id.clone(), DeviceKind::Disk, d.pci_segment, open_disk(d, &id)?);
+        }
+        for n in config.net.iter().flatten() {
+            let id = id_of(&n.id);
+            add(id.clone(), DeviceKind::Net, n.pci_segment, open_net(n, &id, fds)?);
+        }
+        for f in config.fs.iter().flatten() {
+            let id = id_of(&f.id);
+            let socket = f.socket.display().to_string();
+            let dev = virtio_devices::vhost_user::fs::connect(
+                Endpoint::Connect(f.socket.clone()),
+                &f.tag,
+                f.num_queues as u16,
+                f.queue_size,
+                id.clone(),
+            )
+            .map_err(vhost_err(&socket))?;
+            let backend = format!("vhost-user {socket} tag {}", f.tag);
+            add(id, DeviceKind::Fs, f.pci_segment, (HostSide::VhostUser(dev), backend));
+        }
+        if !matches!(console, OutputSink::Off) {
+            let backend = format!("{:?}", config.console.mode);
+            add(
+                vm_config::CONSOLE_DEVICE_ID.into(),
+                DeviceKind::Console,
+                0,
+                (HostSide::Console, backend),
+            );
+        }
+        let src = config.rng.src.clone();
+        let backend = format!("source {}", src.display());
+        add(
+            vm_config::RNG_DEVICE_ID.into(),
+            DeviceKind::Rng,
+            0,
+            (HostSide::Rng(src), backend),
+        );
+        Ok(Self {
+            serial,
+            console,
+            input,
+            cmos: Arc::new(Mutex::new(devices::rtc::Rtc::default())),
+            devices,
+            start,
+        })
+    }
+
+    /// The virtio devices, in slot order.
+    pub fn devices(&self) -> &[BoardDevice] {
+        &self.devices
+    }
+
+    /// The serial port's sink.
+    pub fn serial(&self) -> &OutputSink {
+        &self.serial
+    }
+
+    /// Where standard input goes.
+    pub fn input(&self) -> &InputTarget {
+        &self.input
+    }
+
+    /// The CMOS RTC (clock offset and NVRAM survive resets).
+    pub fn cmos(&self) -> &Arc<Mutex<devices::rtc::Rtc>> {
+        &self.cmos
+    }
+
+    /// The VMM's process start.
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// Whether the virtio console takes standard input (then the serial port gets none).
+    pub fn console_takes_input(&self) -> bool {
+        matches!(self.console, OutputSink::Stdout)
+    }
+
+    /// Points standard input at `sink` (or nowhere).
+    pub fn set_input(&self, sink: Option<Arc<dyn InputSink>>) {
+        *self.input.lock().unwrap_or_else(|p| p.into_inner()) = sink;
+    }
+
+    /// A fresh guest-facing device for `device`, for a new VM instance.
+    pub fn instance(&self, device: &BoardDevice) -> Result<Box<dyn VirtioDevice>, VmError> {
+        let id = device.id.clone();
+        Ok(match &device.host {
+            HostSide::Disk {
+                image,
+                num_queues,
+                queue_size,
+                serial,
+                poll,
+            } => Box::new(
+                virtio_devices::block::Block::new(
+                    image.clone(),
+                    *num_queues,
+                    *queue_size,
+                    serial,
+                    id,
+                )
+                .with_poll(*poll),
+            ),
+            HostSide::Tap {
+                taps,
+                mac,
+                queue_size,
+                mtu,
+                offloads,
+            } => {
+                let taps = taps
+                    .iter()
+                    .map(net_util::Tap::try_clone)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|source| VmError::Net {
+                        name: id.clone(),
+                        source: Box::new(source),
+                    })?;
+                Box::new(
+                    virtio_devices::net::Net::new(taps, *mac, *queue_size, *mtu, id.clone())
+                        .map_err(|e| VmError::Failed(format!("{id}: {e}")))?
+                        .with_offloads(*offloads),
+                )
+            }
+            HostSide::VhostUser(dev) => Box::new(dev.fresh()),
+            HostSide::Rng(src) => {
+                let source = File::open(src).map_err(|source| VmError::Open {
+                    what: "rng source",
+                    path: src.display().to_string(),
+                    source,
+                })?;
+                Box::new(virtio_devices::rng::Rng::new(source, id))
+            }
+            HostSide::Console => {
+                let out = self.console.writer()?.unwrap_or_else(|| Box::new(std::io::sink()));
+                // A `tty` console takes standard input (the serial port then gets none).
+                let input = if self.console_takes_input() {
+                    let input = virtio_devices::console::ConsoleInput::new().map_err(|source| {
+                        VmError::Os {
+                            what: "console input",
+                            source,
+                        }
+                    })?;
+                    let sink: Arc<dyn InputSink> = input.clone();
+                    self.set_input(Some(sink));
+                    Some(input)
+                } else {
+                    None
+                };
+                Box::new(virtio_devices::console::Console::new(out, input, id))
+            }
+        })
+    }
+}

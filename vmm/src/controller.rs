@@ -1,0 +1,615 @@
+//! The VMM's command loop: the one owner of the VM. API requests, the command line's initial
+//! create and boot, termination signals and the guest's power events all arrive here as
+//! [`Command`]s, one at a time; [`legality`] is the one place that decides which request is
+//! legal in which [`VmState`].
+
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::Instant;
+
+use api_http::Responder;
+use hypervisor::Hypervisor;
+use serde::Serialize;
+use vm_config::{ConfigError, ConsoleOutputMode, VmConfig};
+
+use crate::api::{self, ApiBody, ApiError, ApiReply, ApiRequest};
+use crate::board::Board;
+use crate::control::{EventSink, VmEvent};
+use crate::events::EventMonitor;
+use crate::fds::FdStore;
+use crate::serial_input::{spawn_forwarder, InputTarget, TerminalGuard};
+use crate::vm::{Vm, VmError};
+
+/// Something for the command loop to do.
+#[derive(Debug)]
+pub enum Command {
+    /// An API request and where its answer goes.
+    Api(ApiRequest, Responder),
+    /// The first power event or failure of VM instance `instance`.
+    Guest {
+        /// Which instance (events of an instance already replaced are stale).
+        instance: u64,
+        /// What happened.
+        event: VmEvent,
+    },
+    /// A termination signal.
+    Signal(i32),
+}
+
+/// The VM's lifecycle state, as `vm.info` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum VmState {
+    /// Configured, not booted.
+    Created,
+    /// Running guest code.
+    Running,
+    /// Shut down (can be booted again).
+    Shutdown,
+    /// Paused.
+    Paused,
+}
+
+/// How the VMM ends.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Clean: the guest powered off, `vmm.shutdown`, or a termination signal.
+    Done,
+    /// The VM failed (a vCPU could not go on, or a guest reset could not rebuild the VM).
+    Failed(String),
+}
+
+/// Whether `request` is legal in `state` (`None`: no VM was created).
+pub fn legality(state: Option<VmState>, request: &ApiRequest) -> Result<(), ApiError> {
+    use ApiRequest as R;
+    use VmState::*;
+    let not_created = || ApiError::plain(404, &["VM is not created"]);
+    let not_running = || ApiError::plain(500, &["VM is not running"]);
+    match (state, request) {
+        (_, R::VmmPing | R::VmmShutdown | R::VmDelete) => Ok(()),
+        (None, R::VmCreate(_)) => Ok(()),
+        (Some(_), R::VmCreate(_)) => Err(ApiError::plain(500, &["VM is already created"])),
+        (_, R::NotYet(route)) => Err(ApiError::plain(
+            500,
+            &[&format!("{route} is not supported by Nimbus yet")],
+        )),
+        (None, _) => Err(not_created()),
+        (Some(_), R::VmInfo) => Ok(()),
+        (Some(Created | Shutdown), R::VmBoot) => Ok(()),
+        (Some(Running | Paused), R::VmBoot) => {
+            Err(ApiError::plain(500, &["VM is already booted"]))
+        }
+        (Some(Running), R::VmPause) => Ok(()),
+        (Some(Paused), R::VmPause) => Err(ApiError::plain(500, &["VM is already paused"])),
+        (Some(Paused), R::VmResume) => Ok(()),
+        (Some(Running), R::VmResume) => Err(ApiError::plain(500, &["VM is not paused"])),
+        (
+            Some(Running | Paused),
+            R::VmShutdown | R::VmReboot | R::VmPowerButton | R::VmNmi | R::VmCounters,
+        ) => Ok(()),
+        (Some(Created | Shutdown), R::VmReboot) => Err(ApiError::plain(404, &["VM is not booted"])),
+        (Some(Created | Shutdown), R::AddDisk(_) | R::AddNet(..) | R::AddFs(_)) => Ok(()),
+        (Some(Created | Shutdown), R::RemoveDevice(_)) => Ok(()),
+        (Some(Running | Paused), R::AddDisk(_) | R::AddNet(..) | R::AddFs(_) | R::RemoveDevice(_)) => {
+            Err(ApiError::plain(
+                500,
+                &["adding or removing devices while the VM runs (hotplug) is not supported by Nimbus yet"],
+            ))
+        }
+        (Some(_), _) => Err(not_running()),
+    }
+}
+
+/// A booted VM: the board (host side of the devices, kept across resets) and the current
+/// instance of the machine.
+struct Booted {
+    board: Board,
+    vm: Vm,
+    instance: u64,
+}
+
+/// `vm.info`'s answer.
+#[derive(Serialize)]
+struct VmInfo<'a> {
+    config: &'a VmConfig,
+    state: VmState,
+    memory_actual_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_tree: Option<std::collections::BTreeMap<String, crate::device_manager::DeviceNode>>,
+}
+
+/// The VMM: the VM's configuration, its state, and the VM while it is booted.
+pub struct Vmm {
+    hv: Arc<dyn Hypervisor>,
+    commands: Receiver<Command>,
+    sender: Sender<Command>,
+    config: Option<VmConfig>,
+    state: VmState,
+    booted: Option<Booted>,
+    instances: u64,
+    fds: FdStore,
+    events: EventMonitor,
+    input: InputTarget,
+    stdin_forwarded: bool,
+    terminal: Option<TerminalGuard>,
+    start: Instant,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("state", &self.config.as_ref().map(|_| self.state))
+            .finish_non_exhaustive()
+    }
+}
+
+fn config_status(e: &ConfigError) -> u16 {
+    match e {
+        ConfigError::DuplicateId(_) | ConfigError::DuplicatePath(_) => 409,
+        _ => 400,
+    }
+}
+
+impl Vmm {
+    /// A VMM with no VM, on `hv`; `fds` holds descriptors handed over on the command line,
+    /// `events` is the event monitor, `start` the process start.
+    pub fn new(
+        hv: Arc<dyn Hypervisor>,
+        fds: FdStore,
+        events: EventMonitor,
+        start: Instant,
+    ) -> Self {
+        let (sender, commands) = channel();
+        Self {
+            hv,
+            commands,
+            sender,
+            config: None,
+            state: VmState::Created,
+            booted: None,
+            instances: 0,
+            fds,
+            events,
+            input: InputTarget::default(),
+            stdin_forwarded: false,
+            terminal: None,
+            start,
+        }
+    }
+
+    /// Where commands for this VMM go (the API thread, the signal thread).
+    pub fn sender(&self) -> Sender<Command> {
+        self.sender.clone()
+    }
+
+    /// Carries out one API request now (the command line's create and boot use this too).
+    pub fn request(&mut self, request: ApiRequest) -> ApiReply {
+        let state = self.config.as_ref().map(|_| self.state);
+        legality(state, &request)?;
+        match request {
+            ApiRequest::VmmPing => self.ping(),
+            ApiRequest::VmmShutdown => {
+                self.delete();
+                Ok(ApiBody::EmptyOk)
+            }
+            ApiRequest::VmCreate(config) => self.create(*config),
+            ApiRequest::VmDelete => {
+                self.delete();
+                Ok(ApiBody::NoContent)
+            }
+            ApiRequest::VmBoot => self.boot(),
+            ApiRequest::VmShutdown => {
+                self.shutdown();
+                Ok(ApiBody::NoContent)
+            }
+            ApiRequest::VmReboot => self.reboot(),
+            ApiRequest::VmPowerButton => {
+                self.with_vm("The power button could not be pressed", |vm| vm.power_button())
+            }
+            ApiRequest::VmNmi => self.with_vm("The NMI could not be injected", |vm| {
+                vm.nmi();
+                Ok(())
+            }),
+            ApiRequest::VmPause => self.pause(),
+            ApiRequest::VmResume => self.resume(),
+            ApiRequest::VmInfo => self.info(),
+            ApiRequest::VmCounters => self.counters(),
+            ApiRequest::AddDisk(disk) => self.change_config(|c| {
+                c.disks.get_or_insert_with(Vec::new).push(*disk);
+            }),
+            ApiRequest::AddFs(fs) => self.change_config(|c| {
+                c.fs.get_or_insert_with(Vec::new).push(*fs);
+            }),
+            ApiRequest::AddNet(mut net, fds) => {
+                let numbers: Vec<i32> = fds.into_iter().map(|fd| self.fds.insert(fd)).collect();
+                if !numbers.is_empty() {
+                    net.fds = Some(numbers.clone());
+                }
+                let reply = self.change_config(|c| c.net.get_or_insert_with(Vec::new).push(*net));
+                if reply.is_err() {
+                    self.fds.release(&numbers);
+                }
+                reply
+            }
+            ApiRequest::RemoveDevice(id) => self.remove_device(&id),
+            ApiRequest::NotYet(_) => Err(ApiError::plain(500, &["not supported"])),
+        }
+    }
+
+    /// Runs commands until the VMM must exit.
+    pub fn run(&mut self) -> Outcome {
+        loop {
+            let Ok(command) = self.commands.recv() else {
+                return Outcome::Done;
+            };
+            match command {
+                Command::Api(request, responder) => {
+                    let exit = matches!(request, ApiRequest::VmmShutdown);
+                    let reply = self.request(request);
+                    let ok = reply.is_ok();
+                    responder.send(api::response(reply));
+                    if exit && ok {
+                        self.events.emit("vmm", "shutdown", &[]);
+                        return Outcome::Done;
+                    }
+                }
+                Command::Guest { instance, event } => {
+                    if let Some(outcome) = self.guest_event(instance, event) {
+                        return outcome;
+                    }
+                }
+                Command::Signal(signal) => {
+                    log::info!("signal {signal}: stopping the VM and exiting");
+                    self.delete();
+                    self.events.emit("vmm", "shutdown", &[]);
+                    return Outcome::Done;
+                }
+            }
+        }
+    }
+
+    /// Emits an event on the monitor.
+    pub fn emit(&mut self, source: &str, event: &str) {
+        self.events.emit(source, event, &[]);
+    }
+
+    fn ping(&self) -> ApiReply {
+        let own = env!("CARGO_PKG_VERSION");
+        let ping = api::PingResponse {
+            build_version: format!("v{}-nimbus-{own}", crate::cli::CH_COMPAT_VERSION),
+            version: crate::cli::CH_COMPAT_VERSION.to_string(),
+            pid: i64::from(std::process::id()),
+            features: vec!["kvm".into()],
+        };
+        json_reply(&ping)
+    }
+
+    fn create(&mut self, config: VmConfig) -> ApiReply {
+        config
+            .validate()
+            .map_err(|e| ApiError::new(config_status(&e), "The VM could not be created", &e))?;
+        self.config = Some(config);
+        self.state = VmState::Created;
+        Ok(ApiBody::NoContent)
+    }
+
+    /// Applies `change` to the configuration of a VM that is not running, if the result is
+    /// valid.
+    fn change_config(&mut self, change: impl FnOnce(&mut VmConfig)) -> ApiReply {
+        let Some(config) = &self.config else {
+            return Err(ApiError::plain(404, &["VM is not created"]));
+        };
+        let mut changed = config.clone();
+        change(&mut changed);
+        changed
+            .validate()
+            .map_err(|e| ApiError::new(config_status(&e), "The device could not be added", &e))?;
+        self.config = Some(changed);
+        Ok(ApiBody::NoContent)
+    }
+
+    fn remove_device(&mut self, id: &str) -> ApiReply {
+        let Some(config) = &mut self.config else {
+            return Err(ApiError::plain(404, &["VM is not created"]));
+        };
+        let has = |d: &Option<String>| d.as_deref() == Some(id);
+        let mut released = Vec::new();
+        let mut found = false;
+        if let Some(disks) = &mut config.disks {
+            let before = disks.len();
+            disks.retain(|d| !has(&d.id));
+            found |= disks.len() != before;
+        }
+        if let Some(nets) = &mut config.net {
+            for n in nets.iter().filter(|n| has(&n.id)) {
+                released.extend(n.fds.iter().flatten().copied());
+            }
+            let before = nets.len();
+            nets.retain(|n| !has(&n.id));
+            found |= nets.len() != before;
+        }
+        if let Some(fs) = &mut config.fs {
+            let before = fs.len();
+            fs.retain(|f| !has(&f.id));
+            found |= fs.len() != before;
+        }
+        if !found {
+            return Err(ApiError::plain(
+                404,
+                &["The device could not be removed", &format!("no device with id {id}")],
+            ));
+        }
+        self.fds.release(&released);
+        Ok(ApiBody::NoContent)
+    }
+
+    /// The sink of instance `instance`'s power events and failures.
+    fn sink(&self, instance: u64) -> EventSink {
+        let sender = self.sender.clone();
+        Box::new(move |event| {
+            let _ = sender.send(Command::Guest { instance, event });
+        })
+    }
+
+    fn boot(&mut self) -> ApiReply {
+        let Some(config) = &mut self.config else {
+            return Err(ApiError::plain(404, &["VM is not created"]));
+        };
+        config.name_devices();
+        config
+            .validate()
+            .map_err(|e| ApiError::new(config_status(&e), "The VM could not boot", &e))?;
+        let config = config.clone();
+        self.events.emit("vm", "booting", &[]);
+        self.prepare_console(&config);
+        let board = Board::new(&config, &self.fds, self.input.clone(), self.start)
+            .map_err(|e| vm_error("The VM could not boot", &e))?;
+        let vm = self
+            .instance(&config, &board)
+            .map_err(|e| vm_error("The VM could not boot", &e))?;
+        self.booted = Some(Booted {
+            board,
+            vm,
+            instance: self.instances,
+        });
+        self.state = VmState::Running;
+        log::info!(
+            "VM is running ({} vCPUs, {} MiB)",
+            config.cpus.boot_vcpus,
+            config.memory.size >> 20
+        );
+        self.events.emit("vm", "booted", &[]);
+        Ok(ApiBody::NoContent)
+    }
+
+    /// Builds and starts a new instance of the machine on `board`.
+    fn instance(&mut self, config: &VmConfig, board: &Board) -> Result<Vm, VmError> {
+        self.instances += 1;
+        let mut vm = Vm::new(self.hv.as_ref(), config, board, self.sink(self.instances))?;
+        vm.start()?;
+        Ok(vm)
+    }
+
+    /// Standard input goes to the guest when a console or the serial port is `tty`: the
+    /// terminal switches to raw mode and one thread forwards it, for the VMM's lifetime.
+    fn prepare_console(&mut self, config: &VmConfig) {
+        let tty = ConsoleOutputMode::Tty;
+        if config.serial.mode != tty && config.console.mode != tty {
+            return;
+        }
+        if self.terminal.is_none() {
+            self.terminal = Some(TerminalGuard::raw_stdin());
+        }
+        if !self.stdin_forwarded {
+            match spawn_forwarder(std::io::stdin(), self.input.clone()) {
+                Ok(()) => self.stdin_forwarded = true,
+                Err(e) => log::warn!("no console input: cannot start its thread: {e}"),
+            }
+        }
+    }
+
+    /// Tears the booted VM down (vCPUs stopped, devices' threads joined, then the host side
+    /// closed).
+    fn shutdown(&mut self) {
+        if let Some(booted) = self.booted.take() {
+            let Booted { board, vm, .. } = booted;
+            drop(vm);
+            board.set_input(None);
+            drop(board);
+            self.state = VmState::Shutdown;
+            log::info!("VM shut down");
+            self.events.emit("vm", "shutdown", &[]);
+        }
+    }
+
+    fn delete(&mut self) {
+        self.shutdown();
+        if self.config.take().is_some() {
+            self.fds.clear();
+            self.events.emit("vm", "deleted", &[]);
+        }
+    }
+
+    /// Replaces the running instance with a fresh one on the same board (guest reset or
+    /// `vm.reboot`).
+    fn reboot(&mut self) -> ApiReply {
+        self.events.emit("vm", "rebooting", &[]);
+        let (Some(config), Some(booted)) = (self.config.clone(), self.booted.take()) else {
+            return Err(ApiError::plain(404, &["VM is not booted"]));
+        };
+        let Booted { board, vm, .. } = booted;
+        drop(vm);
+        board.set_input(None);
+        match self.instance(&config, &board) {
+            Ok(vm) => {
+                self.booted = Some(Booted {
+                    board,
+                    vm,
+                    instance: self.instances,
+                });
+                self.state = VmState::Running;
+                self.events.emit("vm", "rebooted", &[]);
+                Ok(ApiBody::NoContent)
+            }
+            Err(e) => {
+                drop(board);
+                self.state = VmState::Shutdown;
+                self.events.emit("vm", "shutdown", &[]);
+                Err(vm_error("The VM could not reboot", &e))
+            }
+        }
+    }
+
+    fn with_vm(
+        &mut self,
+        context: &str,
+        f: impl FnOnce(&mut Vm) -> Result<(), VmError>,
+    ) -> ApiReply {
+        let Some(booted) = &mut self.booted else {
+            return Err(ApiError::plain(500, &["VM is not running"]));
+        };
+        f(&mut booted.vm).map_err(|e| vm_error(context, &e))?;
+        Ok(ApiBody::NoContent)
+    }
+
+    fn pause(&mut self) -> ApiReply {
+        self.events.emit("vm", "pausing", &[]);
+        self.with_vm("The VM could not be paused", Vm::pause)?;
+        self.state = VmState::Paused;
+        self.events.emit("vm", "paused", &[]);
+        Ok(ApiBody::NoContent)
+    }
+
+    fn resume(&mut self) -> ApiReply {
+        self.events.emit("vm", "resuming", &[]);
+        self.with_vm("The VM could not be resumed", |vm| {
+            vm.resume();
+            Ok(())
+        })?;
+        self.state = VmState::Running;
+        self.events.emit("vm", "resumed", &[]);
+        Ok(ApiBody::NoContent)
+    }
+
+    fn info(&self) -> ApiReply {
+        let Some(config) = &self.config else {
+            return Err(ApiError::plain(404, &["VM is not created"]));
+        };
+        let info = VmInfo {
+            config,
+            state: self.state,
+            memory_actual_size: config.memory.size,
+            device_tree: self.booted.as_ref().map(|b| b.vm.devices().device_tree()),
+        };
+        json_reply(&info)
+    }
+
+    fn counters(&self) -> ApiReply {
+        let Some(booted) = &self.booted else {
+            return Err(ApiError::plain(500, &["VM is not running"]));
+        };
+        json_reply(&booted.vm.devices().counters())
+    }
+
+    /// Handles the first event of instance `instance`; `Some` when the VMM must exit.
+    fn guest_event(&mut self, instance: u64, event: VmEvent) -> Option<Outcome> {
+        if self.booted.as_ref().map(|b| b.instance) != Some(instance) {
+            log::debug!("stale event {event:?} of VM instance {instance}");
+            return None;
+        }
+        match event {
+            VmEvent::PowerOff => {
+                log::info!("the guest powered off");
+                self.delete();
+                self.events.emit("vmm", "shutdown", &[]);
+                Some(Outcome::Done)
+            }
+            VmEvent::Reset => {
+                log::info!("the guest reset the machine; rebooting");
+                match self.reboot() {
+                    Ok(_) => None,
+                    Err(e) => Some(Outcome::Failed(e.messages[1..].join(": "))),
+                }
+            }
+            VmEvent::Failed(why) => {
+                log::error!("the VM failed: {why}");
+                self.delete();
+                self.events.emit("vmm", "shutdown", &[]);
+                Some(Outcome::Failed(format!("the VM failed: {why}")))
+            }
+        }
+    }
+}
+
+fn json_reply<T: Serialize>(value: &T) -> ApiReply {
+    serde_json::to_vec(value)
+        .map(ApiBody::Json)
+        .map_err(|e| ApiError::new(500, "The answer could not be encoded", &e))
+}
+
+fn vm_error(context: &str, e: &VmError) -> ApiError {
+    let status = match e {
+        VmError::Config(c) => config_status(c),
+        _ => 500,
+    };
+    ApiError::new(status, context, e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn states() -> [Option<VmState>; 5] {
+        [
+            None,
+            Some(VmState::Created),
+            Some(VmState::Running),
+            Some(VmState::Paused),
+            Some(VmState::Shutdown),
+        ]
+    }
+
+    fn legal_in(request: &ApiRequest) -> Vec<Option<VmState>> {
+        states()
+            .into_iter()
+            .filter(|s| legality(*s, request).is_ok())
+            .collect()
+    }
+
+    #[test]
+    fn the_state_machine_allows_what_cloud_hypervisor_allows() {
+        use VmState::*;
+        assert_eq!(legal_in(&ApiRequest::VmBoot), [Some(Created), Some(Shutdown)]);
+        assert_eq!(legal_in(&ApiRequest::VmPause), [Some(Running)]);
+        assert_eq!(legal_in(&ApiRequest::VmResume), [Some(Paused)]);
+        assert_eq!(
+            legal_in(&ApiRequest::VmShutdown),
+            [Some(Running), Some(Paused)]
+        );
+        assert_eq!(legal_in(&ApiRequest::VmReboot), [Some(Running), Some(Paused)]);
+        assert_eq!(legal_in(&ApiRequest::VmDelete).len(), 5);
+        assert_eq!(legal_in(&ApiRequest::VmInfo).len(), 4);
+        assert_eq!(
+            legal_in(&ApiRequest::VmCreate(Box::default())),
+            [None]
+        );
+        assert_eq!(
+            legal_in(&ApiRequest::RemoveDevice("_disk0".into())),
+            [Some(Created), Some(Shutdown)]
+        );
+        assert!(legal_in(&ApiRequest::NotYet("vm.snapshot")).is_empty());
+    }
+
+    #[test]
+    fn illegal_requests_say_why_with_cloud_hypervisors_status() {
+        let e = legality(None, &ApiRequest::VmInfo).expect_err("no VM");
+        assert_eq!((e.status, e.messages[1].as_str()), (404, "VM is not created"));
+        let e = legality(Some(VmState::Created), &ApiRequest::VmPause).expect_err("not running");
+        assert_eq!(e.status, 500);
+        let e = legality(Some(VmState::Running), &ApiRequest::VmCreate(Box::default()))
+            .expect_err("twice");
+        assert!(e.messages[1].contains("already created"));
+        let e = legality(Some(VmState::Running), &ApiRequest::NotYet("vm.snapshot"))
+            .expect_err("later");
+        assert!(e.messages[1].contains("vm.snapshot"), "{e:?}");
+    }
+}

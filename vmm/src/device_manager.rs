@@ -1,0 +1,275 @@
+//! The one registry of a VM instance's devices: every virtio-pci device by id, with its PCI
+//! address and resources. `vm.info`'s device tree, `vm.counters`, pause/resume (and later
+//! hotplug and snapshots) read it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+use virtio_devices::pause::PauseError;
+use virtio_devices::transport::{VirtioPciDevice, BAR0_SIZE};
+use virtio_devices::VirtioDevice;
+
+use crate::board::DeviceKind;
+use crate::pci_devices::{PciDevices, PciError};
+
+/// A PCI address `segment:bus:device.function`, written as Cloud Hypervisor writes it
+/// (`0000:00:03.0`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciBdf {
+    /// Segment.
+    pub segment: u16,
+    /// Bus.
+    pub bus: u8,
+    /// Device (slot).
+    pub device: u8,
+    /// Function.
+    pub function: u8,
+}
+
+impl std::fmt::Display for PciBdf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{:x}",
+            self.segment, self.bus, self.device, self.function
+        )
+    }
+}
+
+/// A device on the PCI bus.
+#[derive(Debug)]
+struct PciEntry {
+    id: String,
+    kind: DeviceKind,
+    bdf: PciBdf,
+    device: Arc<Mutex<VirtioPciDevice>>,
+}
+
+impl PciEntry {
+    fn lock(&self) -> MutexGuard<'_, VirtioPciDevice> {
+        self.device.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One node of `vm.info`'s `device_tree` (Cloud Hypervisor's `DeviceNode`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeviceNode {
+    /// The node's id.
+    pub id: String,
+    /// What it holds.
+    pub resources: Vec<Resource>,
+    /// The node it hangs off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Nodes hanging off it.
+    pub children: Vec<String>,
+    /// Its PCI address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pci_bdf: Option<String>,
+}
+
+/// A resource of a device node (Cloud Hypervisor's `Resource`, externally tagged).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum Resource {
+    /// A PCI BAR where it decodes now.
+    PciBar {
+        /// BAR index.
+        index: usize,
+        /// Guest physical address.
+        base: u64,
+        /// Size in bytes.
+        size: u64,
+        /// `Mmio32` or `Mmio64`.
+        type_: &'static str,
+        /// Prefetchable.
+        prefetchable: bool,
+    },
+}
+
+/// The devices of one VM instance.
+#[derive(Debug)]
+pub struct DeviceManager {
+    pci: PciDevices,
+    devices: Vec<PciEntry>,
+    /// Platform devices present (`__serial`, ...), for the device tree.
+    platform: Vec<&'static str>,
+}
+
+impl DeviceManager {
+    /// A registry over the PCI bus `pci`.
+    pub fn new(pci: PciDevices) -> Self {
+        Self {
+            pci,
+            devices: Vec::new(),
+            platform: vec!["__ioapic"],
+        }
+    }
+
+    /// Records a platform device for the device tree.
+    pub fn add_platform(&mut self, id: &'static str) {
+        self.platform.push(id);
+    }
+
+    /// Puts virtio device `device` of `kind` with `id` on the bus; `backend` says how it is
+    /// served, for the log. Returns its address.
+    pub fn add_virtio(
+        &mut self,
+        id: &str,
+        kind: DeviceKind,
+        backend: &str,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<PciBdf, PciError> {
+        let (slot, device) = self.pci.add_virtio(device, None)?;
+        let bdf = PciBdf {
+            segment: 0,
+            bus: 0,
+            device: slot,
+            function: 0,
+        };
+        log::info!("{id}: virtio-{kind:?} at {bdf}, {backend}");
+        self.devices.push(PciEntry {
+            id: id.to_string(),
+            kind,
+            bdf,
+            device,
+        });
+        Ok(bdf)
+    }
+
+    /// The address of device `id`.
+    pub fn bdf(&self, id: &str) -> Option<PciBdf> {
+        self.devices.iter().find(|d| d.id == id).map(|d| d.bdf)
+    }
+
+    /// Parks every device's threads; on failure the ones already parked go on again.
+    pub fn pause(&self) -> Result<(), PauseError> {
+        for (i, d) in self.devices.iter().enumerate() {
+            if let Err(e) = d.lock().pause() {
+                for done in &self.devices[..i] {
+                    done.lock().resume();
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets every device's threads go on.
+    pub fn resume(&self) {
+        for d in &self.devices {
+            d.lock().resume();
+        }
+    }
+
+    /// `vm.counters`: the devices that keep counters, by id.
+    pub fn counters(&self) -> BTreeMap<String, BTreeMap<&'static str, u64>> {
+        self.devices
+            .iter()
+            .filter_map(|d| {
+                let counters = d.lock().counters();
+                (!counters.is_empty()).then(|| (d.id.clone(), counters.into_iter().collect()))
+            })
+            .collect()
+    }
+
+    /// `vm.info`'s device tree: each virtio device under a `_virtio-pci-<id>` node holding
+    /// its BAR and address, as Cloud Hypervisor shows it.
+    pub fn device_tree(&self) -> BTreeMap<String, DeviceNode> {
+        let mut tree = BTreeMap::new();
+        for id in &self.platform {
+            tree.insert(
+                id.to_string(),
+                DeviceNode {
+                    id: id.to_string(),
+                    resources: Vec::new(),
+                    parent: None,
+                    children: Vec::new(),
+                    pci_bdf: None,
+                },
+            );
+        }
+        for d in &self.devices {
+            let wrapper = format!("_virtio-pci-{}", d.id);
+            let resources = d
+                .lock()
+                .bar0()
+                .map(|base| Resource::PciBar {
+                    index: 0,
+                    base,
+                    size: BAR0_SIZE,
+                    type_: if base + BAR0_SIZE <= 1 << 32 {
+                        "Mmio32"
+                    } else {
+                        "Mmio64"
+                    },
+                    prefetchable: false,
+                })
+                .into_iter()
+                .collect();
+            tree.insert(
+                d.id.clone(),
+                DeviceNode {
+                    id: d.id.clone(),
+                    resources: Vec::new(),
+                    parent: Some(wrapper.clone()),
+                    children: Vec::new(),
+                    pci_bdf: None,
+                },
+            );
+            tree.insert(
+                wrapper.clone(),
+                DeviceNode {
+                    id: wrapper,
+                    resources,
+                    parent: None,
+                    children: vec![d.id.clone()],
+                    pci_bdf: Some(d.bdf.to_string()),
+                },
+            );
+        }
+        tree
+    }
+
+    /// The kinds and ids of the devices, in slot order (for logs and tests).
+    pub fn ids(&self) -> Vec<(DeviceKind, &str)> {
+        self.devices.iter().map(|d| (d.kind, d.id.as_str())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bdfs_are_written_as_cloud_hypervisor_writes_them() {
+        let bdf = PciBdf {
+            segment: 1,
+            bus: 0,
+            device: 0x1f,
+            function: 0,
+        };
+        assert_eq!(bdf.to_string(), "0001:00:1f.0");
+    }
+
+    #[test]
+    fn device_nodes_serialize_in_cloud_hypervisors_shape() {
+        let node = DeviceNode {
+            id: "_virtio-pci-_disk0".into(),
+            resources: vec![Resource::PciBar {
+                index: 0,
+                base: 0xc000_0000,
+                size: 0x8000,
+                type_: "Mmio32",
+                prefetchable: false,
+            }],
+            parent: None,
+            children: vec!["_disk0".into()],
+            pci_bdf: Some("0000:00:02.0".into()),
+        };
+        assert_eq!(
+            serde_json::to_string(&node).expect("json"),
+            r#"{"id":"_virtio-pci-_disk0","resources":[{"PciBar":{"index":0,"base":3221225472,"size":32768,"type_":"Mmio32","prefetchable":false}}],"children":["_disk0"],"pci_bdf":"0000:00:02.0"}"#
+        );
+    }
+}
