@@ -218,6 +218,15 @@ impl ConsoleConfig {
     }
 }
 
+/// Parses one `--<option>` value in Cloud Hypervisor's `key=value,...` syntax into its
+/// configuration struct (the command line and `nimbus-remote add-*` both use this).
+pub fn parse_option<T: serde::de::DeserializeOwned>(
+    option: &'static str,
+    s: &str,
+) -> Result<T, ConfigError> {
+    kv::from_str::<T>(s).map_err(|source| ConfigError::Parse { option, source })
+}
+
 fn default_num_queues() -> usize {
     1
 }
@@ -411,6 +420,39 @@ pub struct NetConfig {
 }
 
 impl NetConfig {
+    /// Parses one `--net` value: Cloud Hypervisor spells the passed descriptors `fd=3` (or
+    /// `fd=[3;4]`); the configuration field is `fds`.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let parse_err = |source| ConfigError::Parse {
+            option: "net",
+            source,
+        };
+        let mut fds = None;
+        let mut rest = Vec::new();
+        for (k, v) in kv::split(s).map_err(parse_err)? {
+            if k == "fd" {
+                let list = v.trim_start_matches('[').trim_end_matches(']');
+                let parsed = list
+                    .split([';', ' '])
+                    .filter(|t| !t.is_empty())
+                    .map(|t| {
+                        t.parse::<i32>()
+                            .map_err(|_| kv::KvError::Invalid(format!("fd '{t}' is not a number")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(parse_err)?;
+                fds = Some(parsed);
+            } else {
+                rest.push(format!("{k}=\"{v}\""));
+            }
+        }
+        let mut net = kv::from_str::<NetConfig>(&rest.join(",")).map_err(parse_err)?;
+        if fds.is_some() {
+            net.fds = fds;
+        }
+        Ok(net)
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let name = self
             .tap

@@ -125,22 +125,13 @@ impl Cli {
             }
         }
         if let Some(s) = &self.memory {
-            config.memory =
-                kv::from_str::<MemoryConfig>(s).map_err(|source| ConfigError::Parse {
-                    option: "memory",
-                    source,
-                })?;
+            config.memory = vm_config::parse_option::<MemoryConfig>("memory", s)?;
         }
         if !self.disk.is_empty() {
             let disks = self
                 .disk
                 .iter()
-                .map(|s| {
-                    kv::from_str::<DiskConfig>(s).map_err(|source| ConfigError::Parse {
-                        option: "disk",
-                        source,
-                    })
-                })
+                .map(|s| vm_config::parse_option::<DiskConfig>("disk", s))
                 .collect::<Result<Vec<_>, _>>()?;
             config.disks = Some(disks);
         }
@@ -148,7 +139,7 @@ impl Cli {
             let nets = self
                 .net
                 .iter()
-                .map(|s| parse_net(s))
+                .map(|s| NetConfig::parse(s))
                 .collect::<Result<Vec<_>, _>>()?;
             config.net = Some(nets);
         }
@@ -156,20 +147,12 @@ impl Cli {
             let shares = self
                 .fs
                 .iter()
-                .map(|s| {
-                    kv::from_str::<FsConfig>(s).map_err(|source| ConfigError::Parse {
-                        option: "fs",
-                        source,
-                    })
-                })
+                .map(|s| vm_config::parse_option::<FsConfig>("fs", s))
                 .collect::<Result<Vec<_>, _>>()?;
             config.fs = Some(shares);
         }
         if let Some(s) = &self.rng {
-            config.rng = kv::from_str::<RngConfig>(s).map_err(|source| ConfigError::Parse {
-                option: "rng",
-                source,
-            })?;
+            config.rng = vm_config::parse_option::<RngConfig>("rng", s)?;
         }
         if let Some(s) = &self.serial {
             config.serial = ConsoleConfig::parse("serial", s)?;
@@ -187,38 +170,6 @@ impl Cli {
         }
         Ok(config)
     }
-}
-
-/// Parses one `--net`: CH spells the passed fds `fd=3` (or `fd=[3,4]`); the config field is `fds`.
-fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
-    let parse_err = |source| ConfigError::Parse {
-        option: "net",
-        source,
-    };
-    let mut fds = None;
-    let mut rest = Vec::new();
-    for (k, v) in kv::split(s).map_err(parse_err)? {
-        if k == "fd" {
-            let list = v.trim_start_matches('[').trim_end_matches(']');
-            let parsed = list
-                .split([';', ' '])
-                .filter(|t| !t.is_empty())
-                .map(|t| {
-                    t.parse::<i32>()
-                        .map_err(|_| kv::KvError::Invalid(format!("fd '{t}' is not a number")))
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(parse_err)?;
-            fds = Some(parsed);
-        } else {
-            rest.push(format!("{k}=\"{v}\""));
-        }
-    }
-    let mut net = kv::from_str::<NetConfig>(&rest.join(",")).map_err(parse_err)?;
-    if fds.is_some() {
-        net.fds = fds;
-    }
-    Ok(net)
 }
 
 /// The version line, in the form management stacks written for Cloud Hypervisor parse
