@@ -50,6 +50,14 @@ pub enum BlockError {
         #[source]
         source: io::Error,
     },
+    /// The image has a format Nimbus does not serve (it would show its bytes as raw).
+    #[error("disk image {path} is a {format} image; Nimbus serves raw images only")]
+    NotRaw {
+        /// Path of the image.
+        path: PathBuf,
+        /// What its header says.
+        format: crate::ImageFormat,
+    },
     /// The path is neither a regular file nor a block device.
     #[error("disk image {path} is neither a regular file nor a block device")]
     NotADisk {

@@ -35,6 +35,7 @@ mod aligned;
 mod disk;
 #[cfg(any(test, feature = "test-utils"))]
 mod fake;
+mod format;
 mod queue;
 mod raw;
 mod request;
@@ -44,6 +45,7 @@ mod virtio;
 pub use disk::{BlockError, DiskBackend};
 #[cfg(any(test, feature = "test-utils"))]
 pub use fake::{FakeDisk, FakeOp};
+pub use format::{detect_format, ImageFormat};
 pub use queue::{
     process_queue, process_queue_bounded, IoCounts, MalformedChain, QueueError, QueueOutcome,
 };

@@ -6,13 +6,23 @@
 //! [`VmConfig::validate`] rejects what cannot be built, with a message naming the field.
 #![deny(missing_docs)]
 
+mod console;
+mod cpus;
+mod disk;
 pub mod kv;
+mod memory;
+mod net;
 mod size;
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use console::{ConsoleConfig, ConsoleOutputMode, DebugConsoleConfig};
+pub use cpus::{CpuFeatures, CpuTopology, CpusConfig, MAX_VCPUS};
+pub use disk::{DiskConfig, ImageType};
+pub use memory::{HotplugMethod, MemoryConfig, MIN_MEMORY};
+pub use net::{NetConfig, VhostMode};
 pub use size::parse_size;
 
 /// Errors in a configuration.
@@ -44,6 +54,9 @@ pub enum ConfigError {
     /// Two devices use the same file or socket.
     #[error("{0} is used by two devices")]
     DuplicatePath(String),
+    /// A setting Cloud Hypervisor has that Nimbus does not honour yet.
+    #[error("{0} is not supported by Nimbus yet")]
+    NotSupported(String),
     /// A `key=value` option string did not parse.
     #[error("--{option}")]
     Parse {
@@ -53,79 +66,6 @@ pub enum ConfigError {
         #[source]
         source: kv::KvError,
     },
-}
-
-/// Largest vCPU count: APIC IDs are 8 bits here (no x2APIC yet), 255 is the broadcast ID.
-pub const MAX_VCPUS: u8 = 254;
-
-/// vCPUs (CH `CpusConfig`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct CpusConfig {
-    /// vCPUs running at boot.
-    #[serde(alias = "boot")]
-    pub boot_vcpus: u8,
-    /// vCPUs the VM may have (hotplug).
-    #[serde(alias = "max")]
-    pub max_vcpus: u8,
-    /// Guest physical address width.
-    pub max_phys_bits: u8,
-    /// Expose Hyper-V enlightenments (not supported yet; must stay false).
-    pub kvm_hyperv: bool,
-}
-
-impl Default for CpusConfig {
-    fn default() -> Self {
-        Self {
-            boot_vcpus: 1,
-            max_vcpus: 1,
-            max_phys_bits: 46,
-            kvm_hyperv: false,
-        }
-    }
-}
-
-/// Guest RAM (CH `MemoryConfig`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct MemoryConfig {
-    /// RAM size in bytes (CLI accepts K/M/G suffixes).
-    #[serde(deserialize_with = "size::deserialize")]
-    pub size: u64,
-    /// Ask the kernel to merge identical pages (KSM).
-    pub mergeable: bool,
-    /// Back RAM with shared memory (memfd), needed by vhost-user backends.
-    pub shared: bool,
-    /// Back RAM with huge pages.
-    pub hugepages: bool,
-    /// Huge page size in bytes, when `hugepages` is on.
-    #[serde(deserialize_with = "size::deserialize_opt")]
-    pub hugepage_size: Option<u64>,
-    /// Touch all RAM at start.
-    pub prefault: bool,
-    /// Allow transparent huge pages on RAM.
-    pub thp: bool,
-    /// How RAM is hot-added: `Acpi` (CH's default) or `VirtioMem`.
-    pub hotplug_method: String,
-    /// RAM that may be hot-added, in bytes.
-    #[serde(deserialize_with = "size::deserialize_opt")]
-    pub hotplug_size: Option<u64>,
-}
-
-impl Default for MemoryConfig {
-    fn default() -> Self {
-        Self {
-            size: 512 << 20,
-            mergeable: false,
-            shared: false,
-            hugepages: false,
-            hugepage_size: None,
-            prefault: false,
-            thp: true,
-            hotplug_method: "Acpi".into(),
-            hotplug_size: None,
-        }
-    }
 }
 
 /// What to boot (CH `PayloadConfig`).
@@ -146,78 +86,6 @@ pub struct PayloadConfig {
     pub initramfs: Option<PathBuf>,
 }
 
-/// Where a serial port or console goes (CH `ConsoleOutputMode`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ConsoleOutputMode {
-    /// No device at all.
-    Off,
-    /// A pseudo-terminal (not supported yet).
-    Pty,
-    /// The VMM's own standard output (and input).
-    Tty,
-    /// Appended to a file.
-    File,
-    /// A Unix socket (not supported yet).
-    Socket,
-    /// The device exists; output is discarded.
-    Null,
-}
-
-/// A serial port or console (CH `ConsoleConfig`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ConsoleConfig {
-    /// Output file (mode `File`) or allocated PTY path (mode `Pty`).
-    #[serde(default)]
-    pub file: Option<PathBuf>,
-    /// Where output goes.
-    pub mode: ConsoleOutputMode,
-    /// Behind a virtual IOMMU.
-    #[serde(default)]
-    pub iommu: bool,
-    /// Socket path (mode `Socket`).
-    #[serde(default)]
-    pub socket: Option<PathBuf>,
-}
-
-impl ConsoleConfig {
-    fn with_mode(mode: ConsoleOutputMode) -> Self {
-        Self {
-            file: None,
-            mode,
-            iommu: false,
-            socket: None,
-        }
-    }
-
-    /// Parses CH's CLI form: `off`, `null`, `tty`, `pty`, `file=PATH`, `socket=PATH`.
-    pub fn parse(option: &'static str, s: &str) -> Result<Self, ConfigError> {
-        let err = |message: String| ConfigError::Console { option, message };
-        let (mode, file, socket) = match s.split_once('=') {
-            None => match s {
-                "off" => (ConsoleOutputMode::Off, None, None),
-                "null" => (ConsoleOutputMode::Null, None, None),
-                "tty" => (ConsoleOutputMode::Tty, None, None),
-                "pty" => (ConsoleOutputMode::Pty, None, None),
-                other => {
-                    return Err(err(format!(
-                        "unknown mode '{other}' (off, null, tty, pty, file=PATH, socket=PATH)"
-                    )))
-                }
-            },
-            Some(("file", "")) | Some(("socket", "")) => return Err(err("empty path".into())),
-            Some(("file", p)) => (ConsoleOutputMode::File, Some(PathBuf::from(p)), None),
-            Some(("socket", p)) => (ConsoleOutputMode::Socket, None, Some(PathBuf::from(p))),
-            Some((k, _)) => return Err(err(format!("unknown key '{k}'"))),
-        };
-        Ok(Self {
-            file,
-            mode,
-            iommu: false,
-            socket,
-        })
-    }
-}
-
 /// Parses one `--<option>` value in Cloud Hypervisor's `key=value,...` syntax into its
 /// configuration struct (the command line and `nimbus-remote add-*` both use this).
 pub fn parse_option<T: serde::de::DeserializeOwned>(
@@ -225,293 +93,6 @@ pub fn parse_option<T: serde::de::DeserializeOwned>(
     s: &str,
 ) -> Result<T, ConfigError> {
     kv::from_str::<T>(s).map_err(|source| ConfigError::Parse { option, source })
-}
-
-fn default_num_queues() -> usize {
-    1
-}
-
-fn default_queue_size() -> u16 {
-    128
-}
-
-/// A virtio-blk disk (CH `DiskConfig`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskConfig {
-    /// Image file or block device.
-    #[serde(default)]
-    pub path: Option<PathBuf>,
-    /// The guest may not write.
-    #[serde(default)]
-    pub readonly: bool,
-    /// Open with O_DIRECT (bypass the host page cache).
-    #[serde(default)]
-    pub direct: bool,
-    /// Behind a virtual IOMMU (not supported; must stay false).
-    #[serde(default)]
-    pub iommu: bool,
-    /// Request queues.
-    #[serde(default = "default_num_queues")]
-    pub num_queues: usize,
-    /// Descriptors per queue.
-    #[serde(default = "default_queue_size")]
-    pub queue_size: u16,
-    /// Served by a vhost-user backend (arrives with the split-process work).
-    #[serde(default)]
-    pub vhost_user: bool,
-    /// vhost-user socket (CLI: `socket=`).
-    #[serde(default, alias = "socket")]
-    pub vhost_socket: Option<String>,
-    /// Device identifier (generated when absent).
-    #[serde(default)]
-    pub id: Option<String>,
-    /// PCI segment.
-    #[serde(default)]
-    pub pci_segment: u16,
-    /// Serial number the guest reads with GET_ID (at most 20 bytes).
-    #[serde(default)]
-    pub serial: Option<String>,
-    /// Microseconds the disk's worker keeps polling a queue after serving it before it sleeps
-    /// (0..=1000, 0: never; a Nimbus extension, QEMU's `poll-max-ns`).
-    #[serde(default = "default_poll_us")]
-    pub poll_us: u32,
-}
-
-fn default_poll_us() -> u32 {
-    virtio_chain::poll::DEFAULT_POLL.as_micros() as u32
-}
-
-impl DiskConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        let err = |m: String| {
-            ConfigError::Device(format!(
-                "disk {}: {m}",
-                self.path
-                    .as_deref()
-                    .map_or("?".into(), |p| p.display().to_string())
-            ))
-        };
-        if self.path.is_none() && !self.vhost_user {
-            return Err(ConfigError::Device("disk: path is required".into()));
-        }
-        if self.vhost_user && self.vhost_socket.is_none() {
-            return Err(ConfigError::Device(
-                "disk: vhost_user=on needs socket=PATH".into(),
-            ));
-        }
-        if self.iommu {
-            return Err(err("iommu is not supported".into()));
-        }
-        if self.num_queues == 0 || self.num_queues > 64 {
-            return Err(err(format!(
-                "num_queues {} is not in 1..=64",
-                self.num_queues
-            )));
-        }
-        if !self.queue_size.is_power_of_two() || !(2..=1024).contains(&self.queue_size) {
-            return Err(err(format!(
-                "queue_size {} is not a power of two in 2..=1024",
-                self.queue_size
-            )));
-        }
-        if self.serial.as_ref().is_some_and(|s| s.len() > 20) {
-            return Err(err("serial is longer than 20 bytes".into()));
-        }
-        if self.poll_us > 1000 {
-            return Err(err(format!("poll_us {} is not in 0..=1000", self.poll_us)));
-        }
-        if self.pci_segment != 0 {
-            return Err(err("only PCI segment 0 exists".into()));
-        }
-        Ok(())
-    }
-}
-
-fn default_net_ip() -> std::net::Ipv4Addr {
-    std::net::Ipv4Addr::new(192, 168, 249, 1)
-}
-
-fn default_net_mask() -> std::net::Ipv4Addr {
-    std::net::Ipv4Addr::new(255, 255, 255, 0)
-}
-
-fn default_net_queues() -> usize {
-    2
-}
-
-fn default_net_queue_size() -> u16 {
-    256
-}
-
-fn default_true() -> bool {
-    true
-}
-
-/// Which side of a vhost-user socket listens (CH `VhostMode`; CLI `client`/`server`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum VhostMode {
-    /// The backend listens, Nimbus connects.
-    #[default]
-    #[serde(alias = "client")]
-    Client,
-    /// Nimbus listens, the backend connects (e.g. `vhost_user_net --net-backend client=on`).
-    #[serde(alias = "server")]
-    Server,
-}
-
-/// A virtio-net interface over a TAP (CH `NetConfig`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetConfig {
-    /// TAP interface name (created when missing); generated when neither this nor `fds` is given.
-    #[serde(default)]
-    pub tap: Option<String>,
-    /// Host-side IPv4 address of the TAP.
-    #[serde(default = "default_net_ip")]
-    pub ip: std::net::Ipv4Addr,
-    /// Host-side netmask.
-    #[serde(default = "default_net_mask")]
-    pub mask: std::net::Ipv4Addr,
-    /// Guest MAC address; random (locally administered) when absent.
-    #[serde(default)]
-    pub mac: Option<String>,
-    /// Host-side MAC of the TAP.
-    #[serde(default)]
-    pub host_mac: Option<String>,
-    /// MTU offered to the guest.
-    #[serde(default)]
-    pub mtu: Option<u16>,
-    /// Behind a virtual IOMMU (not supported; must stay false).
-    #[serde(default)]
-    pub iommu: bool,
-    /// Queues (two per queue pair).
-    #[serde(default = "default_net_queues")]
-    pub num_queues: usize,
-    /// Descriptors per queue.
-    #[serde(default = "default_net_queue_size")]
-    pub queue_size: u16,
-    /// Served by a vhost-user backend (arrives with the split-process work).
-    #[serde(default)]
-    pub vhost_user: bool,
-    /// vhost-user socket (CLI: `socket=`).
-    #[serde(default, alias = "socket")]
-    pub vhost_socket: Option<String>,
-    /// Who creates the vhost-user socket.
-    #[serde(default)]
-    pub vhost_mode: VhostMode,
-    /// Device identifier.
-    #[serde(default)]
-    pub id: Option<String>,
-    /// TAP file descriptors passed by a manager (one per queue pair). In API JSON these are
-    /// ignored: fds arrive with SCM_RIGHTS.
-    #[serde(default)]
-    pub fds: Option<Vec<i32>>,
-    /// PCI segment.
-    #[serde(default)]
-    pub pci_segment: u16,
-    /// Offer TSO to the guest.
-    #[serde(default = "default_true")]
-    pub offload_tso: bool,
-    /// Offer UFO to the guest.
-    #[serde(default = "default_true")]
-    pub offload_ufo: bool,
-    /// Offer checksum offload to the guest.
-    #[serde(default = "default_true")]
-    pub offload_csum: bool,
-}
-
-impl NetConfig {
-    /// Parses one `--net` value: Cloud Hypervisor spells the passed descriptors `fd=3` (or
-    /// `fd=[3;4]`); the configuration field is `fds`.
-    pub fn parse(s: &str) -> Result<Self, ConfigError> {
-        let parse_err = |source| ConfigError::Parse {
-            option: "net",
-            source,
-        };
-        let mut fds = None;
-        let mut rest = Vec::new();
-        for (k, v) in kv::split(s).map_err(parse_err)? {
-            if k == "fd" {
-                let list = v.trim_start_matches('[').trim_end_matches(']');
-                let parsed = list
-                    .split([';', ' '])
-                    .filter(|t| !t.is_empty())
-                    .map(|t| {
-                        t.parse::<i32>()
-                            .map_err(|_| kv::KvError::Invalid(format!("fd '{t}' is not a number")))
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(parse_err)?;
-                fds = Some(parsed);
-            } else {
-                rest.push(format!("{k}=\"{v}\""));
-            }
-        }
-        let mut net = kv::from_str::<NetConfig>(&rest.join(",")).map_err(parse_err)?;
-        if fds.is_some() {
-            net.fds = fds;
-        }
-        Ok(net)
-    }
-
-    fn validate(&self) -> Result<(), ConfigError> {
-        let name = self
-            .tap
-            .clone()
-            .or_else(|| self.id.clone())
-            .unwrap_or_else(|| "?".into());
-        let err = |m: String| ConfigError::Device(format!("net {name}: {m}"));
-        if self.vhost_user {
-            if self.vhost_socket.is_none() {
-                return Err(err("vhost_user=on needs socket=PATH".into()));
-            }
-            if self.tap.is_some() || self.fds.is_some() {
-                return Err(err(
-                    "a vhost-user interface has no tap or fd: the backend owns the TAP".into(),
-                ));
-            }
-        }
-        if self.iommu {
-            return Err(err("iommu is not supported".into()));
-        }
-        if self.num_queues < 2 || !self.num_queues.is_multiple_of(2) || self.num_queues > 32 {
-            return Err(err(format!(
-                "num_queues {} must be an even number in 2..=32",
-                self.num_queues
-            )));
-        }
-        if !self.queue_size.is_power_of_two() || !(2..=1024).contains(&self.queue_size) {
-            return Err(err(format!(
-                "queue_size {} is not a power of two in 2..=1024",
-                self.queue_size
-            )));
-        }
-        for mac in [&self.mac, &self.host_mac].into_iter().flatten() {
-            let parsed: net_util::MacAddr = mac.parse().map_err(|e| err(format!("{e}")))?;
-            if parsed.is_multicast() {
-                return Err(err(format!("MAC {mac} is a multicast address")));
-            }
-        }
-        if let Some(fds) = &self.fds {
-            if fds.len() * 2 != self.num_queues {
-                return Err(err(format!(
-                    "{} fds given for {} queues (one fd per queue pair)",
-                    fds.len(),
-                    self.num_queues
-                )));
-            }
-        }
-        if self
-            .tap
-            .as_ref()
-            .is_some_and(|t| t.is_empty() || t.len() > 15)
-        {
-            return Err(err("tap name must be 1..=15 bytes".into()));
-        }
-        if self.pci_segment != 0 {
-            return Err(err("only PCI segment 0 exists".into()));
-        }
-        Ok(())
-    }
 }
 
 fn default_fs_queues() -> usize {
@@ -525,22 +106,25 @@ fn default_fs_queue_size() -> u16 {
 /// A virtio-fs share served by a vhost-user-fs backend such as virtiofsd (CH `FsConfig`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsConfig {
+    /// Device identifier (generated when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// PCI segment (Kata puts virtio-fs on segment 1; only 0 exists for now).
+    #[serde(default)]
+    pub pci_segment: u16,
+    /// PCI slot on the segment's bus 0 (the first free one when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_device_id: Option<u8>,
     /// Tag the guest mounts (1..=36 bytes).
     pub tag: String,
     /// The backend's socket.
-    pub socket: std::path::PathBuf,
+    pub socket: PathBuf,
     /// Request queues.
     #[serde(default = "default_fs_queues")]
     pub num_queues: usize,
     /// Descriptors per queue.
     #[serde(default = "default_fs_queue_size")]
     pub queue_size: u16,
-    /// Device identifier.
-    #[serde(default)]
-    pub id: Option<String>,
-    /// PCI segment (Kata puts virtio-fs on segment 1; only 0 exists for now).
-    #[serde(default)]
-    pub pci_segment: u16,
 }
 
 impl FsConfig {
@@ -567,6 +151,9 @@ impl FsConfig {
         if self.pci_segment != 0 {
             return Err(err("only PCI segment 0 exists".into()));
         }
+        if self.pci_device_id.is_some_and(|s| s == 0 || s > 31) {
+            return Err(err("pci_device_id must be in 1..=31".into()));
+        }
         Ok(())
     }
 }
@@ -578,6 +165,7 @@ pub struct RngConfig {
     /// Entropy source.
     pub src: PathBuf,
     /// Behind a virtual IOMMU (not supported; must stay false).
+    #[serde(skip_serializing_if = "is_false")]
     pub iommu: bool,
 }
 
@@ -590,19 +178,66 @@ impl Default for RngConfig {
     }
 }
 
+fn default_iommu_address_width() -> u8 {
+    64
+}
+
 /// Platform options (CH `PlatformConfig`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PlatformConfig {
     /// PCI segments (only 1 for now).
     pub num_pci_segments: u16,
+    /// Segments behind the virtual IOMMU (not supported yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iommu_segments: Option<Vec<u16>>,
+    /// The virtual IOMMU's address width.
+    #[serde(default = "default_iommu_address_width")]
+    pub iommu_address_width_bits: u8,
+    /// SMBIOS serial number (not supported yet: Nimbus has no SMBIOS tables).
+    #[serde(
+        alias = "system_serial_number",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub serial_number: Option<String>,
+    /// SMBIOS UUID (not supported yet).
+    #[serde(alias = "system_uuid", skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// SMBIOS OEM strings (not supported yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oem_strings: Option<Vec<String>>,
 }
 
 impl Default for PlatformConfig {
     fn default() -> Self {
         Self {
             num_pci_segments: 1,
+            iommu_segments: None,
+            iommu_address_width_bits: 64,
+            serial_number: None,
+            uuid: None,
+            oem_strings: None,
         }
+    }
+}
+
+impl PlatformConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.num_pci_segments != 1 {
+            return Err(ConfigError::Device(format!(
+                "platform: num_pci_segments {} is not supported yet (1 segment)",
+                self.num_pci_segments
+            )));
+        }
+        if self.iommu_segments.as_ref().is_some_and(|s| !s.is_empty()) {
+            return Err(not_yet("platform.iommu_segments"));
+        }
+        if self.serial_number.is_some() || self.uuid.is_some() || self.oem_strings.is_some() {
+            return Err(not_yet(
+                "platform SMBIOS strings (serial_number, uuid, oem_strings)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -614,7 +249,19 @@ fn default_console() -> ConsoleConfig {
     ConsoleConfig::with_mode(ConsoleOutputMode::Tty)
 }
 
+pub(crate) fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The error for a setting Cloud Hypervisor has and Nimbus does not honour yet.
+pub(crate) fn not_yet(what: &str) -> ConfigError {
+    ConfigError::NotSupported(what.to_string())
+}
+
 /// A whole VM (CH `VmConfig`).
+///
+/// Sections Nimbus does not implement yet are kept as JSON (so `vm.info` echoes them) and
+/// refused by [`VmConfig::validate`] when they ask for something.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
     /// vCPUs.
@@ -624,29 +271,77 @@ pub struct VmConfig {
     #[serde(default)]
     pub memory: MemoryConfig,
     /// What to boot.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<PayloadConfig>,
+    /// Rate limiter groups (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_groups: Option<serde_json::Value>,
     /// Disks.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disks: Option<Vec<DiskConfig>>,
     /// Network interfaces.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<Vec<NetConfig>>,
-    /// virtio-fs shares.
-    #[serde(default)]
-    pub fs: Option<Vec<FsConfig>>,
     /// The entropy device.
     #[serde(default)]
     pub rng: RngConfig,
+    /// The memory balloon (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<serde_json::Value>,
+    /// virtio-fs shares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<Vec<FsConfig>>,
+    /// Persistent memory devices (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pmem: Option<serde_json::Value>,
     /// The 16550 UART at 0x3f8.
     #[serde(default = "default_serial")]
     pub serial: ConsoleConfig,
-    /// The virtio console (PCI issue); only `Off` and the default are accepted today.
+    /// The virtio console.
     #[serde(default = "default_console")]
     pub console: ConsoleConfig,
-    /// Platform options.
+    /// The debug console at port 0xe9.
     #[serde(default)]
+    pub debug_console: DebugConsoleConfig,
+    /// VFIO devices (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<serde_json::Value>,
+    /// vfio-user devices (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_devices: Option<serde_json::Value>,
+    /// vDPA devices (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vdpa: Option<serde_json::Value>,
+    /// The vsock device (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<serde_json::Value>,
+    /// A pvpanic device (not supported yet).
+    #[serde(default)]
+    pub pvpanic: bool,
+    /// A virtual IOMMU (not supported).
+    #[serde(default)]
+    pub iommu: bool,
+    /// NUMA nodes (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa: Option<serde_json::Value>,
+    /// A watchdog device (not supported yet).
+    #[serde(default)]
+    pub watchdog: bool,
+    /// Per-segment PCI options (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_segments: Option<serde_json::Value>,
+    /// Platform options.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<PlatformConfig>,
+    /// A TPM (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<serde_json::Value>,
+    /// Landlock sandbox (not supported yet).
+    #[serde(default)]
+    pub landlock_enable: bool,
+    /// Landlock rules (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub landlock_rules: Option<serde_json::Value>,
 }
 
 impl Default for VmConfig {
@@ -655,13 +350,29 @@ impl Default for VmConfig {
             cpus: CpusConfig::default(),
             memory: MemoryConfig::default(),
             payload: None,
+            rate_limit_groups: None,
             disks: None,
             net: None,
-            fs: None,
             rng: RngConfig::default(),
+            balloon: None,
+            fs: None,
+            pmem: None,
             serial: default_serial(),
             console: default_console(),
+            debug_console: DebugConsoleConfig::default(),
+            devices: None,
+            user_devices: None,
+            vdpa: None,
+            vsock: None,
+            pvpanic: false,
+            iommu: false,
+            numa: None,
+            watchdog: false,
+            pci_segments: None,
             platform: None,
+            tpm: None,
+            landlock_enable: false,
+            landlock_rules: None,
         }
     }
 }
@@ -671,14 +382,23 @@ pub const CONSOLE_DEVICE_ID: &str = "__console";
 /// Id of the entropy device (Cloud Hypervisor's; it is not written into the configuration).
 pub const RNG_DEVICE_ID: &str = "__rng";
 
-/// Smallest RAM accepted: room for the low-memory boot structures and a kernel at 1 MiB.
-pub const MIN_MEMORY: u64 = 2 << 20;
+/// A section that asks for something: present, and not `null` or an empty list.
+fn asks(v: &Option<serde_json::Value>) -> bool {
+    match v {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Array(a)) => !a.is_empty(),
+        Some(_) => true,
+    }
+}
+
+const NEEDS_SHARED: &str =
+    "vhost-user devices need guest memory the backend can map: add shared=on to --memory";
 
 impl VmConfig {
     /// Gives every disk, network interface and virtio-fs share without an id one, by Cloud
     /// Hypervisor's rule: a prefix per kind (`_disk`, `_net`, `_fs`) and one counter shared by
     /// all kinds, skipping ids in use (one disk and one interface become `_disk0` and `_net1`);
-    /// and every interface without a guest MAC a random locally administered one. What is
+    /// and every TAP interface without a guest MAC a random locally administered one. What is
     /// generated is written here, so `vm.info` shows it and reboots keep it.
     pub fn name_devices(&mut self) {
         let mut used: std::collections::HashSet<String> = self.device_ids().collect();
@@ -720,49 +440,21 @@ impl VmConfig {
 
     /// Checks what can be checked without touching the host.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let c = &self.cpus;
-        if c.boot_vcpus == 0 {
-            return Err(ConfigError::Cpus("boot_vcpus must be at least 1".into()));
-        }
-        if c.max_vcpus < c.boot_vcpus {
-            return Err(ConfigError::Cpus(format!(
-                "max_vcpus ({}) is below boot_vcpus ({})",
-                c.max_vcpus, c.boot_vcpus
-            )));
-        }
-        if c.max_vcpus > MAX_VCPUS {
-            return Err(ConfigError::Cpus(format!(
-                "max_vcpus ({}) exceeds {MAX_VCPUS}",
-                c.max_vcpus
-            )));
-        }
-        if c.kvm_hyperv {
-            return Err(ConfigError::Cpus("kvm_hyperv is not supported".into()));
-        }
-        let m = &self.memory;
-        if m.size < MIN_MEMORY {
-            return Err(ConfigError::Memory(format!(
-                "size {} is below the minimum of {} MiB",
-                m.size,
-                MIN_MEMORY >> 20
-            )));
-        }
-        if !m.size.is_multiple_of(4096) {
-            return Err(ConfigError::Memory(format!(
-                "size {} is not a multiple of 4 KiB",
-                m.size
-            )));
-        }
-        // RAM above the hole must stay inside the guest physical address width.
+        self.cpus.validate()?;
+        self.memory.validate()?;
+        // RAM (and the space kept for hot-added RAM) above the hole, then the 64-bit PCI
+        // window, must stay inside the guest physical address width.
         let phys_limit = 1u64
-            .checked_shl(u32::from(c.max_phys_bits.min(52)))
+            .checked_shl(u32::from(self.cpus.max_phys_bits.min(52)))
             .unwrap_or(u64::MAX);
-        let ram_top = arch::x86_64::layout::pci_mmio64_start(m.size)
+        let top = arch::x86_64::layout::pci_mmio64_start(self.memory.reserved_size())
             .saturating_add(arch::x86_64::layout::PCI_MMIO64_SIZE);
-        if ram_top > phys_limit {
+        if top > phys_limit {
             return Err(ConfigError::Memory(format!(
-                "size {} does not fit in {} physical address bits",
-                m.size, c.max_phys_bits
+                "size {} (plus hotplug_size {}) does not fit in {} physical address bits",
+                self.memory.size,
+                self.memory.hotplug_size.unwrap_or(0),
+                self.cpus.max_phys_bits
             )));
         }
         let Some(payload) = &self.payload else {
@@ -776,30 +468,67 @@ impl VmConfig {
         if payload.kernel.is_none() {
             return Err(ConfigError::Payload("no kernel given (--kernel)".into()));
         }
+        let shared = self.memory.shared || self.memory.hugepages;
         for disk in self.disks.iter().flatten() {
             disk.validate()?;
-            if disk.vhost_user && !(self.memory.shared || self.memory.hugepages) {
-                return Err(ConfigError::Memory(
-                    "vhost-user devices need guest memory the backend can map: add shared=on to --memory".into(),
-                ));
+            if disk.vhost_user && !shared {
+                return Err(ConfigError::Memory(NEEDS_SHARED.into()));
             }
         }
         for net in self.net.iter().flatten() {
             net.validate()?;
-            if net.vhost_user && !(self.memory.shared || self.memory.hugepages) {
-                return Err(ConfigError::Memory(
-                    "vhost-user devices need guest memory the backend can map: add shared=on to --memory".into(),
-                ));
+            if net.vhost_user && !shared {
+                return Err(ConfigError::Memory(NEEDS_SHARED.into()));
             }
         }
         for fs in self.fs.iter().flatten() {
             fs.validate()?;
-            if !(self.memory.shared || self.memory.hugepages) {
-                return Err(ConfigError::Memory(
-                    "vhost-user devices need guest memory the backend can map: add shared=on to --memory".into(),
-                ));
+            if !shared {
+                return Err(ConfigError::Memory(NEEDS_SHARED.into()));
             }
         }
+        self.validate_ids_and_paths()?;
+        if self.rng.iommu {
+            return Err(ConfigError::Device("rng: iommu is not supported".into()));
+        }
+        self.serial.validate("serial")?;
+        self.console.validate("console")?;
+        self.debug_console.validate()?;
+        if let Some(p) = &self.platform {
+            p.validate()?;
+        }
+        for (name, section) in [
+            ("rate_limit_groups", &self.rate_limit_groups),
+            ("balloon", &self.balloon),
+            ("pmem", &self.pmem),
+            ("devices (VFIO)", &self.devices),
+            ("user_devices", &self.user_devices),
+            ("vdpa", &self.vdpa),
+            ("vsock", &self.vsock),
+            ("numa", &self.numa),
+            ("pci_segments", &self.pci_segments),
+            ("tpm", &self.tpm),
+            ("landlock_rules", &self.landlock_rules),
+        ] {
+            if asks(section) {
+                return Err(not_yet(name));
+            }
+        }
+        for (name, on) in [
+            ("pvpanic", self.pvpanic),
+            ("iommu", self.iommu),
+            ("watchdog", self.watchdog),
+            ("landlock_enable", self.landlock_enable),
+        ] {
+            if on {
+                return Err(not_yet(name));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ids are unique and not Nimbus's own; no two devices use the same file or socket.
+    fn validate_ids_and_paths(&self) -> Result<(), ConfigError> {
         let mut ids = std::collections::HashSet::new();
         for id in self.device_ids() {
             if id.starts_with("__") || id.starts_with("_virtio-pci-") {
@@ -830,26 +559,6 @@ impl VmConfig {
                 return Err(ConfigError::DuplicatePath(path.display().to_string()));
             }
         }
-        if self.rng.iommu {
-            return Err(ConfigError::Device("rng: iommu is not supported".into()));
-        }
-        for (option, cons) in [("serial", &self.serial), ("console", &self.console)] {
-            match cons.mode {
-                ConsoleOutputMode::Pty | ConsoleOutputMode::Socket => {
-                    return Err(ConfigError::Console {
-                        option,
-                        message: format!("mode {:?} is not supported yet", cons.mode),
-                    })
-                }
-                ConsoleOutputMode::File if cons.file.is_none() => {
-                    return Err(ConfigError::Console {
-                        option,
-                        message: "mode File needs a file".into(),
-                    })
-                }
-                _ => {}
-            }
-        }
         Ok(())
     }
 }
@@ -878,7 +587,8 @@ mod tests {
                 boot_vcpus: 1,
                 max_vcpus: 1,
                 max_phys_bits: 46,
-                kvm_hyperv: false
+                nested: true,
+                ..Default::default()
             }
         );
         assert_eq!(c.memory.size, 512 << 20);
@@ -952,5 +662,150 @@ mod tests {
         assert!(ConsoleConfig::parse("serial", "file=").is_err());
         assert!(ConsoleConfig::parse("serial", "loud").is_err());
         assert!(ConsoleConfig::parse("serial", "path=/x").is_err());
+    }
+
+    /// Kata's Go runtime's `vm.create` body, without the devices Nimbus does not have yet.
+    const KATA_GO_BODY: &str = r#"{
+        "cpus": {"boot_vcpus": 1, "max_vcpus": 4, "kvm_hyperv": false, "nested": true,
+                 "topology": {"threads_per_core": 1, "cores_per_die": 4,
+                              "dies_per_package": 1, "packages": 1}},
+        "memory": {"size": 2147483648, "hotplug_method": "Acpi", "hotplug_size": 4294967296,
+                   "shared": true, "hugepages": false, "thp": true},
+        "payload": {"kernel": "/k", "cmdline": "console=hvc0", "initramfs": null},
+        "disks": [{"path": "/img", "readonly": true, "num_queues": 1, "queue_size": 128,
+                   "iommu": false, "image_type": "Raw"}],
+        "rng": {"src": "/dev/urandom", "iommu": false},
+        "serial": {"mode": "Off"}, "console": {"mode": "Tty", "iommu": false},
+        "iommu": false, "watchdog": false, "pvpanic": false, "landlock_enable": false,
+        "devices": [], "something_new": {"x": 1}
+    }"#;
+
+    #[test]
+    fn a_kata_go_body_is_accepted_and_echoed_without_nulls() {
+        let c: VmConfig = serde_json::from_str(KATA_GO_BODY).expect("json");
+        c.validate().expect("valid");
+        assert_eq!(c.memory.hotplug_size, Some(4 << 30));
+        assert_eq!(c.memory.reserved_size(), 6 << 30);
+        let text = serde_json::to_string(&c).expect("serialize");
+        assert!(!text.contains("null"), "{text}");
+        assert!(!text.contains("something_new"), "{text}");
+        let back: VmConfig = serde_json::from_str(&text).expect("round trip");
+        assert_eq!(back, c);
+        let json: serde_json::Value = serde_json::from_str(&text).expect("value");
+        assert_eq!(json["cpus"]["max_phys_bits"], 46);
+        assert_eq!(json["serial"]["mode"], "Off");
+        assert_eq!(json["debug_console"]["iobase"], 233);
+    }
+
+    #[test]
+    fn settings_nimbus_cannot_honour_are_refused_by_name() {
+        for (patch, name) in [
+            (r#"{"vsock": {"cid": 3, "socket": "/s"}}"#, "vsock"),
+            (r#"{"balloon": {"size": 0}}"#, "balloon"),
+            (
+                r#"{"devices": [{"path": "/sys/bus/pci/devices/0000:00:01.0/"}]}"#,
+                "VFIO",
+            ),
+            (r#"{"pvpanic": true}"#, "pvpanic"),
+            (
+                r#"{"platform": {"num_pci_segments": 2}}"#,
+                "num_pci_segments",
+            ),
+            (
+                r#"{"memory": {"size": 1073741824, "zones": [{"id": "z", "size": 1}]}}"#,
+                "zones",
+            ),
+            (
+                r#"{"cpus": {"boot_vcpus": 2, "max_vcpus": 2, "topology": {"threads_per_core": 2, "cores_per_die": 1, "dies_per_package": 1, "packages": 1}}}"#,
+                "topology",
+            ),
+            (
+                r#"{"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "features": {"amx": true}}}"#,
+                "amx",
+            ),
+            (
+                r#"{"disks": [{"path": "/d", "image_type": "Qcow2"}]}"#,
+                "Qcow2",
+            ),
+            (
+                r#"{"disks": [{"path": "/d", "rate_limiter_config": {"ops": null}}]}"#,
+                "rate_limiter",
+            ),
+            (r#"{"serial": {"mode": "Pty"}}"#, "Pty"),
+        ] {
+            let mut c: serde_json::Value =
+                serde_json::from_str(r#"{"payload": {"kernel": "/k"}}"#).expect("base");
+            let p: serde_json::Value = serde_json::from_str(patch).expect("patch");
+            for (k, v) in p.as_object().expect("object") {
+                c[k] = v.clone();
+            }
+            let c: VmConfig = serde_json::from_value(c).expect(patch);
+            let e = c.validate().expect_err(patch);
+            assert!(
+                nimbus_chain(&e).contains(name),
+                "{patch}: '{}' does not name {name}",
+                nimbus_chain(&e)
+            );
+        }
+    }
+
+    fn nimbus_chain(e: &ConfigError) -> String {
+        let mut text = e.to_string();
+        let mut next = std::error::Error::source(e);
+        while let Some(s) = next {
+            text.push_str(&format!(": {s}"));
+            next = s.source();
+        }
+        text
+    }
+
+    #[test]
+    fn devices_get_cloud_hypervisors_ids_and_a_mac() {
+        let mut c: VmConfig = serde_json::from_str(
+            r#"{"payload": {"kernel": "/k"},
+                "disks": [{"path": "/a"}, {"path": "/b", "id": "_disk1"}],
+                "net": [{"tap": "t0"}, {"vhost_user": true, "vhost_socket": "/s"}],
+                "memory": {"size": 1073741824, "shared": true},
+                "fs": [{"tag": "f", "socket": "/fs"}]}"#,
+        )
+        .expect("json");
+        c.name_devices();
+        let ids: Vec<String> = c.device_ids().collect();
+        assert_eq!(ids, ["_disk0", "_disk1", "_net1", "_net2", "_fs3"]);
+        let nets = c.net.clone().unwrap_or_default();
+        assert!(nets[0].mac.is_some(), "a TAP interface gets a MAC");
+        assert!(nets[1].mac.is_none(), "the vhost-user backend owns its MAC");
+        let before = c.clone();
+        c.name_devices();
+        assert_eq!(c, before, "naming twice changes nothing");
+        c.validate().expect("valid");
+    }
+
+    #[test]
+    fn descriptor_numbers_in_json_are_ignored() {
+        let n: NetConfig =
+            serde_json::from_str(r#"{"fds": [3, 4], "num_queues": 4}"#).expect("json");
+        assert_eq!(n.fds, None);
+        let n = NetConfig::parse("fd=[3;4],num_queues=4").expect("cli");
+        assert_eq!(n.fds, Some(vec![3, 4]));
+        assert_eq!(
+            serde_json::to_value(&n).expect("json")["fds"],
+            serde_json::json!([3, 4])
+        );
+    }
+
+    #[test]
+    fn duplicate_ids_and_paths_are_their_own_errors() {
+        let mut c = valid();
+        c.disks = Some(vec![
+            parse_option::<DiskConfig>("disk", "path=/a,id=x").expect("a"),
+            parse_option::<DiskConfig>("disk", "path=/b,id=x").expect("b"),
+        ]);
+        assert_eq!(c.validate(), Err(ConfigError::DuplicateId("x".into())));
+        c.disks = Some(vec![
+            parse_option::<DiskConfig>("disk", "path=/a").expect("a"),
+            parse_option::<DiskConfig>("disk", "path=/a").expect("b"),
+        ]);
+        assert_eq!(c.validate(), Err(ConfigError::DuplicatePath("/a".into())));
     }
 }

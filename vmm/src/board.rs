@@ -12,7 +12,9 @@ use std::time::Instant;
 
 use virtio_devices::vhost_user::{Endpoint, VhostUserDevice};
 use virtio_devices::VirtioDevice;
-use vm_config::{ConsoleConfig, ConsoleOutputMode, DiskConfig, NetConfig, VhostMode, VmConfig};
+use vm_config::{
+    ConsoleConfig, ConsoleOutputMode, DiskConfig, ImageType, NetConfig, VhostMode, VmConfig,
+};
 
 use crate::fds::FdStore;
 use crate::serial_input::{InputSink, InputTarget};
@@ -119,6 +121,8 @@ pub struct BoardDevice {
     pub backend: String,
     /// PCI segment.
     pub pci_segment: u16,
+    /// PCI slot asked for, if any.
+    pub slot: Option<u8>,
     host: HostSide,
 }
 
@@ -153,12 +157,20 @@ fn open_disk(d: &DiskConfig, id: &str) -> Result<(HostSide, String), VmError> {
         return Ok((HostSide::VhostUser(dev), format!("vhost-user {socket}")));
     }
     let path = d.path.clone().unwrap_or_default();
-    let image = block::RawFile::open(&path, d.readonly, d.direct).map_err(|source| {
-        VmError::Disk {
-            path: path.display().to_string(),
-            source,
+    let disk_err = |source| VmError::Disk {
+        path: path.display().to_string(),
+        source,
+    };
+    let image = block::RawFile::open(&path, d.readonly, d.direct).map_err(disk_err)?;
+    if d.image_type == ImageType::Unknown {
+        let format = block::detect_format(&image).map_err(disk_err)?;
+        if format != block::ImageFormat::Raw {
+            return Err(disk_err(block::BlockError::NotRaw {
+                path: path.clone(),
+                format,
+            }));
         }
-    })?;
+    }
     // GET_ID answers the configured serial, else the device id.
     let serial = d.serial.clone().unwrap_or_else(|| id.to_string());
     let host = HostSide::Disk {
@@ -192,7 +204,11 @@ fn open_net(n: &NetConfig, id: &str, fds: &FdStore) -> Result<(HostSide, String)
     }
     let name = n.tap.clone().unwrap_or_default();
     let err = |source: net_util::NetError| VmError::Net {
-        name: if name.is_empty() { id.to_string() } else { name.clone() },
+        name: if name.is_empty() {
+            id.to_string()
+        } else {
+            name.clone()
+        },
         source: Box::new(source),
     };
     let pairs = n.num_queues / 2;
@@ -207,9 +223,14 @@ fn open_net(n: &NetConfig, id: &str, fds: &FdStore) -> Result<(HostSide, String)
         None => {
             let taps = net_util::Tap::open_named(&name, pairs).map_err(err)?;
             if let Some(first) = taps.first() {
-                first.set_ip_addr(n.ip, n.mask).map_err(err)?;
+                if let Some(ip) = n.ip {
+                    let mask = n.mask.unwrap_or(std::net::Ipv4Addr::new(255, 255, 255, 0));
+                    first.set_ip_addr(ip, mask).map_err(err)?;
+                }
                 if let Some(host_mac) = &n.host_mac {
-                    let mac = host_mac.parse().map_err(|e| VmError::Failed(format!("{id}: {e}")))?;
+                    let mac = host_mac
+                        .parse()
+                        .map_err(|e| VmError::Failed(format!("{id}: {e}")))?;
                     first.set_mac(mac).map_err(err)?;
                 }
                 if let Some(mtu) = n.mtu {
@@ -263,23 +284,29 @@ impl Board {
         let serial = OutputSink::open(&config.serial, "serial file")?;
         let console = OutputSink::open(&config.console, "console file")?;
         let mut devices = Vec::new();
-        let mut add = |id: String, kind, pci_segment, (host, backend): (HostSide, String)| {
+        let mut add = |id: String,
+                       kind,
+                       (pci_segment, slot): (u16, Option<u8>),
+                       (host, backend): (HostSide, String)| {
             log::debug!("{id}: {backend}");
             devices.push(BoardDevice {
                 id,
                 kind,
                 backend,
                 pci_segment,
+                slot,
                 host,
             });
         };
         for d in config.disks.iter().flatten() {
             let id = id_of(&d.id);
-            add(id.clone(), DeviceKind::Disk, d.pci_segment, open_disk(d, &id)?);
+            let place = (d.pci_segment, d.pci_device_id);
+            add(id.clone(), DeviceKind::Disk, place, open_disk(d, &id)?);
         }
         for n in config.net.iter().flatten() {
             let id = id_of(&n.id);
-            add(id.clone(), DeviceKind::Net, n.pci_segment, open_net(n, &id, fds)?);
+            let place = (n.pci_segment, n.pci_device_id);
+            add(id.clone(), DeviceKind::Net, place, open_net(n, &id, fds)?);
         }
         for f in config.fs.iter().flatten() {
             let id = id_of(&f.id);
@@ -293,14 +320,20 @@ impl Board {
             )
             .map_err(vhost_err(&socket))?;
             let backend = format!("vhost-user {socket} tag {}", f.tag);
-            add(id, DeviceKind::Fs, f.pci_segment, (HostSide::VhostUser(dev), backend));
+            let place = (f.pci_segment, f.pci_device_id);
+            add(
+                id,
+                DeviceKind::Fs,
+                place,
+                (HostSide::VhostUser(dev), backend),
+            );
         }
         if !matches!(console, OutputSink::Off) {
             let backend = format!("{:?}", config.console.mode);
             add(
                 vm_config::CONSOLE_DEVICE_ID.into(),
                 DeviceKind::Console,
-                0,
+                (0, None),
                 (HostSide::Console, backend),
             );
         }
@@ -309,7 +342,7 @@ impl Board {
         add(
             vm_config::RNG_DEVICE_ID.into(),
             DeviceKind::Rng,
-            0,
+            (0, None),
             (HostSide::Rng(src), backend),
         );
         Ok(Self {
@@ -408,7 +441,10 @@ impl Board {
                 Box::new(virtio_devices::rng::Rng::new(source, id))
             }
             HostSide::Console => {
-                let out = self.console.writer()?.unwrap_or_else(|| Box::new(std::io::sink()));
+                let out = self
+                    .console
+                    .writer()?
+                    .unwrap_or_else(|| Box::new(std::io::sink()));
                 // A `tty` console takes standard input (the serial port then gets none).
                 let input = if self.console_takes_input() {
                     let input = virtio_devices::console::ConsoleInput::new().map_err(|source| {

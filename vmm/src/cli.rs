@@ -284,7 +284,7 @@ mod tests {
         .expect("config");
         let nets = c.net.clone().unwrap_or_default();
         assert_eq!(nets[0].tap.as_deref(), Some("tap0"));
-        assert_eq!(nets[0].ip, std::net::Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(nets[0].ip, Some(std::net::Ipv4Addr::new(10, 0, 0, 1)));
         assert_eq!((nets[0].num_queues, nets[0].queue_size), (2, 256));
         assert_eq!(nets[1].fds, Some(vec![3, 4]));
         c.validate().expect("valid");

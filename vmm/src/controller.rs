@@ -202,9 +202,10 @@ impl Vmm {
                 Ok(ApiBody::NoContent)
             }
             ApiRequest::VmReboot => self.reboot(),
-            ApiRequest::VmPowerButton => {
-                self.with_vm("The power button could not be pressed", |vm| vm.power_button())
-            }
+            ApiRequest::VmPowerButton => self
+                .with_vm("The power button could not be pressed", |vm| {
+                    vm.power_button()
+                }),
             ApiRequest::VmNmi => self.with_vm("The NMI could not be injected", |vm| {
                 vm.nmi();
                 Ok(())
@@ -335,7 +336,10 @@ impl Vmm {
         if !found {
             return Err(ApiError::plain(
                 404,
-                &["The device could not be removed", &format!("no device with id {id}")],
+                &[
+                    "The device could not be removed",
+                    &format!("no device with id {id}"),
+                ],
             ));
         }
         self.fds.release(&released);
@@ -363,6 +367,14 @@ impl Vmm {
         self.prepare_console(&config);
         let board = Board::new(&config, &self.fds, self.input.clone(), self.start)
             .map_err(|e| vm_error("The VM could not boot", &e))?;
+        // The board found every image of unknown format to be raw: say so in vm.info.
+        if let Some(stored) = &mut self.config {
+            for d in stored.disks.iter_mut().flatten() {
+                if !d.vhost_user && d.image_type == vm_config::ImageType::Unknown {
+                    d.image_type = vm_config::ImageType::Raw;
+                }
+            }
+        }
         let vm = self
             .instance(&config, &board)
             .map_err(|e| vm_error("The VM could not boot", &e))?;
@@ -578,20 +590,23 @@ mod tests {
     #[test]
     fn the_state_machine_allows_what_cloud_hypervisor_allows() {
         use VmState::*;
-        assert_eq!(legal_in(&ApiRequest::VmBoot), [Some(Created), Some(Shutdown)]);
+        assert_eq!(
+            legal_in(&ApiRequest::VmBoot),
+            [Some(Created), Some(Shutdown)]
+        );
         assert_eq!(legal_in(&ApiRequest::VmPause), [Some(Running)]);
         assert_eq!(legal_in(&ApiRequest::VmResume), [Some(Paused)]);
         assert_eq!(
             legal_in(&ApiRequest::VmShutdown),
             [Some(Running), Some(Paused)]
         );
-        assert_eq!(legal_in(&ApiRequest::VmReboot), [Some(Running), Some(Paused)]);
+        assert_eq!(
+            legal_in(&ApiRequest::VmReboot),
+            [Some(Running), Some(Paused)]
+        );
         assert_eq!(legal_in(&ApiRequest::VmDelete).len(), 5);
         assert_eq!(legal_in(&ApiRequest::VmInfo).len(), 4);
-        assert_eq!(
-            legal_in(&ApiRequest::VmCreate(Box::default())),
-            [None]
-        );
+        assert_eq!(legal_in(&ApiRequest::VmCreate(Box::default())), [None]);
         assert_eq!(
             legal_in(&ApiRequest::RemoveDevice("_disk0".into())),
             [Some(Created), Some(Shutdown)]
@@ -602,11 +617,17 @@ mod tests {
     #[test]
     fn illegal_requests_say_why_with_cloud_hypervisors_status() {
         let e = legality(None, &ApiRequest::VmInfo).expect_err("no VM");
-        assert_eq!((e.status, e.messages[1].as_str()), (404, "VM is not created"));
+        assert_eq!(
+            (e.status, e.messages[1].as_str()),
+            (404, "VM is not created")
+        );
         let e = legality(Some(VmState::Created), &ApiRequest::VmPause).expect_err("not running");
         assert_eq!(e.status, 500);
-        let e = legality(Some(VmState::Running), &ApiRequest::VmCreate(Box::default()))
-            .expect_err("twice");
+        let e = legality(
+            Some(VmState::Running),
+            &ApiRequest::VmCreate(Box::default()),
+        )
+        .expect_err("twice");
         assert!(e.messages[1].contains("already created"));
         let e = legality(Some(VmState::Running), &ApiRequest::NotYet("vm.snapshot"))
             .expect_err("later");

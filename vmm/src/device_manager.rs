@@ -111,16 +111,17 @@ impl DeviceManager {
         self.platform.push(id);
     }
 
-    /// Puts virtio device `device` of `kind` with `id` on the bus; `backend` says how it is
-    /// served, for the log. Returns its address.
+    /// Puts virtio device `device` of `kind` with `id` on the bus, in `slot` if given;
+    /// `backend` says how it is served, for the log. Returns its address.
     pub fn add_virtio(
         &mut self,
         id: &str,
         kind: DeviceKind,
+        slot: Option<u8>,
         backend: &str,
         device: Box<dyn VirtioDevice>,
     ) -> Result<PciBdf, PciError> {
-        let (slot, device) = self.pci.add_virtio(device, None)?;
+        let (slot, device) = self.pci.add_virtio(device, slot)?;
         let bdf = PciBdf {
             segment: 0,
             bus: 0,
@@ -233,7 +234,10 @@ impl DeviceManager {
 
     /// The kinds and ids of the devices, in slot order (for logs and tests).
     pub fn ids(&self) -> Vec<(DeviceKind, &str)> {
-        self.devices.iter().map(|d| (d.kind, d.id.as_str())).collect()
+        self.devices
+            .iter()
+            .map(|d| (d.kind, d.id.as_str()))
+            .collect()
     }
 }
 

@@ -134,10 +134,12 @@ fn open_path(path: &Path) -> Result<File, EventMonitorError> {
         options.create(true).truncate(true);
     }
     // A FIFO's open blocks until the reader (libvirt) has its end open.
-    options.open(path).map_err(|source| EventMonitorError::Open {
-        path: path.display().to_string(),
-        source,
-    })
+    options
+        .open(path)
+        .map_err(|source| EventMonitorError::Open {
+            path: path.display().to_string(),
+            source,
+        })
 }
 
 fn set_nonblocking(file: &File) {
@@ -163,7 +165,11 @@ mod tests {
         let mut m =
             EventMonitor::open(&format!("path={}", path.display()), Instant::now()).expect("open");
         m.emit("vmm", "starting", &[]);
-        m.emit("vm", "device-removed", &[("id", "{d}"), ("bdf", "0000:00:02.0")]);
+        m.emit(
+            "vm",
+            "device-removed",
+            &[("id", "{d}"), ("bdf", "0000:00:02.0")],
+        );
         let text = std::fs::read_to_string(&path).expect("read");
         let parts: Vec<&str> = text.split("\n\n").filter(|p| !p.is_empty()).collect();
         assert_eq!(parts.len(), 2, "{text}");

@@ -142,7 +142,9 @@ mod tests {
         let pipe_id = identity(n);
         let mut store = FdStore::default();
         store.claim_inherited(n).expect("claim");
-        store.claim_inherited(n).expect("claiming twice is harmless");
+        store
+            .claim_inherited(n)
+            .expect("claiming twice is harmless");
         assert_eq!(store.len(), 1);
         store.clear();
         assert_ne!(identity(n), pipe_id);

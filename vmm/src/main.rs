@@ -75,7 +75,9 @@ fn run(cli: &Cli, start: Instant) -> Result<(), String> {
             ));
         }
         if cli.api_socket.is_none() {
-            return Err("nothing to run: give --kernel (and the VM's options) or --api-socket".into());
+            return Err(
+                "nothing to run: give --kernel (and the VM's options) or --api-socket".into(),
+            );
         }
         None
     };

@@ -57,9 +57,16 @@ pub enum MemoryError {
     TooLarge(u64),
 }
 
-fn memfd(size: u64, hugepages: bool) -> Result<File, MemoryError> {
+/// `memfd_create` flags for huge pages of `page_size` bytes (the host's default size when
+/// none is given): the page size's log2 in the flags' upper bits.
+fn hugetlb_flags(page_size: Option<u64>) -> libc::c_uint {
+    let size_bits = page_size.map_or(0, |s| s.trailing_zeros() << libc::MFD_HUGE_SHIFT);
+    libc::MFD_HUGETLB | size_bits
+}
+
+fn memfd(size: u64, hugepages: Option<Option<u64>>) -> Result<File, MemoryError> {
     let err = |source| MemoryError::Memfd { size, source };
-    let flags = libc::MFD_CLOEXEC | if hugepages { libc::MFD_HUGETLB } else { 0 };
+    let flags = libc::MFD_CLOEXEC | hugepages.map_or(0, hugetlb_flags);
     // SAFETY: the name is a valid NUL-terminated string; the result is checked below.
     let fd = unsafe { libc::memfd_create(c"nimbus-guest-ram".as_ptr(), flags) };
     if fd < 0 {
@@ -83,13 +90,13 @@ pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, Memory
         // reserved at map time instead, so a shortage is an error here.
         let populate = if cfg.prefault { libc::MAP_POPULATE } else { 0 };
         if cfg.hugepages {
-            let file = memfd(size, true)?;
+            let file = memfd(size, Some(cfg.hugepage_size))?;
             builder = builder
                 .with_file_offset(FileOffset::new(file, 0))
                 .with_hugetlbfs(true)
                 .with_mmap_flags(libc::MAP_SHARED | populate);
         } else if cfg.shared {
-            let file = memfd(size, false)?;
+            let file = memfd(size, None)?;
             builder = builder
                 .with_file_offset(FileOffset::new(file, 0))
                 .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE | populate);

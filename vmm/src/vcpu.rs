@@ -81,10 +81,7 @@ impl VcpuGate {
         *parked += 1;
         self.changed.notify_all();
         while self.pause.load(Ordering::SeqCst) && !control.should_stop() {
-            parked = self
-                .changed
-                .wait(parked)
-                .unwrap_or_else(|p| p.into_inner());
+            parked = self.changed.wait(parked).unwrap_or_else(|p| p.into_inner());
         }
         *parked -= 1;
         self.changed.notify_all();
@@ -509,14 +506,24 @@ mod tests {
                 .expect("state");
         }
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(writes.load(Ordering::SeqCst), at_pause, "progress while paused");
+        assert_eq!(
+            writes.load(Ordering::SeqCst),
+            at_pause,
+            "progress while paused"
+        );
         for (id, s) in states.iter().enumerate() {
             let s = s.lock().expect("state");
-            assert!(s.immediate_exits >= 1, "vcpu{id} parked without completing its exit");
+            assert!(
+                s.immediate_exits >= 1,
+                "vcpu{id} parked without completing its exit"
+            );
         }
         resume_all(&threads);
         std::thread::sleep(Duration::from_millis(30));
-        assert!(writes.load(Ordering::SeqCst) > at_pause, "no progress after resume");
+        assert!(
+            writes.load(Ordering::SeqCst) > at_pause,
+            "no progress after resume"
+        );
         for (id, s) in states.iter().enumerate() {
             let s = s.lock().expect("state");
             assert_eq!(

@@ -217,7 +217,8 @@ impl Vm {
 
         let boot_cpus = config.cpus.boot_vcpus;
         let max_cpus = config.cpus.max_vcpus;
-        let mmio64 = layout::pci_mmio64_start(config.memory.size);
+        // RAM added later goes between RAM and the 64-bit PCI window.
+        let mmio64 = layout::pci_mmio64_start(config.memory.reserved_size());
         let rsdp = acpi::create_acpi_tables(
             &memory,
             &acpi::AcpiConfig {
@@ -260,16 +261,19 @@ impl Vm {
             &io_bus,
             &mmio_bus,
             guest_mem,
-            config.memory.size,
+            config.memory.reserved_size(),
             reset_register,
         )?;
         let mut devices = DeviceManager::new(pci);
         if !matches!(board.serial(), OutputSink::Off) {
             devices.add_platform("__serial");
         }
-        for d in board.devices() {
+        // Devices asking for a slot go first, so the others cannot take it.
+        let (placed, free): (Vec<_>, Vec<_>) =
+            board.devices().iter().partition(|d| d.slot.is_some());
+        for d in placed.into_iter().chain(free) {
             let dev = board.instance(d)?;
-            devices.add_virtio(&d.id, d.kind, &d.backend, dev)?;
+            devices.add_virtio(&d.id, d.kind, d.slot, &d.backend, dev)?;
         }
 
         let mut supported = hv
@@ -283,8 +287,11 @@ impl Vm {
                 .create_vcpu(id)
                 .map_err(hv_err(format!("creating vcpu{id}")))?;
             let err = |what: &str| hv_err(format!("setting up vcpu{id}: {what}"));
-            vcpu.set_cpuid(&cpuid::vcpu_cpuid(&supported, id as u8, max_cpus))
-                .map_err(err("CPUID"))?;
+            let mut table = cpuid::vcpu_cpuid(&supported, id as u8, max_cpus);
+            if !config.cpus.nested {
+                cpuid::hide_virtualization(&mut table);
+            }
+            vcpu.set_cpuid(&table).map_err(err("CPUID"))?;
             vcpu.set_msrs(&cpu::boot_msrs()).map_err(err("MSRs"))?;
             if let Some(msr) = hwcr {
                 // Best effort: older KVM refuses writes to HWCR; the guest then only logs a warning.
@@ -451,7 +458,9 @@ fn add_platform_devices(
     )?;
     place(
         "debug port",
-        Arc::new(Mutex::new(devices::debug_port::DebugPort::new(board.start()))),
+        Arc::new(Mutex::new(devices::debug_port::DebugPort::new(
+            board.start(),
+        ))),
         layout::DEBUG_PORT,
         1,
     )?;

@@ -8,7 +8,11 @@ const LEAF_CACHE_PARAMS: u32 = 4;
 const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 
+const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
+
 const ECX_HYPERVISOR: u32 = 1 << 31;
+const ECX_VMX: u32 = 1 << 5;
+const ECX_SVM: u32 = 1 << 2;
 const EDX_HTT: u32 = 1 << 28;
 
 /// Topology level types of leaves 0xB and 0x1F.
@@ -65,6 +69,18 @@ pub fn vcpu_cpuid(supported: &[CpuIdEntry], apic_id: u8, cpus: u8) -> Vec<CpuIdE
         leaf0.eax = leaf0.eax.max(LEAF_TOPOLOGY);
     }
     out
+}
+
+/// Hides the CPU's own virtualization extensions (Intel VMX, AMD SVM) from the guest, for
+/// VMs configured without nested virtualization.
+pub fn hide_virtualization(table: &mut [CpuIdEntry]) {
+    for e in table.iter_mut() {
+        match e.function {
+            LEAF_FEATURES => e.ecx &= !ECX_VMX,
+            LEAF_EXT_FEATURES => e.ecx &= !ECX_SVM,
+            _ => {}
+        }
+    }
 }
 
 #[cfg(test)]
@@ -258,5 +274,24 @@ mod platform_tests {
         );
         assert_eq!(amd_hwcr(&[intel, inv]), None);
         assert_eq!(amd_hwcr(&[amd]), None);
+    }
+
+    #[test]
+    fn nested_off_hides_vmx_and_svm() {
+        let mut table = vec![
+            CpuIdEntry {
+                function: LEAF_FEATURES,
+                ecx: ECX_VMX | ECX_HYPERVISOR,
+                ..Default::default()
+            },
+            CpuIdEntry {
+                function: LEAF_EXT_FEATURES,
+                ecx: ECX_SVM | 1,
+                ..Default::default()
+            },
+        ];
+        hide_virtualization(&mut table);
+        assert_eq!(table[0].ecx, ECX_HYPERVISOR);
+        assert_eq!(table[1].ecx, 1);
     }
 }

@@ -235,7 +235,12 @@ pub fn find_route(method: &str, path: &str) -> Result<&'static Route, ApiError> 
 
 /// Parses an HTTP request into an [`ApiRequest`]; descriptors that came with it go to the
 /// routes that take them (`vm.add-net`), others are closed.
-pub fn parse(method: &str, path: &str, body: &[u8], fds: Vec<OwnedFd>) -> Result<ApiRequest, ApiError> {
+pub fn parse(
+    method: &str,
+    path: &str,
+    body: &[u8],
+    fds: Vec<OwnedFd>,
+) -> Result<ApiRequest, ApiError> {
     let route = find_route(method, path)?;
     match route.body {
         Body::None if !body.is_empty() => {
@@ -305,8 +310,13 @@ mod tests {
     use super::*;
 
     fn parse_ok(method: &str, name: &str, body: &str) -> ApiRequest {
-        parse(method, &format!("{API_PREFIX}{name}"), body.as_bytes(), Vec::new())
-            .unwrap_or_else(|e| panic!("{name}: {e:?}"))
+        parse(
+            method,
+            &format!("{API_PREFIX}{name}"),
+            body.as_bytes(),
+            Vec::new(),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e:?}"))
     }
 
     fn parse_err(method: &str, path: &str, body: &str) -> ApiError {
@@ -346,7 +356,10 @@ mod tests {
         let e = parse_err("PUT", "/api/v1/vm.create", "{\"cpus\":7}");
         assert_eq!(e.status, 400);
         assert_eq!(e.messages[0], "Failed to deserialize JSON");
-        assert_eq!(parse_err("PUT", "/api/v1/vm.remove-device", "{}").status, 400);
+        assert_eq!(
+            parse_err("PUT", "/api/v1/vm.remove-device", "{}").status,
+            400
+        );
         assert_eq!(parse_err("PUT", "/api/v1/vm.snapshot", "[1").status, 400);
     }
 
