@@ -193,8 +193,8 @@ impl Server {
         })
     }
 
-    /// Serves until `stop` is written (its counter is left for the caller to read); then closes
-    /// every connection and returns. Requests go to `handler` on this thread.
+    /// Serves until `stop` is written (its counter is left for the caller to read); then writes
+    /// the answers already sent through responders, closes every connection and returns. Requests go to `handler` on this thread.
     pub fn run(&mut self, handler: &dyn Handler, stop: &EventFd) -> Result<(), ServerError> {
         let fixed = [
             (self.listener.as_raw_fd(), LISTENER, "API socket"),
@@ -258,6 +258,8 @@ impl Server {
             let ready = &events[..count];
             if ready.iter().any(|e| e.data() == STOP) {
                 log::info!("API server on {} stopping", self.socket);
+                // Answers already given (e.g. to vmm.shutdown) still go out.
+                self.deliver_replies(handler, connections);
                 return Ok(());
             }
             for event in ready {

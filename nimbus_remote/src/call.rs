@@ -15,7 +15,7 @@ use crate::bodies::{
     VsockBody,
 };
 use crate::cli::Command;
-use crate::syntax::{self, SyntaxError};
+use vm_config::kv::KvError;
 
 /// Why a subcommand's arguments do not make a request.
 #[derive(Debug, thiserror::Error)]
@@ -37,15 +37,6 @@ pub enum CallError {
         /// The cause.
         #[source]
         source: kv::KvError,
-    },
-    /// A list inside an option is malformed.
-    #[error("invalid {what} syntax")]
-    Syntax {
-        /// Which option.
-        what: &'static str,
-        /// The cause.
-        #[source]
-        source: SyntaxError,
     },
     /// A value is out of its range or of the wrong kind.
     #[error("invalid {what}: {message}")]
@@ -128,8 +119,8 @@ fn config_err(what: &'static str) -> impl Fn(ConfigError) -> CallError {
     move |source| CallError::Config { what, source }
 }
 
-fn syntax_err(what: &'static str) -> impl Fn(SyntaxError) -> CallError {
-    move |source| CallError::Syntax { what, source }
+fn syntax_err(what: &'static str) -> impl Fn(KvError) -> CallError {
+    move |source| CallError::Kv { what, source }
 }
 
 fn size(what: &'static str, value: &str) -> Result<u64, CallError> {
@@ -165,9 +156,7 @@ pub fn build(command: &Command) -> Result<ApiCall, CallError> {
             generic_vhost_user_config,
         } => add_generic_vhost_user(generic_vhost_user_config)?,
         C::AddNet { net_config } => {
-            // CH writes several descriptors `fd=[3,4]`; vm_config reads `fd=[3;4]`.
-            let text = syntax::semicolons_in_brackets(net_config).map_err(syntax_err("net"))?;
-            let mut net = NetConfig::parse(&text).map_err(config_err("net"))?;
+            let mut net = NetConfig::parse(net_config).map_err(config_err("net"))?;
             // The numbers mean nothing in the VMM: the descriptors themselves are sent.
             let fds = net.fds.take().unwrap_or_default();
             ApiCall::put_json("vm.add-net", &net)?.with_fds(fds)
@@ -295,12 +284,10 @@ fn read_config(path: &str) -> Result<Vec<u8>, CallError> {
 
 fn add_generic_vhost_user(config: &str) -> Result<ApiCall, CallError> {
     const WHAT: &str = "generic vhost-user";
-    let (lists, rest) = syntax::take_keys(config, &["queue_sizes"]).map_err(syntax_err(WHAT))?;
+    let (lists, rest) = kv::take_keys(config, &["queue_sizes"]).map_err(syntax_err(WHAT))?;
     let options: GenericVhostUserOptions = kv_parse(WHAT, &rest)?;
     let queue_sizes = match lists.last() {
-        Some((_, value)) => {
-            syntax::int_list::<u16>(value, "queue sizes").map_err(syntax_err(WHAT))?
-        }
+        Some((_, value)) => kv::int_list::<u16>(value, "queue sizes").map_err(syntax_err(WHAT))?,
         None => {
             return Err(CallError::Value {
                 what: WHAT,
@@ -328,12 +315,12 @@ fn add_generic_vhost_user(config: &str) -> Result<ApiCall, CallError> {
 /// `restore`: the descriptors of `net_fds` are sent in the order given, each interface's
 /// count in the body.
 fn restore(config: &str) -> Result<ApiCall, CallError> {
-    let (lists, rest) = syntax::take_keys(config, &["net_fds"]).map_err(syntax_err("restore"))?;
+    let (lists, rest) = kv::take_keys(config, &["net_fds"]).map_err(syntax_err("restore"))?;
     let options: RestoreOptions = kv_parse("restore", &rest)?;
     let mut fds = Vec::new();
     let net_fds = match lists.last() {
         Some((_, value)) => {
-            let nets = syntax::id_fd_list(value).map_err(syntax_err("restore"))?;
+            let nets = kv::id_fd_list(value).map_err(syntax_err("restore"))?;
             let bodies = nets
                 .into_iter()
                 .map(|(id, net_fds)| {

@@ -10,7 +10,6 @@
 mod bodies;
 mod call;
 mod cli;
-mod syntax;
 
 use std::error::Error;
 use std::io::{self, Write};

@@ -17,6 +17,20 @@ pub enum KvError {
     /// A quote that is never closed.
     #[error("unterminated quote in '{0}'")]
     UnterminatedQuote(String),
+    /// A bracket that is never closed, or closed without being opened.
+    #[error("unbalanced brackets in '{0}'")]
+    Unbalanced(String),
+    /// Not a list of integers of the expected kind.
+    #[error("'{value}' is not a list of {what} such as 3, [3,4] or [3-5]")]
+    IntList {
+        /// What the items are.
+        what: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// Not a list of `id@[fds]` pairs.
+    #[error("'{0}' is not a list such as [net0@[3,4],net1@[5]]")]
+    IdFdList(String),
     /// Keys the option does not have.
     #[error("unknown key(s): {0}")]
     UnknownKeys(String),
@@ -31,21 +45,36 @@ impl de::Error for KvError {
     }
 }
 
-/// Splits `input` at top-level commas into `(key, value)` pairs.
+/// Splits `input` into `(key, value)` pairs at the commas outside double quotes and brackets
+/// (so `fd=[3,4]` is one value); quotes are removed, brackets kept.
 pub fn split(input: &str) -> Result<Vec<(String, String)>, KvError> {
     let mut pairs = Vec::new();
     let mut token = String::new();
     let mut quoted = false;
+    let mut depth = 0usize;
     let mut tokens = Vec::new();
     for c in input.chars() {
         match c {
             '"' => quoted = !quoted,
-            ',' if !quoted => tokens.push(std::mem::take(&mut token)),
+            '[' if !quoted => {
+                depth += 1;
+                token.push(c);
+            }
+            ']' if !quoted => {
+                depth = depth
+                    .checked_sub(1)
+                    .ok_or_else(|| KvError::Unbalanced(input.to_string()))?;
+                token.push(c);
+            }
+            ',' if !quoted && depth == 0 => tokens.push(std::mem::take(&mut token)),
             c => token.push(c),
         }
     }
     if quoted {
         return Err(KvError::UnterminatedQuote(input.to_string()));
+    }
+    if depth != 0 {
+        return Err(KvError::Unbalanced(input.to_string()));
     }
     tokens.push(token);
     for t in tokens.into_iter().filter(|t| !t.is_empty()) {
@@ -55,6 +84,83 @@ pub fn split(input: &str) -> Result<Vec<(String, String)>, KvError> {
         pairs.push((k.trim().to_string(), v.to_string()));
     }
     Ok(pairs)
+}
+
+/// Longest list a range may expand to (a typo such as `[3-3000000000]` must not exhaust memory).
+const MAX_LIST: usize = 4096;
+
+/// Reads an integer list as Cloud Hypervisor writes them: `3`, `[3,4]` or `[3-5,7]` (ranges
+/// inclusive); `what` names the items in the error.
+pub fn int_list<T: TryFrom<u64>>(value: &str, what: &'static str) -> Result<Vec<T>, KvError> {
+    let bad = || KvError::IntList {
+        what,
+        value: value.to_string(),
+    };
+    let trimmed = value.trim();
+    let inner = match trimmed.strip_prefix('[') {
+        Some(rest) => rest.strip_suffix(']').ok_or_else(bad)?,
+        None => trimmed,
+    };
+    let number = |t: &str| t.trim().parse::<u64>().ok();
+    let item = |n: u64| T::try_from(n).map_err(|_| bad());
+    let mut list = Vec::new();
+    for part in inner.split(',') {
+        match part.split_once('-') {
+            Some((first, last)) => {
+                let (first, last) = number(first).zip(number(last)).ok_or_else(bad)?;
+                let count = last.checked_sub(first).ok_or_else(bad)?;
+                if count >= (MAX_LIST - list.len()) as u64 {
+                    return Err(bad());
+                }
+                for n in first..=last {
+                    list.push(item(n)?);
+                }
+            }
+            None => list.push(item(number(part).ok_or_else(bad)?)?),
+        }
+        if list.len() > MAX_LIST {
+            return Err(bad());
+        }
+    }
+    Ok(list)
+}
+
+/// Reads `[id@[fds],id@fd,...]`, the form of `restore`'s `net_fds`.
+pub fn id_fd_list(value: &str) -> Result<Vec<(String, Vec<i32>)>, KvError> {
+    let bad = || KvError::IdFdList(value.to_string());
+    let inner = value
+        .trim()
+        .strip_prefix('[')
+        .and_then(|v| v.strip_suffix(']'))
+        .ok_or_else(bad)?;
+    let items = split(&inner.replace('@', "="))?;
+    if items.is_empty() {
+        return Err(bad());
+    }
+    items
+        .into_iter()
+        .map(|(id, fds)| {
+            if id.is_empty() {
+                return Err(bad());
+            }
+            Ok((id, int_list(&fds, "file descriptors")?))
+        })
+        .collect()
+}
+
+/// Splits `input` into the pairs whose keys are in `keys` (in the order given) and the other
+/// pairs, rejoined as an option string for [`from_str`].
+pub fn take_keys(input: &str, keys: &[&str]) -> Result<(Vec<(String, String)>, String), KvError> {
+    let mut taken = Vec::new();
+    let mut rest = Vec::new();
+    for (key, value) in split(input)? {
+        if keys.contains(&key.as_str()) {
+            taken.push((key, value));
+        } else {
+            rest.push(format!("{key}=\"{value}\""));
+        }
+    }
+    Ok((taken, rest.join(",")))
 }
 
 /// Deserializes `T` from `key=value,...`. Unlike JSON (where unknown fields are ignored for
@@ -202,5 +308,72 @@ mod tests {
             Err(KvError::UnterminatedQuote(_))
         ));
         assert!(from_str::<Opt>("").is_err(), "missing required key");
+    }
+
+    #[test]
+    fn commas_inside_brackets_and_quotes_do_not_split() {
+        assert_eq!(
+            split("tap=t0,fd=[3,4],mac=\"a,b\",").expect("pairs"),
+            vec![
+                ("tap".to_string(), "t0".to_string()),
+                ("fd".into(), "[3,4]".into()),
+                ("mac".into(), "a,b".into())
+            ]
+        );
+        assert_eq!(split("fd=[3,4"), Err(KvError::Unbalanced("fd=[3,4".into())));
+        assert!(split("fd=3]").is_err());
+    }
+
+    #[test]
+    fn integer_lists() {
+        let fds = |v| int_list::<i32>(v, "file descriptors");
+        assert_eq!(fds("3"), Ok(vec![3]));
+        assert_eq!(fds("[3,4]"), Ok(vec![3, 4]));
+        assert_eq!(fds("[3-5,9]"), Ok(vec![3, 4, 5, 9]));
+        for bad in [
+            "",
+            "[]",
+            "[3",
+            "x",
+            "[-1]",
+            "[5-3]",
+            "[3,]",
+            "[0-99999999999]",
+        ] {
+            assert!(fds(bad).is_err(), "{bad}");
+        }
+        assert_eq!(int_list::<u16>("[256,1024]", "sizes"), Ok(vec![256, 1024]));
+        assert!(int_list::<u16>("[65536]", "sizes").is_err());
+    }
+
+    #[test]
+    fn id_descriptor_lists() {
+        assert_eq!(
+            id_fd_list("[net0@[3,4],net1@5]"),
+            Ok(vec![("net0".into(), vec![3, 4]), ("net1".into(), vec![5])])
+        );
+        for bad in ["net0@3", "[net0]", "[@3]", "[net0@[3,x]]", "[]"] {
+            assert!(id_fd_list(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_are_taken_out_and_the_rest_rejoined() {
+        let (taken, rest) = take_keys(
+            "source_url=file:///s,net_fds=[a@[3,4]],prefault=on",
+            &["net_fds"],
+        )
+        .expect("take");
+        assert_eq!(
+            taken,
+            vec![("net_fds".to_string(), "[a@[3,4]]".to_string())]
+        );
+        let back: std::collections::BTreeMap<String, String> =
+            split(&rest).expect("rest").into_iter().collect();
+        assert_eq!(
+            back.get("source_url").map(String::as_str),
+            Some("file:///s")
+        );
+        assert_eq!(back.get("prefault").map(String::as_str), Some("on"));
     }
 }

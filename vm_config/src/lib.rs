@@ -786,7 +786,7 @@ mod tests {
         let n: NetConfig =
             serde_json::from_str(r#"{"fds": [3, 4], "num_queues": 4}"#).expect("json");
         assert_eq!(n.fds, None);
-        let n = NetConfig::parse("fd=[3;4],num_queues=4").expect("cli");
+        let n = NetConfig::parse("fd=[3,4],num_queues=4").expect("cli");
         assert_eq!(n.fds, Some(vec![3, 4]));
         assert_eq!(
             serde_json::to_value(&n).expect("json")["fds"],

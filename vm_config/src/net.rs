@@ -106,7 +106,7 @@ pub struct NetConfig {
 
 impl NetConfig {
     /// Parses one `--net` value: Cloud Hypervisor spells the passed descriptors `fd=3` (or
-    /// `fd=[3;4]`); the configuration field is `fds`.
+    /// `fd=[3,4]`); the configuration field is `fds`.
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
         let parse_err = |source| ConfigError::Parse {
             option: "net",
@@ -116,17 +116,7 @@ impl NetConfig {
         let mut rest = Vec::new();
         for (k, v) in kv::split(s).map_err(parse_err)? {
             if k == "fd" {
-                let list = v.trim_start_matches('[').trim_end_matches(']');
-                let parsed = list
-                    .split([';', ' '])
-                    .filter(|t| !t.is_empty())
-                    .map(|t| {
-                        t.parse::<i32>()
-                            .map_err(|_| kv::KvError::Invalid(format!("fd '{t}' is not a number")))
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(parse_err)?;
-                fds = Some(parsed);
+                fds = Some(kv::int_list(&v, "file descriptors").map_err(parse_err)?);
             } else {
                 rest.push(format!("{k}=\"{v}\""));
             }

@@ -279,7 +279,7 @@ mod tests {
             "/k",
             "--net",
             "tap=tap0,mac=52:54:00:12:34:56,ip=10.0.0.1,mask=255.0.0.0",
-            "fd=[3;4],num_queues=4",
+            "fd=[3,4],num_queues=4",
         ])
         .expect("config");
         let nets = c.net.clone().unwrap_or_default();

@@ -105,6 +105,8 @@ struct Booted {
     board: Board,
     vm: Vm,
     instance: u64,
+    /// Instances built on this board (1 + guest resets and reboots).
+    boots: u64,
 }
 
 /// `vm.info`'s answer.
@@ -382,6 +384,7 @@ impl Vmm {
             board,
             vm,
             instance: self.instances,
+            boots: 1,
         });
         self.state = VmState::Running;
         log::info!(
@@ -448,7 +451,9 @@ impl Vmm {
         let (Some(config), Some(booted)) = (self.config.clone(), self.booted.take()) else {
             return Err(ApiError::plain(404, &["VM is not booted"]));
         };
-        let Booted { board, vm, .. } = booted;
+        let Booted {
+            board, vm, boots, ..
+        } = booted;
         drop(vm);
         board.set_input(None);
         match self.instance(&config, &board) {
@@ -457,6 +462,7 @@ impl Vmm {
                     board,
                     vm,
                     instance: self.instances,
+                    boots: boots + 1,
                 });
                 self.state = VmState::Running;
                 self.events.emit("vm", "rebooted", &[]);
@@ -530,13 +536,14 @@ impl Vmm {
         }
         match event {
             VmEvent::PowerOff => {
-                log::info!("the guest powered off");
+                let boots = self.booted.as_ref().map_or(0, |b| b.boots);
+                log::info!("guest powered off after {boots} boot(s)");
                 self.delete();
                 self.events.emit("vmm", "shutdown", &[]);
                 Some(Outcome::Done)
             }
             VmEvent::Reset => {
-                log::info!("the guest reset the machine; rebooting");
+                log::info!("guest reset; rebooting");
                 match self.reboot() {
                     Ok(_) => None,
                     Err(e) => Some(Outcome::Failed(e.messages[1..].join(": "))),

@@ -69,8 +69,10 @@ fn run(cli: &Cli, start: Instant) -> Result<(), String> {
     } else {
         let stray = cli.vm_options_without_payload();
         if !stray.is_empty() {
+            let verb = if stray.len() == 1 { "needs" } else { "need" };
             return Err(format!(
-                "{} need --kernel (without it, the VM is created with vm.create on --api-socket)",
+                "no kernel given: {} {verb} --kernel (without it, the VM is created with \
+                 vm.create on --api-socket)",
                 stray.join(", ")
             ));
         }

@@ -340,7 +340,10 @@ impl Vcpu for KvmVcpu {
                 op: "KVM_GET_MSRS",
                 source: std::io::Error::from_raw_os_error(libc::E2BIG),
             })?;
-        let read = self.fd.get_msrs(&mut kvm_msrs).map_err(op("KVM_GET_MSRS"))?;
+        let read = self
+            .fd
+            .get_msrs(&mut kvm_msrs)
+            .map_err(op("KVM_GET_MSRS"))?;
         if read != indices.len() {
             return Err(HypervisorError::Op {
                 op: "KVM_GET_MSRS",
