@@ -28,6 +28,7 @@
 
 #![deny(missing_docs)]
 
+pub mod api;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write as _};
