@@ -85,11 +85,28 @@ pub struct Fadt {
     pub pm_tmr_32: bool,
     /// SLEEP_CONTROL_REG (ACPI 5+, hardware-reduced platforms).
     pub sleep_ctl: Gas,
+    /// PM1a event block I/O port (status register; the enable register follows at
+    /// `pm1_evt_len / 2`), 0: none.
+    pub pm1a_evt: u64,
+    /// Length of the PM1 event blocks in bytes.
+    pub pm1_evt_len: u8,
     /// DSDT address (X_DSDT if set, else DSDT).
     pub dsdt: u64,
 }
 
-/// The MADT summary used by the SMP check.
+/// Most IOAPICs recorded from the MADT.
+pub const MAX_IOAPICS: usize = 8;
+
+/// One IOAPIC of the MADT.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ioapic {
+    /// MMIO base.
+    pub addr: u64,
+    /// GSI of its pin 0.
+    pub gsi_base: u32,
+}
+
+/// The MADT summary used by the SMP check (and the IOAPICs, for the lifecycle mode).
 #[derive(Clone, Copy, Debug)]
 pub struct Madt {
     /// Local APIC MMIO base (after any type-5 override).
@@ -100,6 +117,10 @@ pub struct Madt {
     pub ncpus: usize,
     /// Enabled CPUs beyond `MAX_CPUS` (not stored).
     pub extra_cpus: usize,
+    /// IOAPICs in MADT order (the first [`MAX_IOAPICS`]).
+    pub ioapics: [Ioapic; MAX_IOAPICS],
+    /// Number of valid entries in `ioapics`.
+    pub nioapics: usize,
 }
 
 /// Everything the ACPI checks found.
@@ -131,7 +152,8 @@ pub struct Ecam {
 }
 
 impl Acpi {
-    fn find(&self, sig: &[u8; 4]) -> Option<Table> {
+    /// The first valid table with signature `sig`.
+    pub fn find(&self, sig: &[u8; 4]) -> Option<Table> {
         self.tables[..self.count]
             .iter()
             .find(|t| &t.sig == sig && t.valid)
@@ -431,6 +453,8 @@ fn parse_fadt(t: &Table, verbose: bool) -> Fadt {
     let pm1a_cnt = io_port(field32(64), gas(172));
     let pm1b_cnt = io_port(field32(68), gas(184));
     let pm_tmr = u16::try_from(io_port(field32(76), gas(208))).unwrap_or(0);
+    let pm1a_evt = io_port(field32(56), gas(148));
+    let pm1_evt_len = if 89 <= len { phys::read_u8(a + 88) } else { 0 };
     let x_dsdt = field64(140);
     let dsdt = if x_dsdt != 0 {
         x_dsdt
@@ -444,6 +468,8 @@ fn parse_fadt(t: &Table, verbose: bool) -> Fadt {
         pm_tmr,
         pm_tmr_32: flags & FADT_TMR_VAL_EXT != 0,
         sleep_ctl: gas(244),
+        pm1a_evt,
+        pm1_evt_len,
         dsdt,
     };
     if !verbose {
@@ -484,6 +510,8 @@ fn check_madt(t: Option<Table>, expect: &Expectations) -> Option<Madt> {
         cpus: [0; MAX_CPUS],
         ncpus: 0,
         extra_cpus: 0,
+        ioapics: [Ioapic::default(); MAX_IOAPICS],
+        nioapics: 0,
     };
     println!(
         "INFO madt lapic_base={:#x} flags={:#x}",
@@ -520,12 +548,20 @@ fn check_madt(t: Option<Table>, expect: &Expectations) -> Option<Madt> {
             }
             (1, 12..) => {
                 ioapics += 1;
+                let io = Ioapic {
+                    addr: u64::from(phys::read_u32(e + 4)),
+                    gsi_base: phys::read_u32(e + 8),
+                };
                 println!(
                     "INFO madt ioapic id={} addr={:#x} gsi_base={}",
                     phys::read_u8(e + 2),
-                    phys::read_u32(e + 4),
-                    phys::read_u32(e + 8)
+                    io.addr,
+                    io.gsi_base
                 );
+                if madt.nioapics < MAX_IOAPICS {
+                    madt.ioapics[madt.nioapics] = io;
+                    madt.nioapics += 1;
+                }
             }
             (2, 10..) => println!(
                 "INFO madt override bus={} irq={} gsi={} flags={:#x}",
@@ -814,4 +850,216 @@ pub fn plan_shutdown_quietly(start_info_addr: u64) {
     if let Ok((plan, slp_typ)) = choose_plan(&acpi) {
         shutdown::set_plan(plan, slp_typ);
     }
+}
+
+/// The ACPI Generic Event Device (`_HID` "ACPI0013") as the AML describes it: the interrupt of
+/// its `_CRS` and the operation region its `_EVT` reads the event register from.
+#[derive(Clone, Copy, Debug)]
+pub struct Ged {
+    /// Signature of the table it was found in.
+    pub table: [u8; 4],
+    /// GSI of its interrupt (Extended Interrupt descriptor, or the IRQ of an IRQ descriptor).
+    pub gsi: u32,
+    /// The descriptor says edge-triggered (else level).
+    pub edge: bool,
+    /// The descriptor says active low (else active high).
+    pub active_low: bool,
+    /// Address space of the event register: [`GAS_IO`] (1) or [`GAS_MEMORY`] (0).
+    pub space: u8,
+    /// Port or physical address of the event register.
+    pub addr: u64,
+    /// Length of the operation region in bytes.
+    pub len: u64,
+}
+
+impl Ged {
+    /// Whether the event register is an I/O port (else memory).
+    pub fn is_io(&self) -> bool {
+        self.space == GAS_IO
+    }
+}
+
+/// Bounded byte access to one AML table body.
+struct Aml {
+    start: u64,
+    end: u64,
+}
+
+impl Aml {
+    fn b(&self, a: u64) -> Option<u8> {
+        (a >= self.start && a < self.end).then(|| phys::read_u8(a))
+    }
+
+    /// PkgLength at `a`: (value, bytes it takes). The package ends at `a + value`.
+    fn pkg_len(&self, a: u64) -> Option<(u64, u64)> {
+        let lead = self.b(a)?;
+        let follow = u64::from(lead >> 6);
+        if follow == 0 {
+            return Some((u64::from(lead & 0x3f), 1));
+        }
+        let mut v = u64::from(lead & 0x0f);
+        for i in 0..follow {
+            v |= u64::from(self.b(a + 1 + i)?) << (4 + 8 * i);
+        }
+        Some((v, 1 + follow))
+    }
+
+    /// A ComputationalData integer at `a` (Zero, One, Ones, Byte/Word/DWord/QWordPrefix):
+    /// (value, bytes it takes).
+    fn integer(&self, a: u64) -> Option<(u64, u64)> {
+        let le = |n: u64| -> Option<u64> {
+            let mut v = 0u64;
+            for i in 0..n {
+                v |= u64::from(self.b(a + 1 + i)?) << (8 * i);
+            }
+            Some(v)
+        };
+        match self.b(a)? {
+            0x00 => Some((0, 1)),
+            0x01 => Some((1, 1)),
+            0xff => Some((u64::MAX, 1)),
+            0x0a => Some((le(1)?, 2)),
+            0x0b => Some((le(2)?, 3)),
+            0x0c => Some((le(4)?, 5)),
+            0x0e => Some((le(8)?, 9)),
+            _ => None,
+        }
+    }
+
+    fn matches(&self, a: u64, bytes: &[u8]) -> bool {
+        bytes
+            .iter()
+            .enumerate()
+            .all(|(i, &x)| self.b(a + i as u64) == Some(x))
+    }
+
+    /// First position in `[from, to)` where `bytes` occur.
+    fn find(&self, from: u64, to: u64, bytes: &[u8]) -> Option<u64> {
+        (from..to).find(|&a| self.matches(a, bytes))
+    }
+}
+
+/// Looks for the Generic Event Device in the DSDT, then the SSDTs. `None`: there is none;
+/// `Some(Err)`: there is one but its `_CRS` or event register could not be understood.
+///
+/// Not an AML interpreter: it finds the string "ACPI0013", the innermost `Device` package
+/// around it, and in that package `Name(_CRS, Buffer)` (Extended Interrupt or IRQ descriptor)
+/// and the first `OperationRegion` in SystemIO or SystemMemory with constant offset and
+/// length — the way VMMs (Nimbus, Cloud Hypervisor) write it.
+pub fn find_ged(acpi: &Acpi) -> Option<Result<Ged, &'static str>> {
+    let tables = acpi.find(b"DSDT").into_iter().chain(
+        acpi.tables[..acpi.count]
+            .iter()
+            .filter(|t| &t.sig == b"SSDT" && t.valid)
+            .copied(),
+    );
+    for t in tables {
+        let aml = Aml {
+            start: t.addr + u64::from(HEADER_LEN),
+            end: t.addr + u64::from(t.len),
+        };
+        let Some(hid) = aml.find(aml.start, aml.end, b"\x0dACPI0013\x00") else {
+            continue;
+        };
+        return Some(parse_ged(&aml, hid, t.sig));
+    }
+    None
+}
+
+fn parse_ged(aml: &Aml, hid: u64, sig: [u8; 4]) -> Result<Ged, &'static str> {
+    // The innermost DeviceOp (0x5b 0x82) whose package contains the _HID string.
+    let (body, end) = (aml.start..hid)
+        .rev()
+        .filter(|&a| aml.matches(a, &[0x5b, 0x82]))
+        .find_map(|a| {
+            let (len, _) = aml.pkg_len(a + 2)?;
+            let end = a + 2 + len;
+            (hid < end && end <= aml.end).then_some((a + 2, end))
+        })
+        .ok_or("no Device package around _HID \"ACPI0013\"")?;
+
+    // Name(_CRS, Buffer(size) { resource descriptors })
+    let crs = aml
+        .find(body, end, b"\x08_CRS\x11")
+        .ok_or("no Name(_CRS, Buffer) in the GED")?;
+    let buf = crs + 5;
+    let (plen, pbytes) = aml.pkg_len(buf + 1).ok_or("bad _CRS buffer")?;
+    let buf_end = (buf + 1 + plen).min(end);
+    let (size, sbytes) = aml
+        .integer(buf + 1 + pbytes)
+        .ok_or("_CRS buffer size is not a constant")?;
+    let data = buf + 1 + pbytes + sbytes;
+    let data_end = data.saturating_add(size).min(buf_end);
+    let mut irq = None;
+    let mut r = data;
+    while r < data_end && irq.is_none() {
+        let tag = aml.b(r).ok_or("_CRS runs past its buffer")?;
+        if tag & 0x80 != 0 {
+            let len = u64::from(aml.b(r + 1).ok_or("bad _CRS")?)
+                | (u64::from(aml.b(r + 2).ok_or("bad _CRS")?) << 8);
+            let at = r + 3;
+            // Extended Interrupt Descriptor: flags, count, then 32-bit interrupt numbers.
+            if tag & 0x7f == 0x09 && len >= 6 && aml.b(at + 1).is_some_and(|n| n >= 1) {
+                let flags = aml.b(at).unwrap_or(0);
+                let mut gsi = 0u32;
+                for i in 0..4 {
+                    gsi |= u32::from(aml.b(at + 2 + i).ok_or("bad _CRS")?) << (8 * i);
+                }
+                // Flag bit 1: edge (1) or level (0); bit 2: active low.
+                irq = Some((gsi, flags & 2 != 0, flags & 4 != 0));
+            }
+            r = at + len;
+        } else {
+            let len = u64::from(tag & 7);
+            match (tag >> 3) & 0xf {
+                0xf => break, // End Tag
+                // IRQ Descriptor: 16-bit mask, optional information byte (bit 0 edge, bit 3
+                // active low; without it: edge, active high).
+                0x4 if len >= 2 => {
+                    let mask = u16::from(aml.b(r + 1).ok_or("bad _CRS")?)
+                        | (u16::from(aml.b(r + 2).ok_or("bad _CRS")?) << 8);
+                    if mask != 0 {
+                        let info = if len >= 3 {
+                            aml.b(r + 3).unwrap_or(1)
+                        } else {
+                            1
+                        };
+                        irq = Some((mask.trailing_zeros(), info & 1 != 0, info & 8 != 0));
+                    }
+                }
+                _ => {}
+            }
+            r += 1 + len;
+        }
+    }
+    let (gsi, edge, active_low) = irq.ok_or("no interrupt in the GED's _CRS")?;
+
+    // OperationRegion(name, space, offset, length): 0x5b 0x80 NameSeg space offset length.
+    let mut a = body;
+    let (space, addr, len) = loop {
+        let op = aml
+            .find(a, end, &[0x5b, 0x80])
+            .ok_or("no SystemIO/SystemMemory OperationRegion in the GED")?;
+        let space = aml.b(op + 6);
+        let region = aml.integer(op + 7).and_then(|(off, n)| {
+            let (len, _) = aml.integer(op + 7 + n)?;
+            Some((off, len))
+        });
+        if let (Some(s @ (GAS_MEMORY | GAS_IO)), Some((off, len))) = (space, region) {
+            break (s, off, len);
+        }
+        a = op + 2;
+    };
+    if len < 4 {
+        return Err("the GED's event register region is shorter than 4 bytes");
+    }
+    Ok(Ged {
+        table: sig,
+        gsi,
+        edge,
+        active_low,
+        space,
+        addr,
+        len,
+    })
 }

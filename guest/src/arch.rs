@@ -6,6 +6,7 @@
 //! counts).
 
 use core::arch::asm;
+use core::sync::atomic::{AtomicU8, Ordering};
 
 core::arch::global_asm!(include_str!("boot.s"), options(att_syntax));
 
@@ -22,6 +23,7 @@ extern "C" {
     static __image_end: u8;
     static irq_counts: [u64; IRQ_VECTORS + 1];
     static mut lapic_eoi_addr: u64;
+    static nmi_count: u64;
     fn svc_park_insn() -> !;
 }
 
@@ -30,6 +32,21 @@ extern "C" {
 pub const IRQ_VECTOR_BASE: u8 = 0x40;
 /// Number of counted vectors: `IRQ_VECTOR_BASE..IRQ_VECTOR_BASE + IRQ_VECTORS`.
 pub const IRQ_VECTORS: usize = 64;
+
+/// Next counted vector not handed out yet (see [`alloc_vectors`]).
+static NEXT_VECTOR: AtomicU8 = AtomicU8::new(IRQ_VECTOR_BASE);
+
+/// Reserves `n` consecutive counted vectors (MSI-X entries, the IOAPIC pin of the ACPI GED)
+/// and returns the first, or `None` when the counted range is used up.
+pub fn alloc_vectors(n: u8) -> Option<u8> {
+    let limit = usize::from(IRQ_VECTOR_BASE) + IRQ_VECTORS;
+    let base = NEXT_VECTOR.load(Ordering::SeqCst);
+    if usize::from(base) + usize::from(n) > limit {
+        return None;
+    }
+    NEXT_VECTOR.store(base + n, Ordering::SeqCst);
+    Some(base)
+}
 
 /// Writes a byte to an I/O port.
 pub fn outb(port: u16, value: u8) {
@@ -181,6 +198,12 @@ pub fn irq_count(vector: u8) -> u64 {
 pub fn spurious_count() -> u64 {
     // SAFETY: as for `irq_count`; slot IRQ_VECTORS is the spurious counter.
     unsafe { core::ptr::read_volatile((&raw const irq_counts).cast::<u64>().add(IRQ_VECTORS)) }
+}
+
+/// Number of NMIs (vector 2) the CPL0 stub has counted since boot.
+pub fn nmis() -> u64 {
+    // SAFETY: plain memory the CPL0 NMI stub increments; an aligned volatile read is valid.
+    unsafe { core::ptr::read_volatile(&raw const nmi_count) }
 }
 
 /// Sets the address of the local APIC EOI register the CPL0 interrupt

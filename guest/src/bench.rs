@@ -20,13 +20,15 @@
 //! batch of submissions unless it has asked not to be (VIRTQ_USED_F_NO_NOTIFY while it is
 //! still working through the ring). Buffers live in free RAM found from the memory map.
 //!
-//! The device setup ([`open_first_blk`], [`polled_queue`]) and the request engine
-//! ([`drive`]) are shared with the block soak mode (soak.rs).
+//! The device setup ([`open_first_blk`], [`open_blk_on`], [`polled_queue`]) and the request
+//! engine ([`drive`], or [`Engine`] one step at a time) are shared with the block soak mode
+//! (soak.rs) and the lifecycle mode's block stream (lifecycle.rs).
 
 use core::fmt::Write;
 
 use crate::acpi::Acpi;
 use crate::blk::{self, Blk, SECTOR, S_OK, S_UNWRITTEN, T_IN, T_OUT};
+use crate::pci::Bus;
 use crate::regions::Regions;
 use crate::report::{check, StrBuf};
 use crate::startinfo::{StartInfo, E820_RAM};
@@ -77,6 +79,16 @@ impl Scratch {
     fn at(&self, off: u64, len: u64) -> *mut u8 {
         assert!(off.checked_add(len).is_some_and(|end| end <= self.len));
         (self.base + off) as *mut u8
+    }
+
+    /// Fills `off..off + len` (a multiple of 8) with the 8-byte little-endian words
+    /// `tag | i`, `i` the word's index.
+    fn fill_tagged(&self, off: u64, len: u64, tag: u64) {
+        // SAFETY: as for `fill`.
+        let data = unsafe { core::slice::from_raw_parts_mut(self.at(off, len), len as usize) };
+        for (i, w) in data.chunks_exact_mut(8).enumerate() {
+            w.copy_from_slice(&(tag | i as u64).to_le_bytes());
+        }
     }
 
     /// Fills `off..off + len` with `f(origin + i)` (plain stores, so the loop vectorises).
@@ -161,10 +173,21 @@ pub struct Shape {
     pub bs: u64,
     /// Most requests in flight (at most 32).
     pub depth: usize,
-    /// Data pattern, a function of the absolute byte offset: written (`T_OUT`) or checked
-    /// on completion with status OK (`T_IN`; a mismatch ends the run). `None`: whatever the
-    /// buffer holds is written, reads are not checked.
-    pub pattern: Option<fn(u64) -> u8>,
+    /// What the data is.
+    pub data: Data,
+}
+
+/// The data of the requests of one [`Shape`].
+#[derive(Clone, Copy)]
+pub enum Data {
+    /// Whatever the buffer holds is written; reads are not checked.
+    Any,
+    /// A function of the absolute byte offset: written (`T_OUT`) or checked on completion
+    /// with status OK (`T_IN`; a mismatch ends the run).
+    Pattern(fn(u64) -> u8),
+    /// (`T_OUT`) Every 8-byte little-endian word `i` of a request is `tag | i`, with the tag
+    /// given by [`Next::Tagged`] (0 for [`Next::Submit`]). Reads are not checked.
+    Tagged,
 }
 
 /// One workload.
@@ -228,7 +251,31 @@ pub fn open_first_blk(
     min_bytes: u64,
 ) -> Result<Rig, Why> {
     let (bus, apic_id) = stage2::setup(acpi);
-    let Some(f) = stage2::functions_of(&bus, "blk").next() else {
+    let (b, capacity, mem) = open_blk_on(&bus, apic_id, si, avoid, min_bytes)?;
+    let Some(khz) = time::calibrate_rtc() else {
+        return Err(why!(
+            "the CMOS clock does not tick: cannot calibrate the TSC"
+        ));
+    };
+    Ok(Rig {
+        b,
+        capacity,
+        mem,
+        khz,
+    })
+}
+
+/// The first modern virtio-blk device on `bus` initialised (reporting `virtio.blk0.init`,
+/// MSI-X to the local APIC `apic_id`), its capacity in sectors (at least `min_bytes`) and
+/// [`SCRATCH`] bytes of free RAM for the request buffers.
+pub fn open_blk_on(
+    bus: &Bus,
+    apic_id: u32,
+    si: &StartInfo,
+    avoid: &Regions,
+    min_bytes: u64,
+) -> Result<(Blk, u64, Scratch), Why> {
+    let Some(f) = stage2::functions_of(bus, "blk").next() else {
         return Err(why!("no modern virtio-blk device"));
     };
     let t = Transport::probe(bus.mech, f)?;
@@ -250,17 +297,7 @@ pub fn open_first_blk(
             SCRATCH / MIB
         ));
     };
-    let Some(khz) = time::calibrate_rtc() else {
-        return Err(why!(
-            "the CMOS clock does not tick: cannot calibrate the TSC"
-        ));
-    };
-    Ok(Rig {
-        b,
-        capacity,
-        mem,
-        khz,
-    })
+    Ok((b, capacity, mem))
 }
 
 /// Queue 0 of `b` with used-buffer notifications off, checked to hold [`MAX_DEPTH`]
@@ -306,7 +343,7 @@ fn bench_blk(
             kind: if write { T_OUT } else { T_IN },
             bs,
             depth,
-            pattern: None,
+            data: Data::Any,
         },
     };
     let workloads = [
@@ -382,22 +419,24 @@ fn measure_exits(b: &mut Blk) -> (f64, f64) {
 }
 
 /// Places the request of slot `k` for `sector` in the queue (filling its data first for a
-/// write with a pattern). Returns the head descriptor.
+/// write with a pattern or a tag). Returns the head descriptor.
 fn submit(
     q: &mut Queue,
     mem: &Scratch,
     w: &Shape,
     stride: u64,
     k: usize,
-    sector: u64,
+    (sector, tag): (u64, u64),
 ) -> Option<u16> {
     let slot = k as u64 * stride;
     let mut hdr = [0u8; 16];
     hdr[..4].copy_from_slice(&w.kind.to_le_bytes());
     hdr[8..].copy_from_slice(&sector.to_le_bytes());
     mem.write_bytes(slot + HDR_OFF, &hdr);
-    if let (T_OUT, Some(f)) = (w.kind, w.pattern) {
-        mem.fill(slot + DATA_OFF, w.bs, sector * SECTOR, f);
+    match (w.kind, w.data) {
+        (T_OUT, Data::Pattern(f)) => mem.fill(slot + DATA_OFF, w.bs, sector * SECTOR, f),
+        (T_OUT, Data::Tagged) => mem.fill_tagged(slot + DATA_OFF, w.bs, tag),
+        _ => {}
     }
     let status_off = slot + DATA_OFF + w.bs;
     mem.write8(status_off, S_UNWRITTEN);
@@ -432,10 +471,18 @@ fn submit(
     q.add(&chain)
 }
 
-/// What [`drive`]'s source of requests says.
+/// What [`drive`]'s (or [`Engine::submit`]'s) source of requests says.
 pub enum Next {
     /// Submit a request at this sector.
     Submit(u64),
+    /// Submit a request at `sector` carrying `tag` (see [`Data::Tagged`]; handed back in
+    /// [`Done::tag`]).
+    Tagged {
+        /// Its sector.
+        sector: u64,
+        /// Its tag.
+        tag: u64,
+    },
     /// Nothing to submit yet (rate limit); ask again.
     Wait,
     /// No more requests: let those in flight complete and return.
@@ -446,10 +493,156 @@ pub enum Next {
 pub struct Done {
     /// Its sector.
     pub sector: u64,
+    /// Its tag (0 unless submitted with [`Next::Tagged`]).
+    pub tag: u64,
     /// Its status byte.
     pub status: u8,
     /// TSC at completion.
     pub tsc: u64,
+}
+
+/// The request engine behind [`drive`], one step at a time, for callers that do other work
+/// between steps (the lifecycle mode): up to `depth` requests of one [`Shape`] in flight on
+/// a polled queue, each in its own slot of the scratch RAM.
+pub struct Engine<'n> {
+    name: &'n str,
+    w: Shape,
+    stride: u64,
+    /// Which slot each head descriptor belongs to (`usize::MAX`: none).
+    slot_of: [usize; 64],
+    /// Each slot's sector and tag.
+    req_of: [(u64, u64); MAX_DEPTH],
+    /// Free slots (bit k: slot k).
+    free: u64,
+    in_flight: usize,
+    exhausted: bool,
+    /// Descriptor ids that have been the head of a request (bit d: id d).
+    heads: u64,
+}
+
+impl<'n> Engine<'n> {
+    /// An idle engine for requests shaped `w` (depth clamped to 1..=32) in `mem`; `name`
+    /// starts its error texts.
+    pub fn new(mem: &Scratch, w: &Shape, name: &'n str) -> Result<Self, Why> {
+        let stride = DATA_OFF + w.bs + 0x1000;
+        let depth = w.depth.clamp(1, MAX_DEPTH);
+        if depth as u64 * stride > mem.len {
+            return Err(why!("{name}: buffers do not fit in the scratch RAM"));
+        }
+        Ok(Engine {
+            name,
+            w: *w,
+            stride,
+            slot_of: [usize::MAX; 64],
+            req_of: [(0, 0); MAX_DEPTH],
+            free: (1 << depth) - 1,
+            in_flight: 0,
+            exhausted: false,
+            heads: 0,
+        })
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Whether the source of requests has said [`Next::Done`].
+    pub fn exhausted(&self) -> bool {
+        self.exhausted
+    }
+
+    /// Asks `next` (given the TSC) for a request whenever a slot is free, until it says
+    /// [`Next::Wait`] or [`Next::Done`], and notifies the device after the batch: always when
+    /// the queue was idle, else unless it has set VIRTQ_USED_F_NO_NOTIFY. Returns whether
+    /// anything was submitted.
+    pub fn submit(
+        &mut self,
+        q: &mut Queue,
+        mem: &Scratch,
+        mut next: impl FnMut(u64) -> Next,
+    ) -> Result<bool, Why> {
+        let idle = self.in_flight == 0;
+        let mut added = false;
+        while self.free != 0 && !self.exhausted {
+            let req = match next(arch::rdtsc()) {
+                Next::Submit(s) => (s, 0),
+                Next::Tagged { sector, tag } => (sector, tag),
+                Next::Wait => break,
+                Next::Done => {
+                    self.exhausted = true;
+                    break;
+                }
+            };
+            let k = self.free.trailing_zeros() as usize;
+            let head = submit(q, mem, &self.w, self.stride, k, req)
+                .ok_or_else(|| why!("{}: queue full", self.name))?;
+            self.slot_of[usize::from(head)] = k;
+            self.heads |= 1 << head;
+            self.req_of[k] = req;
+            self.free &= !(1 << k);
+            self.in_flight += 1;
+            added = true;
+        }
+        if added {
+            if idle {
+                q.kick();
+            } else {
+                q.kick_if_needed();
+            }
+        }
+        Ok(added)
+    }
+
+    /// Takes every used element the device has returned: hands each completion to `done`,
+    /// each used id that names no request in flight to `bogus` (with whether that id was the
+    /// head of an earlier request: a duplicate), and checks reads with a pattern. An `Err`
+    /// from either callback, or a read mismatch, is returned at once. Returns how many
+    /// elements were taken.
+    pub fn reap(
+        &mut self,
+        q: &mut Queue,
+        mem: &Scratch,
+        mut done: impl FnMut(&Done) -> Result<(), Why>,
+        mut bogus: impl FnMut(u32, bool) -> Result<(), Why>,
+    ) -> Result<usize, Why> {
+        let mut taken = 0;
+        while let Some(u) = q.pop_used() {
+            taken += 1;
+            let now = arch::rdtsc();
+            let k = self
+                .slot_of
+                .get(u.id as usize)
+                .copied()
+                .unwrap_or(usize::MAX);
+            if !u.known || k == usize::MAX {
+                let seen = u.id < 64 && self.heads & (1 << u.id) != 0;
+                bogus(u.id, seen)?;
+                continue;
+            }
+            self.slot_of[u.id as usize] = usize::MAX;
+            self.in_flight -= 1;
+            let (sector, tag) = self.req_of[k];
+            let data = k as u64 * self.stride + DATA_OFF;
+            let status = mem.read8(data + self.w.bs);
+            if let (T_IN, Data::Pattern(f), S_OK) = (self.w.kind, self.w.data, status) {
+                if let Some((o, got, want)) = mem.mismatch(data, self.w.bs, sector * SECTOR, f) {
+                    return Err(why!(
+                        "{}: byte at offset {o:#x} is {got:#04x}, expected {want:#04x}",
+                        self.name
+                    ));
+                }
+            }
+            self.free |= 1 << k;
+            done(&Done {
+                sector,
+                tag,
+                status,
+                tsc: now,
+            })?;
+        }
+        Ok(taken)
+    }
 }
 
 /// Keeps up to `w.depth` requests in flight on `q` (polled, see [`polled_queue`]): asks
@@ -469,86 +662,27 @@ pub fn drive(
     mut next: impl FnMut(u64) -> Next,
     mut done: impl FnMut(&Done) -> Result<(), Why>,
 ) -> Result<(), Why> {
-    let stride = DATA_OFF + w.bs + 0x1000;
-    let depth = w.depth.clamp(1, MAX_DEPTH);
-    if depth as u64 * stride > mem.len {
-        return Err(why!("{name}: buffers do not fit in the scratch RAM"));
-    }
-    // Which slot each head descriptor belongs to, and each slot's sector.
-    let mut slot_of = [usize::MAX; 64];
-    let mut sector_of = [0u64; MAX_DEPTH];
-    let mut free: u64 = (1 << depth) - 1;
-    let mut in_flight = 0usize;
-    let mut exhausted = false;
+    let mut e = Engine::new(mem, w, name)?;
     let stall = stall_secs.saturating_mul(time::tsc_khz() * 1000);
     let mut last_progress = arch::rdtsc();
     loop {
-        let idle = in_flight == 0;
-        let mut added = false;
-        while free != 0 && !exhausted {
-            let now = arch::rdtsc();
-            let sector = match next(now) {
-                Next::Submit(s) => s,
-                Next::Wait => break,
-                Next::Done => {
-                    exhausted = true;
-                    break;
-                }
-            };
-            let k = free.trailing_zeros() as usize;
-            let head =
-                submit(q, mem, w, stride, k, sector).ok_or_else(|| why!("{name}: queue full"))?;
-            slot_of[usize::from(head)] = k;
-            sector_of[k] = sector;
-            free &= !(1 << k);
-            if in_flight == 0 {
-                last_progress = now;
-            }
-            in_flight += 1;
-            added = true;
+        let idle = e.in_flight() == 0;
+        if e.submit(q, mem, &mut next)? && idle {
+            last_progress = arch::rdtsc();
         }
-        if added {
-            if idle {
-                q.kick();
-            } else {
-                q.kick_if_needed();
-            }
-        }
-        if exhausted && in_flight == 0 {
+        if e.exhausted() && e.in_flight() == 0 {
             return Ok(());
         }
-        let mut got = false;
-        while let Some(u) = q.pop_used() {
-            let now = arch::rdtsc();
-            let k = slot_of.get(u.id as usize).copied().unwrap_or(usize::MAX);
-            if !u.known || k == usize::MAX {
-                return Err(why!("{name}: the device returned bogus id {}", u.id));
-            }
-            slot_of[u.id as usize] = usize::MAX;
-            got = true;
-            last_progress = now;
-            in_flight -= 1;
-            let sector = sector_of[k];
-            let data = k as u64 * stride + DATA_OFF;
-            let status = mem.read8(data + w.bs);
-            if let (T_IN, Some(f), S_OK) = (w.kind, w.pattern, status) {
-                if let Some((o, got, want)) = mem.mismatch(data, w.bs, sector * SECTOR, f) {
-                    return Err(why!(
-                        "{name}: byte at offset {o:#x} is {got:#04x}, expected {want:#04x}"
-                    ));
-                }
-            }
-            free |= 1 << k;
-            done(&Done {
-                sector,
-                status,
-                tsc: now,
-            })?;
-        }
-        if !got {
-            if in_flight > 0 && arch::rdtsc() - last_progress > stall {
+        let got = e.reap(q, mem, &mut done, |id, _| {
+            Err(why!("{name}: the device returned bogus id {id}"))
+        })?;
+        if got > 0 {
+            last_progress = arch::rdtsc();
+        } else {
+            if e.in_flight() > 0 && arch::rdtsc() - last_progress > stall {
                 return Err(why!(
-                    "{name}: no completion for {stall_secs} s, {in_flight} requests in flight"
+                    "{name}: no completion for {stall_secs} s, {} requests in flight",
+                    e.in_flight()
                 ));
             }
             arch::pause();

@@ -15,7 +15,8 @@
  *   isr_stubs        all 256 IDT vectors -> isr_common: an #UD at
  *                    svc_park_insn is the "park this CPU" request from CPL3,
  *                    everything else is recorded in fault_info and reported
- *                    by rust_fault at CPL3
+ *                    by rust_fault at CPL3; except vector 2 (NMI), whose stub
+ *                    only counts it in nmi_count
  *
  * Written in AT&T syntax for LLVM's integrated assembler (global_asm!).
  */
@@ -288,11 +289,18 @@ isr_stubs:
 .set vec, 0
 .rept 256
     .balign 16
+    .if vec == 2
+    /* NMI (the VMM's vm.nmi): count it and return. No EOI: NMIs are not
+     * acknowledged at the local APIC. Two instructions, for PVM's sake. */
+    lock incq nmi_count(%rip)
+    iretq
+    .else
     .if ((vec == 8) | (vec == 10) | (vec == 11) | (vec == 12) | (vec == 13) | (vec == 14) | (vec == 17) | (vec == 21) | (vec == 29) | (vec == 30)) == 0
     pushq $0                            /* no CPU error code: push a zero */
     .endif
     pushq $vec
     jmp isr_common
+    .endif
     .set vec, vec + 1
 .endr
 
@@ -487,6 +495,10 @@ fault_lock:
 .global irq_counts
 irq_counts:
     .fill IRQ_COUNT + 1, 8, 0
+/* NMIs seen (vector 2's stub), read at CPL3 through arch::nmi_count. */
+.global nmi_count
+nmi_count:
+    .quad 0
 /* Local APIC EOI register written by the interrupt path (set from the MADT). */
 .global lapic_eoi_addr
 lapic_eoi_addr:

@@ -55,6 +55,22 @@ pub fn parse_size(s: &str) -> Option<u64> {
     parse_u64(digits)?.checked_mul(mult)
 }
 
+/// The value of `key` as a number in `range` (inclusive), `default` if absent; an error if
+/// malformed or out of range.
+pub fn number(
+    cmdline: &str,
+    key: &str,
+    default: u64,
+    range: (u64, u64),
+) -> Result<u64, crate::virtio::Why> {
+    match value(cmdline, key) {
+        None => Ok(default),
+        Some(v) => parse_u64(v)
+            .filter(|n| (range.0..=range.1).contains(n))
+            .ok_or_else(|| crate::why!("bad {key}={v} (a number in {}..={})", range.0, range.1)),
+    }
+}
+
 /// Parses a plain decimal u64 (no sign, no spaces).
 pub fn parse_u64(s: &str) -> Option<u64> {
     if s.is_empty() {

@@ -151,6 +151,11 @@ pub extern "C" fn rust_main(start_info_addr: u64) -> ! {
         soak::run(kind, &si, &acpi, &avoid, text);
         finish();
     }
+    if expect::value(text, "lifecycle") == Some("1") {
+        // Lifecycle mode for the VMM's control-plane tests, see lifecycle.rs.
+        lifecycle::run(&si, &acpi, &avoid, text);
+        finish();
+    }
     memtest::check_memtouch(&si, &avoid);
     smp::check_smp(&si, acpi.madt.as_ref(), &expect, &avoid);
     rtc::check_rtc(&expect);

@@ -19,7 +19,7 @@
 use core::fmt::Write;
 
 use crate::acpi::Acpi;
-use crate::bench::{self, Next, Shape};
+use crate::bench::{self, Data, Next, Shape};
 use crate::blk::{self, SECTOR, S_OK, T_FLUSH, T_IN, T_OUT};
 use crate::regions::Regions;
 use crate::report::{check, StrBuf};
@@ -47,25 +47,15 @@ pub fn run(kind: &str, si: &StartInfo, acpi: &Acpi, avoid: &Regions, cmdline: &s
     }
 }
 
-/// `key` as a number in `range`, `default` if absent; an error if malformed or out of range.
-fn key(cmdline: &str, key: &str, default: u64, range: (u64, u64)) -> Result<u64, Why> {
-    match expect::value(cmdline, key) {
-        None => Ok(default),
-        Some(v) => expect::parse_u64(v)
-            .filter(|n| (range.0..=range.1).contains(n))
-            .ok_or_else(|| why!("bad {key}={v} (a number in {}..={})", range.0, range.1)),
-    }
-}
-
 fn soak_blk(
     si: &StartInfo,
     acpi: &Acpi,
     avoid: &Regions,
     cmdline: &str,
 ) -> Result<StrBuf<300>, Why> {
-    let mib = key(cmdline, "soak.mib", 256, (1, 1 << 20))?;
-    let mibps = key(cmdline, "soak.mibps", 64, (0, 1 << 20))?;
-    let stall = key(cmdline, "soak.stall", 30, (1, 3600))?;
+    let mib = expect::number(cmdline, "soak.mib", 256, (1, 1 << 20))?;
+    let mibps = expect::number(cmdline, "soak.mibps", 64, (0, 1 << 20))?;
+    let stall = expect::number(cmdline, "soak.stall", 30, (1, 3600))?;
     let bytes = mib * MIB;
     let bench::Rig {
         mut b,
@@ -91,7 +81,7 @@ fn soak_blk(
         kind: T_OUT,
         bs: BS,
         depth: DEPTH,
-        pattern: Some(blk::guest_byte),
+        data: Data::Pattern(blk::guest_byte),
     };
     let t0 = arch::rdtsc();
     let mut submitted = 0u64;
@@ -129,7 +119,7 @@ fn soak_blk(
     // FLUSH, through the same engine (same stall tolerance).
     shape.kind = T_FLUSH;
     shape.bs = 0;
-    shape.pattern = None;
+    shape.data = Data::Any;
     let mut flushes = 0;
     bench::drive(
         q,
@@ -156,7 +146,7 @@ fn soak_blk(
         kind: T_IN,
         bs: BS,
         depth: DEPTH,
-        pattern: Some(blk::guest_byte),
+        data: Data::Pattern(blk::guest_byte),
     };
     let t1 = arch::rdtsc();
     let mut sent = 0u64;

@@ -13,9 +13,9 @@
 
 use core::cell::UnsafeCell;
 use core::fmt::Write;
-use core::sync::atomic::{fence, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{fence, AtomicUsize, Ordering};
 
-use crate::arch::{self, inb, inl, inw, outb, outl, outw, IRQ_VECTORS, IRQ_VECTOR_BASE};
+use crate::arch::{self, inb, inl, inw, outb, outl, outw};
 use crate::pci::{
     self, Bar, BarKind, Function, Mech, CMD_BUS_MASTER, CMD_INTX_DISABLE, CMD_IO, CMD_MEM,
 };
@@ -103,7 +103,6 @@ unsafe impl Sync for Arena {}
 
 static ARENA: Arena = Arena(UnsafeCell::new([0; DMA_PAGES * PAGE]));
 static ARENA_NEXT: AtomicUsize = AtomicUsize::new(0);
-static NEXT_VECTOR: AtomicU8 = AtomicU8::new(IRQ_VECTOR_BASE);
 
 /// One 4 KiB page of guest RAM shared with devices.
 #[derive(Clone, Copy, Debug)]
@@ -695,12 +694,10 @@ impl Transport {
         let base = match self.msix {
             Some(m) if m.entries >= entries => m.base_vector,
             _ => {
-                let base = NEXT_VECTOR.load(Ordering::SeqCst);
-                let limit = usize::from(IRQ_VECTOR_BASE) + IRQ_VECTORS;
-                if usize::from(base) + usize::from(entries) > limit {
+                let n = u8::try_from(entries).unwrap_or(u8::MAX);
+                let Some(base) = arch::alloc_vectors(n) else {
                     return Err(why!("out of interrupt vectors"));
-                }
-                NEXT_VECTOR.store(base + entries as u8, Ordering::SeqCst);
+                };
                 base
             }
         };
