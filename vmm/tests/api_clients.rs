@@ -24,7 +24,7 @@ const NIMBUS: &str = env!("CARGO_BIN_EXE_nimbus");
 const BOOT: Duration = Duration::from_secs(30);
 
 /// The lifecycle guest's command line: ticks and a block stream on the first disk.
-const LIFECYCLE: &str = "lifecycle=1";
+const LIFECYCLE: &str = "lifecycle=1 lifecycle.blk.iops=5000 expect.cpus=1 expect.mem=128M";
 
 fn scratch_disk(dir: &ScratchDir, name: &str, mib: u64) -> String {
     let path = dir.file(name);

@@ -1,0 +1,256 @@
+//! The VM lifecycle as the guest sees it, driven through the API: the test guest's lifecycle
+//! mode (docs/test-guest.md) keeps a counter, prints a `TICK` line every ~100 ms of its own
+//! time and keeps block writes in flight on its disk. Pause must stop all of it with no time
+//! lost to the guest's clock (kvmclock, which Nimbus holds across the pause; on PVM hosts the
+//! guest reads the host's TSC directly, so no VMM can hide a pause from `rdtsc` there), resume
+//! must go on from there with every block request completed exactly once, `vm.nmi` and
+//! `vm.power-button` must reach the guest, `vm.reboot` must boot a fresh machine, and
+//! `vm.counters` must match the guest's own I/O counts.
+
+use std::time::{Duration, Instant};
+
+use e2e::api::{self, Answer, ApiVmm};
+use e2e::{require_kvm, spawn_vm, RunningVm};
+
+const NIMBUS: &str = env!("CARGO_BIN_EXE_nimbus");
+const WAIT: Duration = Duration::from_secs(30);
+
+fn ok(a: &Answer, what: &str) {
+    assert!(
+        a.status == 204 || a.status == 200,
+        "{what}: {}",
+        String::from_utf8_lossy(&a.raw)
+    );
+}
+
+fn ticks(vm: &RunningVm) -> Vec<String> {
+    vm.stdout_so_far()
+        .lines()
+        .filter(|l| l.starts_with("TICK "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits for `count` ticks in all.
+fn wait_ticks(vm: &RunningVm, count: usize) -> Vec<String> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let t = ticks(vm);
+        if t.len() >= count {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "{}", vm.describe_so_far());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+fn float_field(line: &str, key: &str) -> f64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+/// Nimbus with the lifecycle guest booted from the command line and the API served.
+fn start(v: &ApiVmm, extra: &str) -> RunningVm {
+    let disk = v.dir.file("disk.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(8 << 20))
+        .expect("disk");
+    let disk_arg = format!("path={}", disk.display());
+    let cmdline =
+        format!("lifecycle=1 lifecycle.blk.iops=5000 expect.cpus=1 expect.mem=128M {extra}");
+    let vm = spawn_vm(v.command(
+        NIMBUS,
+        &[
+            "--kernel",
+            &e2e::guest_elf().display().to_string(),
+            "--cpus",
+            "boot=1",
+            "--memory",
+            "size=128M",
+            "--serial",
+            "tty",
+            "--console",
+            "off",
+            "--disk",
+            &disk_arg,
+            "--cmdline",
+            &cmdline,
+            "-v",
+        ],
+    ));
+    v.wait_ready();
+    // Everything the tests poke (NMI, GED, block stream) is armed before this line.
+    vm.wait_for_line("INFO lifecycle start", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    vm
+}
+
+#[test]
+fn pause_holds_the_guest_and_resume_continues_it() {
+    if !require_kvm("pause_holds_the_guest_and_resume_continues_it") {
+        return;
+    }
+    let v = ApiVmm::new("lifecycle-pause");
+    let vm = start(&v, "lifecycle.hold=1");
+    let before = wait_ticks(&vm, 5);
+    ok(&api::call(&v.socket, "PUT", "vm.pause", None), "pause");
+    let paused_at = Instant::now();
+    let out_at_pause = vm.stdout_so_far();
+    let info = api::call(&v.socket, "GET", "vm.info", None).json();
+    assert_eq!(info["state"], "Paused", "{info}");
+    let c1 = api::call(&v.socket, "GET", "vm.counters", None).json();
+    std::thread::sleep(Duration::from_secs(2));
+    let c2 = api::call(&v.socket, "GET", "vm.counters", None).json();
+    assert_eq!(c1, c2, "block I/O went on while paused");
+    assert_eq!(
+        vm.stdout_so_far(),
+        out_at_pause,
+        "the guest printed while paused"
+    );
+    let paused_ms = paused_at.elapsed().as_millis() as u64;
+    ok(&api::call(&v.socket, "PUT", "vm.resume", None), "resume");
+    let n_ticks = ticks(&vm).len();
+    let after = wait_ticks(&vm, n_ticks + 2);
+    let last_before = after[n_ticks - 1].clone();
+    let first_after = after[n_ticks].clone();
+    // The counter goes on from where it was: it only grows, and by about one tick's worth.
+    assert!(
+        field(&first_after, "n") > field(&last_before, "n"),
+        "{last_before} / {first_after}"
+    );
+    // The guest's clock (kvmclock) did not see the pause.
+    let dt = field(&first_after, "kc_ms") - field(&last_before, "kc_ms");
+    assert!(
+        dt < paused_ms / 2,
+        "guest time jumped {dt} ms across a {paused_ms} ms pause: {last_before} / {first_after}"
+    );
+    let gap = float_field(&first_after, "kc_gap_ms");
+    assert!(
+        gap < paused_ms as f64 / 2.0,
+        "a {gap} ms gap in the guest's loop across a {paused_ms} ms pause"
+    );
+    // Block writes were in flight at the pause (the guest keeps several outstanding).
+    assert!(field(&before[4], "blk_inflight") > 0, "{}", before[4]);
+    // NMIs reach the guest.
+    ok(&api::call(&v.socket, "PUT", "vm.nmi", None), "nmi");
+    let deadline = Instant::now() + WAIT;
+    while ticks(&vm).last().is_none_or(|t| field(t, "nmi") == 0) {
+        assert!(
+            Instant::now() < deadline,
+            "no NMI seen: {}",
+            vm.describe_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The power button: the guest finishes its block stream, reports and (held) waits.
+    ok(
+        &api::call(&v.socket, "PUT", "vm.power-button", None),
+        "power-button",
+    );
+    vm.wait_for_line("LIFECYCLE power-button", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    vm.wait_for_line("TESTS DONE", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    vm.wait_for_line("LIFECYCLE held", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let report = e2e::GuestReport::parse(&vm.stdout_so_far());
+    report.assert_passed(&["lifecycle.blk", "lifecycle.counter"]);
+    let blk = report
+        .detail("lifecycle.blk")
+        .unwrap_or_default()
+        .to_string();
+    let counters = api::call(&v.socket, "GET", "vm.counters", None).json();
+    assert_eq!(
+        counters["_disk0"]["write_ops"].as_u64(),
+        Some(field(&blk, "completed")),
+        "vm.counters {counters} against the guest's {blk}"
+    );
+    assert_eq!(
+        counters["_disk0"]["write_bytes"].as_u64(),
+        Some(field(&blk, "bytes")),
+        "vm.counters {counters} against the guest's {blk}"
+    );
+    assert!(
+        blk.contains("duplicates=0") && blk.contains("errors=0"),
+        "{blk}"
+    );
+    ok(
+        &api::call(&v.socket, "PUT", "vmm.shutdown", None),
+        "vmm.shutdown",
+    );
+    vm.finish(Duration::from_secs(5)).assert_success();
+}
+
+#[test]
+fn reboot_and_power_button() {
+    if !require_kvm("reboot_and_power_button") {
+        return;
+    }
+    let v = ApiVmm::new("lifecycle-reboot");
+    let vm = start(&v, "");
+    vm.wait_for_line("LIFECYCLE boot=0", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_ticks(&vm, 2);
+    ok(&api::call(&v.socket, "PUT", "vm.reboot", None), "reboot");
+    // A fresh machine: the guest boots again; CMOS NVRAM survives a reset.
+    vm.wait_for_line("LIFECYCLE boot=1", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let info = api::call(&v.socket, "GET", "vm.info", None).json();
+    assert_eq!(info["state"], "Running", "{info}");
+    let n = ticks(&vm).len();
+    wait_ticks(&vm, n + 2);
+    // The power button on the rebooted machine: the guest powers off, the VMM exits 0.
+    ok(
+        &api::call(&v.socket, "PUT", "vm.power-button", None),
+        "power-button",
+    );
+    let run = vm.finish(WAIT);
+    run.assert_success();
+    let banner = "NIMBUS-TEST-GUEST stage1";
+    let last_boot = format!(
+        "{banner}{}",
+        run.stdout.rsplit(banner).next().unwrap_or_default()
+    );
+    assert!(last_boot.contains("LIFECYCLE boot=1"), "{}", run.describe());
+    assert!(
+        last_boot.contains("LIFECYCLE power-button"),
+        "{}",
+        run.describe()
+    );
+    e2e::GuestReport::parse(&last_boot).assert_passed(&["lifecycle.blk", "lifecycle.counter"]);
+    assert!(
+        run.stderr.contains("guest powered off after 2 boot(s)"),
+        "{}",
+        run.stderr
+    );
+    assert!(!v.socket.exists(), "API socket left behind");
+}
+
+/// A termination signal stops the guest, removes the socket and exits 0.
+#[test]
+fn sigterm_stops_cleanly() {
+    if !require_kvm("sigterm_stops_cleanly") {
+        return;
+    }
+    let v = ApiVmm::new("lifecycle-sigterm");
+    let vm = start(&v, "");
+    wait_ticks(&vm, 2);
+    let pid = api::call(&v.socket, "GET", "vmm.ping", None).json()["pid"]
+        .as_i64()
+        .expect("pid");
+    // SAFETY: kill(2) on the VMM's own pid.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let run = vm.finish(Duration::from_secs(5));
+    run.assert_success();
+    assert!(!v.socket.exists(), "API socket left behind");
+    assert!(run.stderr.contains("signal 15"), "{}", run.stderr);
+}
