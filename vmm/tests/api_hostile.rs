@@ -157,7 +157,7 @@ fn hostile_clients_get_errors_and_the_vm_runs_on() {
         ),
         (
             "a second VM",
-            format!("PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 2\r\n\r\n{{}}").into_bytes(),
+            b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}".to_vec(),
         ),
         (
             "hot-add while running",
