@@ -447,11 +447,8 @@ fn libvirt_ch_driver() {
         revents: 0,
     };
     // SAFETY: one valid pollfd.
-    assert_eq!(
-        unsafe { libc::poll(&mut pfd, 1, 500) },
-        1,
-        "no answer within 500 ms"
-    );
+    let ready = unsafe { libc::poll(&mut pfd, 1, 500) };
+    assert_eq!(ready, 1, "no answer within 500 ms");
     let mut buf = [0u8; 1023];
     // SAFETY: `buf` is writable for its length.
     let n = unsafe { libc::recv(raw.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
