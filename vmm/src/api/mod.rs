@@ -286,6 +286,12 @@ pub fn parse(
         "vm.add-net" => {
             let mut net: Box<NetConfig> = json(body)?;
             net.fds = None;
+            // One descriptor per queue pair: without num_queues, the descriptors say how many.
+            let explicit = json::<serde_json::Map<String, serde_json::Value>>(body)
+                .is_ok_and(|m| m.contains_key("num_queues"));
+            if !explicit && !fds.is_empty() {
+                net.num_queues = 2 * fds.len();
+            }
             ApiRequest::AddNet(net, fds)
         }
         "vm.add-fs" => ApiRequest::AddFs(json(body)?),
@@ -374,6 +380,28 @@ mod tests {
         }
         match parse_ok("PUT", "vm.create", r#"{"net":[{"fds":[5]}]}"#) {
             ApiRequest::VmCreate(c) => assert_eq!(c.net.unwrap_or_default()[0].fds, None),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn descriptors_set_the_queue_count_unless_the_body_does() {
+        let fds = || -> Vec<OwnedFd> {
+            (0..2)
+                .map(|_| {
+                    std::fs::File::open("/dev/null")
+                        .map(OwnedFd::from)
+                        .expect("open")
+                })
+                .collect()
+        };
+        let path = format!("{API_PREFIX}vm.add-net");
+        match parse("PUT", &path, br#"{"mac":"52:54:00:00:00:01"}"#, fds()) {
+            Ok(ApiRequest::AddNet(net, fds)) => assert_eq!((net.num_queues, fds.len()), (4, 2)),
+            other => panic!("{other:?}"),
+        }
+        match parse("PUT", &path, br#"{"num_queues":2}"#, fds()) {
+            Ok(ApiRequest::AddNet(net, _)) => assert_eq!(net.num_queues, 2),
             other => panic!("{other:?}"),
         }
     }
