@@ -25,6 +25,8 @@ extern "C" {
     static mut lapic_eoi_addr: u64;
     static nmi_count: u64;
     fn svc_park_insn() -> !;
+    fn svc_cpuid_insn();
+    fn svc_wrmsr_insn();
 }
 
 /// First interrupt vector the CPL0 handler counts (MSI-X vectors of the
@@ -143,6 +145,63 @@ pub fn park() -> ! {
     // SAFETY: svc_park_insn is a `ud2` the CPL0 handler turns into a halt;
     // control never comes back.
     unsafe { svc_park_insn() }
+}
+
+/// CPUID `leaf` (sub-leaf 0) executed at CPL0 through a service call; returns eax, ebx,
+/// ecx, edx. Use it for the hypervisor's leaves (0x4000_0000..): on a PVM host without
+/// CPUID faulting (AMD), CPUID at CPL3 runs natively and reports the *host's* view (a host
+/// that is itself a KVM guest says "KVMKVMKVM" whatever the VMM offers), while CPUID at CPL0
+/// is emulated and answers from the VMM's CPUID table. A few emulated instructions.
+pub fn cpuid_cpl0(leaf: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u64, u32, u32);
+    // SAFETY: svc_cpuid_insn is `ud2; ret`; the CPL0 handler recognises the #UD's address,
+    // executes CPUID with our eax/ecx, and resumes at the `ret` with eax..edx replaced and
+    // every other register kept. rbx (reserved by LLVM) is saved around the call in a
+    // scratch register, which then carries CPUID's ebx out. `call` pushes to the stack
+    // (no `nostack`).
+    unsafe {
+        asm!(
+            "mov {b}, rbx",
+            "call {svc}",
+            "xchg {b}, rbx",
+            svc = sym svc_cpuid_insn,
+            b = out(reg) b,
+            inout("eax") leaf => a,
+            inout("ecx") 0u32 => c,
+            out("edx") d,
+        );
+    }
+    [a, b as u32, c, d]
+}
+
+/// WRMSR executed at CPL0 through a service call (a few emulated instructions). An MSR the
+/// hypervisor refuses raises #GP at CPL0, reported as a `FAULT` like any other fault: write
+/// only MSRs whose presence CPUID announced.
+pub fn wrmsr_cpl0(msr: u32, value: u64) {
+    // SAFETY: svc_wrmsr_insn is `ud2; ret`; the CPL0 handler executes WRMSR with our ecx and
+    // edx:eax and resumes at the `ret`, all registers kept. What the MSR does is the
+    // caller's business (documented at each call).
+    unsafe {
+        asm!(
+            "call {svc}",
+            svc = sym svc_wrmsr_insn,
+            in("ecx") msr,
+            in("eax") value as u32,
+            in("edx") (value >> 32) as u32,
+        );
+    }
+}
+
+/// Reads the time-stamp counter after all earlier loads have completed (`lfence; rdtsc`),
+/// as the pvclock algorithm needs.
+pub fn rdtsc_ordered() -> u64 {
+    let lo: u32;
+    let hi: u32;
+    // SAFETY: lfence orders, rdtsc reads the counter into edx:eax; no memory is written.
+    unsafe {
+        asm!("lfence", "rdtsc", out("eax") lo, out("edx") hi, options(nostack, preserves_flags))
+    }
+    (u64::from(hi) << 32) | u64::from(lo)
 }
 
 /// Physical address of `hvm_start_info` as passed in %ebx at entry.

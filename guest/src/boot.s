@@ -14,6 +14,8 @@
  *                    CPL3 user_start_ap -> rust_ap_main
  *   isr_stubs        all 256 IDT vectors -> isr_common: an #UD at
  *                    svc_park_insn is the "park this CPU" request from CPL3,
+ *                    at svc_cpuid_insn / svc_wrmsr_insn a CPUID / WRMSR
+ *                    request (done at CPL0, then back to CPL3),
  *                    everything else is recorded in fault_info and reported
  *                    by rust_fault at CPL3; except vector 2 (NMI), whose stub
  *                    only counts it in nmi_count
@@ -331,9 +333,13 @@ isr_common:
     addq $16, %rsp
     iretq
 2:
-    cmpq $6, (%rsp)                     /* #UD at svc_park_insn: park */
+    cmpq $6, (%rsp)                     /* #UD: a service call from CPL3? */
     jne 1f
-    leaq svc_park_insn(%rip), %rax
+    cmpq $svc_cpuid_insn, 16(%rsp)
+    je svc_cpuid
+    cmpq $svc_wrmsr_insn, 16(%rsp)
+    je svc_wrmsr
+    leaq svc_park_insn(%rip), %rax      /* park (clobbers %rax: never returns) */
     cmpq %rax, 16(%rsp)
     je park
 1:
@@ -381,6 +387,21 @@ fault_nested:
     jnz 1b
     jmp park
 
+/*
+ * Service calls that return: CPUID and WRMSR executed here, at CPL0, with the
+ * caller's registers (no register is touched before this point). On PVM hosts
+ * CPUID at CPL3 may run natively and report the host's leaves, not the VMM's;
+ * WRMSR needs CPL0. Then resume after the 2-byte ud2.
+ */
+svc_cpuid:
+    cpuid
+    jmp 1f
+svc_wrmsr:
+    wrmsr
+1:  addq $2, 16(%rsp)                   /* rip past the ud2 */
+    addq $16, %rsp                      /* vector, error code */
+    iretq
+
 /* Halt this CPU forever with interrupts off. */
 park:
     cli
@@ -417,6 +438,20 @@ user_start_fault:
 .global svc_park_insn
 svc_park_insn:
     ud2
+
+/*
+ * Service calls that come back (called with `call`): isr_common runs CPUID
+ * (%eax leaf, %ecx sub-leaf -> %eax..%edx) or WRMSR (%ecx, %edx:%eax) at CPL0
+ * and resumes at the `ret`.
+ */
+.global svc_cpuid_insn
+svc_cpuid_insn:
+    ud2
+    ret
+.global svc_wrmsr_insn
+svc_wrmsr_insn:
+    ud2
+    ret
 
 /* ------------------------------------------------------------------------ */
 /* Data used at CPL0 (initialised, so it does not depend on .bss zeroing)   */

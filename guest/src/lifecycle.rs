@@ -1,7 +1,8 @@
 //! Machine lifecycle features the host-side tests drive through the command line:
 //! boot-progress (POST) codes on port 0x80, reboots counted in CMOS NVRAM, `mode=boot`, and
 //! the `lifecycle=1` mode for the VMM's control-plane tests (pause/resume, reboot, NMI, power
-//! button; see [`run`] and docs/test-guest.md, "Lifecycle mode").
+//! button; time by the TSC and by kvmclock; `lifecycle.hold=1` to stay up after the report;
+//! see [`run`] and docs/test-guest.md, "Lifecycle mode").
 
 use core::fmt::Write;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +11,7 @@ use crate::acpi::{self, Acpi};
 use crate::arch::{self, inl, inw, outb, outw};
 use crate::bench::{self, Data, Engine, Next, Scratch, Shape};
 use crate::blk::{self, Blk, SECTOR, S_OK, T_FLUSH, T_OUT};
+use crate::kvmclock::{self, Absent, KvmClock};
 use crate::regions::Regions;
 use crate::report::{check, StrBuf};
 use crate::rtc::cmos;
@@ -96,6 +98,9 @@ struct Config {
     count: Option<u64>,
     /// `lifecycle.blk.iops`: most writes per second, by the TSC (0: no limit).
     iops: u64,
+    /// `lifecycle.hold=1`: after the final report, stay up (see [`hold`]) instead of
+    /// powering off.
+    hold: bool,
 }
 
 impl Config {
@@ -112,6 +117,7 @@ impl Config {
             mib: expect::number(cmdline, "lifecycle.blk.mib", 4, (1, 1 << 20))?,
             count: optional("lifecycle.blk.count", (0, u64::from(u32::MAX)))?,
             iops: expect::number(cmdline, "lifecycle.blk.iops", 0, (0, 10_000_000))?,
+            hold: expect::number(cmdline, "lifecycle.hold", 0, (0, 1))? == 1,
         })
     }
 }
@@ -121,8 +127,9 @@ impl Config {
 /// block writes going on the first virtio-blk device and runs a counting loop that prints a
 /// `TICK` line every 100 ms of TSC time, until `lifecycle.ticks` ticks or a power-button
 /// press; then drains the writes, FLUSHes and reports (`lifecycle.blk`, `lifecycle.counter`).
-/// The caller prints `TESTS DONE` and powers off.
-pub fn run(si: &StartInfo, acpi: &Acpi, avoid: &Regions, cmdline: &str) {
+/// The loop also reads kvmclock when the VMM offers it. The caller prints `TESTS DONE`, then
+/// powers off, or calls [`hold`] when this returns true (`lifecycle.hold=1`).
+pub fn run(si: &StartInfo, acpi: &Acpi, avoid: &Regions, cmdline: &str) -> bool {
     let boot = cmos(CMOS_LIFECYCLE_BOOTS);
     cmos_write(CMOS_LIFECYCLE_BOOTS, boot.wrapping_add(1));
     println!("LIFECYCLE boot={boot}");
@@ -130,7 +137,7 @@ pub fn run(si: &StartInfo, acpi: &Acpi, avoid: &Regions, cmdline: &str) {
         Ok(c) => c,
         Err(w) => {
             check("lifecycle.config", false, format_args!("{w}"));
-            return;
+            return false;
         }
     };
     // Local APIC on (MSI-X and IOAPIC delivery), PCI checks.
@@ -196,13 +203,40 @@ pub fn run(si: &StartInfo, acpi: &Acpi, avoid: &Regions, cmdline: &str) {
         let _ = write!(start, " pm1_button=polled");
     }
     let _ = write!(start, " nmi={}", arch::nmis());
+    let clock = match KvmClock::register() {
+        Ok(c) => {
+            println!(
+                "INFO lifecycle.kvmclock msr={:#x} addr={:#x} flags={:#x}",
+                kvmclock::MSR_KVM_SYSTEM_TIME_NEW,
+                c.addr(),
+                c.flags()
+            );
+            Some(c)
+        }
+        Err(why) => {
+            match why {
+                Absent::NoKvm => println!("INFO lifecycle.kvmclock absent"),
+                Absent::NoClocksource2(f) => println!(
+                    "INFO lifecycle.kvmclock absent: KVM without CLOCKSOURCE2 (cpuid 0x40000001 eax={f:#x})"
+                ),
+                Absent::NotUpdated(a) => println!(
+                    "INFO lifecycle.kvmclock absent: area {a:#x} not written within 100 ms of registering it"
+                ),
+            }
+            None
+        }
+    };
     let period = khz.saturating_mul(TICK_MS).max(1);
     let ms = |ticks: u64| ticks as f64 / khz.max(1) as f64;
+    let mut kc = clock.as_ref().map(KcTrack::new);
     let t0 = arch::rdtsc();
     println!("INFO lifecycle start {start} tsc={t0}");
 
     // Gaps count from here: printing the start line is not one.
     let mut prev = arch::rdtsc();
+    if let Some(k) = kc.as_mut() {
+        k.restart_gap();
+    }
     let mut next_tick = t0.saturating_add(period);
     let mut ticks = 0u64;
     let mut gap = 0u64; // largest since the previous TICK
@@ -221,6 +255,9 @@ pub fn run(si: &StartInfo, acpi: &Acpi, avoid: &Regions, cmdline: &str) {
             None => backwards += 1,
         }
         prev = now;
+        if let Some(k) = kc.as_mut() {
+            k.step();
+        }
         if let Some(g) = ged.as_mut() {
             pressed |= g.poll();
         }
@@ -234,13 +271,17 @@ pub fn run(si: &StartInfo, acpi: &Acpi, avoid: &Regions, cmdline: &str) {
                 _ => (0, 0),
             };
             println!(
-                "TICK n={n} t_ms={} gap_ms={:.3} nmi={} ged={} blk_done={done} blk_inflight={inflight}",
+                "TICK n={n} t_ms={} gap_ms={:.3} nmi={} ged={} blk_done={done} blk_inflight={inflight} {}",
                 (now - t0) / khz.max(1),
                 ms(gap),
                 arch::nmis(),
-                ged.as_ref().map_or(0, Ged::count)
+                ged.as_ref().map_or(0, Ged::count),
+                KcTick(kc.as_ref())
             );
             gap = 0;
+            if let Some(k) = kc.as_mut() {
+                k.gap = 0;
+            }
             next_tick = now.saturating_add(period);
             if let Some(p) = &pm1 {
                 pressed |= p.poll();
@@ -262,14 +303,29 @@ pub fn run(si: &StartInfo, acpi: &Acpi, avoid: &Regions, cmdline: &str) {
         None => {}
     }
     let n = COUNTER.load(Ordering::Relaxed);
-    let mut detail: StrBuf<200> = StrBuf::new();
-    let _ = write!(detail, "n={n} ticks={ticks} max_gap_ms={:.3}", ms(max_gap));
+    let mut detail: StrBuf<300> = StrBuf::new();
+    let _ = write!(
+        detail,
+        "n={n} ticks={ticks} max_gap_ms={:.3} max_kc_gap_ms={}",
+        ms(max_gap),
+        KcMs(kc.as_ref().map(|k| k.max_gap))
+    );
     if backwards != 0 {
         let _ = write!(detail, "; the TSC went backwards {backwards} time(s)");
     }
+    let mut kc_ok = true;
+    if let Some(k) = kc.as_ref().filter(|k| k.back_stable + k.back_other != 0) {
+        // Backward steps count as a failure only while the area promised a stable clock.
+        kc_ok = k.back_stable == 0;
+        let _ = write!(
+            detail,
+            "; kvmclock went backwards {} time(s) while flagged stable, {} time(s) while not, by at most {} ns",
+            k.back_stable, k.back_other, k.max_back
+        );
+    }
     check(
         "lifecycle.counter",
-        n > 0 && backwards == 0,
+        n > 0 && backwards == 0 && kc_ok,
         format_args!("{detail}"),
     );
     println!("INFO lifecycle.nmi count={}", arch::nmis());
@@ -277,6 +333,109 @@ pub fn run(si: &StartInfo, acpi: &Acpi, avoid: &Regions, cmdline: &str) {
         "INFO lifecycle.ged count={}",
         ged.as_ref().map_or(0, Ged::count)
     );
+    cfg.hold
+}
+
+/// `lifecycle.hold=1`, after `TESTS DONE`: prints `LIFECYCLE held` and parks the CPU (halted
+/// at CPL0 with interrupts off: no serial output, no exits, no host CPU time) until the VMM
+/// stops the machine. The host can still pause, resume and read the VMM's counters; NMIs are
+/// still counted.
+pub fn hold() -> ! {
+    println!("LIFECYCLE held");
+    arch::park()
+}
+
+/// kvmclock as the loop sees it, in ns: like the TSC, read once per iteration.
+struct KcTrack<'a> {
+    clock: &'a KvmClock,
+    /// At the loop's start.
+    start: u64,
+    /// The previous iteration's reading.
+    prev: u64,
+    /// Largest step between two consecutive readings since the previous `TICK`, and over the
+    /// run.
+    gap: u64,
+    max_gap: u64,
+    /// Steps backwards while the area's flags had PVCLOCK_TSC_STABLE, and without it; the
+    /// largest one.
+    back_stable: u64,
+    back_other: u64,
+    max_back: u64,
+}
+
+impl<'a> KcTrack<'a> {
+    fn new(clock: &'a KvmClock) -> Self {
+        let (start, _) = clock.now_ns();
+        KcTrack {
+            clock,
+            start,
+            prev: start,
+            gap: 0,
+            max_gap: 0,
+            back_stable: 0,
+            back_other: 0,
+            max_back: 0,
+        }
+    }
+
+    /// Gaps count from now (the previous reading is taken again).
+    fn restart_gap(&mut self) {
+        self.prev = self.clock.now_ns().0;
+    }
+
+    /// One iteration's reading.
+    fn step(&mut self) {
+        let (now, flags) = self.clock.now_ns();
+        match now.checked_sub(self.prev) {
+            Some(d) => {
+                self.gap = self.gap.max(d);
+                self.max_gap = self.max_gap.max(d);
+            }
+            None => {
+                if flags & kvmclock::PVCLOCK_TSC_STABLE != 0 {
+                    self.back_stable += 1;
+                } else {
+                    self.back_other += 1;
+                }
+                self.max_back = self.max_back.max(self.prev - now);
+            }
+        }
+        self.prev = now;
+    }
+}
+
+/// The `TICK` line's kvmclock fields: `kc_ms=<ms since the loop started> kc_gap_ms=<largest
+/// gap since the previous TICK, ms with three decimals>`, or `kc_ms=na kc_gap_ms=na` without
+/// kvmclock.
+struct KcTick<'a, 'b>(Option<&'a KcTrack<'b>>);
+
+impl core::fmt::Display for KcTick<'_, '_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(k) => write!(
+                f,
+                "kc_ms={} kc_gap_ms={}",
+                k.prev.saturating_sub(k.start) / 1_000_000,
+                KcMs(Some(k.gap))
+            ),
+            None => write!(f, "kc_ms=na kc_gap_ms=na"),
+        }
+    }
+}
+
+/// Nanoseconds as milliseconds with three decimals (exact, µs resolution), or `na`.
+struct KcMs(Option<u64>);
+
+impl core::fmt::Display for KcMs {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(ns) => {
+                let us = ns / 1000;
+                write!(f, "{}.{:03}", us / 1000, us % 1000)
+            }
+            None => write!(f, "na"),
+        }
+    }
 }
 
 /// The ACPI Generic Event Device, armed: its IOAPIC pin raises a counted vector.

@@ -22,6 +22,7 @@ mod blk;
 mod expect;
 mod fs;
 mod hostile;
+mod kvmclock;
 mod lifecycle;
 mod mem;
 mod memtest;
@@ -153,7 +154,12 @@ pub extern "C" fn rust_main(start_info_addr: u64) -> ! {
     }
     if expect::value(text, "lifecycle") == Some("1") {
         // Lifecycle mode for the VMM's control-plane tests, see lifecycle.rs.
-        lifecycle::run(&si, &acpi, &avoid, text);
+        if lifecycle::run(&si, &acpi, &avoid, text) {
+            // `lifecycle.hold=1`: the report, then stay up instead of powering off.
+            FINISHING.store(true, Ordering::SeqCst);
+            report::print_done();
+            lifecycle::hold();
+        }
         finish();
     }
     memtest::check_memtouch(&si, &avoid);
