@@ -29,6 +29,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod lifecycle;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write as _};
@@ -2264,8 +2265,8 @@ mod daemon_process {
 }
 
 pub use vhost_user_block_daemon::{
-    qemu_vhost_user_blk_args, vhost_user_block_binary, workspace_binary, VhostUserBlockDaemon,
-    VhostUserBlockRun, VHOST_USER_BLOCK_ENV,
+    qemu_vhost_user_blk_args, vhost_user_block_binary, workspace_bin, workspace_binary,
+    VhostUserBlockDaemon, VhostUserBlockRun, VHOST_USER_BLOCK_ENV,
 };
 
 /// Helpers to run the `vhost_user_block` daemon next to a VMM.
@@ -2303,13 +2304,21 @@ mod vhost_user_block_daemon {
     /// # Panics
     /// If the build fails (the message carries cargo's output) or the variable names no file.
     pub fn workspace_binary(package: &'static str, env: &str) -> PathBuf {
+        workspace_bin(package, package, env)
+    }
+
+    /// As [`workspace_binary`], for binary `bin` of `package`.
+    ///
+    /// # Panics
+    /// As [`workspace_binary`].
+    pub fn workspace_bin(package: &'static str, bin: &'static str, env: &str) -> PathBuf {
         static BINS: Mutex<Vec<(&'static str, Result<PathBuf, String>)>> = Mutex::new(Vec::new());
         let mut bins = BINS.lock().unwrap_or_else(|p| p.into_inner());
-        let found = match bins.iter().find(|(p, _)| *p == package) {
+        let found = match bins.iter().find(|(b, _)| *b == bin) {
             Some((_, r)) => r.clone(),
             None => {
-                let r = find_or_build(package, env);
-                bins.push((package, r.clone()));
+                let r = find_or_build(package, bin, env);
+                bins.push((bin, r.clone()));
                 r
             }
         };
@@ -2319,7 +2328,7 @@ mod vhost_user_block_daemon {
         }
     }
 
-    fn find_or_build(package: &str, env: &str) -> Result<PathBuf, String> {
+    fn find_or_build(package: &str, bin: &str, env: &str) -> Result<PathBuf, String> {
         if let Some(path) = std::env::var_os(env) {
             let path = PathBuf::from(path);
             return if path.is_file() {
@@ -2332,7 +2341,7 @@ mod vhost_user_block_daemon {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let out = Command::new(&cargo)
             .current_dir(&root)
-            .args(["build", "-p", package, "--bin", package])
+            .args(["build", "-p", package, "--bin", bin])
             .args([
                 "--message-format",
                 "json-render-diagnostics",
@@ -2355,13 +2364,15 @@ mod vhost_user_block_daemon {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        let quoted = format!("\"{package}\"");
+        let quoted = format!("\"{bin}\"");
         stdout
             .lines()
             .filter(|l| l.contains("\"compiler-artifact\"") && l.contains(&quoted))
             .find_map(json_executable)
             .filter(|p| p.is_file())
-            .ok_or_else(|| format!("cargo built {package} but named no executable:\n{stdout}"))
+            .ok_or_else(|| {
+                format!("cargo built {package} but named no executable {bin}:\n{stdout}")
+            })
     }
 
     /// The `"executable"` string of one cargo JSON message (paths need no unescaping beyond

@@ -6,16 +6,18 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 use serde::Serialize;
-use vm_config::{kv, ConfigError, DiskConfig, FsConfig, NetConfig};
-
-use crate::bodies::{
-    virtio_device_type, DestinationBody, DeviceBody, GenericVhostUserBody, GenericVhostUserOptions,
-    PmemBody, ReceiveMigrationBody, RemoveDeviceBody, ResizeBody, ResizeDiskBody, ResizeZoneBody,
-    RestoreBody, RestoreOptions, RestoredNetBody, SendMigrationBody, UserDeviceBody, VdpaBody,
-    VsockBody,
-};
-use crate::cli::Command;
 use vm_config::kv::KvError;
+use vm_config::requests::{
+    RestoreConfig, RestoredNetConfig, VmDestinationData, VmReceiveMigrationData,
+    VmRemoveDeviceData, VmResizeData, VmResizeDiskData, VmResizeZoneData, VmSendMigrationData,
+};
+use vm_config::{
+    kv, ConfigError, DeviceConfig, DiskConfig, FsConfig, GenericVhostUserConfig, NetConfig,
+    PmemConfig, UserDeviceConfig, VdpaConfig, VsockConfig,
+};
+
+use crate::bodies::{virtio_device_type, GenericVhostUserOptions, RestoreOptions};
+use crate::cli::Command;
 
 /// Why a subcommand's arguments do not make a request.
 #[derive(Debug, thiserror::Error)]
@@ -132,14 +134,21 @@ pub fn build(command: &Command) -> Result<ApiCall, CallError> {
     use Command as C;
     Ok(match command {
         C::AddDevice { device_config } => {
-            let mut device: DeviceBody = kv_parse("device", device_config)?;
-            if device.path.is_none() && device.fd.is_none() {
+            // A VFIO cdev descriptor travels with SCM_RIGHTS, never in the JSON.
+            let (fd, rest) = kv::take_keys(device_config, &["fd"]).map_err(syntax_err("device"))?;
+            let fds = match fd.last() {
+                Some((_, v)) => {
+                    kv::int_list::<i32>(v, "file descriptors").map_err(syntax_err("device"))?
+                }
+                None => Vec::new(),
+            };
+            let device: DeviceConfig = kv_parse("device", &rest)?;
+            if device.path.is_none() && fds.is_empty() {
                 return Err(CallError::Value {
                     what: "device",
                     message: "path=<device_path> (or fd=<vfio_cdev_fd>) is required".into(),
                 });
             }
-            let fds = device.fd.take().into_iter().collect();
             ApiCall::put_json("vm.add-device", &device)?.with_fds(fds)
         }
         C::AddDisk { disk_config } => {
@@ -162,23 +171,23 @@ pub fn build(command: &Command) -> Result<ApiCall, CallError> {
             ApiCall::put_json("vm.add-net", &net)?.with_fds(fds)
         }
         C::AddPmem { pmem_config } => {
-            ApiCall::put_json("vm.add-pmem", &kv_parse::<PmemBody>("pmem", pmem_config)?)?
+            ApiCall::put_json("vm.add-pmem", &kv_parse::<PmemConfig>("pmem", pmem_config)?)?
         }
         C::AddUserDevice { device_config } => ApiCall::put_json(
             "vm.add-user-device",
-            &kv_parse::<UserDeviceBody>("user device", device_config)?,
+            &kv_parse::<UserDeviceConfig>("user device", device_config)?,
         )?,
         C::AddVdpa { vdpa_config } => {
-            ApiCall::put_json("vm.add-vdpa", &kv_parse::<VdpaBody>("vdpa", vdpa_config)?)?
+            ApiCall::put_json("vm.add-vdpa", &kv_parse::<VdpaConfig>("vdpa", vdpa_config)?)?
         }
         C::AddVsock { vsock_config } => ApiCall::put_json(
             "vm.add-vsock",
-            &kv_parse::<VsockBody>("vsock", vsock_config)?,
+            &kv_parse::<VsockConfig>("vsock", vsock_config)?,
         )?,
         C::Boot => ApiCall::put("vm.boot", None),
         C::Coredump { coredump_config } => ApiCall::put_json(
             "vm.coredump",
-            &DestinationBody {
+            &VmDestinationData {
                 destination_url: coredump_config.clone(),
             },
         )?,
@@ -195,12 +204,12 @@ pub fn build(command: &Command) -> Result<ApiCall, CallError> {
             receive_migration_config,
         } => ApiCall::put_json(
             "vm.receive-migration",
-            &ReceiveMigrationBody {
+            &VmReceiveMigrationData {
                 receiver_url: receive_migration_config.clone(),
             },
         )?,
         C::RemoveDevice { id } => {
-            ApiCall::put_json("vm.remove-device", &RemoveDeviceBody { id: id.clone() })?
+            ApiCall::put_json("vm.remove-device", &VmRemoveDeviceData { id: id.clone() })?
         }
         C::Resize {
             balloon,
@@ -216,7 +225,7 @@ pub fn build(command: &Command) -> Result<ApiCall, CallError> {
                     })
                 })
                 .transpose()?;
-            let body = ResizeBody {
+            let body = VmResizeData {
                 desired_vcpus,
                 desired_ram: memory
                     .as_deref()
@@ -231,14 +240,14 @@ pub fn build(command: &Command) -> Result<ApiCall, CallError> {
         }
         C::ResizeDisk { disk, size: s } => ApiCall::put_json(
             "vm.resize-disk",
-            &ResizeDiskBody {
+            &VmResizeDiskData {
                 id: disk.clone(),
                 desired_size: size("disk size", s)?,
             },
         )?,
         C::ResizeZone { id, size: s } => ApiCall::put_json(
             "vm.resize-zone",
-            &ResizeZoneBody {
+            &VmResizeZoneData {
                 id: id.clone(),
                 desired_ram: size("memory size", s)?,
             },
@@ -250,7 +259,7 @@ pub fn build(command: &Command) -> Result<ApiCall, CallError> {
             send_migration_local,
         } => ApiCall::put_json(
             "vm.send-migration",
-            &SendMigrationBody {
+            &VmSendMigrationData {
                 destination_url: send_migration_config.clone(),
                 local: *send_migration_local,
             },
@@ -259,7 +268,7 @@ pub fn build(command: &Command) -> Result<ApiCall, CallError> {
         C::ShutdownVmm => ApiCall::put("vmm.shutdown", None),
         C::Snapshot { snapshot_config } => ApiCall::put_json(
             "vm.snapshot",
-            &DestinationBody {
+            &VmDestinationData {
                 destination_url: snapshot_config.clone(),
             },
         )?,
@@ -300,7 +309,7 @@ fn add_generic_vhost_user(config: &str) -> Result<ApiCall, CallError> {
             what: "device_type",
             message,
         })?;
-    let body = GenericVhostUserBody {
+    let body = GenericVhostUserConfig {
         id: options.id,
         iommu: options.iommu,
         pci_segment: options.pci_segment,
@@ -326,7 +335,7 @@ fn restore(config: &str) -> Result<ApiCall, CallError> {
                 .map(|(id, net_fds)| {
                     let num_fds = net_fds.len();
                     fds.extend(net_fds);
-                    RestoredNetBody {
+                    RestoredNetConfig {
                         id,
                         num_fds,
                         fds: None,
@@ -337,7 +346,7 @@ fn restore(config: &str) -> Result<ApiCall, CallError> {
         }
         None => None,
     };
-    let body = RestoreBody {
+    let body = RestoreConfig {
         source_url: options.source_url,
         prefault: options.prefault,
         net_fds,

@@ -12,6 +12,8 @@ mod disk;
 pub mod kv;
 mod memory;
 mod net;
+mod pending;
+pub mod requests;
 mod size;
 
 use std::path::PathBuf;
@@ -23,6 +25,10 @@ pub use cpus::{CpuFeatures, CpuTopology, CpusConfig, MAX_VCPUS};
 pub use disk::{DiskConfig, ImageType};
 pub use memory::{HotplugMethod, MemoryConfig, MIN_MEMORY};
 pub use net::{NetConfig, VhostMode};
+pub use pending::{
+    BalloonConfig, DeviceConfig, GenericVhostUserConfig, LandlockConfig, ObjectList, PmemConfig,
+    TpmConfig, UserDeviceConfig, VdpaConfig, VsockConfig,
+};
 pub use size::parse_size;
 
 /// Errors in a configuration.
@@ -275,7 +281,7 @@ pub struct VmConfig {
     pub payload: Option<PayloadConfig>,
     /// Rate limiter groups (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limit_groups: Option<serde_json::Value>,
+    pub rate_limit_groups: Option<ObjectList>,
     /// Disks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disks: Option<Vec<DiskConfig>>,
@@ -287,13 +293,13 @@ pub struct VmConfig {
     pub rng: RngConfig,
     /// The memory balloon (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub balloon: Option<serde_json::Value>,
+    pub balloon: Option<BalloonConfig>,
     /// virtio-fs shares.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fs: Option<Vec<FsConfig>>,
     /// Persistent memory devices (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pmem: Option<serde_json::Value>,
+    pub pmem: Option<Vec<PmemConfig>>,
     /// The 16550 UART at 0x3f8.
     #[serde(default = "default_serial")]
     pub serial: ConsoleConfig,
@@ -305,16 +311,16 @@ pub struct VmConfig {
     pub debug_console: DebugConsoleConfig,
     /// VFIO devices (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub devices: Option<serde_json::Value>,
+    pub devices: Option<Vec<DeviceConfig>>,
     /// vfio-user devices (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub user_devices: Option<serde_json::Value>,
+    pub user_devices: Option<Vec<UserDeviceConfig>>,
     /// vDPA devices (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vdpa: Option<serde_json::Value>,
+    pub vdpa: Option<Vec<VdpaConfig>>,
     /// The vsock device (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vsock: Option<serde_json::Value>,
+    pub vsock: Option<VsockConfig>,
     /// A pvpanic device (not supported yet).
     #[serde(default)]
     pub pvpanic: bool,
@@ -323,25 +329,25 @@ pub struct VmConfig {
     pub iommu: bool,
     /// NUMA nodes (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub numa: Option<serde_json::Value>,
+    pub numa: Option<ObjectList>,
     /// A watchdog device (not supported yet).
     #[serde(default)]
     pub watchdog: bool,
     /// Per-segment PCI options (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pci_segments: Option<serde_json::Value>,
+    pub pci_segments: Option<ObjectList>,
     /// Platform options.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<PlatformConfig>,
     /// A TPM (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tpm: Option<serde_json::Value>,
+    pub tpm: Option<TpmConfig>,
     /// Landlock sandbox (not supported yet).
     #[serde(default)]
     pub landlock_enable: bool,
     /// Landlock rules (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub landlock_rules: Option<serde_json::Value>,
+    pub landlock_rules: Option<Vec<LandlockConfig>>,
 }
 
 impl Default for VmConfig {
@@ -382,13 +388,9 @@ pub const CONSOLE_DEVICE_ID: &str = "__console";
 /// Id of the entropy device (Cloud Hypervisor's; it is not written into the configuration).
 pub const RNG_DEVICE_ID: &str = "__rng";
 
-/// A section that asks for something: present, and not `null` or an empty list.
-fn asks(v: &Option<serde_json::Value>) -> bool {
-    match v {
-        None | Some(serde_json::Value::Null) => false,
-        Some(serde_json::Value::Array(a)) => !a.is_empty(),
-        Some(_) => true,
-    }
+/// A list section that asks for something: present and not empty.
+fn asks<T>(v: &Option<Vec<T>>) -> bool {
+    v.as_ref().is_some_and(|l| !l.is_empty())
 }
 
 const NEEDS_SHARED: &str =
@@ -497,20 +499,20 @@ impl VmConfig {
         if let Some(p) = &self.platform {
             p.validate()?;
         }
-        for (name, section) in [
-            ("rate_limit_groups", &self.rate_limit_groups),
-            ("balloon", &self.balloon),
-            ("pmem", &self.pmem),
-            ("devices (VFIO)", &self.devices),
-            ("user_devices", &self.user_devices),
-            ("vdpa", &self.vdpa),
-            ("vsock", &self.vsock),
-            ("numa", &self.numa),
-            ("pci_segments", &self.pci_segments),
-            ("tpm", &self.tpm),
-            ("landlock_rules", &self.landlock_rules),
+        for (name, asked) in [
+            ("rate_limit_groups", asks(&self.rate_limit_groups)),
+            ("balloon", self.balloon.is_some()),
+            ("pmem", asks(&self.pmem)),
+            ("devices (VFIO)", asks(&self.devices)),
+            ("user_devices", asks(&self.user_devices)),
+            ("vdpa", asks(&self.vdpa)),
+            ("vsock", self.vsock.is_some()),
+            ("numa", asks(&self.numa)),
+            ("pci_segments", asks(&self.pci_segments)),
+            ("tpm", self.tpm.is_some()),
+            ("landlock_rules", asks(&self.landlock_rules)),
         ] {
-            if asks(section) {
+            if asked {
                 return Err(not_yet(name));
             }
         }
@@ -807,5 +809,37 @@ mod tests {
             parse_option::<DiskConfig>("disk", "path=/a").expect("b"),
         ]);
         assert_eq!(c.validate(), Err(ConfigError::DuplicatePath("/a".into())));
+    }
+
+    #[test]
+    fn absurd_sizes_are_errors_not_overflows() {
+        for memory in [
+            r#"{"size": 18446744073709547520}"#,
+            r#"{"size": 1073741824, "hotplug_size": 18446744073707454464}"#,
+        ] {
+            let c: VmConfig = serde_json::from_str(&format!(
+                r#"{{"payload": {{"kernel": "/k"}}, "memory": {memory}}}"#
+            ))
+            .expect(memory);
+            let e = c.validate().expect_err(memory);
+            assert!(e.to_string().contains("physical address bits"), "{e}");
+        }
+    }
+
+    #[test]
+    fn sections_of_the_wrong_shape_do_not_parse() {
+        for body in [
+            r#"{"vsock": []}"#,
+            r#"{"balloon": []}"#,
+            r#"{"tpm": [1]}"#,
+            r#"{"pmem": {"file": "/p"}}"#,
+            r#"{"numa": [1, 2]}"#,
+        ] {
+            assert!(serde_json::from_str::<VmConfig>(body).is_err(), "{body}");
+        }
+        let c: VmConfig =
+            serde_json::from_str(r#"{"payload": {"kernel": "/k"}, "devices": [], "pmem": []}"#)
+                .expect("empty lists");
+        c.validate().expect("empty lists ask for nothing");
     }
 }

@@ -18,7 +18,7 @@ fn default_true() -> bool {
 
 /// Descriptor numbers in a JSON body mean nothing to this process: descriptors come with
 /// `SCM_RIGHTS` (or as `fd=` on the command line, see [`NetConfig::parse`]).
-fn ignore_fds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<i32>>, D::Error> {
+pub(crate) fn ignore_fds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<i32>>, D::Error> {
     let _ = serde::de::IgnoredAny::deserialize(d)?;
     Ok(None)
 }

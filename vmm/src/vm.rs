@@ -344,10 +344,7 @@ impl Vm {
     /// held: kvmclock is read now and written back at [`Vm::resume`] (each vCPU keeps its TSC).
     pub fn pause(&mut self) -> Result<(), VmError> {
         vcpu::pause_all(&self.threads);
-        if let Err(e) = self.devices.pause() {
-            vcpu::resume_all(&self.threads);
-            return Err(VmError::Pause(e));
-        }
+        // Read as soon as the vCPUs stop, so the devices' pause does not count as guest time.
         self.paused_clock = match self.hv_vm.clock() {
             Ok(ns) => Some(ns),
             Err(e) => {
@@ -355,17 +352,26 @@ impl Vm {
                 None
             }
         };
+        if let Err(e) = self.devices.pause() {
+            self.resume_vcpus();
+            return Err(VmError::Pause(e));
+        }
         Ok(())
     }
 
     /// Lets a paused guest go on where it stopped.
     pub fn resume(&mut self) {
+        self.devices.resume();
+        self.resume_vcpus();
+    }
+
+    /// Puts kvmclock back (as late as possible) and lets the vCPUs run.
+    fn resume_vcpus(&mut self) {
         if let Some(ns) = self.paused_clock.take() {
             if let Err(e) = self.hv_vm.set_clock(ns) {
                 log::warn!("cannot restore kvmclock at resume: {e}");
             }
         }
-        self.devices.resume();
         vcpu::resume_all(&self.threads);
     }
 

@@ -23,8 +23,7 @@ use e2e::{require_kvm, spawn_vm, RunningVm, ScratchDir};
 const NIMBUS: &str = env!("CARGO_BIN_EXE_nimbus");
 const BOOT: Duration = Duration::from_secs(30);
 
-/// The lifecycle guest's command line: ticks and a block stream on the first disk.
-const LIFECYCLE: &str = "lifecycle=1 lifecycle.blk.iops=5000 expect.cpus=1 expect.mem=128M";
+use e2e::lifecycle::LIFECYCLE_CMDLINE as LIFECYCLE;
 
 fn scratch_disk(dir: &ScratchDir, name: &str, mib: u64) -> String {
     let path = dir.file(name);
@@ -73,35 +72,12 @@ fn state(info: &serde_json::Value) -> &str {
 
 /// Waits for the guest's `TICK` line after `after` ticks have been seen; returns its `n=`.
 fn next_tick(vm: &RunningVm, after: usize) -> u64 {
-    let deadline = Instant::now() + BOOT;
-    loop {
-        let out = vm.stdout_so_far();
-        let ticks: Vec<&str> = out.lines().filter(|l| l.starts_with("TICK ")).collect();
-        if ticks.len() > after {
-            return field(ticks[after], "n");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no tick {after}:\n{}",
-            vm.describe_so_far()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let ticks = e2e::lifecycle::wait_ticks(vm, after + 1, BOOT);
+    e2e::lifecycle::field(&ticks[after], "n")
 }
 
 fn ticks_seen(vm: &RunningVm) -> usize {
-    vm.stdout_so_far()
-        .lines()
-        .filter(|l| l.starts_with("TICK "))
-        .count()
-}
-
-/// `key=<number>` in a line.
-fn field(line: &str, key: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+    e2e::lifecycle::ticks(vm).len()
 }
 
 /// Kata Containers' Go runtime: it polls `vmm.ping` on a new connection every 10 ms, creates
@@ -580,4 +556,116 @@ fn ch_remote_split_writes() {
     let a = api::call(&v.socket, "PUT", "vmm.shutdown", None);
     assert_eq!(a.status, 200);
     vm.finish(Duration::from_secs(5)).assert_success();
+}
+
+/// `nimbus-remote` drives a whole lifecycle: create from a file, add a disk and a TAP (the
+/// descriptor passed along), boot, info, pause, resume, counters, reboot, shutdown, boot again
+/// from the kept configuration, remove a device after the shutdown, delete, and stop the VMM.
+#[test]
+fn nimbus_remote_drives_a_lifecycle() {
+    if !require_kvm("nimbus_remote_drives_a_lifecycle") {
+        return;
+    }
+    let remote = e2e::workspace_bin("nimbus_remote", "nimbus-remote", "NIMBUS_REMOTE");
+    let v = ApiVmm::new("nimbus-remote");
+    let disk = scratch_disk(&v.dir, "scratch.img", 8);
+    let extra = scratch_disk(&v.dir, "extra.img", 1);
+    let vm = spawn_vm(v.command(NIMBUS, &["-v"]));
+    v.wait_ready();
+    let run = |args: &[&str]| -> (bool, String, String) {
+        let out = Command::new(&remote)
+            .arg("--api-socket")
+            .arg(&v.socket)
+            .args(args)
+            .output()
+            .expect("nimbus-remote");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let ok = |args: &[&str]| -> String {
+        let (success, stdout, stderr) = run(args);
+        assert!(success, "nimbus-remote {args:?}: {stderr}");
+        stdout
+    };
+    let state = |out: &str| {
+        serde_json::from_str::<serde_json::Value>(out).expect("info")["state"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string()
+    };
+    let config = v.dir.file("vm.json");
+    let body = api::guest_vm_body(
+        1,
+        128,
+        LIFECYCLE,
+        &format!(r#""disks": [{{"path": "{disk}"}}]"#),
+    );
+    std::fs::write(&config, body).expect("config");
+    let ping: serde_json::Value = serde_json::from_str(&ok(&["ping"])).expect("ping");
+    assert!(ping["pid"].is_i64(), "{ping}");
+    ok(&["create", &config.display().to_string()]);
+    ok(&["add-disk", &format!("path={extra},readonly=on,id=extra")]);
+    let t = tap(&tap_name("nr"));
+    let fd = t.as_raw_fd();
+    // The child inherits the TAP descriptor, as a manager's would.
+    let mut cmd = Command::new(&remote);
+    cmd.arg("--api-socket")
+        .arg(&v.socket)
+        .args(["add-net", &format!("fd={fd},mac=52:54:00:00:02:01")]);
+    inherit(&mut cmd, fd);
+    let out = cmd.output().expect("add-net");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(state(&ok(&["info"])), "Created");
+    ok(&["boot"]);
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info"])).expect("info");
+    assert_eq!(info["state"], "Running", "{info}");
+    assert_eq!(info["config"]["disks"][1]["id"], "extra", "{info}");
+    next_tick(&vm, 1);
+    ok(&["pause"]);
+    assert_eq!(state(&ok(&["info"])), "Paused");
+    let (success, _, stderr) = run(&["pause"]);
+    assert!(
+        !success && stderr.contains("500") && stderr.contains("paused"),
+        "{stderr}"
+    );
+    ok(&["resume"]);
+    let counters: serde_json::Value = serde_json::from_str(&ok(&["counters"])).expect("counters");
+    assert!(
+        counters["_disk0"]["write_ops"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{counters}"
+    );
+    ok(&["nmi"]);
+    ok(&["reboot"]);
+    vm.wait_for_line("LIFECYCLE boot=1", BOOT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    ok(&["shutdown"]);
+    assert_eq!(state(&ok(&["info"])), "Shutdown");
+    // Booted again from the kept configuration (the TAP descriptor is still held).
+    ok(&["boot"]);
+    assert_eq!(state(&ok(&["info"])), "Running");
+    ok(&["shutdown"]);
+    ok(&["remove-device", "extra"]);
+    let (success, _, stderr) = run(&["remove-device", "extra"]);
+    assert!(!success && stderr.contains("404"), "{stderr}");
+    ok(&["delete"]);
+    let (success, _, stderr) = run(&["info"]);
+    assert!(!success && stderr.contains("404"), "{stderr}");
+    ok(&["shutdown-vmm"]);
+    let run = vm.finish(Duration::from_secs(5));
+    run.assert_success();
+    assert_eq!(
+        run.stdout.matches("NIMBUS-TEST-GUEST stage1").count(),
+        3,
+        "{}",
+        run.describe()
+    );
 }

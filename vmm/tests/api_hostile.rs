@@ -14,10 +14,7 @@ use e2e::{require_kvm, spawn_vm, RunningVm};
 const NIMBUS: &str = env!("CARGO_BIN_EXE_nimbus");
 
 fn tick_count(vm: &RunningVm) -> usize {
-    vm.stdout_so_far()
-        .lines()
-        .filter(|l| l.starts_with("TICK "))
-        .count()
+    e2e::lifecycle::ticks(vm).len()
 }
 
 /// Sends `bytes` then half-closes; returns everything the VMM answers until it closes.
@@ -85,7 +82,7 @@ fn hostile_clients_get_errors_and_the_vm_runs_on() {
             "--disk",
             &disk_arg,
             "--cmdline",
-            "lifecycle=1",
+            e2e::lifecycle::LIFECYCLE_CMDLINE,
         ],
     ));
     v.wait_ready();

@@ -10,6 +10,7 @@
 use std::time::{Duration, Instant};
 
 use e2e::api::{self, Answer, ApiVmm};
+use e2e::lifecycle::{field, ticks, wait_ticks, LIFECYCLE_CMDLINE};
 use e2e::{require_kvm, spawn_vm, RunningVm};
 
 const NIMBUS: &str = env!("CARGO_BIN_EXE_nimbus");
@@ -23,50 +24,14 @@ fn ok(a: &Answer, what: &str) {
     );
 }
 
-fn ticks(vm: &RunningVm) -> Vec<String> {
-    vm.stdout_so_far()
-        .lines()
-        .filter(|l| l.starts_with("TICK "))
-        .map(str::to_string)
-        .collect()
-}
-
-/// Waits for `count` ticks in all.
-fn wait_ticks(vm: &RunningVm, count: usize) -> Vec<String> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let t = ticks(vm);
-        if t.len() >= count {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "{}", vm.describe_so_far());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn field(line: &str, key: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
-}
-
-fn float_field(line: &str, key: &str) -> f64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
-}
-
-/// Nimbus with the lifecycle guest booted from the command line and the API served.
-fn start(v: &ApiVmm, extra: &str) -> RunningVm {
+/// Nimbus with the lifecycle guest booted from the command line (guest command line
+/// `cmdline`) and the API served.
+fn start(v: &ApiVmm, cmdline: &str) -> RunningVm {
     let disk = v.dir.file("disk.img");
     std::fs::File::create(&disk)
         .and_then(|f| f.set_len(8 << 20))
         .expect("disk");
     let disk_arg = format!("path={}", disk.display());
-    let cmdline =
-        format!("lifecycle=1 lifecycle.blk.iops=5000 expect.cpus=1 expect.mem=128M {extra}");
     let vm = spawn_vm(v.command(
         NIMBUS,
         &[
@@ -83,7 +48,7 @@ fn start(v: &ApiVmm, extra: &str) -> RunningVm {
             "--disk",
             &disk_arg,
             "--cmdline",
-            &cmdline,
+            cmdline,
             "-v",
         ],
     ));
@@ -100,8 +65,12 @@ fn pause_holds_the_guest_and_resume_continues_it() {
         return;
     }
     let v = ApiVmm::new("lifecycle-pause");
-    let vm = start(&v, "lifecycle.hold=1");
-    let before = wait_ticks(&vm, 5);
+    // No rate limit: the guest keeps its 8 writes in flight all the time, across the pause.
+    let vm = start(
+        &v,
+        "lifecycle=1 lifecycle.hold=1 expect.cpus=1 expect.mem=128M",
+    );
+    let before = wait_ticks(&vm, 5, WAIT);
     ok(&api::call(&v.socket, "PUT", "vm.pause", None), "pause");
     let paused_at = Instant::now();
     let out_at_pause = vm.stdout_so_far();
@@ -119,31 +88,38 @@ fn pause_holds_the_guest_and_resume_continues_it() {
     let paused_ms = paused_at.elapsed().as_millis() as u64;
     ok(&api::call(&v.socket, "PUT", "vm.resume", None), "resume");
     let n_ticks = ticks(&vm).len();
-    let after = wait_ticks(&vm, n_ticks + 2);
+    let after = wait_ticks(&vm, n_ticks + 2, WAIT);
     let last_before = after[n_ticks - 1].clone();
     let first_after = after[n_ticks].clone();
     // The counter goes on from where it was: it only grows, and by about one tick's worth.
     assert!(
-        field(&first_after, "n") > field(&last_before, "n"),
+        field::<u64>(&first_after, "n") > field::<u64>(&last_before, "n"),
         "{last_before} / {first_after}"
     );
     // The guest's clock (kvmclock) did not see the pause.
-    let dt = field(&first_after, "kc_ms") - field(&last_before, "kc_ms");
+    let dt = field::<u64>(&first_after, "kc_ms") - field::<u64>(&last_before, "kc_ms");
     assert!(
         dt < paused_ms / 2,
         "guest time jumped {dt} ms across a {paused_ms} ms pause: {last_before} / {first_after}"
     );
-    let gap = float_field(&first_after, "kc_gap_ms");
+    let gap = field::<f64>(&first_after, "kc_gap_ms");
     assert!(
         gap < paused_ms as f64 / 2.0,
         "a {gap} ms gap in the guest's loop across a {paused_ms} ms pause"
     );
     // Block writes were in flight at the pause (the guest keeps several outstanding).
-    assert!(field(&before[4], "blk_inflight") > 0, "{}", before[4]);
+    assert!(
+        field::<u64>(&before[4], "blk_inflight") > 0,
+        "{}",
+        before[4]
+    );
     // NMIs reach the guest.
     ok(&api::call(&v.socket, "PUT", "vm.nmi", None), "nmi");
     let deadline = Instant::now() + WAIT;
-    while ticks(&vm).last().is_none_or(|t| field(t, "nmi") == 0) {
+    while ticks(&vm)
+        .last()
+        .is_none_or(|t| field::<u64>(t, "nmi") == 0)
+    {
         assert!(
             Instant::now() < deadline,
             "no NMI seen: {}",
@@ -171,12 +147,12 @@ fn pause_holds_the_guest_and_resume_continues_it() {
     let counters = api::call(&v.socket, "GET", "vm.counters", None).json();
     assert_eq!(
         counters["_disk0"]["write_ops"].as_u64(),
-        Some(field(&blk, "completed")),
+        Some(field::<u64>(&blk, "completed")),
         "vm.counters {counters} against the guest's {blk}"
     );
     assert_eq!(
         counters["_disk0"]["write_bytes"].as_u64(),
-        Some(field(&blk, "bytes")),
+        Some(field::<u64>(&blk, "bytes")),
         "vm.counters {counters} against the guest's {blk}"
     );
     assert!(
@@ -196,10 +172,10 @@ fn reboot_and_power_button() {
         return;
     }
     let v = ApiVmm::new("lifecycle-reboot");
-    let vm = start(&v, "");
+    let vm = start(&v, LIFECYCLE_CMDLINE);
     vm.wait_for_line("LIFECYCLE boot=0", WAIT)
         .unwrap_or_else(|e| panic!("{e}"));
-    wait_ticks(&vm, 2);
+    wait_ticks(&vm, 2, WAIT);
     ok(&api::call(&v.socket, "PUT", "vm.reboot", None), "reboot");
     // A fresh machine: the guest boots again; CMOS NVRAM survives a reset.
     vm.wait_for_line("LIFECYCLE boot=1", WAIT)
@@ -207,7 +183,7 @@ fn reboot_and_power_button() {
     let info = api::call(&v.socket, "GET", "vm.info", None).json();
     assert_eq!(info["state"], "Running", "{info}");
     let n = ticks(&vm).len();
-    wait_ticks(&vm, n + 2);
+    wait_ticks(&vm, n + 2, WAIT);
     // The power button on the rebooted machine: the guest powers off, the VMM exits 0.
     ok(
         &api::call(&v.socket, "PUT", "vm.power-button", None),
@@ -242,8 +218,8 @@ fn sigterm_stops_cleanly() {
         return;
     }
     let v = ApiVmm::new("lifecycle-sigterm");
-    let vm = start(&v, "");
-    wait_ticks(&vm, 2);
+    let vm = start(&v, LIFECYCLE_CMDLINE);
+    wait_ticks(&vm, 2, WAIT);
     let pid = api::call(&v.socket, "GET", "vmm.ping", None).json()["pid"]
         .as_i64()
         .expect("pid");

@@ -28,7 +28,7 @@ use vm_config::{
     ConsoleConfig, CpuFeatures, CpuTopology, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig,
     MemoryConfig, NetConfig, PayloadConfig, PlatformConfig, RngConfig, VmConfig,
 };
-use vmm::api::{parse, ApiRequest, Body, API_PREFIX, ROUTES};
+use vmm::api::{Body, ROUTES};
 
 const DOC_PATH: &str = "../docs/openapi.yaml";
 
@@ -340,14 +340,7 @@ fn routes_marked_not_implemented_are_the_ones_nimbus_answers_not_yet() {
         let Some(route) = ROUTES.iter().find(|r| r.name == op.route) else {
             continue;
         };
-        let body: &[u8] = if route.body == Body::Json { b"{}" } else { b"" };
-        let request = parse(
-            route.method,
-            &format!("{API_PREFIX}{}", route.name),
-            body,
-            Vec::new(),
-        );
-        let not_yet = matches!(request, Ok(ApiRequest::NotYet(_)));
+        let not_yet = !route.implemented;
         if not_yet == op.implemented {
             errors.push(format!(
                 "{DOC_PATH}:{}: {} is {}implemented in Nimbus but the document says {}",
@@ -404,7 +397,7 @@ fn filled() -> VmConfig {
         payload: Some(from(json!({
             "firmware": "/fw", "kernel": "/k", "cmdline": "console=ttyS0", "initramfs": "/i"
         }))),
-        rate_limit_groups: Some(json!([])),
+        rate_limit_groups: Some(Vec::new()),
         disks: Some(vec![from(json!({
             "id": "d", "iommu": true, "pci_segment": 0, "pci_device_id": 3, "path": "/d.img",
             "readonly": false, "direct": false, "num_queues": 1, "queue_size": 128,
@@ -416,31 +409,31 @@ fn filled() -> VmConfig {
         }))]),
         net: Some(vec![net]),
         rng: from(json!({"src": "/dev/urandom", "iommu": true})),
-        balloon: Some(json!({"size": 0})),
+        balloon: Some(from(json!({"size": 0}))),
         fs: Some(vec![from(json!({
             "id": "f", "pci_segment": 0, "pci_device_id": 5, "tag": "t", "socket": "/f.sock",
             "num_queues": 1, "queue_size": 1024
         }))]),
-        pmem: Some(json!([])),
+        pmem: Some(Vec::new()),
         serial: from(json!({"file": "/s", "mode": "File", "iommu": true, "socket": "/s.sock"})),
         console: from(json!({"file": "/c", "mode": "File", "iommu": true, "socket": "/c.sock"})),
         debug_console: from(json!({"file": "/e", "mode": "Off", "iobase": 233})),
-        devices: Some(json!([])),
-        user_devices: Some(json!([])),
-        vdpa: Some(json!([])),
-        vsock: Some(json!({"cid": 3, "socket": "/v.sock"})),
+        devices: Some(Vec::new()),
+        user_devices: Some(Vec::new()),
+        vdpa: Some(Vec::new()),
+        vsock: Some(from(json!({"cid": 3, "socket": "/v.sock"}))),
         pvpanic: true,
         iommu: true,
-        numa: Some(json!([])),
+        numa: Some(Vec::new()),
         watchdog: true,
-        pci_segments: Some(json!([])),
+        pci_segments: Some(Vec::new()),
         platform: Some(from(json!({
             "num_pci_segments": 1, "iommu_segments": [0], "iommu_address_width_bits": 64,
             "serial_number": "sn", "uuid": "u", "oem_strings": ["o"]
         }))),
-        tpm: Some(json!({"socket": "/t.sock"})),
+        tpm: Some(from(json!({"socket": "/t.sock"}))),
         landlock_enable: true,
-        landlock_rules: Some(json!([])),
+        landlock_rules: Some(Vec::new()),
     }
 }
 

@@ -98,17 +98,27 @@ pub fn ram_regions(ram_size: u64) -> Vec<(u64, u64)> {
 }
 
 /// Start of the 64-bit PCI MMIO window for a guest with `ram_size` bytes of RAM.
+///
+/// Saturates at `u64::MAX` for sizes no address space can hold (configuration checks then
+/// refuse them).
 pub fn pci_mmio64_start(ram_size: u64) -> u64 {
     let top = ram_regions(ram_size)
         .last()
-        .map_or(RAM_64BIT_START, |&(start, size)| start + size)
+        .map_or(RAM_64BIT_START, |&(start, size)| start.saturating_add(size))
         .max(RAM_64BIT_START);
-    top.div_ceil(PCI_MMIO64_ALIGN) * PCI_MMIO64_ALIGN
+    top.checked_next_multiple_of(PCI_MMIO64_ALIGN)
+        .unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_ram_sizes_saturate_instead_of_overflowing() {
+        assert_eq!(pci_mmio64_start(u64::MAX - 4095), u64::MAX);
+        assert_eq!(pci_mmio64_start(u64::MAX), u64::MAX);
+    }
 
     #[test]
     fn small_ram_stays_below_the_hole() {
