@@ -652,6 +652,11 @@ fn nimbus_remote_drives_a_lifecycle() {
     // Booted again from the kept configuration (the TAP descriptor is still held).
     ok(&["boot"]);
     assert_eq!(state(&ok(&["info"])), "Running");
+    let deadline = std::time::Instant::now() + BOOT;
+    while vm.stdout_so_far().matches("NIMBUS-TEST-GUEST stage1").count() < 3 {
+        assert!(std::time::Instant::now() < deadline, "{}", vm.describe_so_far());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     ok(&["shutdown"]);
     ok(&["remove-device", "extra"]);
     let (success, _, stderr) = run(&["remove-device", "extra"]);
