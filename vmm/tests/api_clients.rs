@@ -653,8 +653,17 @@ fn nimbus_remote_drives_a_lifecycle() {
     ok(&["boot"]);
     assert_eq!(state(&ok(&["info"])), "Running");
     let deadline = std::time::Instant::now() + BOOT;
-    while vm.stdout_so_far().matches("NIMBUS-TEST-GUEST stage1").count() < 3 {
-        assert!(std::time::Instant::now() < deadline, "{}", vm.describe_so_far());
+    while vm
+        .stdout_so_far()
+        .matches("NIMBUS-TEST-GUEST stage1")
+        .count()
+        < 3
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            vm.describe_so_far()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     ok(&["shutdown"]);
