@@ -44,6 +44,8 @@ struct PciEntry {
     kind: DeviceKind,
     bdf: PciBdf,
     device: Arc<Mutex<VirtioPciDevice>>,
+    /// The GSIs of its MSI-X vectors: the first and how many.
+    msi_gsis: (u32, u32),
 }
 
 impl PciEntry {
@@ -72,6 +74,15 @@ pub struct DeviceNode {
 /// A resource of a device node (Cloud Hypervisor's `Resource`, externally tagged).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum Resource {
+    /// Message-signalled interrupts: `size` GSIs from `base`.
+    MsiIrq {
+        /// `PciMsix`.
+        ty: &'static str,
+        /// First GSI.
+        base: u32,
+        /// How many.
+        size: u32,
+    },
     /// A PCI BAR where it decodes now.
     PciBar {
         /// BAR index.
@@ -121,11 +132,11 @@ impl DeviceManager {
         backend: &str,
         device: Box<dyn VirtioDevice>,
     ) -> Result<PciBdf, PciError> {
-        let (slot, device) = self.pci.add_virtio(device, slot)?;
+        let added = self.pci.add_virtio(device, slot)?;
         let bdf = PciBdf {
             segment: 0,
             bus: 0,
-            device: slot,
+            device: added.slot,
             function: 0,
         };
         log::info!("{id}: virtio-{kind:?} at {bdf}, {backend}");
@@ -133,7 +144,8 @@ impl DeviceManager {
             id: id.to_string(),
             kind,
             bdf,
-            device,
+            device: added.device,
+            msi_gsis: added.msi_gsis,
         });
         Ok(bdf)
     }
@@ -192,22 +204,24 @@ impl DeviceManager {
         }
         for d in &self.devices {
             let wrapper = format!("_virtio-pci-{}", d.id);
-            let resources = d
-                .lock()
-                .bar0()
-                .map(|base| Resource::PciBar {
-                    index: 0,
-                    base,
-                    size: BAR0_SIZE,
-                    type_: if base + BAR0_SIZE <= 1 << 32 {
-                        "Mmio32"
-                    } else {
-                        "Mmio64"
-                    },
-                    prefetchable: false,
-                })
-                .into_iter()
-                .collect();
+            let bar = d.lock().bar0().map(|base| Resource::PciBar {
+                index: 0,
+                base,
+                size: BAR0_SIZE,
+                type_: if base + BAR0_SIZE <= 1 << 32 {
+                    "Mmio32"
+                } else {
+                    "Mmio64"
+                },
+                prefetchable: false,
+            });
+            let (base, size) = d.msi_gsis;
+            let msi = Resource::MsiIrq {
+                ty: "PciMsix",
+                base,
+                size,
+            };
+            let resources = bar.into_iter().chain([msi]).collect();
             tree.insert(
                 d.id.clone(),
                 DeviceNode {
@@ -260,20 +274,27 @@ mod tests {
     fn device_nodes_serialize_in_cloud_hypervisors_shape() {
         let node = DeviceNode {
             id: "_virtio-pci-_disk0".into(),
-            resources: vec![Resource::PciBar {
-                index: 0,
-                base: 0xc000_0000,
-                size: 0x8000,
-                type_: "Mmio32",
-                prefetchable: false,
-            }],
+            resources: vec![
+                Resource::PciBar {
+                    index: 0,
+                    base: 0xc000_0000,
+                    size: 0x8000,
+                    type_: "Mmio32",
+                    prefetchable: false,
+                },
+                Resource::MsiIrq {
+                    ty: "PciMsix",
+                    base: 24,
+                    size: 2,
+                },
+            ],
             parent: None,
             children: vec!["_disk0".into()],
             pci_bdf: Some("0000:00:02.0".into()),
         };
         assert_eq!(
             serde_json::to_string(&node).expect("json"),
-            r#"{"id":"_virtio-pci-_disk0","resources":[{"PciBar":{"index":0,"base":3221225472,"size":32768,"type_":"Mmio32","prefetchable":false}}],"children":["_disk0"],"pci_bdf":"0000:00:02.0"}"#
+            r#"{"id":"_virtio-pci-_disk0","resources":[{"PciBar":{"index":0,"base":3221225472,"size":32768,"type_":"Mmio32","prefetchable":false}},{"MsiIrq":{"ty":"PciMsix","base":24,"size":2}}],"children":["_disk0"],"pci_bdf":"0000:00:02.0"}"#
         );
     }
 }

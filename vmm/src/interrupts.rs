@@ -91,6 +91,14 @@ pub struct MsiIrqfdVectors {
     vectors: Vec<(u32, EventFd)>,
 }
 
+impl MsiIrqfdVectors {
+    /// The GSIs of the vectors: the first and how many (they are consecutive).
+    pub fn gsis(&self) -> (u32, u32) {
+        let first = self.vectors.first().map_or(0, |(gsi, _)| *gsi);
+        (first, self.vectors.len() as u32)
+    }
+}
+
 impl MsiVectors for MsiIrqfdVectors {
     fn update(&self, vector: u16, msg: MsiMessage, enabled: bool) -> std::io::Result<()> {
         let Some((gsi, _)) = self.vectors.get(usize::from(vector)) else {

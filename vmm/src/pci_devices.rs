@@ -101,6 +101,17 @@ impl IoEventRegistrar for VmIoEvents {
     }
 }
 
+/// A device put on the bus.
+#[derive(Debug)]
+pub struct AddedDevice {
+    /// Its slot on bus 0.
+    pub slot: u8,
+    /// The device.
+    pub device: Arc<Mutex<VirtioPciDevice>>,
+    /// The GSIs of its MSI-X vectors: the first and how many.
+    pub msi_gsis: (u32, u32),
+}
+
 /// Bus 0 and what hangs off it.
 pub struct PciDevices {
     bus: Arc<Mutex<PciBus>>,
@@ -164,16 +175,17 @@ impl PciDevices {
     }
 
     /// Adds a virtio device in `slot` (or the first free one); its BAR 0 comes from the 64-bit
-    /// window (the 32-bit one when that is full). Returns the PCI slot and the device.
+    /// window (the 32-bit one when that is full).
     pub fn add_virtio(
         &mut self,
         device: Box<dyn VirtioDevice>,
         slot: Option<u8>,
-    ) -> Result<(u8, Arc<Mutex<VirtioPciDevice>>), PciError> {
+    ) -> Result<AddedDevice, PciError> {
         let vectors = self
             .interrupts
             .msi_vectors(device.queue_max_sizes().len() as u16 + 1)
             .map_err(PciError::Interrupts)?;
+        let msi_gsis = vectors.gsis();
         let bar0 = self
             .mmio64
             .allocate(BAR0_SIZE)
@@ -193,6 +205,10 @@ impl PciDevices {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .add_device(shared, slot)?;
-        Ok((slot, dev))
+        Ok(AddedDevice {
+            slot,
+            device: dev,
+            msi_gsis,
+        })
     }
 }
