@@ -331,14 +331,7 @@ impl Connection {
                 match response.parse(&self.buffer) {
                     Ok(httparse::Status::Complete(len)) => {
                         let status = response.code.unwrap_or_default();
-                        let headers = response
-                            .headers
-                            .iter()
-                            .map(|h| {
-                                let value = String::from_utf8_lossy(h.value).trim().to_string();
-                                (h.name.to_string(), value)
-                            })
-                            .collect();
+                        let headers = crate::request::owned_headers(response.headers);
                         return Ok((len, status, headers));
                     }
                     Ok(httparse::Status::Partial) => {}

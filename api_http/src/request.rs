@@ -245,14 +245,7 @@ impl RequestParser {
         let method = parsed.method.unwrap_or_default().to_string();
         let path = parsed.path.unwrap_or_default().to_string();
         let version = parsed.version.unwrap_or(1);
-        let headers: Vec<(String, String)> = parsed
-            .headers
-            .iter()
-            .map(|h| {
-                let value = String::from_utf8_lossy(h.value).trim().to_string();
-                (h.name.to_string(), value)
-            })
-            .collect();
+        let headers = owned_headers(parsed.headers);
         let framing = self.framing(&headers, version)?;
         let connection = header_tokens(&headers, "connection");
         let keep_alive = if version == 0 {
@@ -392,6 +385,17 @@ fn skip_empty_lines(input: &[u8]) -> usize {
             _ => return pos,
         }
     }
+}
+
+/// Header fields as owned (name, trimmed value) pairs.
+pub(crate) fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|h| {
+            let value = String::from_utf8_lossy(h.value).trim().to_string();
+            (h.name.to_string(), value)
+        })
+        .collect()
 }
 
 #[cfg(test)]

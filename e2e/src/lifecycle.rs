@@ -1,15 +1,34 @@
 //! Reading the test guest's lifecycle mode (`lifecycle=1`, docs/test-guest.md): its `TICK`
 //! lines and their `key=value` fields.
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::RunningVm;
+use crate::{RunningVm, ScratchDir};
 
 /// The guest command line of the lifecycle mode as the API tests use it: ticks, a rate-limited
 /// block stream on the first disk, and the memory-map checks' expectations for 1 vCPU and
 /// 128 MiB.
 pub const LIFECYCLE_CMDLINE: &str =
     "lifecycle=1 lifecycle.blk.iops=5000 expect.cpus=1 expect.mem=128M";
+
+/// Nimbus (binary `nimbus`) on the lifecycle guest with guest command line `cmdline`: 1 vCPU,
+/// 128 MiB, the serial port on stdout, no virtio console, and an 8 MiB scratch disk created in
+/// `dir` for the block stream; tests add `--api-socket` and the like.
+///
+/// # Panics
+/// If the disk cannot be created.
+pub fn lifecycle_command(nimbus: &str, dir: &ScratchDir, cmdline: &str) -> Command {
+    let disk = dir.file("lifecycle-disk.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(8 << 20))
+        .unwrap_or_else(|e| panic!("{}: {e}", disk.display()));
+    let mut cmd = crate::nimbus_test_guest(nimbus, "size=128M", cmdline);
+    cmd.args(["--cpus", "boot=1"])
+        .arg("--disk")
+        .arg(format!("path={}", disk.display()));
+    cmd
+}
 
 /// The complete `TICK` lines in `out` (the serial port writes a byte at a time: a last line
 /// without its line end is left out).

@@ -63,28 +63,10 @@ fn hostile_clients_get_errors_and_the_vm_runs_on() {
         return;
     }
     let v = ApiVmm::new("api-hostile");
-    let disk = v.dir.file("disk.img");
-    std::fs::File::create(&disk)
-        .and_then(|f| f.set_len(8 << 20))
-        .expect("disk");
-    let disk_arg = format!("path={}", disk.display());
-    let vm = spawn_vm(v.command(
-        NIMBUS,
-        &[
-            "--kernel",
-            &e2e::guest_elf().display().to_string(),
-            "--memory",
-            "size=128M",
-            "--serial",
-            "tty",
-            "--console",
-            "off",
-            "--disk",
-            &disk_arg,
-            "--cmdline",
-            e2e::lifecycle::LIFECYCLE_CMDLINE,
-        ],
-    ));
+    let mut cmd =
+        e2e::lifecycle::lifecycle_command(NIMBUS, &v.dir, e2e::lifecycle::LIFECYCLE_CMDLINE);
+    cmd.arg("--api-socket").arg(&v.socket);
+    let vm = spawn_vm(cmd);
     v.wait_ready();
     let ticks_at_start = tick_count(&vm);
     let long = "x".repeat(8192);

@@ -27,31 +27,9 @@ fn ok(a: &Answer, what: &str) {
 /// Nimbus with the lifecycle guest booted from the command line (guest command line
 /// `cmdline`) and the API served.
 fn start(v: &ApiVmm, cmdline: &str) -> RunningVm {
-    let disk = v.dir.file("disk.img");
-    std::fs::File::create(&disk)
-        .and_then(|f| f.set_len(8 << 20))
-        .expect("disk");
-    let disk_arg = format!("path={}", disk.display());
-    let vm = spawn_vm(v.command(
-        NIMBUS,
-        &[
-            "--kernel",
-            &e2e::guest_elf().display().to_string(),
-            "--cpus",
-            "boot=1",
-            "--memory",
-            "size=128M",
-            "--serial",
-            "tty",
-            "--console",
-            "off",
-            "--disk",
-            &disk_arg,
-            "--cmdline",
-            cmdline,
-            "-v",
-        ],
-    ));
+    let mut cmd = e2e::lifecycle::lifecycle_command(NIMBUS, &v.dir, cmdline);
+    cmd.arg("--api-socket").arg(&v.socket).arg("-v");
+    let vm = spawn_vm(cmd);
     v.wait_ready();
     // Everything the tests poke (NMI, GED, block stream) is armed before this line.
     vm.wait_for_line("INFO lifecycle start", WAIT)

@@ -4,7 +4,7 @@
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use e2e::require_kvm;
@@ -45,28 +45,13 @@ fn ctrl_c_stops_the_vm_and_restores_the_terminal() {
     let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
     assert_eq!(echo_and_canonical(slave.as_raw_fd()), (true, true));
     let dir = e2e::ScratchDir::new("terminal");
-    let disk = dir.file("disk.img");
-    std::fs::File::create(&disk)
-        .and_then(|f| f.set_len(8 << 20))
-        .expect("disk");
-    let mut child = Command::new(NIMBUS)
-        .args(["--kernel", &e2e::guest_elf().display().to_string()])
-        .args([
-            "--memory",
-            "size=128M",
-            "--serial",
-            "tty",
-            "--console",
-            "off",
-        ])
-        .arg("--disk")
-        .arg(format!("path={}", disk.display()))
-        .args(["--cmdline", e2e::lifecycle::LIFECYCLE_CMDLINE])
-        .stdin(Stdio::from(slave.try_clone().expect("dup")))
-        .stdout(Stdio::from(slave.try_clone().expect("dup")))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nimbus");
+    let mut child =
+        e2e::lifecycle::lifecycle_command(NIMBUS, &dir, e2e::lifecycle::LIFECYCLE_CMDLINE)
+            .stdin(Stdio::from(slave.try_clone().expect("dup")))
+            .stdout(Stdio::from(slave.try_clone().expect("dup")))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nimbus");
     // Drain the terminal all along, so the guest's output never blocks.
     let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let reader = {
