@@ -2,6 +2,13 @@
 //! measured from process start.
 #![deny(missing_docs)]
 
+pub mod throttle;
+
+// `warn_limited!` expands to `log::warn!` through this path, so its users need no `log`
+// dependency of their own.
+#[doc(hidden)]
+pub use log as __log;
+
 use std::io::Write;
 use std::sync::Mutex;
 use std::time::Instant;

@@ -102,7 +102,7 @@ impl QueueHandler for BlockQueues {
         self.counters.add(&outcome.io);
         if let Some(bad) = &outcome.first_malformed {
             // The chains were returned with length 0; the device keeps serving the queue.
-            crate::warn_limited!(
+            nimbus_log::warn_limited!(
                 "virtio-blk queue {}: {} malformed request(s), first: {bad:?}",
                 q.index,
                 outcome.malformed

@@ -11,7 +11,6 @@ pub mod block;
 pub mod console;
 pub mod net;
 pub mod pause;
-pub mod ratelimit;
 pub mod rng;
 pub mod transport;
 pub mod vhost_user;

@@ -541,7 +541,7 @@ impl NetLoop {
         c.malformed_chains
             .fetch_add(out.malformed as u64, Ordering::Relaxed);
         if let Some(bad) = &out.first_malformed {
-            crate::warn_limited!(
+            nimbus_log::warn_limited!(
                 "{}: receive queue {}: {} malformed chain(s), first {}: {}",
                 self.name,
                 q.index,
@@ -596,7 +596,7 @@ impl NetLoop {
         c.malformed_chains
             .fetch_add(out.malformed as u64, Ordering::Relaxed);
         if let Some(bad) = &out.first_malformed {
-            crate::warn_limited!(
+            nimbus_log::warn_limited!(
                 "{}: transmit queue {}: {} malformed chain(s), first {}: {}",
                 self.name,
                 q.index,

@@ -344,7 +344,7 @@ impl VirtioPciDevice {
             let q = match build_queue(qc, self.driver_features, &*mem) {
                 Ok(q) => q,
                 Err(e) => {
-                    crate::warn_limited!("virtio: queue {i} set up wrong: {e}");
+                    nimbus_log::warn_limited!("virtio: queue {i} set up wrong: {e}");
                     self.interrupt.needs_reset();
                     return;
                 }
@@ -373,7 +373,7 @@ impl VirtioPciDevice {
         match self.device.activate(activation) {
             Ok(()) => self.active = true,
             Err(e) => {
-                crate::warn_limited!(
+                nimbus_log::warn_limited!(
                     "virtio device type {} cannot start: {e}",
                     self.device.device_type()
                 );

@@ -1,6 +1,7 @@
-//! Rate limiting for log messages a guest can provoke at will (malformed requests, bad queue
+//! Throttled log lines for events a guest can provoke at will (malformed requests, bad queue
 //! setups): the first few occurrences are logged, then every thousandth, each with its count,
-//! so a hostile guest cannot flood the VMM's log.
+//! so a hostile guest cannot flood the log. [`warn_limited!`](crate::warn_limited) is the way
+//! to use it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -9,7 +10,7 @@ const FIRST: u64 = 10;
 /// After that, one occurrence in this many is logged.
 const EVERY: u64 = 1000;
 
-/// A per-call-site occurrence counter (see [`warn_limited`](crate::warn_limited)).
+/// A per-call-site occurrence counter (see [`warn_limited!`](crate::warn_limited)).
 #[derive(Debug)]
 pub struct LogLimit {
     count: AtomicU64,
@@ -36,13 +37,13 @@ impl Default for LogLimit {
     }
 }
 
-/// `log::warn!` for guest-provoked events, rate limited per call site.
+/// `log::warn!` for guest-provoked events, throttled per call site (see [`throttle`](crate::throttle)).
 #[macro_export]
 macro_rules! warn_limited {
     ($($arg:tt)*) => {{
-        static LIMIT: $crate::ratelimit::LogLimit = $crate::ratelimit::LogLimit::new();
+        static LIMIT: $crate::throttle::LogLimit = $crate::throttle::LogLimit::new();
         if let Some(n) = LIMIT.allow() {
-            log::warn!("{} (occurrence {n})", format_args!($($arg)*));
+            $crate::__log::warn!("{} (occurrence {n})", format_args!($($arg)*));
         }
     }};
 }
