@@ -3,12 +3,16 @@
 //! each class of thread may do (its sandbox filter) is decided in one place.
 #![deny(missing_docs)]
 
+pub mod seccomp;
+
 use std::io;
 use std::thread::{Builder, JoinHandle, Scope, ScopedJoinHandle};
 
 /// What a thread does; each class gets the same rules wherever it is started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ThreadClass {
+    /// The program's main thread (the VMM's command loop, a daemon's main).
+    Main,
     /// Runs guest code (`vcpu<N>`).
     Vcpu,
     /// Serves the REST API socket.
@@ -31,6 +35,7 @@ impl ThreadClass {
     /// A short name for logs.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Main => "main",
             Self::Vcpu => "vcpu",
             Self::Api => "api",
             Self::Signal => "signal",
@@ -43,7 +48,66 @@ impl ThreadClass {
     }
 }
 
-/// Starts `f` on a new thread called `name`.
+/// Every class, for programs that list their filters.
+pub const CLASSES: &[ThreadClass] = &[
+    ThreadClass::Main,
+    ThreadClass::Vcpu,
+    ThreadClass::Api,
+    ThreadClass::Signal,
+    ThreadClass::DeviceWorker,
+    ThreadClass::VhostUserRelay,
+    ThreadClass::VhostUserDeadline,
+    ThreadClass::ConsoleInput,
+    ThreadClass::DaemonWorker,
+];
+
+/// Environment variable naming a thread class whose threads make a forbidden system call right
+/// after applying their filter: the self-test that proves the class is filtered.
+pub const SELF_TEST_ENV: &str = "NIMBUS_SECCOMP_SELF_TEST";
+
+/// Environment variable naming a file to which every thread appends `pid tid class name` when
+/// it starts: `scripts/seccomp-survey` joins it with `strace` output to list what each class
+/// of thread really calls.
+pub const SURVEY_ENV: &str = "NIMBUS_SECCOMP_SURVEY";
+
+/// Applies `class`'s system-call filter to the calling thread (see [`seccomp`]); a thread that
+/// cannot be filtered while filtering is on must not run, so that ends the process.
+pub fn enter(class: ThreadClass, name: &str) {
+    if let Some(path) = std::env::var_os(SURVEY_ENV) {
+        use std::io::Write;
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let line = format!(
+            "{} {tid} {} {name}\n",
+            std::process::id(),
+            class.as_str().replace(' ', "-")
+        );
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+        {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+    if let Err(e) = seccomp::apply(class, name) {
+        let mut text = format!("nimbus: error: thread {name}: {e}");
+        let mut next = std::error::Error::source(&e);
+        while let Some(cause) = next {
+            text.push_str(&format!(": {cause}"));
+            next = cause.source();
+        }
+        eprintln!("{text}");
+        std::process::exit(1);
+    }
+    if std::env::var(SELF_TEST_ENV).is_ok_and(|c| c == class.as_str()) {
+        // acct(2) is in no class's rules.
+        // SAFETY: a system call with a null path; the filter stops it before the kernel runs it.
+        unsafe { libc::syscall(libc::SYS_acct, std::ptr::null::<libc::c_char>()) };
+    }
+}
+
+/// Starts `f` on a new thread called `name`, filtered as `class`.
 pub fn spawn<F, T>(class: ThreadClass, name: impl Into<String>, f: F) -> io::Result<JoinHandle<T>>
 where
     F: FnOnce() -> T + Send + 'static,
@@ -51,7 +115,11 @@ where
 {
     let name = name.into();
     log::trace!("starting thread {name} ({})", class.as_str());
-    Builder::new().name(name).spawn(f)
+    let thread_name = name.clone();
+    Builder::new().name(name).spawn(move || {
+        enter(class, &thread_name);
+        f()
+    })
 }
 
 /// Starts `f` on a new thread called `name` inside `scope`.
@@ -67,7 +135,11 @@ where
 {
     let name = name.into();
     log::trace!("starting thread {name} ({})", class.as_str());
-    Builder::new().name(name).spawn_scoped(scope, f)
+    let thread_name = name.clone();
+    Builder::new().name(name).spawn_scoped(scope, move || {
+        enter(class, &thread_name);
+        f()
+    })
 }
 
 /// The termination signals (SIGTERM, SIGINT, SIGHUP), blocked in every thread and taken by

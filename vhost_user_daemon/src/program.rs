@@ -60,6 +60,7 @@ where
     if let Err(e) = nimbus_thread::block_termination_signals() {
         return fail(name, &format!("cannot block termination signals: {e}"));
     }
+    nimbus_thread::enter(nimbus_thread::ThreadClass::Main, "main");
     let terminator = match Terminator::new() {
         Ok(t) => Arc::new(t),
         Err(e) => return fail(name, &format!("cannot create the termination eventfd: {e}")),

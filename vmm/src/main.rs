@@ -87,6 +87,7 @@ fn run(cli: &Cli, start: Instant) -> Result<(), String> {
     // takes them.
     nimbus_thread::block_termination_signals()
         .map_err(|e| format!("cannot block the termination signals: {e}"))?;
+    nimbus_thread::enter(nimbus_thread::ThreadClass::Main, "main");
     let hv = KvmHypervisor::open(KVM_DEVICE).map_err(|e| chain(&e))?;
     let mut fds = FdStore::default();
     for n in config.iter().flat_map(|c| c.net.iter().flatten()) {

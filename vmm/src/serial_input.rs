@@ -86,9 +86,10 @@ pub fn spawn_forwarder(
     mut input: impl Read + Send + 'static,
     target: InputTarget,
 ) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("serial_stdin".into())
-        .spawn(move || {
+    nimbus_thread::spawn(
+        nimbus_thread::ThreadClass::ConsoleInput,
+        "serial_stdin",
+        move || {
             let mut buf = [0u8; 64];
             loop {
                 let n = match input.read(&mut buf) {
@@ -111,7 +112,8 @@ pub fn spawn_forwarder(
                     }
                 }
             }
-        })?;
+        },
+    )?;
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 //! - No in-kernel PIT: modern guests do not need it and its teardown costs ~15 ms at VM exit.
 
 mod convert;
+pub mod ioctls;
 
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::{Arc, Mutex};
