@@ -6,7 +6,7 @@
 //!   image or block device, optionally `O_DIRECT`, protected by an OFD lock) and, for tests,
 //!   `FakeDisk` (feature `test-utils`);
 //! - the virtio-blk definitions both device front ends share: [`features`],
-//!   [`VirtioBlkConfig`], [`read_config`];
+//!   [`VirtioBlkConfig`];
 //! - request processing over guest memory: [`Request::parse`] turns a
 //!   [`virtio_queue::DescriptorChain`] into a [`Request`], [`Request::execute`] runs it against
 //!   a disk and writes the status byte, and [`process_queue`] drains a whole
@@ -46,15 +46,12 @@ pub use disk::{BlockError, DiskBackend};
 #[cfg(any(test, feature = "test-utils"))]
 pub use fake::{FakeDisk, FakeOp};
 pub use format::{detect_format, ImageFormat};
-pub use queue::{
-    process_queue, process_queue_bounded, IoCounts, MalformedChain, QueueError, QueueOutcome,
-};
+pub use queue::{process_queue, process_queue_bounded, IoCounts, MalformedChain, QueueOutcome};
 pub use raw::RawFile;
 pub use request::{process_chain, BlockConfig, Completion, Request, RequestError};
 pub use virtio::{
-    features, read_config, BlkStatus, RequestType, VirtioBlkConfig, VirtioBlkGeometry,
-    VirtioBlkTopology, DISCARD_SEGMENT_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS,
-    MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEGMENTS, REQUEST_HEADER_SIZE, SECTOR_SHIFT,
-    SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
+    features, BlkStatus, RequestType, VirtioBlkConfig, VirtioBlkGeometry, VirtioBlkTopology,
+    DISCARD_SEGMENT_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, MAX_WRITE_ZEROES_SECTORS,
+    MAX_WRITE_ZEROES_SEGMENTS, REQUEST_HEADER_SIZE, SECTOR_SHIFT, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
 };
-pub use virtio_chain::ChainError;
+pub use virtio_chain::{ChainError, QueueError};

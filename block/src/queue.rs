@@ -1,40 +1,13 @@
 //! Draining a virtio-blk request queue: [`process_queue`].
 
-use std::sync::atomic::Ordering;
-
 use log::debug;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_chain::QueueError;
+use virtio_queue::Queue;
 use vm_memory::GuestMemory;
 
 use crate::disk::DiskBackend;
 use crate::request::{BlockConfig, Request, RequestError};
 use crate::{BlkStatus, RequestType};
-
-/// Errors that leave the queue unusable until the driver resets the device.
-///
-/// The device should set `DEVICE_NEEDS_RESET` in its status and raise a configuration change
-/// interrupt. Chains completed before the error are already in the used ring.
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    /// The available ring could not be read, its index is more than a queue size ahead of the
-    /// device's, or the queue is not ready.
-    #[error("cannot read the available ring")]
-    AvailRing(#[source] virtio_queue::Error),
-    /// A chain could not be put in the used ring (head index out of range, or the used ring
-    /// is not in guest memory).
-    #[error("cannot put descriptor chain {head} in the used ring")]
-    AddUsed {
-        /// Head index of the chain, as the driver wrote it in the available ring.
-        head: u16,
-        /// Cause.
-        #[source]
-        source: virtio_queue::Error,
-    },
-    /// Notification suppression (`used.flags`, `avail_event`) or the notification decision
-    /// (`used_event`) failed.
-    #[error("cannot update or read the notification suppression fields")]
-    Notification(#[source] virtio_queue::Error),
-}
 
 /// A chain that was not a usable request; it went to the used ring with length 0.
 pub type MalformedChain = virtio_chain::MalformedChain<RequestError>;
@@ -154,60 +127,29 @@ pub fn process_queue_bounded<M: GuestMemory>(
     max_chains: usize,
 ) -> Result<QueueOutcome, QueueError> {
     let mut outcome = QueueOutcome::default();
-    let budget = max_chains.max(1);
-    'drain: loop {
-        queue
-            .disable_notification(mem)
-            .map_err(QueueError::Notification)?;
-        loop {
-            if outcome.completed >= budget {
-                let avail = queue
-                    .avail_idx(mem, Ordering::Acquire)
-                    .map_err(QueueError::AvailRing)?;
-                if avail.0 != queue.next_avail() {
-                    outcome.more_pending = true;
-                    break 'drain;
-                }
-                break;
+    let drained = virtio_chain::queue::drain(queue, mem, max_chains, |mut chain| {
+        let head = chain.head_index();
+        let done = Request::parse(&mut chain).and_then(|request| {
+            let completion = request.execute(mem, disk, cfg)?;
+            if completion.status == BlkStatus::Ok {
+                outcome.io.count(&request);
             }
-            let next = queue.iter(mem).map_err(QueueError::AvailRing)?.next();
-            let Some(mut chain) = next else {
-                break;
-            };
-            let head = chain.head_index();
-            let done = Request::parse(&mut chain).and_then(|request| {
-                let completion = request.execute(mem, disk, cfg)?;
-                if completion.status == BlkStatus::Ok {
-                    outcome.io.count(&request);
-                }
-                Ok(completion)
-            });
-            let used_len = match done {
-                Ok(completion) => completion.used_len,
-                Err(error) => {
-                    debug!("virtio-blk: malformed descriptor chain {head}: {error}");
-                    outcome.malformed += 1;
-                    if outcome.first_malformed.is_none() {
-                        outcome.first_malformed = Some(MalformedChain { head, error });
-                    }
-                    0
-                }
-            };
-            queue
-                .add_used(mem, head, used_len)
-                .map_err(|source| QueueError::AddUsed { head, source })?;
-            outcome.completed += 1;
+            Ok(completion)
+        });
+        match done {
+            Ok(completion) => completion.used_len,
+            Err(error) => {
+                debug!("virtio-blk: malformed descriptor chain {head}: {error}");
+                outcome.malformed += 1;
+                outcome
+                    .first_malformed
+                    .get_or_insert(MalformedChain { head, error });
+                0
+            }
         }
-        if !queue
-            .enable_notification(mem)
-            .map_err(QueueError::Notification)?
-        {
-            break;
-        }
-    }
-    if outcome.completed > 0 {
-        outcome.needs_notification =
-            virtio_chain::needs_notification(queue, mem).map_err(QueueError::Notification)?;
-    }
+    })?;
+    outcome.completed = drained.completed;
+    outcome.needs_notification = drained.needs_notification;
+    outcome.more_pending = drained.more_pending;
     Ok(outcome)
 }

@@ -230,24 +230,10 @@ impl VirtioBlkConfig {
     }
 
     /// Copies the bytes at `offset..offset + data.len()` of this configuration into `data`,
-    /// zero-filling whatever lies outside it (see [`read_config`]).
+    /// zero-filling whatever lies outside it (see [`virtio_chain::read_config`]).
     pub fn read(&self, offset: u64, data: &mut [u8]) {
-        read_config(self.as_bytes(), offset, data);
+        virtio_chain::read_config(self.as_bytes(), offset, data);
     }
-}
-
-/// Copies `config[offset..offset + data.len()]` into `data`; bytes of `data` that fall outside
-/// `config` (or past `u64`) are set to 0. Never panics, whatever the guest's offset and length.
-pub fn read_config(config: &[u8], offset: u64, data: &mut [u8]) {
-    data.fill(0);
-    let Ok(start) = usize::try_from(offset) else {
-        return;
-    };
-    let Some(available) = config.get(start..) else {
-        return;
-    };
-    let n = available.len().min(data.len());
-    data[..n].copy_from_slice(&available[..n]);
 }
 
 #[cfg(test)]
@@ -311,9 +297,6 @@ mod tests {
         assert_eq!(d, [0; 4]);
         c.read(u64::MAX, &mut d);
         assert_eq!(d, [0; 4]);
-        read_config(&[1, 2, 3], 1, &mut d);
-        assert_eq!(d, [2, 3, 0, 0]);
-        read_config(&[1, 2, 3], 1, &mut []);
     }
 
     #[test]

@@ -2,11 +2,10 @@
 //! and a one-byte `ack` (device-writable).
 
 use log::debug;
-use virtio_chain::{ChainError, MalformedChain, SgList};
+use virtio_chain::{ChainError, MalformedChain, QueueError, SgList};
 use virtio_queue::Queue;
 use vm_memory::GuestMemory;
 
-use crate::queue::{self, NetQueueError};
 use crate::virtio::{CTRL_ACK_ERR, CTRL_ACK_OK, CTRL_CLASS_MQ, CTRL_MQ_VQ_PAIRS_SET};
 
 /// A control command, as the device handler sees it.
@@ -47,56 +46,37 @@ pub struct CtrlOutcome {
 ///
 /// # Errors
 ///
-/// A [`NetQueueError`] when the queue itself is broken.
+/// A [`QueueError`] when the queue itself is broken.
 pub fn process_ctrl<M: GuestMemory>(
     queue: &mut Queue,
     mem: &M,
     max_chains: usize,
     handler: &mut dyn FnMut(CtrlCommand) -> bool,
-) -> Result<CtrlOutcome, NetQueueError> {
+) -> Result<CtrlOutcome, QueueError> {
     let mut out = CtrlOutcome::default();
-    let budget = max_chains.max(1);
-    'drain: loop {
-        queue::disable_notification(queue, mem)?;
-        loop {
-            if out.completed >= budget {
-                if queue::has_available(queue, mem)? {
-                    out.more_pending = true;
-                    break 'drain;
-                }
-                break;
+    let drained = virtio_chain::queue::drain(queue, mem, max_chains, |chain| {
+        let head = chain.head_index();
+        match parse_command(chain, mem) {
+            Ok((command, ack)) => {
+                let status = if handler(command) {
+                    CTRL_ACK_OK
+                } else {
+                    CTRL_ACK_ERR
+                };
+                u32::from(ack.write_from(mem, &[status]) == 1)
             }
-            let Some(chain) = queue::pop(queue, mem)? else {
-                break;
-            };
-            let head = chain.head_index();
-            let used_len = match parse_command(chain, mem) {
-                Ok((command, ack)) => {
-                    let status = if handler(command) {
-                        CTRL_ACK_OK
-                    } else {
-                        CTRL_ACK_ERR
-                    };
-                    u32::from(ack.write_from(mem, &[status]) == 1)
-                }
-                Err(error) => {
-                    debug!("virtio-net ctrl: malformed chain {head}: {error}");
-                    out.malformed += 1;
-                    out.first_malformed
-                        .get_or_insert(MalformedChain { head, error });
-                    0
-                }
-            };
-            queue::add_used(queue, mem, head, used_len)?;
-            out.completed += 1;
+            Err(error) => {
+                debug!("virtio-net ctrl: malformed chain {head}: {error}");
+                out.malformed += 1;
+                out.first_malformed
+                    .get_or_insert(MalformedChain { head, error });
+                0
+            }
         }
-        if !queue::enable_notification(queue, mem)? {
-            break;
-        }
-    }
-    if out.completed > 0 {
-        out.needs_notification = queue::needs_notification(queue, mem)?;
-    }
+    })?;
+    out.completed = drained.completed;
+    out.needs_notification = drained.needs_notification;
+    out.more_pending = drained.more_pending;
     Ok(out)
 }
 

@@ -16,7 +16,7 @@
 //! Everything coming from the guest is treated as hostile: a malformed chain is returned with
 //! length 0 and counted, an oversized packet is dropped, nothing panics, loops forever or
 //! touches memory outside a descriptor. A broken queue (unreadable rings, head index out of
-//! range) is a [`NetQueueError`], after which the device needs a reset.
+//! range) is a [`QueueError`], after which the device needs a reset.
 //!
 //! # Example
 //!
@@ -37,7 +37,6 @@ mod ctrl;
 #[cfg(any(test, feature = "test-utils"))]
 mod fake;
 mod mac;
-mod queue;
 mod rx;
 mod tap;
 #[cfg(any(test, feature = "test-utils"))]
@@ -49,7 +48,6 @@ pub use ctrl::{process_ctrl, CtrlCommand, CtrlOutcome};
 #[cfg(any(test, feature = "test-utils"))]
 pub use fake::{FakeTap, FakeTapPeer};
 pub use mac::{MacAddr, ParseMacError, MAC_ADDR_LEN};
-pub use queue::NetQueueError;
 pub use rx::{NetRx, RxOutcome, RxStop};
 pub use tap::{NetError, Tap, TapQueue, MAX_TAP_QUEUES, TUN_DEVICE};
 pub use tx::{NetTx, TxOutcome};
@@ -59,4 +57,4 @@ pub use virtio::{
     ETH_HLEN, MAX_FRAME_LEN, MAX_PACKET_LEN, MAX_QUEUE_PAIRS, MIN_MTU, VNET_HDR_LEN,
     VNET_HDR_NUM_BUFFERS_OFFSET,
 };
-pub use virtio_chain::{ChainError, MalformedChain};
+pub use virtio_chain::{ChainError, MalformedChain, QueueError};

@@ -4,11 +4,11 @@ use std::io::{self, IoSliceMut};
 
 use log::debug;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF};
-use virtio_chain::{ChainError, MalformedChain, SgList, Split};
+use virtio_chain::queue;
+use virtio_chain::{ChainError, MalformedChain, QueueError, SgList, Split};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemory;
 
-use crate::queue::{self, NetQueueError};
 use crate::tap::TapQueue;
 use crate::virtio::{
     has_feature, ETH_HLEN, MAX_PACKET_LEN, VNET_HDR_LEN, VNET_HDR_NUM_BUFFERS_OFFSET,
@@ -107,14 +107,14 @@ impl NetRx {
     ///
     /// # Errors
     ///
-    /// A [`NetQueueError`] when the queue itself is broken.
+    /// A [`QueueError`] when the queue itself is broken.
     pub fn process<M: GuestMemory>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
         tap: &dyn TapQueue,
         max_frames: usize,
-    ) -> Result<RxOutcome, NetQueueError> {
+    ) -> Result<RxOutcome, QueueError> {
         let mut out = RxOutcome::default();
         let budget = max_frames.max(1);
         queue::disable_notification(queue, mem)?;
@@ -184,7 +184,7 @@ impl NetRx {
         queue: &mut Queue,
         mem: &M,
         out: &mut RxOutcome,
-    ) -> Result<Placement, NetQueueError> {
+    ) -> Result<Placement, QueueError> {
         let len = self.pending;
         loop {
             let room: u64 = self.held.iter().map(|c| c.buffers.len()).sum();

@@ -3,11 +3,10 @@
 use std::io::{self, IoSlice};
 
 use log::debug;
-use virtio_chain::{ChainError, MalformedChain};
+use virtio_chain::{ChainError, MalformedChain, QueueError};
 use virtio_queue::Queue;
 use vm_memory::GuestMemory;
 
-use crate::queue::{self, NetQueueError};
 use crate::tap::TapQueue;
 use crate::virtio::{ETH_HLEN, MAX_PACKET_LEN, VNET_HDR_LEN};
 
@@ -69,59 +68,41 @@ impl NetTx {
     ///
     /// # Errors
     ///
-    /// A [`NetQueueError`] when the queue itself is broken.
+    /// A [`QueueError`] when the queue itself is broken.
     pub fn process<M: GuestMemory>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
         tap: &dyn TapQueue,
         max_chains: usize,
-    ) -> Result<TxOutcome, NetQueueError> {
+    ) -> Result<TxOutcome, QueueError> {
         let mut out = TxOutcome::default();
-        let budget = max_chains.max(1);
-        'drain: loop {
-            queue::disable_notification(queue, mem)?;
-            loop {
-                if out.completed >= budget {
-                    if queue::has_available(queue, mem)? {
-                        out.more_pending = true;
-                        break 'drain;
+        let drained = virtio_chain::queue::drain(queue, mem, max_chains, |chain| {
+            let head = chain.head_index();
+            match self.load(chain, mem) {
+                Ok(len) => match write_packet(tap, &self.buf[..len]) {
+                    Ok(()) => {
+                        out.frames += 1;
+                        out.bytes += (len - VNET_HDR_LEN) as u64;
                     }
-                    break;
-                }
-                let Some(chain) = queue::pop(queue, mem)? else {
-                    break;
-                };
-                let head = chain.head_index();
-                match self.load(chain, mem) {
-                    Ok(len) => match write_packet(tap, &self.buf[..len]) {
-                        Ok(()) => {
-                            out.frames += 1;
-                            out.bytes += (len - VNET_HDR_LEN) as u64;
-                        }
-                        Err(e) => {
-                            debug!("virtio-net tx: {} refused a packet: {e}", tap.if_name());
-                            out.tap_errors += 1;
-                            out.first_tap_error.get_or_insert(e);
-                        }
-                    },
-                    Err(error) => {
-                        debug!("virtio-net tx: malformed chain {head}: {error}");
-                        out.malformed += 1;
-                        out.first_malformed
-                            .get_or_insert(MalformedChain { head, error });
+                    Err(e) => {
+                        debug!("virtio-net tx: {} refused a packet: {e}", tap.if_name());
+                        out.tap_errors += 1;
+                        out.first_tap_error.get_or_insert(e);
                     }
+                },
+                Err(error) => {
+                    debug!("virtio-net tx: malformed chain {head}: {error}");
+                    out.malformed += 1;
+                    out.first_malformed
+                        .get_or_insert(MalformedChain { head, error });
                 }
-                queue::add_used(queue, mem, head, 0)?;
-                out.completed += 1;
             }
-            if !queue::enable_notification(queue, mem)? {
-                break;
-            }
-        }
-        if out.completed > 0 {
-            out.needs_notification = queue::needs_notification(queue, mem)?;
-        }
+            0
+        })?;
+        out.completed = drained.completed;
+        out.needs_notification = drained.needs_notification;
+        out.more_pending = drained.more_pending;
         Ok(out)
     }
 

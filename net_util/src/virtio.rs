@@ -254,17 +254,9 @@ impl VirtioNetConfig {
     }
 
     /// Copies the bytes at `offset..offset + data.len()` into `data`, zero-filling whatever
-    /// lies outside the configuration (or past `u64`). Never panics.
+    /// lies outside the configuration (see [`virtio_chain::read_config`]).
     pub fn read(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        let Some(available) = self.as_bytes().get(start..) else {
-            return;
-        };
-        let n = available.len().min(data.len());
-        data[..n].copy_from_slice(&available[..n]);
+        virtio_chain::read_config(self.as_bytes(), offset, data);
     }
 }
 

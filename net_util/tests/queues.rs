@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use net_util::testing::{Buf, TestDriver};
 use net_util::{
-    features, process_ctrl, ChainError, CtrlCommand, FakeTap, FakeTapPeer, NetQueueError, NetRx,
-    NetTx, RxStop, CTRL_ACK_ERR, CTRL_ACK_OK, MAX_PACKET_LEN, VNET_HDR_LEN,
+    features, process_ctrl, ChainError, CtrlCommand, FakeTap, FakeTapPeer, NetRx, NetTx,
+    QueueError, RxStop, CTRL_ACK_ERR, CTRL_ACK_OK, MAX_PACKET_LEN, VNET_HDR_LEN,
 };
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF};
 use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
@@ -150,14 +150,14 @@ fn broken_rings_are_errors_not_panics() {
     let mut tx = NetTx::new();
     assert!(matches!(
         tx.process(&mut s.queue, &s.mem, &s.tap, 64),
-        Err(NetQueueError::AddUsed { head: 200, .. })
+        Err(QueueError::AddUsed { head: 200, .. })
     ));
     // An available index far ahead of the device's.
     let mut s = setup(false);
     s.drv.set_avail_idx(1000);
     assert!(matches!(
         tx.process(&mut s.queue, &s.mem, &s.tap, 64),
-        Err(NetQueueError::AvailRing(_))
+        Err(QueueError::AvailRing(_))
     ));
     let mut rx = NetRx::new(0);
     s.peer.send(&packet(64, 0, 0)).unwrap();

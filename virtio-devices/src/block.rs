@@ -10,10 +10,7 @@ use block::{BlockConfig, DiskBackend, VirtioBlkConfig};
 
 use crate::pause::PauseError;
 use crate::worker::{QueueHandler, Worker};
-use crate::{
-    device_type, read_config_bytes, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic,
-    VirtioDevice,
-};
+use crate::{device_type, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice};
 
 /// The block device.
 #[derive(Debug)]
@@ -130,7 +127,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(self.config.as_bytes(), offset, data);
+        virtio_chain::read_config(self.config.as_bytes(), offset, data);
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {

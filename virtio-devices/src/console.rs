@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use virtio_queue::QueueT;
+use nimbus_log::error_chain;
+use virtio_chain::queue::{drain, QueueDrain};
 use vm_memory::{Bytes, GuestAddressSpace};
 
 use crate::pause::PauseError;
@@ -99,9 +100,9 @@ impl ConsoleQueues {
         };
         let mem = mem.memory();
         let mut pending = input.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let mut used_any = false;
+        let mut drain = QueueDrain::new(&mut q.queue, &*mem, usize::MAX);
         while !pending.is_empty() {
-            let Some(chain) = q.queue.pop_descriptor_chain(&*mem) else {
+            let Some(chain) = drain.next_chain().map_err(|e| error_chain(&e))? else {
                 break;
             };
             let head = chain.head_index();
@@ -115,15 +116,12 @@ impl ConsoleQueues {
                 pending.drain(..n);
                 written += n as u32;
             }
-            q.queue
-                .add_used(&*mem, head, written)
-                .map_err(|e| format!("used ring: {e}"))?;
-            used_any = true;
+            drain.complete(head, written).map_err(|e| error_chain(&e))?;
         }
-        if !used_any {
-            return Ok(false);
-        }
-        virtio_chain::needs_notification(&mut q.queue, &*mem).map_err(|e| format!("used ring: {e}"))
+        Ok(drain
+            .finish()
+            .map_err(|e| error_chain(&e))?
+            .needs_notification)
     }
 }
 
@@ -159,9 +157,7 @@ impl QueueHandler for ConsoleQueues {
         }
         let mem = mem.memory();
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        let mut used_any = false;
-        while let Some(chain) = q.queue.pop_descriptor_chain(&*mem) {
-            let head = chain.head_index();
+        let drained = drain(&mut q.queue, &*mem, usize::MAX, |chain| {
             let mut taken = 0u32;
             for desc in chain {
                 if desc.is_write_only() || taken >= MAX_CHAIN_BYTES {
@@ -177,15 +173,10 @@ impl QueueHandler for ConsoleQueues {
                 }
             }
             let _ = out.flush();
-            q.queue
-                .add_used(&*mem, head, 0)
-                .map_err(|e| format!("used ring: {e}"))?;
-            used_any = true;
-        }
-        if !used_any {
-            return Ok(false);
-        }
-        virtio_chain::needs_notification(&mut q.queue, &*mem).map_err(|e| format!("used ring: {e}"))
+            0
+        })
+        .map_err(|e| error_chain(&e))?;
+        Ok(drained.needs_notification)
     }
 }
 

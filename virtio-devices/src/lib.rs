@@ -117,15 +117,3 @@ pub trait VirtioDevice: Send {
         Vec::new()
     }
 }
-
-/// Copies `config` bytes at `offset` into `data`; bytes past the end read as 0.
-pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
-    for (i, b) in data.iter_mut().enumerate() {
-        *b = usize::try_from(offset)
-            .ok()
-            .and_then(|o| o.checked_add(i))
-            .and_then(|o| config.get(o))
-            .copied()
-            .unwrap_or(0);
-    }
-}

@@ -32,8 +32,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::pause::{PauseError, PauseSwitch};
 use crate::{
-    device_type, read_config_bytes, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic,
-    VirtioDevice, VirtioInterrupt,
+    device_type, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice,
+    VirtioInterrupt,
 };
 
 /// Most queue pairs a device may have: the PCI transport has room for 256 MSI-X vectors (one
@@ -221,7 +221,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(self.config.as_bytes(), offset, data);
+        virtio_chain::read_config(self.config.as_bytes(), offset, data);
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {

@@ -3,8 +3,10 @@
 use std::fs::File;
 use std::io::Read;
 
-use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddressSpace};
+use nimbus_log::error_chain;
+use virtio_chain::queue::QueueDrain;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemory};
 
 use crate::pause::PauseError;
 use crate::worker::{QueueHandler, Worker};
@@ -40,36 +42,45 @@ struct RngQueue {
     source: File,
 }
 
+impl RngQueue {
+    /// Fills the device-writable buffers of `chain`; returns how many bytes it wrote.
+    fn fill<M: GuestMemory>(
+        &mut self,
+        chain: DescriptorChain<&M>,
+        mem: &M,
+    ) -> std::io::Result<u32> {
+        let mut written = 0u32;
+        for desc in chain {
+            if !desc.is_write_only() || written >= MAX_BYTES_PER_CHAIN {
+                continue;
+            }
+            let len = desc.len().min(MAX_BYTES_PER_CHAIN - written);
+            let mut buf = vec![0u8; len as usize];
+            self.source.read_exact(&mut buf)?;
+            // A descriptor outside guest memory gets nothing; the chain is still returned.
+            if mem.write_slice(&buf, desc.addr()).is_ok() {
+                written += len;
+            }
+        }
+        Ok(written)
+    }
+}
+
 impl QueueHandler for RngQueue {
     fn process(&mut self, q: &mut ActiveQueue, mem: &GuestMemoryAtomic) -> Result<bool, String> {
         let mem = mem.memory();
-        let mut used_any = false;
-        while let Some(chain) = q.queue.pop_descriptor_chain(&*mem) {
+        let mut drain = QueueDrain::new(&mut q.queue, &*mem, usize::MAX);
+        while let Some(chain) = drain.next_chain().map_err(|e| error_chain(&e))? {
             let head = chain.head_index();
-            let mut written = 0u32;
-            for desc in chain {
-                if !desc.is_write_only() || written >= MAX_BYTES_PER_CHAIN {
-                    continue;
-                }
-                let len = desc.len().min(MAX_BYTES_PER_CHAIN - written);
-                let mut buf = vec![0u8; len as usize];
-                self.source
-                    .read_exact(&mut buf)
-                    .map_err(|e| format!("entropy source: {e}"))?;
-                // A descriptor outside guest memory gets nothing; the chain is still returned.
-                if mem.write_slice(&buf, desc.addr()).is_ok() {
-                    written += len;
-                }
-            }
-            q.queue
-                .add_used(&*mem, head, written)
-                .map_err(|e| format!("used ring: {e}"))?;
-            used_any = true;
+            let written = self
+                .fill(chain, &*mem)
+                .map_err(|e| format!("entropy source: {e}"))?;
+            drain.complete(head, written).map_err(|e| error_chain(&e))?;
         }
-        if !used_any {
-            return Ok(false);
-        }
-        virtio_chain::needs_notification(&mut q.queue, &*mem).map_err(|e| format!("used ring: {e}"))
+        Ok(drain
+            .finish()
+            .map_err(|e| error_chain(&e))?
+            .needs_notification)
     }
 }
 

@@ -787,7 +787,7 @@ mod tests {
             VIRTIO_F_VERSION_1 | 1
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
-            crate::read_config_bytes(&[0xa1, 0xa2, 0xa3, 0xa4], offset, data);
+            virtio_chain::read_config(&[0xa1, 0xa2, 0xa3, 0xa4], offset, data);
         }
         fn activate(&mut self, a: Activation) -> Result<(), crate::ActivateError> {
             self.activations

@@ -6,6 +6,9 @@
 //! - [`SgList`] sees the ranges of one part as a single byte stream, read and written through
 //!   an [`SgCursor`] (or all at once with [`SgList::read_into`] and [`SgList::write_from`]).
 //! - [`MalformedChain`] is how a device reports a chain it returned with used length 0.
+//! - [`queue::drain`] is the loop that serves a queue's available chains within a budget, with
+//!   driver notifications suppressed meanwhile; a queue that is broken is a [`QueueError`].
+//! - [`read_config`] reads a device's configuration space (zeros past its end).
 //! - `testing::TestDriver` (feature `test-utils`) is the driver side of a split virtqueue in
 //!   guest memory, for device tests.
 //!
@@ -39,6 +42,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod config;
 mod sg;
 mod split;
 #[cfg(any(test, feature = "test-utils"))]
@@ -46,7 +50,10 @@ pub mod testing;
 
 pub mod notify;
 pub mod poll;
+pub mod queue;
 
+pub use config::read_config;
 pub use notify::needs_notification;
+pub use queue::QueueError;
 pub use sg::{SgCursor, SgError, SgList};
 pub use split::{split, ChainError, MalformedChain, Split};

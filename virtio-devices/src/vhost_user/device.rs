@@ -10,9 +10,7 @@ use super::relay::{Link, Relay};
 use super::{Backend, Connection, Ring, Session, VhostUserError};
 use crate::pause::PauseError;
 use crate::worker::Worker;
-use crate::{
-    read_config_bytes, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice,
-};
+use crate::{ActivateError, Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice};
 
 /// A queue the frontend serves itself instead of handing it to the backend: virtio-net's
 /// control queue, which vhost-user backends leave to the frontend.
@@ -114,7 +112,7 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.shared.config, offset, data);
+        virtio_chain::read_config(&self.shared.config, offset, data);
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
