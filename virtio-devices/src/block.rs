@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use block::{BlockConfig, DiskBackend, VirtioBlkConfig};
+use block::{BlockConfig, DiskBackend, QueueError, VirtioBlkConfig};
 
 use crate::pause::PauseError;
 use crate::worker::{QueueHandler, Worker};
@@ -91,11 +91,16 @@ struct BlockQueues {
 }
 
 impl QueueHandler for BlockQueues {
-    fn process(&mut self, q: &mut ActiveQueue, mem: &GuestMemoryAtomic) -> Result<bool, String> {
+    type Error = QueueError;
+
+    fn process(
+        &mut self,
+        q: &mut ActiveQueue,
+        mem: &GuestMemoryAtomic,
+    ) -> Result<bool, QueueError> {
         use vm_memory::GuestAddressSpace;
         let mem = mem.memory();
-        let outcome = block::process_queue(&mut q.queue, &*mem, self.disk.as_ref(), &self.config)
-            .map_err(|e| e.to_string())?;
+        let outcome = block::process_queue(&mut q.queue, &*mem, self.disk.as_ref(), &self.config)?;
         self.counters.add(&outcome.io);
         if let Some(bad) = &outcome.first_malformed {
             // The chains were returned with length 0; the device keeps serving the queue.
@@ -140,7 +145,7 @@ impl VirtioDevice for Block {
             poll: self.poll,
             counters: self.counters.clone(),
         };
-        self.worker = Some(Worker::start(&self.name, Box::new(handler), a)?);
+        self.worker = Some(Worker::start(&self.name, handler, a)?);
         Ok(())
     }
 

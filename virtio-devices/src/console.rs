@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use nimbus_log::error_chain;
 use virtio_chain::queue::{drain, QueueDrain};
+use virtio_chain::QueueError;
 use vm_memory::{Bytes, GuestAddressSpace};
 
 use crate::pause::PauseError;
@@ -94,7 +94,11 @@ struct ConsoleQueues {
 
 impl ConsoleQueues {
     /// Moves pending input into the receive queue's buffers.
-    fn deliver_input(&self, q: &mut ActiveQueue, mem: &GuestMemoryAtomic) -> Result<bool, String> {
+    fn deliver_input(
+        &self,
+        q: &mut ActiveQueue,
+        mem: &GuestMemoryAtomic,
+    ) -> Result<bool, QueueError> {
         let Some(input) = &self.input else {
             return Ok(false);
         };
@@ -102,7 +106,7 @@ impl ConsoleQueues {
         let mut pending = input.pending.lock().unwrap_or_else(|p| p.into_inner());
         let mut drain = QueueDrain::new(&mut q.queue, &*mem, usize::MAX);
         while !pending.is_empty() {
-            let Some(chain) = drain.next_chain().map_err(|e| error_chain(&e))? else {
+            let Some(chain) = drain.next_chain()? else {
                 break;
             };
             let head = chain.head_index();
@@ -116,16 +120,15 @@ impl ConsoleQueues {
                 pending.drain(..n);
                 written += n as u32;
             }
-            drain.complete(head, written).map_err(|e| error_chain(&e))?;
+            drain.complete(head, written)?;
         }
-        Ok(drain
-            .finish()
-            .map_err(|e| error_chain(&e))?
-            .needs_notification)
+        Ok(drain.finish()?.needs_notification)
     }
 }
 
 impl QueueHandler for ConsoleQueues {
+    type Error = QueueError;
+
     fn extra_fd(&self) -> Option<std::os::fd::RawFd> {
         self.input.as_ref().map(|i| i.ready.as_raw_fd())
     }
@@ -134,7 +137,7 @@ impl QueueHandler for ConsoleQueues {
         &mut self,
         queues: &mut [ActiveQueue],
         mem: &GuestMemoryAtomic,
-    ) -> Result<Vec<u16>, String> {
+    ) -> Result<Vec<u16>, QueueError> {
         if let Some(input) = &self.input {
             let _ = input.ready.read();
         }
@@ -148,7 +151,11 @@ impl QueueHandler for ConsoleQueues {
         })
     }
 
-    fn process(&mut self, q: &mut ActiveQueue, mem: &GuestMemoryAtomic) -> Result<bool, String> {
+    fn process(
+        &mut self,
+        q: &mut ActiveQueue,
+        mem: &GuestMemoryAtomic,
+    ) -> Result<bool, QueueError> {
         if q.index == RECEIVE_QUEUE {
             return self.deliver_input(q, mem);
         }
@@ -174,8 +181,7 @@ impl QueueHandler for ConsoleQueues {
             }
             let _ = out.flush();
             0
-        })
-        .map_err(|e| error_chain(&e))?;
+        })?;
         Ok(drained.needs_notification)
     }
 }
@@ -203,7 +209,7 @@ impl VirtioDevice for Console {
             out: self.out.clone(),
             input: self.input.clone(),
         };
-        self.worker = Some(Worker::start(&self.name, Box::new(handler), a)?);
+        self.worker = Some(Worker::start(&self.name, handler, a)?);
         Ok(())
     }
 

@@ -22,9 +22,10 @@ use std::thread::JoinHandle;
 
 use net_util::{
     ctrl_queue_index, features_with_offloads, num_queues, process_ctrl, tap_offload_flags,
-    CtrlCommand, MacAddr, NetError, NetRx, NetTx, Offloads, RxStop, TapQueue, VirtioNetConfig,
-    MIN_MTU, VNET_HDR_LEN,
+    CtrlCommand, MacAddr, NetError, NetRx, NetTx, Offloads, QueueError, RxStop, TapQueue,
+    VirtioNetConfig, MIN_MTU, VNET_HDR_LEN,
 };
+use nimbus_log::error_chain;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MQ;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -52,7 +53,8 @@ const PAUSE_TOKEN: u64 = u64::MAX - 1;
 /// TAP tokens are `TAP_TOKEN | pair`; queue tokens are the queue index.
 const TAP_TOKEN: u64 = 1 << 32;
 
-/// Errors creating a network device.
+/// Errors of a network device: bad parameters when it is created, or, in its worker, a broken
+/// queue or epoll set (the device then needs a reset).
 #[derive(Debug, thiserror::Error)]
 pub enum NetDeviceError {
     /// No TAP queue was given.
@@ -70,7 +72,8 @@ pub enum NetDeviceError {
     /// The guest MAC address is a group address.
     #[error("guest MAC address {0} is a multicast address")]
     MulticastMac(MacAddr),
-    /// A TAP queue refused its virtio-net header size or offload settings.
+    /// A TAP queue refused its virtio-net header size or offload settings, or to be attached
+    /// or detached.
     #[error("cannot set up TAP {if_name}")]
     Tap {
         /// The interface.
@@ -79,6 +82,40 @@ pub enum NetDeviceError {
         #[source]
         source: NetError,
     },
+    /// The worker's epoll set cannot be waited on.
+    #[error("cannot wait for the device's events")]
+    Epoll(#[source] std::io::Error),
+    /// A TAP cannot be added to or removed from the worker's epoll set.
+    #[error("cannot poll TAP {if_name}")]
+    PollTap {
+        /// The interface.
+        if_name: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A queue is broken.
+    #[error("{role} queue {index}")]
+    Queue {
+        /// `receive`, `transmit` or `control`.
+        role: &'static str,
+        /// Queue index.
+        index: u16,
+        /// Cause.
+        #[source]
+        source: QueueError,
+    },
+}
+
+impl NetDeviceError {
+    /// A [`NetDeviceError::Queue`] for queue `index` in `role`.
+    fn queue(role: &'static str, index: u16) -> impl FnOnce(QueueError) -> Self {
+        move |source| NetDeviceError::Queue {
+            role,
+            index,
+            source,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -361,7 +398,7 @@ impl NetWorker {
         let handle =
             nimbus_thread::spawn(nimbus_thread::ThreadClass::DeviceWorker, name, move || {
                 if let Err(e) = state.run() {
-                    log::error!("{}: {e}; device needs reset", state.name);
+                    log::error!("{}: {}; device needs reset", state.name, error_chain(&e));
                     state.interrupt.needs_reset();
                 }
             })?;
@@ -409,7 +446,7 @@ struct Pair {
 }
 
 /// Adds or removes the TAP of pair `index` from the epoll set.
-fn poll_tap(epoll: &Epoll, pair: &mut Pair, index: usize, on: bool) -> Result<(), String> {
+fn poll_tap(epoll: &Epoll, pair: &mut Pair, index: usize, on: bool) -> Result<(), NetDeviceError> {
     if pair.tap_polled == on {
         return Ok(());
     }
@@ -423,7 +460,10 @@ fn poll_tap(epoll: &Epoll, pair: &mut Pair, index: usize, on: bool) -> Result<()
     } else {
         epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
     };
-    result.map_err(|e| format!("epoll on TAP {}: {e}", pair.tap.if_name()))?;
+    result.map_err(|source| NetDeviceError::PollTap {
+        if_name: pair.tap.if_name().to_string(),
+        source,
+    })?;
     pair.tap_polled = on;
     Ok(())
 }
@@ -447,7 +487,7 @@ struct NetLoop {
 
 impl NetLoop {
     /// Serves the device until the stop eventfd fires; an error means the device is broken.
-    fn run(&mut self) -> Result<(), String> {
+    fn run(&mut self) -> Result<(), NetDeviceError> {
         // Buffers and packets may be waiting from before activation.
         for p in 0..self.pairs.len() {
             self.rx(p)?;
@@ -460,7 +500,7 @@ impl NetLoop {
             let n = match self.epoll.wait(if busy { 0 } else { -1 }, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(format!("epoll failed: {e}")),
+                Err(e) => return Err(NetDeviceError::Epoll(e)),
             };
             self.counters.wakeups.fetch_add(1, Ordering::Relaxed);
             for ev in &events[..n] {
@@ -493,7 +533,7 @@ impl NetLoop {
     }
 
     /// The driver notified queue `index`.
-    fn kicked(&mut self, index: usize) -> Result<(), String> {
+    fn kicked(&mut self, index: usize) -> Result<(), NetDeviceError> {
         if self.ctrl.as_ref().map(|q| usize::from(q.index)) == Some(index) {
             if let Some(q) = &self.ctrl {
                 let _ = q.kick.read();
@@ -520,7 +560,7 @@ impl NetLoop {
         }
     }
 
-    fn rx(&mut self, index: usize) -> Result<(), String> {
+    fn rx(&mut self, index: usize) -> Result<(), NetDeviceError> {
         let active = index < self.active_pairs;
         let Some(pair) = self.pairs.get_mut(index) else {
             return Ok(());
@@ -532,7 +572,7 @@ impl NetLoop {
         let out = pair
             .net_rx
             .process(&mut q.queue, &*mem, pair.tap.as_ref(), RX_BUDGET)
-            .map_err(|e| format!("receive queue {}: {}", q.index, nimbus_log::error_chain(&e)))?;
+            .map_err(NetDeviceError::queue("receive", q.index))?;
         let c = &self.counters;
         c.rx_frames.fetch_add(out.frames as u64, Ordering::Relaxed);
         c.rx_bytes.fetch_add(out.bytes, Ordering::Relaxed);
@@ -569,7 +609,7 @@ impl NetLoop {
         poll_tap(&self.epoll, pair, index, poll)
     }
 
-    fn tx(&mut self, index: usize) -> Result<(), String> {
+    fn tx(&mut self, index: usize) -> Result<(), NetDeviceError> {
         let Some(pair) = self.pairs.get_mut(index) else {
             return Ok(());
         };
@@ -580,13 +620,7 @@ impl NetLoop {
         let out = pair
             .net_tx
             .process(&mut q.queue, &*mem, pair.tap.as_ref(), TX_BUDGET)
-            .map_err(|e| {
-                format!(
-                    "transmit queue {}: {}",
-                    q.index,
-                    nimbus_log::error_chain(&e)
-                )
-            })?;
+            .map_err(NetDeviceError::queue("transmit", q.index))?;
         pair.tx_pending = out.more_pending;
         let c = &self.counters;
         c.tx_frames.fetch_add(out.frames as u64, Ordering::Relaxed);
@@ -622,7 +656,7 @@ impl NetLoop {
         Ok(())
     }
 
-    fn ctrl(&mut self) -> Result<(), String> {
+    fn ctrl(&mut self) -> Result<(), NetDeviceError> {
         let Some(q) = self.ctrl.as_mut() else {
             return Ok(());
         };
@@ -646,7 +680,7 @@ impl NetLoop {
                         true
                     }
                     Err(e) => {
-                        log::warn!("{name}: cannot use {n} queue pairs: {e}");
+                        log::warn!("{name}: cannot use {n} queue pairs: {}", error_chain(&e));
                         false
                     }
                 }
@@ -656,7 +690,7 @@ impl NetLoop {
                 false
             }
         })
-        .map_err(|e| format!("control queue {}: {}", q.index, nimbus_log::error_chain(&e)))?;
+        .map_err(NetDeviceError::queue("control", q.index))?;
         self.ctrl_pending = out.more_pending;
         self.counters
             .malformed_chains
@@ -676,12 +710,15 @@ impl NetLoop {
 }
 
 /// Attaches the TAP queues of the first `n` pairs, detaches the others, and polls accordingly.
-fn set_active_pairs(epoll: &Epoll, pairs: &mut [Pair], n: usize) -> Result<(), String> {
+fn set_active_pairs(epoll: &Epoll, pairs: &mut [Pair], n: usize) -> Result<(), NetDeviceError> {
     for (i, pair) in pairs.iter_mut().enumerate() {
         let on = i < n;
         pair.tap
             .set_queue_enabled(on)
-            .map_err(|e| nimbus_log::error_chain(&e))?;
+            .map_err(|source| NetDeviceError::Tap {
+                if_name: pair.tap.if_name().to_string(),
+                source,
+            })?;
         let poll = on && pair.rx.is_some() && !pair.tap_failed;
         poll_tap(epoll, pair, i, poll)?;
     }

@@ -3,8 +3,8 @@
 use std::fs::File;
 use std::io::Read;
 
-use nimbus_log::error_chain;
 use virtio_chain::queue::QueueDrain;
+use virtio_chain::QueueError;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemory};
 
@@ -18,6 +18,17 @@ use crate::{
 /// Bytes served per descriptor chain at most, so one huge buffer cannot stall the thread.
 const MAX_BYTES_PER_CHAIN: u32 = 64 * 1024;
 const QUEUE_SIZE: u16 = 256;
+
+/// Errors that break the entropy device (it then needs a reset).
+#[derive(Debug, thiserror::Error)]
+pub enum RngError {
+    /// The entropy source could not be read.
+    #[error("cannot read the entropy source")]
+    Source(#[source] std::io::Error),
+    /// The queue is broken.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
 
 /// The entropy device.
 #[derive(Debug)]
@@ -67,20 +78,17 @@ impl RngQueue {
 }
 
 impl QueueHandler for RngQueue {
-    fn process(&mut self, q: &mut ActiveQueue, mem: &GuestMemoryAtomic) -> Result<bool, String> {
+    type Error = RngError;
+
+    fn process(&mut self, q: &mut ActiveQueue, mem: &GuestMemoryAtomic) -> Result<bool, RngError> {
         let mem = mem.memory();
         let mut drain = QueueDrain::new(&mut q.queue, &*mem, usize::MAX);
-        while let Some(chain) = drain.next_chain().map_err(|e| error_chain(&e))? {
+        while let Some(chain) = drain.next_chain()? {
             let head = chain.head_index();
-            let written = self
-                .fill(chain, &*mem)
-                .map_err(|e| format!("entropy source: {e}"))?;
-            drain.complete(head, written).map_err(|e| error_chain(&e))?;
+            let written = self.fill(chain, &*mem).map_err(RngError::Source)?;
+            drain.complete(head, written)?;
         }
-        Ok(drain
-            .finish()
-            .map_err(|e| error_chain(&e))?
-            .needs_notification)
+        Ok(drain.finish()?.needs_notification)
     }
 }
 
@@ -112,7 +120,7 @@ impl VirtioDevice for Rng {
                 a.queues.len()
             )));
         }
-        self.worker = Some(Worker::start(&self.name, Box::new(RngQueue { source }), a)?);
+        self.worker = Some(Worker::start(&self.name, RngQueue { source }, a)?);
         Ok(())
     }
 

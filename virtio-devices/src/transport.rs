@@ -176,7 +176,7 @@ impl std::fmt::Debug for VirtioPciDevice {
     }
 }
 
-/// Errors creating the transport.
+/// Errors creating the transport, or taking the queues the driver set up at DRIVER_OK.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// The PCI configuration could not be built.
@@ -185,6 +185,49 @@ pub enum TransportError {
     /// An eventfd could not be created or registered.
     #[error("queue notification eventfd")]
     EventFd(#[source] std::io::Error),
+    /// The device's maximum size for a queue is not one virtio-queue accepts.
+    #[error("queue {index} cannot be created")]
+    Queue {
+        /// Queue index.
+        index: u16,
+        /// Cause.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// The driver set a queue size that is not a power of two up to the maximum.
+    #[error("queue {index} has size {size} (max {max})")]
+    QueueSize {
+        /// Queue index.
+        index: u16,
+        /// The size the driver set.
+        size: u16,
+        /// The device's maximum.
+        max: u16,
+    },
+    /// The driver placed a ring at a misaligned address (virtio 1.2 section 2.7).
+    #[error("queue {index} has misaligned rings {desc:#x}/{avail:#x}/{used:#x}")]
+    RingAlignment {
+        /// Queue index.
+        index: u16,
+        /// Descriptor table.
+        desc: u64,
+        /// Driver (available) ring.
+        avail: u64,
+        /// Device (used) ring.
+        used: u64,
+    },
+    /// The driver placed a ring outside guest memory.
+    #[error("queue {index} has rings outside guest memory ({desc:#x}/{avail:#x}/{used:#x})")]
+    RingsOutsideMemory {
+        /// Queue index.
+        index: u16,
+        /// Descriptor table.
+        desc: u64,
+        /// Driver (available) ring.
+        avail: u64,
+        /// Device (used) ring.
+        used: u64,
+    },
 }
 
 fn vendor_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
@@ -341,10 +384,13 @@ impl VirtioPciDevice {
             if !qc.enabled {
                 continue;
             }
-            let q = match build_queue(qc, self.driver_features, &*mem) {
+            let q = match build_queue(i as u16, qc, self.driver_features, &*mem) {
                 Ok(q) => q,
                 Err(e) => {
-                    nimbus_log::warn_limited!("virtio: queue {i} set up wrong: {e}");
+                    nimbus_log::warn_limited!(
+                        "virtio: {}; device needs reset",
+                        nimbus_log::error_chain(&e)
+                    );
                     self.interrupt.needs_reset();
                     return;
                 }
@@ -583,21 +629,32 @@ impl VirtioPciDevice {
     }
 }
 
+/// Queue `index` as the driver set it up in `qc`, checked against the device's maximum size,
+/// the ring alignments and guest memory.
 fn build_queue<M: vm_memory::GuestMemory>(
+    index: u16,
     qc: &QueueConfig,
     features: u64,
     mem: &M,
-) -> Result<Queue, String> {
-    let mut q = Queue::new(qc.max_size).map_err(|e| e.to_string())?;
+) -> Result<Queue, TransportError> {
+    let mut q =
+        Queue::new(qc.max_size).map_err(|source| TransportError::Queue { index, source })?;
     if !qc.size.is_power_of_two() || qc.size > qc.max_size {
-        return Err(format!("size {} (max {})", qc.size, qc.max_size));
+        return Err(TransportError::QueueSize {
+            index,
+            size: qc.size,
+            max: qc.max_size,
+        });
     }
+    let (desc, avail, used) = (qc.desc, qc.avail, qc.used);
     // Ring alignment (virtio 1.2 section 2.7): descriptors 16, driver ring 2, device ring 4.
-    if !qc.desc.is_multiple_of(16) || !qc.avail.is_multiple_of(2) || !qc.used.is_multiple_of(4) {
-        return Err(format!(
-            "misaligned rings {:#x}/{:#x}/{:#x}",
-            qc.desc, qc.avail, qc.used
-        ));
+    if !desc.is_multiple_of(16) || !avail.is_multiple_of(2) || !used.is_multiple_of(4) {
+        return Err(TransportError::RingAlignment {
+            index,
+            desc,
+            avail,
+            used,
+        });
     }
     q.set_size(qc.size);
     q.set_desc_table_address(Some(qc.desc as u32), Some((qc.desc >> 32) as u32));
@@ -606,10 +663,12 @@ fn build_queue<M: vm_memory::GuestMemory>(
     q.set_event_idx(features & crate::VIRTIO_RING_F_EVENT_IDX != 0);
     q.set_ready(true);
     if !q.is_valid(mem) {
-        return Err(format!(
-            "rings at {:#x}/{:#x}/{:#x} are not in guest memory or misaligned",
-            qc.desc, qc.avail, qc.used
-        ));
+        return Err(TransportError::RingsOutsideMemory {
+            index,
+            desc,
+            avail,
+            used,
+        });
     }
     Ok(q)
 }

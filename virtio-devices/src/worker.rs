@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use nimbus_log::error_chain;
 use virtio_chain::poll::{poll_queue, AdaptivePoll};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -16,10 +17,16 @@ use crate::{ActiveQueue, GuestMemoryAtomic, VirtioInterrupt};
 
 /// Device logic for kicked queues.
 pub trait QueueHandler: Send {
+    /// What breaks the device: after an error the worker logs it (with its causes), sets
+    /// DEVICE_NEEDS_RESET and stops.
+    type Error: std::error::Error + Send + 'static;
+
     /// Processes queue `queue`; returns whether the driver must be interrupted.
-    /// An error means the device is broken: the worker sets DEVICE_NEEDS_RESET and stops.
-    fn process(&mut self, queue: &mut ActiveQueue, mem: &GuestMemoryAtomic)
-        -> Result<bool, String>;
+    fn process(
+        &mut self,
+        queue: &mut ActiveQueue,
+        mem: &GuestMemoryAtomic,
+    ) -> Result<bool, Self::Error>;
 
     /// The longest the worker busy-polls a queue after serving it before it sleeps again
     /// ([`virtio_chain::poll`]; the window adapts below it); zero (the default) never polls.
@@ -39,7 +46,7 @@ pub trait QueueHandler: Send {
         &mut self,
         _queues: &mut [ActiveQueue],
         _mem: &GuestMemoryAtomic,
-    ) -> Result<Vec<u16>, String> {
+    ) -> Result<Vec<u16>, Self::Error> {
         Ok(Vec::new())
     }
 }
@@ -58,10 +65,10 @@ const PAUSE_TOKEN: u64 = u64::MAX - 2;
 
 impl Worker {
     /// Starts a thread named `name` of `class` serving `queues` with `handler`.
-    pub fn spawn(
+    pub fn spawn<H: QueueHandler + 'static>(
         class: nimbus_thread::ThreadClass,
         name: String,
-        mut handler: Box<dyn QueueHandler>,
+        mut handler: H,
         mut queues: Vec<ActiveQueue>,
         mem: GuestMemoryAtomic,
         interrupt: Arc<dyn VirtioInterrupt>,
@@ -105,7 +112,7 @@ impl Worker {
         let handle = nimbus_thread::spawn(class, name.clone(), move || {
             // Buffers may already be waiting from before activation.
             for (q, poll) in queues.iter_mut().zip(polls.iter_mut()) {
-                if !serve(&name, handler.as_mut(), q, poll, &mem, interrupt.as_ref()) {
+                if !serve(&name, &mut handler, q, poll, &mem, interrupt.as_ref()) {
                     return queues;
                 }
             }
@@ -139,7 +146,7 @@ impl Worker {
                                 signal.into_iter().for_each(|q| interrupt.signal_queue(q))
                             }
                             Err(e) => {
-                                log::error!("{name}: {e}; device needs reset");
+                                log::error!("{name}: {}; device needs reset", error_chain(&e));
                                 interrupt.needs_reset();
                                 return queues;
                             }
@@ -153,7 +160,7 @@ impl Worker {
                         continue;
                     };
                     let _ = q.kick.read();
-                    if !serve(&name, handler.as_mut(), q, poll, &mem, interrupt.as_ref()) {
+                    if !serve(&name, &mut handler, q, poll, &mem, interrupt.as_ref()) {
                         return queues;
                     }
                 }
@@ -179,9 +186,9 @@ impl Worker {
     /// Starts a device's worker for `activation`: the usual body of [`VirtioDevice::activate`].
     ///
     /// [`VirtioDevice::activate`]: crate::VirtioDevice::activate
-    pub fn start(
+    pub fn start<H: QueueHandler + 'static>(
         name: &str,
-        handler: Box<dyn QueueHandler>,
+        handler: H,
         activation: crate::Activation,
     ) -> Result<Self, crate::ActivateError> {
         Self::spawn(
@@ -237,9 +244,9 @@ struct QueuePoll {
 /// Runs the handler on one queue, then, if the handler polls, serves the queue again as long
 /// as the driver makes buffers available within the poll window; false when the device is
 /// now broken.
-fn serve(
+fn serve<H: QueueHandler>(
     name: &str,
-    handler: &mut dyn QueueHandler,
+    handler: &mut H,
     q: &mut ActiveQueue,
     poll: &mut QueuePoll,
     mem: &GuestMemoryAtomic,
@@ -254,7 +261,11 @@ fn serve(
             Ok(true) => interrupt.signal_queue(q.index),
             Ok(false) => {}
             Err(e) => {
-                log::error!("{name}: queue {}: {e}; device needs reset", q.index);
+                log::error!(
+                    "{name}: queue {}: {}; device needs reset",
+                    q.index,
+                    error_chain(&e)
+                );
                 interrupt.needs_reset();
                 return false;
             }
@@ -297,11 +308,13 @@ mod tests {
     /// Counts how often the queue is served.
     struct Counting(Arc<AtomicU32>);
     impl QueueHandler for Counting {
+        type Error = std::convert::Infallible;
+
         fn process(
             &mut self,
             _q: &mut ActiveQueue,
             _mem: &GuestMemoryAtomic,
-        ) -> Result<bool, String> {
+        ) -> Result<bool, Self::Error> {
             self.0.fetch_add(1, Ordering::SeqCst);
             Ok(false)
         }
@@ -331,7 +344,7 @@ mod tests {
         let worker = Worker::spawn(
             nimbus_thread::ThreadClass::DeviceWorker,
             "test_worker".into(),
-            Box::new(Counting(served.clone())),
+            Counting(served.clone()),
             vec![queue],
             GuestMemoryAtomic::new(mem),
             Arc::new(NoInterrupt),

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use virtio_chain::QueueError;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::relay::{Link, Relay};
@@ -23,13 +24,17 @@ pub(super) trait LocalQueue: std::fmt::Debug + Send + Sync {
 
     /// Serves the queue after a kick from the driver; `use_rings(n)` runs the backend's rings
     /// below `n` and stops the others. Returns whether to interrupt the driver.
+    ///
+    /// # Errors
+    ///
+    /// A [`QueueError`] when the queue is broken (the device then needs a reset).
     fn process(
         &self,
         queue: &mut ActiveQueue,
         mem: &GuestMemoryAtomic,
         features: u64,
         use_rings: &mut dyn FnMut(u16),
-    ) -> Result<bool, String>;
+    ) -> Result<bool, QueueError>;
 }
 
 #[derive(Debug)]
@@ -205,7 +210,7 @@ impl VirtioDevice for VhostUserDevice {
         let relay = Worker::spawn(
             nimbus_thread::ThreadClass::VhostUserRelay,
             self.name.clone(),
-            Box::new(relay),
+            relay,
             calls,
             a.mem,
             a.interrupt,

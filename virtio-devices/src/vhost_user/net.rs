@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use net_util::{process_ctrl, CtrlCommand};
+use net_util::{process_ctrl, CtrlCommand, QueueError};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ};
 use vm_memory::GuestAddressSpace;
@@ -134,7 +134,7 @@ impl LocalQueue for ControlQueue {
         mem: &GuestMemoryAtomic,
         features: u64,
         use_rings: &mut dyn FnMut(u16),
-    ) -> Result<bool, String> {
+    ) -> Result<bool, QueueError> {
         let mq = features & MQ != 0;
         let (pairs, name) = (self.pairs, &self.name);
         let mem = mem.memory();
@@ -153,13 +153,6 @@ impl LocalQueue for ControlQueue {
                 log::debug!("{name}: unsupported control command {class}.{command}");
                 false
             }
-        })
-        .map_err(|e| {
-            format!(
-                "{name}: control queue {}: {}",
-                queue.index,
-                nimbus_log::error_chain(&e)
-            )
         })?;
         if let Some(bad) = &out.first_malformed {
             log::warn!(

@@ -8,10 +8,12 @@
 //! area (`INFLIGHT_SHMFD`, e.g. `qemu-storage-daemon`) get it back and resubmit from it.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use virtio_chain::QueueError;
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -31,6 +33,48 @@ const MAX_REFUSALS: u32 = 3;
 const SOCKET: u64 = 0;
 const RETRY: u64 = 1;
 
+/// Errors that stop a vhost-user device's relay thread (the device then needs a reset).
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The backend's socket, the retry timer or the listening socket cannot be watched.
+    #[error("cannot watch for the vhost-user backend at {path}")]
+    Watch {
+        /// The backend's socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A ring's indices cannot be read to hand it to a backend that came back.
+    #[error("cannot read the rings of queue {index}")]
+    Rings {
+        /// Queue index.
+        index: u16,
+        /// Cause.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// The driver's setup cannot be handed to a backend that came back (not the backend's
+    /// fault: e.g. guest memory that cannot be shared).
+    #[error("cannot hand the device to the vhost-user backend at {path}")]
+    Setup {
+        /// The backend's socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: VhostUserError,
+    },
+    /// A backend that came back refused the device's setup [`MAX_REFUSALS`] times in a row.
+    #[error("the vhost-user backend at {path} keeps refusing the device's setup")]
+    Refused {
+        /// The backend's socket path.
+        path: PathBuf,
+    },
+    /// The queue served by the relay itself is broken.
+    #[error(transparent)]
+    Local(#[from] QueueError),
+}
+
 /// A device's way to its backend: the address and the current connection (none while the
 /// backend is away).
 #[derive(Debug)]
@@ -46,6 +90,14 @@ impl Link {
 
     fn path(&self) -> std::path::Display<'_> {
         self.backend.endpoint.path().display()
+    }
+
+    /// A [`RelayError::Watch`] on this link's backend.
+    fn watch_error(&self, source: std::io::Error) -> RelayError {
+        RelayError::Watch {
+            path: self.backend.endpoint.path().to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -142,7 +194,7 @@ impl Relay {
         self.watch = Watch::Retry(None);
     }
 
-    fn disconnected(&mut self) -> Result<(), String> {
+    fn disconnected(&mut self) -> Result<(), RelayError> {
         self.unwatch();
         *self.link.connection() = None;
         log::warn!(
@@ -151,7 +203,7 @@ impl Relay {
             self.link.path()
         );
         self.wait_for_backend()
-            .map_err(|e| format!("cannot wait for the backend: {e}"))
+            .map_err(|e| self.link.watch_error(e))
     }
 
     /// One attempt to get the backend back. Returns the queues to interrupt.
@@ -159,7 +211,7 @@ impl Relay {
         &mut self,
         queues: &[ActiveQueue],
         mem: &GuestMemoryAtomic,
-    ) -> Result<Vec<u16>, String> {
+    ) -> Result<Vec<u16>, RelayError> {
         if let Watch::Retry(Some(timer)) = &mut self.watch {
             let _ = timer.wait();
         }
@@ -181,18 +233,24 @@ impl Relay {
         let mut bases = Vec::with_capacity(queues.len());
         let mut resubmitted = 0u32;
         for q in queues.iter().filter(|q| !self.is_local(q.index)) {
-            let used = q.queue.used_idx(&*m, Ordering::Acquire);
-            let avail = q.queue.avail_idx(&*m, Ordering::Acquire);
-            let (Ok(used), Ok(avail)) = (used, avail) else {
-                return Err(format!("queue {}: rings unreadable", q.index));
+            let rings = |source| RelayError::Rings {
+                index: q.index,
+                source,
             };
+            let used = q.queue.used_idx(&*m, Ordering::Acquire).map_err(rings)?;
+            let avail = q.queue.avail_idx(&*m, Ordering::Acquire).map_err(rings)?;
             bases.push(used.0);
             resubmitted += u32::from((avail - used).0);
         }
         drop(m);
         match connection.start(&mut self.session, &bases) {
             Ok(()) => {}
-            Err(VhostUserError::Setup(m)) => return Err(m),
+            Err(source @ VhostUserError::Setup(_)) => {
+                return Err(RelayError::Setup {
+                    path: self.link.backend.endpoint.path().to_path_buf(),
+                    source,
+                })
+            }
             Err(e) => {
                 self.refusals += 1;
                 log::warn!(
@@ -203,7 +261,9 @@ impl Relay {
                     nimbus_log::error_chain(&e)
                 );
                 if self.refusals >= MAX_REFUSALS {
-                    return Err("the backend keeps refusing the device's setup".into());
+                    return Err(RelayError::Refused {
+                        path: self.link.backend.endpoint.path().to_path_buf(),
+                    });
                 }
                 return Ok(Vec::new());
             }
@@ -211,8 +271,7 @@ impl Relay {
         self.refusals = 0;
         self.unwatch();
         *self.link.connection() = Some(connection);
-        self.watch_socket()
-            .map_err(|e| format!("cannot watch the backend: {e}"))?;
+        self.watch_socket().map_err(|e| self.link.watch_error(e))?;
         // The old backend may have taken kicks it never served: look at every ring.
         for ring in &self.session.rings {
             let _ = ring.kick.write(1);
@@ -266,16 +325,18 @@ impl Relay {
 }
 
 impl QueueHandler for Relay {
+    type Error = RelayError;
+
     fn process(
         &mut self,
         queue: &mut ActiveQueue,
         mem: &GuestMemoryAtomic,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, RelayError> {
         match &self.local {
             Some((index, local)) if *index == queue.index => {
                 let local = local.clone();
                 let features = self.session.features;
-                local.process(queue, mem, features, &mut |n| self.use_rings(n))
+                Ok(local.process(queue, mem, features, &mut |n| self.use_rings(n))?)
             }
             // A call: interrupt the driver for this queue.
             _ => Ok(true),
@@ -290,12 +351,12 @@ impl QueueHandler for Relay {
         &mut self,
         queues: &mut [ActiveQueue],
         mem: &GuestMemoryAtomic,
-    ) -> Result<Vec<u16>, String> {
+    ) -> Result<Vec<u16>, RelayError> {
         let mut events = [EpollEvent::default(); 2];
         let n = self
             .poll
             .wait(0, &mut events)
-            .map_err(|e| format!("epoll: {e}"))?;
+            .map_err(|e| self.link.watch_error(e))?;
         let mut signal = Vec::new();
         for ev in &events[..n] {
             match ev.data() {
