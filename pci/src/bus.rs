@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex};
 
 use devices::BusDevice;
 
+use nimbus_log::error_chain;
+
 use crate::configuration::{PciConfiguration, PciIds};
+use crate::mmio::BarMapper;
 
 /// A PCI function.
 pub trait PciDevice: Send {
@@ -28,14 +31,6 @@ pub trait PciDevice: Send {
 
 /// A shared PCI function.
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
-
-/// Places BAR ranges on the VMM's MMIO bus.
-pub trait BarMapper: Send + Sync {
-    /// Maps `size` bytes at `addr` to BAR `bar` of `device`.
-    fn map(&self, device: SharedPciDevice, bar: usize, addr: u64, size: u64) -> Result<(), String>;
-    /// Unmaps the range that starts at `addr`.
-    fn unmap(&self, addr: u64);
-}
 
 /// Errors changing the bus.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -131,7 +126,7 @@ impl PciBus {
         let bars = lock(&device).decoded_bars();
         for (bar, addr, size) in bars {
             if let Err(e) = self.mapper.map(device.clone(), bar, addr, size) {
-                log::error!("PCI 00:{slot:02x}.0 BAR{bar} at {addr:#x}: {e}");
+                log::error!("PCI 00:{slot:02x}.0 at {addr:#x}: {}", error_chain(&e));
             }
         }
         self.slots.insert(slot, device);
@@ -179,7 +174,7 @@ impl PciBus {
             if let Some((addr, size)) = new {
                 if let Err(e) = self.mapper.map(d.clone(), bar, addr, size) {
                     // A guest placing a BAR over RAM or another device: it stays unmapped.
-                    log::warn!("PCI 00:{dev:02x}.{func} BAR{bar} at {addr:#x}: {e}");
+                    log::warn!("PCI 00:{dev:02x}.{func} at {addr:#x}: {}", error_chain(&e));
                 }
             }
             device.bar_moved(bar, old.map(|o| o.0), new.map(|n| n.0));
@@ -371,11 +366,18 @@ impl BusDevice for PciConfigIo {
 mod tests {
     use super::*;
     use crate::configuration::{Bar, BarKind, COMMAND_MEMORY, COMMAND_REG};
+    use crate::mmio::MmioError;
 
     #[derive(Default)]
     struct RecordingMapper(Mutex<Vec<String>>);
     impl BarMapper for RecordingMapper {
-        fn map(&self, _d: SharedPciDevice, bar: usize, addr: u64, size: u64) -> Result<(), String> {
+        fn map(
+            &self,
+            _d: SharedPciDevice,
+            bar: usize,
+            addr: u64,
+            size: u64,
+        ) -> Result<(), MmioError> {
             self.0
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())

@@ -1,12 +1,13 @@
 //! The PCI side of the machine: bus 0 behind ECAM and the 0xcf8 ports, BAR address allocation
-//! from the 32-bit and 64-bit windows, BAR ranges on the MMIO bus, and virtio devices on it.
+//! from the 32-bit and 64-bit windows, BAR ranges on the MMIO bus (`pci::MmioBarMapper`), and
+//! virtio devices on it.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use arch::x86_64::layout;
 use devices::{Bus, BusDevice};
 use hypervisor::{IoEventAddress, Vm};
-use pci::{AddressAllocator, BarMapper, PciBus, PciConfigIo, PciEcam, SharedPciDevice};
+use pci::{AddressAllocator, MmioBarMapper, PciBus, PciConfigIo, PciEcam, SharedPciDevice};
 use virtio_devices::transport::{IoEventRegistrar, VirtioPciDevice, BAR0_SIZE};
 use virtio_devices::{GuestMemoryAtomic, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
@@ -40,48 +41,6 @@ pub enum PciError {
         #[source]
         source: devices::BusError,
     },
-}
-
-/// A BAR of a PCI device, as a range on the MMIO bus.
-struct BarRegion {
-    device: SharedPciDevice,
-    bar: usize,
-}
-
-impl BusDevice for BarRegion {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.device
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .read_bar(self.bar, offset, data);
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        self.device
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .write_bar(self.bar, offset, data);
-    }
-}
-
-/// Weak, because the MMIO bus holds ECAM, which holds the PCI bus, which holds this mapper:
-/// a strong reference would keep a torn-down VM's devices (and their threads) alive.
-struct MmioBarMapper {
-    mmio_bus: Weak<Bus>,
-}
-
-impl BarMapper for MmioBarMapper {
-    fn map(&self, device: SharedPciDevice, bar: usize, addr: u64, size: u64) -> Result<(), String> {
-        let bus = self.mmio_bus.upgrade().ok_or("the VM is gone")?;
-        bus.insert(Arc::new(Mutex::new(BarRegion { device, bar })), addr, size)
-            .map_err(|e| e.to_string())
-    }
-
-    fn unmap(&self, addr: u64) {
-        if let Some(bus) = self.mmio_bus.upgrade() {
-            let _ = bus.remove(addr);
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -140,9 +99,7 @@ impl PciDevices {
         ram_size: u64,
         reset_register: Arc<Mutex<dyn BusDevice>>,
     ) -> Result<Self, PciError> {
-        let mapper = Arc::new(MmioBarMapper {
-            mmio_bus: Arc::downgrade(mmio_bus),
-        });
+        let mapper = Arc::new(MmioBarMapper::new(mmio_bus));
         let bus = Arc::new(Mutex::new(PciBus::new(mapper)));
         mmio_bus
             .insert(
