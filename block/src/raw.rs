@@ -2,6 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -237,56 +238,66 @@ impl RawFile {
             .min(cap)
     }
 
-    /// Reads an unaligned range through an aligned bounce buffer.
-    fn read_bounced(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+    /// Walks an access of `len` bytes at `offset` in aligned blocks through one bounce buffer:
+    /// `step` gets each block's part of the buffer (`span` bytes of the file from
+    /// [`BounceStep::start`]) and where the caller's bytes lie in it and in the caller's buffer.
+    fn bounce_steps(
+        &self,
+        offset: u64,
+        len: usize,
+        mut step: impl FnMut(&mut [u8], BounceStep) -> Result<(), BlockError>,
+    ) -> Result<(), BlockError> {
         let align = self.direct_align;
         let first_skip = (offset % align) as usize;
-        let mut bounce = AlignedBuffer::new(self.bounce_len(first_skip, buf.len()));
+        let mut bounce = AlignedBuffer::new(self.bounce_len(first_skip, len));
         let mut done = 0;
-        while done < buf.len() {
+        while done < len {
             let pos = offset + done as u64;
             let start = pos - pos % align;
             let skip = (pos - start) as usize;
-            let want = buf.len() - done;
+            let want = len - done;
             let span = self.bounce_len(skip, want);
-            let block = &mut bounce.as_mut_slice()[..span];
-            self.file
-                .read_exact_at(block, start)
-                .map_err(|e| self.io_error("read", start, span as u64, e))?;
             let n = want.min(span - skip);
-            buf[done..done + n].copy_from_slice(&block[skip..skip + n]);
+            let block = &mut bounce.as_mut_slice()[..span];
+            step(
+                block,
+                BounceStep {
+                    start,
+                    in_block: skip..skip + n,
+                    in_buf: done..done + n,
+                },
+            )?;
             done += n;
         }
         Ok(())
     }
 
+    /// Reads an unaligned range through an aligned bounce buffer.
+    fn read_bounced(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        self.bounce_steps(offset, buf.len(), |block, s| {
+            self.file
+                .read_exact_at(block, s.start)
+                .map_err(|e| self.io_error("read", s.start, block.len() as u64, e))?;
+            buf[s.in_buf].copy_from_slice(&block[s.in_block]);
+            Ok(())
+        })
+    }
+
     /// Writes an unaligned range by read-modify-write of the enclosing aligned blocks.
     fn write_bounced(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
         let _exclusive = self.rmw.write().unwrap_or_else(PoisonError::into_inner);
-        let align = self.direct_align;
-        let first_skip = (offset % align) as usize;
-        let mut bounce = AlignedBuffer::new(self.bounce_len(first_skip, buf.len()));
-        let mut done = 0;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let start = pos - pos % align;
-            let skip = (pos - start) as usize;
-            let want = buf.len() - done;
-            let span = self.bounce_len(skip, want);
-            let n = want.min(span - skip);
-            let block = &mut bounce.as_mut_slice()[..span];
-            if skip != 0 || n != span {
+        self.bounce_steps(offset, buf.len(), |block, s| {
+            let span = block.len() as u64;
+            if s.in_block != (0..block.len()) {
                 self.file
-                    .read_exact_at(block, start)
-                    .map_err(|e| self.io_error("read", start, span as u64, e))?;
+                    .read_exact_at(block, s.start)
+                    .map_err(|e| self.io_error("read", s.start, span, e))?;
             }
-            block[skip..skip + n].copy_from_slice(&buf[done..done + n]);
+            block[s.in_block].copy_from_slice(&buf[s.in_buf]);
             self.file
-                .write_all_at(block, start)
-                .map_err(|e| self.io_error("write", start, span as u64, e))?;
-            done += n;
-        }
-        Ok(())
+                .write_all_at(block, s.start)
+                .map_err(|e| self.io_error("write", s.start, span, e))
+        })
     }
 
     /// Writes zeros over the range with ordinary writes (the fallback when the file system
@@ -302,6 +313,16 @@ impl RawFile {
         }
         Ok(())
     }
+}
+
+/// One aligned block of a bounced access (see `RawFile::bounce_steps`).
+struct BounceStep {
+    /// File offset of the block.
+    start: u64,
+    /// The caller's bytes within the block.
+    in_block: Range<usize>,
+    /// The same bytes within the caller's buffer.
+    in_buf: Range<usize>,
 }
 
 impl AsRawFd for RawFile {
