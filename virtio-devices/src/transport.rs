@@ -17,7 +17,7 @@
 //! DEVICE_NEEDS_RESET and raises a configuration interrupt instead of failing the VMM.
 
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use pci::{Bar, BarKind, MsiVectors, Msix, PciConfiguration, PciDevice, PciIds};
 use virtio_queue::{Queue, QueueT};
@@ -103,12 +103,14 @@ struct PciInterrupt {
 }
 
 impl PciInterrupt {
+    /// The MSI-X table and PBA, locked.
+    fn msix(&self) -> MutexGuard<'_, Msix> {
+        self.msix.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn signal(&self, vector: u16) {
         if vector != NO_VECTOR {
-            self.msix
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .signal(vector);
+            self.msix().signal(vector);
         }
     }
 }
@@ -587,12 +589,7 @@ impl VirtioPciDevice {
 
     /// A vector number the device can use, or NO_VECTOR (the driver reads it back to see).
     fn checked_vector(&self, v: u16) -> u16 {
-        let count = self
-            .interrupt
-            .msix
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .count();
+        let count = self.interrupt.msix().count();
         if v < count {
             v
         } else {
@@ -699,11 +696,7 @@ impl PciDevice for VirtioPciDevice {
         self.config.write_reg(reg, offset, data);
         if reg == self.msix_cap / 4 {
             let control = (self.config.read_reg(reg) >> 16) as u16;
-            self.interrupt
-                .msix
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .set_control(control);
+            self.interrupt.msix().set_control(control);
         }
     }
 
@@ -731,18 +724,8 @@ impl PciDevice for VirtioPciDevice {
                 }
             }
             DEVICE_OFFSET => self.device.read_config(within, data),
-            MSIX_TABLE_OFFSET => self
-                .interrupt
-                .msix
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .read_table(within, data),
-            MSIX_PBA_OFFSET => self
-                .interrupt
-                .msix
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .read_pba(within, data),
+            MSIX_TABLE_OFFSET => self.interrupt.msix().read_table(within, data),
+            MSIX_PBA_OFFSET => self.interrupt.msix().read_pba(within, data),
             _ => {}
         }
     }
@@ -766,12 +749,7 @@ impl PciDevice for VirtioPciDevice {
                     let _ = kick.write(1);
                 }
             }
-            MSIX_TABLE_OFFSET => self
-                .interrupt
-                .msix
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .write_table(within, data),
+            MSIX_TABLE_OFFSET => self.interrupt.msix().write_table(within, data),
             _ => {}
         }
     }

@@ -30,17 +30,7 @@ pub fn connect(
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
-    let backend = Backend {
-        endpoint,
-        max_queues: u64::from(num_queues.max(1)),
-        wanted,
-    };
-    let mut connection = backend.connect(true)?;
-    if connection.features & VIRTIO_F_VERSION_1 == 0 {
-        return Err(VhostUserError::Unsupported(
-            "does not offer VIRTIO_F_VERSION_1".into(),
-        ));
-    }
+    let (backend, mut connection) = Backend::open(endpoint, u64::from(num_queues.max(1)), wanted)?;
     let config = connection.config(CONFIG_LEN)?;
     let queues = connection.max_queues.clamp(1, u64::from(num_queues.max(1))) as u16;
     connection.features &= SUPPORTED;

@@ -32,17 +32,7 @@ pub fn connect(
     }
     let queues = 1 + request_queues.max(1);
     let wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
-    let backend = Backend {
-        endpoint,
-        max_queues: u64::from(queues),
-        wanted,
-    };
-    let mut connection = backend.connect(true)?;
-    if connection.features & VIRTIO_F_VERSION_1 == 0 {
-        return Err(VhostUserError::Unsupported(
-            "does not offer VIRTIO_F_VERSION_1".into(),
-        ));
-    }
+    let (backend, mut connection) = Backend::open(endpoint, u64::from(queues), wanted)?;
     connection.features &= SUPPORTED;
     let mut config = vec![0u8; TAG_LEN + 4];
     config[..tag.len()].copy_from_slice(tag.as_bytes());

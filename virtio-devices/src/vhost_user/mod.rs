@@ -33,7 +33,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::GuestMemoryAtomic;
+use crate::{GuestMemoryAtomic, VIRTIO_F_VERSION_1};
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`: a virtio-feature bit that only frontend and backend see.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -189,6 +189,28 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// The first connection of a device: to the backend at `endpoint` (waiting for it, see
+    /// [`Endpoint`]), for at most `max_queues` queues and the protocol features `wanted`. The
+    /// backend must offer `VIRTIO_F_VERSION_1`.
+    fn open(
+        endpoint: Endpoint,
+        max_queues: u64,
+        wanted: VhostUserProtocolFeatures,
+    ) -> Result<(Self, Connection), VhostUserError> {
+        let backend = Backend {
+            endpoint,
+            max_queues,
+            wanted,
+        };
+        let connection = backend.connect(true)?;
+        if connection.features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(VhostUserError::Unsupported(
+                "does not offer VIRTIO_F_VERSION_1".into(),
+            ));
+        }
+        Ok((backend, connection))
+    }
+
     /// Connects, claims ownership and negotiates protocol features.
     pub fn connect(&self, wait: bool) -> Result<Connection, VhostUserError> {
         let stream = self

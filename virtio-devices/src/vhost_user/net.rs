@@ -48,17 +48,7 @@ pub fn connect(
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK;
     let asked = pairs.clamp(1, MAX_QUEUE_PAIRS);
-    let backend = Backend {
-        endpoint,
-        max_queues: 2 * u64::from(asked),
-        wanted,
-    };
-    let mut connection = backend.connect(true)?;
-    if connection.features & VIRTIO_F_VERSION_1 == 0 {
-        return Err(VhostUserError::Unsupported(
-            "does not offer VIRTIO_F_VERSION_1".into(),
-        ));
-    }
+    let (backend, mut connection) = Backend::open(endpoint, 2 * u64::from(asked), wanted)?;
     if connection.max_queues < 2 {
         return Err(VhostUserError::Unsupported(format!(
             "serves {} queues; a pair needs 2",
