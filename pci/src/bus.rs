@@ -4,7 +4,7 @@
 //! device's MMIO range (and the device's ioeventfds) accordingly.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::BusDevice;
 
@@ -92,8 +92,9 @@ impl std::fmt::Debug for PciBus {
     }
 }
 
-fn lock(dev: &SharedPciDevice) -> std::sync::MutexGuard<'_, dyn PciDevice + 'static> {
-    dev.lock().unwrap_or_else(|p| p.into_inner())
+/// Locks `m`, whether or not an earlier holder panicked.
+pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl PciBus {
@@ -230,21 +231,14 @@ impl BusDevice for PciEcam {
             data.fill(0xff);
             return;
         }
-        let value = self
-            .bus
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .config_read(b, d, f, reg);
+        let value = lock(&self.bus).config_read(b, d, f, reg);
         read_bytes(value, byte, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let (b, d, f, reg, byte) = ecam_decode(offset);
         if valid_access(byte, data.len()) {
-            self.bus
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .config_write(b, d, f, reg, byte, data);
+            lock(&self.bus).config_write(b, d, f, reg, byte, data);
         }
     }
 }
@@ -309,7 +303,7 @@ impl PciConfigIo {
 impl BusDevice for PciConfigIo {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let Some(dev) = self.reset_register(offset, data.len()) {
-            dev.lock().unwrap_or_else(|p| p.into_inner()).read(0, data);
+            lock(dev).read(0, data);
             return;
         }
         match offset {
@@ -320,11 +314,7 @@ impl BusDevice for PciConfigIo {
                 let byte = offset - 4;
                 match self.selected() {
                     Some((b, d, f, reg)) if valid_access(byte, data.len()) => {
-                        let v = self
-                            .bus
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .config_read(b, d, f, reg);
+                        let v = lock(&self.bus).config_read(b, d, f, reg);
                         read_bytes(v, byte, data);
                     }
                     _ => data.fill(0xff),
@@ -336,7 +326,7 @@ impl BusDevice for PciConfigIo {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let Some(dev) = self.reset_register(offset, data.len()) {
-            dev.lock().unwrap_or_else(|p| p.into_inner()).write(0, data);
+            lock(dev).write(0, data);
             return;
         }
         match offset {
@@ -351,10 +341,7 @@ impl BusDevice for PciConfigIo {
                 if let (Some((b, d, f, reg)), true) =
                     (self.selected(), valid_access(byte, data.len()))
                 {
-                    self.bus
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .config_write(b, d, f, reg, byte, data);
+                    lock(&self.bus).config_write(b, d, f, reg, byte, data);
                 }
             }
             _ => {}

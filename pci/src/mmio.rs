@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use devices::{Bus, BusDevice};
 
-use crate::bus::SharedPciDevice;
+use crate::bus::{lock, SharedPciDevice};
 
 /// Errors placing a BAR on the MMIO bus.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -71,17 +71,11 @@ impl BarRegion {
 
 impl BusDevice for BarRegion {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.device
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .read_bar(self.bar, offset, data);
+        lock(&self.device).read_bar(self.bar, offset, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        self.device
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .write_bar(self.bar, offset, data);
+        lock(&self.device).write_bar(self.bar, offset, data);
     }
 }
 
