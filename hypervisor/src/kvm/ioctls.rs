@@ -17,7 +17,12 @@ mod nr {
     ioctl_io_nr!(KVM_GET_VCPU_MMAP_SIZE, KVMIO, 0x04);
     ioctl_iowr_nr!(KVM_GET_SUPPORTED_CPUID, KVMIO, 0x05, kvm_cpuid2);
     ioctl_io_nr!(KVM_CREATE_VCPU, KVMIO, 0x41);
-    ioctl_iow_nr!(KVM_SET_USER_MEMORY_REGION, KVMIO, 0x46, kvm_userspace_memory_region);
+    ioctl_iow_nr!(
+        KVM_SET_USER_MEMORY_REGION,
+        KVMIO,
+        0x46,
+        kvm_userspace_memory_region
+    );
     ioctl_io_nr!(KVM_SET_TSS_ADDR, KVMIO, 0x47);
     ioctl_io_nr!(KVM_CREATE_IRQCHIP, KVMIO, 0x60);
     ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_bindings::kvm_irq_level);
@@ -56,9 +61,7 @@ pub fn vcpu_ioctls() -> Vec<u64> {
         KVM_IOEVENTFD(),
         KVM_SET_GSI_ROUTING(),
     ]
-    .into_iter()
-    .map(u64::from)
-    .collect()
+    .to_vec()
 }
 
 /// What the thread that builds and tears down VMs asks of KVM.
@@ -90,9 +93,7 @@ pub fn vmm_ioctls() -> Vec<u64> {
         KVM_SET_LAPIC(),
         KVM_SET_CPUID2(),
     ]
-    .into_iter()
-    .map(u64::from)
-    .collect()
+    .to_vec()
 }
 
 #[cfg(test)]
