@@ -166,6 +166,29 @@ pub struct VirtioPciDevice {
     config_generation: u8,
     bar0: Option<u64>,
     active: bool,
+    /// Where activations and resets go when they must not run on the vCPU thread that wrote
+    /// the status; `None`: they run at once.
+    control: Option<Arc<dyn DeviceControl>>,
+    pending: Pending,
+}
+
+/// Runs a device's activation and reset away from the vCPU thread that asked for them (a
+/// vCPU's system-call filter covers guest exits, not starting device threads or talking to a
+/// vhost-user backend): [`DeviceControl::pending`] tells the VMM's command loop, which calls
+/// [`VirtioPciDevice::run_pending`]. Until then the device's status shows the reset has not
+/// happened (drivers wait for it to read 0) and the kicks of a device being activated wait in
+/// their eventfds.
+pub trait DeviceControl: Send + Sync + std::fmt::Debug {
+    /// The device has an activation or a reset to run.
+    fn pending(&self);
+}
+
+/// What a device with a [`DeviceControl`] still has to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pending {
+    Nothing,
+    Activate,
+    Reset,
 }
 
 impl std::fmt::Debug for VirtioPciDevice {
@@ -345,7 +368,46 @@ impl VirtioPciDevice {
             config_generation: 0,
             bar0: None,
             active: false,
+            control: None,
+            pending: Pending::Nothing,
         })
+    }
+
+    /// Activations and resets go through `control` instead of running at once.
+    pub fn with_control(mut self, control: Arc<dyn DeviceControl>) -> Self {
+        self.control = Some(control);
+        self
+    }
+
+    /// Runs the activation or reset the driver asked for (see [`DeviceControl`]).
+    pub fn run_pending(&mut self) {
+        match std::mem::replace(&mut self.pending, Pending::Nothing) {
+            Pending::Nothing => {}
+            Pending::Reset => self.reset(),
+            Pending::Activate => {
+                let ready =
+                    STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+                let status = self.status();
+                if !self.active && status & ready == ready && status & STATUS_FAILED == 0 {
+                    self.activate();
+                }
+            }
+        }
+    }
+
+    /// Asks for `what` to run later, or runs it now without a [`DeviceControl`] (or when it
+    /// is the reset of a device that is not running: that only clears registers). A pending
+    /// reset stays pending whatever the driver asks before it has run (a driver must wait for
+    /// the status to read 0).
+    fn request(&mut self, what: Pending) {
+        if self.pending == Pending::Reset {
+            return;
+        }
+        self.pending = what;
+        match &self.control {
+            Some(control) if self.active || what == Pending::Activate => control.pending(),
+            _ => self.run_pending(),
+        }
     }
 
     fn status(&self) -> u8 {
@@ -354,7 +416,7 @@ impl VirtioPciDevice {
 
     fn set_status(&mut self, value: u8) {
         if value == 0 {
-            self.reset();
+            self.request(Pending::Reset);
             return;
         }
         let old = self.status();
@@ -375,7 +437,7 @@ impl VirtioPciDevice {
         self.interrupt.status.store(new, Ordering::SeqCst);
         let ready = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
         if !self.active && new & ready == ready && new & STATUS_FAILED == 0 {
-            self.activate();
+            self.request(Pending::Activate);
         }
     }
 
@@ -930,6 +992,45 @@ mod tests {
         h.w(0x16, 0, 2);
         assert_eq!(h.r(0x1c, 2), 0, "queue disabled after reset");
         assert_eq!(h.r(0x20, 8), 0);
+    }
+
+    /// Counts the requests a device makes of the VMM's command loop.
+    #[derive(Debug, Default)]
+    struct Requests(std::sync::atomic::AtomicUsize);
+    impl DeviceControl for Requests {
+        fn pending(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn with_a_control_activation_and_reset_wait_for_run_pending() {
+        let mut h = harness();
+        let requests = Arc::new(Requests::default());
+        h.dev = h.dev.with_control(requests.clone());
+        let activated = |h: &Harness| h.activations.lock().map(|a| a.len()).unwrap_or(0);
+        let asked = || requests.0.load(Ordering::SeqCst);
+        // Resetting a device that is not running is done at once.
+        h.negotiate(VIRTIO_F_VERSION_1);
+        assert_eq!(asked(), 0);
+        h.setup_queue(0, 0x1000, 0x2000, 0x3000);
+        h.w(0x14, u64::from(STATUS_DRIVER_OK), 1);
+        assert_eq!(activated(&h), 0, "activated on the writing thread");
+        assert_eq!(asked(), 1);
+        h.dev.run_pending();
+        assert_eq!(activated(&h), 1);
+        h.dev.run_pending();
+        assert_eq!(activated(&h), 1, "nothing left to run");
+        // Resetting a running device is not done until it has run: the driver sees the old
+        // status meanwhile, and what it writes before that does not count.
+        h.w(0x14, 0, 1);
+        assert_eq!(asked(), 2);
+        assert_ne!(h.status(), 0);
+        h.w(0x14, u64::from(STATUS_ACKNOWLEDGE), 1);
+        h.dev.run_pending();
+        assert_eq!(h.status(), 0);
+        h.dev.run_pending();
+        assert_eq!((activated(&h), h.status()), (1, 0));
     }
 
     #[test]

@@ -32,6 +32,13 @@ pub enum Command {
         /// What happened.
         event: VmEvent,
     },
+    /// A device of VM instance `instance` asks for its activation or reset to run here.
+    Device {
+        /// Which instance.
+        instance: u64,
+        /// The device's id.
+        id: String,
+    },
     /// A termination signal.
     Signal(i32),
 }
@@ -260,6 +267,11 @@ impl Vmm {
                         return outcome;
                     }
                 }
+                Command::Device { instance, id } => {
+                    if let Some(b) = self.booted.as_mut().filter(|b| b.instance == instance) {
+                        b.vm.run_device_request(&id);
+                    }
+                }
                 Command::Signal(signal) => {
                     log::info!("signal {signal}: stopping the VM and exiting");
                     self.delete();
@@ -396,10 +408,27 @@ impl Vmm {
         Ok(ApiBody::NoContent)
     }
 
+    /// Where instance `instance`'s devices' requests go.
+    fn device_requests(&self, instance: u64) -> crate::device_manager::DeviceRequests {
+        let sender = self.sender.clone();
+        Arc::new(move |id: &str| {
+            let _ = sender.send(Command::Device {
+                instance,
+                id: id.to_string(),
+            });
+        })
+    }
+
     /// Builds and starts a new instance of the machine on `board`.
     fn instance(&mut self, config: &VmConfig, board: &Board) -> Result<Vm, VmError> {
         self.instances += 1;
-        let mut vm = Vm::new(self.hv.as_ref(), config, board, self.sink(self.instances))?;
+        let mut vm = Vm::new(
+            self.hv.as_ref(),
+            config,
+            board,
+            self.sink(self.instances),
+            self.device_requests(self.instances),
+        )?;
         vm.start()?;
         Ok(vm)
     }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 use virtio_devices::pause::PauseError;
-use virtio_devices::transport::{VirtioPciDevice, BAR0_SIZE};
+use virtio_devices::transport::{DeviceControl, VirtioPciDevice, BAR0_SIZE};
 use virtio_devices::VirtioDevice;
 
 use crate::board::DeviceKind;
@@ -98,22 +98,75 @@ pub enum Resource {
     },
 }
 
+/// Where a device's activation or reset request goes: the VMM's command loop, which calls
+/// [`DeviceManager::run_pending`] with the device's id.
+pub type DeviceRequests = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// One device's way to the command loop.
+struct Requester {
+    id: String,
+    requests: DeviceRequests,
+}
+
+impl std::fmt::Debug for Requester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Requester").field("id", &self.id).finish()
+    }
+}
+
+impl DeviceControl for Requester {
+    fn pending(&self) {
+        (self.requests)(&self.id);
+    }
+}
+
 /// The devices of one VM instance.
-#[derive(Debug)]
 pub struct DeviceManager {
     pci: PciDevices,
     devices: Vec<PciEntry>,
     /// Platform devices present (`__serial`, ...), for the device tree.
     platform: Vec<&'static str>,
+    requests: DeviceRequests,
+    /// Set while the VM is paused: requests wait in `deferred` until the resume.
+    paused: bool,
+    deferred: Vec<String>,
+}
+
+impl std::fmt::Debug for DeviceManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceManager")
+            .field("devices", &self.devices)
+            .field("paused", &self.paused)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DeviceManager {
-    /// A registry over the PCI bus `pci`.
-    pub fn new(pci: PciDevices) -> Self {
+    /// A registry over the PCI bus `pci`; devices' activation and reset requests go to
+    /// `requests`.
+    pub fn new(pci: PciDevices, requests: DeviceRequests) -> Self {
         Self {
             pci,
             devices: Vec::new(),
             platform: vec!["__ioapic"],
+            requests,
+            paused: false,
+            deferred: Vec::new(),
+        }
+    }
+
+    /// Runs the activation or reset device `id` asked for (on the command loop's thread, so
+    /// the threads it starts are filtered as device threads, not vCPU threads); while the VM
+    /// is paused, after the resume.
+    pub fn run_pending(&mut self, id: &str) {
+        if self.paused {
+            if !self.deferred.iter().any(|d| d == id) {
+                self.deferred.push(id.to_string());
+            }
+            return;
+        }
+        if let Some(d) = self.devices.iter().find(|d| d.id == id) {
+            d.lock().run_pending();
         }
     }
 
@@ -132,7 +185,11 @@ impl DeviceManager {
         backend: &str,
         device: Box<dyn VirtioDevice>,
     ) -> Result<PciBdf, PciError> {
-        let added = self.pci.add_virtio(device, slot)?;
+        let control = Arc::new(Requester {
+            id: id.to_string(),
+            requests: self.requests.clone(),
+        });
+        let added = self.pci.add_virtio(device, slot, control)?;
         let bdf = PciBdf {
             segment: 0,
             bus: 0,
@@ -156,7 +213,7 @@ impl DeviceManager {
     }
 
     /// Parks every device's threads; on failure the ones already parked go on again.
-    pub fn pause(&self) -> Result<(), PauseError> {
+    pub fn pause(&mut self) -> Result<(), PauseError> {
         for (i, d) in self.devices.iter().enumerate() {
             if let Err(e) = d.lock().pause() {
                 for done in &self.devices[..i] {
@@ -165,13 +222,18 @@ impl DeviceManager {
                 return Err(e);
             }
         }
+        self.paused = true;
         Ok(())
     }
 
-    /// Lets every device's threads go on.
-    pub fn resume(&self) {
+    /// Lets every device's threads go on, then runs what devices asked for meanwhile.
+    pub fn resume(&mut self) {
         for d in &self.devices {
             d.lock().resume();
+        }
+        self.paused = false;
+        for id in std::mem::take(&mut self.deferred) {
+            self.run_pending(&id);
         }
     }
 

@@ -8,7 +8,7 @@ use arch::x86_64::layout;
 use devices::{Bus, BusDevice};
 use hypervisor::{IoEventAddress, Vm};
 use pci::{AddressAllocator, MmioBarMapper, PciBus, PciConfigIo, PciEcam, SharedPciDevice};
-use virtio_devices::transport::{IoEventRegistrar, VirtioPciDevice, BAR0_SIZE};
+use virtio_devices::transport::{DeviceControl, IoEventRegistrar, VirtioPciDevice, BAR0_SIZE};
 use virtio_devices::{GuestMemoryAtomic, VirtioDevice};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -137,6 +137,7 @@ impl PciDevices {
         &mut self,
         device: Box<dyn VirtioDevice>,
         slot: Option<u8>,
+        control: Arc<dyn DeviceControl>,
     ) -> Result<AddedDevice, PciError> {
         let vectors = self
             .interrupts
@@ -154,7 +155,8 @@ impl PciDevices {
             vectors,
             self.ioevents.clone(),
             self.mem.clone(),
-        )?;
+        )?
+        .with_control(control);
         let dev = Arc::new(Mutex::new(dev));
         let shared: SharedPciDevice = dev.clone();
         let slot = self

@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::board::{Board, OutputSink};
 use crate::control::{EventSink, VmControl};
-use crate::device_manager::DeviceManager;
+use crate::device_manager::{DeviceManager, DeviceRequests};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::pci_devices::{PciDevices, PciError};
 use crate::serial_input::SerialInput;
@@ -191,12 +191,13 @@ fn open(what: &'static str, path: &Path) -> Result<File, VmError> {
 impl Vm {
     /// Builds the machine described by `config` (already validated, devices named) on `hv`
     /// with the host side of its devices from `board`; the instance's first power event or
-    /// failure goes to `sink`.
+    /// failure goes to `sink`, its devices' activation and reset requests to `requests`.
     pub fn new(
         hv: &dyn Hypervisor,
         config: &VmConfig,
         board: &Board,
         sink: EventSink,
+        requests: DeviceRequests,
     ) -> Result<Self, VmError> {
         let payload = config.payload.clone().unwrap_or_default();
         let kernel_path = payload.kernel.clone().unwrap_or_default();
@@ -264,7 +265,7 @@ impl Vm {
             config.memory.reserved_size(),
             reset_register,
         )?;
-        let mut devices = DeviceManager::new(pci);
+        let mut devices = DeviceManager::new(pci, requests);
         if !matches!(board.serial(), OutputSink::Off) {
             devices.add_platform("__serial");
         }
@@ -395,6 +396,11 @@ impl Vm {
     /// The registry of this instance's devices.
     pub fn devices(&self) -> &DeviceManager {
         &self.devices
+    }
+
+    /// Runs the activation or reset device `id` asked for.
+    pub fn run_device_request(&mut self, id: &str) {
+        self.devices.run_pending(id);
     }
 }
 
