@@ -22,37 +22,40 @@ pub struct Cli {
     /// Kernel command line.
     #[arg(long, value_name = "STRING")]
     pub cmdline: Option<String>,
-    /// vCPUs: boot=N[,max=M].
-    #[arg(long, value_name = "boot=N[,max=M]")]
+    /// vCPUs: boot=N[,max=M][,...] (`--help` lists every key).
+    #[arg(long, value_name = "boot=N[,max=M][,...]", long_help = CPUS_HELP)]
     pub cpus: Option<String>,
-    /// Guest RAM: size=SIZE[,shared=on|off][,hugepages=on|off][,thp=on|off][,mergeable=on|off].
-    #[arg(long, value_name = "size=SIZE[,...]")]
+    /// Guest RAM: size=SIZE[,shared=on][,hugepages=on][,...] (`--help` lists every key).
+    #[arg(long, value_name = "size=SIZE[,...]", long_help = MEMORY_HELP)]
     pub memory: Option<String>,
-    /// Disk: path=PATH[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,id=ID][,serial=S];
-    /// repeat the option (or give several values) for more disks.
-    #[arg(long, value_name = "path=PATH[,...]", num_args = 1.., action = clap::ArgAction::Append)]
+    /// Disk: path=PATH[,...] or vhost_user=on,socket=PATH[,...]; repeat the option (or give
+    /// several values) for more disks (`--help` lists every key).
+    #[arg(long, value_name = "path=PATH[,...]", num_args = 1.., action = clap::ArgAction::Append,
+          long_help = DISK_HELP)]
     pub disk: Vec<String>,
-    /// Network interface: tap=NAME[,mac=MAC][,ip=IP][,mask=MASK][,num_queues=N][,queue_size=N]
-    /// [,fd=N][,id=ID][,mtu=N]; repeat for more interfaces.
-    #[arg(long, value_name = "tap=NAME[,...]", num_args = 1.., action = clap::ArgAction::Append)]
+    /// Network interface: tap=NAME[,...], fd=N[,...] or vhost_user=on,socket=PATH[,...]; repeat
+    /// for more interfaces (`--help` lists every key).
+    #[arg(long, value_name = "tap=NAME[,...]", num_args = 1.., action = clap::ArgAction::Append,
+          long_help = NET_HELP)]
     pub net: Vec<String>,
-    /// virtio-fs share: tag=TAG,socket=PATH[,num_queues=N][,queue_size=N][,id=ID]; repeatable.
-    #[arg(long, value_name = "tag=TAG,socket=PATH[,...]", num_args = 1.., action = clap::ArgAction::Append)]
+    /// virtio-fs share: tag=TAG,socket=PATH[,...]; repeatable (`--help` lists every key).
+    #[arg(long, value_name = "tag=TAG,socket=PATH[,...]", num_args = 1.., action = clap::ArgAction::Append,
+          long_help = FS_HELP)]
     pub fs: Vec<String>,
     /// Entropy device: src=PATH (default /dev/urandom).
-    #[arg(long, value_name = "src=PATH")]
+    #[arg(long, value_name = "src=PATH", long_help = RNG_HELP)]
     pub rng: Option<String>,
-    /// 16550 serial port: off|null|tty|file=PATH.
-    #[arg(long, value_name = "MODE")]
+    /// 16550 serial port: off|null|tty|file=PATH (default null).
+    #[arg(long, value_name = "MODE", long_help = SERIAL_HELP)]
     pub serial: Option<String>,
-    /// virtio console: off|null|tty|file=PATH.
-    #[arg(long, value_name = "MODE")]
+    /// virtio console: off|null|tty|file=PATH (default tty).
+    #[arg(long, value_name = "MODE", long_help = CONSOLE_HELP)]
     pub console: Option<String>,
     /// Serve Cloud Hypervisor's REST API on this Unix socket: path=PATH, fd=N (a listening
     /// socket passed by the caller) or PATH. Without --kernel the VMM waits for vm.create.
     #[arg(long, value_name = "path=PATH|fd=N")]
     pub api_socket: Option<String>,
-    /// Write lifecycle events (JSON) to this file or FIFO: path=PATH or fd=N.
+    /// Write lifecycle events (JSON) to this file or FIFO: path=PATH, fd=N or PATH.
     #[arg(long, value_name = "path=PATH|fd=N")]
     pub event_monitor: Option<String>,
     /// System call filtering: only `false` is accepted until Nimbus has seccomp filters.
@@ -68,6 +71,114 @@ pub struct Cli {
     #[arg(short = 'V', long)]
     pub version: bool,
 }
+
+// `--help`'s text of the device options: every key the option's configuration struct accepts
+// (docs/cli.md describes them; vmm/tests/docs.rs checks that both name the same keys).
+
+const CPUS_HELP: &str = "\
+vCPUs.
+
+boot=N, boot_vcpus=N      vCPUs at boot, 1..=254 (default 1)
+max=M, max_vcpus=M        the most vCPUs the VM may have (default: boot)
+nested=on|off             offer the host's VMX/SVM to the guest (default on)
+max_phys_bits=N           address width RAM and hotplug_size must fit in (default 46)
+Refused until implemented: kvm_hyperv=on, affinity=...; features=... and topology=...
+are objects in the API and cannot be given here.";
+
+const MEMORY_HELP: &str = "\
+Guest RAM.
+
+size=SIZE                 RAM (default 512M; K, M, G, T suffixes)
+shared=on                 back RAM with a memfd (vhost-user devices need it)
+hugepages=on              back RAM with huge pages, reserved at start
+hugepage_size=SIZE        their size (with hugepages=on; default the host's)
+prefault=on               populate all RAM at start
+thp=on|off                transparent huge pages (default on)
+mergeable=on              let KSM merge identical pages
+hotplug_size=SIZE         address space kept free above RAM for RAM added later
+hotplug_method=acpi|virtio-mem  how RAM would be added (adding RAM is not implemented yet)
+Refused until implemented: hotplugged_size=SIZE (other than 0), zones=....";
+
+const DISK_HELP: &str = "\
+A virtio-blk disk; repeat the option (or give several values) for more disks.
+
+path=PATH                 raw image or block device (required unless vhost_user=on)
+readonly=on               the guest may not write
+direct=on                 open the image with O_DIRECT
+image_type=raw|unknown    unknown (default): refuse qcow2, vhdx, vmdk and vhd headers
+serial=S                  the GET_ID answer, at most 20 bytes (default: the id)
+num_queues=N              request queues, 1..=64 (default 1)
+queue_size=N              descriptors per queue, a power of two <= 1024 (default 128)
+poll_us=N                 how long the worker polls a queue after serving it, in us,
+                          0..=1000 (default 32)
+id=ID                     device id (default _diskN)
+pci_segment=0             PCI segment (only 0 exists)
+pci_device_id=N           PCI slot, 1..=31 (default: the first free one)
+vhost_user=on             served by a vhost-user-blk backend (needs --memory shared=on)
+socket=PATH, vhost_socket=PATH  the backend's socket
+sparse=on                 discards free host space (default on)
+disable_io_uring=on|off, disable_aio=on|off  accepted, without effect
+iommu=off                 on is refused
+Refused until implemented: rate_limit_group=ID, rate_limiter_config=...,
+queue_affinity=..., backing_files=on, sparse=off, image_type=qcow2|vhdx|vhd.";
+
+const NET_HELP: &str = "\
+A virtio-net interface; repeat the option (or give several values) for more interfaces.
+
+tap=NAME                  TAP to use, created when missing (default: named by the kernel)
+fd=N, fd=[N,M,...]        TAPs the caller opened, one per queue pair
+ip=IP, mask=MASK          host address of a TAP Nimbus opens (mask default 255.255.255.0)
+host_mac=MAC              the TAP's MAC
+mtu=N                     MTU offered to the guest and set on a TAP Nimbus opens
+mac=MAC                   the guest's MAC (default: random, locally administered)
+num_queues=N              queues, two per pair: even, 2..=32 (default 2)
+queue_size=N              descriptors per queue, a power of two <= 1024 (default 256)
+offload_csum=on|off, offload_tso=on|off, offload_ufo=on|off  offloads offered (default on)
+id=ID                     device id (default _netN)
+pci_segment=0             PCI segment (only 0 exists)
+pci_device_id=N           PCI slot, 1..=31 (default: the first free one)
+vhost_user=on             served by a vhost-user-net backend that owns the TAP
+                          (needs --memory shared=on)
+socket=PATH, vhost_socket=PATH  the backend's socket
+vhost_mode=client|server  client (default): the backend listens; server: Nimbus does
+iommu=off                 on is refused
+Refused until implemented: rate_limiter_config=....";
+
+const FS_HELP: &str = "\
+A virtio-fs share served by a vhost-user-fs backend (virtiofsd); needs --memory shared=on;
+repeatable.
+
+tag=TAG                   what the guest mounts, 1..=36 bytes (required)
+socket=PATH               the backend's socket (required)
+num_queues=N              request queues, 1..=16 (default 1)
+queue_size=N              descriptors per queue, a power of two <= 1024 (default 1024)
+id=ID                     device id (default _fsN)
+pci_segment=0             PCI segment (only 0 exists)
+pci_device_id=N           PCI slot, 1..=31 (default: the first free one)";
+
+const RNG_HELP: &str = "\
+The virtio-rng device (every VM has one).
+
+src=PATH                  entropy source (default /dev/urandom)
+iommu=off                 on is refused";
+
+const SERIAL_HELP: &str = "\
+The 16550 serial port at 0x3f8.
+
+off                       no device
+null                      output discarded (default)
+tty                       standard output
+file=PATH                 a file, truncated at start
+Refused until implemented: pty, socket=PATH.";
+
+const CONSOLE_HELP: &str = "\
+The virtio console.
+
+off                       no device
+null                      output discarded
+tty                       standard output, and standard input goes to the guest (default)
+file=PATH                 a file, truncated at start
+Refused until implemented: pty, socket=PATH.";
 
 impl Cli {
     /// Whether the command line describes a VM (a kernel to boot).
