@@ -148,6 +148,11 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
+    /// The VMM's process id (`None` once waited for).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Waits at most `timeout` for a complete stdout line (the guest's
     /// serial port) containing `pattern` and returns it (without the line
     /// end). Looks at everything printed since the start, so a line that

@@ -101,13 +101,15 @@ pub enum Rule {
     },
 }
 
-/// What every thread may do whatever its class: report a forbidden call and end, and return
-/// from a signal handler.
+/// What every thread may do whatever its class: report a forbidden call and end, return from a
+/// signal handler, and add filters (a thread it starts applies its own under this one; adding
+/// a filter can only take rights away).
 const BASE: &[i64] = &[
     libc::SYS_write,
     libc::SYS_exit,
     libc::SYS_exit_group,
     libc::SYS_rt_sigreturn,
+    libc::SYS_seccomp,
 ];
 
 struct Installed {
@@ -118,8 +120,9 @@ struct Installed {
 static INSTALLED: OnceLock<Installed> = OnceLock::new();
 
 thread_local! {
-    /// The thread's name and class, for the SIGSYS handler (which may not allocate).
-    static IDENTITY: Cell<([u8; 32], usize)> = const { Cell::new(([0; 32], 0)) };
+    /// The thread's name (its first 48 bytes) and class, for the SIGSYS handler (which may
+    /// not allocate).
+    static IDENTITY: Cell<([u8; 48], usize, &'static str)> = const { Cell::new(([0; 48], 0, "")) };
 }
 
 fn condition(
@@ -140,30 +143,36 @@ fn build(
         class: class.as_str(),
         source,
     };
-    let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for nr in BASE {
-        map.insert(*nr, Vec::new());
-    }
+    // A system call allowed outright stays so whatever conditions other rules add for it.
+    let mut unconditional: std::collections::BTreeSet<i64> = BASE.iter().copied().collect();
+    let mut conditional: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for rule in rules {
         match rule {
             Rule::Allow(nr) => {
-                map.insert(*nr, Vec::new());
+                unconditional.insert(*nr);
             }
             Rule::Ioctl(requests) => {
-                let entry = map.entry(libc::SYS_ioctl).or_default();
+                let entry = conditional.entry(libc::SYS_ioctl).or_default();
                 for r in requests {
                     let c = condition(1, r & 0xffff_ffff, SeccompCmpArgLen::Dword).map_err(err)?;
                     entry.push(SeccompRule::new(vec![c]).map_err(err)?);
                 }
             }
             Rule::ArgIn { nr, arg, values } => {
-                let entry = map.entry(*nr).or_default();
+                let entry = conditional.entry(*nr).or_default();
                 for v in values {
                     let c = condition(*arg, *v, SeccompCmpArgLen::Qword).map_err(err)?;
                     entry.push(SeccompRule::new(vec![c]).map_err(err)?);
                 }
             }
         }
+    }
+    let mut map: BTreeMap<i64, Vec<SeccompRule>> = conditional
+        .into_iter()
+        .filter(|(nr, _)| !unconditional.contains(nr))
+        .collect();
+    for nr in unconditional {
+        map.insert(nr, Vec::new());
     }
     let mismatch = match mode {
         SeccompMode::Log => SeccompAction::Log,
@@ -172,6 +181,31 @@ fn build(
     let filter =
         SeccompFilter::new(map, mismatch, SeccompAction::Allow, TargetArch::x86_64).map_err(err)?;
     filter.try_into().map_err(err)
+}
+
+/// The system calls `rules` allow in some form (with any arguments, or some), the ones every
+/// class may make included: what docs/security.md counts per class.
+pub fn allowed(rules: &[Rule]) -> std::collections::BTreeSet<i64> {
+    let mut calls: std::collections::BTreeSet<i64> = BASE.iter().copied().collect();
+    for rule in rules {
+        calls.insert(match rule {
+            Rule::Allow(nr) | Rule::ArgIn { nr, .. } => *nr,
+            Rule::Ioctl(_) => libc::SYS_ioctl,
+        });
+    }
+    calls
+}
+
+/// The ioctl requests `rules` allow.
+pub fn allowed_ioctls(rules: &[Rule]) -> std::collections::BTreeSet<u64> {
+    rules
+        .iter()
+        .filter_map(|r| match r {
+            Rule::Ioctl(requests) => Some(requests.iter().map(|r| r & 0xffff_ffff)),
+            _ => None,
+        })
+        .flatten()
+        .collect()
 }
 
 /// Compiles the filter of every class in `rules` and, unless `mode` is off, installs the SIGSYS
@@ -218,11 +252,10 @@ pub fn apply(class: ThreadClass, name: &str) -> Result<(), SeccompError> {
 }
 
 fn remember_identity(class: ThreadClass, name: &str) {
-    let mut buf = [0u8; 32];
-    let text = format!("{name} ({})", class.as_str());
-    let len = text.len().min(buf.len());
-    buf[..len].copy_from_slice(&text.as_bytes()[..len]);
-    IDENTITY.with(|id| id.set((buf, len)));
+    let mut buf = [0u8; 48];
+    let len = name.len().min(buf.len());
+    buf[..len].copy_from_slice(&name.as_bytes()[..len]);
+    IDENTITY.with(|id| id.set((buf, len, class.as_str())));
 }
 
 /// Names of the system calls worth naming in the SIGSYS line (others are given by number).
@@ -252,6 +285,28 @@ const NAMES: &[(i64, &str)] = &[
     (libc::SYS_getppid, "getppid"),
     (libc::SYS_uname, "uname"),
     (libc::SYS_acct, "acct"),
+    (libc::SYS_seccomp, "seccomp"),
+    (libc::SYS_prctl, "prctl"),
+    (libc::SYS_sendmsg, "sendmsg"),
+    (libc::SYS_recvmsg, "recvmsg"),
+    (libc::SYS_epoll_wait, "epoll_wait"),
+    (libc::SYS_epoll_ctl, "epoll_ctl"),
+    (libc::SYS_eventfd2, "eventfd2"),
+    (libc::SYS_futex, "futex"),
+    (libc::SYS_madvise, "madvise"),
+    (libc::SYS_munmap, "munmap"),
+    (libc::SYS_sigaltstack, "sigaltstack"),
+    (libc::SYS_rt_sigprocmask, "rt_sigprocmask"),
+    (libc::SYS_preadv, "preadv"),
+    (libc::SYS_pwritev, "pwritev"),
+    (libc::SYS_readv, "readv"),
+    (libc::SYS_writev, "writev"),
+    (libc::SYS_fcntl, "fcntl"),
+    (libc::SYS_fsync, "fsync"),
+    (libc::SYS_fdatasync, "fdatasync"),
+    (libc::SYS_getrandom, "getrandom"),
+    (libc::SYS_statx, "statx"),
+    (libc::SYS_newfstatat, "newfstatat"),
 ];
 
 fn syscall_name(nr: i64) -> &'static str {
@@ -262,11 +317,18 @@ fn syscall_name(nr: i64) -> &'static str {
 }
 
 /// Writes `parts` to standard error with plain `write` calls (async-signal-safe).
+/// The parts go out in one `write` (up to 256 bytes, the rest cut), so that the lines of threads
+/// failing at the same time do not interleave.
 fn write_stderr(parts: &[&[u8]]) {
+    let mut line = [0u8; 256];
+    let mut len = 0;
     for p in parts {
-        // SAFETY: writing a valid buffer to descriptor 2; a failure is ignored.
-        unsafe { libc::write(2, p.as_ptr().cast(), p.len()) };
+        let n = p.len().min(line.len() - len);
+        line[len..len + n].copy_from_slice(&p[..n]);
+        len += n;
     }
+    // SAFETY: writing a valid buffer to descriptor 2; a failure is ignored.
+    unsafe { libc::write(2, line.as_ptr().cast(), len) };
 }
 
 /// Formats `n` in decimal into `buf` without allocating; returns the digits.
@@ -296,13 +358,15 @@ extern "C" fn on_sigsys(
         // SAFETY: the kernel hands a valid siginfo_t; offset 24 lies inside it.
         unsafe { *(info.cast::<u8>().add(24).cast::<libc::c_int>()) }
     };
-    let (id, len) = IDENTITY.with(Cell::get);
+    let (name, len, class) = IDENTITY.with(Cell::get);
     let mut digits = [0u8; 20];
     let number = decimal(u64::from(nr.unsigned_abs()), &mut digits);
     write_stderr(&[
         b"nimbus: seccomp: thread ",
-        &id[..len],
-        b" made a forbidden system call ",
+        &name[..len],
+        b" (",
+        class.as_bytes(),
+        b") made a forbidden system call ",
         number,
         b" (",
         syscall_name(i64::from(nr)).as_bytes(),

@@ -342,10 +342,10 @@ pub struct VmConfig {
     /// A TPM (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<TpmConfig>,
-    /// Landlock sandbox (not supported yet).
+    /// Restrict file-system access to the paths the configuration names (Landlock).
     #[serde(default)]
     pub landlock_enable: bool,
-    /// Landlock rules (not supported yet).
+    /// Paths the VM may use besides those it names (hot-added disks, say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub landlock_rules: Option<Vec<LandlockConfig>>,
 }
@@ -510,7 +510,6 @@ impl VmConfig {
             ("numa", asks(&self.numa)),
             ("pci_segments", asks(&self.pci_segments)),
             ("tpm", self.tpm.is_some()),
-            ("landlock_rules", asks(&self.landlock_rules)),
         ] {
             if asked {
                 return Err(not_yet(name));
@@ -520,11 +519,26 @@ impl VmConfig {
             ("pvpanic", self.pvpanic),
             ("iommu", self.iommu),
             ("watchdog", self.watchdog),
-            ("landlock_enable", self.landlock_enable),
         ] {
             if on {
                 return Err(not_yet(name));
             }
+        }
+        self.validate_landlock()
+    }
+
+    /// Landlock rules need Landlock on, and each access is r, w or rw.
+    fn validate_landlock(&self) -> Result<(), ConfigError> {
+        let rules = self.landlock_rules.iter().flatten();
+        if asks(&self.landlock_rules) && !self.landlock_enable {
+            return Err(ConfigError::Device(
+                "landlock_rules need landlock_enable (--landlock)".into(),
+            ));
+        }
+        for rule in rules {
+            nimbus_landlock::Access::parse(&rule.access).map_err(|e| {
+                ConfigError::Device(format!("landlock_rules: {}: {e}", rule.path.display()))
+            })?;
         }
         Ok(())
     }

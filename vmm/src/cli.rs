@@ -3,10 +3,11 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use nimbus_thread::seccomp::SeccompMode;
 
 use vm_config::{
-    kv, ConfigError, ConsoleConfig, CpusConfig, DiskConfig, FsConfig, MemoryConfig, NetConfig,
-    PayloadConfig, RngConfig, VmConfig,
+    kv, ConfigError, ConsoleConfig, CpusConfig, DiskConfig, FsConfig, LandlockConfig, MemoryConfig,
+    NetConfig, PayloadConfig, RngConfig, VmConfig,
 };
 
 /// Nimbus: a virtual machine monitor for cloud workloads.
@@ -58,9 +59,18 @@ pub struct Cli {
     /// Write lifecycle events (JSON) to this file or FIFO: path=PATH, fd=N or PATH.
     #[arg(long, value_name = "path=PATH|fd=N")]
     pub event_monitor: Option<String>,
-    /// System call filtering: only `false` is accepted until Nimbus has seccomp filters.
+    /// System call filters per thread: true (default; a forbidden call ends the process),
+    /// log (the kernel logs forbidden calls and lets them through) or false.
     #[arg(long, value_name = "true|false|log")]
     pub seccomp: Option<String>,
+    /// Restrict file access to the paths the VM configuration names (Landlock), applied
+    /// when the VM is created.
+    #[arg(long)]
+    pub landlock: bool,
+    /// More paths the VM may use under --landlock: path=PATH,access=r|w|rw; repeatable.
+    #[arg(long, value_name = "path=PATH,access=r|w|rw", num_args = 1.., action = clap::ArgAction::Append,
+          long_help = LANDLOCK_RULES_HELP)]
+    pub landlock_rules: Vec<String>,
     /// More log output (-v info, -vv debug, -vvv trace).
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -180,6 +190,13 @@ tty                       standard output, and standard input goes to the guest 
 file=PATH                 a file, truncated at start
 Refused until implemented: pty, socket=PATH.";
 
+const LANDLOCK_RULES_HELP: &str = "\
+More paths the VM may use under --landlock (a directory covers everything beneath it);
+repeat the option or give several values for more paths.
+
+path=PATH                 an existing file or directory
+access=r|w|rw             read (and list, execute), write (and create, remove), or both";
+
 impl Cli {
     /// Whether the command line describes a VM (a kernel to boot).
     pub fn has_payload(&self) -> bool {
@@ -200,6 +217,8 @@ impl Cli {
             ("--rng", self.rng.is_some()),
             ("--serial", self.serial.is_some()),
             ("--console", self.console.is_some()),
+            ("--landlock", self.landlock),
+            ("--landlock-rules", !self.landlock_rules.is_empty()),
         ] {
             if present {
                 given.push(name);
@@ -208,17 +227,11 @@ impl Cli {
         given
     }
 
-    /// Checks `--seccomp`: Nimbus has no filters yet, so only `false` is honest.
-    pub fn check_seccomp(&self) -> Result<(), ConfigError> {
-        match self.seccomp.as_deref() {
-            None | Some("false") => Ok(()),
-            Some(v @ ("true" | "log")) => Err(ConfigError::Device(format!(
-                "--seccomp {v}: Nimbus has no system call filters yet; use --seccomp false"
-            ))),
-            Some(v) => Err(ConfigError::Device(format!(
-                "--seccomp: '{v}' is not true, false or log"
-            ))),
-        }
+    /// `--seccomp`'s mode: `true` (the default: a forbidden system call ends the process),
+    /// `log` (the kernel logs it and lets it through) or `false` (no filters).
+    pub fn seccomp_mode(&self) -> Result<SeccompMode, ConfigError> {
+        SeccompMode::parse(self.seccomp.as_deref().unwrap_or("true"))
+            .map_err(|e| ConfigError::Device(e.to_string()))
     }
 
     /// The VM configuration the options describe (not yet validated).
@@ -270,6 +283,15 @@ impl Cli {
         }
         if let Some(s) = &self.console {
             config.console = ConsoleConfig::parse("console", s)?;
+        }
+        config.landlock_enable = self.landlock;
+        if !self.landlock_rules.is_empty() {
+            let rules = self
+                .landlock_rules
+                .iter()
+                .map(|s| vm_config::parse_option::<LandlockConfig>("landlock-rules", s))
+                .collect::<Result<Vec<_>, _>>()?;
+            config.landlock_rules = Some(rules);
         }
         if self.kernel.is_some() || self.initramfs.is_some() || self.cmdline.is_some() {
             config.payload = Some(PayloadConfig {
@@ -517,10 +539,18 @@ mod tests {
         assert_eq!(cli.api_socket.as_deref(), Some("fd=3"));
         assert!(!cli.has_payload());
         assert!(cli.vm_options_without_payload().is_empty());
-        cli.check_seccomp().expect("false is fine");
+        assert_eq!(cli.seccomp_mode().ok(), Some(SeccompMode::Off));
         let cli = Cli::try_parse_from(["nimbus", "--seccomp", "true", "--disk", "path=/d"])
             .expect("parse");
-        assert!(cli.check_seccomp().is_err());
+        assert_eq!(cli.seccomp_mode().ok(), Some(SeccompMode::Trap));
         assert_eq!(cli.vm_options_without_payload(), ["--disk"]);
+        let cli = Cli::try_parse_from(["nimbus", "--seccomp", "maybe"]).expect("parse");
+        assert!(cli.seccomp_mode().is_err());
+        let cli = Cli::try_parse_from(["nimbus"]).expect("parse");
+        assert_eq!(
+            cli.seccomp_mode().ok(),
+            Some(SeccompMode::Trap),
+            "on by default"
+        );
     }
 }

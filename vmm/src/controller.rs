@@ -302,6 +302,10 @@ impl Vmm {
         config
             .validate()
             .map_err(|e| ApiError::new(config_status(&e), "The VM could not be created", &e))?;
+        if config.landlock_enable {
+            nimbus_landlock::restrict(&crate::landlock::rules(&config))
+                .map_err(|e| ApiError::new(500, "The VM could not be created", &e))?;
+        }
         self.config = Some(config);
         self.state = VmState::Created;
         Ok(ApiBody::NoContent)

@@ -61,7 +61,7 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli, start: Instant) -> Result<(), String> {
     let chain = |e: &dyn std::error::Error| nimbus_log::error_chain(e);
-    cli.check_seccomp().map_err(|e| chain(&e))?;
+    let seccomp = cli.seccomp_mode().map_err(|e| chain(&e))?;
     let config = if cli.has_payload() {
         let config = cli.vm_config().map_err(|e| chain(&e))?;
         config.validate().map_err(|e| chain(&e))?;
@@ -87,6 +87,8 @@ fn run(cli: &Cli, start: Instant) -> Result<(), String> {
     // takes them.
     nimbus_thread::block_termination_signals()
         .map_err(|e| format!("cannot block the termination signals: {e}"))?;
+    // Every thread from here on is filtered, this one included.
+    nimbus_thread::seccomp::install(seccomp, vmm::seccomp::rules()).map_err(|e| chain(&e))?;
     nimbus_thread::enter(nimbus_thread::ThreadClass::Main, "main");
     let hv = KvmHypervisor::open(KVM_DEVICE).map_err(|e| chain(&e))?;
     let mut fds = FdStore::default();
