@@ -170,6 +170,8 @@ pub struct VirtioPciDevice {
     /// the status; `None`: they run at once.
     control: Option<Arc<dyn DeviceControl>>,
     pending: Pending,
+    /// The device's id, in log lines.
+    name: String,
 }
 
 /// Runs a device's activation and reset away from the vCPU thread that asked for them (a
@@ -370,12 +372,19 @@ impl VirtioPciDevice {
             active: false,
             control: None,
             pending: Pending::Nothing,
+            name: "virtio".to_string(),
         })
     }
 
     /// Activations and resets go through `control` instead of running at once.
     pub fn with_control(mut self, control: Arc<dyn DeviceControl>) -> Self {
         self.control = Some(control);
+        self
+    }
+
+    /// Names the device `name` (its id) in log lines.
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = name.to_string();
         self
     }
 
@@ -428,7 +437,8 @@ impl VirtioPciDevice {
                 || self.driver_features & VIRTIO_F_VERSION_1 == 0
             {
                 log::debug!(
-                    "virtio: driver features {:#x} not acceptable (offered {offered:#x})",
+                    "{}: driver features {:#x} not acceptable (offered {offered:#x})",
+                    self.name,
                     self.driver_features
                 );
                 new &= !STATUS_FEATURES_OK;
@@ -452,7 +462,8 @@ impl VirtioPciDevice {
                 Ok(q) => q,
                 Err(e) => {
                     nimbus_log::warn_limited!(
-                        "virtio: {}; device needs reset",
+                        "{}: {}; device needs reset",
+                        self.name,
                         nimbus_log::error_chain(&e)
                     );
                     self.interrupt.needs_reset();
@@ -462,11 +473,21 @@ impl VirtioPciDevice {
             let kick = match self.kicks[i].try_clone() {
                 Ok(k) => k,
                 Err(e) => {
-                    log::warn!("virtio: queue {i}: {e}");
+                    log::warn!("{}: queue {i}: {e}", self.name);
                     self.interrupt.needs_reset();
                     return;
                 }
             };
+            log::debug!(
+                "{}: queue {i}: size {}, descriptors {:#x}, driver ring {:#x}, device ring {:#x}, \
+                 MSI-X vector {}",
+                self.name,
+                qc.size,
+                qc.desc,
+                qc.avail,
+                qc.used,
+                self.interrupt.queue_vectors[i].load(Ordering::SeqCst)
+            );
             queues.push(ActiveQueue {
                 index: i as u16,
                 queue: q,
@@ -474,6 +495,13 @@ impl VirtioPciDevice {
             });
         }
         drop(mem);
+        log::debug!(
+            "{}: driver ready: features {:#x} of {:#x} offered, {} queues",
+            self.name,
+            self.driver_features,
+            self.device.features(),
+            queues.len()
+        );
         let activation = Activation {
             mem: self.mem.clone(),
             features: self.driver_features,
@@ -483,10 +511,7 @@ impl VirtioPciDevice {
         match self.device.activate(activation) {
             Ok(()) => self.active = true,
             Err(e) => {
-                nimbus_log::warn_limited!(
-                    "virtio device type {} cannot start: {e}",
-                    self.device.device_type()
-                );
+                nimbus_log::warn_limited!("{}: cannot start: {e}", self.name);
                 self.interrupt.needs_reset();
             }
         }
@@ -519,6 +544,7 @@ impl VirtioPciDevice {
 
     fn reset(&mut self) {
         if self.active {
+            log::debug!("{}: reset by the driver", self.name);
             self.device.reset();
             self.active = false;
         }
@@ -643,7 +669,8 @@ impl VirtioPciDevice {
                 }
             }
             _ => log::debug!(
-                "virtio: ignored common config write at {offset:#x} ({} bytes)",
+                "{}: ignored common config write at {offset:#x} ({} bytes)",
+                self.name,
                 data.len()
             ),
         }
@@ -671,7 +698,7 @@ impl VirtioPciDevice {
             if let Some(base) = new {
                 if let Err(e) = self.ioevents.register(fd, self.notify_addr(base, i)) {
                     // Notifications still work through MMIO exits (write_bar), just slower.
-                    log::warn!("virtio: queue {i} ioeventfd: {e}");
+                    log::warn!("{}: queue {i} ioeventfd: {e}", self.name);
                 }
             }
         }

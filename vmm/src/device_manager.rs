@@ -189,7 +189,7 @@ impl DeviceManager {
             id: id.to_string(),
             requests: self.requests.clone(),
         });
-        let added = self.pci.add_virtio(device, slot, control)?;
+        let added = self.pci.add_virtio(id, device, slot, control)?;
         let bdf = PciBdf {
             segment: 0,
             bus: 0,

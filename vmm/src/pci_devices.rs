@@ -135,6 +135,7 @@ impl PciDevices {
     /// window (the 32-bit one when that is full).
     pub fn add_virtio(
         &mut self,
+        id: &str,
         device: Box<dyn VirtioDevice>,
         slot: Option<u8>,
         control: Arc<dyn DeviceControl>,
@@ -156,7 +157,8 @@ impl PciDevices {
             self.ioevents.clone(),
             self.mem.clone(),
         )?
-        .with_control(control);
+        .with_control(control)
+        .named(id);
         let dev = Arc::new(Mutex::new(dev));
         let shared: SharedPciDevice = dev.clone();
         let slot = self
