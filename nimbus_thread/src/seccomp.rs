@@ -104,7 +104,7 @@ pub enum Rule {
 /// What every thread may do whatever its class: report a forbidden call and end, return from a
 /// signal handler, and add filters (a thread it starts applies its own under this one; adding
 /// a filter can only take rights away).
-const BASE: &[i64] = &[
+pub const BASE: &[i64] = &[
     libc::SYS_write,
     libc::SYS_exit,
     libc::SYS_exit_group,

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use block::{BlockError, DiskBackend, RawFile};
 use log::info;
-use vhost_user_daemon::{Device, GuestMemory, SocketFile};
+use vhost_user_daemon::program::Started;
+use vhost_user_daemon::{Device, DeviceRules, GuestMemory, SocketFile};
 
 use crate::backend::{BackendError, BlockBackend};
 use crate::config::BackendConfig;
@@ -48,19 +49,32 @@ impl Device for Disk<'_> {
     }
 }
 
-/// Runs the daemon: opens the disk (failing if another process holds a conflicting lock),
-/// creates the socket, and serves frontends one at a time until the first one disconnects
-/// (or, with `keep_running`, until `terminator` fires). The socket is removed in every case.
-/// The connection loop is [`vhost_user_daemon::serve`]'s.
+/// The daemon once started: the disk open (and locked), the socket bound.
+pub struct BlockDaemon {
+    disk: Arc<dyn DiskBackend>,
+    config: BackendConfig,
+    socket: SocketFile,
+    keep_running: bool,
+}
+
+impl std::fmt::Debug for BlockDaemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockDaemon")
+            .field("disk", &self.disk)
+            .field("socket", &self.socket)
+            .field("keep_running", &self.keep_running)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts the daemon: opens the disk (failing if another process holds a conflicting lock) and
+/// creates the socket. Then [`BlockDaemon::serve`] serves frontends, under the system call
+/// filters `vhost_user_daemon::program::main` installs in between.
 ///
 /// # Errors
 ///
-/// A [`DaemonError`], as `serve` says.
-pub fn run(
-    config: &BackendConfig,
-    keep_running: bool,
-    terminator: &Terminator,
-) -> Result<(), DaemonError> {
+/// [`DaemonError::Disk`] or, for the socket, [`DaemonError::Daemon`].
+pub fn start(config: &BackendConfig, keep_running: bool) -> Result<BlockDaemon, DaemonError> {
     let disk: Arc<dyn DiskBackend> =
         Arc::new(RawFile::open(&config.path, config.readonly, config.direct)?);
     let socket = SocketFile::bind(&config.socket)?;
@@ -71,5 +85,39 @@ pub fn run(
         if config.readonly { ", read-only" } else { "" },
         config.socket.display()
     );
-    vhost_user_daemon::serve(&Disk { disk, config }, socket, keep_running, terminator)
+    Ok(BlockDaemon {
+        disk,
+        config: config.clone(),
+        socket,
+        keep_running,
+    })
+}
+
+impl Started for BlockDaemon {
+    type Error = DaemonError;
+
+    fn seccomp_rules(&self) -> DeviceRules {
+        crate::seccomp::rules()
+    }
+
+    /// Serves frontends one at a time until the first one disconnects (or, with
+    /// `keep_running`, until `terminator` fires). The socket is removed in every case. The
+    /// connection loop is [`vhost_user_daemon::serve()`]'s.
+    ///
+    /// # Errors
+    ///
+    /// A [`DaemonError`], as `serve` says.
+    fn serve(self, terminator: &Terminator) -> Result<(), DaemonError> {
+        let BlockDaemon {
+            disk,
+            config,
+            socket,
+            keep_running,
+        } = self;
+        let device = Disk {
+            disk,
+            config: &config,
+        };
+        vhost_user_daemon::serve(&device, socket, keep_running, terminator)
+    }
 }

@@ -10,7 +10,9 @@
 //! - [`config`]: the `--block-backend` option (Cloud Hypervisor's syntax) as one typed struct;
 //! - [`cli`]: the command line;
 //! - [`backend`]: [`BlockBackend`], the `VhostUserBackend` (one worker thread per queue);
-//! - [`daemon`]: the socket, connections, termination ([`daemon::run`]).
+//! - [`daemon`]: the disk and the socket opened at start ([`daemon::start`]), then
+//!   connections and termination ([`BlockDaemon`]);
+//! - [`seccomp`]: what the daemon's threads may call beyond every daemon's rules.
 //!
 //! # Example
 //!
@@ -37,7 +39,8 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod seccomp;
 
 pub use backend::{BackendError, BlockBackend};
 pub use config::{BackendConfig, ConfigError};
-pub use daemon::{run, DaemonError, Terminator};
+pub use daemon::{start, BlockDaemon, DaemonError, Terminator};

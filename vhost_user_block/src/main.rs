@@ -14,6 +14,6 @@ fn main() -> ExitCode {
             version: env!("CARGO_PKG_VERSION"),
             signal_thread: "vub-signals",
         },
-        vhost_user_block::run,
+        vhost_user_block::start,
     )
 }

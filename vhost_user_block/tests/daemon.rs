@@ -15,7 +15,8 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Frontend;
 use vhost::VhostBackend;
 use vhost_user_daemon::testing::{
-    self, file_id, handshake, is_socket, Daemon, FrontendRing, HandshakeOptions, Scratch, TIMEOUT,
+    self, file_id, handshake, is_socket, Daemon, FrontendRing, HandshakeOptions, Scratch,
+    SeccompSubject, TIMEOUT,
 };
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -386,4 +387,52 @@ fn protocol_error_ends_the_daemon_with_1() {
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("frontend connection failed"), "{err}");
     assert!(!socket.exists());
+}
+
+/// The `--block-backend` of the seccomp checks: two queues, so two workers.
+fn seccomp_subject_args(image: &Path) -> impl Fn(&Path) -> Vec<String> + '_ {
+    move |socket| {
+        vec![
+            "--block-backend".into(),
+            format!(
+                "path={},socket={},num_queues=2",
+                image.display(),
+                socket.display()
+            ),
+        ]
+    }
+}
+
+const SECCOMP_HANDSHAKE: HandshakeOptions = HandshakeOptions {
+    config_len: 60,
+    event_idx: true,
+    queue_max_size: 128,
+};
+
+#[test]
+fn each_thread_class_is_filtered() {
+    let dir = Scratch::new("seccomp");
+    let image = dir.file("disk.img");
+    write_image(&image);
+    let args = seccomp_subject_args(&image);
+    testing::assert_each_class_is_filtered(&SeccompSubject {
+        bin: BIN,
+        args: &args,
+        num_queues: 2,
+        handshake: SECCOMP_HANDSHAKE,
+    });
+}
+
+#[test]
+fn seccomp_log_and_false_let_forbidden_calls_through() {
+    let dir = Scratch::new("seccomp-log");
+    let image = dir.file("disk.img");
+    write_image(&image);
+    let args = seccomp_subject_args(&image);
+    testing::assert_log_and_off_let_calls_through(&SeccompSubject {
+        bin: BIN,
+        args: &args,
+        num_queues: 2,
+        handshake: SECCOMP_HANDSHAKE,
+    });
 }

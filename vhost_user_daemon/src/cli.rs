@@ -1,8 +1,10 @@
-//! A daemon's command line: `--<device>-backend <option> [--keep-running] [-v...]`, generic
-//! over the backend option ([`BackendOption`]).
+//! A daemon's command line: `--<device>-backend <option> [--keep-running] [--seccomp <mode>]
+//! [-v...]`, generic over the backend option ([`BackendOption`]).
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
+
+use nimbus_thread::seccomp::SeccompMode;
 
 /// The daemon's backend option: its name, its syntax and keys, and its parser.
 pub trait BackendOption: Sized {
@@ -58,6 +60,9 @@ pub enum CliError<C: BackendOption> {
     /// The backend option's value is wrong.
     #[error("{option}: {0}", option = C::OPTION)]
     Backend(C::Error),
+    /// `--seccomp` is not `true`, `false` or `log`.
+    #[error("--seccomp: '{0}' is not true, false or log")]
+    Seccomp(String),
 }
 
 /// What the command line asks for.
@@ -81,6 +86,9 @@ pub struct Args<C> {
     pub keep_running: bool,
     /// `-v` count: 0 warnings and errors, 1 info, 2 debug, 3 trace.
     pub verbose: u8,
+    /// `--seccomp`: what a system call outside the daemon's filters does (default: it ends the
+    /// daemon).
+    pub seccomp: SeccompMode,
 }
 
 /// Parses the arguments after the program name. `--help` or `--version` anywhere wins (as
@@ -97,6 +105,7 @@ where
     let mut backend = None;
     let mut keep_running = false;
     let mut verbose: u8 = 0;
+    let mut seccomp = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let arg = arg
@@ -121,6 +130,20 @@ where
                 }
                 backend = Some(C::parse(&value).map_err(CliError::Backend)?);
             }
+            "--seccomp" => {
+                let value = match inline {
+                    Some(v) => v,
+                    None => args
+                        .next()
+                        .ok_or(CliError::MissingValue("--seccomp"))?
+                        .into_string()
+                        .map_err(|a| CliError::NotUtf8(a.to_string_lossy().into_owned()))?,
+                };
+                if seccomp.is_some() {
+                    return Err(CliError::Duplicate("--seccomp"));
+                }
+                seccomp = Some(SeccompMode::parse(&value).map_err(|_| CliError::Seccomp(value))?);
+            }
             "--keep-running" if inline.is_none() => keep_running = true,
             "--verbose" if inline.is_none() => verbose = verbose.saturating_add(1),
             "-h" | "--help" if inline.is_none() => return Ok(Command::Help),
@@ -137,6 +160,7 @@ where
         backend,
         keep_running,
         verbose,
+        seccomp: seccomp.unwrap_or(SeccompMode::Trap),
     }))
 }
 
@@ -145,7 +169,7 @@ pub fn usage<C: BackendOption>(program: &str) -> String {
     let (summary, option, syntax) = (C::SUMMARY, C::OPTION, C::SYNTAX);
     let mut s = format!(
         "{program}: {summary}\n\n\
-         Usage: {program} {option} {syntax} [--keep-running] [-v...]\n\n\
+         Usage: {program} {option} {syntax} [--keep-running] [--seccomp <mode>] [-v...]\n\n\
          {option} keys:\n"
     );
     for (key, help) in C::KEYS {
@@ -153,12 +177,16 @@ pub fn usage<C: BackendOption>(program: &str) -> String {
     }
     s.push_str(
         "\nOptions:\n\
-         \x20 --keep-running  serve frontends one after another until SIGTERM/SIGINT\n\
-         \x20                 (default: exit when the first frontend disconnects)\n\
-         \x20 -v, --verbose   more log output on stderr (-v info, -vv debug)\n\
-         \x20 -h, --help      this text\n\
-         \x20 -V, --version   the version\n\n\
-         Exit status: 0 after the frontend disconnected or on SIGTERM/SIGINT, 1 on any error.\n",
+         \x20 --keep-running    serve frontends one after another until SIGTERM/SIGINT\n\
+         \x20                   (default: exit when the first frontend disconnects)\n\
+         \x20 --seccomp <mode>  system call filters: true (default) ends the daemon on a call\n\
+         \x20                   its threads may not make, log lets it through and has the\n\
+         \x20                   kernel log it, false installs none\n\
+         \x20 -v, --verbose     more log output on stderr (-v info, -vv debug)\n\
+         \x20 -h, --help        this text\n\
+         \x20 -V, --version     the version\n\n\
+         Exit status: 0 after the frontend disconnected or on SIGTERM/SIGINT, 159 after a\n\
+         forbidden system call (one line on stderr names it), 1 on any other error.\n",
     );
     s
 }
@@ -169,6 +197,8 @@ pub fn usage<C: BackendOption>(program: &str) -> String {
 pub mod testing {
     use std::ffi::OsString;
     use std::fmt::Debug;
+
+    use nimbus_thread::seccomp::SeccompMode;
 
     use super::{parse_args, usage, Args, BackendOption, CliError, Command};
 
@@ -204,11 +234,32 @@ pub mod testing {
         let a = run::<C>(&[option, valid]);
         assert!(!a.keep_running);
         assert_eq!(a.verbose, 0);
+        assert_eq!(a.seccomp, SeccompMode::Trap, "filters on by default");
         let inline = format!("{option}={valid}");
         let b = run::<C>(&["-vv", &inline, "--keep-running", "--verbose"]);
         assert_eq!(b.backend, a.backend);
         assert!(b.keep_running);
         assert_eq!(b.verbose, 3);
+        for (value, mode) in [
+            ("true", SeccompMode::Trap),
+            ("log", SeccompMode::Log),
+            ("false", SeccompMode::Off),
+        ] {
+            assert_eq!(run::<C>(&["--seccomp", value, option, valid]).seccomp, mode);
+            let inline_mode = format!("--seccomp={value}");
+            assert_eq!(run::<C>(&[&inline, &inline_mode]).seccomp, mode);
+        }
+        let bad = parse::<C>(&[option, valid, "--seccomp", "on"]).unwrap_err();
+        assert_eq!(bad, CliError::Seccomp("on".into()));
+        assert_eq!(bad.to_string(), "--seccomp: 'on' is not true, false or log");
+        assert_eq!(
+            parse::<C>(&[option, valid, "--seccomp"]).unwrap_err(),
+            CliError::MissingValue("--seccomp")
+        );
+        assert_eq!(
+            parse::<C>(&["--seccomp=log", option, valid, "--seccomp", "log"]).unwrap_err(),
+            CliError::Duplicate("--seccomp")
+        );
         assert_eq!(parse::<C>(&["--help"]).unwrap(), Command::Help);
         assert_eq!(parse::<C>(&["-v", "-h"]).unwrap(), Command::Help);
         assert_eq!(parse::<C>(&["-V"]).unwrap(), Command::Version);
@@ -250,7 +301,81 @@ pub mod testing {
             assert!(text.contains(&format!("  {key} ")), "{key}");
         }
         assert!(text.contains("--keep-running"));
+        assert!(text.contains("--seccomp <mode>"));
         assert!(text.contains(option));
         a
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use nimbus_thread::seccomp::SeccompMode;
+
+    use super::*;
+
+    /// The smallest backend option: `--x-backend <anything but "bad">`.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct X(String);
+
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    #[error("bad")]
+    struct Bad;
+
+    impl BackendOption for X {
+        const OPTION: &'static str = "--x-backend";
+        const SUMMARY: &'static str = "test";
+        const SYNTAX: &'static str = "<x>";
+        const KEYS: &'static [(&'static str, &'static str)] = &[];
+        type Error = Bad;
+
+        fn parse(value: &str) -> Result<Self, Bad> {
+            (value != "bad").then(|| X(value.into())).ok_or(Bad)
+        }
+    }
+
+    fn parse(args: &[&str]) -> Result<Command<X>, CliError<X>> {
+        parse_args(args.iter().map(|s| OsString::from(*s)))
+    }
+
+    fn seccomp(args: &[&str]) -> SeccompMode {
+        match parse(args).unwrap() {
+            Command::Run(a) => a.seccomp,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn seccomp_takes_cloud_hypervisors_values() {
+        assert_eq!(seccomp(&["--x-backend", "a"]), SeccompMode::Trap);
+        assert_eq!(
+            seccomp(&["--seccomp", "true", "--x-backend", "a"]),
+            SeccompMode::Trap
+        );
+        assert_eq!(
+            seccomp(&["--x-backend", "a", "--seccomp=log"]),
+            SeccompMode::Log
+        );
+        assert_eq!(
+            seccomp(&["--x-backend", "a", "--seccomp", "false"]),
+            SeccompMode::Off
+        );
+        for bad in ["yes", "", "True", "off"] {
+            let e = parse(&["--x-backend", "a", "--seccomp", bad]).unwrap_err();
+            assert_eq!(e, CliError::Seccomp(bad.into()));
+            assert_eq!(
+                e.to_string(),
+                format!("--seccomp: '{bad}' is not true, false or log")
+            );
+        }
+        assert_eq!(
+            parse(&["--x-backend", "a", "--seccomp"]).unwrap_err(),
+            CliError::MissingValue("--seccomp")
+        );
+        assert_eq!(
+            parse(&["--seccomp=true", "--seccomp=true", "--x-backend", "a"]).unwrap_err(),
+            CliError::Duplicate("--seccomp")
+        );
+        assert!(usage::<X>("x").contains("--seccomp <mode>"));
     }
 }

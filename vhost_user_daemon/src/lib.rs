@@ -3,11 +3,13 @@
 //!
 //! - [`socket`]: the listening socket ([`SocketFile`]), termination ([`Terminator`]) and the
 //!   common errors ([`DaemonError`]);
-//! - [`serve`]: the connection loop, generic over the daemon's [`Device`];
+//! - [`serve`](mod@serve): the connection loop, generic over the daemon's [`Device`];
 //! - [`exit`]: the worker threads' exit events ([`ExitEvents`]);
 //! - [`memory`]: guest memory and rings as the backends see them ([`MemorySlot`]);
 //! - [`cli`]: the command line, generic over the daemon's [`cli::BackendOption`];
-//! - [`program`]: the binaries' `main` (logger, signals, exit status);
+//! - [`program`]: the binaries' `main` (logger, signals, system call filters, exit status);
+//! - [`seccomp`]: what each class of a daemon's threads may call, and [`Filtered`], through
+//!   which the backend crate's threads apply their filters;
 //! - `testing` (feature `test-utils`): the daemons' integration-test harness.
 #![deny(missing_docs)]
 
@@ -17,6 +19,7 @@ pub mod exit;
 pub mod memory;
 pub mod options;
 pub mod program;
+pub mod seccomp;
 pub mod serve;
 pub mod socket;
 #[cfg(feature = "test-utils")]
@@ -24,5 +27,6 @@ pub mod testing;
 
 pub use exit::ExitEvents;
 pub use memory::{GuestMemory, MemorySlot, Vring};
+pub use seccomp::{DeviceRules, Filtered};
 pub use serve::{serve, serve_client, Device};
 pub use socket::{DaemonError, SocketFile, Terminator};

@@ -1,14 +1,26 @@
-//! The binaries' `main`: command line, logger, termination signals, exit status
-//! ([`main`]).
+//! The binaries' `main`: command line, logger, termination signals, system call filters, exit
+//! status ([`main`]).
+//!
+//! A daemon starts in two steps: [`main`] calls the daemon's `start` with the rights of a
+//! process that has just started (open the disk or TAP, bind the socket), then installs the
+//! system call filters ([`crate::seccomp`], `--seccomp`) and applies the main thread's, starts
+//! the signal thread (filtered too), and lets the started daemon ([`Started`]) serve.
+//! SIGTERM/SIGINT are blocked from the start: one that comes before the signal thread runs
+//! waits for it.
 //!
 //! Exit status 0 after the frontend disconnects (or, with `--keep-running`, on SIGTERM/SIGINT),
-//! 1 with one error line on stderr otherwise.
+//! [`FORBIDDEN_EXIT_CODE`] after a forbidden system call (one line on stderr names the thread and
+//! the call), 1 with one error line on stderr otherwise.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+use nimbus_thread::seccomp::SeccompMode;
+pub use nimbus_thread::seccomp::FORBIDDEN_EXIT_CODE;
+
 use crate::cli::{parse_args, usage, BackendOption, Command};
+use crate::seccomp::{rules, DeviceRules};
 use crate::socket::Terminator;
 
 /// What a binary tells [`main`] about itself.
@@ -22,8 +34,29 @@ pub struct Program {
     pub signal_thread: &'static str,
 }
 
+/// A daemon that has opened what it serves and its socket, ready to serve under its system
+/// call filters.
+pub trait Started {
+    /// What stops it.
+    type Error: std::error::Error;
+
+    /// What its device adds to the system calls every daemon's threads may make.
+    fn seccomp_rules(&self) -> DeviceRules;
+
+    /// Serves frontends until the first one disconnects (or, with `--keep-running`, until
+    /// `terminator` fires).
+    ///
+    /// # Errors
+    ///
+    /// The daemon's own.
+    fn serve(self, terminator: &Terminator) -> Result<(), Self::Error>;
+}
+
+/// Log lines go to stderr one `write` each (`LineWriter`), so that the line of a forbidden
+/// system call (written by the SIGSYS handler in one `write` too) never lands inside one.
 fn init_logger(verbose: u8) {
-    nimbus_log::init(Instant::now(), verbose, Box::new(std::io::stderr()));
+    let out = std::io::LineWriter::new(std::io::stderr());
+    nimbus_log::init(Instant::now(), verbose, Box::new(out));
 }
 
 fn fail(program: &str, message: &str) -> ExitCode {
@@ -31,16 +64,21 @@ fn fail(program: &str, message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// A daemon binary's `main`: parses the command line (help, version), sets up the logger and the
-/// termination signals, and calls `run` with the backend option, `--keep-running` and the
-/// terminator. Any error is one line on stderr and exit status 1.
-pub fn main<C, E>(
-    program: Program,
-    run: impl FnOnce(&C, bool, &Terminator) -> Result<(), E>,
-) -> ExitCode
+fn mode_name(mode: SeccompMode) -> &'static str {
+    match mode {
+        SeccompMode::Trap => "true",
+        SeccompMode::Log => "log",
+        SeccompMode::Off => "false",
+    }
+}
+
+/// A daemon binary's `main`: parses the command line (help, version), sets up the logger and
+/// the termination signals, calls `start` with the backend option and `--keep-running`, installs
+/// the system call filters, and serves. Any error is one line on stderr and exit status 1.
+pub fn main<C, S>(program: Program, start: impl FnOnce(&C, bool) -> Result<S, S::Error>) -> ExitCode
 where
     C: BackendOption,
-    E: std::error::Error,
+    S: Started,
 {
     let name = program.name;
     let args = match parse_args::<C, _>(std::env::args_os().skip(1)) {
@@ -60,11 +98,20 @@ where
     if let Err(e) = nimbus_thread::block_termination_signals() {
         return fail(name, &format!("cannot block termination signals: {e}"));
     }
-    nimbus_thread::enter(nimbus_thread::ThreadClass::Main, "main");
     let terminator = match Terminator::new() {
         Ok(t) => Arc::new(t),
         Err(e) => return fail(name, &format!("cannot create the termination eventfd: {e}")),
     };
+    let started = match start(&args.backend, args.keep_running) {
+        Ok(s) => s,
+        Err(e) => return fail(name, &nimbus_log::error_chain(&e)),
+    };
+    // Every thread from here on is filtered, this one included.
+    if let Err(e) = nimbus_thread::seccomp::install(args.seccomp, rules(started.seccomp_rules())) {
+        return fail(name, &nimbus_log::error_chain(&e));
+    }
+    nimbus_thread::enter(nimbus_thread::ThreadClass::Main, "main");
+    log::info!("system call filters: {}", mode_name(args.seccomp));
     let for_signals = terminator.clone();
     let on_signal = move |signal| {
         log::info!("signal {signal}: terminating");
@@ -73,7 +120,7 @@ where
     if let Err(e) = nimbus_thread::spawn_signal_thread(program.signal_thread, on_signal) {
         return fail(name, &format!("cannot start the signal thread: {e}"));
     }
-    match run(&args.backend, args.keep_running, &terminator) {
+    match started.serve(&terminator) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(name, &nimbus_log::error_chain(&e)),
     }

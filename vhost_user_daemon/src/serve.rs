@@ -8,6 +8,7 @@ use crate::exit::ExitEvents;
 use vm_memory::GuestMemoryMmap;
 
 use crate::memory::GuestMemory;
+use crate::seccomp::Filtered;
 use crate::socket::{is_disconnect, wait_for_frontend, DaemonError, SocketFile, Terminator, Wake};
 use log::{debug, info, warn};
 use vhost::vhost_user::Listener;
@@ -38,14 +39,15 @@ pub trait Device {
     fn backend(&self, mem: GuestMemory) -> Result<Arc<Self::Backend>, Self::Error>;
 
     /// Prepares the backend crate's daemon before the connection starts (registering extra
-    /// descriptors with the workers, say). Nothing by default.
+    /// descriptors with the workers, say). Nothing by default. The crate's daemon holds the
+    /// backend as [`Filtered`], through which its threads apply their system call filters.
     ///
     /// # Errors
     ///
     /// The daemon's own.
     fn prepare(
         &self,
-        _daemon: &mut VhostUserDaemon<Arc<Self::Backend>>,
+        _daemon: &mut VhostUserDaemon<Filtered<Self::Backend>>,
         _backend: &Arc<Self::Backend>,
     ) -> Result<(), Self::Error> {
         Ok(())
@@ -63,7 +65,7 @@ enum Connect<'a> {
 /// A connected frontend: the backend crate's daemon (protocol thread and workers) and our
 /// backend.
 struct Connection<B: VhostUserBackend + 'static> {
-    daemon: VhostUserDaemon<Arc<B>>,
+    daemon: VhostUserDaemon<Filtered<B>>,
     backend: Arc<B>,
 }
 
@@ -74,10 +76,13 @@ fn connect<D: Device>(
 ) -> Result<Connection<D::Backend>, D::Error> {
     let mem = GuestMemory::new(GuestMemoryMmap::<()>::new());
     let backend = device.backend(mem.clone())?;
-    let mut daemon = VhostUserDaemon::new(D::PROTOCOL_THREAD.to_string(), backend.clone(), mem)
-        .map_err(|e| DaemonError::Setup {
-            step: "start the worker threads",
-            message: e.to_string(),
+    let filtered = Filtered::new(backend.clone(), D::PROTOCOL_THREAD);
+    let mut daemon =
+        VhostUserDaemon::new(D::PROTOCOL_THREAD.to_string(), filtered, mem).map_err(|e| {
+            DaemonError::Setup {
+                step: "start the worker threads",
+                message: e.to_string(),
+            }
         })?;
     device.prepare(&mut daemon, &backend)?;
     match connect {

@@ -145,7 +145,7 @@ impl Drop for SocketFile {
     }
 }
 
-/// A request to stop, shared between whoever asks (the signal thread) and [`run`]: wakes the
+/// A request to stop, shared between whoever asks (the signal thread) and the daemon: wakes the
 /// daemon while it waits for a frontend, and shuts the frontend connection down while one is
 /// served (the workers finish the request they are executing, then stop).
 pub struct Terminator {

@@ -1,11 +1,16 @@
 //! The daemons' integration-test harness (feature `test-utils`): scratch directories, the
-//! daemon binary as a child process, its one-line errors, and guest memory in a memfd that a
-//! `vhost` frontend can share with it.
+//! daemon binary as a child process, its one-line errors, guest memory in a memfd that a
+//! `vhost` frontend can share with it, and the checks of the system call filters every daemon
+//! has ([`assert_each_class_is_filtered`], [`assert_log_and_off_let_calls_through`]).
+//!
+//! The binary a test names is run unless `NIMBUS_<NAME>` (`NIMBUS_VHOST_USER_BLOCK`, ...,
+//! the variables `e2e::workspace_binary` honours) names another: `scripts/seccomp-survey` runs
+//! the daemons' tests with a wrapper that traces the daemon.
 
 // Test code: a panic is how a helper reports failure.
 #![allow(clippy::unwrap_used)]
 
-use std::ffi::CStr;
+use std::ffi::{CStr, OsString};
 use std::fs::{self, File};
 use std::io::Read;
 use std::os::fd::{FromRawFd, IntoRawFd};
@@ -13,7 +18,12 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use nimbus_thread::seccomp::FORBIDDEN_EXIT_CODE;
+use nimbus_thread::{ThreadClass, SELF_TEST_ENV};
 
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
@@ -65,23 +75,66 @@ impl Drop for Scratch {
     }
 }
 
-/// A running daemon, killed on drop if still running.
+/// The program to run for `bin`: `$NIMBUS_<NAME>` if set (`NAME` the file name of `bin` in
+/// capitals: `NIMBUS_VHOST_USER_BLOCK`), else `bin`.
+pub fn program(bin: &str) -> OsString {
+    let name = Path::new(bin)
+        .file_name()
+        .map(|n| n.to_string_lossy().to_uppercase())
+        .unwrap_or_default();
+    std::env::var_os(format!("NIMBUS_{name}")).unwrap_or_else(|| bin.into())
+}
+
+/// A running daemon, killed on drop if still running. Its stderr is collected as it comes
+/// ([`wait_for_log`](Self::wait_for_log), [`stderr`](Self::stderr)).
 #[derive(Debug)]
 pub struct Daemon {
     child: Option<Child>,
+    stderr: Arc<Mutex<String>>,
+    reader: Option<JoinHandle<()>>,
 }
 
 impl Daemon {
     /// Starts `bin` with `args`; its stderr is kept for [`wait`](Self::wait).
     pub fn spawn(bin: &str, args: &[&str]) -> Self {
-        let child = Command::new(bin)
+        Self::spawn_env(bin, args, &[])
+    }
+
+    /// As [`spawn`](Self::spawn), with the variables `env` added to the environment.
+    pub fn spawn_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(program(bin))
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        Daemon { child: Some(child) }
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match pipe.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => sink
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push_str(&String::from_utf8_lossy(&buf[..n])),
+                }
+            }
+        });
+        Daemon {
+            child: Some(child),
+            stderr,
+            reader: Some(reader),
+        }
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
     }
 
     /// Waits until a socket is at `socket` that is not the file `stale` identified (see
@@ -104,6 +157,37 @@ impl Daemon {
         }
     }
 
+    /// Waits until the daemon has written `needle` on stderr.
+    ///
+    /// # Panics
+    ///
+    /// If the daemon exits first or [`TIMEOUT`] passes.
+    pub fn wait_for_log(&mut self, needle: &str) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !self.log_so_far().contains(needle) {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "daemon exited ({status}) before logging {needle:?}: {}",
+                    self.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} after {TIMEOUT:?}: {}",
+                self.log_so_far()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// What the daemon wrote on stderr so far.
+    pub fn log_so_far(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Sends `signal` to the daemon.
     pub fn signal(&self, signal: libc::c_int) {
         let pid = self.child.as_ref().unwrap().id() as libc::pid_t;
@@ -119,11 +203,10 @@ impl Daemon {
 
     /// What the daemon wrote on stderr (read to its end: call once it exits).
     pub fn stderr(&mut self) -> String {
-        let mut s = String::new();
-        if let Some(mut e) = self.child.as_mut().and_then(|c| c.stderr.take()) {
-            let _ = e.read_to_string(&mut s);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
         }
-        s
+        self.log_so_far()
     }
 
     /// Waits for the exit; returns the status and stderr.
@@ -175,7 +258,7 @@ pub fn is_socket(p: &Path) -> bool {
 
 /// Runs `bin` to completion with `args`; returns its status, stdout and stderr.
 pub fn run_bin(bin: &str, args: &[&str]) -> (ExitStatus, String, String) {
-    let out = Command::new(bin)
+    let out = Command::new(program(bin))
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -383,6 +466,177 @@ impl DeviceRing {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
             Err(e) => panic!("reading the call eventfd: {e}"),
+        }
+    }
+}
+
+/// The classes of a daemon's threads, each with what makes its threads apply their filter:
+/// the main and signal threads at start, the protocol thread at the first message that reaches
+/// the backend, a worker at its first event.
+pub const DAEMON_CLASSES: [ThreadClass; 4] = [
+    ThreadClass::Main,
+    ThreadClass::Signal,
+    ThreadClass::DaemonProtocol,
+    ThreadClass::DaemonWorker,
+];
+
+/// A daemon as the checks of its system call filters start it.
+pub struct SeccompSubject<'a> {
+    /// The binary.
+    pub bin: &'a str,
+    /// The daemon's arguments for a socket at the path given (its backend option), without
+    /// `--seccomp` and `-v`.
+    pub args: &'a dyn Fn(&Path) -> Vec<String>,
+    /// How many queues a frontend sets up.
+    pub num_queues: usize,
+    /// How it sets them up.
+    pub handshake: HandshakeOptions,
+}
+
+impl std::fmt::Debug for SeccompSubject<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeccompSubject")
+            .field("bin", &self.bin)
+            .field("num_queues", &self.num_queues)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The line the SIGSYS handler writes when a thread of `class` calls acct(2) (after the
+/// thread's name).
+fn forbidden_acct_line(class: ThreadClass) -> String {
+    format!(
+        "({}) made a forbidden system call {} (acct); ending the process",
+        class.as_str(),
+        libc::SYS_acct
+    )
+}
+
+/// What the daemon logs (`-vv`) when a thread of the backend crate's of `class` went through
+/// its filter's set-up, the self-test included (see `crate::seccomp`).
+fn entered_line(class: ThreadClass) -> String {
+    format!("({}): system call filter", class.as_str())
+}
+
+/// Starts `subject` in `dir` with `extra` arguments and the self-test of `class`; returns the
+/// daemon and its socket (not waited for).
+fn start_self_test(
+    subject: &SeccompSubject<'_>,
+    dir: &Scratch,
+    class: ThreadClass,
+    extra: &[&str],
+) -> (Daemon, PathBuf) {
+    let socket = dir.file(&format!("{}.sock", class.as_str().replace(' ', "-")));
+    let args = (subject.args)(&socket);
+    let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+    all.extend(extra);
+    all.push("-vv");
+    let daemon = Daemon::spawn_env(subject.bin, &all, &[(SELF_TEST_ENV, class.as_str())]);
+    (daemon, socket)
+}
+
+/// Connects to `socket` and sets `subject`'s queues up; `None` if the daemon went away during
+/// the handshake (whose steps panic on an error: the panic is caught).
+fn session(
+    subject: &SeccompSubject<'_>,
+    socket: &Path,
+    mem: &GuestMemoryMmap,
+) -> Option<(Frontend, Handshake)> {
+    let mut frontend = Frontend::connect(socket, subject.num_queues as u64).ok()?;
+    let (num_queues, options) = (subject.num_queues, subject.handshake);
+    let h = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        handshake(&mut frontend, mem, num_queues, options)
+    }))
+    .ok()?;
+    Some((frontend, h))
+}
+
+/// Checks that every class of `subject`'s threads is filtered by default: the self-test's
+/// forbidden call (acct) from a thread of each class ends the daemon with
+/// [`FORBIDDEN_EXIT_CODE`] and the SIGSYS handler's line naming the thread, its class and the
+/// call. The protocol thread makes it at the first message that reaches the backend
+/// (`GET_FEATURES`), a worker at the first kick.
+///
+/// # Panics
+///
+/// On the first class that is not.
+pub fn assert_each_class_is_filtered(subject: &SeccompSubject<'_>) {
+    let mem = shared_memory(c"seccomp-test-guest-ram", 4 << 20);
+    for class in DAEMON_CLASSES {
+        let dir = Scratch::new("seccomp-trap");
+        let (mut daemon, socket) = start_self_test(subject, &dir, class, &[]);
+        // The connection stays open until the daemon ends: a disconnection would end it too.
+        let mut connection = None;
+        let mut session_of_worker = None;
+        match class {
+            ThreadClass::DaemonProtocol => {
+                daemon.wait_for_socket(&socket, None);
+                let frontend = Frontend::connect(&socket, subject.num_queues as u64).unwrap();
+                frontend.set_owner().unwrap();
+                // Answered by the backend: the protocol thread applies its filter first.
+                let _ = frontend.get_features();
+                connection = Some(frontend);
+            }
+            ThreadClass::DaemonWorker => {
+                daemon.wait_for_socket(&socket, None);
+                session_of_worker = session(subject, &socket, &mem);
+                if let Some((_, h)) = &session_of_worker {
+                    for ring in &h.rings {
+                        ring.kick.write(1).unwrap();
+                    }
+                }
+            }
+            // Both apply their filters at start.
+            _ => {}
+        }
+        let (status, err) = daemon.wait();
+        drop((connection, session_of_worker));
+        let line = forbidden_acct_line(class);
+        assert_eq!(
+            status.code(),
+            Some(FORBIDDEN_EXIT_CODE),
+            "class {}: {status}\n{err}",
+            class.as_str()
+        );
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with("nimbus: seccomp: thread ") && l.ends_with(&line)),
+            "class {}: no line ending in {line:?}:\n{err}",
+            class.as_str()
+        );
+    }
+}
+
+/// Checks that with `--seccomp log` and `--seccomp false` the self-test's forbidden call from
+/// a thread of each class goes through (with `log` the kernel logs it): the daemon serves a
+/// whole session (every thread class runs its self-test: the frontend kicks every queue), is
+/// terminated by SIGTERM while connected, and exits 0 without a SIGSYS line.
+///
+/// # Panics
+///
+/// On the first mode and class for which it does not.
+pub fn assert_log_and_off_let_calls_through(subject: &SeccompSubject<'_>) {
+    let mem = shared_memory(c"seccomp-test-guest-ram", 4 << 20);
+    for mode in ["log", "false"] {
+        for class in DAEMON_CLASSES {
+            let what = format!("--seccomp {mode}, class {}", class.as_str());
+            let dir = Scratch::new("seccomp-log");
+            let (mut daemon, socket) = start_self_test(subject, &dir, class, &["--seccomp", mode]);
+            daemon.wait_for_socket(&socket, None);
+            daemon.wait_for_log(&format!("system call filters: {mode}"));
+            let (frontend, h) = session(subject, &socket, &mem)
+                .unwrap_or_else(|| panic!("{what}: the session failed: {}", daemon.log_so_far()));
+            daemon.wait_for_log(&entered_line(ThreadClass::DaemonProtocol));
+            for ring in &h.rings {
+                ring.kick.write(1).unwrap();
+            }
+            daemon.wait_for_log(&entered_line(ThreadClass::DaemonWorker));
+            daemon.signal(libc::SIGTERM);
+            let (status, err) = daemon.wait();
+            assert_eq!(status.code(), Some(0), "{what}: {status}\n{err}");
+            assert!(err.contains("signal 15: terminating"), "{what}:\n{err}");
+            assert!(!err.contains("nimbus: seccomp:"), "{what}:\n{err}");
+            drop((frontend, h));
         }
     }
 }

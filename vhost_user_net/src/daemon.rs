@@ -9,7 +9,8 @@ use std::sync::Arc;
 use log::info;
 use net_util::{MacAddr, NetError, Tap, TapQueue};
 use vhost_user_backend::VhostUserDaemon;
-use vhost_user_daemon::{Device as DaemonDevice, GuestMemory, SocketFile};
+use vhost_user_daemon::program::Started;
+use vhost_user_daemon::{Device as DaemonDevice, DeviceRules, Filtered, GuestMemory, SocketFile};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::backend::{BackendError, NetBackend};
@@ -85,7 +86,7 @@ impl DaemonDevice for Device {
 
     fn prepare(
         &self,
-        daemon: &mut VhostUserDaemon<Arc<NetBackend>>,
+        daemon: &mut VhostUserDaemon<Filtered<NetBackend>>,
         backend: &Arc<NetBackend>,
     ) -> Result<(), DaemonError> {
         // Each worker waits on its pair's TAP queue too. Edge-triggered: the worker reads the
@@ -107,20 +108,44 @@ impl DaemonDevice for Device {
     }
 }
 
-/// Runs the daemon: creates and configures the TAP interface, then either creates the socket
-/// and serves frontends one at a time until the first one disconnects (or, with
-/// `keep_running`, until `terminator` fires; the socket is removed in every case), or with
-/// `client=on` connects to the VMM's socket and serves that connection.
-/// The connection loop is [`vhost_user_daemon::serve`]'s.
+/// Where the frontend comes from.
+#[derive(Debug)]
+enum Frontend {
+    /// Frontends connect to this socket.
+    Listen {
+        socket: SocketFile,
+        keep_running: bool,
+    },
+    /// The daemon connects to the VMM's socket at this path (`client=on`).
+    Connect(String),
+}
+
+/// The daemon once started: the TAP created and configured, the socket bound (or, with
+/// `client=on`, its path checked).
+pub struct NetDaemon {
+    device: Device,
+    frontend: Frontend,
+}
+
+impl std::fmt::Debug for NetDaemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetDaemon")
+            .field("taps", &self.device.taps)
+            .field("frontend", &self.frontend)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts the daemon: creates and configures the TAP interface, and creates the socket (with
+/// `client=on`, only checks its path: the connection is made when serving). Then
+/// [`NetDaemon::serve`] serves, under the system call filters
+/// `vhost_user_daemon::program::main` installs in between.
 ///
 /// # Errors
 ///
-/// A [`DaemonError`], as `serve` says.
-pub fn run(
-    config: &BackendConfig,
-    keep_running: bool,
-    terminator: &Terminator,
-) -> Result<(), DaemonError> {
+/// [`DaemonError::Tap`], [`DaemonError::SocketPathNotUtf8`] or, for the socket,
+/// [`DaemonError::Daemon`].
+pub fn start(config: &BackendConfig, keep_running: bool) -> Result<NetDaemon, DaemonError> {
     let taps = open_tap(config)?;
     let if_name = taps
         .first()
@@ -142,15 +167,48 @@ pub fn run(
         config.num_queue_pairs(),
         device.mac
     );
-    if config.client {
+    let frontend = if config.client {
         let path = config
             .socket
             .to_str()
             .ok_or_else(|| DaemonError::SocketPathNotUtf8(config.socket.clone()))?;
-        info!("connecting to {path}");
-        return vhost_user_daemon::serve_client(&device, path, terminator);
+        Frontend::Connect(path.to_string())
+    } else {
+        let socket = SocketFile::bind(&config.socket)?;
+        info!("listening on {}", config.socket.display());
+        Frontend::Listen {
+            socket,
+            keep_running,
+        }
+    };
+    Ok(NetDaemon { device, frontend })
+}
+
+impl Started for NetDaemon {
+    type Error = DaemonError;
+
+    fn seccomp_rules(&self) -> DeviceRules {
+        crate::seccomp::rules(matches!(self.frontend, Frontend::Connect(_)))
     }
-    let socket = SocketFile::bind(&config.socket)?;
-    info!("listening on {}", config.socket.display());
-    vhost_user_daemon::serve(&device, socket, keep_running, terminator)
+
+    /// Serves frontends one at a time until the first one disconnects (or, with
+    /// `keep_running`, until `terminator` fires; the socket is removed in every case), or with
+    /// `client=on` connects to the VMM's socket and serves that connection. The connection
+    /// loop is [`vhost_user_daemon::serve()`]'s.
+    ///
+    /// # Errors
+    ///
+    /// A [`DaemonError`], as `serve` says.
+    fn serve(self, terminator: &Terminator) -> Result<(), DaemonError> {
+        match self.frontend {
+            Frontend::Connect(path) => {
+                info!("connecting to {path}");
+                vhost_user_daemon::serve_client(&self.device, &path, terminator)
+            }
+            Frontend::Listen {
+                socket,
+                keep_running,
+            } => vhost_user_daemon::serve(&self.device, socket, keep_running, terminator),
+        }
+    }
 }

@@ -11,7 +11,9 @@
 //! - [`config`]: the `--net-backend` option (Cloud Hypervisor's syntax) as one typed struct;
 //! - [`cli`]: the command line;
 //! - [`backend`]: [`NetBackend`], the `VhostUserBackend` (one worker thread per queue pair);
-//! - [`daemon`]: the TAP, the socket, connections, termination ([`daemon::run`]).
+//! - [`daemon`]: the TAP and the socket opened at start ([`daemon::start`]), then connections
+//!   and termination ([`NetDaemon`]);
+//! - [`seccomp`]: what the daemon's threads may call beyond every daemon's rules.
 //!
 //! # Example
 //!
@@ -37,7 +39,8 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod seccomp;
 
 pub use backend::{BackendError, NetBackend};
 pub use config::{BackendConfig, ConfigError};
-pub use daemon::{run, DaemonError, Terminator};
+pub use daemon::{start, DaemonError, NetDaemon, Terminator};

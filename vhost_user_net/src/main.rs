@@ -14,6 +14,6 @@ fn main() -> ExitCode {
             version: env!("CARGO_PKG_VERSION"),
             signal_thread: "vun-signals",
         },
-        vhost_user_net::run,
+        vhost_user_net::start,
     )
 }

@@ -18,7 +18,8 @@ use net_util::testing::{in_new_netns, Buf, PacketSocket, TestDriver};
 use vhost::vhost_user::Frontend;
 use vhost::VhostBackend;
 use vhost_user_daemon::testing::{
-    self, handshake, is_socket, Daemon, FrontendRing, HandshakeOptions, Scratch, TIMEOUT,
+    self, handshake, is_socket, Daemon, FrontendRing, HandshakeOptions, Scratch, SeccompSubject,
+    TIMEOUT,
 };
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
@@ -480,5 +481,48 @@ fn protocol_error_ends_the_daemon_with_1() {
         assert_eq!(status.code(), Some(1), "{err}");
         assert!(err.contains("frontend connection failed"), "{err}");
         assert!(!socket.exists());
+    });
+}
+
+/// The `--net-backend` of the seccomp checks: two queue pairs, so two workers.
+fn seccomp_subject_args(socket: &Path) -> Vec<String> {
+    vec![
+        "--net-backend".into(),
+        format!(
+            "ip=192.168.247.1,mask=255.255.255.0,socket={},tap=vunsc0,num_queues=4",
+            socket.display()
+        ),
+    ]
+}
+
+const SECCOMP_HANDSHAKE: HandshakeOptions = HandshakeOptions {
+    config_len: 24,
+    event_idx: true,
+    queue_max_size: 256,
+};
+
+#[test]
+fn each_thread_class_is_filtered() {
+    in_new_netns("each_thread_class_is_filtered", || {
+        quiet_netns();
+        testing::assert_each_class_is_filtered(&SeccompSubject {
+            bin: BIN,
+            args: &seccomp_subject_args,
+            num_queues: 4,
+            handshake: SECCOMP_HANDSHAKE,
+        });
+    });
+}
+
+#[test]
+fn seccomp_log_and_false_let_forbidden_calls_through() {
+    in_new_netns("seccomp_log_and_false_let_forbidden_calls_through", || {
+        quiet_netns();
+        testing::assert_log_and_off_let_calls_through(&SeccompSubject {
+            bin: BIN,
+            args: &seccomp_subject_args,
+            num_queues: 4,
+            handshake: SECCOMP_HANDSHAKE,
+        });
     });
 }
