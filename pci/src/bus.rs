@@ -82,6 +82,11 @@ pub const HOST_BRIDGE_IDS: PciIds = PciIds {
 pub struct PciBus {
     slots: BTreeMap<u8, SharedPciDevice>,
     mapper: Arc<dyn BarMapper>,
+    /// Where each BAR is mapped on the MMIO bus: (slot, BAR) → address. A decoded BAR the
+    /// mapper refused (the guest placed it over another range) is absent until that range is
+    /// free; only what is here is ever unmapped, so a refused BAR never takes another range's
+    /// mapping away with it.
+    mapped: Mutex<BTreeMap<(u8, usize), u64>>,
 }
 
 impl std::fmt::Debug for PciBus {
@@ -105,7 +110,11 @@ impl PciBus {
         }));
         let mut slots = BTreeMap::new();
         slots.insert(0, bridge);
-        Self { slots, mapper }
+        Self {
+            slots,
+            mapper,
+            mapped: Mutex::new(BTreeMap::new()),
+        }
     }
 
     /// Adds `device` in the first free slot (or `slot`), mapping its decoded BARs.
@@ -126,12 +135,48 @@ impl PciBus {
         };
         let bars = lock(&device).decoded_bars();
         for (bar, addr, size) in bars {
-            if let Err(e) = self.mapper.map(device.clone(), bar, addr, size) {
+            if let Err(e) = self.map(slot, &device, bar, addr, size) {
                 log::error!("PCI 00:{slot:02x}.0 at {addr:#x}: {}", error_chain(&e));
             }
         }
         self.slots.insert(slot, device);
         Ok(slot)
+    }
+
+    /// Maps BAR `bar` of the device in `slot` at `addr` and records it.
+    fn map(
+        &self,
+        slot: u8,
+        device: &SharedPciDevice,
+        bar: usize,
+        addr: u64,
+        size: u64,
+    ) -> Result<(), crate::mmio::MmioError> {
+        self.mapper.map(device.clone(), bar, addr, size)?;
+        lock(&self.mapped).insert((slot, bar), addr);
+        Ok(())
+    }
+
+    /// Unmaps BAR `bar` of the device in `slot` if it is mapped at `addr`.
+    fn unmap(&self, slot: u8, bar: usize, addr: u64) {
+        let mut mapped = lock(&self.mapped);
+        if mapped.get(&(slot, bar)) == Some(&addr) {
+            mapped.remove(&(slot, bar));
+            self.mapper.unmap(addr);
+        }
+    }
+
+    /// Maps the decoded BARs that are not mapped (refused earlier) where their range is free now.
+    fn map_refused(&self) {
+        for (&slot, device) in &self.slots {
+            let bars = lock(device).decoded_bars();
+            for (bar, addr, size) in bars {
+                if lock(&self.mapped).get(&(slot, bar)) != Some(&addr) {
+                    // Still over another range: stays unmapped.
+                    let _ = self.map(slot, device, bar, addr, size);
+                }
+            }
+        }
     }
 
     /// The device in `slot`, if any.
@@ -170,16 +215,20 @@ impl PciBus {
                 continue;
             }
             if let Some((addr, _)) = old {
-                self.mapper.unmap(addr);
+                self.unmap(dev, bar, addr);
             }
             if let Some((addr, size)) = new {
-                if let Err(e) = self.mapper.map(d.clone(), bar, addr, size) {
-                    // A guest placing a BAR over RAM or another device: it stays unmapped.
+                if let Err(e) = self.map(dev, &d, bar, addr, size) {
+                    // A guest placing a BAR over another device or ECAM: it stays unmapped
+                    // until that range is free.
                     log::warn!("PCI 00:{dev:02x}.{func} at {addr:#x}: {}", error_chain(&e));
                 }
             }
             device.bar_moved(bar, old.map(|o| o.0), new.map(|n| n.0));
         }
+        drop(device);
+        // A range this write freed may be where a refused BAR decodes.
+        self.map_refused();
     }
 
     fn function(&self, bus: u8, dev: u8, func: u8) -> Option<SharedPciDevice> {
@@ -504,6 +553,88 @@ mod tests {
             moves,
             vec![(0, Some(0xc000_0000), None), (0, None, Some(0xd000_0000))]
         );
+    }
+
+    /// A device answering BAR reads with its id.
+    struct IdDev {
+        config: PciConfiguration,
+        id: u8,
+    }
+    impl PciDevice for IdDev {
+        fn read_config_register(&mut self, reg: usize) -> u32 {
+            self.config.read_reg(reg)
+        }
+        fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) {
+            self.config.write_reg(reg, offset, data)
+        }
+        fn decoded_bars(&self) -> Vec<(usize, u64, u64)> {
+            self.config
+                .decoded_bar(0)
+                .map(|(a, s)| vec![(0, a, s)])
+                .unwrap_or_default()
+        }
+        fn read_bar(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+            data.fill(self.id);
+        }
+        fn write_bar(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+        fn bar_moved(&mut self, _bar: usize, _old: Option<u64>, _new: Option<u64>) {}
+    }
+
+    /// Found by the `pci_config` fuzz target (seed `bar-over-bar`): a BAR the guest placed over
+    /// another device's BAR (or ECAM) was refused, and moving it away again unmapped whatever
+    /// was at its old address: the other device's BAR, or ECAM itself.
+    #[test]
+    fn a_refused_bar_never_unmaps_another_range_and_maps_once_free() {
+        let mmio = Arc::new(devices::Bus::new());
+        let bus = Arc::new(Mutex::new(PciBus::new(Arc::new(
+            crate::mmio::MmioBarMapper::new(&mmio),
+        ))));
+        let ecam_at = 0xe000_0000;
+        mmio.insert(
+            Arc::new(Mutex::new(PciEcam::new(bus.clone()))),
+            ecam_at,
+            0x1000_0000,
+        )
+        .expect("ECAM");
+        for (id, addr) in [(1u8, 0xc000_0000u64), (2, 0xc001_0000)] {
+            let mut config = PciConfiguration::new(PciIds::default());
+            config
+                .add_bar(
+                    Bar {
+                        index: 0,
+                        size: 0x8000,
+                        kind: BarKind::Memory32,
+                        prefetchable: false,
+                    },
+                    addr,
+                )
+                .expect("bar");
+            config.write_reg(COMMAND_REG, 0, &[COMMAND_MEMORY as u8]);
+            let dev = Arc::new(Mutex::new(IdDev { config, id }));
+            assert_eq!(lock(&bus).add_device(dev, Some(id)), Ok(id));
+        }
+        let who = |addr: u64| {
+            let mut d = [0u8];
+            mmio.read(addr, &mut d).then_some(d[0])
+        };
+        let place = |slot: u64, addr: u32| {
+            mmio.write(ecam_at + (slot << 15) + 0x10, &addr.to_le_bytes());
+        };
+        assert_eq!((who(0xc000_0000), who(0xc001_0000)), (Some(1), Some(2)));
+        // Over slot 1's BAR (refused), then away: slot 1 keeps its mapping.
+        place(2, 0xc000_0000);
+        assert_eq!(who(0xc000_0000), Some(1));
+        place(2, 0xd000_0000);
+        assert_eq!((who(0xc000_0000), who(0xd000_0000)), (Some(1), Some(2)));
+        // Over ECAM (refused), then away: ECAM stays.
+        place(2, ecam_at as u32);
+        place(2, 0xd100_0000);
+        assert!(mmio.read(ecam_at, &mut [0u8; 4]), "ECAM was unmapped");
+        assert_eq!(who(0xd100_0000), Some(2));
+        // Refused over slot 1, mapped as soon as slot 1 moves away.
+        place(2, 0xc000_0000);
+        place(1, 0xc100_0000);
+        assert_eq!((who(0xc000_0000), who(0xc100_0000)), (Some(2), Some(1)));
     }
 
     #[test]
