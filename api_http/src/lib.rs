@@ -45,6 +45,7 @@
 mod chunked;
 pub mod client;
 mod connection;
+pub mod fuzzing;
 mod request;
 mod response;
 mod server;

@@ -92,6 +92,20 @@ struct ConsoleQueues {
     input: Option<Arc<ConsoleInput>>,
 }
 
+/// The queue logic of [`Console`] without its worker thread: what the worker runs when the
+/// driver kicks queue 0 (receive) or 1 (transmit), or `input` has bytes (`on_extra`); the
+/// guest's output goes to `out`. For harnesses that drive the queues directly (the fuzz targets
+/// in `fuzz/`).
+pub fn queue_handler(
+    out: Box<dyn Write + Send>,
+    input: Option<Arc<ConsoleInput>>,
+) -> impl QueueHandler<Error = QueueError> {
+    ConsoleQueues {
+        out: Arc::new(Mutex::new(out)),
+        input,
+    }
+}
+
 impl ConsoleQueues {
     /// Moves pending input into the receive queue's buffers.
     fn deliver_input(

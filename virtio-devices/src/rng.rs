@@ -53,6 +53,13 @@ struct RngQueue {
     source: File,
 }
 
+/// The queue logic of [`Rng`] without its worker thread: what the worker runs when the driver
+/// kicks the queue, reading entropy from `source`. For harnesses that drive the queue directly
+/// (the fuzz targets in `fuzz/`).
+pub fn queue_handler(source: File) -> impl QueueHandler<Error = RngError> {
+    RngQueue { source }
+}
+
 impl RngQueue {
     /// Fills the device-writable buffers of `chain`; returns how many bytes it wrote.
     fn fill<M: GuestMemory>(
