@@ -30,13 +30,15 @@ impl log::Log for Logger {
         let ms = self.start.elapsed().as_secs_f64() * 1e3;
         let thread = std::thread::current();
         let name = thread.name().unwrap_or("?");
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(
-            out,
-            "[{ms:10.3} ms {:5} {name}] {}",
+        // One `write` per line, so that a line written by a signal handler (the seccomp
+        // SIGSYS line) never lands inside one.
+        let line = format!(
+            "[{ms:10.3} ms {:5} {name}] {}\n",
             record.level(),
             record.args()
         );
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = out.write_all(line.as_bytes());
     }
 
     fn flush(&self) {

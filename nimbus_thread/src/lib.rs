@@ -75,10 +75,26 @@ pub const SELF_TEST_ENV: &str = "NIMBUS_SECCOMP_SELF_TEST";
 /// of thread really calls.
 pub const SURVEY_ENV: &str = "NIMBUS_SECCOMP_SURVEY";
 
+/// The survey's file ([`SURVEY_ENV`]), opened once by the first thread to enter (the main
+/// thread, before any filter), so that the others only write to it.
+fn survey_file() -> Option<&'static std::fs::File> {
+    static SURVEY: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+    SURVEY
+        .get_or_init(|| {
+            let path = std::env::var_os(SURVEY_ENV)?;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path)
+                .ok()
+        })
+        .as_ref()
+}
+
 /// Applies `class`'s system-call filter to the calling thread (see [`seccomp`]); a thread that
 /// cannot be filtered while filtering is on must not run, so that ends the process.
 pub fn enter(class: ThreadClass, name: &str) {
-    if let Some(path) = std::env::var_os(SURVEY_ENV) {
+    if let Some(mut survey) = survey_file() {
         use std::io::Write;
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
@@ -87,13 +103,7 @@ pub fn enter(class: ThreadClass, name: &str) {
             std::process::id(),
             class.as_str().replace(' ', "-")
         );
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(path)
-        {
-            let _ = f.write_all(line.as_bytes());
-        }
+        let _ = survey.write_all(line.as_bytes());
     }
     if let Err(e) = seccomp::apply(class, name) {
         let mut text = format!("nimbus: error: thread {name}: {e}");

@@ -112,6 +112,28 @@ pub const BASE: &[i64] = &[
     libc::SYS_seccomp,
 ];
 
+/// What every thread does to live and end: memory for its stack and allocations (`brk` when
+/// malloc falls back to the main arena), futexes, its random hash keys, yielding, the clock
+/// (when the vDSO cannot answer), a call restarted after a stop, and its exit (the alternate
+/// signal stack Rust gives it is taken down, signals are blocked). [`BASE`] (`write`, `exit`,
+/// ...) is in every filter anyway.
+pub const THREAD: &[i64] = &[
+    libc::SYS_brk,
+    libc::SYS_clock_gettime,
+    libc::SYS_futex,
+    libc::SYS_getrandom,
+    libc::SYS_madvise,
+    libc::SYS_mmap,
+    libc::SYS_mprotect,
+    libc::SYS_mremap,
+    libc::SYS_munmap,
+    libc::SYS_restart_syscall,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sched_yield,
+    libc::SYS_sigaltstack,
+];
+
 struct Installed {
     mode: SeccompMode,
     filters: HashMap<ThreadClass, BpfProgram>,
@@ -359,11 +381,17 @@ extern "C" fn on_sigsys(
         unsafe { *(info.cast::<u8>().add(24).cast::<libc::c_int>()) }
     };
     let (name, len, class) = IDENTITY.with(Cell::get);
+    // A thread that has not applied its own filter yet runs under its parent's.
+    let (name, class): (&[u8], &str) = if class.is_empty() {
+        (b"?", "starting, under its parent's filter")
+    } else {
+        (&name[..len], class)
+    };
     let mut digits = [0u8; 20];
     let number = decimal(u64::from(nr.unsigned_abs()), &mut digits);
     write_stderr(&[
         b"nimbus: seccomp: thread ",
-        &name[..len],
+        name,
         b" (",
         class.as_bytes(),
         b") made a forbidden system call ",

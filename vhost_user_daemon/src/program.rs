@@ -52,11 +52,8 @@ pub trait Started {
     fn serve(self, terminator: &Terminator) -> Result<(), Self::Error>;
 }
 
-/// Log lines go to stderr one `write` each (`LineWriter`), so that the line of a forbidden
-/// system call (written by the SIGSYS handler in one `write` too) never lands inside one.
 fn init_logger(verbose: u8) {
-    let out = std::io::LineWriter::new(std::io::stderr());
-    nimbus_log::init(Instant::now(), verbose, Box::new(out));
+    nimbus_log::init(Instant::now(), verbose, Box::new(std::io::stderr()));
 }
 
 fn fail(program: &str, message: &str) -> ExitCode {

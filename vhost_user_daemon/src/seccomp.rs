@@ -30,7 +30,7 @@ use std::fs::File;
 use std::io::Result;
 use std::sync::Arc;
 
-pub use nimbus_thread::seccomp::{Rule, SeccompMode, BASE};
+pub use nimbus_thread::seccomp::{Rule, SeccompMode, BASE, THREAD};
 pub use nimbus_thread::ThreadClass;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
@@ -44,28 +44,6 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 /// The name `vhost-user-backend` (0.24) gives its worker threads.
 pub const WORKER_THREAD: &str = "vring_worker";
-
-/// What every thread does to live and end: memory for its stack and allocations (`brk` when
-/// malloc falls back to the main arena), futexes, its random hash keys, yielding, the clock
-/// (when the vDSO cannot answer), a call restarted after a stop, and its exit (the alternate
-/// signal stack Rust gives it is taken down, signals are blocked). [`BASE`] (`write`, `exit`,
-/// ...) is in every filter anyway.
-const THREAD: &[i64] = &[
-    libc::SYS_brk,
-    libc::SYS_clock_gettime,
-    libc::SYS_futex,
-    libc::SYS_getrandom,
-    libc::SYS_madvise,
-    libc::SYS_mmap,
-    libc::SYS_mprotect,
-    libc::SYS_mremap,
-    libc::SYS_munmap,
-    libc::SYS_restart_syscall,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_sched_getaffinity,
-    libc::SYS_sched_yield,
-    libc::SYS_sigaltstack,
-];
 
 /// `fcntl(F_GETFD)`: a debug build checks a descriptor is open before it closes it.
 fn fcntl(more: &[libc::c_int]) -> Rule {
@@ -185,10 +163,6 @@ const GLIBC_SIGNALS: [u64; 2] = [32, 33];
 const KCMP_FILE: u64 = 0;
 
 /// The rules of every class of a daemon's threads, with `device`'s additions.
-///
-/// With `NIMBUS_SECCOMP_SURVEY` set (`scripts/seccomp-survey`), the main thread may also open
-/// files: every thread reports its class to the survey's file before applying its own filter,
-/// under the main thread's.
 pub fn rules(device: DeviceRules) -> Vec<(ThreadClass, Vec<Rule>)> {
     let DeviceRules {
         main: device_main,
@@ -202,9 +176,6 @@ pub fn rules(device: DeviceRules) -> Vec<(ThreadClass, Vec<Rule>)> {
     worker.extend(device_worker);
     let mut main = main_rules();
     main.extend(device_main);
-    if std::env::var_os(nimbus_thread::SURVEY_ENV).is_some() {
-        main.push(Rule::Allow(libc::SYS_openat));
-    }
     // Every other thread starts under the main thread's filter.
     for rules in [&signal, &protocol, &worker] {
         main.extend(rules.iter().cloned());

@@ -7,38 +7,28 @@
 //! the filters of the thread that started the thread, so every class is a subset of the main
 //! thread's.
 
-use nimbus_thread::seccomp::Rule;
+use nimbus_thread::seccomp::{Rule, THREAD};
 use nimbus_thread::ThreadClass;
 
-/// What every thread does to live and end: memory for its stack and allocations, thread-local
-/// storage, signal masks, futexes, its name.
-const THREAD: &[i64] = &[
-    libc::SYS_brk,
-    libc::SYS_clock_gettime,
+/// What the main thread does besides: sleep, read its process id.
+const MAIN_THREAD: &[i64] = &[
     libc::SYS_clock_nanosleep,
-    libc::SYS_futex,
-    libc::SYS_getrandom,
-    libc::SYS_madvise,
-    libc::SYS_mmap,
-    libc::SYS_mprotect,
-    libc::SYS_mremap,
-    libc::SYS_munmap,
     libc::SYS_nanosleep,
-    libc::SYS_prctl,
-    libc::SYS_restart_syscall,
-    libc::SYS_rseq,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_sched_getaffinity,
-    libc::SYS_sched_yield,
-    libc::SYS_set_robust_list,
-    libc::SYS_sigaltstack,
-    libc::SYS_gettid,
     libc::SYS_getpid,
 ];
 
 /// Starting threads (the main thread starts vCPUs and device workers; the relay starts the
-/// deadline threads of its exchanges with a backend).
-const SPAWN: &[i64] = &[libc::SYS_clone, libc::SYS_clone3];
+/// deadline threads of its exchanges with a backend): a new thread names itself, reads its
+/// id and sets up its thread-local state (`prctl`, `gettid`, `rseq`, `set_robust_list`) under
+/// its parent's filter, before it applies its own.
+const SPAWN: &[i64] = &[
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_prctl,
+    libc::SYS_gettid,
+    libc::SYS_rseq,
+    libc::SYS_set_robust_list,
+];
 
 /// Waiting on many descriptors and on eventfds.
 const EVENTS: &[i64] = &[
@@ -150,7 +140,7 @@ fn allow(lists: &[&[i64]]) -> Vec<Rule> {
 
 /// The rules of every class of the VMM's threads.
 pub fn rules() -> Vec<(ThreadClass, Vec<Rule>)> {
-    let mut main = allow(&[THREAD, SPAWN, EVENTS, SOCKETS, IO]);
+    let mut main = allow(&[THREAD, MAIN_THREAD, SPAWN, EVENTS, SOCKETS, IO]);
     main.extend(allow(&[&[
         libc::SYS_openat,
         libc::SYS_open,
@@ -200,10 +190,16 @@ pub fn rules() -> Vec<(ThreadClass, Vec<Rule>)> {
     let deadline = allow(&[THREAD, &[libc::SYS_shutdown, libc::SYS_close]]);
     // The relay starts deadline threads: they run under its filter too.
     relay.extend(deadline.iter().cloned());
+    // The server's epoll set and eventfds are made by the main thread; this one waits on them,
+    // accepts, reads requests with their descriptors and writes answers.
     let mut api = allow(&[
         THREAD,
-        EVENTS,
         &[
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_epoll_ctl,
+            libc::SYS_read,
+            libc::SYS_close,
             libc::SYS_accept4,
             libc::SYS_recvmsg,
             libc::SYS_sendmsg,
