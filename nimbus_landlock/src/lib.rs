@@ -28,6 +28,9 @@ pub enum Access {
     Write,
     /// `rw`: both.
     ReadWrite,
+    /// Remove files and sockets beneath (a daemon removing its socket at exit); not a
+    /// command-line value.
+    RemoveEntries,
 }
 
 impl Access {
@@ -50,6 +53,7 @@ impl Access {
             Self::Read => AccessFs::from_read(ABI_USED),
             Self::Write => AccessFs::from_write(ABI_USED),
             Self::ReadWrite => AccessFs::from_all(ABI_USED),
+            Self::RemoveEntries => AccessFs::RemoveFile.into(),
         }
     }
 }

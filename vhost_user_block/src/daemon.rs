@@ -100,6 +100,10 @@ impl Started for BlockDaemon {
         crate::seccomp::rules()
     }
 
+    fn landlock_rules(&self) -> Vec<nimbus_landlock::PathRule> {
+        vec![self.socket.landlock_rule()]
+    }
+
     /// Serves frontends one at a time until the first one disconnects (or, with
     /// `keep_running`, until `terminator` fires). The socket is removed in every case. The
     /// connection loop is [`vhost_user_daemon::serve()`]'s.

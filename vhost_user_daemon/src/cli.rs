@@ -89,6 +89,9 @@ pub struct Args<C> {
     /// `--seccomp`: what a system call outside the daemon's filters does (default: it ends the
     /// daemon).
     pub seccomp: SeccompMode,
+    /// `--landlock`: no file-system access once the disk or TAP is open and the socket bound,
+    /// but removing the socket at exit.
+    pub landlock: bool,
 }
 
 /// Parses the arguments after the program name. `--help` or `--version` anywhere wins (as
@@ -106,6 +109,7 @@ where
     let mut keep_running = false;
     let mut verbose: u8 = 0;
     let mut seccomp = None;
+    let mut landlock = false;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let arg = arg
@@ -145,6 +149,7 @@ where
                 seccomp = Some(SeccompMode::parse(&value).map_err(|_| CliError::Seccomp(value))?);
             }
             "--keep-running" if inline.is_none() => keep_running = true,
+            "--landlock" if inline.is_none() => landlock = true,
             "--verbose" if inline.is_none() => verbose = verbose.saturating_add(1),
             "-h" | "--help" if inline.is_none() => return Ok(Command::Help),
             "-V" | "--version" if inline.is_none() => return Ok(Command::Version),
@@ -161,6 +166,7 @@ where
         keep_running,
         verbose,
         seccomp: seccomp.unwrap_or(SeccompMode::Trap),
+        landlock,
     }))
 }
 
@@ -169,7 +175,8 @@ pub fn usage<C: BackendOption>(program: &str) -> String {
     let (summary, option, syntax) = (C::SUMMARY, C::OPTION, C::SYNTAX);
     let mut s = format!(
         "{program}: {summary}\n\n\
-         Usage: {program} {option} {syntax} [--keep-running] [--seccomp <mode>] [-v...]\n\n\
+         Usage: {program} {option} {syntax} [--keep-running] [--seccomp <mode>]\n\
+         \x20      [--landlock] [-v...]\n\n\
          {option} keys:\n"
     );
     for (key, help) in C::KEYS {
@@ -182,6 +189,8 @@ pub fn usage<C: BackendOption>(program: &str) -> String {
          \x20 --seccomp <mode>  system call filters: true (default) ends the daemon on a call\n\
          \x20                   its threads may not make, log lets it through and has the\n\
          \x20                   kernel log it, false installs none\n\
+         \x20 --landlock        once the disk or TAP is open and the socket bound, allow no\n\
+         \x20                   file-system access but removing the socket at exit\n\
          \x20 -v, --verbose     more log output on stderr (-v info, -vv debug)\n\
          \x20 -h, --help        this text\n\
          \x20 -V, --version     the version\n\n\
@@ -235,6 +244,12 @@ pub mod testing {
         assert!(!a.keep_running);
         assert_eq!(a.verbose, 0);
         assert_eq!(a.seccomp, SeccompMode::Trap, "filters on by default");
+        assert!(!a.landlock, "landlock off by default");
+        assert!(run::<C>(&[option, valid, "--landlock"]).landlock);
+        assert!(matches!(
+            parse::<C>(&[option, valid, "--landlock=yes"]).unwrap_err(),
+            CliError::Unexpected(_)
+        ));
         let inline = format!("{option}={valid}");
         let b = run::<C>(&["-vv", &inline, "--keep-running", "--verbose"]);
         assert_eq!(b.backend, a.backend);

@@ -43,6 +43,10 @@ pub trait Started {
     /// What its device adds to the system calls every daemon's threads may make.
     fn seccomp_rules(&self) -> DeviceRules;
 
+    /// The file-system access it still needs once started (`--landlock`): everything it uses
+    /// is open by then, so at most removing its socket at exit.
+    fn landlock_rules(&self) -> Vec<nimbus_landlock::PathRule>;
+
     /// Serves frontends until the first one disconnects (or, with `--keep-running`, until
     /// `terminator` fires).
     ///
@@ -103,6 +107,13 @@ where
         Ok(s) => s,
         Err(e) => return fail(name, &nimbus_log::error_chain(&e)),
     };
+    if args.landlock {
+        match nimbus_landlock::restrict(&started.landlock_rules()) {
+            Ok(e) if e.full => {}
+            Ok(_) => log::warn!("landlock: this kernel enforces only some of the rules"),
+            Err(e) => return fail(name, &nimbus_log::error_chain(&e)),
+        }
+    }
     // Every thread from here on is filtered, this one included.
     if let Err(e) = nimbus_thread::seccomp::install(args.seccomp, rules(started.seccomp_rules())) {
         return fail(name, &nimbus_log::error_chain(&e));

@@ -82,6 +82,16 @@ impl std::fmt::Debug for SocketFile {
 }
 
 impl SocketFile {
+    /// What removing the socket at exit needs under Landlock: removing entries in its
+    /// directory.
+    pub fn landlock_rule(&self) -> nimbus_landlock::PathRule {
+        let dir = match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        nimbus_landlock::PathRule::new(dir, nimbus_landlock::Access::RemoveEntries)
+    }
+
     /// Creates a socket at `path` and listens on it.
     ///
     /// An existing socket that nobody listens on (left behind by a killed daemon) is replaced;

@@ -191,6 +191,14 @@ impl Started for NetDaemon {
         crate::seccomp::rules(matches!(self.frontend, Frontend::Connect(_)))
     }
 
+    fn landlock_rules(&self) -> Vec<nimbus_landlock::PathRule> {
+        match &self.frontend {
+            Frontend::Listen { socket, .. } => vec![socket.landlock_rule()],
+            // Connecting to the VMM's socket is no file-system access Landlock governs.
+            Frontend::Connect(_) => Vec::new(),
+        }
+    }
+
     /// Serves frontends one at a time until the first one disconnects (or, with
     /// `keep_running`, until `terminator` fires; the socket is removed in every case), or with
     /// `client=on` connects to the VMM's socket and serves that connection. The connection
