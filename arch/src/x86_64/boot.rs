@@ -32,6 +32,10 @@ const PD_START: u64 = 0xb000;
 const BOOT_STACK_POINTER: u64 = 0x8ff0;
 /// Offset of the 64-bit entry point from the protected-mode kernel's load address.
 const LINUX_64BIT_ENTRY_OFFSET: u64 = 0x200;
+/// End of what the identity page tables map (the PD's 512 pages of 2 MiB).
+const IDENTITY_MAP_END: u64 = 1 << 30;
+/// End of what 32-bit protected mode without paging (PVH) reaches.
+const PVH_ENTRY_END: u64 = 1 << 32;
 
 /// Errors loading or describing the kernel.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +91,14 @@ pub enum BootError {
     /// The boot configurator refused the boot parameters.
     #[error("cannot write the boot parameters")]
     Configure(#[source] linux_loader::configurator::Error),
+    /// The kernel's entry point is not in guest RAM the boot protocol reaches (the first GiB,
+    /// identity-mapped, for the 64-bit Linux boot protocol; below 4 GiB for PVH): the boot vCPU
+    /// could only fault there, and every reset would boot into the same fault.
+    #[error("the kernel's entry point {entry:#x} is not in guest RAM the boot protocol reaches")]
+    EntryOutsideRam {
+        /// The entry point.
+        entry: u64,
+    },
 }
 
 /// How the boot vCPU enters the kernel.
@@ -163,13 +175,26 @@ pub fn load_kernel<M: GuestMemoryBackend>(
         Some(f) => Some(load_initramfs(mem, f, kernel_end, spec.ram_size)?),
         None => None,
     };
+    let reachable = |entry: u64, end: u64| {
+        if entry < end && mem.address_in_range(GuestAddress(entry)) {
+            Ok(())
+        } else {
+            Err(BootError::EntryOutsideRam { entry })
+        }
+    };
     if is_elf {
         let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
             return Err(BootError::NoPvhNote);
         };
+        reachable(entry.0, PVH_ENTRY_END)?;
         write_pvh_start_info(mem, spec.ram_size, initramfs, spec.cmdline.len(), spec.rsdp)?;
         Ok(BootEntry::Pvh { entry: entry.0 })
     } else {
+        let entry = loaded
+            .kernel_load
+            .0
+            .saturating_add(LINUX_64BIT_ENTRY_OFFSET);
+        reachable(entry, IDENTITY_MAP_END)?;
         write_zero_page(
             mem,
             &loaded,
@@ -180,7 +205,7 @@ pub fn load_kernel<M: GuestMemoryBackend>(
         )?;
         write_identity_page_tables(mem)?;
         Ok(BootEntry::Linux64 {
-            entry: loaded.kernel_load.0 + LINUX_64BIT_ENTRY_OFFSET,
+            entry,
             zero_page: ZERO_PAGE_START,
             pml4: PML4_START,
             stack: BOOT_STACK_POINTER,
@@ -458,6 +483,35 @@ mod tests {
         assert_eq!(
             mem.read_obj::<u64>(GuestAddress(PD_START)).expect("pd"),
             0x83
+        );
+    }
+
+    /// Found by the `kernel_loader` fuzz target: a bzImage whose `code32_start` lies past the
+    /// end of RAM (with an empty protected-mode part, so nothing is written there) loaded
+    /// fine, and the boot vCPU would have started outside RAM.
+    #[test]
+    fn an_entry_point_outside_ram_is_an_error() {
+        let ram = 64u64 << 20;
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), ram as usize)]).expect("mem");
+        let mut image = synthetic_bzimage();
+        image.truncate(5 * 512);
+        image[0x214..0x218].copy_from_slice(&0x2410_0000u32.to_le_bytes());
+        let mut kernel = temp_file("bz-outside", &image);
+        let err = load_kernel(
+            &mem,
+            BootSpec {
+                kernel: &mut kernel,
+                initramfs: None,
+                cmdline: "",
+                ram_size: ram,
+                rsdp: 0xa0000,
+            },
+        )
+        .expect_err("entry outside RAM");
+        assert!(
+            matches!(err, BootError::EntryOutsideRam { entry: 0x2410_0200 }),
+            "{err:?}"
         );
     }
 
