@@ -338,8 +338,7 @@ where
     }
 
     fn update_memory(&self, mem: GuestMemory<B>) -> io::Result<()> {
-        self.mem.replace(mem);
-        Ok(())
+        self.mem.replace(mem)
     }
 
     /// One worker thread per queue: queue `i` is thread `i`'s only ring.

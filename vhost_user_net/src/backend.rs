@@ -444,8 +444,7 @@ where
     }
 
     fn update_memory(&self, mem: GuestMemory<B>) -> io::Result<()> {
-        self.mem.replace(mem);
-        Ok(())
+        self.mem.replace(mem)
     }
 
     /// One worker thread per queue pair: thread `i` has rings `2i` (rx) and `2i + 1` (tx).
