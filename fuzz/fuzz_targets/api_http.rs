@@ -9,7 +9,7 @@
 //!
 //! Checks (server): the stream parsed at once and in two pieces split at `split` gives the same
 //! requests and the same refusal; every request parsed (whose header values are UTF-8)
-//! re-encodes (with `Content-Length`) into bytes that parse back into the same method, target,
+//! re-encodes (with `Content-Length` for a body) into bytes that parse back into the same method, target,
 //! headers and body; refusals are 400 or 413. (Client): a response is never an interim 1xx one, and a `Content-Length` body has that
 //! length.
 #![no_main]
@@ -99,7 +99,11 @@ fn server(data: &[u8]) {
         for (n, v) in headers.iter().filter(|(n, _)| !is_framing(n)) {
             bytes.extend_from_slice(format!("{n}: {v}\r\n").as_bytes());
         }
-        bytes.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+        // No more header fields than the original had (the limit counts them).
+        if !body.is_empty() {
+            bytes.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+        }
+        bytes.extend_from_slice(b"\r\n");
         bytes.extend_from_slice(body);
         let (again, refused) = feed(&[&bytes]);
         assert_eq!(
