@@ -83,8 +83,9 @@ fn signal_rules() -> Vec<Rule> {
 }
 
 /// The protocol thread: messages (with descriptors) on the connection, guest memory mapped
-/// from the frontend's descriptors and unmapped when replaced, kick descriptors added to and
-/// removed from the workers' epoll and the workers woken, the connection shut down at its end.
+/// from the frontend's descriptors (each region checked against its file's size, `statx`) and
+/// unmapped when replaced, kick descriptors added to and removed from the workers' epoll and
+/// the workers woken, the connection shut down at its end.
 fn protocol_rules() -> Vec<Rule> {
     let mut rules = allow(&[
         THREAD,
@@ -94,6 +95,7 @@ fn protocol_rules() -> Vec<Rule> {
             libc::SYS_epoll_ctl,
             libc::SYS_close,
             libc::SYS_shutdown,
+            libc::SYS_statx,
         ],
     ]);
     rules.push(fcntl(&[]));
