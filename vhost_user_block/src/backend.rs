@@ -19,6 +19,7 @@ use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use vhost_user_daemon::config_space::config_reply;
+use vhost_user_daemon::vring::rings_in_memory;
 use vhost_user_daemon::{ExitEvents, MemorySlot};
 use virtio_chain::poll::{poll_queue, AdaptivePoll};
 use vm_memory::bitmap::Bitmap;
@@ -196,6 +197,15 @@ impl<B: Bitmap + 'static> BlockBackend<B> {
                 return;
             }
             let guard = mem.memory();
+            if !rings_in_memory(state.get_queue(), guard.deref()) {
+                if !queue.broken.swap(true, Ordering::Relaxed) {
+                    warn!(
+                        "queue {index}: its rings run past the end of guest memory; ignoring it \
+                         until the driver sets it up again"
+                    );
+                }
+                return;
+            }
             let result = process_queue_bounded(
                 state.get_queue_mut(),
                 guard.deref(),

@@ -14,6 +14,7 @@ use net_util::testing::{Buf, TestDriver};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Frontend;
 use vhost::VhostBackend;
+use vhost_user_daemon::testing::hostile::{self, HostileSubject};
 use vhost_user_daemon::testing::{
     self, file_id, handshake, is_socket, Daemon, FrontendRing, HandshakeOptions, Scratch,
     SeccompSubject, TIMEOUT,
@@ -434,5 +435,46 @@ fn seccomp_log_and_false_let_forbidden_calls_through() {
         args: &args,
         num_queues: 2,
         handshake: SECCOMP_HANDSHAKE,
+    });
+}
+
+/// One read of sector 1 (512 bytes): a used entry of 513 bytes (data and status).
+fn hostile_request(driver: &mut TestDriver) -> u32 {
+    let mut hdr = VIRTIO_BLK_T_IN.to_le_bytes().to_vec();
+    hdr.extend_from_slice(&[0; 4]);
+    hdr.extend_from_slice(&1u64.to_le_bytes());
+    let hdr = driver.alloc_data(&hdr);
+    let data = driver.alloc(512, 0);
+    let status = driver.alloc(1, 0xff);
+    driver.add_chain(&[Buf::r(hdr, 16), Buf::w(data, 512), Buf::w(status, 1)]);
+    513
+}
+
+/// Every hostile frontend of `vhost_user_daemon::testing::hostile` against this daemon: each
+/// refused or survived as the case says, the daemon exiting with the documented status, and a
+/// `--keep-running` daemon serving a well-behaved frontend after each.
+#[test]
+fn hostile_frontends_are_refused_or_survived() {
+    let dir = Scratch::new("hostile");
+    let image = dir.file("disk.img");
+    write_image(&image);
+    let args = |socket: &Path| {
+        vec![
+            "--block-backend".to_string(),
+            format!(
+                "path={},socket={},num_queues=2",
+                image.display(),
+                socket.display()
+            ),
+        ]
+    };
+    hostile::assert_hostile_frontends_are_survived(&HostileSubject {
+        bin: BIN,
+        args: &args,
+        num_queues: 2,
+        queue_max_size: 128,
+        config_len: 60,
+        serve_queue: 0,
+        request: &hostile_request,
     });
 }

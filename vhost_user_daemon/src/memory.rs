@@ -3,7 +3,6 @@
 use std::io;
 use std::sync::{Mutex, PoisonError};
 
-use vhost_user_backend::VringRwLock;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{
     GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -13,9 +12,7 @@ use vm_memory::{
 /// every `SET_MEM_TABLE`. `B` is the dirty-page bitmap (`()`: no dirty logging).
 pub type GuestMemory<B = ()> = GuestMemoryAtomic<GuestMemoryMmap<B>>;
 
-/// The ring type the backends use: one reader-writer lock per queue, so the protocol thread
-/// (`GET_VRING_BASE`, ...) waits for a worker in the middle of a queue and vice versa.
-pub type Vring<B = ()> = VringRwLock<GuestMemory<B>>;
+pub use crate::vring::Vring;
 
 /// A backend's view of guest memory: what the crate last handed over (`update_memory`).
 #[derive(Debug)]

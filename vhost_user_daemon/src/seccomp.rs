@@ -84,8 +84,10 @@ fn signal_rules() -> Vec<Rule> {
 
 /// The protocol thread: messages (with descriptors) on the connection, guest memory mapped
 /// from the frontend's descriptors (each region checked against its file's size, `statx`) and
-/// unmapped when replaced, kick descriptors added to and removed from the workers' epoll and
-/// the workers woken, the connection shut down at its end.
+/// unmapped when replaced, the rings' kick and call descriptors checked to be eventfds (`statx`)
+/// and made non-blocking (`fcntl`), kick descriptors added to and removed from the workers'
+/// epoll and the workers woken, the connection shut down at its end (or when the daemon drops
+/// it).
 fn protocol_rules() -> Vec<Rule> {
     let mut rules = allow(&[
         THREAD,
@@ -98,16 +100,22 @@ fn protocol_rules() -> Vec<Rule> {
             libc::SYS_statx,
         ],
     ]);
-    rules.push(fcntl(&[]));
+    rules.push(fcntl(&[libc::F_GETFL, libc::F_SETFL]));
     rules
 }
 
 /// A worker: waits on its epoll, reads its kicks, writes its calls; may drop the last user of
-/// guest memory replaced meanwhile (unmap, close).
+/// guest memory replaced meanwhile (unmap, close); shuts the connection down when it finds
+/// guest memory gone or its kick unreadable (`crate::serve::drop_connection`).
 fn worker_rules() -> Vec<Rule> {
     let mut rules = allow(&[
         THREAD,
-        &[libc::SYS_epoll_wait, libc::SYS_read, libc::SYS_close],
+        &[
+            libc::SYS_epoll_wait,
+            libc::SYS_read,
+            libc::SYS_close,
+            libc::SYS_shutdown,
+        ],
     ]);
     rules.push(fcntl(&[]));
     rules
@@ -263,6 +271,8 @@ impl<B> Filtered<B> {
 
     fn protocol(&self) -> &B {
         enter_once(ThreadClass::DaemonProtocol, self.protocol_thread);
+        // The messages before this one may have touched guest memory that had vanished.
+        crate::fault::check();
         &self.backend
     }
 }
@@ -343,8 +353,12 @@ impl<B: VhostUserBackend> VhostUserBackend for Filtered<B> {
         thread_id: usize,
     ) -> Result<()> {
         enter_once(ThreadClass::DaemonWorker, WORKER_THREAD);
-        self.backend
-            .handle_event(device_event, evset, vrings, thread_id)
+        let result = self
+            .backend
+            .handle_event(device_event, evset, vrings, thread_id);
+        // Serving the rings may have touched guest memory that had vanished.
+        crate::fault::check();
+        result
     }
 
     fn set_device_state_fd(

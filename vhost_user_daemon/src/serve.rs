@@ -1,28 +1,32 @@
 //! The connection loop, generic over the device a daemon serves ([`Device`]): frontend
 //! connections served one at a time, each with a fresh backend, until the first one disconnects
 //! (or, with `keep_running`, until the [`Terminator`] fires).
+//!
+//! Besides the protocol errors with which the backend crate ends a connection, the daemon drops
+//! one itself when the frontend hands over what it cannot safely use ([`drop_connection`] with a
+//! [`ConnectionFault`]): a ring descriptor that is not an eventfd, guest memory that vanished.
+//! The connection then ends as after a protocol error.
 
-use std::sync::Arc;
+use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::exit::ExitEvents;
 use vm_memory::GuestMemoryMmap;
 
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, Vring};
 use crate::seccomp::Filtered;
 use crate::socket::{is_disconnect, wait_for_frontend, DaemonError, SocketFile, Terminator, Wake};
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{
-    Error as DaemonCrateError, VhostUserBackend, VhostUserDaemon, VringRwLock,
+    Error as DaemonCrateError, ShutdownHandle, VhostUserBackend, VhostUserDaemon,
 };
 
 /// What differs between daemons: the backend built per connection, and what is done with it.
 pub trait Device {
     /// The `VhostUserBackend`, one per connection, with the exit events of its workers (whose
     /// descriptors are reclaimed after each connection).
-    type Backend: VhostUserBackend<Bitmap = (), Vring = VringRwLock<GuestMemory>>
-        + AsRef<ExitEvents>
-        + 'static;
+    type Backend: VhostUserBackend<Bitmap = (), Vring = Vring> + AsRef<ExitEvents> + 'static;
     /// The daemon's error, which the common errors convert into.
     type Error: From<DaemonError>;
 
@@ -54,6 +58,102 @@ pub trait Device {
     }
 }
 
+/// Why the daemon drops a frontend's connection itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionFault {
+    /// A ring's kick, call or error descriptor is not an eventfd: reading or writing it could
+    /// block a worker (holding the ring) for ever, or fail for ever.
+    #[error("the frontend's {role} descriptor for a ring is {kind}, not an eventfd")]
+    NotAnEventfd {
+        /// "kick", "call" or "error".
+        role: &'static str,
+        /// What it is instead.
+        kind: &'static str,
+    },
+    /// A ring's descriptor could not be inspected or made non-blocking.
+    #[error("cannot prepare the frontend's {role} descriptor for a ring")]
+    Descriptor {
+        /// "kick", "call" or "error".
+        role: &'static str,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A ring size that is not a power of two (`SET_VRING_NUM`): the backend crate lets it
+    /// through, and the ring would keep its previous size unknown to the frontend.
+    #[error("the frontend asked for a ring of {size} entries, not a power of two")]
+    RingSize {
+        /// The size asked.
+        size: u16,
+    },
+    /// Reading a ring's kick eventfd failed otherwise than for want of a kick.
+    #[error("cannot read a ring's kick eventfd")]
+    Kick(#[source] io::Error),
+    /// An access to guest memory hit a page past the end of its region's file: the frontend
+    /// shrank the file (a memfd truncated) after the daemon mapped it.
+    #[error(
+        "guest memory at host address {address:#x} is past the end of its file: the frontend \
+         shrank a memory region's file under the daemon"
+    )]
+    MemoryVanished {
+        /// The address that faulted.
+        address: usize,
+    },
+}
+
+/// The connection being served, for [`drop_connection`]: the crate's handle on it, and why
+/// the daemon dropped it (first reason only).
+struct Current {
+    handle: Option<ShutdownHandle>,
+    dropped: Option<String>,
+}
+
+static CURRENT: Mutex<Current> = Mutex::new(Current {
+    handle: None,
+    dropped: None,
+});
+
+fn current() -> std::sync::MutexGuard<'static, Current> {
+    CURRENT.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Drops the frontend connection being served because of `fault` (logged once, as an error):
+/// the socket is shut down, the crate's protocol thread ends, and the connection ends as after a
+/// protocol error (exit status 1, or the next frontend with `--keep-running`). Only the first
+/// fault of a connection counts; one that comes before the connection is fully started is acted
+/// on as soon as it is. Safe from any of the connection's threads.
+pub fn drop_connection(fault: ConnectionFault) {
+    let mut current = current();
+    if current.dropped.is_some() {
+        return;
+    }
+    let reason = nimbus_log::error_chain(&fault);
+    error!("{reason}; dropping the connection");
+    current.dropped = Some(reason);
+    if let Some(handle) = &current.handle {
+        handle.shutdown();
+    }
+}
+
+/// Makes `handle` the connection [`drop_connection`] shuts down (shutting it down at once if a
+/// fault came already).
+fn attach_current(handle: Option<ShutdownHandle>) {
+    let mut current = current();
+    if current.dropped.is_some() {
+        if let Some(h) = &handle {
+            h.shutdown();
+        }
+    }
+    current.handle = handle;
+}
+
+/// Forgets the connection that ended; returns why the daemon dropped it, if it did.
+fn detach_current() -> Option<String> {
+    let mut current = current();
+    current.handle = None;
+    current.dropped.take()
+}
+
 /// How a connection is made.
 enum Connect<'a> {
     /// Accept on the daemon's listening socket.
@@ -74,6 +174,9 @@ fn connect<D: Device>(
     device: &D,
     connect: Connect<'_>,
 ) -> Result<Connection<D::Backend>, D::Error> {
+    // Nothing of an earlier connection counts against this one.
+    let _ = detach_current();
+    let _ = crate::fault::take();
     let mem = GuestMemory::new(GuestMemoryMmap::<()>::new());
     let backend = device.backend(mem.clone())?;
     let filtered = Filtered::new(backend.clone(), D::PROTOCOL_THREAD);
@@ -97,32 +200,57 @@ fn connect<D: Device>(
     Ok(Connection { daemon, backend })
 }
 
-/// Serves a connection to its end (disconnection, error, or `terminator`).
+/// How a connection ended: the crate's verdict, and the daemon's own reason if it dropped it.
+struct Ended {
+    result: Result<(), DaemonCrateError>,
+    dropped: Option<String>,
+}
+
+/// Serves a connection to its end (disconnection, error, [`drop_connection`] or `terminator`).
 fn serve_connection<D: Device>(
     connection: Connection<D::Backend>,
     terminator: &Terminator,
-) -> Result<(), DaemonCrateError> {
+) -> Ended {
     let Connection {
         mut daemon,
         backend,
     } = connection;
     terminator.attach(daemon.shutdown_handle());
+    attach_current(daemon.shutdown_handle());
     let result = daemon.wait();
     terminator.detach();
     // Sends the exit events and joins the worker threads.
     drop(daemon);
+    // After the workers: they may drop the connection to the last.
+    let dropped = detach_current();
     let exit_events: &ExitEvents = (*backend).as_ref();
     // SAFETY: the daemon, the only user of the backend's exit events, was just dropped.
     unsafe { exit_events.close_orphaned() };
-    result
+    Ended { result, dropped }
 }
 
 /// Judges how a connection ended; `Ok(true)` when the daemon is to stop.
-fn finish(
+fn finish(ended: Ended, keep_running: bool, terminator: &Terminator) -> Result<bool, DaemonError> {
+    let Ended { result, dropped } = ended;
+    match (result, dropped) {
+        (_, Some(_)) if terminator.is_requested() => {}
+        (_, Some(reason)) if keep_running => warn!("frontend connection failed: {reason}"),
+        (_, Some(reason)) => return Err(DaemonError::Protocol(reason)),
+        (result, None) => judge(result, keep_running, terminator)?,
+    }
+    if terminator.is_requested() {
+        info!("terminating");
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Judges the crate's verdict on a connection the daemon did not drop itself.
+fn judge(
     result: Result<(), DaemonCrateError>,
     keep_running: bool,
     terminator: &Terminator,
-) -> Result<bool, DaemonError> {
+) -> Result<(), DaemonError> {
     match result {
         Ok(()) => info!("frontend disconnected"),
         Err(e) if is_disconnect(&e) => info!("frontend disconnected ({e})"),
@@ -130,11 +258,7 @@ fn finish(
         Err(e) if keep_running => warn!("frontend connection failed: {e}"),
         Err(e) => return Err(DaemonError::Protocol(e.to_string())),
     }
-    if terminator.is_requested() {
-        info!("terminating");
-        return Ok(true);
-    }
-    Ok(false)
+    Ok(())
 }
 
 /// Serves frontends connecting to `socket` one at a time until the first one disconnects (or,

@@ -3,12 +3,18 @@
 //! `vhost` frontend can share with it, and the checks of the system call filters every daemon
 //! has ([`assert_each_class_is_filtered`], [`assert_log_and_off_let_calls_through`]).
 //!
+//! [`raw`] is a frontend that writes the protocol's messages itself, whatever they hold;
+//! [`hostile`] points a list of hostile frontends written with it at a daemon binary.
+//!
 //! The binary a test names is run unless `NIMBUS_<NAME>` (`NIMBUS_VHOST_USER_BLOCK`, ...,
 //! the variables `e2e::workspace_binary` honours) names another: `scripts/seccomp-survey` runs
 //! the daemons' tests with a wrapper that traces the daemon.
 
 // Test code: a panic is how a helper reports failure.
 #![allow(clippy::unwrap_used)]
+
+pub mod hostile;
+pub mod raw;
 
 use std::ffi::{CStr, OsString};
 use std::fs::{self, File};

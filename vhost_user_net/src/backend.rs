@@ -21,6 +21,7 @@ use net_util::{tap_offload_flags, MacAddr, NetRx, NetTx, RxStop, TapQueue, Virti
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use vhost_user_daemon::config_space::config_reply;
+use vhost_user_daemon::vring::rings_in_memory;
 use vhost_user_daemon::{ExitEvents, MemorySlot};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::GuestAddressSpace;
@@ -231,6 +232,16 @@ impl<B: Bitmap + 'static> NetBackend<B> {
                 return;
             }
             let guard = mem.memory();
+            if !rings_in_memory(ring.get_queue(), guard.deref()) {
+                if !std::mem::replace(&mut state.tx_broken, true) {
+                    warn!(
+                        "tx queue {}: its rings run past the end of guest memory; ignoring it \
+                         until the driver sets it up again",
+                        2 * pair + 1
+                    );
+                }
+                return;
+            }
             let result =
                 state
                     .tx
@@ -318,6 +329,16 @@ impl<B: Bitmap + 'static> NetBackend<B> {
                 return;
             }
             let guard = mem.memory();
+            if !rings_in_memory(ring.get_queue(), guard.deref()) {
+                if !std::mem::replace(&mut state.rx_broken, true) {
+                    warn!(
+                        "rx queue {}: its rings run past the end of guest memory; ignoring it \
+                         until the driver sets it up again",
+                        2 * pair
+                    );
+                }
+                return;
+            }
             let result =
                 state
                     .rx

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use net_util::testing::{in_new_netns, Buf, PacketSocket, TestDriver};
 use vhost::vhost_user::Frontend;
 use vhost::VhostBackend;
+use vhost_user_daemon::testing::hostile::{self, HostileSubject};
 use vhost_user_daemon::testing::{
     self, handshake, is_socket, Daemon, FrontendRing, HandshakeOptions, Scratch, SeccompSubject,
     TIMEOUT,
@@ -523,6 +524,45 @@ fn seccomp_log_and_false_let_forbidden_calls_through() {
             args: &seccomp_subject_args,
             num_queues: 4,
             handshake: SECCOMP_HANDSHAKE,
+        });
+    });
+}
+
+/// One frame on the transmit queue (a zero virtio-net header and 60 bytes): a used entry of
+/// length 0.
+fn hostile_request(driver: &mut TestDriver) -> u32 {
+    let mut packet = vec![0u8; VNET_HDR_LEN];
+    packet.extend_from_slice(&test_frame([0xff; 6], GUEST_MAC, ETHERTYPE_TX, 0x77)[..60]);
+    let addr = driver.alloc_data(&packet);
+    driver.add_chain(&[Buf::r(addr, packet.len() as u32)]);
+    0
+}
+
+/// Every hostile frontend of `vhost_user_daemon::testing::hostile` against this daemon: each
+/// refused or survived as the case says, the daemon exiting with the documented status, and a
+/// `--keep-running` daemon serving a well-behaved frontend after each.
+#[test]
+fn hostile_frontends_are_refused_or_survived() {
+    in_new_netns("hostile_frontends_are_refused_or_survived", || {
+        quiet_netns();
+        let args = |socket: &Path| {
+            vec![
+                "--net-backend".to_string(),
+                format!(
+                    "ip=192.168.246.1,mask=255.255.255.0,mac=52:54:00:12:34:56,socket={},\
+                     tap=vunhostile0",
+                    socket.display()
+                ),
+            ]
+        };
+        hostile::assert_hostile_frontends_are_survived(&HostileSubject {
+            bin: BIN,
+            args: &args,
+            num_queues: 2,
+            queue_max_size: 256,
+            config_len: 24,
+            serve_queue: 1,
+            request: &hostile_request,
         });
     });
 }
