@@ -2,7 +2,7 @@
 //! so vhost-user backends can map it), registered with the hypervisor as memory slots.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 use hypervisor::Vm;
 use vm_memory::mmap::MmapRegionBuilder;
@@ -19,6 +19,15 @@ pub enum MemoryError {
     /// The backing file could not be created.
     #[error("cannot create a memfd for {size} bytes of guest RAM")]
     Memfd {
+        /// Region size.
+        size: u64,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backing file could not be sealed against resizing.
+    #[error("cannot seal the memfd of {size} bytes of guest RAM against resizing")]
+    Seal {
         /// Region size.
         size: u64,
         /// Cause.
@@ -64,9 +73,13 @@ fn hugetlb_flags(page_size: Option<u64>) -> libc::c_uint {
     libc::MFD_HUGETLB | size_bits
 }
 
+/// The memfd behind `size` bytes of guest RAM, sealed at that size (`F_SEAL_SHRINK`,
+/// `F_SEAL_GROW`, then `F_SEAL_SEAL`) as QEMU's `memory-backend-memfd` does: a vhost-user
+/// backend gets the descriptor, and could otherwise truncate it, taking the guest's RAM away
+/// under the running VM (the guest then triple-faults and is reset, again and again).
 fn memfd(size: u64, hugepages: Option<Option<u64>>) -> Result<File, MemoryError> {
     let err = |source| MemoryError::Memfd { size, source };
-    let flags = libc::MFD_CLOEXEC | hugepages.map_or(0, hugetlb_flags);
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | hugepages.map_or(0, hugetlb_flags);
     // SAFETY: the name is a valid NUL-terminated string; the result is checked below.
     let fd = unsafe { libc::memfd_create(c"nimbus-guest-ram".as_ptr(), flags) };
     if fd < 0 {
@@ -75,6 +88,14 @@ fn memfd(size: u64, hugepages: Option<Option<u64>>) -> Result<File, MemoryError>
     // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size).map_err(err)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl(F_ADD_SEALS) on a descriptor `file` owns; no memory is passed.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(MemoryError::Seal {
+            size,
+            source: std::io::Error::last_os_error(),
+        });
+    }
     Ok(file)
 }
 

@@ -31,6 +31,10 @@ pub fn connect(
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
     let (backend, mut connection) = Backend::open(endpoint, u64::from(num_queues.max(1)), wanted)?;
+    if connection.max_queues == 0 {
+        // GET_QUEUE_NUM said 0: the device would have a queue nobody serves.
+        return Err(VhostUserError::Unsupported("serves no queue".into()));
+    }
     let config = connection.config(CONFIG_LEN)?;
     let queues = connection.max_queues.clamp(1, u64::from(num_queues.max(1))) as u16;
     connection.features &= SUPPORTED;

@@ -30,9 +30,17 @@ pub fn connect(
             "tag '{tag}' must be 1..={TAG_LEN} bytes"
         )));
     }
-    let queues = 1 + request_queues.max(1);
+    let asked = 1 + request_queues.max(1);
     let wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
-    let (backend, mut connection) = Backend::open(endpoint, u64::from(queues), wanted)?;
+    let (backend, mut connection) = Backend::open(endpoint, u64::from(asked), wanted)?;
+    // As many request queues as the backend serves, up to those asked (the driver would
+    // otherwise start queues it refuses).
+    let queues = connection.max_queues.min(u64::from(asked)) as u16;
+    if queues < 2 {
+        return Err(VhostUserError::Unsupported(format!(
+            "serves {queues} queue(s); virtio-fs needs 2 (hiprio and a request queue)"
+        )));
+    }
     connection.features &= SUPPORTED;
     let mut config = vec![0u8; TAG_LEN + 4];
     config[..tag.len()].copy_from_slice(tag.as_bytes());

@@ -71,6 +71,14 @@ pub enum VhostUserError {
         #[source]
         source: vhost::Error,
     },
+    /// A protocol step got no answer within [`REPLY_TIMEOUT`]: the backend was disconnected.
+    #[error("vhost-user {step} failed: the backend did not answer within {after:?}")]
+    NoAnswer {
+        /// What was being done.
+        step: &'static str,
+        /// How long Nimbus waited.
+        after: Duration,
+    },
     /// The backend lacks something the device needs.
     #[error("the vhost-user backend {0}")]
     Unsupported(String),
@@ -220,7 +228,7 @@ impl Backend {
                 path: self.endpoint.path().display().to_string(),
                 source,
             })?;
-        with_deadline(stream.as_raw_fd(), || self.handshake(stream))
+        answered(stream.as_raw_fd(), || self.handshake(stream))
     }
 
     fn handshake(&self, stream: UnixStream) -> Result<Connection, VhostUserError> {
@@ -268,10 +276,33 @@ impl Backend {
 /// gone. The watchdog holds its own duplicate of the socket, so it never touches a descriptor
 /// number that `f` closed.
 fn with_deadline<T>(socket: RawFd, f: impl FnOnce() -> T) -> T {
+    deadline(socket, f).0
+}
+
+/// [`with_deadline`] for a protocol exchange: a step that failed because the deadline passed
+/// is reported as [`VhostUserError::NoAnswer`] (rather than as the broken read that follows).
+fn answered<T>(
+    socket: RawFd,
+    f: impl FnOnce() -> Result<T, VhostUserError>,
+) -> Result<T, VhostUserError> {
+    let (result, expired) = deadline(socket, f);
+    result.map_err(|e| match e {
+        VhostUserError::Protocol { step, .. } if expired => VhostUserError::NoAnswer {
+            step,
+            after: REPLY_TIMEOUT,
+        },
+        e => e,
+    })
+}
+
+/// [`with_deadline`], and whether the deadline passed (the socket was shut down).
+fn deadline<T>(socket: RawFd, f: impl FnOnce() -> T) -> (T, bool) {
     // SAFETY: the caller's socket is open now; it is only borrowed to be duplicated.
     let watched = unsafe { BorrowedFd::borrow_raw(socket) }.try_clone_to_owned();
+    let expired = std::sync::atomic::AtomicBool::new(false);
+    let fired = &expired;
     let (done, wait) = std::sync::mpsc::channel::<()>();
-    std::thread::scope(|scope| {
+    let result = std::thread::scope(|scope| {
         if let Ok(watched) = watched {
             let spawned = nimbus_thread::spawn_scoped(
                 scope,
@@ -279,6 +310,7 @@ fn with_deadline<T>(socket: RawFd, f: impl FnOnce() -> T) -> T {
                 "vhost-user-deadline",
                 move || {
                     if wait.recv_timeout(REPLY_TIMEOUT) == Err(RecvTimeoutError::Timeout) {
+                        fired.store(true, std::sync::atomic::Ordering::Relaxed);
                         log::warn!(
                         "the vhost-user backend did not answer within {REPLY_TIMEOUT:?}: disconnecting it"
                     );
@@ -294,7 +326,8 @@ fn with_deadline<T>(socket: RawFd, f: impl FnOnce() -> T) -> T {
         let result = f();
         drop(done);
         result
-    })
+    });
+    (result, expired.into_inner())
 }
 
 /// A connected backend after feature discovery.
@@ -367,7 +400,7 @@ impl std::fmt::Debug for Session {
 impl Connection {
     /// Reads `len` bytes of the backend's device configuration space.
     pub fn config(&mut self, len: u32) -> Result<Vec<u8>, VhostUserError> {
-        with_deadline(self.frontend.as_raw_fd(), || self.read_config(len))
+        answered(self.frontend.as_raw_fd(), || self.read_config(len))
     }
 
     fn read_config(&mut self, len: u32) -> Result<Vec<u8>, VhostUserError> {
@@ -396,7 +429,7 @@ impl Connection {
     /// Hands `session` to the backend, each ring resuming at `bases[i]` (the next available
     /// index it will read).
     fn start(&mut self, s: &mut Session, bases: &[u16]) -> Result<(), VhostUserError> {
-        with_deadline(self.frontend.as_raw_fd(), || self.send_session(s, bases))
+        answered(self.frontend.as_raw_fd(), || self.send_session(s, bases))
     }
 
     fn send_session(&mut self, s: &mut Session, bases: &[u16]) -> Result<(), VhostUserError> {
@@ -487,7 +520,7 @@ impl Connection {
         if !self.has_protocol_features {
             return Ok(());
         }
-        with_deadline(self.frontend.as_raw_fd(), || {
+        answered(self.frontend.as_raw_fd(), || {
             for ring in &s.rings {
                 self.frontend
                     .set_vring_enable(usize::from(ring.index), ring.index < s.active_rings)
