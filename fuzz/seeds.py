@@ -47,18 +47,21 @@ F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 class Ring:
     """A driver writing a guest memory image: rings at the start, buffers after them."""
 
-    def __init__(self, size_log2=3, base=0x400):
+    def __init__(self, size_log2=3, base=0x400, at=0):
+        """Rings at guest address `at`, buffers from `at + base`."""
         self.size_log2 = size_log2
         self.size = 1 << size_log2
-        self.desc = 0
-        self.avail = 16 * self.size
+        self.at = at
+        self.desc = at
+        self.avail = self.desc + 16 * self.size
         self.used = (self.avail + 6 + 2 * self.size + 3) & ~3
-        self.mem = bytearray(max(base, self.used + 6 + 8 * self.size))
+        self.mem = bytearray(max(base, self.used - at + 6 + 8 * self.size))
         self.next_desc = 0
         self.avail_idx = 0
-        self.next_buf = base
+        self.next_buf = at + base
 
     def poke(self, addr, data):
+        addr -= self.at
         end = addr + len(data)
         if end > len(self.mem):
             self.mem.extend(b"\0" * (end - len(self.mem)))
@@ -455,11 +458,23 @@ def record(data, fds=0):
     return bytes([fds]) + piece(data)
 
 
-MEMFD, EVENTFD = 1, 1 | 4
+MEMFD, KICK, CALL, WAIT = 1, 1 | 4, 1 | 4 | 0x10, 0x40
 
 
-def frontend_stream(queues, features):
-    s = record(msg(SET_OWNER))
+def ring_addrs(q):
+    base = 0x1000 * (q + 1) * 4
+    r = Ring(size_log2=4, at=base)
+    return r, base
+
+
+def frontend_stream(queues, features, requests=None):
+    """A frontend's session; `requests(ring)` fills queue 0's ring in guest memory."""
+    s = b""
+    if requests is not None:
+        r, base = ring_addrs(0)
+        requests(r)
+        s += record(u32(base) + bytes(r.mem), 8)
+    s += record(msg(SET_OWNER))
     s += record(msg(GET_FEATURES))
     s += record(msg(GET_PROTOCOL_FEATURES))
     s += record(msg(SET_PROTOCOL_FEATURES, u64(P_MQ | P_REPLY_ACK | P_CONFIG)))
@@ -469,15 +484,19 @@ def frontend_stream(queues, features):
     region = u64(0) + u64(0x10_0000) + u64(UADDR) + u64(0)
     s += record(msg(SET_MEM_TABLE, u32(1) + u32(0) + region, flags=1 | 8), MEMFD)
     for q in range(queues):
-        base = 0x1000 * (q + 1)
+        r, base = ring_addrs(q)
         s += record(msg(SET_VRING_NUM, u32(q) + u32(16)))
-        addr = u32(q) + u32(0) + u64(UADDR + base) + u64(UADDR + base + 0x200)
-        addr += u64(UADDR + base + 0x100) + u64(0)
+        addr = u32(q) + u32(0) + u64(UADDR + r.desc) + u64(UADDR + r.used)
+        addr += u64(UADDR + r.avail) + u64(0)
         s += record(msg(SET_VRING_ADDR, addr))
         s += record(msg(SET_VRING_BASE, u32(q) + u32(0)))
-        s += record(msg(SET_VRING_CALL, u64(q)), EVENTFD)
-        s += record(msg(SET_VRING_KICK, u64(q)), EVENTFD)
+        s += record(msg(SET_VRING_CALL, u64(q)), CALL)
+        # Enabled before the kick: the kick eventfd comes signalled, so the ring is served as
+        # soon as it is registered.
         s += record(msg(SET_VRING_ENABLE, u32(q) + u32(1)))
+        s += record(msg(SET_VRING_KICK, u64(q)), KICK)
+        if q == 0 and requests is not None:
+            s += record(b"", WAIT)
     for q in range(queues):
         s += record(msg(GET_VRING_BASE, u32(q) + u32(0)))
     return s
@@ -486,6 +505,14 @@ def frontend_stream(queues, features):
 def vhost_seeds():
     blk_features = VERSION_1 | PROTOCOL_FEATURES | EVENT_IDX | (1 << 9)
     put("vhost_user_block", "handshake-two-queues", frontend_stream(2, blk_features))
+
+    def blk_requests(r):
+        r.chain([R(r.alloc(blk_header(1, 0)), 16), R(r.alloc(b"\x5a" * 512), 512), W(r.buf(1), 1)])
+        r.chain([R(r.alloc(blk_header(0, 0)), 16), W(r.buf(512), 512), W(r.buf(1), 1)])
+        r.chain([R(r.alloc(blk_header(4)), 16), W(r.buf(1), 1)])
+        r.chain([R(r.alloc(blk_header(8)), 16), W(r.buf(21), 21)])
+
+    put("vhost_user_block", "requests", frontend_stream(1, blk_features, blk_requests))
     s = record(msg(SET_OWNER)) + record(msg(GET_MAX_MEM_SLOTS))
     s += record(msg(ADD_MEM_REG, u64(0) + u64(0x10_0000) + u64(UADDR) + u64(0)), MEMFD)
     s += record(msg(GET_INFLIGHT_FD, u64(0) + u64(0) + u16(1) + u16(128)))
@@ -493,6 +520,12 @@ def vhost_seeds():
     put("vhost_user_block", "odd-requests", s)
     net_features = VERSION_1 | PROTOCOL_FEATURES | EVENT_IDX | (1 << 15) | (1 << 22) | (1 << 5)
     put("vhost_user_net", "handshake-two-pairs", frontend_stream(4, net_features))
+
+    def rx_buffers(r):
+        for _ in range(4):
+            r.chain([W(r.buf(1526), 1526)])
+
+    put("vhost_user_net", "rx-buffers", frontend_stream(2, net_features, rx_buffers))
 
     def reply(req, payload=b""):
         return record(msg(req, payload, flags=1 | 4))

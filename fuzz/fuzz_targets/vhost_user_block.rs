@@ -6,8 +6,11 @@
 //!
 //! Input: records `[fds: u8][len: u16][len bytes]`, each sent with one `sendmsg`: the bytes
 //! are raw vhost-user messages (header and payload, or any part of them); `fds % 4` descriptors
-//! come with them (a memfd of guest memory first unless bit 2 is set, then eventfds). The
-//! frontend then hangs up.
+//! come with them (a memfd of guest memory first unless bit 2 is set, then eventfds, which come
+//! signalled: a ring kicked through one is served as soon as it runs). A record with bit 3 set
+//! is guest memory content instead, `[offset: u32][bytes]` (rings and requests); with bit 6,
+//! the frontend waits up to 2 ms (once) for the device's call (on the second eventfd) before going
+//! on. The frontend then hangs up.
 //!
 //! Checks: the connection ends (no hang), nothing panics, and no descriptor stays open after
 //! it (a daemon serves one connection after another).

@@ -41,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).expect("bind");
         let backend = UnixStream::connect(&path).expect("connect");
-        send_records(&backend, replies, &attach);
+        send_records(&backend, replies, &attach, false);
         let endpoint = Endpoint::Listen { path, listener };
         let is_net = flags & 1 != 0;
         let device = if is_net {

@@ -3,7 +3,8 @@
 //! in-memory TAP queues: features, MQ, configuration space, memory tables, rings, kick and call
 //! eventfds, `SET_VRING_ENABLE`).
 //!
-//! Input: as `vhost_user_block`'s target: records `[fds: u8][len: u16][len bytes]`.
+//! Input: as `vhost_user_block`'s target: records `[fds: u8][len: u16][len bytes]` (messages,
+//! guest memory content with bit 3 of `fds`, a wait for the device's call with bit 6).
 //!
 //! Checks: the connection ends (no hang), nothing panics, and no descriptor stays open after
 //! it.

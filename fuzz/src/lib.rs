@@ -830,6 +830,9 @@ where
     assert_eq!(&back, value, "JSON round trip through {json}");
 }
 
+/// How long a frontend waits for a device's call, at most once per input.
+pub const WAIT_FOR_CALL_MS: i32 = 2;
+
 /// Guest memory the frontend targets share with a backend: a memfd of [`SHARED_MEM_SIZE`].
 pub const SHARED_MEM_SIZE: u64 = 0x10_0000;
 
@@ -842,31 +845,56 @@ pub struct Attachments {
 }
 
 impl Attachments {
-    /// A memfd of [`SHARED_MEM_SIZE`] and three eventfds.
+    /// A memfd of [`SHARED_MEM_SIZE`] and three eventfds: the first comes signalled (as a kick,
+    /// a ring gets served as soon as it runs), the second is where a device's call is awaited
+    /// ([`Attachments::wait_for_call`]).
     ///
     /// # Panics
     ///
     /// If they cannot be created.
     pub fn new() -> Self {
+        let eventfds: Vec<EventFd> = (0..3)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
+            .collect();
+        eventfds[0].write(1).expect("eventfd write");
         Self {
             memfd: memfd(c"fuzz-guest-ram", SHARED_MEM_SIZE),
-            eventfds: (0..3)
-                .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
-                .collect(),
+            eventfds,
         }
     }
 
+    /// Waits at most `ms` milliseconds for the second eventfd (the call) to be signalled.
+    pub fn wait_for_call(&self, ms: i32) {
+        let mut p = libc::pollfd {
+            fd: self.eventfds[1].as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let _ = unsafe { libc::poll(&mut p, 1, ms) };
+    }
+
+    /// Writes `data` into the memfd at `offset` (cut at its end).
+    pub fn poke(&self, offset: u64, data: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let room = SHARED_MEM_SIZE.saturating_sub(offset) as usize;
+        let _ = self.memfd.write_at(&data[..data.len().min(room)], offset);
+    }
+
     /// The descriptors for a record's `fds` byte: `fds % 4` of them, the memfd first unless
-    /// bit 2 is set, then eventfds.
+    /// bit 2 is set, then eventfds from the one `(fds >> 4) % 3` on.
     pub fn pick(&self, fds: u8) -> Vec<RawFd> {
         let n = usize::from(fds % 4);
         let mut out = Vec::with_capacity(n);
         if n > 0 && fds & 4 == 0 {
             out.push(self.memfd.as_raw_fd());
         }
+        let first = usize::from(fds >> 4) % 3;
         out.extend(
             self.eventfds
                 .iter()
+                .cycle()
+                .skip(first)
                 .map(|e| e.as_raw_fd())
                 .take(n - out.len()),
         );
@@ -884,15 +912,40 @@ impl Default for Attachments {
 /// shuts its sending side down, so the peer reads the records and then end of file.
 ///
 /// Each record: `[fds: u8][len: u16][len bytes]`, sent with one `sendmsg` with
-/// [`Attachments::pick`]`(fds)` attached.
-pub fn send_records(sock: &std::os::unix::net::UnixStream, data: &[u8], attach: &Attachments) {
+/// [`Attachments::pick`]`(fds)` attached; or, with bit 3 of `fds` set, guest memory content
+/// `[offset: u32][bytes]` written into the memfd ([`Attachments::poke`]); or, with bit 6 set
+/// and `waits`, a wait of up to [`WAIT_FOR_CALL_MS`] for the device's call
+/// ([`Attachments::wait_for_call`]) before the next record (the first such record only).
+pub fn send_records(
+    sock: &std::os::unix::net::UnixStream,
+    data: &[u8],
+    attach: &Attachments,
+    waits: bool,
+) {
     let _ = sock.set_nonblocking(true);
     let mut r = Reader::new(data);
     let mut sent = 0;
+    let mut may_wait = waits;
     while !r.is_empty() && sent < Records::MAX {
         sent += 1;
         let fds = r.u8();
         let bytes = r.piece();
+        if fds & 0x40 != 0 {
+            // Not a message: wait for the device to serve a ring it was kicked for (once per
+            // input: an input whose rings never run waits for nothing).
+            if may_wait {
+                attach.wait_for_call(WAIT_FOR_CALL_MS);
+                may_wait = false;
+            }
+            continue;
+        }
+        if fds & 8 != 0 {
+            // Not a message: guest memory content, `[offset: u32][bytes]`.
+            let mut p = Reader::new(bytes);
+            let offset = u64::from(p.u32());
+            attach.poke(offset, p.rest());
+            continue;
+        }
         if bytes.is_empty() {
             continue;
         }
@@ -926,9 +979,13 @@ pub fn serve_records<D: vhost_user_daemon::Device>(device: &D, tag: &str, data: 
     let before = open_fds();
     let socket = vhost_user_daemon::SocketFile::bind(&path).expect("socket");
     let frontend = std::os::unix::net::UnixStream::connect(&path).expect("connect");
-    send_records(&frontend, data, &attach);
     let terminator = vhost_user_daemon::Terminator::new().expect("terminator");
-    let _ = vhost_user_daemon::serve(device, socket, false, &terminator);
+    std::thread::scope(|scope| {
+        // The frontend: its messages (and waits for the device), then the hang-up, while the
+        // daemon serves the connection.
+        scope.spawn(|| send_records(&frontend, data, &attach, true));
+        let _ = vhost_user_daemon::serve(device, socket, false, &terminator);
+    });
     drop(terminator);
     drop(frontend);
     let after = open_fds();
