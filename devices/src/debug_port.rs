@@ -1,6 +1,9 @@
-//! The boot progress (POST code) port: each byte the guest writes is logged with the time
-//! since the VMM process started.
+//! The boot progress (POST code) port at 0x80: each byte the guest writes is logged with the
+//! time since the VMM process started; and the debug console (port 0xe9 unless configured
+//! otherwise): the bytes the guest writes go to a console sink, as Cloud Hypervisor's
+//! `--debug-console` does.
 
+use std::io::Write;
 use std::time::Instant;
 
 use crate::BusDevice;
@@ -31,5 +34,73 @@ impl BusDevice for DebugPort {
                 elapsed.as_secs_f64() * 1e3
             );
         }
+    }
+}
+
+/// The debug console: every byte written to its port goes to `out`; reads return nothing
+/// (zero), as with Cloud Hypervisor.
+pub struct DebugConsole {
+    out: Box<dyn Write + Send>,
+}
+
+impl std::fmt::Debug for DebugConsole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DebugConsole").finish_non_exhaustive()
+    }
+}
+
+impl DebugConsole {
+    /// A debug console writing to `out`.
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
+        Self { out }
+    }
+}
+
+impl BusDevice for DebugConsole {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        if let Err(e) = self.out.write_all(data) {
+            log::warn!("debug console output failed: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn bytes_written_reach_the_sink_and_reads_are_zero() {
+        let sink = Sink::default();
+        let mut port = DebugConsole::new(Box::new(sink.clone()));
+        port.write(0, b"h");
+        port.write(0, b"i\n");
+        assert_eq!(
+            sink.0.lock().map(|v| v.clone()).unwrap_or_default(),
+            b"hi\n"
+        );
+        let mut b = [0xaa];
+        port.read(0, &mut b);
+        assert_eq!(b, [0]);
     }
 }

@@ -27,6 +27,8 @@ pub enum ThreadClass {
     VhostUserDeadline,
     /// Copies the VMM's standard input to the guest's console.
     ConsoleInput,
+    /// Relays a PTY or socket console: the guest's output out, the user's input in.
+    ConsoleRelay,
     /// A vhost-user daemon's worker: serves its queues.
     DaemonWorker,
     /// A vhost-user daemon's protocol thread: answers the frontend's messages.
@@ -45,6 +47,7 @@ impl ThreadClass {
             Self::VhostUserRelay => "vhost-user relay",
             Self::VhostUserDeadline => "vhost-user deadline",
             Self::ConsoleInput => "console input",
+            Self::ConsoleRelay => "console relay",
             Self::DaemonWorker => "daemon worker",
             Self::DaemonProtocol => "daemon protocol",
         }
@@ -61,6 +64,7 @@ pub const CLASSES: &[ThreadClass] = &[
     ThreadClass::VhostUserRelay,
     ThreadClass::VhostUserDeadline,
     ThreadClass::ConsoleInput,
+    ThreadClass::ConsoleRelay,
     ThreadClass::DaemonWorker,
     ThreadClass::DaemonProtocol,
 ];

@@ -54,48 +54,27 @@ impl ConsoleConfig {
         }
     }
 
-    /// Parses CH's CLI form: `off`, `null`, `tty`, `pty`, `file=PATH`, `socket=PATH`.
+    /// Parses CH's CLI form: one mode (`off`, `null`, `tty`, `pty`, `file=PATH`,
+    /// `socket=PATH`), and for the console `iommu=on|off`; an empty value is unset.
     pub fn parse(option: &'static str, s: &str) -> Result<Self, ConfigError> {
-        let err = |message: String| ConfigError::Console { option, message };
-        let (mode, file, socket) = match s.split_once('=') {
-            None => match s {
-                "off" => (ConsoleOutputMode::Off, None, None),
-                "null" => (ConsoleOutputMode::Null, None, None),
-                "tty" => (ConsoleOutputMode::Tty, None, None),
-                "pty" => (ConsoleOutputMode::Pty, None, None),
-                other => {
-                    return Err(err(format!(
-                        "unknown mode '{other}' (off, null, tty, pty, file=PATH, socket=PATH)"
-                    )))
-                }
-            },
-            Some(("file", "")) | Some(("socket", "")) => return Err(err("empty path".into())),
-            Some(("file", p)) => (ConsoleOutputMode::File, Some(PathBuf::from(p)), None),
-            Some(("socket", p)) => (ConsoleOutputMode::Socket, None, Some(PathBuf::from(p))),
-            Some((k, _)) => return Err(err(format!("unknown key '{k}'"))),
-        };
-        Ok(Self {
-            file,
-            mode,
+        // The virtio console is a PCI device (CH's `iommu`); the serial port is not.
+        let extra: &[&str] = if option == "console" { &["iommu"] } else { &[] };
+        let parsed = parse_mode(option, s, extra)?;
+        let mut config = Self {
+            file: parsed.file,
+            mode: parsed.mode,
             iommu: false,
-            socket,
-        })
+            socket: parsed.socket,
+        };
+        for (key, value) in parsed.extra {
+            config.iommu = on_off(option, &key, &value)?;
+        }
+        Ok(config)
     }
 
     pub(crate) fn validate(&self, option: &'static str) -> Result<(), ConfigError> {
         let err = |message: String| Err(ConfigError::Console { option, message });
-        match self.mode {
-            ConsoleOutputMode::Pty | ConsoleOutputMode::Socket => {
-                return err(format!(
-                    "mode {:?} is not supported by Nimbus yet",
-                    self.mode
-                ))
-            }
-            ConsoleOutputMode::File if self.file.is_none() => {
-                return err("mode File needs a file".into())
-            }
-            _ => {}
-        }
+        check_paths(option, self.mode, &self.file, &self.socket)?;
         if self.iommu {
             return err("iommu is not supported".into());
         }
@@ -103,17 +82,24 @@ impl ConsoleConfig {
     }
 }
 
-/// The debug console at I/O port 0xe9 (CH `DebugConsoleConfig`).
+/// The port of the debug console unless `iobase` says otherwise (Bochs' and QEMU's).
+pub const DEBUG_CONSOLE_PORT: u16 = 0xe9;
+
+/// The debug console: bytes the guest writes to one I/O port (CH `DebugConsoleConfig`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DebugConsoleConfig {
-    /// Output file (mode `File`).
+    /// Output file (mode `File`) or allocated PTY path (mode `Pty`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<PathBuf>,
-    /// Where output goes (only `Off` for now).
+    /// Where output goes.
     pub mode: ConsoleOutputMode,
-    /// I/O port.
+    /// I/O port (0xe9 when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iobase: Option<u16>,
+    /// Socket path (mode `Socket`; a Nimbus extension: Cloud Hypervisor's debug console has
+    /// no socket mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
 }
 
 impl Default for DebugConsoleConfig {
@@ -121,19 +107,152 @@ impl Default for DebugConsoleConfig {
         Self {
             file: None,
             mode: ConsoleOutputMode::Off,
-            iobase: Some(0xe9),
+            iobase: Some(DEBUG_CONSOLE_PORT),
+            socket: None,
         }
     }
 }
 
 impl DebugConsoleConfig {
-    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        if self.mode != ConsoleOutputMode::Off {
-            return Err(ConfigError::Console {
-                option: "debug-console",
-                message: format!("mode {:?} is not supported by Nimbus yet", self.mode),
-            });
+    /// Parses CH's CLI form: one mode (`off`, `null`, `tty`, `pty`, `file=PATH`, and
+    /// `socket=PATH`), and `iobase=0xNN`; an empty value is unset.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let option = "debug-console";
+        let parsed = parse_mode(option, s, &["iobase"])?;
+        let mut config = Self {
+            file: parsed.file,
+            mode: parsed.mode,
+            iobase: Some(DEBUG_CONSOLE_PORT),
+            socket: parsed.socket,
+        };
+        for (key, value) in parsed.extra {
+            let port = value
+                .strip_prefix("0x")
+                .and_then(|hex| u16::from_str_radix(hex, 16).ok());
+            config.iobase = Some(port.ok_or_else(|| ConfigError::Console {
+                option,
+                message: format!(
+                    "{key}={value}: not an I/O port (0x0 to 0xffff, in hex with 0x as Cloud \
+                     Hypervisor takes it)"
+                ),
+            })?);
         }
-        Ok(())
+        Ok(config)
     }
+
+    /// The I/O port the console answers on.
+    pub fn port(&self) -> u16 {
+        self.iobase.unwrap_or(DEBUG_CONSOLE_PORT)
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        check_paths("debug-console", self.mode, &self.file, &self.socket)
+    }
+}
+
+/// A mode with its path, and the other keys of the option.
+struct ParsedMode {
+    mode: ConsoleOutputMode,
+    file: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    extra: Vec<(String, String)>,
+}
+
+const MODES: &str = "off, null, tty, pty, file=PATH, socket=PATH";
+
+/// Reads one mode word (or `file=`/`socket=`) and the keys in `extra_keys` from `s`.
+fn parse_mode(
+    option: &'static str,
+    s: &str,
+    extra_keys: &[&str],
+) -> Result<ParsedMode, ConfigError> {
+    let err = |message: String| ConfigError::Console { option, message };
+    let tokens = crate::kv::tokens(s).map_err(|e| err(e.to_string()))?;
+    let mut parsed = ParsedMode {
+        mode: ConsoleOutputMode::Off,
+        file: None,
+        socket: None,
+        extra: Vec::new(),
+    };
+    let mut modes = Vec::new();
+    for token in tokens {
+        let (mode, path) = match token.split_once('=') {
+            None => match token.as_str() {
+                "off" => (ConsoleOutputMode::Off, None),
+                "null" => (ConsoleOutputMode::Null, None),
+                "tty" => (ConsoleOutputMode::Tty, None),
+                "pty" => (ConsoleOutputMode::Pty, None),
+                other => {
+                    return Err(err(format!(
+                        "unknown mode '{other}' (allowed: {MODES}{})",
+                        extra_keys
+                            .iter()
+                            .map(|k| format!(", {k}="))
+                            .collect::<String>()
+                    )))
+                }
+            },
+            // An empty value is unset.
+            Some((_, "")) => continue,
+            Some(("file", p)) => (ConsoleOutputMode::File, Some(PathBuf::from(p))),
+            Some(("socket", p)) => (ConsoleOutputMode::Socket, Some(PathBuf::from(p))),
+            Some((k, v)) if extra_keys.contains(&k) => {
+                parsed.extra.push((k.to_string(), v.to_string()));
+                continue;
+            }
+            Some((k, v)) => {
+                return Err(err(format!(
+                    "unknown key '{k}' (in '{k}={v}'; allowed: {MODES}{})",
+                    extra_keys
+                        .iter()
+                        .map(|k| format!(", {k}="))
+                        .collect::<String>()
+                )))
+            }
+        };
+        modes.push(token.clone());
+        parsed.mode = mode;
+        match mode {
+            ConsoleOutputMode::File => parsed.file = path,
+            ConsoleOutputMode::Socket => parsed.socket = path,
+            _ => {}
+        }
+    }
+    match modes.len() {
+        1 => Ok(parsed),
+        0 => Err(err(format!("no mode given (one of {MODES})"))),
+        _ => Err(err(format!(
+            "one mode only, not {} ({MODES})",
+            modes.join(" and ")
+        ))),
+    }
+}
+
+fn on_off(option: &'static str, key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        other => Err(ConfigError::Console {
+            option,
+            message: format!("{key}={other}: not allowed (on, off, true, false)"),
+        }),
+    }
+}
+
+/// File mode needs a file, socket mode a socket.
+fn check_paths(
+    option: &'static str,
+    mode: ConsoleOutputMode,
+    file: &Option<PathBuf>,
+    socket: &Option<PathBuf>,
+) -> Result<(), ConfigError> {
+    let missing = match mode {
+        ConsoleOutputMode::File if file.is_none() => "mode File needs a file",
+        ConsoleOutputMode::Socket if socket.is_none() => "mode Socket needs a socket path",
+        _ => return Ok(()),
+    };
+    Err(ConfigError::Console {
+        option,
+        message: missing.into(),
+    })
 }

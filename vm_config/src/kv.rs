@@ -37,6 +37,16 @@ pub enum KvError {
     /// Rejected by the target type.
     #[error("{0}")]
     Invalid(String),
+    /// A key's value was rejected.
+    #[error("{key}={value}: {message}")]
+    BadValue {
+        /// The key.
+        key: String,
+        /// The value given.
+        value: String,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
 }
 
 impl de::Error for KvError {
@@ -49,6 +59,18 @@ impl de::Error for KvError {
 /// (so `fd=[3,4]` is one value); quotes are removed, brackets kept.
 pub fn split(input: &str) -> Result<Vec<(String, String)>, KvError> {
     let mut pairs = Vec::new();
+    for t in tokens(input)? {
+        let (k, v) = t
+            .split_once('=')
+            .ok_or_else(|| KvError::NotKeyValue(t.clone()))?;
+        pairs.push((k.trim().to_string(), v.to_string()));
+    }
+    Ok(pairs)
+}
+
+/// Splits `input` at the commas outside double quotes and brackets into its non-empty tokens
+/// (`key=value` or a bare word such as `pty`); quotes are removed, brackets kept.
+pub fn tokens(input: &str) -> Result<Vec<String>, KvError> {
     let mut token = String::new();
     let mut quoted = false;
     let mut depth = 0usize;
@@ -77,13 +99,7 @@ pub fn split(input: &str) -> Result<Vec<(String, String)>, KvError> {
         return Err(KvError::Unbalanced(input.to_string()));
     }
     tokens.push(token);
-    for t in tokens.into_iter().filter(|t| !t.is_empty()) {
-        let (k, v) = t
-            .split_once('=')
-            .ok_or_else(|| KvError::NotKeyValue(t.clone()))?;
-        pairs.push((k.trim().to_string(), v.to_string()));
-    }
-    Ok(pairs)
+    Ok(tokens.into_iter().filter(|t| !t.is_empty()).collect())
 }
 
 /// Longest list a range may expand to (a typo such as `[3-3000000000]` must not exhaust memory).
@@ -165,15 +181,72 @@ pub fn take_keys(input: &str, keys: &[&str]) -> Result<(Vec<(String, String)>, S
 
 /// Deserializes `T` from `key=value,...`. Unlike JSON (where unknown fields are ignored for
 /// compatibility), a key the option does not have is an error: it is a user's typo.
+/// An empty value means the key is unset (`tap=,mac=` as in Cloud Hypervisor's own examples),
+/// so the field takes its default, or is reported missing when it has none.
 pub fn from_str<T: DeserializeOwned>(input: &str) -> Result<T, KvError> {
-    let pairs = split(input)?;
-    let map = de::value::MapDeserializer::new(pairs.into_iter().map(|(k, v)| (k, Value(v))));
+    let mut pairs = split(input)?;
+    pairs.retain(|(_, v)| !v.is_empty());
+    let map = Pairs {
+        pairs: pairs.into_iter(),
+        current: None,
+    };
     let mut unknown = Vec::new();
     let value = serde_ignored::deserialize(map, |path| unknown.push(path.to_string()))?;
     if !unknown.is_empty() {
         return Err(KvError::UnknownKeys(unknown.join(", ")));
     }
     Ok(value)
+}
+
+/// The pairs of an option as a map whose value errors name their key and value.
+struct Pairs {
+    pairs: std::vec::IntoIter<(String, String)>,
+    current: Option<(String, String)>,
+}
+
+impl<'de> de::Deserializer<'de> for Pairs {
+    type Error = KvError;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, KvError> {
+        visitor.visit_map(self)
+    }
+
+    forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum
+        identifier ignored_any
+    }
+}
+
+impl<'de> de::MapAccess<'de> for Pairs {
+    type Error = KvError;
+
+    fn next_key_seed<K: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, KvError> {
+        let Some((key, value)) = self.pairs.next() else {
+            return Ok(None);
+        };
+        let k = seed.deserialize(key.clone().into_deserializer())?;
+        self.current = Some((key, value));
+        Ok(Some(k))
+    }
+
+    fn next_value_seed<V: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, KvError> {
+        let (key, value) = self.current.take().unwrap_or_default();
+        seed.deserialize(Value(value.clone())).map_err(|e| match e {
+            KvError::Invalid(message) => KvError::BadValue {
+                key,
+                value,
+                message,
+            },
+            other => other,
+        })
+    }
 }
 
 /// One option value: a string that becomes whatever the target field wants.
@@ -190,13 +263,17 @@ impl<'de> IntoDeserializer<'de, KvError> for Value {
 macro_rules! parse_number {
     ($($method:ident => $visit:ident: $ty:ty),* $(,)?) => {$(
         fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, KvError> {
-            let v: $ty = parse_int(&self.0)?;
+            let v: $ty = parse_int(&self.0, <$ty>::MIN, <$ty>::MAX)?;
             visitor.$visit(v)
         }
     )*};
 }
 
-fn parse_int<T: TryFrom<u64> + std::str::FromStr>(s: &str) -> Result<T, KvError> {
+fn parse_int<T: TryFrom<u64> + std::str::FromStr + std::fmt::Display>(
+    s: &str,
+    min: T,
+    max: T,
+) -> Result<T, KvError> {
     let s = s.trim();
     let parsed = if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         u64::from_str_radix(hex, 16)
@@ -205,7 +282,11 @@ fn parse_int<T: TryFrom<u64> + std::str::FromStr>(s: &str) -> Result<T, KvError>
     } else {
         s.parse::<T>().ok()
     };
-    parsed.ok_or_else(|| KvError::Invalid(format!("'{s}' is not a valid number here")))
+    parsed.ok_or_else(|| {
+        KvError::Invalid(format!(
+            "'{s}' is not a number from {min} to {max} (decimal or 0x hex)"
+        ))
+    })
 }
 
 impl<'de> de::Deserializer<'de> for Value {
@@ -308,6 +389,51 @@ mod tests {
             Err(KvError::UnterminatedQuote(_))
         ));
         assert!(from_str::<Opt>("").is_err(), "missing required key");
+    }
+
+    #[test]
+    fn an_empty_value_is_unset() {
+        let o: Opt = from_str("boot=2,path=,shared=").expect("parse");
+        assert_eq!(
+            o,
+            Opt {
+                boot_vcpus: 2,
+                shared: false,
+                path: None
+            }
+        );
+        let o: Opt = from_str("boot=1,path=\"\"").expect("quoted empty");
+        assert_eq!(o.path, None);
+        let e = from_str::<Opt>("boot=,path=/p").expect_err("required and empty");
+        assert_eq!(e.to_string(), "missing field `boot_vcpus`");
+    }
+
+    #[test]
+    fn value_errors_name_the_key_the_value_and_what_is_allowed() {
+        for (input, message) in [
+            (
+                "boot=two",
+                "boot=two: 'two' is not a number from 0 to 255 (decimal or 0x hex)",
+            ),
+            (
+                "boot=256",
+                "boot=256: '256' is not a number from 0 to 255 (decimal or 0x hex)",
+            ),
+            (
+                "boot=1,shared=maybe",
+                "shared=maybe: 'maybe' is not on/off/true/false",
+            ),
+        ] {
+            let e = from_str::<Opt>(input).expect_err(input);
+            assert_eq!(e.to_string(), message, "{input}");
+            assert!(matches!(e, KvError::BadValue { .. }), "{input}");
+        }
+        assert_eq!(
+            from_str::<Opt>("boot=1,colour=red,size=2")
+                .expect_err("unknown")
+                .to_string(),
+            "unknown key(s): colour, size"
+        );
     }
 
     #[test]

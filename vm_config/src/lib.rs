@@ -20,7 +20,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use console::{ConsoleConfig, ConsoleOutputMode, DebugConsoleConfig};
+pub use console::{ConsoleConfig, ConsoleOutputMode, DebugConsoleConfig, DEBUG_CONSOLE_PORT};
 pub use cpus::{CpuFeatures, CpuTopology, CpusConfig, MAX_VCPUS};
 pub use disk::{DiskConfig, ImageType};
 pub use memory::{HotplugMethod, MemoryConfig, MIN_MEMORY};
@@ -675,9 +675,115 @@ mod tests {
             (f.mode, f.file),
             (ConsoleOutputMode::File, Some("/tmp/x".into()))
         );
-        assert!(ConsoleConfig::parse("serial", "file=").is_err());
-        assert!(ConsoleConfig::parse("serial", "loud").is_err());
-        assert!(ConsoleConfig::parse("serial", "path=/x").is_err());
+        let e = |option, s| ConsoleConfig::parse(option, s).expect_err(s).to_string();
+        assert_eq!(
+            e("serial", "file="),
+            "serial: no mode given (one of off, null, tty, pty, file=PATH, socket=PATH)"
+        );
+        assert_eq!(
+            e("serial", "loud"),
+            "serial: unknown mode 'loud' (allowed: off, null, tty, pty, file=PATH, socket=PATH)"
+        );
+        assert_eq!(
+            e("serial", "path=/x"),
+            "serial: unknown key 'path' (in 'path=/x'; allowed: off, null, tty, pty, \
+             file=PATH, socket=PATH)"
+        );
+        assert_eq!(
+            e("serial", "iommu=on,tty"),
+            "serial: unknown key 'iommu' (in 'iommu=on'; allowed: off, null, tty, pty, \
+             file=PATH, socket=PATH)"
+        );
+        assert_eq!(
+            e("console", "tty,pty"),
+            "console: one mode only, not tty and pty (off, null, tty, pty, file=PATH, socket=PATH)"
+        );
+        assert_eq!(
+            e("console", "pty,iommu=maybe"),
+            "console: iommu=maybe: not allowed (on, off, true, false)"
+        );
+        let pty = ConsoleConfig::parse("console", "pty,iommu=off,file=").expect("pty");
+        assert_eq!(
+            (pty.mode, pty.file, pty.iommu),
+            (ConsoleOutputMode::Pty, None, false)
+        );
+        let s = ConsoleConfig::parse("serial", "socket=\"/run/a,b.sock\"").expect("socket");
+        assert_eq!(
+            (s.mode, s.socket),
+            (ConsoleOutputMode::Socket, Some("/run/a,b.sock".into()))
+        );
+        let json: ConsoleConfig =
+            serde_json::from_str(r#"{"mode": "Socket", "socket": "/s"}"#).expect("json");
+        assert_eq!(json, s_with_socket("/s"));
+        json.validate("serial").expect("socket with a path");
+        let no_socket: ConsoleConfig = serde_json::from_str(r#"{"mode": "Socket"}"#).expect("json");
+        assert_eq!(
+            no_socket
+                .validate("serial")
+                .expect_err("no path")
+                .to_string(),
+            "serial: mode Socket needs a socket path"
+        );
+    }
+
+    fn s_with_socket(path: &str) -> ConsoleConfig {
+        ConsoleConfig {
+            file: None,
+            mode: ConsoleOutputMode::Socket,
+            iommu: false,
+            socket: Some(path.into()),
+        }
+    }
+
+    #[test]
+    fn debug_console_modes_and_port() {
+        assert_eq!(DebugConsoleConfig::default().port(), 0xe9);
+        let d = DebugConsoleConfig::parse("file=/tmp/dbg,iobase=0x402").expect("file");
+        assert_eq!(
+            (d.mode, d.file.as_deref(), d.port()),
+            (
+                ConsoleOutputMode::File,
+                Some(std::path::Path::new("/tmp/dbg")),
+                0x402
+            )
+        );
+        for (mode, want) in [
+            ("off", ConsoleOutputMode::Off),
+            ("null", ConsoleOutputMode::Null),
+            ("tty", ConsoleOutputMode::Tty),
+            ("pty,iobase=", ConsoleOutputMode::Pty),
+            ("socket=/s", ConsoleOutputMode::Socket),
+        ] {
+            let d = DebugConsoleConfig::parse(mode).expect(mode);
+            assert_eq!((d.mode, d.port()), (want, 0xe9), "{mode}");
+        }
+        for (bad, message) in [
+            (
+                "tty,iobase=233",
+                "debug-console: iobase=233: not an I/O port (0x0 to 0xffff, in hex with 0x as \
+                 Cloud Hypervisor takes it)",
+            ),
+            (
+                "tty,iobase=0x10000",
+                "debug-console: iobase=0x10000: not an I/O port (0x0 to 0xffff, in hex with 0x \
+                 as Cloud Hypervisor takes it)",
+            ),
+            (
+                "tty,iommu=on",
+                "debug-console: unknown key 'iommu' (in 'iommu=on'; allowed: off, null, tty, \
+                 pty, file=PATH, socket=PATH, iobase=)",
+            ),
+            (
+                "iobase=0xe9",
+                "debug-console: no mode given (one of off, null, tty, pty, file=PATH, socket=PATH)",
+            ),
+        ] {
+            let e = DebugConsoleConfig::parse(bad).expect_err(bad);
+            assert_eq!(e.to_string(), message, "{bad}");
+        }
+        let json: DebugConsoleConfig =
+            serde_json::from_str(r#"{"mode": "Pty", "iobase": 1026}"#).expect("json");
+        assert_eq!((json.mode, json.port()), (ConsoleOutputMode::Pty, 0x402));
     }
 
     /// Kata's Go runtime's `vm.create` body, without the devices Nimbus does not have yet.
@@ -747,7 +853,8 @@ mod tests {
                 r#"{"disks": [{"path": "/d", "rate_limiter_config": {"ops": null}}]}"#,
                 "rate_limiter",
             ),
-            (r#"{"serial": {"mode": "Pty"}}"#, "Pty"),
+            (r#"{"serial": {"mode": "Socket"}}"#, "socket"),
+            (r#"{"debug_console": {"mode": "File"}}"#, "debug-console"),
         ] {
             let mut c: serde_json::Value =
                 serde_json::from_str(r#"{"payload": {"kernel": "/k"}}"#).expect("base");

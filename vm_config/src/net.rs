@@ -116,7 +116,17 @@ impl NetConfig {
         let mut rest = Vec::new();
         for (k, v) in kv::split(s).map_err(parse_err)? {
             if k == "fd" {
-                fds = Some(kv::int_list(&v, "file descriptors").map_err(parse_err)?);
+                // An empty value is unset, as for every key.
+                if !v.is_empty() {
+                    let list = kv::int_list(&v, "file descriptors").map_err(|e| {
+                        parse_err(kv::KvError::BadValue {
+                            key: k.clone(),
+                            value: v.clone(),
+                            message: e.to_string(),
+                        })
+                    })?;
+                    fds = Some(list);
+                }
             } else {
                 rest.push(format!("{k}=\"{v}\""));
             }

@@ -16,6 +16,7 @@ use vm_config::{
     ConsoleConfig, ConsoleOutputMode, DiskConfig, ImageType, NetConfig, VhostMode, VmConfig,
 };
 
+use crate::console_relay::ConsoleRelay;
 use crate::fds::FdStore;
 use crate::serial_input::{InputSink, InputTarget};
 use crate::vm::VmError;
@@ -31,17 +32,25 @@ pub enum OutputSink {
     Stdout,
     /// A file.
     File(File),
+    /// A pseudo-terminal or a Unix socket, with its relay thread (input comes back through it).
+    Relay(ConsoleRelay),
 }
 
 impl OutputSink {
-    /// Opens the sink for a serial port or console (`what` names it in errors).
-    pub fn open(cons: &ConsoleConfig, what: &'static str) -> Result<Self, VmError> {
-        Ok(match cons.mode {
+    /// Opens the sink for a serial port or console; `what` names it in errors and thread
+    /// names (`serial`, `console`, `debug-console`).
+    pub fn open(
+        mode: ConsoleOutputMode,
+        file: Option<&Path>,
+        socket: Option<&Path>,
+        what: &'static str,
+    ) -> Result<Self, VmError> {
+        Ok(match mode {
             ConsoleOutputMode::Off => Self::Off,
             ConsoleOutputMode::Null => Self::Null,
             ConsoleOutputMode::Tty => Self::Stdout,
             ConsoleOutputMode::File => {
-                let path = cons.file.as_deref().unwrap_or(Path::new(""));
+                let path = file.unwrap_or(Path::new(""));
                 let file = File::create(path).map_err(|source| VmError::Open {
                     what,
                     path: path.display().to_string(),
@@ -49,8 +58,10 @@ impl OutputSink {
                 })?;
                 Self::File(file)
             }
-            // Rejected by validation.
-            ConsoleOutputMode::Pty | ConsoleOutputMode::Socket => Self::Null,
+            ConsoleOutputMode::Pty => Self::Relay(ConsoleRelay::pty(what)?),
+            ConsoleOutputMode::Socket => {
+                Self::Relay(ConsoleRelay::socket(what, socket.unwrap_or(Path::new("")))?)
+            }
         })
     }
 
@@ -64,7 +75,16 @@ impl OutputSink {
                 what: "output file handle",
                 source,
             })?)),
+            Self::Relay(r) => Some(r.writer()),
         })
+    }
+
+    /// The allocated pseudo-terminal's path, for a `pty` console.
+    pub fn pty_path(&self) -> Option<&Path> {
+        match self {
+            Self::Relay(r) => r.pty_path(),
+            _ => None,
+        }
     }
 }
 
@@ -131,6 +151,8 @@ pub struct BoardDevice {
 pub struct Board {
     serial: OutputSink,
     console: OutputSink,
+    debug_console: OutputSink,
+    debug_console_port: u16,
     /// Where standard input goes: the virtio console when it is `tty`, else the serial port.
     input: InputTarget,
     cmos: Arc<Mutex<devices::rtc::Rtc>>,
@@ -281,8 +303,18 @@ impl Board {
         input: InputTarget,
         start: Instant,
     ) -> Result<Self, VmError> {
-        let serial = OutputSink::open(&config.serial, "serial file")?;
-        let console = OutputSink::open(&config.console, "console file")?;
+        let open = |c: &ConsoleConfig, what| {
+            OutputSink::open(c.mode, c.file.as_deref(), c.socket.as_deref(), what)
+        };
+        let serial = open(&config.serial, "serial")?;
+        let console = open(&config.console, "console")?;
+        let debug = &config.debug_console;
+        let debug_console = OutputSink::open(
+            debug.mode,
+            debug.file.as_deref(),
+            debug.socket.as_deref(),
+            "debug-console",
+        )?;
         let mut devices = Vec::new();
         let mut add = |id: String,
                        kind,
@@ -348,6 +380,8 @@ impl Board {
         Ok(Self {
             serial,
             console,
+            debug_console,
+            debug_console_port: debug.port(),
             input,
             cmos: Arc::new(Mutex::new(devices::rtc::Rtc::default())),
             devices,
@@ -380,14 +414,50 @@ impl Board {
         self.start
     }
 
-    /// Whether the virtio console takes standard input (then the serial port gets none).
-    pub fn console_takes_input(&self) -> bool {
-        matches!(self.console, OutputSink::Stdout)
+    /// The debug console's sink and I/O port.
+    pub fn debug_console(&self) -> (&OutputSink, u16) {
+        (&self.debug_console, self.debug_console_port)
     }
 
-    /// Points standard input at `sink` (or nowhere).
-    pub fn set_input(&self, sink: Option<Arc<dyn InputSink>>) {
-        *self.input.lock().unwrap_or_else(|p| p.into_inner()) = sink;
+    /// The pseudo-terminals allocated for the serial port, the console and the debug console.
+    pub fn pty_paths(&self) -> [Option<&Path>; 3] {
+        [
+            self.serial.pty_path(),
+            self.console.pty_path(),
+            self.debug_console.pty_path(),
+        ]
+    }
+
+    /// Where the serial port's input comes from: its PTY or socket, else standard input when
+    /// it is `tty` and the virtio console does not take it.
+    pub fn serial_input(&self) -> Option<&InputTarget> {
+        match (&self.serial, &self.console) {
+            (OutputSink::Relay(r), _) => Some(r.input()),
+            (OutputSink::Stdout, OutputSink::Stdout) => None,
+            (OutputSink::Stdout, _) => Some(&self.input),
+            _ => None,
+        }
+    }
+
+    /// Where the virtio console's input comes from: its PTY or socket, or standard input
+    /// when it is `tty`.
+    pub fn console_input(&self) -> Option<&InputTarget> {
+        match &self.console {
+            OutputSink::Relay(r) => Some(r.input()),
+            OutputSink::Stdout => Some(&self.input),
+            _ => None,
+        }
+    }
+
+    /// Detaches every input (standard input, PTYs, sockets) from the devices of the instance
+    /// that is going away.
+    pub fn detach_inputs(&self) {
+        for target in [Some(&self.input), self.serial_input(), self.console_input()]
+            .into_iter()
+            .flatten()
+        {
+            *target.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 
     /// A fresh guest-facing device for `device`, for a new VM instance.
@@ -445,19 +515,22 @@ impl Board {
                     .console
                     .writer()?
                     .unwrap_or_else(|| Box::new(std::io::sink()));
-                // A `tty` console takes standard input (the serial port then gets none).
-                let input = if self.console_takes_input() {
-                    let input = virtio_devices::console::ConsoleInput::new().map_err(|source| {
-                        VmError::Os {
-                            what: "console input",
-                            source,
-                        }
-                    })?;
-                    let sink: Arc<dyn InputSink> = input.clone();
-                    self.set_input(Some(sink));
-                    Some(input)
-                } else {
-                    None
+                // A `tty` console takes standard input (the serial port then gets none); a
+                // PTY or socket console, its own.
+                let input = match self.console_input() {
+                    Some(target) => {
+                        let input =
+                            virtio_devices::console::ConsoleInput::new().map_err(|source| {
+                                VmError::Os {
+                                    what: "console input",
+                                    source,
+                                }
+                            })?;
+                        let sink: Arc<dyn InputSink> = input.clone();
+                        *target.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+                        Some(input)
+                    }
+                    None => None,
                 };
                 Box::new(virtio_devices::console::Console::new(out, input, id))
             }

@@ -6,8 +6,8 @@ use clap::Parser;
 use nimbus_thread::seccomp::SeccompMode;
 
 use vm_config::{
-    kv, ConfigError, ConsoleConfig, CpusConfig, DiskConfig, FsConfig, LandlockConfig, MemoryConfig,
-    NetConfig, PayloadConfig, RngConfig, VmConfig,
+    kv, ConfigError, ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig,
+    LandlockConfig, MemoryConfig, NetConfig, PayloadConfig, RngConfig, VmConfig,
 };
 
 /// Nimbus: a virtual machine monitor for cloud workloads.
@@ -46,12 +46,16 @@ pub struct Cli {
     /// Entropy device: src=PATH (default /dev/urandom).
     #[arg(long, value_name = "src=PATH", long_help = RNG_HELP)]
     pub rng: Option<String>,
-    /// 16550 serial port: off|null|tty|file=PATH (default null).
+    /// 16550 serial port: off|null|tty|pty|file=PATH|socket=PATH (default null).
     #[arg(long, value_name = "MODE", long_help = SERIAL_HELP)]
     pub serial: Option<String>,
-    /// virtio console: off|null|tty|file=PATH (default tty).
+    /// virtio console: off|null|tty|pty|file=PATH|socket=PATH (default tty).
     #[arg(long, value_name = "MODE", long_help = CONSOLE_HELP)]
     pub console: Option<String>,
+    /// Debug console (I/O port 0xe9): off|null|tty|pty|file=PATH|socket=PATH[,iobase=0xN]
+    /// (default off).
+    #[arg(long, value_name = "MODE[,iobase=0xN]", long_help = DEBUG_CONSOLE_HELP)]
+    pub debug_console: Option<String>,
     /// Serve Cloud Hypervisor's REST API on this Unix socket: path=PATH, fd=N (a listening
     /// socket passed by the caller) or PATH. Without --kernel the VMM waits for vm.create.
     #[arg(long, value_name = "path=PATH|fd=N")]
@@ -173,22 +177,38 @@ src=PATH                  entropy source (default /dev/urandom)
 iommu=off                 on is refused";
 
 const SERIAL_HELP: &str = "\
-The 16550 serial port at 0x3f8.
+The 16550 serial port at 0x3f8: one mode.
 
 off                       no device
 null                      output discarded (default)
-tty                       standard output
+tty                       standard output (and standard input, unless the console is tty)
+pty                       a new pseudo-terminal (vm.info shows its path in serial.file)
 file=PATH                 a file, truncated at start
-Refused until implemented: pty, socket=PATH.";
+socket=PATH               a Unix socket Nimbus creates; one client at a time (a new one
+                          replaces it); output kept (64 KiB) until a client attaches";
 
 const CONSOLE_HELP: &str = "\
-The virtio console.
+The virtio console: one mode.
 
 off                       no device
 null                      output discarded
 tty                       standard output, and standard input goes to the guest (default)
+pty                       a new pseudo-terminal (vm.info shows its path in console.file)
 file=PATH                 a file, truncated at start
-Refused until implemented: pty, socket=PATH.";
+socket=PATH               a Unix socket Nimbus creates, as for the serial port
+iommu=off                 on is refused";
+
+const DEBUG_CONSOLE_HELP: &str = "\
+The debug console: what the guest writes to one I/O port. One mode:
+
+off                       no device (default)
+null                      output discarded
+tty                       standard output
+pty                       a new pseudo-terminal (vm.info shows its path in
+                          debug_console.file)
+file=PATH                 a file, truncated at start
+socket=PATH               a Unix socket Nimbus creates, as for the serial port
+iobase=0xN                the I/O port, in hex (default 0xe9)";
 
 const LANDLOCK_RULES_HELP: &str = "\
 More paths the VM may use under --landlock (a directory covers everything beneath it);
@@ -217,6 +237,7 @@ impl Cli {
             ("--rng", self.rng.is_some()),
             ("--serial", self.serial.is_some()),
             ("--console", self.console.is_some()),
+            ("--debug-console", self.debug_console.is_some()),
             ("--landlock", self.landlock),
             ("--landlock-rules", !self.landlock_rules.is_empty()),
         ] {
@@ -283,6 +304,9 @@ impl Cli {
         }
         if let Some(s) = &self.console {
             config.console = ConsoleConfig::parse("console", s)?;
+        }
+        if let Some(s) = &self.debug_console {
+            config.debug_console = DebugConsoleConfig::parse(s)?;
         }
         config.landlock_enable = self.landlock;
         if !self.landlock_rules.is_empty() {
@@ -432,6 +456,22 @@ mod tests {
             assert!(c.validate().is_err(), "{bad} must be rejected");
         }
         assert!(parse(&["--kernel", "/k", "--net", "tap=t,ip=10.0.0"]).is_err());
+        // Empty values are unset, as in Cloud Hypervisor's README (`tap=,mac=`).
+        let c = parse(&["--kernel", "/k", "--net", "tap=,mac=,ip=,mask=,fd="]).expect("empty");
+        let n = &c.net.clone().unwrap_or_default()[0];
+        assert_eq!((&n.tap, &n.mac, n.ip, &n.fds), (&None, &None, None, &None));
+        c.validate().expect("valid");
+        let e = parse(&["--kernel", "/k", "--net", "fd=[3,x]"]).expect_err("bad fd");
+        let chain = format!(
+            "{e}: {}",
+            std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        );
+        assert_eq!(
+            chain,
+            "--net: fd=[3,x]: '[3,x]' is not a list of file descriptors such as 3, [3,4] or [3-5]"
+        );
         assert!(parse(&["--kernel", "/k", "--net", "fd=x"]).is_err());
         assert!(parse(&["--kernel", "/k", "--net", "vhost_mode=sideways"]).is_err());
     }

@@ -385,8 +385,19 @@ impl Vmm {
         self.prepare_console(&config);
         let board = Board::new(&config, &self.fds, self.input.clone(), self.start)
             .map_err(|e| vm_error("The VM could not boot", &e))?;
-        // The board found every image of unknown format to be raw: say so in vm.info.
+        // The board found every image of unknown format to be raw: say so in vm.info; and
+        // the PTYs it allocated are shown in `file`, where libvirt reads them.
         if let Some(stored) = &mut self.config {
+            let [serial, console, debug] = board.pty_paths();
+            for (file, pty) in [
+                (&mut stored.serial.file, serial),
+                (&mut stored.console.file, console),
+                (&mut stored.debug_console.file, debug),
+            ] {
+                if let Some(path) = pty {
+                    *file = Some(path.to_path_buf());
+                }
+            }
             for d in stored.disks.iter_mut().flatten() {
                 if !d.vhost_user && d.image_type == vm_config::ImageType::Unknown {
                     d.image_type = vm_config::ImageType::Raw;
@@ -461,7 +472,7 @@ impl Vmm {
         if let Some(booted) = self.booted.take() {
             let Booted { board, vm, .. } = booted;
             drop(vm);
-            board.set_input(None);
+            board.detach_inputs();
             drop(board);
             self.state = VmState::Shutdown;
             log::info!("VM shut down");
@@ -488,7 +499,7 @@ impl Vmm {
             board, vm, boots, ..
         } = booted;
         drop(vm);
-        board.set_input(None);
+        board.detach_inputs();
         match self.instance(&config, &board) {
             Ok(vm) => {
                 self.booted = Some(Booted {

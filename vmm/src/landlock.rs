@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use nimbus_landlock::{Access, PathRule};
-use vm_config::{ConsoleConfig, ConsoleOutputMode, VhostMode, VmConfig};
+use vm_config::{ConsoleOutputMode, VhostMode, VmConfig};
 
 /// Where a file Nimbus creates (or replaces) goes: the file's directory, with write access
 /// (creating and removing entries there).
@@ -21,11 +21,21 @@ fn created_in(path: &Path) -> PathRule {
     PathRule::new(dir, Access::Write)
 }
 
-/// A console's output file (truncated or created at boot) or socket.
-fn console_rules(console: &ConsoleConfig, rules: &mut Vec<PathRule>) {
-    match console.mode {
+/// A console's output file (truncated or created at boot), socket or pseudo-terminal.
+fn console_rules(
+    mode: ConsoleOutputMode,
+    file: &Option<PathBuf>,
+    socket: &Option<PathBuf>,
+    rules: &mut Vec<PathRule>,
+) {
+    match mode {
+        ConsoleOutputMode::Pty => {
+            // Allocating one opens /dev/ptmx, then the new /dev/pts/N.
+            rules.push(PathRule::new("/dev/ptmx", Access::ReadWrite));
+            rules.push(PathRule::new("/dev/pts", Access::ReadWrite));
+        }
         ConsoleOutputMode::File => {
-            if let Some(file) = &console.file {
+            if let Some(file) = file {
                 if file.exists() {
                     rules.push(PathRule::new(file, Access::Write));
                 } else {
@@ -34,7 +44,7 @@ fn console_rules(console: &ConsoleConfig, rules: &mut Vec<PathRule>) {
             }
         }
         ConsoleOutputMode::Socket => {
-            if let Some(socket) = &console.socket {
+            if let Some(socket) = socket {
                 rules.push(created_in(socket));
             }
         }
@@ -76,8 +86,11 @@ pub fn rules(config: &VmConfig) -> Vec<PathRule> {
         rules.push(PathRule::new(tun, Access::ReadWrite));
     }
     rules.push(PathRule::new(&config.rng.src, Access::Read));
-    console_rules(&config.serial, &mut rules);
-    console_rules(&config.console, &mut rules);
+    for c in [&config.serial, &config.console] {
+        console_rules(c.mode, &c.file, &c.socket, &mut rules);
+    }
+    let debug = &config.debug_console;
+    console_rules(debug.mode, &debug.file, &debug.socket, &mut rules);
     for extra in config.landlock_rules.iter().flatten() {
         // validate() checked the access.
         if let Ok(access) = Access::parse(&extra.access) {
@@ -90,7 +103,7 @@ pub fn rules(config: &VmConfig) -> Vec<PathRule> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_config::{DiskConfig, LandlockConfig, PayloadConfig};
+    use vm_config::{ConsoleConfig, DebugConsoleConfig, DiskConfig, LandlockConfig, PayloadConfig};
 
     #[test]
     fn the_configuration_names_its_paths() {
@@ -112,6 +125,9 @@ mod tests {
         config.disks = Some(vec![disk("/d/rw.img", false), disk("/d/ro.img", true)]);
         config.serial =
             ConsoleConfig::parse("serial", "file=/nonexistent-dir/serial.log").expect("serial");
+        config.console = ConsoleConfig::parse("console", "pty").expect("console");
+        config.debug_console =
+            DebugConsoleConfig::parse("socket=/sockets/debug.sock").expect("debug console");
         config.landlock_rules = Some(vec![LandlockConfig {
             path: "/hotplug".into(),
             access: "rw".into(),
@@ -129,6 +145,9 @@ mod tests {
         assert!(has("/dev/urandom", Access::Read), "{rules:?}");
         assert!(has("/nonexistent-dir", Access::Write), "{rules:?}");
         assert!(has("/hotplug", Access::ReadWrite), "{rules:?}");
+        assert!(has("/dev/ptmx", Access::ReadWrite), "{rules:?}");
+        assert!(has("/dev/pts", Access::ReadWrite), "{rules:?}");
+        assert!(has("/sockets", Access::Write), "{rules:?}");
         assert!(!rules.iter().any(|r| r.path == Path::new("/dev/net/tun")));
     }
 }

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod board;
 pub mod cli;
+pub mod console_relay;
 pub mod control;
 pub mod controller;
 pub mod device_manager;

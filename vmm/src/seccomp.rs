@@ -111,6 +111,9 @@ fn main_ioctls() -> Vec<u64> {
         libc::SIOCGIFMTU,
         libc::TCGETS,
         libc::TCSETS,
+        // Allocating a pseudo-terminal for a `pty` console.
+        libc::TIOCGPTN,
+        libc::TIOCSPTLCK,
         libc::FIONBIO,
         libc::FIOCLEX,
     ]);
@@ -208,6 +211,21 @@ pub fn rules() -> Vec<(ThreadClass, Vec<Rule>)> {
     ]);
     // Accepted connections are made non-blocking.
     api.push(Rule::Ioctl(nonblocking_ioctls()));
+    // PTY and socket consoles: wait for output, a client or input; accept the client (made
+    // non-blocking), read its input, write output, hang the replaced client up.
+    let mut console_relay = allow(&[
+        THREAD,
+        &[
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+            libc::SYS_read,
+            libc::SYS_write,
+            libc::SYS_accept4,
+            libc::SYS_shutdown,
+            libc::SYS_close,
+        ],
+    ]);
+    console_relay.push(Rule::Ioctl(nonblocking_ioctls()));
     let others = vec![
         (ThreadClass::Vcpu, vcpu),
         (ThreadClass::Api, api),
@@ -222,6 +240,7 @@ pub fn rules() -> Vec<(ThreadClass, Vec<Rule>)> {
             ThreadClass::ConsoleInput,
             allow(&[THREAD, &[libc::SYS_read]]),
         ),
+        (ThreadClass::ConsoleRelay, console_relay),
     ];
     // Every other thread is started by the main thread and runs under its filter as well as
     // its own: the main thread's rules cover theirs.

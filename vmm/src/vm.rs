@@ -120,6 +120,9 @@ pub enum VmError {
     /// A descriptor handed to the VMM cannot be used.
     #[error("handed-over descriptor")]
     Fd(#[from] crate::fds::FdError),
+    /// A PTY or socket console could not be set up.
+    #[error("console")]
+    Console(#[from] crate::console_relay::ConsoleRelayError),
     /// A device thread did not pause.
     #[error("cannot pause the devices")]
     Pause(#[source] virtio_devices::pause::PauseError),
@@ -457,9 +460,18 @@ fn add_platform_devices(
         interrupts.push(irq.clone());
         let uart = Arc::new(Mutex::new(devices::serial::Serial::new(irq, out)));
         place("COM1", uart.clone(), layout::COM1_PORT, 8)?;
-        if !board.console_takes_input() {
-            board.set_input(Some(Arc::new(SerialInput(uart))));
+        if let Some(target) = board.serial_input() {
+            *target.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(SerialInput(uart)));
         }
+    }
+    let (debug_sink, debug_port) = board.debug_console();
+    if let Some(out) = debug_sink.writer()? {
+        place(
+            "debug console",
+            Arc::new(Mutex::new(devices::debug_port::DebugConsole::new(out))),
+            debug_port,
+            1,
+        )?;
     }
     place("CMOS RTC", board.cmos().clone(), layout::CMOS_PORT, 2)?;
     place(

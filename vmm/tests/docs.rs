@@ -16,8 +16,8 @@ use std::time::Instant;
 use clap::Parser as _;
 use serde::de::{self, Visitor};
 use vm_config::{
-    ConsoleConfig, CpusConfig, DiskConfig, FsConfig, LandlockConfig, MemoryConfig, NetConfig,
-    RngConfig,
+    ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig, LandlockConfig,
+    MemoryConfig, NetConfig, RngConfig,
 };
 use vmm::api::ApiServerError;
 use vmm::cli::Cli;
@@ -603,6 +603,7 @@ fn accepted_keys(option: &str, named: &BTreeSet<String>) -> BTreeSet<String> {
         "--fs" => vm("tag=t,socket=/s", struct_fields::<FsConfig>(), &[]),
         "--rng" => vm("", struct_fields::<RngConfig>(), &[]),
         "--serial" | "--console" => vm("", struct_fields::<ConsoleConfig>(), &[]),
+        "--debug-console" => vm("", struct_fields::<DebugConsoleConfig>(), &[]),
         "--landlock-rules" => vm("path=/p,access=r", struct_fields::<LandlockConfig>(), &[]),
         "--api-socket" => by(api_socket_accepts, &["path", "fd"]),
         "--event-monitor" => by(event_monitor_accepts, &["path", "fd"]),

@@ -417,7 +417,9 @@ fn filled() -> VmConfig {
         pmem: Some(Vec::new()),
         serial: from(json!({"file": "/s", "mode": "File", "iommu": true, "socket": "/s.sock"})),
         console: from(json!({"file": "/c", "mode": "File", "iommu": true, "socket": "/c.sock"})),
-        debug_console: from(json!({"file": "/e", "mode": "Off", "iobase": 233})),
+        debug_console: from(json!({
+            "file": "/e", "mode": "Off", "iobase": 233, "socket": "/e.sock"
+        })),
         devices: Some(Vec::new()),
         user_devices: Some(Vec::new()),
         vdpa: Some(Vec::new()),

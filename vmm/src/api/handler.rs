@@ -2,7 +2,6 @@
 //! forwards it to the command loop, whose answer goes back through the request's responder.
 
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
@@ -135,17 +134,15 @@ pub fn serve(option: &str, commands: Sender<Command>) -> Result<ApiServer, ApiSe
 }
 
 fn bind(path: &str) -> Result<UnixListener, ApiServerError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            // A stale socket from an earlier run.
-            let _ = std::fs::remove_file(path);
+    crate::console_relay::bind_replacing_stale(std::path::Path::new(path)).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::AlreadyExists {
+            ApiServerError::NotASocket(path.into())
+        } else {
+            ApiServerError::Bind {
+                path: path.into(),
+                source,
+            }
         }
-        Ok(_) => return Err(ApiServerError::NotASocket(path.into())),
-        Err(_) => {}
-    }
-    UnixListener::bind(path).map_err(|source| ApiServerError::Bind {
-        path: path.into(),
-        source,
     })
 }
 
