@@ -19,6 +19,7 @@ mod acpi;
 mod arch;
 mod bench;
 mod blk;
+mod console_io;
 mod expect;
 mod fs;
 mod hostile;
@@ -142,6 +143,7 @@ pub extern "C" fn rust_main(start_info_addr: u64) -> ! {
     for (s, e) in acpi.ranges() {
         avoid.add(s, e);
     }
+    console_io::run(text);
     if let Some(kind) = expect::value(text, "bench") {
         // Benchmark mode: no memory/SMP/RTC checks, see bench.rs.
         bench::run(kind, &si, &acpi, &avoid, text);

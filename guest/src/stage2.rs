@@ -440,6 +440,22 @@ fn run_console(mut t: Transport, name: &str, n: usize, keys: &Keys<'_>, apic_id:
         check_named(name, "write", false, format_args!("out of DMA memory"));
         return;
     };
+    let input = keys.get("console", n, "input");
+    // With `console.input`, a receive buffer waits on receiveq 0 from the start.
+    const RX_OFF: usize = 2048;
+    const RX_LEN: u32 = 64;
+    let rx_buf = Buf {
+        addr: page.phys(RX_OFF),
+        len: RX_LEN,
+        write: true,
+    };
+    if input.is_some() {
+        if let Some(q) = queues[0].as_mut() {
+            if q.add(core::slice::from_ref(&rx_buf)).is_some() {
+                q.kick();
+            }
+        }
+    }
     let message = keys
         .get("console", n, "message")
         .unwrap_or(DEFAULT_CONSOLE_MESSAGE);
@@ -478,6 +494,27 @@ fn run_console(mut t: Transport, name: &str, n: usize, keys: &Keys<'_>, apic_id:
             }
         ),
     );
+    if let (Some(expected), Some(q)) = (input, queues[0].as_mut()) {
+        let secs = crate::console_io::wait_secs(keys.text, "console.input");
+        println!("INFO {name}.input.ready");
+        let deadline = crate::time::Deadline::after_us(secs * 1_000_000);
+        let mut line = crate::console_io::Line::new();
+        while !line.done && !deadline.passed() {
+            match q.pop_used() {
+                Some(u) => {
+                    let len = (u.len.min(RX_LEN)) as usize;
+                    for i in 0..len {
+                        line.push(page.read8(RX_OFF + i));
+                    }
+                    if !line.done && q.add(core::slice::from_ref(&rx_buf)).is_some() {
+                        q.kick();
+                    }
+                }
+                None => crate::arch::pause(),
+            }
+        }
+        line.report(name, expected, secs);
+    }
     match msix_err {
         Some(w) => check_named(name, "msix", false, format_args!("{w}")),
         None => check_msix(&t, name, &tally, &queues),

@@ -221,6 +221,9 @@ pub fn rules() -> Vec<(ThreadClass, Vec<Rule>)> {
             libc::SYS_read,
             libc::SYS_write,
             libc::SYS_accept4,
+            // The client's socket: std writes with send (MSG_NOSIGNAL), may read with recv.
+            libc::SYS_sendto,
+            libc::SYS_recvfrom,
             libc::SYS_shutdown,
             libc::SYS_close,
         ],

@@ -6,7 +6,8 @@
 //! The self-test hook (`NIMBUS_SECCOMP_SELF_TEST=<class>[,<class>...]`) makes each thread of the
 //! named classes call acct(2), which no class allows, right after it applies its filter. One VM
 //! starts every class: the test guest with the API socket, the serial port on the terminal
-//! (console input), the rng device (a device worker) and a disk served by `vhost_user_block`
+//! (console input), the debug console on a PTY (a console relay), the rng device (a device
+//! worker) and a disk served by `vhost_user_block`
 //! (the vhost-user relay and deadline threads). With the default filters each class's call ends
 //! the process with status 159; with `--seccomp log` the calls of every class go through, the
 //! guest passes its checks and the kernel logs them; with `--seccomp false` nothing happens.
@@ -58,6 +59,8 @@ fn every_class_vm(dir: &ScratchDir, seccomp: &[&str]) -> (Command, VhostUserBloc
         .arg(format!("vhost_user=on,socket={}", socket.display()))
         .arg("--api-socket")
         .arg(dir.file("api.sock"))
+        // A console relay thread.
+        .args(["--debug-console", "pty"])
         .args(seccomp);
     (cmd, daemon)
 }

@@ -1,0 +1,208 @@
+//! Consoles on a pseudo-terminal and on a Unix socket, and the debug console, with the test
+//! guest: the serial port on a PTY whose path the test reads from `vm.info` over the API (as
+//! libvirt does), the virtio console on a socket a client attaches to late, detaches from and
+//! re-attaches to, and the debug console (port 0xe9) in a file. The guest reads a line on each
+//! console (docs/test-guest.md, `serial.input` and `console.input`) and checks it.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use e2e::{
+    guest_elf, require_kvm, spawn_vm, stage1_cmdline, virtio_checks, GuestReport, ScratchDir,
+    Stage2Keys, STAGE1_CHECKS, VIRTIO_CONSOLE_CHECKS,
+};
+
+const NIMBUS: &str = env!("CARGO_BIN_EXE_nimbus");
+const WAIT: Duration = Duration::from_secs(60);
+
+/// What a reader thread has read from a terminal or socket so far.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<u8>>>);
+
+impl Seen {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+
+    /// Reads `from` into this buffer until it ends or fails, in a thread.
+    fn collect(&self, mut from: impl Read + Send + 'static) {
+        let seen = self.0.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(&buf[..n]);
+            }
+        });
+    }
+
+    fn wait_for(&self, text: &str, what: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.text().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: no '{text}' within {WAIT:?}; so far:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `vm.info` as libvirt asks for it, once the API answers.
+fn vm_info(api: &Path) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if e2e::api::connect(api, Duration::from_millis(200)).is_ok() {
+            let answer = e2e::api::call(api, "GET", "vm.info", None);
+            if answer.status == 200 {
+                return answer.json();
+            }
+        }
+        assert!(Instant::now() < deadline, "vm.info never answered 200");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn connect(socket: &Path) -> UnixStream {
+    let stream = UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", socket.display()));
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    stream
+}
+
+/// Reads `stream` until `text` arrived.
+fn read_until(stream: &mut UnixStream, text: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no '{text}' on the console socket; got {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        match stream.read(&mut buf) {
+            Ok(0) => panic!(
+                "console socket closed; got {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("console socket: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn pty_serial_socket_console_and_debug_console_carry_output_and_input() {
+    if !require_kvm("pty_serial_socket_console_and_debug_console_carry_output_and_input") {
+        return;
+    }
+    let dir = ScratchDir::new("consoles");
+    let api = dir.file("api.sock");
+    let console_sock = dir.file("console.sock");
+    let debug_file = dir.file("debug.txt");
+    let keys = Stage2Keys {
+        virtio: Some(vec![("rng", 1), ("console", 1)]),
+        console_message: Some("early-console-output".into()),
+        ..Default::default()
+    };
+    let cmdline = format!(
+        "{} {} serial.input=typed-on-the-pty console.input=typed-on-the-socket \
+         debugcon=to-port-0xe9",
+        stage1_cmdline(1, 128 << 20),
+        keys.to_cmdline()
+    );
+    let mut cmd = Command::new(NIMBUS);
+    cmd.arg("--kernel")
+        .arg(guest_elf())
+        .args(["--memory", "size=128M", "--cmdline", &cmdline])
+        .args(["--serial", "pty"])
+        .arg("--console")
+        .arg(format!("socket={}", console_sock.display()))
+        .arg("--debug-console")
+        .arg(format!("file={}", debug_file.display()))
+        .arg("--api-socket")
+        .arg(&api)
+        .arg("-v");
+    let vm = spawn_vm(cmd);
+
+    // libvirt's way to the serial port: config.serial.file in vm.info.
+    let info = vm_info(&api);
+    let config = &info["config"];
+    assert_eq!(config["serial"]["mode"], "Pty", "{info}");
+    let pty = PathBuf::from(config["serial"]["file"].as_str().unwrap_or_else(|| {
+        panic!("vm.info has no config.serial.file: {info}");
+    }));
+    assert!(pty.starts_with("/dev/pts/"), "{}", pty.display());
+    assert_eq!(config["console"]["mode"], "Socket", "{info}");
+    assert_eq!(
+        config["console"]["socket"].as_str(),
+        console_sock.to_str(),
+        "{info}"
+    );
+    let mut terminal = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&pty)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", pty.display()));
+    let serial = Seen::default();
+    serial.collect(terminal.try_clone().expect("dup"));
+    serial.wait_for("INFO serial.input.ready", "serial PTY");
+    terminal.write_all(b"typed-on-the-pty\r").expect("type");
+    serial.wait_for("TEST serial.input", "serial PTY");
+
+    // The console's client attaches after the guest wrote to it: the output was kept.
+    serial.wait_for("TEST virtio.console0.write", "serial PTY");
+    let mut first = connect(&console_sock);
+    read_until(&mut first, "early-console-output\n");
+    drop(first);
+    // Detached; a new client attaches and types.
+    serial.wait_for("INFO virtio.console0.input.ready", "serial PTY");
+    let mut second = connect(&console_sock);
+    second.write_all(b"typed-on-the-socket\n").expect("type");
+    serial.wait_for("TESTS DONE", "serial PTY");
+
+    let run = vm.finish(WAIT);
+    let output = serial.text();
+    assert!(
+        run.success(),
+        "{}\n----- PTY -----\n{output}",
+        run.describe()
+    );
+    let report = GuestReport::parse(&output);
+    let mut names: Vec<String> = STAGE1_CHECKS.iter().map(|s| s.to_string()).collect();
+    names.extend(virtio_checks("console", 0, VIRTIO_CONSOLE_CHECKS));
+    names.extend(virtio_checks("console", 0, &["input"]));
+    names.extend(["serial.input".into(), "debugcon.write".into()]);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    report.assert_passed(&names);
+    assert!(
+        output.contains("INFO serial.echo \"typed-on-the-pty\""),
+        "{output}"
+    );
+    let debug = std::fs::read_to_string(&debug_file).expect("debug console file");
+    assert_eq!(debug, "to-port-0xe9\n");
+    assert!(
+        !console_sock.exists(),
+        "the console socket is removed at exit"
+    );
+}
