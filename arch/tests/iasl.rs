@@ -126,6 +126,7 @@ fn iasl_accepts_every_table() {
     let cfg = AcpiConfig {
         boot_cpus: 2,
         max_cpus: 4,
+        topology: None,
         pci_mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
         pci_mmio64: (layout::pci_mmio64_start(8 << 30), layout::PCI_MMIO64_SIZE),
     };
@@ -186,6 +187,7 @@ fn iasl_accepts_the_largest_machine() {
     let cfg = AcpiConfig {
         boot_cpus: 255,
         max_cpus: 255,
+        topology: None,
         pci_mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
         pci_mmio64: (0, 0),
     };

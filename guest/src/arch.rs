@@ -153,6 +153,11 @@ pub fn park() -> ! {
 /// that is itself a KVM guest says "KVMKVMKVM" whatever the VMM offers), while CPUID at CPL0
 /// is emulated and answers from the VMM's CPUID table. A few emulated instructions.
 pub fn cpuid_cpl0(leaf: u32) -> [u32; 4] {
+    cpuid_count_cpl0(leaf, 0)
+}
+
+/// CPUID `leaf`, sub-leaf `sub`, at CPL0 (see [`cpuid_cpl0`]).
+pub fn cpuid_count_cpl0(leaf: u32, sub: u32) -> [u32; 4] {
     let (a, b, c, d): (u32, u64, u32, u32);
     // SAFETY: svc_cpuid_insn is `ud2; ret`; the CPL0 handler recognises the #UD's address,
     // executes CPUID with our eax/ecx, and resumes at the `ret` with eax..edx replaced and
@@ -167,7 +172,7 @@ pub fn cpuid_cpl0(leaf: u32) -> [u32; 4] {
             svc = sym svc_cpuid_insn,
             b = out(reg) b,
             inout("eax") leaf => a,
-            inout("ecx") 0u32 => c,
+            inout("ecx") sub => c,
             out("edx") d,
         );
     }

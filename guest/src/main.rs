@@ -42,6 +42,7 @@ mod soak;
 mod stage2;
 mod startinfo;
 mod time;
+mod topology;
 mod virtio;
 
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -166,6 +167,7 @@ pub extern "C" fn rust_main(start_info_addr: u64) -> ! {
     }
     memtest::check_memtouch(&si, &avoid);
     smp::check_smp(&si, acpi.madt.as_ref(), &expect, &avoid);
+    topology::check_topology(text, acpi.madt.as_ref());
     rtc::check_rtc(&expect);
     stage2::run(&acpi, text);
     finish()

@@ -28,9 +28,14 @@ pub enum KvError {
         /// The value given.
         value: String,
     },
-    /// Not a list of `id@[fds]` pairs.
-    #[error("'{0}' is not a list such as [net0@[3,4],net1@[5]]")]
-    IdFdList(String),
+    /// Not a list of `id@[numbers]` pairs.
+    #[error("'{value}' is not a list such as {example}")]
+    TupleList {
+        /// The value given.
+        value: String,
+        /// The form expected.
+        example: &'static str,
+    },
     /// Keys the option does not have.
     #[error("unknown key(s): {0}")]
     UnknownKeys(String),
@@ -143,7 +148,20 @@ pub fn int_list<T: TryFrom<u64>>(value: &str, what: &'static str) -> Result<Vec<
 
 /// Reads `[id@[fds],id@fd,...]`, the form of `restore`'s `net_fds`.
 pub fn id_fd_list(value: &str) -> Result<Vec<(String, Vec<i32>)>, KvError> {
-    let bad = || KvError::IdFdList(value.to_string());
+    tuple_list(value, "file descriptors", "[net0@[3,4],net1@[5]]")
+}
+
+/// Reads Cloud Hypervisor's tuple lists, `[a@[1,2],b@3,...]`: names, each with an integer
+/// list (`what` names the integers, `example` shows the form in errors).
+pub fn tuple_list<T: TryFrom<u64>>(
+    value: &str,
+    what: &'static str,
+    example: &'static str,
+) -> Result<Vec<(String, Vec<T>)>, KvError> {
+    let bad = || KvError::TupleList {
+        value: value.to_string(),
+        example,
+    };
     let inner = value
         .trim()
         .strip_prefix('[')
@@ -155,11 +173,11 @@ pub fn id_fd_list(value: &str) -> Result<Vec<(String, Vec<i32>)>, KvError> {
     }
     items
         .into_iter()
-        .map(|(id, fds)| {
+        .map(|(id, list)| {
             if id.is_empty() {
                 return Err(bad());
             }
-            Ok((id, int_list(&fds, "file descriptors")?))
+            Ok((id, int_list(&list, what)?))
         })
         .collect()
 }

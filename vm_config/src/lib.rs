@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use console::{ConsoleConfig, ConsoleOutputMode, DebugConsoleConfig, DEBUG_CONSOLE_PORT};
-pub use cpus::{CpuFeatures, CpuTopology, CpusConfig, MAX_VCPUS};
+pub use cpus::{CpuAffinity, CpuFeatures, CpuTopology, CpusConfig, MAX_VCPUS};
 pub use disk::{DiskConfig, ImageType};
 pub use memory::{HotplugMethod, MemoryConfig, MIN_MEMORY};
 pub use net::{NetConfig, VhostMode};
@@ -838,8 +838,8 @@ mod tests {
                 "zones",
             ),
             (
-                r#"{"cpus": {"boot_vcpus": 2, "max_vcpus": 2, "topology": {"threads_per_core": 2, "cores_per_die": 1, "dies_per_package": 1, "packages": 1}}}"#,
-                "topology",
+                r#"{"cpus": {"boot_vcpus": 2, "max_vcpus": 2, "topology": {"threads_per_core": 2, "cores_per_die": 2, "dies_per_package": 1, "packages": 1}}}"#,
+                "topology 2:2:1:1 describes 4 vCPUs",
             ),
             (
                 r#"{"cpus": {"boot_vcpus": 1, "max_vcpus": 1, "features": {"amx": true}}}"#,

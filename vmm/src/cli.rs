@@ -94,10 +94,15 @@ vCPUs.
 
 boot=N, boot_vcpus=N      vCPUs at boot, 1..=254 (default 1)
 max=M, max_vcpus=M        the most vCPUs the VM may have (default: boot)
+topology=T:C:D:P          threads per core (1 or 2), cores per die, dies per package,
+                          packages; their product is max (default 1:max:1:1); shown to
+                          the guest in CPUID and the MADT's APIC IDs
+affinity=[V@[H,...],...]  host CPUs each vCPU's thread vcpuV may run on, e.g.
+                          [0@[0,1],1@[2-3]]
+features=[amx]            optional CPU features: amx is refused until implemented
 nested=on|off             offer the host's VMX/SVM to the guest (default on)
 max_phys_bits=N           address width RAM and hotplug_size must fit in (default 46)
-Refused until implemented: kvm_hyperv=on, affinity=...; features=... and topology=...
-are objects in the API and cannot be given here.";
+kvm_hyperv=on|off         Hyper-V enlightenments: on is refused until implemented";
 
 const MEMORY_HELP: &str = "\
 Guest RAM.

@@ -170,6 +170,8 @@ pub fn rules() -> Vec<(ThreadClass, Vec<Rule>)> {
         libc::SYS_getuid,
         libc::SYS_geteuid,
         libc::SYS_flock,
+        // Pinning vCPU threads (--cpus affinity=).
+        libc::SYS_sched_setaffinity,
         // --landlock, applied when a VM is created.
         libc::SYS_landlock_create_ruleset,
         libc::SYS_landlock_add_rule,

@@ -136,6 +136,31 @@ impl VcpuThread {
         })
     }
 
+    /// Lets the thread run only on the host CPUs `cpus` (`--cpus affinity=`).
+    pub fn pin(&self, cpus: &[usize]) -> std::io::Result<()> {
+        // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET writes inside it for indices
+        // below CPU_SETSIZE (checked), and pthread_setaffinity_np reads the size given. The
+        // thread has not been joined, so its pthread_t is valid.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for &cpu in cpus {
+                if cpu >= libc::CPU_SETSIZE as usize {
+                    return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+                }
+                libc::CPU_SET(cpu, &mut set);
+            }
+            let rc = libc::pthread_setaffinity_np(
+                self.handle.as_pthread_t(),
+                std::mem::size_of::<libc::cpu_set_t>(),
+                &set,
+            );
+            if rc != 0 {
+                return Err(std::io::Error::from_raw_os_error(rc));
+            }
+        }
+        Ok(())
+    }
+
     /// Interrupts `KVM_RUN` so the thread looks at its requests.
     fn kick(&self) {
         if !self.done.load(Ordering::SeqCst) {

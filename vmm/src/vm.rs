@@ -120,6 +120,17 @@ pub enum VmError {
     /// A descriptor handed to the VMM cannot be used.
     #[error("handed-over descriptor")]
     Fd(#[from] crate::fds::FdError),
+    /// A vCPU thread could not be pinned to its host CPUs.
+    #[error("vcpu{vcpu}: cannot run on host CPUs {host_cpus:?} (cpus.affinity)")]
+    Affinity {
+        /// The vCPU.
+        vcpu: u32,
+        /// Its host CPUs.
+        host_cpus: Vec<usize>,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A PTY or socket console could not be set up.
     #[error("console")]
     Console(#[from] crate::console_relay::ConsoleRelayError),
@@ -172,6 +183,8 @@ pub struct Vm {
     ctx: VcpuContext,
     /// kvmclock read at pause, written back at resume.
     paused_clock: Option<u64>,
+    /// Host CPUs of the vCPUs that have an affinity (`--cpus affinity=`).
+    affinity: Vec<vm_config::CpuAffinity>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -221,6 +234,7 @@ impl Vm {
 
         let boot_cpus = config.cpus.boot_vcpus;
         let max_cpus = config.cpus.max_vcpus;
+        let topology = config.cpus.presented_topology().arch();
         // RAM added later goes between RAM and the 64-bit PCI window.
         let mmio64 = layout::pci_mmio64_start(config.memory.reserved_size());
         let rsdp = acpi::create_acpi_tables(
@@ -228,6 +242,7 @@ impl Vm {
             &acpi::AcpiConfig {
                 boot_cpus,
                 max_cpus,
+                topology: Some(topology),
                 pci_mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
                 pci_mmio64: (mmio64, layout::PCI_MMIO64_SIZE),
             },
@@ -287,11 +302,12 @@ impl Vm {
         let hwcr = cpuid::amd_hwcr(&supported);
         let mut vcpus = Vec::with_capacity(usize::from(boot_cpus));
         for id in 0..u32::from(boot_cpus) {
+            // KVM's vCPU id is the initial APIC ID.
             let vcpu = hv_vm
-                .create_vcpu(id)
+                .create_vcpu(topology.apic_id(id))
                 .map_err(hv_err(format!("creating vcpu{id}")))?;
             let err = |what: &str| hv_err(format!("setting up vcpu{id}: {what}"));
-            let mut table = cpuid::vcpu_cpuid(&supported, id as u8, max_cpus);
+            let mut table = cpuid::vcpu_cpuid(&supported, id, &topology);
             if !config.cpus.nested {
                 cpuid::hide_virtualization(&mut table);
             }
@@ -327,6 +343,7 @@ impl Vm {
                 gate: Arc::default(),
             },
             paused_clock: None,
+            affinity: config.cpus.affinity.clone().unwrap_or_default(),
         })
     }
 
@@ -338,6 +355,16 @@ impl Vm {
                     what: "spawning a vCPU thread",
                     source,
                 })?;
+            if let Some(a) = self.affinity.iter().find(|a| u32::from(a.vcpu) == id) {
+                thread
+                    .pin(&a.host_cpus)
+                    .map_err(|source| VmError::Affinity {
+                        vcpu: id,
+                        host_cpus: a.host_cpus.clone(),
+                        source,
+                    })?;
+                log::info!("vcpu{id}: pinned to host CPUs {:?}", a.host_cpus);
+            }
             self.threads.push(thread);
         }
         Ok(())

@@ -179,7 +179,18 @@ fn pty_serial_socket_console_and_debug_console_carry_output_and_input() {
     serial.wait_for("INFO virtio.console0.input.ready", "serial PTY");
     let mut second = connect(&console_sock);
     second.write_all(b"typed-on-the-socket\n").expect("type");
+    // The whole final line, `TESTS DONE pass=N fail=M`.
     serial.wait_for("TESTS DONE", "serial PTY");
+    let deadline = Instant::now() + WAIT;
+    while !serial
+        .text()
+        .split("TESTS DONE")
+        .nth(1)
+        .is_some_and(|rest| rest.contains('\n'))
+    {
+        assert!(Instant::now() < deadline, "{}", serial.text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     let run = vm.finish(WAIT);
     let output = serial.text();

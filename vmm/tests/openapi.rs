@@ -25,8 +25,9 @@ use std::path::Path;
 use serde::de::{DeserializeOwned, Visitor};
 use serde_json::{json, Value};
 use vm_config::{
-    ConsoleConfig, CpuFeatures, CpuTopology, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig,
-    MemoryConfig, NetConfig, PayloadConfig, PlatformConfig, RngConfig, VmConfig,
+    ConsoleConfig, CpuAffinity, CpuFeatures, CpuTopology, CpusConfig, DebugConsoleConfig,
+    DiskConfig, FsConfig, MemoryConfig, NetConfig, PayloadConfig, PlatformConfig, RngConfig,
+    VmConfig,
 };
 use vmm::api::{Body, ROUTES};
 
@@ -562,6 +563,7 @@ fn every_serde_field_and_alias_is_documented() {
         ("CpusConfig", field_names::<CpusConfig>()),
         ("CpuTopology", field_names::<CpuTopology>()),
         ("CpuFeatures", field_names::<CpuFeatures>()),
+        ("CpuAffinity", field_names::<CpuAffinity>()),
         ("MemoryConfig", field_names::<MemoryConfig>()),
         ("PayloadConfig", field_names::<PayloadConfig>()),
         ("DiskConfig", field_names::<DiskConfig>()),

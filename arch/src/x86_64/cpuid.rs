@@ -1,7 +1,9 @@
 //! CPUID as the guest sees it: the hypervisor's supported set, patched with this vCPU's
-//! identity and the VM's topology (one socket, `cpus` cores, one thread per core).
+//! identity and the VM's topology (threads, cores, dies, packages; see [`Topology`]).
 
 use hypervisor::CpuIdEntry;
+
+use super::topology::Topology;
 
 const LEAF_FEATURES: u32 = 1;
 const LEAF_CACHE_PARAMS: u32 = 4;
@@ -18,21 +20,25 @@ const EDX_HTT: u32 = 1 << 28;
 /// Topology level types of leaves 0xB and 0x1F.
 const LEVEL_SMT: u32 = 1;
 const LEVEL_CORE: u32 = 2;
+const LEVEL_DIE: u32 = 5;
 
-/// Returns the CPUID table for the vCPU with `apic_id` in a VM of `cpus` vCPUs.
-pub fn vcpu_cpuid(supported: &[CpuIdEntry], apic_id: u8, cpus: u8) -> Vec<CpuIdEntry> {
-    let cpus = u32::from(cpus.max(1));
-    let apic_id = u32::from(apic_id);
-    // Bits of the APIC ID that number cores within the package.
-    let core_bits = u32::BITS - (cpus - 1).leading_zeros();
-    let mut out = Vec::with_capacity(supported.len() + 3);
+/// Returns the CPUID table for vCPU `index` of a VM arranged as `topology`: its APIC ID in
+/// leaves 1, 0xB and 0x1F, the package's logical processor count in leaf 1, its core count
+/// and each cache's sharing in leaf 4, and the levels in leaves 0xB (thread, core) and 0x1F
+/// (thread, core, die).
+pub fn vcpu_cpuid(supported: &[CpuIdEntry], index: u32, topology: &Topology) -> Vec<CpuIdEntry> {
+    let apic_id = topology.apic_id(index);
+    let threads = topology.threads_per_package();
+    let cores = topology.cores_per_package();
+    let smt = u32::from(topology.threads_per_core);
+    let mut out = Vec::with_capacity(supported.len() + 7);
     for entry in supported {
         let mut e = *entry;
         match e.function {
             LEAF_FEATURES => {
-                e.ebx = (apic_id << 24) | (cpus << 16) | (e.ebx & 0xffff);
+                e.ebx = ((apic_id & 0xff) << 24) | (threads.min(0xff) << 16) | (e.ebx & 0xffff);
                 e.ecx |= ECX_HYPERVISOR;
-                if cpus > 1 {
+                if threads > 1 {
                     e.edx |= EDX_HTT;
                 } else {
                     e.edx &= !EDX_HTT;
@@ -40,19 +46,33 @@ pub fn vcpu_cpuid(supported: &[CpuIdEntry], apic_id: u8, cpus: u8) -> Vec<CpuIdE
             }
             LEAF_CACHE_PARAMS => {
                 // EAX[31:26]: cores per package - 1. EAX[25:14]: threads sharing this cache - 1;
-                // the last level (type 3 = unified, level 3) is shared by all cores.
+                // levels 1 and 2 belong to a core (its threads), level 3 to the package.
                 let level = (e.eax >> 5) & 7;
-                let sharing = if level >= 3 { cpus - 1 } else { 0 };
-                e.eax = (e.eax & 0x3fff) | ((cpus - 1) << 26) | (sharing << 14);
+                let sharing = if level >= 3 { threads } else { smt };
+                e.eax = (e.eax & 0x3fff)
+                    | ((cores - 1).min(0x3f) << 26)
+                    | ((sharing - 1).min(0xfff) << 14);
             }
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => continue,
             _ => {}
         }
         out.push(e);
     }
-    for function in [LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2] {
-        let levels = [(0, 1, LEVEL_SMT), (core_bits, cpus, LEVEL_CORE), (0, 0, 0)];
-        for (index, (shift, count, kind)) in (0u32..).zip(levels) {
+    let smt_level = (topology.core_shift(), smt, LEVEL_SMT);
+    let v1 = [
+        smt_level,
+        (topology.package_shift(), threads, LEVEL_CORE),
+        (0, 0, 0),
+    ];
+    let core_level = (
+        topology.die_shift(),
+        smt * u32::from(topology.cores_per_die),
+        LEVEL_CORE,
+    );
+    let die_level = (topology.package_shift(), threads, LEVEL_DIE);
+    let v2 = [smt_level, core_level, die_level, (0, 0, 0)];
+    for (function, levels) in [(LEAF_TOPOLOGY, &v1[..]), (LEAF_TOPOLOGY_V2, &v2[..])] {
+        for (index, &(shift, count, kind)) in (0u32..).zip(levels) {
             out.push(CpuIdEntry {
                 function,
                 index,
@@ -95,6 +115,14 @@ mod tests {
         }
     }
 
+    fn find(table: &[CpuIdEntry], function: u32, index: u32) -> CpuIdEntry {
+        table
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .copied()
+            .unwrap_or_default()
+    }
+
     #[test]
     fn identity_and_topology() {
         let supported = [
@@ -112,34 +140,72 @@ mod tests {
             },
             leaf(0xb, 0),
         ];
-        let table = vcpu_cpuid(&supported, 3, 4);
-        let l1 = table
-            .iter()
-            .find(|e| e.function == 1)
-            .copied()
-            .unwrap_or_default();
+        let table = vcpu_cpuid(&supported, 3, &Topology::flat(4));
+        let l1 = find(&table, 1, 0);
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
         assert_eq!(l1.ebx & 0xffff, 0x0800);
         assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
         assert_ne!(l1.edx & EDX_HTT, 0);
-        let l4 = table
-            .iter()
-            .find(|e| e.function == 4)
-            .copied()
-            .unwrap_or_default();
+        let l4 = find(&table, 4, 3);
         assert_eq!(l4.eax >> 26, 3);
         assert_eq!((l4.eax >> 14) & 0xfff, 3);
-        let core = table
-            .iter()
-            .find(|e| e.function == 0xb && e.index == 1)
-            .copied()
-            .unwrap_or_default();
+        let core = find(&table, 0xb, 1);
         assert_eq!(
             (core.eax, core.ebx, core.ecx >> 8, core.edx),
             (2, 4, LEVEL_CORE, 3)
         );
         assert_eq!(table.iter().filter(|e| e.function == 0xb).count(), 3);
+        assert_eq!(table.iter().filter(|e| e.function == 0x1f).count(), 4);
+    }
+
+    #[test]
+    fn threads_cores_dies_and_packages() {
+        // 2 threads, 3 cores (2 bits), 2 dies (1 bit), 2 packages: 24 vCPUs.
+        let t = Topology {
+            threads_per_core: 2,
+            cores_per_die: 3,
+            dies_per_package: 2,
+            packages: 2,
+        };
+        let supported = [
+            leaf(1, 0),
+            CpuIdEntry {
+                eax: 1 << 5,
+                ..leaf(4, 0)
+            },
+            CpuIdEntry {
+                eax: 3 << 5,
+                ..leaf(4, 3)
+            },
+        ];
+        // vCPU 13: package 1, die 0, core 0, thread 1 -> APIC ID (1 << 4) | 1.
+        let table = vcpu_cpuid(&supported, 13, &t);
+        let l1 = find(&table, 1, 0);
+        assert_eq!((l1.ebx >> 24, (l1.ebx >> 16) & 0xff), (0x11, 12));
+        let (l4_l1, l4_l3) = (find(&table, 4, 0), find(&table, 4, 3));
+        assert_eq!((l4_l1.eax >> 26) + 1, 6, "cores per package");
+        assert_eq!(
+            ((l4_l1.eax >> 14) & 0xfff) + 1,
+            2,
+            "L1 shared by a core's threads"
+        );
+        assert_eq!(
+            ((l4_l3.eax >> 14) & 0xfff) + 1,
+            12,
+            "L3 shared by the package"
+        );
+        let level = |f, i| {
+            let e = find(&table, f, i);
+            (e.eax, e.ebx, e.ecx >> 8, e.edx)
+        };
+        assert_eq!(level(0xb, 0), (1, 2, LEVEL_SMT, 0x11));
+        assert_eq!(level(0xb, 1), (4, 12, LEVEL_CORE, 0x11));
+        assert_eq!(level(0xb, 2), (0, 0, 0, 0x11));
+        assert_eq!(level(0x1f, 0), (1, 2, LEVEL_SMT, 0x11));
+        assert_eq!(level(0x1f, 1), (3, 6, LEVEL_CORE, 0x11));
+        assert_eq!(level(0x1f, 2), (4, 12, LEVEL_DIE, 0x11));
+        assert_eq!(level(0x1f, 3), (0, 0, 0, 0x11));
     }
 
     #[test]
@@ -148,7 +214,7 @@ mod tests {
             edx: EDX_HTT,
             ..leaf(1, 0)
         }];
-        let l1 = vcpu_cpuid(&supported, 0, 1)[0];
+        let l1 = vcpu_cpuid(&supported, 0, &Topology::flat(1))[0];
         assert_eq!(l1.edx & EDX_HTT, 0);
     }
 }

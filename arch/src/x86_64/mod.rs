@@ -6,3 +6,4 @@ pub mod cpu;
 pub mod cpuid;
 pub mod layout;
 pub mod memmap;
+pub mod topology;

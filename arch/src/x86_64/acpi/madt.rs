@@ -106,9 +106,9 @@ const fn size_of_u8<T>() -> u8 {
     size as u8
 }
 
-/// IOAPIC ID: the first ID after the local APICs, so the two never collide.
+/// IOAPIC ID: the first ID after the highest local APIC ID, so the two never collide.
 fn ioapic_id(cfg: &AcpiConfig) -> u8 {
-    cfg.max_cpus
+    cfg.apic_id(cfg.max_cpus - 1).wrapping_add(1)
 }
 
 /// Builds the MADT. `cfg` must be validated (`boot_cpus <= max_cpus`).
@@ -125,14 +125,15 @@ pub(super) fn build(cfg: &AcpiConfig) -> Vec<u8> {
     madt.write_u32(FLAGS_OFFSET, MADT_FLAG_PCAT_COMPAT);
 
     let mut body = Vec::new();
-    // APIC ID = ACPI processor UID = vCPU index; the DSDT's CPU devices use the same UIDs.
+    // ACPI processor UID = vCPU index (the DSDT's CPU devices use the same UIDs); APIC IDs
+    // follow the topology.
     for cpu in 0..cfg.max_cpus {
         let status = if cpu < cfg.boot_cpus {
             EnabledStatus::Enabled
         } else {
             EnabledStatus::DisabledOnlineCapable
         };
-        body.extend_from_slice(ProcessorLocalApic::new(cpu, cpu, status).as_bytes());
+        body.extend_from_slice(ProcessorLocalApic::new(cpu, cfg.apic_id(cpu), status).as_bytes());
     }
     body.extend_from_slice(IoApic::new(ioapic_id(cfg), IOAPIC_ADDRESS, 0).as_bytes());
     // The PC-AT timer (IRQ0) is wired to IOAPIC pin 2, edge / active high (flags 0 = bus default).

@@ -26,6 +26,7 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
 use super::layout;
+use super::topology::Topology;
 
 /// OEM ID in every table header and in the RSDP.
 pub const OEM_ID: [u8; 6] = *b"NIMBUS";
@@ -63,10 +64,13 @@ const _: () = assert!(
 /// What the ACPI tables describe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AcpiConfig {
-    /// vCPUs (local APICs) enabled at boot; their APIC IDs are `0..boot_cpus`.
+    /// vCPUs (local APICs) enabled at boot: the first `boot_cpus` of the topology.
     pub boot_cpus: u8,
     /// vCPUs present; `boot_cpus..max_cpus` are listed online-capable but not enabled.
     pub max_cpus: u8,
+    /// How the vCPUs are arranged, which gives their APIC IDs; `None`: one package of
+    /// `max_cpus` single-thread cores (APIC ID = vCPU index).
+    pub topology: Option<Topology>,
     /// `(start, size)` of the 32-bit PCI MMIO window; omitted from `PCI0._CRS` when size is 0.
     pub pci_mmio32: (u64, u64),
     /// `(start, size)` of the 64-bit PCI MMIO window; omitted from `PCI0._CRS` when size is 0.
@@ -85,6 +89,16 @@ pub enum AcpiError {
         /// Requested boot vCPUs.
         boot: u8,
         /// Requested maximum vCPUs.
+        max: u8,
+    },
+    /// The topology does not hold `max_cpus` vCPUs, or gives APIC IDs above 254.
+    #[error("a topology of {cpus} vCPUs with APIC IDs up to {max_apic_id} does not describe {max} vCPUs with 8-bit APIC IDs")]
+    Topology {
+        /// vCPUs the topology holds.
+        cpus: u32,
+        /// Its highest APIC ID.
+        max_apic_id: u32,
+        /// `max_cpus`.
         max: u8,
     },
     /// A PCI MMIO window does not fit its descriptor (32-bit window above 4 GiB, or wrapping).
@@ -147,7 +161,26 @@ impl AcpiConfig {
                 max: self.max_cpus,
             });
         }
+        let t = self.topology();
+        if t.cpus() != u32::from(self.max_cpus) || t.max_apic_id() > 254 {
+            return Err(AcpiError::Topology {
+                cpus: t.cpus(),
+                max_apic_id: t.max_apic_id(),
+                max: self.max_cpus,
+            });
+        }
         Ok(())
+    }
+
+    /// The topology the tables describe.
+    pub fn topology(&self) -> Topology {
+        self.topology
+            .unwrap_or_else(|| Topology::flat(u16::from(self.max_cpus)))
+    }
+
+    /// The APIC ID of vCPU `index` (validated: at most 254).
+    pub(crate) fn apic_id(&self, index: u8) -> u8 {
+        u8::try_from(self.topology().apic_id(u32::from(index))).unwrap_or(u8::MAX)
     }
 }
 
@@ -214,6 +247,7 @@ fn mcfg() -> Vec<u8> {
 /// let cfg = AcpiConfig {
 ///     boot_cpus: 2,
 ///     max_cpus: 4,
+///     topology: None,
 ///     pci_mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
 ///     pci_mmio64: (0, 0),
 /// };

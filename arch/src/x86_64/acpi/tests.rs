@@ -6,6 +6,7 @@ fn config(boot_cpus: u8, max_cpus: u8) -> AcpiConfig {
     AcpiConfig {
         boot_cpus,
         max_cpus,
+        topology: None,
         pci_mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
         pci_mmio64: (layout::pci_mmio64_start(1 << 30), layout::PCI_MMIO64_SIZE),
     }
@@ -181,6 +182,55 @@ fn madt_enables_boot_cpus_and_lists_the_rest_online_capable() {
 
         let nmis: Vec<&[u8]> = entries.iter().filter(|e| e.0 == 4).map(|e| e.1).collect();
         assert_eq!(nmis, [&[4, 6, 0xff, 0, 0, 1][..]]);
+    }
+}
+
+#[test]
+fn madt_apic_ids_follow_the_topology() {
+    // 1 thread, 3 cores (2 bits), 1 die, 2 packages: APIC IDs 0, 1, 2, 4, 5, 6.
+    let topology = crate::x86_64::topology::Topology {
+        threads_per_core: 1,
+        cores_per_die: 3,
+        dies_per_package: 1,
+        packages: 2,
+    };
+    let cfg = AcpiConfig {
+        topology: Some(topology),
+        ..config(4, 6)
+    };
+    let tables = build_tables(&cfg).expect("tables");
+    let entries = madt_entries(&table(&tables, b"APIC").bytes);
+    let lapics: Vec<(u8, u8, u32)> = entries
+        .iter()
+        .filter(|e| e.0 == 0)
+        .map(|e| (e.1[2], e.1[3], u32_at(e.1, 4)))
+        .collect();
+    assert_eq!(
+        lapics,
+        [
+            (0, 0, 1),
+            (1, 1, 1),
+            (2, 2, 1),
+            (3, 4, 1),
+            (4, 5, 2),
+            (5, 6, 2)
+        ]
+    );
+    let ioapic = entries.iter().find(|e| e.0 == 1).map(|e| e.1[2]);
+    assert_eq!(ioapic, Some(7), "IOAPIC ID after the highest APIC ID");
+    // A topology that does not hold max_cpus, or needs APIC IDs above 254, is refused.
+    for (cpus, t) in [(6u8, (2u16, 2u16, 1u16, 1u16)), (195, (1, 65, 1, 3))] {
+        let cfg = AcpiConfig {
+            topology: Some(crate::x86_64::topology::Topology {
+                threads_per_core: t.0,
+                cores_per_die: t.1,
+                dies_per_package: t.2,
+                packages: t.3,
+            }),
+            ..config(1, cpus)
+        };
+        let e = build_tables(&cfg).expect_err("bad topology");
+        assert!(matches!(e, AcpiError::Topology { .. }), "{e}");
     }
 }
 
