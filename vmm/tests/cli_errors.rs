@@ -175,3 +175,40 @@ fn no_access_to_dev_kvm() {
         .expect("setpriv (util-linux) runs");
     assert_one_error_line(&out, &["cannot open /dev/kvm", "Permission denied"]);
 }
+
+#[test]
+fn disk_images_that_are_not_raw_are_refused() {
+    if !kvm_or_skip("disk_images_that_are_not_raw_are_refused") {
+        return;
+    }
+    // Each format's header at the start of an otherwise raw-looking 1 MiB image (a VHD's
+    // footer is its last sector).
+    for (format, magic, at_end) in [
+        ("qcow2", &b"QFI\xfb\x00\x00\x00\x03"[..], false),
+        ("vhdx", &b"vhdxfile"[..], false),
+        ("vmdk", &b"KDMV\x01\x00\x00\x00"[..], false),
+        ("vhd", &b"conectix"[..], true),
+    ] {
+        let path = scratch(&format!("image.{format}"));
+        let mut image = vec![0u8; 1 << 20];
+        let offset = if at_end { image.len() - 512 } else { 0 };
+        image[offset..offset + magic.len()].copy_from_slice(magic);
+        std::fs::write(&path, &image).expect("write image");
+        let p = path.to_str().expect("utf-8 path");
+        let disk = format!("path={p}");
+        let out = nimbus(&["--kernel", "/k", "--disk", &disk, "--console", "off"]);
+        assert_one_error_line(
+            &out,
+            &[
+                p,
+                &format!("is a {format} image; Nimbus serves raw images only"),
+            ],
+        );
+        // Only `image_type=raw` shows such a file to the guest as it is (then the kernel is
+        // what fails here).
+        let raw = format!("path={p},image_type=raw");
+        let out = nimbus(&["--kernel", "/k", "--disk", &raw, "--console", "off"]);
+        assert_one_error_line(&out, &["/k"]);
+        let _ = std::fs::remove_file(&path);
+    }
+}
