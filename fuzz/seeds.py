@@ -360,6 +360,14 @@ def text_seeds():
          "--net", "fd=[3,4],mac=52:54:00:00:00:02", "ip=192.168.1.1,mask=255.255.255.0",
          "--console", "file=/tmp/console.log", "--serial", "null"],
         ["--api-socket", "fd=3"],
+        # Consoles on PTYs and sockets, the debug console, empty values, bracket lists, the
+        # topology and affinity.
+        ["--kernel", "/k", "--serial", "pty", "--console", "socket=\"/run/a,b.sock\",iommu=off",
+         "--debug-console", "file=/tmp/dbg.log,iobase=0x402",
+         "--cpus", "boot=4,max=6,topology=1:3:1:2,affinity=[0@[0,1],1@[2-3],5@4],features=[],nested=on",
+         "--net", "tap=,mac=,ip=,fd=", "--disk", "path=/img/a.raw,serial=,image_type=raw"],
+        ["--kernel", "/k", "--serial", "socket=/run/serial.sock", "--console", "pty",
+         "--debug-console", "pty", "--cpus", "boot=2,topology=2:1:1:1,features=amx,kvm_hyperv=off"],
     ]
     for i, args in enumerate(nimbus):
         put("cli", f"nimbus-{i}", b"\0" + "\0".join(args).encode())

@@ -1,6 +1,6 @@
 //! Command lines: `nimbus`'s (clap, then `vmm::cli::Cli::vm_config` with `vm_config`'s
 //! `key=value,...` parsers for `--cpus`, `--memory`, `--disk`, `--net`, `--fs`, `--rng`,
-//! `--serial`, `--console`), and the `--block-backend` / `--net-backend`
+//! `--serial`, `--console`, `--debug-console`), and the `--block-backend` / `--net-backend`
 //! options of `vhost_user_block` and `vhost_user_net`.
 //!
 //! Input: byte 0 picks the parser (`% 3`: nimbus, block backend, net backend); the rest is the
