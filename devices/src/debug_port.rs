@@ -70,35 +70,16 @@ impl BusDevice for DebugConsole {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
     use super::*;
-
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::test_utils::SharedSink;
 
     #[test]
     fn bytes_written_reach_the_sink_and_reads_are_zero() {
-        let sink = Sink::default();
+        let sink = SharedSink::default();
         let mut port = DebugConsole::new(Box::new(sink.clone()));
         port.write(0, b"h");
         port.write(0, b"i\n");
-        assert_eq!(
-            sink.0.lock().map(|v| v.clone()).unwrap_or_default(),
-            b"hi\n"
-        );
+        assert_eq!(sink.bytes(), b"hi\n");
         let mut b = [0xaa];
         port.read(0, &mut b);
         assert_eq!(b, [0]);

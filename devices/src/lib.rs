@@ -51,6 +51,27 @@ pub(crate) mod test_utils {
         }
     }
 
+    /// A writer whose bytes the test reads back.
+    #[derive(Clone, Debug, Default)]
+    pub struct SharedSink(pub std::sync::Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for SharedSink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl SharedSink {
+        pub fn bytes(&self) -> Vec<u8> {
+            self.0.lock().map(|v| v.clone()).unwrap_or_default()
+        }
+    }
+
     #[derive(Debug, Default)]
     pub struct RecordingPower(pub Mutex<Vec<PowerAction>>);
     impl PowerControl for RecordingPower {

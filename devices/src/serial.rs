@@ -69,25 +69,9 @@ impl BusDevice for Serial {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;
-    use std::sync::Mutex;
 
     use super::*;
-    use crate::test_utils::CountingInterrupt;
-
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::test_utils::{CountingInterrupt, SharedSink as Sink};
 
     #[test]
     fn output_reaches_the_sink_and_input_raises_the_irq() {
@@ -97,7 +81,7 @@ mod tests {
         for b in b"hi" {
             s.write(0, &[*b]);
         }
-        assert_eq!(sink.0.lock().map(|v| v.clone()).unwrap_or_default(), b"hi");
+        assert_eq!(sink.bytes(), b"hi");
         s.write(1, &[0x01]); // IER: received data available
         assert_eq!(s.enqueue_input(b"x"), 1);
         assert!(irq.0.load(Ordering::SeqCst) >= 1);

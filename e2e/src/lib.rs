@@ -42,6 +42,7 @@ mod parallel;
 mod qemu;
 mod report;
 mod scratch;
+mod stream;
 mod vhost_user_block;
 mod virtiofsd;
 mod vm;
@@ -69,6 +70,7 @@ pub use parallel::{spawn_vm_parallel, LineMatch, PARALLEL_VMS};
 pub use qemu::{qemu_binary, qemu_q35_command, qemu_vhost_user_blk_args, qemu_vhost_user_fs_args};
 pub use report::{GuestReport, TestLine};
 pub use scratch::ScratchDir;
+pub use stream::read_until;
 pub use vhost_user_block::{
     vhost_user_block_binary, workspace_bin, workspace_binary, VhostUserBlockDaemon,
     VhostUserBlockRun, VHOST_USER_BLOCK_ENV,

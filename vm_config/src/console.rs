@@ -184,11 +184,8 @@ fn parse_mode(
                 "pty" => (ConsoleOutputMode::Pty, None),
                 other => {
                     return Err(err(format!(
-                        "unknown mode '{other}' (allowed: {MODES}{})",
-                        extra_keys
-                            .iter()
-                            .map(|k| format!(", {k}="))
-                            .collect::<String>()
+                        "unknown mode '{other}' (allowed: {})",
+                        allowed(extra_keys)
                     )))
                 }
             },
@@ -202,11 +199,8 @@ fn parse_mode(
             }
             Some((k, v)) => {
                 return Err(err(format!(
-                    "unknown key '{k}' (in '{k}={v}'; allowed: {MODES}{})",
-                    extra_keys
-                        .iter()
-                        .map(|k| format!(", {k}="))
-                        .collect::<String>()
+                    "unknown key '{k}' (in '{k}={v}'; allowed: {})",
+                    allowed(extra_keys)
                 )))
             }
         };
@@ -226,6 +220,15 @@ fn parse_mode(
             modes.join(" and ")
         ))),
     }
+}
+
+/// The modes and keys an option takes, for errors.
+fn allowed(extra_keys: &[&str]) -> String {
+    let mut text = MODES.to_string();
+    for k in extra_keys {
+        text.push_str(&format!(", {k}="));
+    }
+    text
 }
 
 fn on_off(option: &'static str, key: &str, value: &str) -> Result<bool, ConfigError> {

@@ -1,8 +1,9 @@
 //! Consoles on a pseudo-terminal and on a Unix socket, and the debug console, with the test
 //! guest: the serial port on a PTY whose path the test reads from `vm.info` over the API (as
 //! libvirt does), the virtio console on a socket a client attaches to late, detaches from and
-//! re-attaches to, and the debug console (port 0xe9) in a file. The guest reads a line on each
-//! console (docs/test-guest.md, `serial.input` and `console.input`) and checks it.
+//! re-attaches to, and the debug console (port 0xe9) in a file. The guest resets once first
+//! (the consoles stay, their input goes to the new machine), then reads a line on each console
+//! (docs/test-guest.md, `serial.input` and `console.input`) and checks it.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -84,28 +85,9 @@ fn connect(socket: &Path) -> UnixStream {
 
 /// Reads `stream` until `text` arrived.
 fn read_until(stream: &mut UnixStream, text: &str) -> String {
-    let deadline = Instant::now() + WAIT;
     let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !String::from_utf8_lossy(&got).contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "no '{text}' on the console socket; got {:?}",
-            String::from_utf8_lossy(&got)
-        );
-        match stream.read(&mut buf) {
-            Ok(0) => panic!(
-                "console socket closed; got {:?}",
-                String::from_utf8_lossy(&got)
-            ),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => panic!("console socket: {e}"),
-        }
+    if let Err(e) = e2e::read_until(stream, &mut got, text, WAIT) {
+        panic!("console socket: {e}");
     }
     String::from_utf8_lossy(&got).into_owned()
 }
@@ -126,7 +108,7 @@ fn pty_serial_socket_console_and_debug_console_carry_output_and_input() {
     };
     let cmdline = format!(
         "{} {} serial.input=typed-on-the-pty console.input=typed-on-the-socket \
-         debugcon=to-port-0xe9",
+         debugcon=to-port-0xe9 reboot.count=1",
         stage1_cmdline(1, 128 << 20),
         keys.to_cmdline()
     );
@@ -166,7 +148,14 @@ fn pty_serial_socket_console_and_debug_console_carry_output_and_input() {
         .unwrap_or_else(|e| panic!("opening {}: {e}", pty.display()));
     let serial = Seen::default();
     serial.collect(terminal.try_clone().expect("dup"));
+    // The guest resets once first: the PTY stays, and its input reaches the new machine.
+    serial.wait_for("INFO boot.count=1", "serial PTY");
     serial.wait_for("INFO serial.input.ready", "serial PTY");
+    assert_eq!(
+        vm_info(&api)["config"]["serial"]["file"].as_str(),
+        pty.to_str(),
+        "the PTY outlives the guest's reset"
+    );
     terminal.write_all(b"typed-on-the-pty\r").expect("type");
     serial.wait_for("TEST serial.input", "serial PTY");
 
@@ -199,7 +188,12 @@ fn pty_serial_socket_console_and_debug_console_carry_output_and_input() {
         "{}\n----- PTY -----\n{output}",
         run.describe()
     );
-    let report = GuestReport::parse(&output);
+    // The report of the boot after the reset.
+    let last_boot = output
+        .rfind("NIMBUS-TEST-GUEST")
+        .map_or(output.as_str(), |at| &output[at..]);
+    assert!(output.contains("INFO boot.count=0"), "{output}");
+    let report = GuestReport::parse(last_boot);
     let mut names: Vec<String> = STAGE1_CHECKS.iter().map(|s| s.to_string()).collect();
     names.extend(virtio_checks("console", 0, VIRTIO_CONSOLE_CHECKS));
     names.extend(virtio_checks("console", 0, &["input"]));

@@ -80,26 +80,9 @@ fn connect(socket: &Path) -> UnixStream {
     }
 }
 
-/// Reads `stream` into `got` until `text` is in it.
 fn read_until(stream: &mut UnixStream, got: &mut Vec<u8>, text: &str) {
-    let deadline = Instant::now() + WAIT;
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(got).contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "no '{text}' on the serial socket:\n{}",
-            String::from_utf8_lossy(got)
-        );
-        match stream.read(&mut buf) {
-            Ok(0) => panic!("serial socket closed:\n{}", String::from_utf8_lossy(got)),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => panic!("serial socket: {e}"),
-        }
+    if let Err(e) = e2e::read_until(stream, got, text, WAIT) {
+        panic!("serial socket: {e}");
     }
 }
 
