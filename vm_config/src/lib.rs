@@ -854,6 +854,10 @@ mod tests {
                 "rate_limiter",
             ),
             (r#"{"serial": {"mode": "Socket"}}"#, "socket"),
+            (
+                r#"{"memory": {"size": 1073741824, "hotplug_method": "VirtioMem"}}"#,
+                "virtio-mem",
+            ),
             (r#"{"debug_console": {"mode": "File"}}"#, "debug-console"),
         ] {
             let mut c: serde_json::Value =

@@ -104,6 +104,10 @@ impl MemoryConfig {
         {
             return err("hotplug_size must be a multiple of 2 MiB".into());
         }
+        if self.hotplug_method == HotplugMethod::VirtioMem {
+            // Nimbus has no virtio-mem device: the space would be reserved for nothing.
+            return Err(not_yet("memory.hotplug_method VirtioMem (virtio-mem)"));
+        }
         if self.hotplugged_size.is_some_and(|h| h != 0) {
             return Err(not_yet("memory.hotplugged_size"));
         }

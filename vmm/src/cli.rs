@@ -115,7 +115,8 @@ prefault=on               populate all RAM at start
 thp=on|off                transparent huge pages (default on)
 mergeable=on              let KSM merge identical pages
 hotplug_size=SIZE         address space kept free above RAM for RAM added later
-hotplug_method=acpi|virtio-mem  how RAM would be added (adding RAM is not implemented yet)
+hotplug_method=acpi|virtio-mem  how RAM is added (acpi; virtio-mem is refused until
+                          implemented; adding RAM is not implemented yet)
 Refused until implemented: hotplugged_size=SIZE (other than 0), zones=....";
 
 const DISK_HELP: &str = "\
