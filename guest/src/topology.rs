@@ -98,10 +98,17 @@ pub fn check_topology(text: &str, madt: Option<&Madt>) {
             }
         }
     };
-    levels_ok(0xb, &[smt, (2, per_package, pkg_shift)]);
+    let invalid = (0, 0, 0);
+    let core_to_package = (2, per_package, pkg_shift);
+    levels_ok(0xb, &[smt, core_to_package, invalid]);
     if max_leaf >= 0x1f {
-        let core = (2, topo.t * topo.c, bits(topo.t) + bits(topo.c));
-        levels_ok(0x1f, &[smt, core, (5, per_package, pkg_shift)]);
+        // A die level only with several dies per package.
+        if topo.d > 1 {
+            let core = (2, topo.t * topo.c, bits(topo.t) + bits(topo.c));
+            levels_ok(0x1f, &[smt, core, (5, per_package, pkg_shift), invalid]);
+        } else {
+            levels_ok(0x1f, &[smt, core_to_package, invalid]);
+        }
     }
     // The MADT's enabled local APICs are the first vCPUs' IDs.
     match madt {

@@ -69,9 +69,20 @@ pub fn vcpu_cpuid(supported: &[CpuIdEntry], index: u32, topology: &Topology) -> 
         smt * u32::from(topology.cores_per_die),
         LEVEL_CORE,
     );
-    let die_level = (topology.package_shift(), threads, LEVEL_DIE);
-    let v2 = [smt_level, core_level, die_level, (0, 0, 0)];
-    for (function, levels) in [(LEAF_TOPOLOGY, &v1[..]), (LEAF_TOPOLOGY_V2, &v2[..])] {
+    // Leaf 0x1F names a die level only when there are several dies per package (one die is
+    // what leaf 0xB already says, and what hardware with one die reports).
+    let v2_dies = [
+        smt_level,
+        core_level,
+        (topology.package_shift(), threads, LEVEL_DIE),
+        (0, 0, 0),
+    ];
+    let v2 = if topology.dies_per_package > 1 {
+        &v2_dies[..]
+    } else {
+        &v1[..]
+    };
+    for (function, levels) in [(LEAF_TOPOLOGY, &v1[..]), (LEAF_TOPOLOGY_V2, v2)] {
         for (index, &(shift, count, kind)) in (0u32..).zip(levels) {
             out.push(CpuIdEntry {
                 function,
@@ -156,7 +167,11 @@ mod tests {
             (2, 4, LEVEL_CORE, 3)
         );
         assert_eq!(table.iter().filter(|e| e.function == 0xb).count(), 3);
-        assert_eq!(table.iter().filter(|e| e.function == 0x1f).count(), 4);
+        assert_eq!(
+            table.iter().filter(|e| e.function == 0x1f).count(),
+            3,
+            "no die level"
+        );
     }
 
     #[test]
