@@ -586,6 +586,36 @@ mod tests {
     }
 
     #[test]
+    fn a_client_that_never_reads_holds_up_nobody() {
+        let dir = std::env::temp_dir().join(format!("nimbus-relay-slow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("console.sock");
+        let relay = ConsoleRelay::socket("console", &path).expect("socket");
+        let _silent = UnixStream::connect(&path).expect("connect");
+        std::thread::sleep(Duration::from_millis(50));
+        let mut out = relay.writer();
+        let started = Instant::now();
+        let chunk = [b'x'; 4096];
+        // 16 MiB: far more than the socket and the buffer hold.
+        for _ in 0..4096 {
+            out.write_all(&chunk).expect("write");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the writer waited for the client: {:?}",
+            started.elapsed()
+        );
+        wait_for(|| relay.shared.output().dropped > 0);
+        assert!(relay.shared.output().bytes.len() <= OUTPUT_BUFFER);
+        // A second client replaces the silent one and gets the newest output.
+        let mut next = UnixStream::connect(&path).expect("reconnect");
+        out.write_all(b"\nnewest\n").expect("write");
+        read_until(&mut next, b"newest\n");
+        drop(relay);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn output_beyond_the_buffer_drops_the_oldest_bytes() {
         let shared = Arc::new(Shared {
             output: Mutex::default(),
