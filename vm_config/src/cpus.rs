@@ -470,7 +470,11 @@ mod tests {
                 "cpus: affinity: host CPU 4096 of vCPU 0 is beyond the 1024 a CPU set holds",
             ),
             ("boot=1,kvm_hyperv=on", "cpus.kvm_hyperv is not supported by Nimbus yet"),
-            ("boot=1,profile=x", "unknown key(s): profile"),
+            (
+                "boot=1,profile=x",
+                "unknown key(s): profile (allowed: boot, boot_vcpus, max, max_vcpus, topology, \
+                 kvm_hyperv, max_phys_bits, affinity, features, nested)",
+            ),
         ] {
             assert_eq!(cli(input).expect_err(input), message, "{input}");
         }

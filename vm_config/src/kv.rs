@@ -37,8 +37,13 @@ pub enum KvError {
         example: &'static str,
     },
     /// Keys the option does not have.
-    #[error("unknown key(s): {0}")]
-    UnknownKeys(String),
+    #[error("unknown key(s): {keys} (allowed: {allowed})")]
+    UnknownKeys {
+        /// The keys given that the option does not have.
+        keys: String,
+        /// The keys it has.
+        allowed: String,
+    },
     /// Rejected by the target type.
     #[error("{0}")]
     Invalid(String),
@@ -211,9 +216,54 @@ pub fn from_str<T: DeserializeOwned>(input: &str) -> Result<T, KvError> {
     let mut unknown = Vec::new();
     let value = serde_ignored::deserialize(map, |path| unknown.push(path.to_string()))?;
     if !unknown.is_empty() {
-        return Err(KvError::UnknownKeys(unknown.join(", ")));
+        return Err(KvError::UnknownKeys {
+            keys: unknown.join(", "),
+            allowed: keys_of::<T>().join(", "),
+        });
     }
     Ok(value)
+}
+
+/// The keys (field names and aliases) a configuration struct takes, as serde lists them.
+pub fn keys_of<T: DeserializeOwned>() -> Vec<&'static str> {
+    /// Hands the field list serde gives `deserialize_struct` back as the error.
+    struct Probe;
+    #[derive(Debug)]
+    struct Fields(&'static [&'static str]);
+    impl std::fmt::Display for Fields {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("fields")
+        }
+    }
+    impl std::error::Error for Fields {}
+    impl de::Error for Fields {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Fields(&[])
+        }
+    }
+    impl<'de> de::Deserializer<'de> for Probe {
+        type Error = Fields;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Fields> {
+            Err(Fields(&[]))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Fields> {
+            Err(Fields(fields))
+        }
+        forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    match T::deserialize(Probe) {
+        Err(Fields(fields)) => fields.to_vec(),
+        Ok(_) => Vec::new(),
+    }
 }
 
 /// The pairs of an option as a map whose value errors name their key and value.
@@ -450,7 +500,7 @@ mod tests {
             from_str::<Opt>("boot=1,colour=red,size=2")
                 .expect_err("unknown")
                 .to_string(),
-            "unknown key(s): colour, size"
+            "unknown key(s): colour, size (allowed: boot, boot_vcpus, shared, path)"
         );
     }
 

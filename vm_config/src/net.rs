@@ -131,7 +131,14 @@ impl NetConfig {
                 rest.push(format!("{k}=\"{v}\""));
             }
         }
-        let mut net = kv::from_str::<NetConfig>(&rest.join(",")).map_err(parse_err)?;
+        let mut net = kv::from_str::<NetConfig>(&rest.join(",")).map_err(|e| match e {
+            // The command line names the descriptors `fd`.
+            kv::KvError::UnknownKeys { keys, allowed } => parse_err(kv::KvError::UnknownKeys {
+                keys,
+                allowed: allowed.replace("fds", "fd"),
+            }),
+            other => parse_err(other),
+        })?;
         if fds.is_some() {
             net.fds = fds;
         }
