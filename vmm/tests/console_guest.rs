@@ -59,6 +59,45 @@ impl Seen {
     }
 }
 
+impl Seen {
+    /// Waits for the whole final line, `TESTS DONE pass=N fail=M`.
+    fn wait_for_done(&self) {
+        self.wait_for("TESTS DONE", "serial PTY");
+        let deadline = Instant::now() + WAIT;
+        while !self
+            .text()
+            .split("TESTS DONE")
+            .nth(1)
+            .is_some_and(|rest| rest.contains('\n'))
+        {
+            assert!(Instant::now() < deadline, "{}", self.text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Waits for the guest's last line and the VMM's clean exit; the serial output.
+fn finish(vm: e2e::RunningVm, serial: &Seen) -> String {
+    serial.wait_for_done();
+    let run = vm.finish(WAIT);
+    let output = serial.text();
+    assert!(
+        run.success(),
+        "{}\n----- PTY -----\n{output}",
+        run.describe()
+    );
+    output
+}
+
+/// The stage-1 checks, the virtio console's (its input too) and `more`.
+fn console_checks(more: &[&str]) -> Vec<String> {
+    let mut names: Vec<String> = STAGE1_CHECKS.iter().map(|s| s.to_string()).collect();
+    names.extend(virtio_checks("console", 0, VIRTIO_CONSOLE_CHECKS));
+    names.extend(virtio_checks("console", 0, &["input"]));
+    names.extend(more.iter().map(|s| s.to_string()));
+    names
+}
+
 /// `vm.info` as libvirt asks for it, once the API answers.
 fn vm_info(api: &Path) -> serde_json::Value {
     let deadline = Instant::now() + WAIT;
@@ -140,14 +179,7 @@ fn pty_serial_socket_console_and_debug_console_carry_output_and_input() {
         console_sock.to_str(),
         "{info}"
     );
-    let mut terminal = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOCTTY)
-        .open(&pty)
-        .unwrap_or_else(|e| panic!("opening {}: {e}", pty.display()));
-    let serial = Seen::default();
-    serial.collect(terminal.try_clone().expect("dup"));
+    let (mut terminal, serial) = open_pty(&pty);
     // The guest resets once first: the PTY stays, and its input reaches the new machine.
     serial.wait_for("INFO boot.count=1", "serial PTY");
     serial.wait_for("INFO serial.input.ready", "serial PTY");
@@ -168,36 +200,14 @@ fn pty_serial_socket_console_and_debug_console_carry_output_and_input() {
     serial.wait_for("INFO virtio.console0.input.ready", "serial PTY");
     let mut second = connect(&console_sock);
     second.write_all(b"typed-on-the-socket\n").expect("type");
-    // The whole final line, `TESTS DONE pass=N fail=M`.
-    serial.wait_for("TESTS DONE", "serial PTY");
-    let deadline = Instant::now() + WAIT;
-    while !serial
-        .text()
-        .split("TESTS DONE")
-        .nth(1)
-        .is_some_and(|rest| rest.contains('\n'))
-    {
-        assert!(Instant::now() < deadline, "{}", serial.text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-
-    let run = vm.finish(WAIT);
-    let output = serial.text();
-    assert!(
-        run.success(),
-        "{}\n----- PTY -----\n{output}",
-        run.describe()
-    );
+    let output = finish(vm, &serial);
     // The report of the boot after the reset.
     let last_boot = output
         .rfind("NIMBUS-TEST-GUEST")
         .map_or(output.as_str(), |at| &output[at..]);
     assert!(output.contains("INFO boot.count=0"), "{output}");
     let report = GuestReport::parse(last_boot);
-    let mut names: Vec<String> = STAGE1_CHECKS.iter().map(|s| s.to_string()).collect();
-    names.extend(virtio_checks("console", 0, VIRTIO_CONSOLE_CHECKS));
-    names.extend(virtio_checks("console", 0, &["input"]));
-    names.extend(["serial.input".into(), "debugcon.write".into()]);
+    let names = console_checks(&["serial.input", "debugcon.write"]);
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     report.assert_passed(&names);
     assert!(
@@ -210,4 +220,71 @@ fn pty_serial_socket_console_and_debug_console_carry_output_and_input() {
         !console_sock.exists(),
         "the console socket is removed at exit"
     );
+}
+
+/// Opens a PTY as libvirt does (read and write, not as a controlling terminal) and collects
+/// what arrives on it.
+fn open_pty(path: &Path) -> (std::fs::File, Seen) {
+    let terminal = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(path)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    let seen = Seen::default();
+    seen.collect(terminal.try_clone().expect("dup"));
+    (terminal, seen)
+}
+
+/// libvirt's sequence: `vm.create` with the serial port and the console on PTYs, `vm.boot`,
+/// `vm.info` for both paths; the guest's report comes on the serial PTY, its console message
+/// on the console PTY, and what is typed there reaches the guest.
+#[test]
+fn pty_serial_and_console_through_the_api_as_libvirt_drives_them() {
+    if !require_kvm("pty_serial_and_console_through_the_api_as_libvirt_drives_them") {
+        return;
+    }
+    let vmm = e2e::api::ApiVmm::new("consoles-api");
+    let vm = spawn_vm(vmm.command(NIMBUS, &["-v"]));
+    vmm.wait_ready();
+    let keys = Stage2Keys {
+        virtio: Some(vec![("rng", 1), ("console", 1)]),
+        console_message: Some("on-the-console-pty".into()),
+        ..Default::default()
+    };
+    let cmdline = format!(
+        "{} {} console.input=typed-on-the-console",
+        stage1_cmdline(1, 128 << 20),
+        keys.to_cmdline()
+    );
+    let body = e2e::api::guest_vm_body(
+        1,
+        128,
+        &cmdline,
+        r#""serial": {"mode": "Pty"}, "console": {"mode": "Pty"}"#,
+    );
+    let created = e2e::api::call(&vmm.socket, "PUT", "vm.create", Some(&body));
+    assert_eq!(created.status, 204, "{}", created.text());
+    let booted = e2e::api::call(&vmm.socket, "PUT", "vm.boot", None);
+    assert_eq!(booted.status, 204, "{}", booted.text());
+    let info = vm_info(&vmm.socket);
+    let path = |which: &str| {
+        let file = info["config"][which]["file"].as_str();
+        let file = file.unwrap_or_else(|| panic!("no config.{which}.file in {info}"));
+        assert!(file.starts_with("/dev/pts/"), "{which}: {file}");
+        PathBuf::from(file)
+    };
+    let (serial_pty, console_pty) = (path("serial"), path("console"));
+    assert_ne!(serial_pty, console_pty);
+    let (_serial_terminal, serial) = open_pty(&serial_pty);
+    let (mut console_terminal, console) = open_pty(&console_pty);
+    console.wait_for("on-the-console-pty\n", "console PTY");
+    serial.wait_for("INFO virtio.console0.input.ready", "serial PTY");
+    console_terminal
+        .write_all(b"typed-on-the-console\r")
+        .expect("type");
+    let output = finish(vm, &serial);
+    let names = console_checks(&[]);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    GuestReport::parse(&output).assert_passed(&names);
 }
