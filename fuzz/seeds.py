@@ -372,7 +372,8 @@ def text_seeds():
     for i, args in enumerate(nimbus):
         put("cli", f"nimbus-{i}", b"\0" + "\0".join(args).encode())
     put("cli", "block-backend", b"\1" + b"path=/img/disk.raw,socket=/run/vub.sock,num_queues=2,"
-        b"queue_size=256,readonly=true,direct=false,serial=disk0,poll_queue=true,poll_us=50")
+        b"queue_size=256,readonly=true,direct=false,serial=disk0,poll_queue=true,poll_us=50,"
+        b"image_type=unknown")
     put("cli", "net-backend", b"\2" + b"ip=192.168.10.1,mask=255.255.255.0,socket=/run/vun.sock,"
         b"num_queues=4,queue_size=256,tap=vun0,mac=52:54:00:00:00:01,host_mac=52:54:00:00:00:02,"
         b"mtu=1500,client=off")

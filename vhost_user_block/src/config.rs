@@ -8,7 +8,8 @@ use vhost_user_daemon::options;
 /// The `--block-backend` syntax, for help and error messages.
 pub const SYNTAX: &str =
     "path=<image>,socket=<socket>[,num_queues=<1..64>][,queue_size=<2..1024, power of two>]\
-[,readonly=true|false][,direct=true|false][,serial=<at most 20 bytes>][,poll_queue=true|false][,poll_us=<0..1000>]";
+[,readonly=true|false][,direct=true|false][,serial=<at most 20 bytes>][,poll_queue=true|false][,poll_us=<0..1000>]\
+[,image_type=raw|unknown]";
 
 /// Each key of the option, with a one-line description (the help text is built from it).
 pub const KEYS: &[(&str, &str)] = &[
@@ -41,6 +42,10 @@ pub const KEYS: &[(&str, &str)] = &[
     (
         "poll_us",
         "microseconds a worker keeps polling its queue after serving it, 0: never (default 32)",
+    ),
+    (
+        "image_type",
+        "unknown: refuse qcow2, vhdx, vmdk and vhd headers; raw: skip the check (default unknown)",
     ),
 ];
 
@@ -84,6 +89,9 @@ pub struct BackendConfig {
     /// Microseconds a worker busy-polls its queue after serving it before it sleeps
     /// (0..=1000; 0 never polls).
     pub poll_us: u32,
+    /// The image is known to be raw (`image_type=raw`): its header is not checked. Otherwise
+    /// an image whose header says qcow2, vhdx, vmdk or vhd is refused, never served as raw.
+    pub raw: bool,
 }
 
 impl BackendConfig {
@@ -98,6 +106,7 @@ impl BackendConfig {
             direct: false,
             serial: None,
             poll_us: DEFAULT_POLL_US,
+            raw: false,
         }
     }
 
@@ -164,6 +173,13 @@ impl BackendConfig {
                         "a number of microseconds in 0..=1000",
                     )?
                 }
+                "image_type" => {
+                    config.raw = match value {
+                        "raw" => true,
+                        "unknown" => false,
+                        _ => return Err(item.invalid("raw or unknown")),
+                    }
+                }
                 // `items` only returns keys of KEYS, and each has an arm above.
                 _ => return Err(item.invalid("a key this daemon knows")),
             }
@@ -190,7 +206,7 @@ mod tests {
     #[test]
     fn full_option() {
         let c = BackendConfig::parse(
-            "path=/a/b.img,socket=/run/x.sock,num_queues=4,queue_size=256,readonly=on,direct=true,serial=disk-7,poll_us=0",
+            "path=/a/b.img,socket=/run/x.sock,num_queues=4,queue_size=256,readonly=on,direct=true,serial=disk-7,poll_us=0,image_type=raw",
         )
         .unwrap();
         assert_eq!(
@@ -204,8 +220,16 @@ mod tests {
                 direct: true,
                 serial: Some("disk-7".into()),
                 poll_us: 0,
+                raw: true,
             }
         );
+        assert!(
+            !BackendConfig::parse("path=p,socket=s,image_type=unknown")
+                .unwrap()
+                .raw
+        );
+        let e = BackendConfig::parse("path=p,socket=s,image_type=qcow2").unwrap_err();
+        assert!(e.to_string().contains("raw or unknown"), "{e}");
         assert_eq!(c.serial_or_empty(), "disk-7");
     }
 
@@ -282,7 +306,7 @@ mod tests {
         assert_eq!(
             err("path=p,socket=s,x=1").to_string(),
             "unknown key 'x' (known: path, socket, num_queues, queue_size, readonly, direct, serial, \
-             poll_queue, poll_us)"
+             poll_queue, poll_us, image_type)"
         );
         let msg = err("path=p,socket=s,queue_size=100").to_string();
         assert_eq!(msg, "queue_size=100: expected a power of two in 2..=1024");
@@ -294,6 +318,7 @@ mod tests {
             let value = match *key {
                 "num_queues" | "queue_size" | "poll_us" => "2",
                 "readonly" | "direct" | "poll_queue" => "true",
+                "image_type" => "raw",
                 _ => "x",
             };
             let input = match *key {

@@ -77,6 +77,15 @@ impl std::fmt::Debug for BlockDaemon {
 pub fn start(config: &BackendConfig, keep_running: bool) -> Result<BlockDaemon, DaemonError> {
     let disk: Arc<dyn DiskBackend> =
         Arc::new(RawFile::open(&config.path, config.readonly, config.direct)?);
+    if !config.raw {
+        let format = block::detect_format(disk.as_ref())?;
+        if format != block::ImageFormat::Raw {
+            return Err(DaemonError::Disk(BlockError::NotRaw {
+                path: config.path.clone(),
+                format,
+            }));
+        }
+    }
     let socket = SocketFile::bind(&config.socket)?;
     info!(
         "serving {} ({} bytes{}) on {}",
@@ -123,5 +132,45 @@ impl Started for BlockDaemon {
             config: &config,
         };
         vhost_user_daemon::serve(&device, socket, keep_running, terminator)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_that_are_not_raw_are_refused_unless_said_raw() {
+        let dir = std::env::temp_dir().join(format!("vub-format-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (format, magic) in [
+            ("qcow2", &b"QFI\xfb"[..]),
+            ("vhdx", b"vhdxfile"),
+            ("vmdk", b"KDMV"),
+        ] {
+            let image = dir.join(format!("disk.{format}"));
+            let mut bytes = vec![0u8; 1 << 20];
+            bytes[..magic.len()].copy_from_slice(magic);
+            std::fs::write(&image, &bytes).unwrap();
+            let socket = dir.join(format!("{format}.sock"));
+            let config = BackendConfig::new(&image, &socket);
+            let e = start(&config, false).map(|_| ()).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "disk image {} is a {format} image; Nimbus serves raw images only",
+                    image.display()
+                )
+            );
+            assert!(!socket.exists(), "no socket for a refused image");
+            let raw = BackendConfig {
+                raw: true,
+                ..config
+            };
+            let daemon = start(&raw, false).unwrap();
+            drop(daemon);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
