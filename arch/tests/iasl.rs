@@ -127,8 +127,7 @@ fn iasl_accepts_every_table() {
         boot_cpus: 2,
         max_cpus: 4,
         topology: None,
-        pci_mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
-        pci_mmio64: (layout::pci_mmio64_start(8 << 30), layout::PCI_MMIO64_SIZE),
+        pci_segments: layout::pci_segments(8 << 30, &[(1, 1), (1, 1)]).expect("segments"),
     };
     let dir = round_trip(&cfg, "acpi-iasl");
 
@@ -180,6 +179,8 @@ fn iasl_accepts_every_table() {
     );
     let mcfg = squeeze(&read(&dir.0, "mcfg.dsl"));
     assert!(mcfg.contains("End Bus Number : FF"), "{mcfg}");
+    assert!(mcfg.contains("Segment Group Number : 0001"), "{mcfg}");
+    assert!(dsdt.contains("Device (PCI1)"), "{dsdt}");
 }
 
 #[test]
@@ -188,8 +189,11 @@ fn iasl_accepts_the_largest_machine() {
         boot_cpus: 255,
         max_cpus: 255,
         topology: None,
-        pci_mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
-        pci_mmio64: (0, 0),
+        pci_segments: {
+            let mut one = layout::pci_segments(0, &[(1, 1)]).expect("segment");
+            one[0].mmio64 = (0, 0);
+            one
+        },
     };
     let dir = round_trip(&cfg, "acpi-iasl-255");
     let dsdt = read(&dir.0, "dsdt.dsl");

@@ -64,6 +64,7 @@ fuzz_target!(|data: &[u8]| {
         cmdline,
         ram_size: RAM,
         rsdp: 0xa_0000,
+        pci_segments: 2,
     };
     let Ok(entry) = load_kernel(&w.mem, spec) else {
         return;

@@ -145,9 +145,6 @@ impl DiskConfig {
         if self.poll_us > 1000 {
             return err(format!("poll_us {} is not in 0..=1000", self.poll_us));
         }
-        if self.pci_segment != 0 {
-            return err("only PCI segment 0 exists".into());
-        }
         if self.pci_device_id.is_some_and(|s| s == 0 || s > 31) {
             return err("pci_device_id must be in 1..=31".into());
         }

@@ -12,6 +12,7 @@ mod disk;
 pub mod kv;
 mod memory;
 mod net;
+mod pci;
 mod pending;
 pub mod requests;
 mod size;
@@ -25,6 +26,7 @@ pub use cpus::{CpuAffinity, CpuFeatures, CpuTopology, CpusConfig, MAX_VCPUS};
 pub use disk::{DiskConfig, ImageType};
 pub use memory::{HotplugMethod, MemoryConfig, MIN_MEMORY};
 pub use net::{NetConfig, VhostMode};
+pub use pci::PciSegmentConfig;
 pub use pending::{
     BalloonConfig, DeviceConfig, GenericVhostUserConfig, LandlockConfig, ObjectList, PmemConfig,
     TpmConfig, UserDeviceConfig, VdpaConfig, VsockConfig,
@@ -115,7 +117,7 @@ pub struct FsConfig {
     /// Device identifier (generated when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
-    /// PCI segment (Kata puts virtio-fs on segment 1; only 0 exists for now).
+    /// PCI segment, below `platform.num_pci_segments` (Kata puts virtio-fs on segment 1).
     #[serde(default)]
     pub pci_segment: u16,
     /// PCI slot on the segment's bus 0 (the first free one when absent).
@@ -154,9 +156,6 @@ impl FsConfig {
                 self.queue_size
             )));
         }
-        if self.pci_segment != 0 {
-            return Err(err("only PCI segment 0 exists".into()));
-        }
         if self.pci_device_id.is_some_and(|s| s == 0 || s > 31) {
             return Err(err("pci_device_id must be in 1..=31".into()));
         }
@@ -192,7 +191,7 @@ fn default_iommu_address_width() -> u8 {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PlatformConfig {
-    /// PCI segments (only 1 for now).
+    /// PCI segments, 1..=16, each a host bridge with its own ECAM area and windows.
     pub num_pci_segments: u16,
     /// Segments behind the virtual IOMMU (not supported yet).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -229,12 +228,6 @@ impl Default for PlatformConfig {
 
 impl PlatformConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.num_pci_segments != 1 {
-            return Err(ConfigError::Device(format!(
-                "platform: num_pci_segments {} is not supported yet (1 segment)",
-                self.num_pci_segments
-            )));
-        }
         if self.iommu_segments.as_ref().is_some_and(|s| !s.is_empty()) {
             return Err(not_yet("platform.iommu_segments"));
         }
@@ -333,9 +326,9 @@ pub struct VmConfig {
     /// A watchdog device (not supported yet).
     #[serde(default)]
     pub watchdog: bool,
-    /// Per-segment PCI options (not supported yet).
+    /// Per-segment PCI options: the segments' shares of the MMIO windows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pci_segments: Option<ObjectList>,
+    pub pci_segments: Option<Vec<PciSegmentConfig>>,
     /// Platform options.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<PlatformConfig>,
@@ -499,6 +492,7 @@ impl VmConfig {
         if let Some(p) = &self.platform {
             p.validate()?;
         }
+        self.validate_pci_segments()?;
         for (name, asked) in [
             ("rate_limit_groups", asks(&self.rate_limit_groups)),
             ("balloon", self.balloon.is_some()),
@@ -508,7 +502,6 @@ impl VmConfig {
             ("vdpa", asks(&self.vdpa)),
             ("vsock", self.vsock.is_some()),
             ("numa", asks(&self.numa)),
-            ("pci_segments", asks(&self.pci_segments)),
             ("tpm", self.tpm.is_some()),
         ] {
             if asked {
@@ -829,10 +822,6 @@ mod tests {
                 "VFIO",
             ),
             (r#"{"pvpanic": true}"#, "pvpanic"),
-            (
-                r#"{"platform": {"num_pci_segments": 2}}"#,
-                "num_pci_segments",
-            ),
             (
                 r#"{"memory": {"size": 1073741824, "zones": [{"id": "z", "size": 1}]}}"#,
                 "zones",

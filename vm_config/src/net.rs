@@ -200,9 +200,6 @@ impl NetConfig {
         {
             return Err(err("tap name must be 1..=15 bytes".into()));
         }
-        if self.pci_segment != 0 {
-            return Err(err("only PCI segment 0 exists".into()));
-        }
         if self.pci_device_id.is_some_and(|s| s == 0 || s > 31) {
             return Err(err("pci_device_id must be in 1..=31".into()));
         }

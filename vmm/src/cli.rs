@@ -7,7 +7,8 @@ use nimbus_thread::seccomp::SeccompMode;
 
 use vm_config::{
     kv, ConfigError, ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig,
-    LandlockConfig, MemoryConfig, NetConfig, PayloadConfig, RngConfig, VmConfig,
+    LandlockConfig, MemoryConfig, NetConfig, PayloadConfig, PciSegmentConfig, PlatformConfig,
+    RngConfig, VmConfig,
 };
 
 /// Nimbus: a virtual machine monitor for cloud workloads.
@@ -56,6 +57,14 @@ pub struct Cli {
     /// (default off).
     #[arg(long, value_name = "MODE[,iobase=0xN]", long_help = DEBUG_CONSOLE_HELP)]
     pub debug_console: Option<String>,
+    /// Platform: num_pci_segments=N (1..=16 PCI segments, `--help` lists every key).
+    #[arg(long, value_name = "num_pci_segments=N", long_help = PLATFORM_HELP)]
+    pub platform: Option<String>,
+    /// A PCI segment's share of the MMIO windows:
+    /// pci_segment=N[,mmio32_aperture_weight=W][,mmio64_aperture_weight=W]; repeatable.
+    #[arg(long, value_name = "pci_segment=N[,...]", num_args = 1.., action = clap::ArgAction::Append,
+          long_help = PCI_SEGMENT_HELP)]
+    pub pci_segment: Vec<String>,
     /// Serve Cloud Hypervisor's REST API on this Unix socket: path=PATH, fd=N (a listening
     /// socket passed by the caller) or PATH. Without --kernel the VMM waits for vm.create.
     #[arg(long, value_name = "path=PATH|fd=N")]
@@ -132,7 +141,7 @@ queue_size=N              descriptors per queue, a power of two <= 1024 (default
 poll_us=N                 how long the worker polls a queue after serving it, in us,
                           0..=1000 (default 32)
 id=ID                     device id (default _diskN)
-pci_segment=0             PCI segment (only 0 exists)
+pci_segment=N             PCI segment, below --platform num_pci_segments (default 0)
 pci_device_id=N           PCI slot, 1..=31 (default: the first free one)
 vhost_user=on             served by a vhost-user-blk backend (needs --memory shared=on)
 socket=PATH, vhost_socket=PATH  the backend's socket
@@ -155,7 +164,7 @@ num_queues=N              queues, two per pair: even, 2..=32 (default 2)
 queue_size=N              descriptors per queue, a power of two <= 1024 (default 256)
 offload_csum=on|off, offload_tso=on|off, offload_ufo=on|off  offloads offered (default on)
 id=ID                     device id (default _netN)
-pci_segment=0             PCI segment (only 0 exists)
+pci_segment=N             PCI segment, below --platform num_pci_segments (default 0)
 pci_device_id=N           PCI slot, 1..=31 (default: the first free one)
 vhost_user=on             served by a vhost-user-net backend that owns the TAP
                           (needs --memory shared=on)
@@ -173,7 +182,7 @@ socket=PATH               the backend's socket (required)
 num_queues=N              request queues, 1..=16 (default 1)
 queue_size=N              descriptors per queue, a power of two <= 1024 (default 1024)
 id=ID                     device id (default _fsN)
-pci_segment=0             PCI segment (only 0 exists)
+pci_segment=N             PCI segment, below --platform num_pci_segments (default 0)
 pci_device_id=N           PCI slot, 1..=31 (default: the first free one)";
 
 const RNG_HELP: &str = "\
@@ -216,6 +225,21 @@ file=PATH                 a file, truncated at start
 socket=PATH               a Unix socket Nimbus creates, as for the serial port
 iobase=0xN                the I/O port, in hex (default 0xe9)";
 
+const PLATFORM_HELP: &str = "\
+Platform options.
+
+num_pci_segments=N        PCI segments (host bridges), 1..=16 (default 1)
+iommu_address_width_bits=N  accepted, without effect (there is no virtual IOMMU)
+Refused until implemented: iommu_segments=[...], serial_number=S, system_serial_number=S,
+uuid=U, system_uuid=U, oem_strings=[...].";
+
+const PCI_SEGMENT_HELP: &str = "\
+A PCI segment's share of the 32-bit and 64-bit MMIO windows; repeatable.
+
+pci_segment=N             the segment, below num_pci_segments (required)
+mmio32_aperture_weight=W  its weight in the split of the 32-bit window (default 1)
+mmio64_aperture_weight=W  its weight in the split of the 64-bit window (default 1)";
+
 const LANDLOCK_RULES_HELP: &str = "\
 More paths the VM may use under --landlock (a directory covers everything beneath it);
 repeat the option or give several values for more paths.
@@ -244,6 +268,8 @@ impl Cli {
             ("--serial", self.serial.is_some()),
             ("--console", self.console.is_some()),
             ("--debug-console", self.debug_console.is_some()),
+            ("--platform", self.platform.is_some()),
+            ("--pci-segment", !self.pci_segment.is_empty()),
             ("--landlock", self.landlock),
             ("--landlock-rules", !self.landlock_rules.is_empty()),
         ] {
@@ -313,6 +339,17 @@ impl Cli {
         }
         if let Some(s) = &self.debug_console {
             config.debug_console = DebugConsoleConfig::parse(s)?;
+        }
+        if let Some(s) = &self.platform {
+            config.platform = Some(vm_config::parse_option::<PlatformConfig>("platform", s)?);
+        }
+        if !self.pci_segment.is_empty() {
+            let segments = self
+                .pci_segment
+                .iter()
+                .map(|s| vm_config::parse_option::<PciSegmentConfig>("pci-segment", s))
+                .collect::<Result<Vec<_>, _>>()?;
+            config.pci_segments = Some(segments);
         }
         config.landlock_enable = self.landlock;
         if !self.landlock_rules.is_empty() {

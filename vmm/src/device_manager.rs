@@ -175,13 +175,13 @@ impl DeviceManager {
         self.platform.push(id);
     }
 
-    /// Puts virtio device `device` of `kind` with `id` on the bus, in `slot` if given;
-    /// `backend` says how it is served, for the log. Returns its address.
+    /// Puts virtio device `device` of `kind` with `id` on the bus of PCI segment `segment`, in
+    /// `slot` if given; `backend` says how it is served, for the log. Returns its address.
     pub fn add_virtio(
         &mut self,
         id: &str,
         kind: DeviceKind,
-        slot: Option<u8>,
+        (segment, slot): (u16, Option<u8>),
         backend: &str,
         device: Box<dyn VirtioDevice>,
     ) -> Result<PciBdf, PciError> {
@@ -189,9 +189,9 @@ impl DeviceManager {
             id: id.to_string(),
             requests: self.requests.clone(),
         });
-        let added = self.pci.add_virtio(id, device, slot, control)?;
+        let added = self.pci.add_virtio(id, device, (segment, slot), control)?;
         let bdf = PciBdf {
-            segment: 0,
+            segment,
             bus: 0,
             device: added.slot,
             function: 0,

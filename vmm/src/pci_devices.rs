@@ -1,10 +1,11 @@
-//! The PCI side of the machine: bus 0 behind ECAM and the 0xcf8 ports, BAR address allocation
-//! from the 32-bit and 64-bit windows, BAR ranges on the MMIO bus (`pci::MmioBarMapper`), and
-//! virtio devices on it.
+//! The PCI side of the machine: one bus per PCI segment, each behind its own ECAM area (segment
+//! 0 also behind the 0xcf8 ports), BAR address allocation from each segment's share of the
+//! 32-bit and 64-bit windows, BAR ranges on the MMIO bus (`pci::MmioBarMapper`), and virtio
+//! devices on them.
 
 use std::sync::{Arc, Mutex};
 
-use arch::x86_64::layout;
+use arch::x86_64::layout::PciSegmentLayout;
 use devices::{Bus, BusDevice};
 use hypervisor::{IoEventAddress, Vm};
 use pci::{AddressAllocator, MmioBarMapper, PciBus, PciConfigIo, PciEcam, SharedPciDevice};
@@ -17,11 +18,21 @@ use crate::interrupts::InterruptManager;
 /// Errors adding PCI devices.
 #[derive(Debug, thiserror::Error)]
 pub enum PciError {
-    /// No address space left in the BAR window.
-    #[error("no room for a {size:#x}-byte BAR in the PCI window")]
+    /// No address space left in the segment's BAR windows.
+    #[error("no room for a {size:#x}-byte BAR in PCI segment {segment}'s windows")]
     NoBarSpace {
+        /// The segment.
+        segment: u16,
         /// BAR size.
         size: u64,
+    },
+    /// The device names a segment the machine does not have.
+    #[error("PCI segment {segment} does not exist ({count} segments)")]
+    NoSegment {
+        /// The segment asked for.
+        segment: u16,
+        /// How many there are.
+        count: usize,
     },
     /// The bus refused the device.
     #[error("PCI bus")]
@@ -60,10 +71,10 @@ impl IoEventRegistrar for VmIoEvents {
     }
 }
 
-/// A device put on the bus.
+/// A device put on a bus.
 #[derive(Debug)]
 pub struct AddedDevice {
-    /// Its slot on bus 0.
+    /// Its slot on its segment's bus 0.
     pub slot: u8,
     /// The device.
     pub device: Arc<Mutex<VirtioPciDevice>>,
@@ -71,11 +82,17 @@ pub struct AddedDevice {
     pub msi_gsis: (u32, u32),
 }
 
-/// Bus 0 and what hangs off it.
-pub struct PciDevices {
+/// One PCI segment: its bus 0 and what is left of its windows.
+#[derive(Debug)]
+struct Segment {
     bus: Arc<Mutex<PciBus>>,
     mmio32: AddressAllocator,
     mmio64: AddressAllocator,
+}
+
+/// The segments' buses and what hangs off them.
+pub struct PciDevices {
+    segments: Vec<Segment>,
     interrupts: Arc<InterruptManager>,
     ioevents: Arc<dyn IoEventRegistrar>,
     mem: GuestMemoryAtomic,
@@ -84,34 +101,50 @@ pub struct PciDevices {
 impl std::fmt::Debug for PciDevices {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PciDevices")
-            .field("bus", &self.bus)
+            .field("segments", &self.segments)
             .finish_non_exhaustive()
     }
 }
 
 impl PciDevices {
-    /// Puts bus 0 behind ECAM (MMIO) and 0xcf8 (ports, with `reset_register` at 0xcf9).
+    /// Puts one bus per segment of `layouts` (segment `i` at index `i`, at least one) behind its
+    /// ECAM area (MMIO), and segment 0's also behind 0xcf8 (ports, with `reset_register` at
+    /// 0xcf9).
     pub fn new(
         vm: Arc<dyn Vm>,
         io_bus: &Bus,
         mmio_bus: &Arc<Bus>,
         mem: GuestMemoryAtomic,
-        ram_size: u64,
+        layouts: &[PciSegmentLayout],
         reset_register: Arc<Mutex<dyn BusDevice>>,
     ) -> Result<Self, PciError> {
-        let mapper = Arc::new(MmioBarMapper::new(mmio_bus));
-        let bus = Arc::new(Mutex::new(PciBus::new(mapper)));
-        mmio_bus
-            .insert(
-                Arc::new(Mutex::new(PciEcam::new(bus.clone()))),
-                layout::PCI_ECAM_START,
-                layout::PCI_ECAM_SIZE,
-            )
-            .map_err(|source| PciError::Place {
-                what: "ECAM",
-                source,
-            })?;
-        let cf8 = PciConfigIo::new(bus.clone()).with_reset_register(reset_register);
+        let mapper: Arc<MmioBarMapper> = Arc::new(MmioBarMapper::new(mmio_bus));
+        let mut segments = Vec::with_capacity(layouts.len());
+        for l in layouts {
+            let bus = Arc::new(Mutex::new(PciBus::new(mapper.clone())));
+            mmio_bus
+                .insert(
+                    Arc::new(Mutex::new(PciEcam::new(bus.clone()))),
+                    l.ecam.0,
+                    l.ecam.1,
+                )
+                .map_err(|source| PciError::Place {
+                    what: "ECAM",
+                    source,
+                })?;
+            segments.push(Segment {
+                bus,
+                mmio32: AddressAllocator::new(l.mmio32.0, l.mmio32.1),
+                mmio64: AddressAllocator::new(l.mmio64.0, l.mmio64.1),
+            });
+        }
+        let Some(first) = segments.first() else {
+            return Err(PciError::NoSegment {
+                segment: 0,
+                count: 0,
+            });
+        };
+        let cf8 = PciConfigIo::new(first.bus.clone()).with_reset_register(reset_register);
         io_bus
             .insert(Arc::new(Mutex::new(cf8)), 0xcf8, 8)
             .map_err(|source| PciError::Place {
@@ -119,37 +152,40 @@ impl PciDevices {
                 source,
             })?;
         Ok(Self {
-            bus,
-            mmio32: AddressAllocator::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
-            mmio64: AddressAllocator::new(
-                layout::pci_mmio64_start(ram_size),
-                layout::PCI_MMIO64_SIZE,
-            ),
+            segments,
             interrupts: Arc::new(InterruptManager::new(vm.clone())),
             ioevents: Arc::new(VmIoEvents(vm)),
             mem,
         })
     }
 
-    /// Adds a virtio device in `slot` (or the first free one); its BAR 0 comes from the 64-bit
-    /// window (the 32-bit one when that is full).
+    /// Adds a virtio device on segment `segment` in `slot` (or the first free one); its BAR 0
+    /// comes from the segment's 64-bit window (its 32-bit one when that is full).
     pub fn add_virtio(
         &mut self,
         id: &str,
         device: Box<dyn VirtioDevice>,
-        slot: Option<u8>,
+        (segment, slot): (u16, Option<u8>),
         control: Arc<dyn DeviceControl>,
     ) -> Result<AddedDevice, PciError> {
+        let count = self.segments.len();
+        let seg = self
+            .segments
+            .get_mut(usize::from(segment))
+            .ok_or(PciError::NoSegment { segment, count })?;
+        let bar0 = seg
+            .mmio64
+            .allocate(BAR0_SIZE)
+            .or_else(|| seg.mmio32.allocate(BAR0_SIZE))
+            .ok_or(PciError::NoBarSpace {
+                segment,
+                size: BAR0_SIZE,
+            })?;
         let vectors = self
             .interrupts
             .msi_vectors(device.queue_max_sizes().len() as u16 + 1)
             .map_err(PciError::Interrupts)?;
         let msi_gsis = vectors.gsis();
-        let bar0 = self
-            .mmio64
-            .allocate(BAR0_SIZE)
-            .or_else(|| self.mmio32.allocate(BAR0_SIZE))
-            .ok_or(PciError::NoBarSpace { size: BAR0_SIZE })?;
         let dev = VirtioPciDevice::new(
             device,
             bar0,
@@ -161,7 +197,7 @@ impl PciDevices {
         .named(id);
         let dev = Arc::new(Mutex::new(dev));
         let shared: SharedPciDevice = dev.clone();
-        let slot = self
+        let slot = seg
             .bus
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -235,16 +235,15 @@ impl Vm {
         let boot_cpus = config.cpus.boot_vcpus;
         let max_cpus = config.cpus.max_vcpus;
         let topology = config.cpus.presented_topology().arch();
-        // RAM added later goes between RAM and the 64-bit PCI window.
-        let mmio64 = layout::pci_mmio64_start(config.memory.reserved_size());
+        // RAM added later goes between RAM and the 64-bit PCI window, which the segments share.
+        let pci_segments = config.pci_segment_layouts().map_err(VmError::Config)?;
         let rsdp = acpi::create_acpi_tables(
             &memory,
             &acpi::AcpiConfig {
                 boot_cpus,
                 max_cpus,
                 topology: Some(topology),
-                pci_mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
-                pci_mmio64: (mmio64, layout::PCI_MMIO64_SIZE),
+                pci_segments: pci_segments.clone(),
             },
         )
         .map_err(VmError::Acpi)?;
@@ -256,6 +255,7 @@ impl Vm {
                 cmdline: payload.cmdline.as_deref().unwrap_or(""),
                 ram_size: config.memory.size,
                 rsdp: rsdp.0,
+                pci_segments: config.num_pci_segments(),
             },
         )
         .map_err(|source| VmError::Boot {
@@ -280,7 +280,7 @@ impl Vm {
             &io_bus,
             &mmio_bus,
             guest_mem,
-            config.memory.reserved_size(),
+            &pci_segments,
             reset_register,
         )?;
         let mut devices = DeviceManager::new(pci, requests);
@@ -292,7 +292,7 @@ impl Vm {
             board.devices().iter().partition(|d| d.slot.is_some());
         for d in placed.into_iter().chain(free) {
             let dev = board.instance(d)?;
-            devices.add_virtio(&d.id, d.kind, d.slot, &d.backend, dev)?;
+            devices.add_virtio(&d.id, d.kind, (d.pci_segment, d.slot), &d.backend, dev)?;
         }
 
         let mut supported = hv

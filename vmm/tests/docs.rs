@@ -17,7 +17,7 @@ use clap::Parser as _;
 use serde::de::{self, Visitor};
 use vm_config::{
     ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig, LandlockConfig,
-    MemoryConfig, NetConfig, RngConfig,
+    MemoryConfig, NetConfig, PciSegmentConfig, PlatformConfig, RngConfig,
 };
 use vmm::api::ApiServerError;
 use vmm::cli::Cli;
@@ -605,6 +605,8 @@ fn accepted_keys(option: &str, named: &BTreeSet<String>) -> BTreeSet<String> {
         "--serial" | "--console" => vm("", struct_fields::<ConsoleConfig>(), &[]),
         "--debug-console" => vm("", struct_fields::<DebugConsoleConfig>(), &[]),
         "--landlock-rules" => vm("path=/p,access=r", struct_fields::<LandlockConfig>(), &[]),
+        "--platform" => vm("", struct_fields::<PlatformConfig>(), &[]),
+        "--pci-segment" => vm("pci_segment=0", struct_fields::<PciSegmentConfig>(), &[]),
         "--api-socket" => by(api_socket_accepts, &["path", "fd"]),
         "--event-monitor" => by(event_monitor_accepts, &["path", "fd"]),
         "--kernel" | "--initramfs" | "--cmdline" | "--seccomp" | "--landlock" | "-v"

@@ -429,7 +429,9 @@ fn filled() -> VmConfig {
         iommu: true,
         numa: Some(Vec::new()),
         watchdog: true,
-        pci_segments: Some(Vec::new()),
+        pci_segments: Some(vec![from(json!({
+            "pci_segment": 0, "mmio32_aperture_weight": 1, "mmio64_aperture_weight": 2
+        }))]),
         platform: Some(from(json!({
             "num_pci_segments": 1, "iommu_segments": [0], "iommu_address_width_bits": 64,
             "serial_number": "sn", "uuid": "u", "oem_strings": ["o"]
@@ -490,6 +492,7 @@ fn the_vm_config_schema_has_every_field() {
         ("ConsoleConfig", &filled["serial"]),
         ("DebugConsoleConfig", &filled["debug_console"]),
         ("PlatformConfig", &filled["platform"]),
+        ("PciSegmentConfig", &filled["pci_segments"][0]),
     ] {
         errors.extend(key_differences(
             name,

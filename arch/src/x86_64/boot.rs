@@ -18,7 +18,7 @@ use super::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_RAM_START, PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES,
     PVH_MEMMAP_START, PVH_MODLIST_START,
 };
-use super::memmap::memory_map;
+use super::memmap::{memory_map, MemoryMapEntry};
 
 /// Magic of `hvm_start_info`.
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
@@ -135,6 +135,8 @@ pub struct BootSpec<'a> {
     pub ram_size: u64,
     /// Guest address of the ACPI RSDP.
     pub rsdp: u64,
+    /// PCI segments: each one's ECAM area is reserved in the memory map.
+    pub pci_segments: u16,
 }
 
 /// Loads the kernel, initramfs and command line into `mem` and writes the boot information
@@ -187,7 +189,8 @@ pub fn load_kernel<M: GuestMemoryBackend>(
             return Err(BootError::NoPvhNote);
         };
         reachable(entry.0, PVH_ENTRY_END)?;
-        write_pvh_start_info(mem, spec.ram_size, initramfs, spec.cmdline.len(), spec.rsdp)?;
+        let memmap = memory_map(spec.ram_size, spec.pci_segments);
+        write_pvh_start_info(mem, &memmap, initramfs, spec.cmdline.len(), spec.rsdp)?;
         Ok(BootEntry::Pvh { entry: entry.0 })
     } else {
         let entry = loaded
@@ -198,7 +201,7 @@ pub fn load_kernel<M: GuestMemoryBackend>(
         write_zero_page(
             mem,
             &loaded,
-            spec.ram_size,
+            &memory_map(spec.ram_size, spec.pci_segments),
             initramfs,
             spec.cmdline.len(),
             spec.rsdp,
@@ -278,13 +281,13 @@ fn load_initramfs<M: GuestMemoryBackend>(
 
 fn write_pvh_start_info<M: GuestMemoryBackend>(
     mem: &M,
-    ram_size: u64,
+    map: &[MemoryMapEntry],
     initramfs: Option<(u64, u64)>,
     _cmdline_len: usize,
     rsdp: u64,
 ) -> Result<(), BootError> {
-    let memmap: Vec<hvm_memmap_table_entry> = memory_map(ram_size)
-        .into_iter()
+    let memmap: Vec<hvm_memmap_table_entry> = map
+        .iter()
         .take(PVH_MEMMAP_MAX_ENTRIES)
         .map(|e| hvm_memmap_table_entry {
             addr: e.addr,
@@ -335,7 +338,7 @@ const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
 fn write_zero_page<M: GuestMemoryBackend>(
     mem: &M,
     loaded: &KernelLoaderResult,
-    ram_size: u64,
+    map: &[MemoryMapEntry],
     initramfs: Option<(u64, u64)>,
     cmdline_len: usize,
     rsdp: u64,
@@ -360,7 +363,7 @@ fn write_zero_page<M: GuestMemoryBackend>(
     for (slot, e) in params
         .e820_table
         .iter_mut()
-        .zip(memory_map(ram_size).into_iter().take(E820_MAX_ENTRIES))
+        .zip(map.iter().take(E820_MAX_ENTRIES))
     {
         slot.addr = e.addr;
         slot.size = e.size;
@@ -437,6 +440,7 @@ mod tests {
                 cmdline: "console=ttyS0",
                 ram_size: ram,
                 rsdp: 0xa0000,
+                pci_segments: 1,
             },
         )
         .expect("load");
@@ -463,7 +467,7 @@ mod tests {
             0x5a
         );
         assert_eq!({ params.acpi_rsdp_addr }, 0xa0000);
-        let map = memory_map(ram);
+        let map = memory_map(ram, 1);
         assert_eq!(usize::from(params.e820_entries), map.len());
         for (e, want) in params.e820_table.iter().zip(&map) {
             assert_eq!(
@@ -506,6 +510,7 @@ mod tests {
                 cmdline: "",
                 ram_size: ram,
                 rsdp: 0xa0000,
+                pci_segments: 1,
             },
         )
         .expect_err("entry outside RAM");
@@ -528,6 +533,7 @@ mod tests {
                 cmdline: &long,
                 ram_size: 64 << 20,
                 rsdp: 0,
+                pci_segments: 1,
             },
         )
         .expect_err("too long");
@@ -540,6 +546,7 @@ mod tests {
                 cmdline: "a\0b",
                 ram_size: 64 << 20,
                 rsdp: 0,
+                pci_segments: 1,
             },
         )
         .expect_err("nul");
@@ -559,6 +566,7 @@ mod tests {
                 cmdline: "",
                 ram_size: 4 << 20,
                 rsdp: 0,
+                pci_segments: 1,
             },
         )
         .expect_err("too large");

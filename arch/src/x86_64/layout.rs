@@ -10,7 +10,8 @@
 //!   0x000a_0000               ACPI tables (RSDP first)
 //! 0x0010_0000 ..low_top      RAM (usable); kernel at 1 MiB, initramfs at the top
 //! 0xc000_0000 ..0xe000_0000  32-bit PCI MMIO window
-//! 0xe000_0000 ..0xf000_0000  PCI ECAM (MCFG), 256 buses
+//! 0xe000_0000 ..0xf000_0000  PCI ECAM of segment 0 (MCFG), 256 buses
+//! 0xf000_0000 ..0xf0f0_0000  PCI ECAM of segments 1..=15, one bus (1 MiB) each
 //! 0xfec0_0000                IOAPIC
 //! 0xfee0_0000                local APIC
 //! 0x1_0000_0000..            RAM above 4 GiB (when RAM > 3 GiB)
@@ -49,6 +50,14 @@ pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
 pub const PCI_ECAM_START: u64 = 0xe000_0000;
 /// Size of the ECAM window (256 buses x 32 devices x 8 functions x 4 KiB).
 pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
+/// The most PCI segments (host bridges) a VM may have.
+pub const MAX_PCI_SEGMENTS: u16 = 16;
+/// ECAM of segment 1; segment `s` ≥ 1 has one bus at `PCI_ECAM_EXTRA_START + (s - 1) MiB`.
+pub const PCI_ECAM_EXTRA_START: u64 = 0xf000_0000;
+/// ECAM size of one bus (32 devices x 8 functions x 4 KiB).
+pub const PCI_ECAM_BUS_SIZE: u64 = 1 << 20;
+/// Alignment (and granularity) of each segment's share of the PCI MMIO windows.
+pub const PCI_SEGMENT_WINDOW_ALIGN: u64 = 1 << 20;
 /// IOAPIC MMIO base.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC MMIO base.
@@ -110,9 +119,185 @@ pub fn pci_mmio64_start(ram_size: u64) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// Where one PCI segment lives in guest physical memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciSegmentLayout {
+    /// Segment number (`_SEG`, the MCFG's segment group).
+    pub segment: u16,
+    /// `(start, size)` of its ECAM area; it decodes buses `0..=last_bus`.
+    pub ecam: (u64, u64),
+    /// Last bus its ECAM area decodes.
+    pub last_bus: u8,
+    /// `(start, size)` of its share of the 32-bit MMIO window.
+    pub mmio32: (u64, u64),
+    /// `(start, size)` of its share of the 64-bit MMIO window.
+    pub mmio64: (u64, u64),
+}
+
+/// Errors laying out PCI segments.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PciLayoutError {
+    /// Not in `1..=MAX_PCI_SEGMENTS`.
+    #[error("{0} PCI segments: 1 to {MAX_PCI_SEGMENTS} are possible")]
+    SegmentCount(usize),
+    /// A weight of 0.
+    #[error("PCI segment {segment}: an aperture weight of 0")]
+    ZeroWeight {
+        /// The segment.
+        segment: u16,
+    },
+    /// The weights split a window into shares smaller than the granularity.
+    #[error("{window} aperture weights add up to {total}: more than the window's {units} MiB")]
+    WeightsTooLarge {
+        /// `mmio32` or `mmio64`.
+        window: &'static str,
+        /// Their sum.
+        total: u64,
+        /// MiB in the window.
+        units: u64,
+    },
+}
+
+/// ECAM area `(start, size)` and last bus of segment `segment`: segment 0 keeps the 256-bus
+/// window at [`PCI_ECAM_START`]; the others have one bus each from [`PCI_ECAM_EXTRA_START`].
+pub fn pci_ecam(segment: u16) -> ((u64, u64), u8) {
+    match segment {
+        0 => ((PCI_ECAM_START, PCI_ECAM_SIZE), u8::MAX),
+        s => (
+            (
+                PCI_ECAM_EXTRA_START + u64::from(s - 1) * PCI_ECAM_BUS_SIZE,
+                PCI_ECAM_BUS_SIZE,
+            ),
+            0,
+        ),
+    }
+}
+
+/// Splits `(start, size)` between segments by `weights`, in segment order, each share a
+/// multiple of [`PCI_SEGMENT_WINDOW_ALIGN`] and proportional to its weight.
+fn split_window(
+    window: &'static str,
+    (start, size): (u64, u64),
+    weights: &[u32],
+) -> Result<Vec<(u64, u64)>, PciLayoutError> {
+    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+    let units = size / PCI_SEGMENT_WINDOW_ALIGN;
+    if total > units {
+        return Err(PciLayoutError::WeightsTooLarge {
+            window,
+            total,
+            units,
+        });
+    }
+    let unit = units / total.max(1) * PCI_SEGMENT_WINDOW_ALIGN;
+    let mut next = start;
+    Ok(weights
+        .iter()
+        .map(|&w| {
+            let share = (next, unit * u64::from(w));
+            next += share.1;
+            share
+        })
+        .collect())
+}
+
+/// The PCI segments of a guest whose RAM (with the space kept for hot-added RAM) is
+/// `reserved_ram` bytes; `weights[s]` is segment `s`'s `(mmio32, mmio64)` aperture weight.
+/// With one segment it has all of both windows.
+pub fn pci_segments(
+    reserved_ram: u64,
+    weights: &[(u32, u32)],
+) -> Result<Vec<PciSegmentLayout>, PciLayoutError> {
+    if weights.is_empty() || weights.len() > usize::from(MAX_PCI_SEGMENTS) {
+        return Err(PciLayoutError::SegmentCount(weights.len()));
+    }
+    if let Some(segment) = weights.iter().position(|&(a, b)| a == 0 || b == 0) {
+        return Err(PciLayoutError::ZeroWeight {
+            segment: segment as u16,
+        });
+    }
+    let w32: Vec<u32> = weights.iter().map(|w| w.0).collect();
+    let w64: Vec<u32> = weights.iter().map(|w| w.1).collect();
+    let mmio32 = split_window("mmio32", (PCI_MMIO32_START, PCI_MMIO32_SIZE), &w32)?;
+    let mmio64_window = (pci_mmio64_start(reserved_ram), PCI_MMIO64_SIZE);
+    let mmio64 = split_window("mmio64", mmio64_window, &w64)?;
+    Ok((0u16..)
+        .zip(mmio32.into_iter().zip(mmio64))
+        .map(|(segment, (mmio32, mmio64))| {
+            let (ecam, last_bus) = pci_ecam(segment);
+            PciSegmentLayout {
+                segment,
+                ecam,
+                last_bus,
+                mmio32,
+                mmio64,
+            }
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_segment_has_both_windows_and_256_buses() {
+        let s = pci_segments(128 << 20, &[(1, 1)]).expect("one");
+        assert_eq!(
+            s,
+            vec![PciSegmentLayout {
+                segment: 0,
+                ecam: (PCI_ECAM_START, PCI_ECAM_SIZE),
+                last_bus: 255,
+                mmio32: (PCI_MMIO32_START, PCI_MMIO32_SIZE),
+                mmio64: (RAM_64BIT_START, PCI_MMIO64_SIZE),
+            }]
+        );
+    }
+
+    #[test]
+    fn segments_split_the_windows_by_weight_without_overlap() {
+        let s = pci_segments(128 << 20, &[(1, 1), (3, 1), (1, 2)]).expect("three");
+        assert_eq!(s.len(), 3);
+        // 512 MiB / 5 = 102 MiB per unit of weight; 64 GiB / 4 = 16 GiB.
+        assert_eq!(s[0].mmio32, (0xc000_0000, 102 << 20));
+        assert_eq!(s[1].mmio32, (0xc000_0000 + (102 << 20), 306 << 20));
+        assert_eq!(s[2].mmio32.1, 102 << 20);
+        assert_eq!(s[1].mmio64, (RAM_64BIT_START + (16 << 30), 16 << 30));
+        assert_eq!(s[2].mmio64, (RAM_64BIT_START + (32 << 30), 32 << 30));
+        assert_eq!(s[1].ecam, (0xf000_0000, 1 << 20));
+        assert_eq!(s[2].ecam, (0xf010_0000, 1 << 20));
+        assert_eq!((s[1].last_bus, s[2].last_bus), (0, 0));
+        for w in s.windows(2) {
+            assert!(w[0].mmio32.0 + w[0].mmio32.1 <= w[1].mmio32.0);
+            assert!(w[0].mmio64.0 + w[0].mmio64.1 <= w[1].mmio64.0);
+        }
+        let last = pci_segments(0, &[(1, 1); 16]).expect("sixteen");
+        let (start, size) = last[15].ecam;
+        assert!(start + size <= IOAPIC_START);
+        assert!(last[15].mmio32.0 + last[15].mmio32.1 <= PCI_ECAM_START);
+    }
+
+    #[test]
+    fn bad_segment_counts_and_weights_are_errors() {
+        assert_eq!(pci_segments(0, &[]), Err(PciLayoutError::SegmentCount(0)));
+        assert_eq!(
+            pci_segments(0, &[(1, 1); 17]),
+            Err(PciLayoutError::SegmentCount(17))
+        );
+        assert_eq!(
+            pci_segments(0, &[(1, 1), (1, 0)]),
+            Err(PciLayoutError::ZeroWeight { segment: 1 })
+        );
+        assert!(matches!(
+            pci_segments(0, &[(600, 1)]),
+            Err(PciLayoutError::WeightsTooLarge {
+                window: "mmio32",
+                ..
+            })
+        ));
+        assert!(pci_segments(0, &[(u32::MAX, u32::MAX); 16]).is_err());
+    }
 
     #[test]
     fn absurd_ram_sizes_saturate_instead_of_overflowing() {

@@ -1,6 +1,6 @@
 //! The firmware memory map (E820 types), shared by the PVH start info and the Linux zero page.
 
-use super::layout::{ram_regions, EBDA_START, HIGH_RAM_START, PCI_ECAM_SIZE, PCI_ECAM_START};
+use super::layout::{pci_ecam, ram_regions, EBDA_START, HIGH_RAM_START};
 
 /// Kind of a memory map entry, with E820 numbering.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,9 +25,10 @@ pub struct MemoryMapEntry {
 
 /// The memory map of a guest with `ram_size` bytes of RAM, sorted by address: RAM below the EBDA,
 /// the reserved legacy hole (which holds the ACPI tables), RAM from 1 MiB, RAM above 4 GiB, and the
-/// reserved ECAM window (Linux only trusts MCFG when its window is reserved).
-pub fn memory_map(ram_size: u64) -> Vec<MemoryMapEntry> {
-    let mut map = Vec::with_capacity(5);
+/// reserved ECAM area of each of the `pci_segments` segments (Linux only trusts an MCFG entry
+/// when its area is reserved).
+pub fn memory_map(ram_size: u64, pci_segments: u16) -> Vec<MemoryMapEntry> {
+    let mut map = Vec::with_capacity(5 + usize::from(pci_segments));
     for (start, size) in ram_regions(ram_size) {
         let end = start + size;
         if start == 0 {
@@ -56,11 +57,14 @@ pub fn memory_map(ram_size: u64) -> Vec<MemoryMapEntry> {
             });
         }
     }
-    map.push(MemoryMapEntry {
-        addr: PCI_ECAM_START,
-        size: PCI_ECAM_SIZE,
-        kind: MemoryKind::Reserved,
-    });
+    for segment in 0..pci_segments.max(1) {
+        let ((addr, size), _) = pci_ecam(segment);
+        map.push(MemoryMapEntry {
+            addr,
+            size,
+            kind: MemoryKind::Reserved,
+        });
+    }
     map.sort_by_key(|e| e.addr);
     map
 }
@@ -79,7 +83,7 @@ mod tests {
     #[test]
     fn ram_adds_up_minus_the_legacy_hole() {
         for size in [128u64 << 20, 3 << 30, 3584 << 20, 8 << 30] {
-            let map = memory_map(size);
+            let map = memory_map(size, 3);
             assert_eq!(
                 ram_total(&map),
                 size - (HIGH_RAM_START - EBDA_START),
@@ -88,6 +92,12 @@ mod tests {
             for w in map.windows(2) {
                 assert!(w[0].addr + w[0].size <= w[1].addr, "overlap in {map:?}");
             }
+            let reserved = |addr| {
+                map.iter()
+                    .any(|e| e.addr == addr && e.kind == MemoryKind::Reserved)
+            };
+            assert!(reserved(0xe000_0000) && reserved(0xf000_0000) && reserved(0xf010_0000));
+            assert!(!reserved(0xf020_0000), "{map:?}");
         }
     }
 }

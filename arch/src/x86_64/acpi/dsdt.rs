@@ -4,8 +4,9 @@
 //! \_S5_                 soft-off package { ACPI_S5_SLP_TYP, 0, 0, 0 }
 //! \_SB_.COM1            16550 UART (PNP0501)
 //! \_SB_.RTC_            CMOS RTC (PNP0B00)
-//! \_SB_.MBRD            motherboard resources (PNP0C02): reserves the ECAM window
-//! \_SB_.PCI0            PCIe host bridge (PNP0A08), ECAM described by the MCFG
+//! \_SB_.MBRD            motherboard resources (PNP0C02): reserves every segment's ECAM area
+//! \_SB_.PCI0            PCIe host bridge (PNP0A08) of segment 0, ECAM described by the MCFG
+//! \_SB_.PCIn            the host bridge of segment n (1..=F), when there are more segments
 //! \_SB_.PWRB            power button (PNP0C0C)
 //! \_SB_.GED_            Generic Event Device (ACPI0013), notifies PWRB
 //! \_SB_.CPxx            processors (ACPI0007), _UID = APIC ID = MADT processor UID
@@ -22,8 +23,8 @@ use acpi_tables::{Aml, AmlSink};
 
 use super::{
     layout, AcpiConfig, AcpiError, GED_EVENT_POWER_BUTTON, OEM_ID, OEM_REVISION, OEM_TABLE_ID,
-    PCI_LAST_BUS,
 };
+use layout::PciSegmentLayout;
 
 /// DSDT revision 2 and up evaluates integers as 64 bits (the 64-bit MMIO window needs them).
 const DSDT_REVISION: u8 = 2;
@@ -55,11 +56,13 @@ const OSC_UNRECOGNIZED_UUID: u8 = 1 << 2;
 /// `_OSC` status bit: unrecognized revision.
 const OSC_UNRECOGNIZED_REVISION: u8 = 1 << 3;
 
-const ECAM_BASE: u32 = {
-    assert!(layout::PCI_ECAM_START + layout::PCI_ECAM_SIZE <= 1 << 32);
-    layout::PCI_ECAM_START as u32
-};
-const ECAM_SIZE: u32 = layout::PCI_ECAM_SIZE as u32;
+const _: () = assert!(
+    layout::PCI_ECAM_START + layout::PCI_ECAM_SIZE <= 1 << 32
+        && layout::PCI_ECAM_EXTRA_START
+            + layout::PCI_ECAM_BUS_SIZE * (layout::MAX_PCI_SEGMENTS as u64 - 1)
+            <= layout::IOAPIC_START,
+    "every ECAM area must lie below 4 GiB"
+);
 
 /// Already-serialized AML spliced into a builder object.
 struct RawAml<'a>(&'a [u8]);
@@ -75,8 +78,10 @@ pub(super) fn build(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
     let mut sb = Vec::new();
     com1(&mut sb);
     rtc(&mut sb);
-    motherboard_resources(&mut sb);
-    pci0(cfg, &[], &mut sb)?;
+    motherboard_resources(cfg, &mut sb);
+    for segment in &cfg.pci_segments {
+        host_bridge(segment, &[], &mut sb)?;
+    }
     power_button(&mut sb);
     ged(&mut sb);
     cpus(cfg, &mut sb);
@@ -134,11 +139,16 @@ fn rtc(sink: &mut dyn AmlSink) {
     .to_aml_bytes(sink);
 }
 
-/// Motherboard resources: Linux only trusts the MCFG's ECAM window if it is reserved, either in
-/// the E820 map or by a PNP0C02 device like this one.
-fn motherboard_resources(sink: &mut dyn AmlSink) {
-    let ecam = Memory32Fixed::new(true, ECAM_BASE, ECAM_SIZE);
-    let crs = ResourceTemplate::new(vec![&ecam]);
+/// Motherboard resources: Linux only trusts an MCFG entry's ECAM area if it is reserved, either
+/// in the E820 map or by a PNP0C02 device like this one. `cfg` must be validated.
+fn motherboard_resources(cfg: &AcpiConfig, sink: &mut dyn AmlSink) {
+    // Every ECAM area is below 4 GiB (asserted above), so the casts cannot truncate.
+    let areas: Vec<Memory32Fixed> = cfg
+        .pci_segments
+        .iter()
+        .map(|s| Memory32Fixed::new(true, s.ecam.0 as u32, s.ecam.1 as u32))
+        .collect();
+    let crs = ResourceTemplate::new(areas.iter().map(|a| a as &dyn Aml).collect());
     Device::new(
         "MBRD".into(),
         vec![
@@ -150,41 +160,52 @@ fn motherboard_resources(sink: &mut dyn AmlSink) {
     .to_aml_bytes(sink);
 }
 
-/// `\_SB_.PCI0`, the PCIe host bridge of segment 0, buses `0..=PCI_LAST_BUS`.
+/// `\_SB_.PCIn`, the PCIe host bridge of segment `n` (`_SEG`), buses `0..=last_bus` (`_BBN`
+/// 0), with the segment's own 32-bit and 64-bit windows; segment 0 also has the configuration
+/// ports 0xcf8 and the I/O space.
 ///
 /// `children` are emitted inside the device, after its own objects: this is where PCI devices
 /// (`Device` objects with `_ADR`) and an interrupt routing table (`_PRT`) go.
-fn pci0(cfg: &AcpiConfig, children: &[&dyn Aml], sink: &mut dyn AmlSink) -> Result<(), AcpiError> {
-    let buses = AddressSpace::<u16>::new_bus_number(0, PCI_LAST_BUS.into());
+fn host_bridge(
+    segment: &PciSegmentLayout,
+    children: &[&dyn Aml],
+    sink: &mut dyn AmlSink,
+) -> Result<(), AcpiError> {
+    let buses = AddressSpace::<u16>::new_bus_number(0, segment.last_bus.into());
     let config_ports = IO::new(PCI_CONFIG_PORT, PCI_CONFIG_PORT, 1, PCI_CONFIG_PORT_COUNT);
     let io_below = AddressSpace::<u16>::new_io(0, PCI_CONFIG_PORT - 1, None);
     let io_above = AddressSpace::<u16>::new_io(PCI_CONFIG_PORT_END, u16::MAX, None);
-    let mut resources: Vec<&dyn Aml> = vec![&buses, &config_ports, &io_below, &io_above];
+    let mut resources: Vec<&dyn Aml> = vec![&buses];
+    if segment.segment == 0 {
+        resources.extend([&config_ports as &dyn Aml, &io_below, &io_above]);
+    }
 
-    let mmio32 = mmio32_window(cfg.pci_mmio32)?;
+    let mmio32 = mmio32_window(segment.mmio32)?;
     if let Some(window) = &mmio32 {
         resources.push(window);
     }
-    let mmio64 = mmio64_window(cfg.pci_mmio64)?;
+    let mmio64 = mmio64_window(segment.mmio64)?;
     if let Some(window) = &mmio64 {
         resources.push(window);
     }
     let crs = ResourceTemplate::new(resources);
 
     let mut osc = Vec::new();
-    pci0_osc(&mut osc);
+    host_bridge_osc(&mut osc);
     let osc = RawAml(&osc);
 
     let mut objects: Vec<&dyn Aml> = Vec::new();
     let hid = Name::new("_HID".into(), &EISAName::new("PNP0A08"));
     let cid = Name::new("_CID".into(), &EISAName::new("PNP0A03"));
-    let uid = Name::new("_UID".into(), &ZERO);
-    let seg = Name::new("_SEG".into(), &ZERO);
+    let number = segment.segment;
+    let uid = Name::new("_UID".into(), &number);
+    let seg = Name::new("_SEG".into(), &number);
     let bbn = Name::new("_BBN".into(), &ZERO);
     let crs = Name::new("_CRS".into(), &crs);
     objects.extend([&hid as &dyn Aml, &cid, &uid, &seg, &bbn, &crs, &osc]);
     objects.extend_from_slice(children);
-    Device::new("PCI0".into(), objects).to_aml_bytes(sink);
+    let name = format!("PCI{number:X}");
+    Device::new(name.as_str().into(), objects).to_aml_bytes(sink);
     Ok(())
 }
 
@@ -229,9 +250,9 @@ fn mmio64_window((start, size): (u64, u64)) -> Result<Option<AddressSpace<u64>>,
     )))
 }
 
-/// `PCI0._OSC`: grants the OS every control it asks for (there is no firmware to keep any),
+/// `PCIn._OSC`: grants the OS every control it asks for (there is no firmware to keep any),
 /// by returning the capabilities buffer unchanged. Unknown UUIDs and revisions are flagged.
-fn pci0_osc(sink: &mut dyn AmlSink) {
+fn host_bridge_osc(sink: &mut dyn AmlSink) {
     let cdw1 = Path::new("CDW1");
     let capabilities = Arg(3);
     let create_cdw1 = CreateDWordField::new(&cdw1, &capabilities, &ZERO);

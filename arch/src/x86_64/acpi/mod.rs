@@ -38,16 +38,6 @@ const OEM_REVISION: u32 = 1;
 /// Bit of the GED event register ([`layout::ACPI_GED_PORT`]) that reports a power button press.
 pub const GED_EVENT_POWER_BUTTON: u32 = 1 << 0;
 
-/// Last PCI bus number decoded by the ECAM window; shared by the MCFG and the `PCI0` bus range.
-const PCI_LAST_BUS: u8 = {
-    let buses = layout::PCI_ECAM_SIZE >> 20;
-    assert!(
-        buses >= 1 && buses <= 256,
-        "ECAM window must cover 1 to 256 buses"
-    );
-    (buses - 1) as u8
-};
-
 /// ISA IRQ of the GED line, identity-mapped to GSI [`layout::ACPI_GED_GSI`].
 const GED_ISA_IRQ: u8 = {
     assert!(layout::ACPI_GED_GSI < 16, "the GED GSI must be an ISA IRQ");
@@ -62,7 +52,7 @@ const _: () = assert!(
 );
 
 /// What the ACPI tables describe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcpiConfig {
     /// vCPUs (local APICs) enabled at boot: the first `boot_cpus` of the topology.
     pub boot_cpus: u8,
@@ -71,10 +61,9 @@ pub struct AcpiConfig {
     /// How the vCPUs are arranged, which gives their APIC IDs; `None`: one package of
     /// `max_cpus` single-thread cores (APIC ID = vCPU index).
     pub topology: Option<Topology>,
-    /// `(start, size)` of the 32-bit PCI MMIO window; omitted from `PCI0._CRS` when size is 0.
-    pub pci_mmio32: (u64, u64),
-    /// `(start, size)` of the 64-bit PCI MMIO window; omitted from `PCI0._CRS` when size is 0.
-    pub pci_mmio64: (u64, u64),
+    /// The PCI segments, segment `i` at index `i`: one MCFG entry and one host bridge each
+    /// (a window of size 0 is left out of its `_CRS`).
+    pub pci_segments: Vec<layout::PciSegmentLayout>,
 }
 
 /// Errors from building or writing the ACPI tables.
@@ -101,6 +90,12 @@ pub enum AcpiError {
         /// `max_cpus`.
         max: u8,
     },
+    /// No PCI segment, more than [`layout::MAX_PCI_SEGMENTS`], or not numbered `0..n`.
+    #[error(
+        "PCI segments must be numbered 0 to n-1 with 1 <= n <= {}",
+        layout::MAX_PCI_SEGMENTS
+    )]
+    PciSegments,
     /// A PCI MMIO window does not fit its descriptor (32-bit window above 4 GiB, or wrapping).
     #[error("{window} PCI MMIO window {start:#x} (size {size:#x}) does not fit its address space")]
     InvalidPciWindow {
@@ -169,6 +164,15 @@ impl AcpiConfig {
                 max: self.max_cpus,
             });
         }
+        let numbered = (0u16..)
+            .zip(&self.pci_segments)
+            .all(|(i, s)| s.segment == i);
+        if self.pci_segments.is_empty()
+            || self.pci_segments.len() > usize::from(layout::MAX_PCI_SEGMENTS)
+            || !numbered
+        {
+            return Err(AcpiError::PciSegments);
+        }
         Ok(())
     }
 
@@ -229,9 +233,12 @@ fn aml_bytes(aml: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
-fn mcfg() -> Vec<u8> {
+/// One ECAM allocation per segment, starting at bus 0.
+fn mcfg(cfg: &AcpiConfig) -> Vec<u8> {
     let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    mcfg.add_ecam(layout::PCI_ECAM_START, 0, 0, PCI_LAST_BUS);
+    for s in &cfg.pci_segments {
+        mcfg.add_ecam(s.ecam.0, s.segment, 0, s.last_bus);
+    }
     aml_bytes(&mcfg)
 }
 
@@ -248,8 +255,7 @@ fn mcfg() -> Vec<u8> {
 ///     boot_cpus: 2,
 ///     max_cpus: 4,
 ///     topology: None,
-///     pci_mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
-///     pci_mmio64: (0, 0),
+///     pci_segments: layout::pci_segments(1 << 30, &[(1, 1), (1, 1)]).unwrap(),
 /// };
 /// let tables = build_tables(&cfg).unwrap();
 /// assert_eq!(&tables[0].bytes[..8], b"RSD PTR ");
@@ -261,7 +267,7 @@ pub fn build_tables(cfg: &AcpiConfig) -> Result<Vec<AcpiTable>, AcpiError> {
     // Tables that point at others come after them, so every length is known when placed.
     let dsdt = dsdt::build(cfg)?;
     let madt = madt::build(cfg);
-    let mcfg = mcfg();
+    let mcfg = mcfg(cfg);
 
     let mut placer = Placer::new();
     let rsdp_addr = placer.place(b"RSDP", Rsdp::len())?;

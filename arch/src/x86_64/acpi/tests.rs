@@ -7,9 +7,16 @@ fn config(boot_cpus: u8, max_cpus: u8) -> AcpiConfig {
         boot_cpus,
         max_cpus,
         topology: None,
-        pci_mmio32: (layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE),
-        pci_mmio64: (layout::pci_mmio64_start(1 << 30), layout::PCI_MMIO64_SIZE),
+        pci_segments: layout::pci_segments(1 << 30, &[(1, 1)]).expect("one segment"),
     }
+}
+
+/// `config(1, 1)` with segment 0's windows replaced.
+fn windows(mmio32: (u64, u64), mmio64: (u64, u64)) -> AcpiConfig {
+    let mut cfg = config(1, 1);
+    cfg.pci_segments[0].mmio32 = mmio32;
+    cfg.pci_segments[0].mmio64 = mmio64;
+    cfg
 }
 
 fn u16_at(bytes: &[u8], offset: usize) -> u16 {
@@ -289,15 +296,9 @@ fn empty_pci_windows_are_left_out() {
     };
     let both = config(1, 1);
     assert!(has(&both, DWORD_MEMORY) && has(&both, QWORD_MEMORY));
-    let no_64 = AcpiConfig {
-        pci_mmio64: (0, 0),
-        ..both
-    };
+    let no_64 = windows(both.pci_segments[0].mmio32, (0, 0));
     assert!(has(&no_64, DWORD_MEMORY) && !has(&no_64, QWORD_MEMORY));
-    let no_32 = AcpiConfig {
-        pci_mmio32: (0, 0),
-        ..both
-    };
+    let no_32 = windows((0, 0), both.pci_segments[0].mmio64);
     assert!(!has(&no_32, DWORD_MEMORY) && has(&no_32, QWORD_MEMORY));
 }
 
@@ -315,10 +316,7 @@ fn bad_configs_are_errors() {
         build_tables(&config(3, 2)),
         Err(AcpiError::BootCpusAboveMax { boot: 3, max: 2 })
     ));
-    let above_4g = AcpiConfig {
-        pci_mmio32: (0xf000_0000, 0x2000_0000),
-        ..config(1, 1)
-    };
+    let above_4g = windows((0xf000_0000, 0x2000_0000), (0, 0));
     assert!(matches!(
         build_tables(&above_4g),
         Err(AcpiError::InvalidPciWindow {
@@ -326,10 +324,7 @@ fn bad_configs_are_errors() {
             ..
         })
     ));
-    let wrapping = AcpiConfig {
-        pci_mmio64: (u64::MAX - 0xfff, 0x2000),
-        ..config(1, 1)
-    };
+    let wrapping = windows((0, 0), (u64::MAX - 0xfff, 0x2000));
     assert!(matches!(
         build_tables(&wrapping),
         Err(AcpiError::InvalidPciWindow {
@@ -337,6 +332,112 @@ fn bad_configs_are_errors() {
             ..
         })
     ));
+}
+
+#[test]
+fn pci_segments_must_be_numbered_from_0() {
+    let mut none = config(1, 1);
+    none.pci_segments.clear();
+    assert!(matches!(build_tables(&none), Err(AcpiError::PciSegments)));
+    let mut gap = config(1, 1);
+    gap.pci_segments = layout::pci_segments(1 << 30, &[(1, 1); 3]).expect("segments");
+    gap.pci_segments.remove(1);
+    assert!(matches!(build_tables(&gap), Err(AcpiError::PciSegments)));
+}
+
+/// The DSDT's `Device (name)` body, up to the next device at the same level (for a flat scan).
+fn device_body<'a>(dsdt: &'a [u8], name: &[u8; 4]) -> &'a [u8] {
+    let at = dsdt
+        .windows(4)
+        .position(|w| w == name)
+        .unwrap_or_else(|| panic!("no {}", String::from_utf8_lossy(name)));
+    let rest = &dsdt[at..];
+    let end = rest[4..]
+        .windows(2)
+        .position(|w| w == [0x5b, 0x82])
+        .map_or(rest.len(), |p| p + 4);
+    &rest[..end]
+}
+
+#[test]
+fn every_segment_has_an_mcfg_entry_and_a_host_bridge() {
+    let mut cfg = config(1, 1);
+    cfg.pci_segments = layout::pci_segments(1 << 30, &[(1, 1), (1, 3), (2, 1)]).expect("3");
+    let tables = build_tables(&cfg).expect("tables");
+    let mcfg = &table(&tables, b"MCFG").bytes;
+    // Header (36) + reserved (8), then 16-byte entries: base, segment, start bus, end bus.
+    assert_eq!(mcfg.len(), 44 + 3 * 16);
+    let entries: Vec<(u64, u16, u8, u8)> = (0..3)
+        .map(|i| {
+            let e = 44 + 16 * i;
+            (
+                u64_at(mcfg, e),
+                u16_at(mcfg, e + 8),
+                mcfg[e + 10],
+                mcfg[e + 11],
+            )
+        })
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            (0xe000_0000, 0, 0, 0xff),
+            (0xf000_0000, 1, 0, 0),
+            (0xf010_0000, 2, 0, 0)
+        ]
+    );
+
+    let dsdt = &table(&tables, b"DSDT").bytes;
+    // MBRD reserves each ECAM area: Memory32Fixed (0x86, length 9, writable) base, size.
+    let mbrd = device_body(dsdt, b"MBRD");
+    for s in &cfg.pci_segments {
+        let mut fixed = vec![0x86, 0x09, 0x00, 0x01];
+        fixed.extend_from_slice(&(s.ecam.0 as u32).to_le_bytes());
+        fixed.extend_from_slice(&(s.ecam.1 as u32).to_le_bytes());
+        assert!(
+            mbrd.windows(fixed.len()).any(|w| w == fixed),
+            "segment {}",
+            s.segment
+        );
+    }
+    for s in &cfg.pci_segments {
+        let name = format!("PCI{:X}", s.segment);
+        let body = device_body(dsdt, name.as_bytes().try_into().expect("4 bytes"));
+        let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+        // Name (_SEG, n) and Name (_UID, n): NameOp, the name, then the integer (0 and 1
+        // are ZeroOp and OneOp, larger ones a BytePrefix).
+        let int = |n: u16| match n {
+            0 => vec![0x00],
+            1 => vec![0x01],
+            n => vec![0x0a, n as u8],
+        };
+        for object in [b"_SEG", b"_UID"] {
+            let mut named = vec![0x08];
+            named.extend_from_slice(object);
+            named.extend(int(s.segment));
+            assert!(has(&named), "{name} {}", String::from_utf8_lossy(object));
+        }
+        assert!(has(&[0x08, b'_', b'B', b'B', b'N', 0x00]), "{name} _BBN 0");
+        // DWordMemory: min at +10, max at +14; QWordMemory: min at +14, max at +22.
+        let dword = body
+            .windows(4)
+            .position(|w| w == [0x87, 0x17, 0x00, 0x00])
+            .expect("32-bit window");
+        assert_eq!(u64::from(u32_at(body, dword + 10)), s.mmio32.0, "{name}");
+        assert_eq!(
+            u64::from(u32_at(body, dword + 14)),
+            s.mmio32.0 + s.mmio32.1 - 1
+        );
+        let qword = body
+            .windows(4)
+            .position(|w| w == [0x8a, 0x2b, 0x00, 0x00])
+            .expect("64-bit window");
+        assert_eq!(u64_at(body, qword + 14), s.mmio64.0, "{name}");
+        assert_eq!(u64_at(body, qword + 22), s.mmio64.0 + s.mmio64.1 - 1);
+        // Only segment 0 claims the configuration ports (IO descriptor 0x47 at 0xcf8).
+        assert_eq!(has(&[0x47, 0x01, 0xf8, 0x0c]), s.segment == 0, "{name}");
+    }
+    assert!(!dsdt.windows(4).any(|w| w == b"PCI3"));
 }
 
 #[test]
