@@ -31,6 +31,7 @@ pub const STAGE2_PCI_CHECKS: &[&str] = &[
     "pci.hostbridge",
     "pci.bars",
     "pci.caps",
+    "pci.segments",
     "virtio.count",
     "virtio.modern",
 ];
@@ -130,6 +131,9 @@ pub struct Stage2Keys {
     /// `hostile=1`: after the stage-2 checks the guest attacks the VMM through the first
     /// virtio-blk device and reports `hostile.*` checks ([`hostile_checks`]).
     pub hostile: bool,
+    /// `expect.segments=S:N,...`: the PCI segments with an ECAM area and the functions on
+    /// each one's bus 0 (host bridge included); `None` leaves the key out.
+    pub segments: Option<Vec<(u16, u32)>>,
 }
 
 impl Stage2Keys {
@@ -164,6 +168,10 @@ impl Stage2Keys {
         }
         if self.hostile {
             words.push("hostile=1".to_string());
+        }
+        if let Some(v) = &self.segments {
+            let list: Vec<String> = v.iter().map(|(s, n)| format!("{s}:{n}")).collect();
+            words.push(format!("expect.segments={}", list.join(",")));
         }
         words.join(" ")
     }
@@ -202,10 +210,11 @@ mod tests {
             net_tx_count: Some(3),
             net_rx_count: Some(0),
             hostile: true,
+            segments: Some(vec![(0, 3), (1, 2)]),
         };
         assert_eq!(
             k.to_cmdline(),
-            "expect.virtio=blk:1,rng:1 blk.pattern.sector=2048 blk.serial=abc blk.readonly=1 console.message=hi net.mac=52:54:00:12:34:ab net.tx.count=3 net.rx.count=0 hostile=1"
+            "expect.virtio=blk:1,rng:1 blk.pattern.sector=2048 blk.serial=abc blk.readonly=1 console.message=hi net.mac=52:54:00:12:34:ab net.tx.count=3 net.rx.count=0 hostile=1 expect.segments=0:3,1:2"
         );
         assert_eq!(hostile_checks()[0], "hostile.desc_oob");
         assert_eq!(hostile_checks().len(), HOSTILE_ATTACKS.len());

@@ -138,7 +138,12 @@ pub struct Acpi {
     pub madt: Option<Madt>,
     /// The MCFG allocation for PCI segment 0 that covers bus 0, if any.
     pub ecam: Option<Ecam>,
+    /// Per PCI segment `s` < [`MAX_SEGMENTS`], its first MCFG allocation that starts at bus 0.
+    pub segments: [Option<Ecam>; MAX_SEGMENTS],
 }
+
+/// The PCI segments the guest looks at (those with a higher number are only reported).
+pub const MAX_SEGMENTS: usize = 16;
 
 /// One MCFG allocation (an ECAM window).
 #[derive(Clone, Copy, Debug)]
@@ -258,6 +263,7 @@ pub fn run(si: &StartInfo, expect: &Expectations) -> Acpi {
         fadt: None,
         madt: None,
         ecam: None,
+        segments: [None; MAX_SEGMENTS],
     };
 
     if let Some(root) = check_rsdp(si.rsdp_paddr) {
@@ -308,7 +314,8 @@ pub fn run(si: &StartInfo, expect: &Expectations) -> Acpi {
     }
 
     acpi.madt = check_madt(acpi.find(b"APIC"), expect);
-    acpi.ecam = check_mcfg(acpi.find(b"MCFG"));
+    acpi.segments = check_mcfg(acpi.find(b"MCFG"));
+    acpi.ecam = acpi.segments[0];
     plan_shutdown(&acpi);
     acpi
 }
@@ -633,11 +640,13 @@ fn check_madt(t: Option<Table>, expect: &Expectations) -> Option<Madt> {
     Some(madt)
 }
 
-/// The `acpi.mcfg` check; returns the segment-0 allocation that covers bus 0.
-fn check_mcfg(t: Option<Table>) -> Option<Ecam> {
+/// The `acpi.mcfg` check; returns, per segment below [`MAX_SEGMENTS`], the first allocation
+/// that starts at bus 0.
+fn check_mcfg(t: Option<Table>) -> [Option<Ecam>; MAX_SEGMENTS] {
+    let mut found = [None; MAX_SEGMENTS];
     let Some(t) = t else {
         check("acpi.mcfg", false, format_args!("no valid MCFG"));
-        return None;
+        return found;
     };
     let n = u64::from(t.len.saturating_sub(44)) / 16;
     if n == 0 {
@@ -646,12 +655,12 @@ fn check_mcfg(t: Option<Table>) -> Option<Ecam> {
             false,
             format_args!("no allocation in MCFG (len={})", t.len),
         );
-        return None;
+        return found;
     }
-    let mut ecam = None;
     let mut ok = true;
     let mut detail: StrBuf<200> = StrBuf::new();
-    for i in 0..n {
+    // A table longer than any real one is read no further than 256 entries.
+    for i in 0..n.min(256) {
         let e = t.addr + 44 + i * 16;
         let base = phys::read_u64(e);
         let seg = phys::read_u16(e + 8);
@@ -664,16 +673,19 @@ fn check_mcfg(t: Option<Table>) -> Option<Ecam> {
             if i > 0 { "; " } else { "" }
         );
         ok &= base != 0 && start <= end;
-        if ecam.is_none() && seg == 0 && start == 0 && base != 0 && start <= end {
-            ecam = Some(Ecam {
-                base,
-                start_bus: start,
-                end_bus: end,
-            });
+        let slot = found.get_mut(usize::from(seg));
+        if let Some(slot @ None) = slot {
+            if start == 0 && base != 0 {
+                *slot = Some(Ecam {
+                    base,
+                    start_bus: start,
+                    end_bus: end,
+                });
+            }
         }
     }
     check("acpi.mcfg", ok, format_args!("{detail}"));
-    ecam
+    found
 }
 
 /// Finds `Name(_S5_, Package(){ SLP_TYPa, ... })` in an AML table and
@@ -829,6 +841,7 @@ pub fn plan_shutdown_quietly(start_info_addr: u64) {
         fadt: None,
         madt: None,
         ecam: None,
+        segments: [None; MAX_SEGMENTS],
     };
     for i in 0..u64::from(root.len - HEADER_LEN) / entry_size {
         let at = root.addr + u64::from(HEADER_LEN) + i * entry_size;

@@ -250,7 +250,7 @@ pub fn open_first_blk(
     avoid: &Regions,
     min_bytes: u64,
 ) -> Result<Rig, Why> {
-    let (bus, apic_id) = stage2::setup(acpi);
+    let (bus, apic_id) = stage2::setup(acpi, "");
     let (b, capacity, mem) = open_blk_on(&bus, apic_id, si, avoid, min_bytes)?;
     let Some(khz) = time::calibrate_rtc() else {
         return Err(why!(

@@ -742,7 +742,10 @@ fn pci_cfg_junk(h: &mut Hostile<'_>) -> Outcome {
     let mut odd = 0;
     // Unaligned and over-wide ECAM accesses; bytes that would reach COMMAND carry its
     // current value so that a VMM that splits them changes nothing.
-    if let Mech::Ecam(base) = m {
+    if let Some(base) = match m {
+        Mech::Ecam(bases) => bases.base(b.seg),
+        Mech::Io => None,
+    } {
         let fa = base + (u64::from(b.dev) << 15) + (u64::from(b.func) << 12);
         let cmd = u64::from(m.read16(b, 0x04));
         crate::phys::mmio_write_any(fa + 1, 2, 0xffff);
@@ -759,9 +762,16 @@ fn pci_cfg_junk(h: &mut Hostile<'_>) -> Outcome {
         let _ = crate::phys::mmio_read_any(fa + 0xffc, 8);
         odd += 10;
         // An absent function on bus 0 and a function on bus 1 (no bridge there).
-        let absent = (0..32u8).rev().map(|dev| Bdf { dev, func: 7 }).find(|x| {
-            h.bus.functions().iter().all(|g| g.bdf != *x) && m.read32(*x, 0) & 0xffff == 0xffff
-        });
+        let absent = (0..32u8)
+            .rev()
+            .map(|dev| Bdf {
+                seg: b.seg,
+                dev,
+                func: 7,
+            })
+            .find(|x| {
+                h.bus.functions().iter().all(|g| g.bdf != *x) && m.read32(*x, 0) & 0xffff == 0xffff
+            });
         if let Some(x) = absent {
             m.write32(x, 0x00, 0);
             m.write32(x, 0x04, 0xffff_ffff);

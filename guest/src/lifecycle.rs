@@ -141,7 +141,7 @@ pub fn run(si: &StartInfo, acpi: &Acpi, avoid: &Regions, cmdline: &str) -> bool 
         }
     };
     // Local APIC on (MSI-X and IOAPIC delivery), PCI checks.
-    let (bus, apic_id) = stage2::setup(acpi);
+    let (bus, apic_id) = stage2::setup(acpi, "");
     let mut ged = arm_ged(acpi, apic_id);
     let pm1 = if ged.is_none() { arm_pm1(acpi) } else { None };
     let mut stream = match cfg.count {

@@ -101,7 +101,7 @@ fn bench(acpi: &Acpi, cmdline: &str, secs: u64) -> Result<StrBuf<300>, Why> {
         None => BROADCAST,
         Some(v) => Mac::parse(v).ok_or_else(|| why!("bad bench.dst value"))?,
     };
-    let (bus, apic_id) = stage2::setup(acpi);
+    let (bus, apic_id) = stage2::setup(acpi, "");
     let Some(f) = stage2::functions_of(&bus, "net").next() else {
         return Err(why!("no modern virtio-net device"));
     };

@@ -1,6 +1,7 @@
-//! Stage-2 PCI checks on bus 0: enumeration through both configuration
-//! mechanisms (ECAM from the MCFG, and ports 0xcf8/0xcfc), BAR sizing and
-//! placement, capability lists.
+//! Stage-2 PCI checks on bus 0 of every PCI segment: enumeration through
+//! both configuration mechanisms on segment 0 (ECAM from the MCFG, and ports
+//! 0xcf8/0xcfc), through each other segment's own ECAM area (from its MCFG
+//! entry), BAR sizing and placement, capability lists.
 //!
 //! Nothing here assumes an address: the ECAM window comes from the MCFG and
 //! BAR addresses from the BARs (assigned by firmware under QEMU, by the VMM
@@ -8,8 +9,9 @@
 
 use core::fmt::{self, Write};
 
-use crate::acpi::Ecam;
+use crate::acpi::{Ecam, MAX_SEGMENTS};
 use crate::arch::{inb, inl, inw, outb, outl, outw};
+use crate::expect;
 use crate::report::{check, StrBuf};
 use crate::{phys, println};
 
@@ -31,35 +33,63 @@ pub const CAP_MSIX: u8 = 0x11;
 const CONFIG_ADDRESS: u16 = 0xcf8;
 const CONFIG_DATA: u16 = 0xcfc;
 
-/// A function on bus 0.
+/// A function on bus 0 of a PCI segment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Bdf {
+    /// PCI segment (0 for the configuration ports).
+    pub seg: u16,
     /// Device number (0..32).
     pub dev: u8,
     /// Function number (0..8).
     pub func: u8,
 }
 
+impl Bdf {
+    /// Device `dev`, function `func` on segment 0.
+    pub const fn new(dev: u8, func: u8) -> Self {
+        Bdf { seg: 0, dev, func }
+    }
+}
+
+/// `00:DD.F` on segment 0 (as before segments existed), `SSSS:00:DD.F` elsewhere.
 impl fmt::Display for Bdf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.seg != 0 {
+            write!(f, "{:04x}:", self.seg)?;
+        }
         write!(f, "00:{:02x}.{}", self.dev, self.func)
+    }
+}
+
+/// The address of bus 0 in each segment's ECAM area (0: the segment has none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EcamBases(pub [u64; MAX_SEGMENTS]);
+
+impl EcamBases {
+    /// The address of bus 0 of segment `seg`, if it has an ECAM area.
+    pub fn base(&self, seg: u16) -> Option<u64> {
+        self.0.get(usize::from(seg)).copied().filter(|&b| b != 0)
     }
 }
 
 /// How configuration space is reached.
 #[derive(Clone, Copy, Debug)]
 pub enum Mech {
-    /// Memory-mapped (ECAM); the address of bus 0.
-    Ecam(u64),
-    /// Configuration mechanism #1 (ports 0xcf8/0xcfc), first 256 bytes only.
+    /// Memory-mapped (ECAM), per segment.
+    Ecam(EcamBases),
+    /// Configuration mechanism #1 (ports 0xcf8/0xcfc), first 256 bytes of segment 0 only.
     Io,
 }
 
 impl Mech {
-    fn ecam_addr(base: u64, b: Bdf, off: u16) -> u64 {
-        base + (u64::from(b.dev & 31) << 15)
-            + (u64::from(b.func & 7) << 12)
-            + u64::from(off & 0xfff)
+    /// The ECAM address of register `off` of `b`, if its segment has ECAM.
+    fn ecam_addr(bases: EcamBases, b: Bdf, off: u16) -> Option<u64> {
+        Some(
+            bases.base(b.seg)?
+                + (u64::from(b.dev & 31) << 15)
+                + (u64::from(b.func & 7) << 12)
+                + u64::from(off & 0xfff),
+        )
     }
 
     fn io_select(b: Bdf, off: u16) {
@@ -75,8 +105,8 @@ impl Mech {
     /// Reads a 32-bit register (`off` dword aligned).
     pub fn read32(self, b: Bdf, off: u16) -> u32 {
         match self {
-            Mech::Ecam(base) => phys::mmio_read32(Self::ecam_addr(base, b, off & !3)),
-            Mech::Io if off < 256 => {
+            Mech::Ecam(bases) => Self::ecam_addr(bases, b, off & !3).map_or(!0, phys::mmio_read32),
+            Mech::Io if off < 256 && b.seg == 0 => {
                 Self::io_select(b, off);
                 inl(CONFIG_DATA)
             }
@@ -87,8 +117,8 @@ impl Mech {
     /// Reads a 16-bit register (`off` word aligned).
     pub fn read16(self, b: Bdf, off: u16) -> u16 {
         match self {
-            Mech::Ecam(base) => phys::mmio_read16(Self::ecam_addr(base, b, off & !1)),
-            Mech::Io if off < 256 => {
+            Mech::Ecam(bases) => Self::ecam_addr(bases, b, off & !1).map_or(!0, phys::mmio_read16),
+            Mech::Io if off < 256 && b.seg == 0 => {
                 Self::io_select(b, off);
                 inw(CONFIG_DATA + (off & 2))
             }
@@ -99,8 +129,8 @@ impl Mech {
     /// Reads an 8-bit register.
     pub fn read8(self, b: Bdf, off: u16) -> u8 {
         match self {
-            Mech::Ecam(base) => phys::mmio_read8(Self::ecam_addr(base, b, off)),
-            Mech::Io if off < 256 => {
+            Mech::Ecam(bases) => Self::ecam_addr(bases, b, off).map_or(!0, phys::mmio_read8),
+            Mech::Io if off < 256 && b.seg == 0 => {
                 Self::io_select(b, off);
                 inb(CONFIG_DATA + (off & 3))
             }
@@ -111,8 +141,12 @@ impl Mech {
     /// Writes a 32-bit register (`off` dword aligned).
     pub fn write32(self, b: Bdf, off: u16, v: u32) {
         match self {
-            Mech::Ecam(base) => phys::mmio_write32(Self::ecam_addr(base, b, off & !3), v),
-            Mech::Io if off < 256 => {
+            Mech::Ecam(bases) => {
+                if let Some(a) = Self::ecam_addr(bases, b, off & !3) {
+                    phys::mmio_write32(a, v);
+                }
+            }
+            Mech::Io if off < 256 && b.seg == 0 => {
                 Self::io_select(b, off);
                 outl(CONFIG_DATA, v);
             }
@@ -123,8 +157,12 @@ impl Mech {
     /// Writes a 16-bit register (`off` word aligned).
     pub fn write16(self, b: Bdf, off: u16, v: u16) {
         match self {
-            Mech::Ecam(base) => phys::mmio_write16(Self::ecam_addr(base, b, off & !1), v),
-            Mech::Io if off < 256 => {
+            Mech::Ecam(bases) => {
+                if let Some(a) = Self::ecam_addr(bases, b, off & !1) {
+                    phys::mmio_write16(a, v);
+                }
+            }
+            Mech::Io if off < 256 && b.seg == 0 => {
                 Self::io_select(b, off);
                 outw(CONFIG_DATA + (off & 2), v);
             }
@@ -135,8 +173,12 @@ impl Mech {
     /// Writes an 8-bit register.
     pub fn write8(self, b: Bdf, off: u16, v: u8) {
         match self {
-            Mech::Ecam(base) => phys::mmio_write8(Self::ecam_addr(base, b, off), v),
-            Mech::Io if off < 256 => {
+            Mech::Ecam(bases) => {
+                if let Some(a) = Self::ecam_addr(bases, b, off) {
+                    phys::mmio_write8(a, v);
+                }
+            }
+            Mech::Io if off < 256 && b.seg == 0 => {
                 Self::io_select(b, off);
                 outb(CONFIG_DATA + (off & 3), v);
             }
@@ -225,7 +267,7 @@ impl Function {
     }
 }
 
-/// The functions found on bus 0.
+/// The functions found on bus 0 of each segment, segment 0's first.
 pub struct Bus {
     /// How configuration space is reached (ECAM when the MCFG offers it).
     pub mech: Mech,
@@ -247,11 +289,10 @@ fn absent(id: u32) -> bool {
     vendor == 0xffff || vendor == 0
 }
 
-/// Scans bus 0 with one mechanism.
-fn scan(mech: Mech, out: &mut [Function; MAX_FUNCS]) -> usize {
-    let mut n = 0;
+/// Scans bus 0 of segment `seg` with one mechanism into `out[n..]`; returns the new count.
+fn scan(mech: Mech, seg: u16, out: &mut [Function; MAX_FUNCS], mut n: usize) -> usize {
     for dev in 0..32u8 {
-        let f0 = Bdf { dev, func: 0 };
+        let f0 = Bdf { seg, dev, func: 0 };
         if absent(mech.read32(f0, 0)) {
             continue;
         }
@@ -261,9 +302,9 @@ fn scan(mech: Mech, out: &mut [Function; MAX_FUNCS]) -> usize {
             1
         };
         for func in 0..funcs {
-            let bdf = Bdf { dev, func };
+            let bdf = Bdf { seg, dev, func };
             let id = mech.read32(bdf, 0);
-            if absent(id) {
+            if absent(id) || n == MAX_FUNCS {
                 continue;
             }
             let class_rev = mech.read32(bdf, 0x08);
@@ -282,15 +323,20 @@ fn scan(mech: Mech, out: &mut [Function; MAX_FUNCS]) -> usize {
     n
 }
 
-/// `pci.enum` and `pci.hostbridge`. Returns bus 0 as seen through ECAM (or
-/// through the I/O ports if there is no usable MCFG allocation).
-pub fn check_enum(ecam: Option<Ecam>) -> Bus {
+/// `pci.enum`, `pci.hostbridge` and `pci.segments`. Returns bus 0 of every
+/// segment as seen through ECAM (or segment 0 through the I/O ports if there
+/// is no usable MCFG allocation for it).
+pub fn check_enum(
+    ecam: Option<Ecam>,
+    segments: &[Option<Ecam>; MAX_SEGMENTS],
+    cmdline: &str,
+) -> Bus {
     let mut io = Bus {
         mech: Mech::Io,
         funcs: [Function::default(); MAX_FUNCS],
         n: 0,
     };
-    io.n = scan(Mech::Io, &mut io.funcs);
+    io.n = scan(Mech::Io, 0, &mut io.funcs, 0);
     let Some(e) = ecam else {
         check(
             "pci.enum",
@@ -304,13 +350,17 @@ pub fn check_enum(ecam: Option<Ecam>) -> Bus {
         check_hostbridge(&io);
         return io;
     };
+    let mut bases = [0; MAX_SEGMENTS];
+    bases[0] = e.base;
+    for (b, s) in bases.iter_mut().zip(segments).skip(1) {
+        *b = s.map_or(0, |s| s.base);
+    }
     let mut mm = Bus {
-        mech: Mech::Ecam(e.base),
+        mech: Mech::Ecam(EcamBases(bases)),
         funcs: [Function::default(); MAX_FUNCS],
         n: 0,
     };
-    mm.n = scan(mm.mech, &mut mm.funcs);
-    print_functions(&mm);
+    mm.n = scan(mm.mech, 0, &mut mm.funcs, 0);
     let mut detail: StrBuf<300> = StrBuf::new();
     let _ = write!(
         detail,
@@ -350,7 +400,92 @@ pub fn check_enum(ecam: Option<Ecam>) -> Bus {
     }
     check("pci.enum", ok, format_args!("{detail}"));
     check_hostbridge(&mm);
+    for seg in 1..MAX_SEGMENTS as u16 {
+        if bases[usize::from(seg)] != 0 {
+            mm.n = scan(mm.mech, seg, &mut mm.funcs, mm.n);
+        }
+    }
+    print_functions(&mm);
+    check_segments(&mm, &bases, expect::value(cmdline, "expect.segments"));
     mm
+}
+
+/// `pci.segments`: every segment with an ECAM area has a host bridge at
+/// `SSSS:00:00.0`, and with `expect.segments=S:N,...` exactly the segments
+/// listed have an ECAM area, each with N functions on its bus 0.
+fn check_segments(bus: &Bus, bases: &[u64; MAX_SEGMENTS], wanted: Option<&str>) {
+    let mut ok = true;
+    let mut detail: StrBuf<300> = StrBuf::new();
+    let mut counts = [0usize; MAX_SEGMENTS];
+    for f in bus.functions() {
+        counts[usize::from(f.bdf.seg)] += 1;
+    }
+    for seg in 0..MAX_SEGMENTS {
+        if bases[seg] == 0 {
+            continue;
+        }
+        let _ = write!(
+            detail,
+            "{}{seg}:{}",
+            if detail.is_empty() { "" } else { "," },
+            counts[seg]
+        );
+        let bridge = bus
+            .functions()
+            .iter()
+            .find(|f| usize::from(f.bdf.seg) == seg && f.bdf.dev == 0 && f.bdf.func == 0);
+        if bridge.is_none_or(|f| f.class >> 8 != 0x0600) {
+            ok = false;
+            let _ = write!(detail, " (no host bridge at {seg:04x}:00:00.0)");
+        }
+    }
+    let _ = write!(detail, " ecam");
+    for (seg, b) in bases.iter().enumerate().filter(|(_, b)| **b != 0) {
+        let _ = write!(detail, " {seg}={b:#x}");
+    }
+    if bus.n == MAX_FUNCS {
+        ok = false;
+        let _ = write!(detail, " more than {MAX_FUNCS} functions");
+    }
+    match wanted {
+        None => {}
+        Some(w) => {
+            let mut want = [None; MAX_SEGMENTS];
+            let mut parsed = true;
+            for item in w.split(',') {
+                let pair = item
+                    .split_once(':')
+                    .and_then(|(s, n)| Some((expect::parse_u64(s)?, expect::parse_u64(n)?)));
+                match pair {
+                    Some((s, n)) if (s as usize) < MAX_SEGMENTS => {
+                        want[s as usize] = Some(n as usize)
+                    }
+                    _ => parsed = false,
+                }
+            }
+            if !parsed {
+                ok = false;
+                let _ = write!(detail, " bad expect.segments={w}");
+            }
+            for seg in 0..MAX_SEGMENTS {
+                let have = (bases[seg] != 0).then_some(counts[seg]);
+                match (have, want[seg]) {
+                    (h, w) if h == w => {}
+                    (Some(h), Some(w)) => {
+                        let _ = write!(detail, " segment {seg}: {h} functions, expected {w}");
+                    }
+                    (None, _) => {
+                        let _ = write!(detail, " segment {seg}: no ECAM area, expected one");
+                    }
+                    (Some(_), None) => {
+                        let _ = write!(detail, " segment {seg}: present, not expected");
+                    }
+                }
+                ok &= have == want[seg];
+            }
+        }
+    }
+    check("pci.segments", ok, format_args!("{detail}"));
 }
 
 fn print_functions(bus: &Bus) {
@@ -376,7 +511,7 @@ fn print_functions(bus: &Bus) {
 
 fn check_hostbridge(bus: &Bus) {
     match bus.functions().first() {
-        Some(f) if f.bdf == (Bdf { dev: 0, func: 0 }) => check(
+        Some(f) if f.bdf == Bdf::new(0, 0) => check(
             "pci.hostbridge",
             f.class >> 8 == 0x0600,
             format_args!(

@@ -55,7 +55,7 @@ impl<'a> Keys<'a> {
 
 /// Runs all stage-2 checks, then, with `hostile=1`, the hostile mode (see docs/test-guest.md).
 pub fn run(acpi: &Acpi, cmdline: &str) {
-    let (bus, apic_id) = setup(acpi);
+    let (bus, apic_id) = setup(acpi, cmdline);
     let keys = Keys { text: cmdline };
     let (blk, rng) = run_virtio(&bus, &keys, apic_id);
     if expect::value(cmdline, "hostile") == Some("1") {
@@ -67,9 +67,9 @@ pub fn run(acpi: &Acpi, cmdline: &str) {
     }
 }
 
-/// The local APIC set up for MSI-X delivery, then the PCI checks (`pci.*`). Returns bus 0
-/// and the BSP's APIC ID.
-pub fn setup(acpi: &Acpi) -> (Bus, u32) {
+/// The local APIC set up for MSI-X delivery, then the PCI checks (`pci.*`, with the
+/// expectations on `cmdline`). Returns the buses and the BSP's APIC ID.
+pub fn setup(acpi: &Acpi, cmdline: &str) -> (Bus, u32) {
     let lapic = acpi.madt.as_ref().map_or(0xfee0_0000, |m| m.lapic_base);
     arch::set_lapic_eoi(lapic + LAPIC_EOI);
     // Software-enable the local APIC (SVR bit 8), spurious vector 0xff.
@@ -81,7 +81,7 @@ pub fn setup(acpi: &Acpi) -> (Bus, u32) {
         phys::mmio_read32(lapic + LAPIC_SVR)
     );
 
-    let mut bus = pci::check_enum(acpi.ecam);
+    let mut bus = pci::check_enum(acpi.ecam, &acpi.segments, cmdline);
     pci::check_bars(&mut bus);
     pci::check_caps(&bus);
     (bus, apic_id)

@@ -381,7 +381,8 @@ fn run_devices_boot() -> DevicesBoot {
     let mut cmd = nimbus(guest, &words);
     cmd.arg("--disk")
         .arg(format!("path={}", vda.display()))
-        .arg(format!("path={},readonly=on", vdb.display()))
+        .arg(format!("path={},readonly=on,pci_segment=1", vdb.display()))
+        .args(["--platform", "num_pci_segments=2"])
         .arg("--net")
         .arg(format!(
             "tap={TAP},ip={},mask=255.255.255.0,mac={}",
@@ -497,11 +498,13 @@ fn acpi_power_off_exits_0() {
     b.expect_line("ACPI: Using ACPI (MADT) for SMP configuration information");
     b.expect_line("IOAPIC[0]: apic_id");
     b.expect_line("PCI: MMCONFIG for domain 0000 [bus 00-ff] at [mem 0xe0000000-0xefffffff]");
+    b.expect_line("PCI: MMCONFIG for domain 0001 [bus 00-00] at [mem 0xf0000000-0xf00fffff]");
     b.expect_line("ACPI: 1 ACPI AML tables successfully acquired and loaded");
     b.expect_line("ACPI: Interpreter enabled");
     let states = b.expect_line("ACPI: PM: (supports");
     assert!(states.contains("S5"), "no S5 in {states:?}");
     b.expect_line("ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00-ff])");
+    b.expect_line("ACPI: PCI Root Bridge [PCI1] (domain 0001 [bus 00])");
     let bad: Vec<&str> = b
         .lines()
         .filter(|l| {
@@ -562,10 +565,10 @@ fn acpi_power_off_exits_0() {
     );
 }
 
-/// PCI: the host bridge and every configured device (two virtio-blk, one virtio-net, the
-/// default virtio-rng) are enumerated with the expected IDs and nothing else; every BAR is
-/// assigned, naturally aligned and inside Nimbus's 32-bit or (64-bit BARs) 64-bit window, which
-/// the kernel took from ACPI; every virtio device is bound and uses MSI-X (not MSI, not INTx),
+/// PCI: the two host bridges (segments 0 and 1) and every configured device (two virtio-blk,
+/// vdb on segment 1 as `0001:00:01.0`, one virtio-net, the default virtio-rng) are enumerated
+/// with the expected IDs and nothing else; every BAR is assigned, naturally aligned and inside
+/// its segment's 32-bit or (64-bit BARs) 64-bit window, which the kernel took from ACPI; every virtio device is bound and uses MSI-X (not MSI, not INTx),
 /// and its interrupts arrive.
 #[test]
 fn pci_devices_bars_and_msix() {
@@ -574,18 +577,30 @@ fn pci_devices_bars_and_msix() {
     }
     let b = &devices_boot().boot;
     b.assert_clean();
-    b.expect_line("PCI host bridge to bus 0000:00");
-    b.expect_line(&format!(
-        "root bus resource [mem {:#x}-{:#x} window]",
-        MMIO32.0, MMIO32.1
-    ));
-    let win64 = b.expect_line(&format!("root bus resource [mem {MMIO64_START:#x}-"));
-    let mmio64_end = win64
-        .split(&format!("{MMIO64_START:#x}-"))
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(hex)
-        .unwrap_or_else(|| panic!("cannot parse the 64-bit window in {win64:?}"));
+    // Two segments (the devices boot has vdb on segment 1): each root bus has its own share of
+    // the 32-bit and 64-bit windows, from ACPI (`_CRS` of PCI0 and PCI1).
+    let segments =
+        arch::x86_64::layout::pci_segments(MEMORY_MIB << 20, &[(1, 1), (1, 1)]).expect("segments");
+    let mut windows = Vec::new();
+    for s in &segments {
+        let bus = format!("{:04x}:00", s.segment);
+        b.expect_line(&format!("PCI host bridge to bus {bus}"));
+        for (start, size) in [s.mmio32, s.mmio64] {
+            let end = start + size - 1;
+            b.expect_line(&format!(
+                "pci_bus {bus}: root bus resource [mem {start:#x}-{end:#x} window]"
+            ));
+            windows.push((s.segment, start, end));
+        }
+    }
+    assert_eq!(
+        (
+            segments[0].mmio32.0,
+            segments[1].mmio32.0 + segments[1].mmio32.1 - 1
+        ),
+        MMIO32
+    );
+    assert_eq!(segments[0].mmio64.0, MMIO64_START);
     let failures: Vec<&str> = b
         .lines()
         .filter(|l| {
@@ -622,9 +637,24 @@ fn pci_devices_bars_and_msix() {
             "1af4:1042",
             "1af4:1042",
             "1af4:1044",
+            "8086:0d57",
             "8086:0d57"
         ],
         "PCI devices seen by Linux:\n{}\n{}",
+        devices.join("\n"),
+        b.describe()
+    );
+    // vdb on segment 1, at the address Nimbus gave it (`SSSS:00:DD.0` in /sys/bus/pci/devices).
+    let seg1: Vec<&&str> = devices.iter().filter(|l| l.starts_with("0001:")).collect();
+    assert!(
+        seg1.len() == 2
+            && seg1
+                .iter()
+                .any(|l| l.starts_with("0001:00:00.0 vendor=8086 device=0d57"))
+            && seg1
+                .iter()
+                .any(|l| l.starts_with("0001:00:01.0 vendor=1af4 device=1042")),
+        "segment 1 should hold its host bridge and vdb:\n{}\n{}",
         devices.join("\n"),
         b.describe()
     );
@@ -665,16 +695,17 @@ fn pci_devices_bars_and_msix() {
                 size.is_power_of_two() && start % size == 0,
                 "BAR not naturally aligned: {bar}"
             );
-            let inside = if flags & IORESOURCE_MEM_64 != 0 {
-                (start >= MMIO64_START && end <= mmio64_end)
-                    || (start >= MMIO32.0 && end <= MMIO32.1)
-            } else {
-                start >= MMIO32.0 && end <= MMIO32.1
-            };
+            // Inside its own segment's windows (32-bit BARs in the 32-bit one).
+            let segment = u16::from_str_radix(&bdf[..4], 16).unwrap_or(u16::MAX);
+            let inside = windows.iter().any(|&(seg, lo, hi)| {
+                seg == segment
+                    && start >= lo
+                    && end <= hi
+                    && (flags & IORESOURCE_MEM_64 != 0 || hi <= MMIO32.1)
+            });
             assert!(
                 inside,
-                "BAR outside Nimbus's windows ({:#x}-{:#x}, {MMIO64_START:#x}-{mmio64_end:#x}): {bar}",
-                MMIO32.0, MMIO32.1
+                "BAR outside segment {segment}'s windows {windows:x?}: {bar}"
             );
         }
     }

@@ -23,6 +23,10 @@ fn boot(disks: &[String], keys: &Stage2Keys) -> VmRun {
 }
 
 fn boot_with_console(disks: &[String], keys: &Stage2Keys, console: &str) -> VmRun {
+    boot_with(disks, keys, console, &[])
+}
+
+fn boot_with(disks: &[String], keys: &Stage2Keys, console: &str, extra: &[&str]) -> VmRun {
     let cmdline = format!("{} {}", stage1_cmdline(1, 256 << 20), keys.to_cmdline());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
     cmd.arg("--kernel").arg(guest_elf()).args([
@@ -38,6 +42,7 @@ fn boot_with_console(disks: &[String], keys: &Stage2Keys, console: &str) -> VmRu
     if !disks.is_empty() {
         cmd.arg("--disk").args(disks);
     }
+    cmd.args(extra);
     run_vm(cmd, TIMEOUT)
 }
 
@@ -118,9 +123,12 @@ fn readonly_disk_refuses_writes_and_stays_unchanged() {
         .unwrap_or_else(|e| panic!("{e}\n{}", run.describe()));
 }
 
+/// Two disks, the second (with 64-entry queues) on PCI segment 1: the guest finds segment 1's
+/// ECAM area in the MCFG, enumerates its bus 0 there (host bridge and the disk), and drives the
+/// disk through a BAR in segment 1's 64-bit window with MSI-X.
 #[test]
-fn multiqueue_and_two_disks() {
-    if !require_kvm("multiqueue_and_two_disks") {
+fn multiqueue_and_a_second_disk_on_pci_segment_1() {
+    if !require_kvm("multiqueue_and_a_second_disk_on_pci_segment_1") {
         return;
     }
     let dir = ScratchDir::new("virtio-mq");
@@ -131,16 +139,32 @@ fn multiqueue_and_two_disks() {
     let keys = Stage2Keys {
         virtio: Some(vec![("blk", 2), ("rng", 1)]),
         blk_pattern_sector: Some(GUEST_SECTOR),
+        // Segment 0: host bridge, disk a, rng; segment 1: host bridge, disk b.
+        segments: Some(vec![(0, 3), (1, 2)]),
         ..Default::default()
     };
-    let run = boot(
+    let run = boot_with(
         &[
             format!("path={},num_queues=2", a.display()),
-            format!("path={},queue_size=64", b.display()),
+            format!("path={},queue_size=64,pci_segment=1", b.display()),
         ],
         &keys,
+        "off",
+        &[
+            "--platform",
+            "num_pci_segments=2",
+            // Segment 1 gets 31/32 of the 64-bit window from 6 GiB: inside the 8 GiB the test
+            // guest maps when the CPU has no 1 GiB pages (with equal weights it would start at
+            // 36 GiB).
+            "--pci-segment",
+            "pci_segment=1,mmio64_aperture_weight=31",
+            "--pci-segment",
+            "pci_segment=0,mmio32_aperture_weight=3",
+            "-v",
+        ],
     );
     run.assert_success();
+    run.report().assert_passed(STAGE2_PCI_CHECKS);
     let mut disk0: Vec<&str> = VIRTIO_BLK_CHECKS.to_vec();
     disk0.push("mq");
     assert_checks(&run, &names("blk", 0, &disk0));
@@ -149,6 +173,40 @@ fn multiqueue_and_two_disks() {
         verify_disk_pattern(image, DISK_SIZE, Some(GUEST_SECTOR))
             .unwrap_or_else(|e| panic!("{e}\n{}", run.describe()));
     }
+    // Where things are: the MCFG entries, the disk's address, and its BAR inside segment 1's
+    // share of the 64-bit window (31/32 of it, from 6 GiB).
+    let segments =
+        arch::x86_64::layout::pci_segments(256 << 20, &[(3, 1), (1, 31)]).expect("segments");
+    let (start, size) = segments[1].mmio64;
+    let infos: Vec<&str> = run.stdout.lines().collect();
+    let has = |want: &str| infos.iter().any(|l| l.trim_end().starts_with(want));
+    assert!(
+        has("INFO mcfg base=0xe0000000 segment=0 bus=0-255")
+            && has("INFO mcfg base=0xf0000000 segment=1 bus=0-0")
+            && has("INFO pci 0001:00:00.0 ")
+            && has("INFO pci 0001:00:01.0 1af4:1042"),
+        "{}",
+        run.describe()
+    );
+    let bar = infos
+        .iter()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("INFO pci.bar 0001:00:01.0 bar0 mem64 addr=")
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
+        .unwrap_or_else(|| panic!("no BAR line for 0001:00:01.0\n{}", run.describe()));
+    assert!(
+        bar >= start && bar < start + size && start == segments[0].mmio64.0 + (2 << 30),
+        "BAR {bar:#x} outside segment 1's window {start:#x}+{size:#x}"
+    );
+    assert!(
+        run.stderr.contains("_disk1: virtio-Disk at 0001:00:01.0")
+            && run.stderr.contains("_disk0: virtio-Disk at 0000:00:01.0"),
+        "{}",
+        run.describe()
+    );
 }
 
 #[test]
