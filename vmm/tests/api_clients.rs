@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use e2e::api::{
     self, connect, read_answer, request_bytes, send_with_fds, write_part, Answer, ApiVmm,
 };
-use e2e::{require_kvm, spawn_vm, RunningVm, ScratchDir};
+use e2e::{require_kvm, spawn_vm, RunningVm, ScratchDir, Virtiofsd};
 
 const NIMBUS: &str = env!("CARGO_BIN_EXE_nimbus");
 const BOOT: Duration = Duration::from_secs(30);
@@ -81,9 +81,11 @@ fn ticks_seen(vm: &RunningVm) -> usize {
 }
 
 /// Kata Containers' Go runtime: it polls `vmm.ping` on a new connection every 10 ms, creates
-/// the VM, checks `Created`, sends every `vm.add-net` (request and TAP descriptor in one
-/// `sendmsg`) on one raw connection, boots, checks `Running`, pauses and resumes, and stops
-/// with `vmm.shutdown`, then waits for the process to exit.
+/// the VM (two PCI segments, virtio-fs on segment 1, served by virtiofsd), checks `Created`,
+/// sends every `vm.add-net` (request and TAP descriptor in one `sendmsg`) on one raw
+/// connection (the second NIC asks for segment 1), boots, checks `Running` and where the
+/// devices are (`SSSS:00:DD.0`), pauses and resumes, and stops with `vmm.shutdown`, then waits
+/// for the process to exit.
 #[test]
 fn kata_go_runtime() {
     if !require_kvm("kata_go_runtime") {
@@ -92,6 +94,10 @@ fn kata_go_runtime() {
     let v = ApiVmm::new("kata-go");
     let disk = scratch_disk(&v.dir, "scratch.img", 8);
     let image = scratch_disk(&v.dir, "image.img", 1);
+    let shared = v.dir.file("share");
+    std::fs::create_dir_all(&shared).expect("share dir");
+    let fs_socket = v.dir.file("fs.sock");
+    let virtiofsd = Virtiofsd::start(&shared, &fs_socket, &v.dir.file("virtiofsd.log"), &[]);
     let vm = spawn_vm(v.command(NIMBUS, &["-v"]));
     // Readiness: a ping every 10 ms on a new connection.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -113,7 +119,7 @@ fn kata_go_runtime() {
         assert!(Instant::now() < deadline, "no ping answer");
         std::thread::sleep(Duration::from_millis(10));
     }
-    // Kata Go's body, less the devices Nimbus does not have yet (vsock, segment-1 virtio-fs).
+    // Kata Go's body (clh.go), less the vsock Nimbus does not have yet.
     let body = serde_json::json!({
         "cpus": {"boot_vcpus": 1, "max_vcpus": 1, "kvm_hyperv": false, "nested": true,
                  "topology": {"threads_per_core": 1, "cores_per_die": 1,
@@ -127,6 +133,9 @@ fn kata_go_runtime() {
         "rng": {"src": "/dev/urandom"},
         "serial": {"mode": "Tty"},
         "console": {"mode": "Off"},
+        "fs": [{"tag": "kataShared", "socket": fs_socket, "num_queues": 1, "queue_size": 1024,
+                "pci_segment": 1}],
+        "platform": {"num_pci_segments": 2},
         "iommu": false, "watchdog": false, "pvpanic": false, "landlock_enable": false
     })
     .to_string();
@@ -156,7 +165,9 @@ fn kata_go_runtime() {
     let taps = [tap(&tap_name("kga")), tap(&tap_name("kgb"))];
     let mut raw = connect(&v.socket, Duration::from_secs(5)).expect("connect");
     for (i, t) in taps.iter().enumerate() {
-        let net = format!(r#"{{"mac":"52:54:00:00:0{i}:01","num_queues":2,"queue_size":256}}"#);
+        let net = format!(
+            r#"{{"mac":"52:54:00:00:0{i}:01","num_queues":2,"queue_size":256,"pci_segment":{i}}}"#
+        );
         send_with_fds(
             &raw,
             &kata_request("PUT", "vm.add-net", Some(&net)),
@@ -175,17 +186,31 @@ fn kata_go_runtime() {
         .cloned()
         .unwrap_or_default();
     assert_eq!(nets.len(), 2, "{info}");
-    for n in &nets {
+    assert_eq!(info["config"]["platform"]["num_pci_segments"], 2, "{info}");
+    let bdf = |id: &str| {
+        info["device_tree"][format!("_virtio-pci-{id}")]["pci_bdf"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut segment1 = Vec::new();
+    for (i, n) in nets.iter().enumerate() {
         let id = n["id"].as_str().unwrap_or_default();
         assert!(id.starts_with("_net"), "{n}");
-        let node = &info["device_tree"][format!("_virtio-pci-{id}")];
-        assert!(
-            node["pci_bdf"]
-                .as_str()
-                .is_some_and(|b| b.starts_with("0000:00:")),
-            "{info}"
-        );
+        assert_eq!(n["pci_segment"], i, "{n}");
+        let want = if i == 0 { "0000:00:" } else { "0001:00:" };
+        assert!(bdf(id).starts_with(want), "{id} at {:?}: {info}", bdf(id));
+        if i == 1 {
+            segment1.push(bdf(id));
+        }
     }
+    let fs = &info["config"]["fs"][0];
+    let fs_id = fs["id"].as_str().unwrap_or_default();
+    assert!(fs_id.starts_with("_fs") && fs["pci_segment"] == 1, "{info}");
+    segment1.push(bdf(fs_id));
+    // The NIC and the share share segment 1's bus: slots 1 and 2 behind its host bridge.
+    segment1.sort();
+    assert_eq!(segment1, ["0001:00:01.0", "0001:00:02.0"], "{info}");
     assert!(
         info["memory_actual_size"].as_u64() == Some(128 << 20),
         "{info}"
@@ -211,6 +236,9 @@ fn kata_go_runtime() {
     let run = vm.finish(Duration::from_secs(3));
     run.assert_success();
     assert!(!v.socket.exists(), "the API socket is left behind");
+    virtiofsd
+        .finish(Duration::from_secs(10))
+        .assert_clean_exit();
 }
 
 /// Kata Containers' Rust runtime: Cloud Hypervisor's `api_client` on one persistent
