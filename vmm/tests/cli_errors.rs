@@ -108,6 +108,43 @@ fn malformed_options() {
 }
 
 #[test]
+fn bad_pci_segments() {
+    for (args, fragments) in [
+        (
+            &["--platform", "num_pci_segments=17"][..],
+            &["num_pci_segments 17", "1..=16"][..],
+        ),
+        (&["--platform", "num_pci_segments=x"], &["--platform"]),
+        (&["--platform", "colour=red"], &["--platform", "colour"]),
+        (
+            &["--disk", "path=/img,pci_segment=1"],
+            &["pci_segment 1 does not exist", "num_pci_segments 1"],
+        ),
+        (
+            &[
+                "--platform",
+                "num_pci_segments=2",
+                "--pci-segment",
+                "pci_segment=2",
+            ],
+            &["segment 2 does not exist"],
+        ),
+        (
+            &["--pci-segment", "pci_segment=0,mmio32_aperture_weight=0"],
+            &["aperture weight of 0"],
+        ),
+        (
+            &["--pci-segment", "mmio32_aperture_weight=2"],
+            &["--pci-segment"],
+        ),
+    ] {
+        let mut argv = vec!["--kernel", "/k"];
+        argv.extend_from_slice(args);
+        assert_one_error_line(&nimbus(&argv), fragments);
+    }
+}
+
+#[test]
 fn nonexistent_kernel() {
     if !kvm_or_skip("nonexistent_kernel") {
         return;
