@@ -540,20 +540,28 @@ impl virtio_devices::VirtioDevice for Dummy {
 pub const ECAM_START: u64 = 0xe000_0000;
 /// Its size.
 pub const ECAM_SIZE: u64 = 0x1000_0000;
+/// Where it puts PCI segment 1's ECAM area (one bus), as the VMM does.
+pub const ECAM1_START: u64 = 0xf000_0000;
+/// Its size.
+pub const ECAM1_SIZE: u64 = 0x10_0000;
 /// Initial BAR 0 of the device in slot `n` (1, 2): `BAR_BASE + (n - 1) * BAR0_SIZE`.
 pub const BAR_BASE: u64 = 0xc000_0000;
 
-/// Bus 0 as the VMM builds it: the host bridge, two virtio-pci devices ([`Dummy`]) in slots 1
-/// and 2 with their BAR 0 placed (not decoding until the driver sets COMMAND.MEMORY), ECAM on
-/// the MMIO bus, and the 0xcf8 ports; guest memory of [`QUEUE_MEM_SIZE`].
+/// Two PCI segments as the VMM builds them (`--platform num_pci_segments=2`): segment 0's bus
+/// with the host bridge and a virtio-pci device ([`Dummy`]) in slot 1, behind ECAM and the 0xcf8
+/// ports, and segment 1's bus with its host bridge and a device in slot 2, behind its own ECAM
+/// area only; both BAR 0s placed (not decoding until the driver sets COMMAND.MEMORY); guest
+/// memory of [`QUEUE_MEM_SIZE`].
 pub struct PciSetup {
     /// The MMIO bus (ECAM and the BARs).
     pub mmio: Arc<devices::Bus>,
-    /// The PCI bus.
+    /// Segment 0's bus.
     pub pci: Arc<Mutex<pci::PciBus>>,
+    /// Segment 1's bus.
+    pub pci1: Arc<Mutex<pci::PciBus>>,
     /// 0xcf8..0xd00.
     pub cf8: pci::PciConfigIo,
-    /// The devices in slots 1 and 2.
+    /// The devices in slot 1 (segment 0) and slot 2 (segment 1).
     pub devices: Vec<Arc<Mutex<virtio_devices::transport::VirtioPciDevice>>>,
     /// Their MSI-X deliveries.
     pub vectors: Vec<Arc<Vectors>>,
@@ -588,18 +596,25 @@ impl PciSetup {
         );
         let mmio = Arc::new(devices::Bus::new());
         let mapper = Arc::new(pci::MmioBarMapper::new(&mmio));
-        let pci = Arc::new(Mutex::new(pci::PciBus::new(mapper)));
-        mmio.insert(
-            Arc::new(Mutex::new(pci::PciEcam::new(pci.clone()))),
-            ECAM_START,
-            ECAM_SIZE,
-        )
-        .expect("ECAM");
+        let pci = Arc::new(Mutex::new(pci::PciBus::new(mapper.clone())));
+        let pci1 = Arc::new(Mutex::new(pci::PciBus::new(mapper)));
+        for (bus, start, size) in [
+            (&pci, ECAM_START, ECAM_SIZE),
+            (&pci1, ECAM1_START, ECAM1_SIZE),
+        ] {
+            mmio.insert(
+                Arc::new(Mutex::new(pci::PciEcam::new(bus.clone()))),
+                start,
+                size,
+            )
+            .expect("ECAM");
+        }
         let cf8 = pci::PciConfigIo::new(pci.clone());
         let ioevents = Arc::new(IoEvents::default());
         let mut setup = PciSetup {
             mmio,
             pci,
+            pci1,
             cf8,
             devices: Vec::new(),
             vectors: Vec::new(),
@@ -623,9 +638,8 @@ impl PciSetup {
             }
             let dev = Arc::new(Mutex::new(dev));
             let shared: pci::SharedPciDevice = dev.clone();
-            let got = lock(&setup.pci)
-                .add_device(shared, Some(slot))
-                .expect("slot");
+            let bus = if slot == 1 { &setup.pci } else { &setup.pci1 };
+            let got = lock(bus).add_device(shared, Some(slot)).expect("slot");
             assert_eq!(got, slot);
             setup.devices.push(dev);
             setup.vectors.push(vectors);
@@ -634,19 +648,21 @@ impl PciSetup {
         setup
     }
 
-    /// Checks that ECAM is still on the MMIO bus and each device's decoded BAR 0 reaches that
-    /// device, unless it overlaps the other device's decoded BAR or ECAM (then the guest's
-    /// placement was refused).
+    /// Checks that both ECAM areas are still on the MMIO bus and each device's decoded BAR 0
+    /// reaches that device, unless it overlaps the other device's decoded BAR or an ECAM area
+    /// (then the guest's placement was refused).
     ///
     /// # Panics
     ///
     /// When it does not.
     pub fn check_bars(&self) {
         use pci::PciDevice;
-        assert!(
-            self.mmio.read(ECAM_START, &mut [0u8; 4]),
-            "ECAM is no longer on the MMIO bus"
-        );
+        for start in [ECAM_START, ECAM1_START] {
+            assert!(
+                self.mmio.read(start, &mut [0u8; 4]),
+                "ECAM at {start:#x} is no longer on the MMIO bus"
+            );
+        }
         let bars: Vec<Option<(u64, u64)>> = self
             .devices
             .iter()
@@ -665,6 +681,7 @@ impl PciSetup {
                 continue;
             };
             let contested = overlaps(bar, (ECAM_START, ECAM_SIZE))
+                || overlaps(bar, (ECAM1_START, ECAM1_SIZE))
                 || bar.0.checked_add(bar.1).is_none()
                 || bars
                     .iter()

@@ -1,6 +1,6 @@
 //! The firmware memory map (E820 types), shared by the PVH start info and the Linux zero page.
 
-use super::layout::{pci_ecam, ram_regions, EBDA_START, HIGH_RAM_START};
+use super::layout::{pci_ecam, ram_regions, EBDA_START, HIGH_RAM_START, MAX_PCI_SEGMENTS};
 
 /// Kind of a memory map entry, with E820 numbering.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,8 +25,8 @@ pub struct MemoryMapEntry {
 
 /// The memory map of a guest with `ram_size` bytes of RAM, sorted by address: RAM below the EBDA,
 /// the reserved legacy hole (which holds the ACPI tables), RAM from 1 MiB, RAM above 4 GiB, and the
-/// reserved ECAM area of each of the `pci_segments` segments (Linux only trusts an MCFG entry
-/// when its area is reserved).
+/// reserved ECAM area of each of the `pci_segments` segments, 1 to [`MAX_PCI_SEGMENTS`] (Linux
+/// only trusts an MCFG entry when its area is reserved).
 pub fn memory_map(ram_size: u64, pci_segments: u16) -> Vec<MemoryMapEntry> {
     let mut map = Vec::with_capacity(5 + usize::from(pci_segments));
     for (start, size) in ram_regions(ram_size) {
@@ -57,7 +57,7 @@ pub fn memory_map(ram_size: u64, pci_segments: u16) -> Vec<MemoryMapEntry> {
             });
         }
     }
-    for segment in 0..pci_segments.max(1) {
+    for segment in 0..pci_segments.clamp(1, MAX_PCI_SEGMENTS) {
         let ((addr, size), _) = pci_ecam(segment);
         map.push(MemoryMapEntry {
             addr,
