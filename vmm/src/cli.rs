@@ -304,14 +304,7 @@ impl Cli {
         if let Some(s) = &self.memory {
             config.memory = vm_config::parse_option::<MemoryConfig>("memory", s)?;
         }
-        if !self.disk.is_empty() {
-            let disks = self
-                .disk
-                .iter()
-                .map(|s| vm_config::parse_option::<DiskConfig>("disk", s))
-                .collect::<Result<Vec<_>, _>>()?;
-            config.disks = Some(disks);
-        }
+        config.disks = parse_each::<DiskConfig>("disk", &self.disk)?;
         if !self.net.is_empty() {
             let nets = self
                 .net
@@ -320,14 +313,7 @@ impl Cli {
                 .collect::<Result<Vec<_>, _>>()?;
             config.net = Some(nets);
         }
-        if !self.fs.is_empty() {
-            let shares = self
-                .fs
-                .iter()
-                .map(|s| vm_config::parse_option::<FsConfig>("fs", s))
-                .collect::<Result<Vec<_>, _>>()?;
-            config.fs = Some(shares);
-        }
+        config.fs = parse_each::<FsConfig>("fs", &self.fs)?;
         if let Some(s) = &self.rng {
             config.rng = vm_config::parse_option::<RngConfig>("rng", s)?;
         }
@@ -343,23 +329,10 @@ impl Cli {
         if let Some(s) = &self.platform {
             config.platform = Some(vm_config::parse_option::<PlatformConfig>("platform", s)?);
         }
-        if !self.pci_segment.is_empty() {
-            let segments = self
-                .pci_segment
-                .iter()
-                .map(|s| vm_config::parse_option::<PciSegmentConfig>("pci-segment", s))
-                .collect::<Result<Vec<_>, _>>()?;
-            config.pci_segments = Some(segments);
-        }
+        config.pci_segments = parse_each::<PciSegmentConfig>("pci-segment", &self.pci_segment)?;
         config.landlock_enable = self.landlock;
-        if !self.landlock_rules.is_empty() {
-            let rules = self
-                .landlock_rules
-                .iter()
-                .map(|s| vm_config::parse_option::<LandlockConfig>("landlock-rules", s))
-                .collect::<Result<Vec<_>, _>>()?;
-            config.landlock_rules = Some(rules);
-        }
+        config.landlock_rules =
+            parse_each::<LandlockConfig>("landlock-rules", &self.landlock_rules)?;
         if self.kernel.is_some() || self.initramfs.is_some() || self.cmdline.is_some() {
             config.payload = Some(PayloadConfig {
                 kernel: self.kernel.clone(),
@@ -370,6 +343,21 @@ impl Cli {
         }
         Ok(config)
     }
+}
+
+/// Each value of a repeatable option, parsed; `None` when the option was not given.
+fn parse_each<T: serde::de::DeserializeOwned>(
+    option: &'static str,
+    values: &[String],
+) -> Result<Option<Vec<T>>, ConfigError> {
+    if values.is_empty() {
+        return Ok(None);
+    }
+    values
+        .iter()
+        .map(|s| vm_config::parse_option::<T>(option, s))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 /// The version line, in the form management stacks written for Cloud Hypervisor parse
