@@ -15,6 +15,7 @@ mod net;
 mod pending;
 pub mod requests;
 mod size;
+mod vsock;
 
 use std::path::PathBuf;
 
@@ -27,9 +28,10 @@ pub use memory::{HotplugMethod, MemoryConfig, MIN_MEMORY};
 pub use net::{NetConfig, VhostMode};
 pub use pending::{
     BalloonConfig, DeviceConfig, GenericVhostUserConfig, LandlockConfig, ObjectList, PmemConfig,
-    TpmConfig, UserDeviceConfig, VdpaConfig, VsockConfig,
+    TpmConfig, UserDeviceConfig, VdpaConfig,
 };
 pub use size::parse_size;
+pub use vsock::VsockConfig;
 
 /// Errors in a configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -318,7 +320,7 @@ pub struct VmConfig {
     /// vDPA devices (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vdpa: Option<Vec<VdpaConfig>>,
-    /// The vsock device (not supported yet).
+    /// The vsock device (hybrid Unix-socket backend).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
     /// A pvpanic device (not supported yet).
@@ -430,6 +432,11 @@ impl VmConfig {
                 f.id = Some(next("_fs"));
             }
         }
+        if let Some(v) = &mut self.vsock {
+            if v.id.is_none() {
+                v.id = Some(next("_vsock"));
+            }
+        }
     }
 
     /// The ids given to devices.
@@ -437,7 +444,8 @@ impl VmConfig {
         let disks = self.disks.iter().flatten().filter_map(|d| d.id.clone());
         let nets = self.net.iter().flatten().filter_map(|n| n.id.clone());
         let fs = self.fs.iter().flatten().filter_map(|f| f.id.clone());
-        disks.chain(nets).chain(fs)
+        let vsock = self.vsock.iter().filter_map(|v| v.id.clone());
+        disks.chain(nets).chain(fs).chain(vsock)
     }
 
     /// Checks what can be checked without touching the host.
@@ -489,6 +497,9 @@ impl VmConfig {
                 return Err(ConfigError::Memory(NEEDS_SHARED.into()));
             }
         }
+        if let Some(v) = &self.vsock {
+            v.validate()?;
+        }
         self.validate_ids_and_paths()?;
         if self.rng.iommu {
             return Err(ConfigError::Device("rng: iommu is not supported".into()));
@@ -506,7 +517,6 @@ impl VmConfig {
             ("devices (VFIO)", asks(&self.devices)),
             ("user_devices", asks(&self.user_devices)),
             ("vdpa", asks(&self.vdpa)),
-            ("vsock", self.vsock.is_some()),
             ("numa", asks(&self.numa)),
             ("pci_segments", asks(&self.pci_segments)),
             ("tpm", self.tpm.is_some()),
@@ -570,7 +580,13 @@ impl VmConfig {
             .flatten()
             .map(|n| n.vhost_socket.clone().map(PathBuf::from));
         let fs_sockets = self.fs.iter().flatten().map(|f| Some(f.socket.clone()));
-        for path in disk_paths.chain(net_sockets).chain(fs_sockets).flatten() {
+        let vsock_socket = self.vsock.iter().map(|v| Some(v.socket.clone()));
+        for path in disk_paths
+            .chain(net_sockets)
+            .chain(fs_sockets)
+            .chain(vsock_socket)
+            .flatten()
+        {
             if !paths.insert(path.clone()) {
                 return Err(ConfigError::DuplicatePath(path.display().to_string()));
             }
@@ -822,7 +838,10 @@ mod tests {
     #[test]
     fn settings_nimbus_cannot_honour_are_refused_by_name() {
         for (patch, name) in [
-            (r#"{"vsock": {"cid": 3, "socket": "/s"}}"#, "vsock"),
+            (
+                r#"{"vsock": {"cid": 3, "socket": "/s", "pci_segment": 1}}"#,
+                "segment",
+            ),
             (r#"{"balloon": {"size": 0}}"#, "balloon"),
             (
                 r#"{"devices": [{"path": "/sys/bus/pci/devices/0000:00:01.0/"}]}"#,
