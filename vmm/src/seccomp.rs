@@ -242,6 +242,7 @@ pub fn rules() -> Vec<(ThreadClass, Vec<Rule>)> {
             libc::SYS_connect,
             libc::SYS_accept4,
             libc::SYS_recvfrom,
+            libc::SYS_sendto,
             libc::SYS_shutdown,
         ],
     ]);

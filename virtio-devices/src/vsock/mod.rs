@@ -10,6 +10,7 @@
 mod host;
 pub mod muxer;
 pub mod packet;
+mod ring;
 #[cfg(test)]
 mod tests;
 

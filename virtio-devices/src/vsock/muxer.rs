@@ -37,6 +37,7 @@ use super::host::{connect_nonblocking, peek};
 use super::packet::{
     op, parse_connect_line, Header, HEADER_LEN, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
+use super::ring::Ring;
 use super::{VsockError, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
 use crate::worker::QueueHandler;
 use crate::{ActiveQueue, GuestMemoryAtomic};
@@ -102,8 +103,9 @@ struct Conn {
     key: Option<Key>,
     /// Bytes of a `CONNECT` line read so far.
     line: Vec<u8>,
-    /// Guest bytes the host socket has not taken yet (at most `buf_alloc`).
-    out: VecDeque<u8>,
+    /// Guest bytes the host socket has not taken yet (at most `buf_alloc`); made the first
+    /// time the host socket is slow.
+    out: Option<Ring>,
     /// Guest bytes written to the host socket, ever (wrapping).
     fwd_cnt: u32,
     /// `fwd_cnt` as last told to the guest.
@@ -137,7 +139,7 @@ impl Conn {
             state,
             key: None,
             line: Vec::new(),
-            out: VecDeque::new(),
+            out: None,
             fwd_cnt: 0,
             reported_fwd: 0,
             tx_cnt: 0,
@@ -160,6 +162,10 @@ impl Conn {
         self.peer_buf_alloc.saturating_sub(in_flight)
     }
 
+    fn out_len(&self) -> usize {
+        self.out.as_ref().map_or(0, Ring::len)
+    }
+
     fn can_read(&self) -> bool {
         self.state == State::Established
             && !self.host_eof
@@ -177,7 +183,7 @@ impl Conn {
                 if self.can_read() && !self.queued {
                     e |= EventSet::IN.bits();
                 }
-                if !self.out.is_empty() {
+                if self.out_len() > 0 {
                     e |= EventSet::OUT.bits();
                 }
                 e
@@ -281,13 +287,15 @@ impl Muxer {
             work,
             timer,
             timer_armed: false,
-            conns: HashMap::new(),
-            by_key: HashMap::new(),
+            // Sized for the limits up front, on the creating thread: the vsock thread's own
+            // heap then stays small (see `ring`).
+            conns: HashMap::with_capacity(limits.max_connections + 1),
+            by_key: HashMap::with_capacity(limits.max_connections + 1),
             next_token: FIRST_CONN,
             next_host_port: FIRST_HOST_PORT,
-            control: VecDeque::new(),
+            control: VecDeque::with_capacity(4 * limits.max_connections + limits.max_stray_resets),
             stray_resets: 0,
-            ready: VecDeque::new(),
+            ready: VecDeque::with_capacity(limits.max_connections + 1),
             held: None,
             tx_more: false,
             scratch: vec![0u8; MAX_PAYLOAD as usize],
@@ -471,7 +479,7 @@ impl Muxer {
                     // The peer closed both ways: what it wrote is still readable, what the
                     // guest sends cannot arrive. Read the rest without epoll (it would report
                     // the hang-up again and again).
-                    if !conn.out.is_empty() {
+                    if conn.out_len() > 0 {
                         self.reset(token);
                         return;
                     }
@@ -597,12 +605,11 @@ impl Muxer {
         let Some(conn) = self.conns.get_mut(&token) else {
             return;
         };
-        while !conn.out.is_empty() {
-            let (front, _) = conn.out.as_slices();
-            match conn.stream.write(front) {
+        while let Some(out) = conn.out.as_mut().filter(|o| !o.is_empty()) {
+            match conn.stream.write(out.front()) {
                 Ok(0) => break,
                 Ok(n) => {
-                    conn.out.drain(..n);
+                    out.consume(n);
                     conn.fwd_cnt = conn.fwd_cnt.wrapping_add(n as u32);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -633,7 +640,7 @@ impl Muxer {
         let Some(conn) = self.conns.get_mut(&token) else {
             return;
         };
-        if !conn.out.is_empty() {
+        if conn.out_len() > 0 {
             self.refresh(token);
             return;
         }
@@ -735,7 +742,7 @@ impl Muxer {
                 if conn.state != State::Established || conn.guest_send_done {
                     return self.reset(token);
                 }
-                if conn.out.len() + len > self.limits.buf_alloc as usize {
+                if conn.out_len() + len > self.limits.buf_alloc as usize {
                     nimbus_log::warn_limited!(
                         "vsock: guest port {} sent past its credit; connection reset",
                         hdr.src_port
@@ -748,7 +755,7 @@ impl Muxer {
                 }
                 self.stats.tx_bytes += len as u64;
                 let mut written = 0;
-                if conn.out.is_empty() {
+                if conn.out_len() == 0 {
                     loop {
                         match conn.stream.write(&buf[written..]) {
                             Ok(n) => {
@@ -764,7 +771,23 @@ impl Muxer {
                     }
                     conn.fwd_cnt = conn.fwd_cnt.wrapping_add(written as u32);
                 }
-                conn.out.extend(&buf[written..]);
+                if written < len {
+                    if conn.out.is_none() {
+                        match Ring::new(self.limits.buf_alloc as usize) {
+                            Ok(r) => conn.out = Some(r),
+                            Err(e) => {
+                                nimbus_log::warn_limited!(
+                                    "vsock: no buffer for a slow host socket: {e}"
+                                );
+                                return self.reset(token);
+                            }
+                        }
+                    }
+                    // The credit check above makes room.
+                    if !conn.out.as_mut().is_some_and(|o| o.push(&buf[written..])) {
+                        return self.reset(token);
+                    }
+                }
                 self.after_forward(token);
             }
             op::CREDIT_UPDATE => {}
