@@ -175,7 +175,12 @@ struct Plan {
     accept: usize,
     connect: Option<u32>,
     connections: usize,
-    bytes: u64,
+    /// Bytes each stream sends (`vsock.up`, default `vsock.bytes`).
+    up: u64,
+    /// Bytes each stream receives (`vsock.down`, default `vsock.bytes`).
+    down: u64,
+    /// Accepted streams send back what they receive (`vsock.echo=1`) until the host closes.
+    echo: bool,
     wait_us: u64,
     /// Leave the streams open and reset the machine (first boot only).
     reboot_now: bool,
@@ -347,6 +352,30 @@ impl Driver {
                 }
             }
             OP_SHUTDOWN => conn.host_shut |= h.flags & SHUTDOWN_SEND != 0,
+            OP_RW if plan.echo && conn.accepted => {
+                if len != h.len as usize || len > MAX_PAYLOAD || conn.credit() < len as u64 {
+                    self.bad += 1;
+                    return;
+                }
+                conn.received += len as u64;
+                let (local, peer, fwd) = (conn.local, conn.peer, conn.fwd_cnt());
+                let reply = Header {
+                    src_port: local,
+                    dst_port: peer,
+                    op: OP_RW,
+                    len: len as u32,
+                    fwd_cnt: fwd,
+                    ..Header::default()
+                };
+                if self.send(reply, |out| {
+                    for i in 0..len {
+                        out.write8(HEADER + i, p.read8(HEADER + i));
+                    }
+                }) {
+                    self.conns[c].sent += len as u64;
+                    self.conns[c].reported_fwd = fwd;
+                }
+            }
             OP_RW => {
                 if len != h.len as usize || len > MAX_PAYLOAD {
                     self.bad += 1;
@@ -377,7 +406,14 @@ impl Driver {
             if conn.state != State::Established {
                 continue;
             }
-            if conn.sent < plan.bytes {
+            if plan.echo && conn.accepted {
+                if conn.host_shut {
+                    self.conns[c].state = State::Closing;
+                    self.control(c, OP_SHUTDOWN, SHUTDOWN_BOTH);
+                }
+                continue;
+            }
+            if conn.sent < plan.up {
                 let credit = conn.credit();
                 if credit == 0 {
                     if !conn.stalled {
@@ -387,7 +423,7 @@ impl Driver {
                     continue;
                 }
                 self.conns[c].stalled = false;
-                let n = (plan.bytes - conn.sent).min(credit).min(MAX_PAYLOAD as u64);
+                let n = (plan.up - conn.sent).min(credit).min(MAX_PAYLOAD as u64);
                 let h = Header {
                     src_port: conn.local,
                     dst_port: conn.peer,
@@ -405,7 +441,7 @@ impl Driver {
                     self.conns[c].sent += n;
                     self.conns[c].reported_fwd = conn.fwd_cnt();
                 }
-            } else if conn.received >= plan.bytes && !plan.reboot_now {
+            } else if conn.received >= plan.down && !plan.reboot_now {
                 self.conns[c].state = State::Closing;
                 self.control(c, OP_SHUTDOWN, SHUTDOWN_BOTH);
             }
@@ -457,7 +493,9 @@ pub fn run(mut t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
             .and_then(expect::parse_u64)
             .map(|p| p as u32),
         connections: number(keys, n, "connections", 0) as usize,
-        bytes: number(keys, n, "bytes", 65536),
+        up: number(keys, n, "up", number(keys, n, "bytes", 65536)),
+        down: number(keys, n, "down", number(keys, n, "bytes", 65536)),
+        echo: keys.get("vsock", n, "echo") == Some("1"),
         wait_us: number(keys, n, "wait", 60).saturating_mul(1_000_000),
         reboot_now: reboot && boot == 0,
     };
@@ -530,7 +568,7 @@ pub fn run(mut t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
         plan.accept,
         plan.connect.unwrap_or(0),
         plan.connections,
-        plan.bytes
+        plan.up
     );
     if let Some(port) = plan.connect {
         for k in 0..plan.connections {
@@ -555,7 +593,7 @@ pub fn run(mut t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
             streams.clone().count() == wanted
                 && streams
                     .clone()
-                    .all(|c| c.sent >= plan.bytes && c.received >= plan.bytes)
+                    .all(|c| c.sent >= plan.up && c.received >= plan.down)
         } else {
             streams.clone().count() == wanted
                 && streams.clone().all(|c| matches!(c.state, State::Closed { .. }))
@@ -572,7 +610,12 @@ pub fn run(mut t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
     for c in streams.clone() {
         moved += c.sent + c.received;
         stalls += c.credit_stalls;
-        if c.sent < plan.bytes || c.received != plan.bytes || c.mismatches != 0 {
+        let complete = if plan.echo && c.accepted {
+            c.sent == c.received
+        } else {
+            c.sent >= plan.up && c.received == plan.down
+        };
+        if !complete || c.mismatches != 0 {
             let _ = write!(
                 problems,
                 " port {}->{}: sent {} received {} mismatches {} first_bad {:?};",
@@ -599,9 +642,10 @@ pub fn run(mut t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
         "data",
         problems.is_empty() && d.bad == 0,
         format_args!(
-            "{} stream(s), {} bytes each way, {moved} bytes in {us} us ({} MB/s), {stalls} credit stall(s), {} bad packet(s){problems}",
+            "{} stream(s), {} bytes up and {} down each, {moved} bytes in {us} us ({} MB/s), {stalls} credit stall(s), {} bad packet(s){problems}",
             streams.clone().count(),
-            plan.bytes,
+            plan.up,
+            plan.down,
             moved / us,
             d.bad
         ),
