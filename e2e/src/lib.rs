@@ -83,5 +83,6 @@ pub use virtiofsd::{
 };
 pub use vm::{run_vm, spawn_vm, RunningVm, VmRun};
 pub use vsock::{
-    accept_n, expect_closed, vsock_connect, vsock_exchange, vsock_pattern, GUEST_SEED, HOST_SEED,
+    accept_n, expect_closed, read_line, vsock_connect, vsock_exchange, vsock_pattern, GUEST_SEED,
+    HOST_SEED,
 };

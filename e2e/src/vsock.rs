@@ -36,17 +36,26 @@ pub fn vsock_connect(
         .map_err(|e| e.to_string())?;
     s.write_all(format!("{keyword} {port}\n").as_bytes())
         .map_err(|e| e.to_string())?;
+    let line = read_line(&mut s).map_err(|e| format!("no answer line: {e}"))?;
+    s.set_read_timeout(None).map_err(|e| e.to_string())?;
+    Ok((s, line))
+}
+
+/// Reads one line, newline included, a byte at a time (nothing past it is consumed).
+///
+/// # Errors
+/// When the stream ends (`closed after ...`) or fails before the newline.
+pub fn read_line(s: &mut UnixStream) -> Result<String, String> {
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     while !line.ends_with(b"\n") {
         match s.read(&mut b) {
-            Ok(0) => return Err(format!("closed after {line:?}, no answer line")),
+            Ok(0) => return Err(format!("closed after {line:?}")),
             Ok(_) => line.push(b[0]),
-            Err(e) => return Err(format!("no answer line ({e}) after {line:?}")),
+            Err(e) => return Err(format!("{e} after {line:?}")),
         }
     }
-    s.set_read_timeout(None).map_err(|e| e.to_string())?;
-    Ok((s, String::from_utf8_lossy(&line).into_owned()))
+    Ok(String::from_utf8_lossy(&line).into_owned())
 }
 
 /// Accepts `n` connections on `listener` within `timeout`.

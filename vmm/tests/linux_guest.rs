@@ -380,7 +380,7 @@ fn kata_agent_client(
     deadline: Instant,
     stop: &AtomicBool,
 ) -> Result<(String, String), String> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let mut last = String::from("never tried");
     while Instant::now() < deadline && !stop.load(Ordering::SeqCst) {
         match e2e::vsock_connect(socket, "CONNECT", AGENT_PORT, Duration::from_secs(10)) {
@@ -389,15 +389,8 @@ fn kata_agent_client(
                     .map_err(|e| e.to_string())?;
                 s.set_read_timeout(Some(Duration::from_secs(60)))
                     .map_err(|e| e.to_string())?;
-                let mut answer = Vec::new();
-                let mut b = [0u8; 1];
-                while !answer.ends_with(b"\n") {
-                    match s.read(&mut b) {
-                        Ok(1) => answer.push(b[0]),
-                        other => return Err(format!("answer cut at {answer:?}: {other:?}")),
-                    }
-                }
-                return Ok((ok, String::from_utf8_lossy(&answer).trim_end().to_string()));
+                let answer = e2e::read_line(&mut s).map_err(|e| format!("answer: {e}"))?;
+                return Ok((ok, answer.trim_end().to_string()));
             }
             Ok((_, line)) => last = format!("answer {line:?}"),
             Err(e) => last = e,
@@ -411,21 +404,14 @@ fn kata_agent_client(
 
 /// The host listener at `<socket>_<port>`: one connection, one line, one answer.
 fn host_vsock_listener(listener: std::os::unix::net::UnixListener) -> Result<String, String> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let mut s = e2e::accept_n(&listener, 1, STEP_TIMEOUT)?.remove(0);
     s.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while !line.ends_with(b"\n") {
-        match s.read(&mut b) {
-            Ok(1) => line.push(b[0]),
-            other => return Err(format!("line cut at {line:?}: {other:?}")),
-        }
-    }
+    let line = e2e::read_line(&mut s).map_err(|e| format!("line: {e}"))?;
     s.write_all(format!("{HOST_VSOCK_REPLY}\n").as_bytes())
         .map_err(|e| e.to_string())?;
-    Ok(String::from_utf8_lossy(&line).trim_end().to_string())
+    Ok(line.trim_end().to_string())
 }
 
 fn devices_boot() -> &'static DevicesBoot {
