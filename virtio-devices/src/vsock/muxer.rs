@@ -78,6 +78,9 @@ pub const FIRST_HOST_PORT: u32 = 1 << 30;
 /// Chains served per pass before the worker looks at its other events.
 const BUDGET: usize = 256;
 
+/// Host clients accepted per round of events.
+const MAX_ACCEPTS_PER_ROUND: usize = 64;
+
 const LISTENER: u64 = 0;
 const WORK: u64 = 1;
 const TIMER: u64 = 2;
@@ -235,6 +238,8 @@ pub struct Muxer {
     held: Option<(u16, SgList)>,
     /// The tx queue has chains left after a pass.
     tx_more: bool,
+    /// The listener is out of the epoll set after an accept error, until the next tick.
+    listener_paused: bool,
     scratch: Vec<u8>,
     stats: MuxerStats,
 }
@@ -298,6 +303,7 @@ impl Muxer {
             ready: VecDeque::with_capacity(limits.max_connections + 1),
             held: None,
             tx_more: false,
+            listener_paused: false,
             scratch: vec![0u8; MAX_PAYLOAD as usize],
             stats: MuxerStats::default(),
         })
@@ -311,6 +317,11 @@ impl Muxer {
     /// Host connections in any state.
     pub fn connections(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Packets without data the device owes the guest (responses, resets, credit updates).
+    pub fn pending_packets(&self) -> usize {
+        self.control.len()
     }
 
     /// Handles every ready host-side event (accepts, `CONNECT` lines, readable and writable
@@ -344,18 +355,35 @@ impl Muxer {
     }
 
     fn accept(&mut self) {
-        loop {
+        // Level-triggered: clients past this wait for the next round, after the queues.
+        let mut accepted = 0;
+        while accepted < MAX_ACCEPTS_PER_ROUND {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // Out of descriptors, for instance: the client waits in the backlog.
+                    // Out of descriptors, for instance: the client waits in the backlog, and
+                    // the listener leaves the epoll set until the next tick (it would wake the
+                    // thread again and again).
                     nimbus_log::warn_limited!("vsock: cannot accept a host connection: {e}");
+                    if self
+                        .epoll
+                        .ctl(
+                            ControlOperation::Delete,
+                            self.listener.as_raw_fd(),
+                            EpollEvent::default(),
+                        )
+                        .is_ok()
+                    {
+                        self.listener_paused = true;
+                        self.arm_timer();
+                    }
                     return;
                 }
             };
-            if self.conns.len() >= self.limits.max_connections {
+            accepted += 1;
+            if self.conns.len() >= self.limits.max_connections || self.control_full() {
                 self.stats.refused_connections += 1;
                 nimbus_log::warn_limited!(
                     "vsock: host connection refused: {} connections open",
@@ -445,6 +473,15 @@ impl Muxer {
         for token in late {
             log::debug!("vsock: host connection timed out before it was established");
             self.reset(token);
+        }
+        if self.listener_paused {
+            let back = self.epoll.ctl(
+                ControlOperation::Add,
+                self.listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, LISTENER),
+            );
+            self.listener_paused = back.is_err();
+            waiting |= self.listener_paused;
         }
         if !waiting && self.timer.clear().is_ok() {
             self.timer_armed = false;
@@ -565,6 +602,13 @@ impl Muxer {
                 return port;
             }
         }
+    }
+
+    /// The control list is as long as the bounds allow: new connections are refused until
+    /// the guest takes some (a peer opening and dropping connections while the guest reads
+    /// nothing would otherwise grow it without end).
+    fn control_full(&self) -> bool {
+        self.control.len() >= 2 * self.limits.max_connections + self.limits.max_stray_resets
     }
 
     fn send_control(&mut self, key: Key, op: u16, flags: u32) {
@@ -809,7 +853,7 @@ impl Muxer {
     /// The guest connects to host port `hdr.dst_port`: connect to `<socket>_<port>`.
     fn guest_connect(&mut self, hdr: &Header) {
         let key = (hdr.dst_port, hdr.src_port);
-        if self.conns.len() >= self.limits.max_connections {
+        if self.conns.len() >= self.limits.max_connections || self.control_full() {
             nimbus_log::warn_limited!(
                 "vsock: guest connection to port {} refused: {} connections open",
                 hdr.dst_port,
@@ -922,6 +966,11 @@ impl Muxer {
                 break;
             };
             let len = if let Some(ctl) = self.control.pop_front() {
+                if ctl.op != op::RST && !self.by_key.contains_key(&ctl.key) {
+                    // For a connection gone meanwhile (its RST follows or went out).
+                    self.held = Some((head, buffers));
+                    continue;
+                }
                 self.write_control(ctl, &buffers, mem)
             } else {
                 match self.write_data(&buffers, mem) {

@@ -729,3 +729,40 @@ fn stray_resets_are_bounded_when_the_guest_reads_none() {
     assert_eq!(got.len(), 8);
     assert!(got.iter().all(|(h, _)| h.op == op::RST));
 }
+
+#[test]
+fn host_clients_churning_while_the_guest_reads_nothing_are_bounded() {
+    let limits = Limits {
+        max_connections: 8,
+        max_stray_resets: 4,
+        ..Limits::default()
+    };
+    let mut g = FakeGuest::with_rx_buffers(limits, 0);
+    for _ in 0..200 {
+        let mut c = UnixStream::connect(&g.socket).unwrap();
+        c.write_all(b"CONNECT 1024\n").unwrap();
+        g.pump();
+        drop(c);
+        g.pump();
+        assert!(
+            g.muxer.pending_packets() <= 2 * 8 + 4,
+            "{}",
+            g.muxer.pending_packets()
+        );
+    }
+    assert!(g.muxer.stats().refused_connections > 0);
+    // The guest reads again: what is left goes out, and new clients are served.
+    for _ in 0..RX_SIZE {
+        g.give_rx_buffer();
+    }
+    g.muxer.process(&mut g.queues[0], &g.mem).unwrap();
+    for _ in 0..10 {
+        let got = g.recv();
+        assert!(got.iter().all(|(h, _)| h.op == op::RST || h.op == op::REQUEST));
+        if got.is_empty() && g.muxer.pending_packets() == 0 {
+            break;
+        }
+    }
+    assert_eq!(g.muxer.pending_packets(), 0);
+    let (_gc, _client) = host_connect(&mut g, 1024, &[]);
+}
