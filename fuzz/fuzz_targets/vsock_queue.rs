@@ -11,8 +11,10 @@
 //!
 //! Checks: queue errors are the only failures; the device never holds more connections than
 //! its limit; every packet it put in the receive queue has a header from the host's CID (2) to
-//! the guest's, of the stream type, whose `len` is what follows it in the buffer; every
-//! descriptor opened is closed once the device is dropped.
+//! the guest's, of the stream type, whose `len` is what follows it in the buffer (checked where
+//! the header's descriptor is writable, clear of the rings, overlaps no other descriptor and is
+//! in no other chain: a guest that shares buffers gets them overwritten); every descriptor
+//! opened is closed once the device is dropped.
 #![no_main]
 
 use std::io::Write;
@@ -27,7 +29,7 @@ use virtio_devices::vsock::packet::{Header, HEADER_LEN, HOST_CID, TYPE_STREAM};
 use virtio_devices::vsock::{queue_handler, Limits};
 use virtio_devices::worker::QueueHandler;
 use virtio_devices::{ActiveQueue, GuestMemoryAtomic};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 const CID: u64 = 3;
@@ -86,6 +88,30 @@ fn check_rx(input: &QueueInput) {
     let Some(idx) = read(l.used + 2, 2).map(|b| u16::from_le_bytes([b[0], b[1]])) else {
         return;
     };
+    let rings_end = l.used + 6 + 8 * u64::from(l.size);
+    // (address, length, flags, next) of every descriptor.
+    let descs: Vec<(u64, u64, u16, u16)> = (0..l.size)
+        .map(|i| {
+            read(l.desc + 16 * u64::from(i), 16).map_or((0, 0, 0, 0), |d| {
+                (
+                    u64::from_le_bytes(d[0..8].try_into().expect("8 bytes")),
+                    u64::from(u32::from_le_bytes(d[8..12].try_into().expect("4 bytes"))),
+                    u16::from_le_bytes([d[12], d[13]]),
+                    u16::from_le_bytes([d[14], d[15]]),
+                )
+            })
+        })
+        .collect();
+    let alone = |id: usize| {
+        let (addr, len, _, _) = descs[id];
+        let end = addr.saturating_add(len);
+        addr >= rings_end
+            && descs.iter().enumerate().all(|(j, &(a, n, flags, next))| {
+                j == id
+                    || ((a.saturating_add(n) <= addr || a >= end)
+                        && !(flags & 1 != 0 && usize::from(next) == id))
+            })
+    };
     for i in 0..idx.min(l.size) {
         let Some(e) = read(l.used + 4 + 8 * u64::from(i), 8) else {
             continue;
@@ -96,14 +122,10 @@ fn check_rx(input: &QueueInput) {
             continue;
         }
         assert!(len >= HEADER_LEN, "a packet of {len} bytes");
-        let Some(d) = read(l.desc + 16 * u64::from(id % u32::from(l.size)), 16) else {
-            continue;
-        };
-        let addr = u64::from_le_bytes(d[0..8].try_into().expect("8 bytes"));
-        let dlen = u32::from_le_bytes(d[8..12].try_into().expect("4 bytes")) as usize;
-        let flags = u16::from_le_bytes([d[12], d[13]]);
-        // Only a header in one plain writable descriptor is checked here.
-        if flags & 4 != 0 || flags & 2 == 0 || dlen < HEADER_LEN {
+        let id = (id % u32::from(l.size)) as usize;
+        let (addr, dlen, flags, _) = descs[id];
+        // Only a header in one plain writable descriptor of its own is checked here.
+        if flags & 4 != 0 || flags & 2 == 0 || dlen < HEADER_LEN as u64 || !alone(id) {
             continue;
         }
         let Some(raw) = read(addr, HEADER_LEN) else {
