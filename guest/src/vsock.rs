@@ -196,6 +196,8 @@ struct Driver {
     tx_pages: [DmaPage; TX_PAGES],
     tx_free: u32,
     tx_page_of: [usize; 64],
+    /// Packets were added to the transmit queue and not notified yet.
+    tx_pending: bool,
     conns: [Conn; MAX_CONNS],
     /// Requests to ports nobody listens on, answered with RST.
     refused: u32,
@@ -231,6 +233,7 @@ impl Driver {
     fn send(&mut self, mut h: Header, fill: impl FnOnce(&DmaPage)) -> bool {
         let d = Deadline::after_us(2_000_000);
         while self.tx_free == 0 {
+            self.flush_tx();
             self.reap_tx();
             if d.passed() {
                 return false;
@@ -255,8 +258,17 @@ impl Driver {
             return false;
         };
         self.tx_page_of[usize::from(head)] = page;
-        self.tx.kick();
+        self.tx_pending = true;
         true
+    }
+
+    /// Notifies the transmit queue of the packets added since the last time, unless the device
+    /// is still working through it (each notification is a VM exit).
+    fn flush_tx(&mut self) {
+        if self.tx_pending {
+            self.tx_pending = false;
+            self.tx.kick_if_needed();
+        }
     }
 
     fn control(&mut self, c: usize, op: u16, flags: u32) {
@@ -296,7 +308,9 @@ impl Driver {
 
     /// Handles the packets the device delivered.
     fn poll_rx(&mut self, plan: &Plan) {
+        let mut returned = false;
         while let Some(u) = self.rx.pop_used() {
+            returned = true;
             let page = self.rx_page_of[u.id as usize];
             let p = self.rx_pages[page];
             if (u.len as usize) < HEADER {
@@ -307,7 +321,9 @@ impl Driver {
             }
             self.give_rx(page);
         }
-        self.rx.kick();
+        if returned {
+            self.rx.kick();
+        }
     }
 
     fn packet(&mut self, h: &Header, p: &DmaPage, len: usize, plan: &Plan) {
@@ -511,7 +527,7 @@ pub fn run(mut t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
         t.driver_ok()?;
         Ok((rx, tx, ev, msix))
     });
-    let (rx, tx, mut ev, msix) = match setup {
+    let (mut rx, mut tx, mut ev, msix) = match setup {
         Ok(q) => q,
         Err(w) => {
             t.fail();
@@ -520,6 +536,9 @@ pub fn run(mut t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
         }
     };
     report_init(name, &t, &[]);
+    // The guest polls the used rings: an interrupt would only cost it a (slow) kernel entry.
+    rx.set_interrupts(false);
+    tx.set_interrupts(false);
     if let Some(w) = msix {
         println!("INFO {name} msix: {w} (polling)");
     }
@@ -554,6 +573,7 @@ pub fn run(mut t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
         tx_pages,
         tx_free: (1 << TX_PAGES) - 1,
         tx_page_of: [0; 64],
+        tx_pending: false,
         conns: [Conn::EMPTY; MAX_CONNS],
         refused: 0,
         bad: 0,
@@ -587,6 +607,7 @@ pub fn run(mut t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
     loop {
         d.poll_rx(&plan);
         d.pump_tx(&plan);
+        d.flush_tx();
         d.reap_tx();
         let streams = d.conns.iter().filter(|c| c.state != State::Free);
         let done = if plan.reboot_now {
