@@ -5,7 +5,7 @@
 //! The guest listens on `vsock.listen` (answering the host's requests there, resetting any
 //! other), connects `vsock.connections` streams to host port `vsock.connect`, and moves
 //! `vsock.bytes` bytes each way on every stream: the guest sends the guest pattern, the host
-//! the host pattern ([`pattern`]), each side compares what it receives byte for byte. Then
+//! the host pattern ([`PatternIter`]), each side compares what it receives byte for byte. Then
 //! each stream is shut down both ways and must end with the device's RST. With
 //! `vsock.reboot=1` the first boot leaves its streams open and resets the machine; the second
 //! boot runs everything again.
@@ -46,11 +46,37 @@ const LOCAL_PORT_BASE: u32 = 40_000;
 /// CMOS NVRAM byte counting vsock boots (next to the lifecycle's 0x7c).
 const CMOS_VSOCK_BOOT: u8 = 0x7d;
 
-/// Byte `i` of the stream sent by the guest (`seed` 0x5a) or the host (`seed` 0xa5): a period
-/// of 251 bytes that no packet size divides, so lost, repeated or reordered bytes show.
-pub fn pattern(seed: u8, i: u64) -> u8 {
-    ((i % 251) as u8) ^ ((i / 251) as u8).wrapping_mul(7) ^ seed
+/// The bytes of a stream from byte `i` on: byte `i` of the stream sent by the guest (`seed`
+/// 0x5a) or the host (`seed` 0xa5) is `(i % 251) ^ ((i / 251) as u8 * 7) ^ seed` (a period of
+/// 251 bytes that no packet size divides, so lost, repeated or reordered bytes show), computed
+/// with one division per packet.
+struct PatternIter {
+    seed: u8,
+    rem: u8,
+    quot: u8,
 }
+
+impl PatternIter {
+    fn at(seed: u8, i: u64) -> Self {
+        PatternIter {
+            seed,
+            rem: (i % 251) as u8,
+            quot: (i / 251) as u8,
+        }
+    }
+
+    fn next_byte(&mut self) -> u8 {
+        let b = self.rem ^ self.quot.wrapping_mul(7) ^ self.seed;
+        if self.rem == 250 {
+            self.rem = 0;
+            self.quot = self.quot.wrapping_add(1);
+        } else {
+            self.rem += 1;
+        }
+        b
+    }
+}
+
 const GUEST_SEED: u8 = 0x5a;
 const HOST_SEED: u8 = 0xa5;
 
@@ -397,11 +423,11 @@ impl Driver {
                     self.bad += 1;
                     return;
                 }
+                let mut want = PatternIter::at(HOST_SEED, conn.received);
                 for i in 0..len {
-                    let at = conn.received + i as u64;
-                    if p.read8(HEADER + i) != pattern(HOST_SEED, at) {
+                    if p.read8(HEADER + i) != want.next_byte() {
                         conn.mismatches += 1;
-                        conn.first_bad.get_or_insert(at);
+                        conn.first_bad.get_or_insert(conn.received + i as u64);
                     }
                 }
                 conn.received += len as u64;
@@ -450,8 +476,9 @@ impl Driver {
                 };
                 let start = conn.sent;
                 if self.send(h, |p| {
+                    let mut bytes = PatternIter::at(GUEST_SEED, start);
                     for i in 0..n as usize {
-                        p.write8(HEADER + i, pattern(GUEST_SEED, start + i as u64));
+                        p.write8(HEADER + i, bytes.next_byte());
                     }
                 }) {
                     self.conns[c].sent += n;
