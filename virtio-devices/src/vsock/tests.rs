@@ -758,7 +758,9 @@ fn host_clients_churning_while_the_guest_reads_nothing_are_bounded() {
     g.muxer.process(&mut g.queues[0], &g.mem).unwrap();
     for _ in 0..10 {
         let got = g.recv();
-        assert!(got.iter().all(|(h, _)| h.op == op::RST || h.op == op::REQUEST));
+        assert!(got
+            .iter()
+            .all(|(h, _)| h.op == op::RST || h.op == op::REQUEST));
         if got.is_empty() && g.muxer.pending_packets() == 0 {
             break;
         }
