@@ -217,6 +217,47 @@ def virtio_seeds():
     put("console_queue", "output-and-input", tx.input(extra=2) + piece(b"typed input\r") + rx_in)
 
 
+# --- vsock (fuzz_targets/vsock_queue.rs) -------------------------------------------------------
+
+def vsock_header(op, src_port, dst_port, length=0, flags=0, buf_alloc=65536, fwd_cnt=0,
+                 src_cid=3, dst_cid=2, type_=1):
+    """struct virtio_vsock_hdr, little-endian (virtio 1.2 5.10.6)."""
+    return (u64(src_cid) + u64(dst_cid) + u32(src_port) + u32(dst_port) + u32(length)
+            + u16(type_) + u16(op) + u32(flags) + u32(buf_alloc) + u32(fwd_cnt))
+
+
+def vsock_seeds():
+    REQUEST, RESPONSE, RST, SHUTDOWN, RW, CREDIT_UPDATE = 1, 2, 3, 4, 5, 6
+    tx = Ring(size_log2=4)
+    # The guest connects to host port 1234 (a listener exists) and sends data.
+    tx.chain([R(tx.alloc(vsock_header(REQUEST, 5000, 1234)), 44)])
+    tx.chain([R(tx.alloc(vsock_header(RW, 5000, 1234, 5)), 44), R(tx.alloc(b"hello"), 5)])
+    tx.chain([R(tx.alloc(vsock_header(CREDIT_UPDATE, 5000, 1234, fwd_cnt=0)), 44)])
+    # To a port nobody listens on, then a shutdown and a stray reset.
+    tx.chain([R(tx.alloc(vsock_header(REQUEST, 5001, 77)), 44)])
+    tx.chain([R(tx.alloc(vsock_header(SHUTDOWN, 5000, 1234, flags=3)), 44)])
+    tx.chain([R(tx.alloc(vsock_header(RST, 6000, 1)), 44)])
+    # Answers to the host clients' requests (host ports are given from 2^30).
+    tx.chain([R(tx.alloc(vsock_header(RESPONSE, 5, 1 << 30)), 44)])
+    tx.chain([R(tx.alloc(vsock_header(RST, 1234, (1 << 30) + 1)), 44)])
+    # Misaddressed and short.
+    tx.chain([R(tx.alloc(vsock_header(REQUEST, 1, 2, src_cid=9)), 44)])
+    tx.chain([R(tx.alloc(b"short"), 5)])
+    rx = Ring(size_log2=4)
+    for _ in range(8):
+        rx.chain([W(rx.buf(128), 128)])
+    clients = piece(b"CONNECT 5\n") + piece(b"connect 1234\nearly bytes") + piece(b"GET / HTTP/1.1\r\n")
+    put("vsock_queue", "both-ways", tx.input(extra=3, rest=clients + rx.input()))
+    # Header and payload in one descriptor, a full rx buffer list in one chain.
+    tx = Ring(size_log2=3)
+    tx.chain([R(tx.alloc(vsock_header(REQUEST, 7000, 1234)), 44)])
+    tx.chain([R(tx.alloc(vsock_header(RW, 7000, 1234, 3) + b"abc"), 47)])
+    rx = Ring(size_log2=3)
+    rx.chain([W(rx.buf(20), 20), W(rx.buf(60), 60)])
+    rx.chain([W(rx.buf(44), 44)])
+    put("vsock_queue", "one-descriptor", tx.input(extra=1, rest=piece(b"") * 3 + rx.input()))
+
+
 # --- PCI (fuzz_targets/pci_config.rs, virtio_pci.rs) ------------------------------------------
 
 MSIX_CAP = 0x98  # after the common, notify, ISR, device and PCI-access capabilities
@@ -591,6 +632,7 @@ if __name__ == "__main__":
     block_seeds()
     net_seeds()
     virtio_seeds()
+    vsock_seeds()
     pci_seeds()
     kernel_seeds()
     text_seeds()

@@ -17,6 +17,8 @@
 //!   names its checks;
 //! * [`spawn_vm`] starts a VMM and returns a [`RunningVm`] whose serial
 //!   output can be watched while it runs ([`RunningVm::wait_for_line`]);
+//! * vsock: [`vsock_connect`] speaks the hybrid backend's `CONNECT` as Kata does,
+//!   [`vsock_exchange`] is the host end of the guest's vsock streams;
 //! * virtio-net: [`NetNs`] is a network namespace for the VMM's TAP,
 //!   [`PacketSocket`] sends and captures frames on that TAP,
 //!   [`net_test_frame`] / [`verify_net_tx_frames`] define and check the test
@@ -46,6 +48,7 @@ mod stream;
 mod vhost_user_block;
 mod virtiofsd;
 mod vm;
+mod vsock;
 
 pub use checks::{
     hostile_checks, stage1_cmdline, unix_now, virtio_checks, Stage2Keys, HOSTILE_ATTACKS,
@@ -79,3 +82,7 @@ pub use virtiofsd::{
     virtiofs_keys, virtiofsd_binary, Virtiofsd, VirtiofsdRun, VIRTIOFSD_ENV, VIRTIO_FS_CHECKS,
 };
 pub use vm::{run_vm, spawn_vm, RunningVm, VmRun};
+pub use vsock::{
+    accept_n, expect_closed, read_line, vsock_connect, vsock_exchange, vsock_pattern, GUEST_SEED,
+    HOST_SEED,
+};

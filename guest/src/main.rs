@@ -44,6 +44,7 @@ mod startinfo;
 mod time;
 mod topology;
 mod virtio;
+mod vsock;
 
 use core::sync::atomic::{AtomicBool, Ordering};
 

@@ -92,7 +92,7 @@ const USED_OFF: usize = 2048;
 pub const REQUEST_TIMEOUT_US: u64 = 2_000_000;
 
 const PAGE: usize = 4096;
-const DMA_PAGES: usize = 64;
+const DMA_PAGES: usize = 96;
 
 #[repr(C, align(4096))]
 struct Arena(UnsafeCell<[u8; DMA_PAGES * PAGE]>);

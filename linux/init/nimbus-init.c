@@ -56,6 +56,18 @@
  *                                      it, fsyncs, prints `reboot restarting` and
  *                                      restarts the machine; otherwise prints
  *                                      `reboot second-boot` and carries on
+ *   nimbus.vsock=listen:<port>         listens on vsock port <port> (any CID) as
+ *                                      Kata's agent does, prints `vsock-listening
+ *                                      port=<p> listen=<0|-errno>`, accepts one
+ *                                      stream (20 s), reads one line and answers
+ *                                      `NIMBUS-ECHO <line>`; `vsock-accept
+ *                                      accept=<fd|-errno> recv=<n|-errno>
+ *                                      send=<n|-errno> text=<line>`
+ *   nimbus.vsock=connect:<port>:<text> connects to host (CID 2) port <port>, sends
+ *                                      <text> and a newline, reads the answer line
+ *                                      (20 s); `vsock-connect port=<p>
+ *                                      connect=<0|-errno> send=<n|-errno>
+ *                                      recv=<n|-errno> text=<answer>`
  *   nimbus.dump=0                      skips the pci/bar/irq/iomem/net lines
  */
 
@@ -72,6 +84,9 @@ typedef long s64;
 #define SYS_sendto 44
 #define SYS_recvfrom 45
 #define SYS_setsockopt 54
+#define SYS_accept 43
+#define SYS_bind 49
+#define SYS_listen 50
 #define SYS_ioctl 16
 #define SYS_exit 60
 #define SYS_fsync 74
@@ -90,6 +105,10 @@ typedef long s64;
 #define SOCK_DGRAM 2
 #define SOL_SOCKET 1
 #define SO_RCVTIMEO 20
+#define AF_VSOCK 40
+#define SOCK_STREAM 1
+#define VMADDR_CID_ANY 0xffffffffu
+#define VMADDR_CID_HOST 2
 
 #define LINUX_REBOOT_MAGIC1 0xfee1dead
 #define LINUX_REBOOT_MAGIC2 672274793
@@ -753,6 +772,132 @@ static void net_channels(const char *arg)
 	flush_line();
 }
 
+struct sockaddr_vm {
+	unsigned short svm_family;
+	unsigned short svm_reserved1;
+	unsigned int svm_port;
+	unsigned int svm_cid;
+	unsigned char svm_zero[4];
+};
+
+static char vsock_buf[512];
+
+/* Reads one line (without its newline) into vsock_buf; the byte count or -errno. */
+static s64 vsock_read_line(s64 fd)
+{
+	s64 len = 0;
+	while (len < (s64)sizeof(vsock_buf) - 1) {
+		s64 n = sys6(SYS_recvfrom, fd, (s64)(vsock_buf + len), 1, 0, 0, 0);
+		if (n <= 0)
+			return len > 0 ? len : n;
+		if (vsock_buf[len] == '\n')
+			break;
+		len++;
+	}
+	vsock_buf[len] = 0;
+	return len;
+}
+
+static s64 vsock_socket(void)
+{
+	struct {
+		s64 sec, usec;
+	} tv = { 20, 0 };
+	s64 fd = sys3(SYS_socket, AF_VSOCK, SOCK_STREAM, 0);
+	if (fd >= 0)
+		sys6(SYS_setsockopt, fd, SOL_SOCKET, SO_RCVTIMEO, (s64)&tv, sizeof(tv), 0);
+	return fd;
+}
+
+static void vsock_listen(const char *arg)
+{
+	struct sockaddr_vm sa;
+	char reply[600];
+	u64 port = parse_dec(&arg), rlen = 0;
+	s64 fd = vsock_socket(), r, conn = -1, got = 0, sent = 0;
+
+	if (fd < 0) {
+		error("vsock-socket", fd);
+		return;
+	}
+	memset(&sa, 0, sizeof(sa));
+	sa.svm_family = AF_VSOCK;
+	sa.svm_port = (unsigned int)port;
+	sa.svm_cid = VMADDR_CID_ANY;
+	r = sys3(SYS_bind, fd, &sa, sizeof(sa));
+	if (r == 0)
+		r = sys3(SYS_listen, fd, 4, 0);
+	put("NIMBUS-LINUX vsock-listening port=");
+	put_dec((s64)port);
+	put(" listen=");
+	put_dec(r);
+	flush_line();
+	if (r == 0)
+		conn = sys3(SYS_accept, fd, 0, 0);
+	vsock_buf[0] = 0;
+	if (conn >= 0) {
+		got = vsock_read_line(conn);
+		memcpy(reply, "NIMBUS-ECHO ", 12);
+		rlen = 12;
+		for (u64 i = 0; vsock_buf[i] && rlen < sizeof(reply) - 1; i++)
+			reply[rlen++] = vsock_buf[i];
+		reply[rlen++] = '\n';
+		sent = sys6(SYS_sendto, conn, (s64)reply, (s64)rlen, 0, 0, 0);
+		sys3(SYS_close, conn, 0, 0);
+	}
+	sys3(SYS_close, fd, 0, 0);
+	put("NIMBUS-LINUX vsock-accept accept=");
+	put_dec(conn);
+	put(" recv=");
+	put_dec(got);
+	put(" send=");
+	put_dec(sent);
+	put(" text=");
+	put(vsock_buf);
+	flush_line();
+}
+
+static void vsock_connect(const char *arg)
+{
+	struct sockaddr_vm sa;
+	u64 port = parse_dec(&arg), len;
+	s64 fd, r, sent = 0, got = 0;
+
+	if (*arg == ':')
+		arg++;
+	len = fill_sector(arg);
+	if (len >= SECTOR)
+		len = SECTOR - 1;
+	sector_buf[len++] = '\n';
+	fd = vsock_socket();
+	if (fd < 0) {
+		error("vsock-socket", fd);
+		return;
+	}
+	memset(&sa, 0, sizeof(sa));
+	sa.svm_family = AF_VSOCK;
+	sa.svm_port = (unsigned int)port;
+	sa.svm_cid = VMADDR_CID_HOST;
+	r = sys3(SYS_connect, fd, &sa, sizeof(sa));
+	vsock_buf[0] = 0;
+	if (r == 0) {
+		sent = sys6(SYS_sendto, fd, (s64)sector_buf, (s64)len, 0, 0, 0);
+		got = vsock_read_line(fd);
+	}
+	sys3(SYS_close, fd, 0, 0);
+	put("NIMBUS-LINUX vsock-connect port=");
+	put_dec((s64)port);
+	put(" connect=");
+	put_dec(r);
+	put(" send=");
+	put_dec(sent);
+	put(" recv=");
+	put_dec(got);
+	put(" text=");
+	put(vsock_buf);
+	flush_line();
+}
+
 static void power(unsigned int cmd)
 {
 	sys6(SYS_reboot, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, cmd, 0, 0, 0);
@@ -838,6 +983,10 @@ static void run(void)
 			net_udp(w + 15);
 		else if (starts(w, "nimbus.net=channels:"))
 			net_channels(w + 20);
+		else if (starts(w, "nimbus.vsock=listen:"))
+			vsock_listen(w + 20);
+		else if (starts(w, "nimbus.vsock=connect:"))
+			vsock_connect(w + 21);
 		else if (starts(w, "nimbus.reboot="))
 			reboot_once(w + 14);
 		while (*w && *w != ' ')

@@ -29,6 +29,8 @@ pub enum ThreadClass {
     ConsoleInput,
     /// Relays a PTY or socket console: the guest's output out, the user's input in.
     ConsoleRelay,
+    /// Serves a vsock device's queues and its host Unix sockets (`_vsock0`, ...).
+    Vsock,
     /// A vhost-user daemon's worker: serves its queues.
     DaemonWorker,
     /// A vhost-user daemon's protocol thread: answers the frontend's messages.
@@ -48,6 +50,7 @@ impl ThreadClass {
             Self::VhostUserDeadline => "vhost-user deadline",
             Self::ConsoleInput => "console input",
             Self::ConsoleRelay => "console relay",
+            Self::Vsock => "vsock",
             Self::DaemonWorker => "daemon worker",
             Self::DaemonProtocol => "daemon protocol",
         }
@@ -65,6 +68,7 @@ pub const CLASSES: &[ThreadClass] = &[
     ThreadClass::VhostUserDeadline,
     ThreadClass::ConsoleInput,
     ThreadClass::ConsoleRelay,
+    ThreadClass::Vsock,
     ThreadClass::DaemonWorker,
     ThreadClass::DaemonProtocol,
 ];

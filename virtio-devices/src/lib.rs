@@ -14,6 +14,7 @@ pub mod pause;
 pub mod rng;
 pub mod transport;
 pub mod vhost_user;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::Arc;
@@ -34,6 +35,8 @@ pub mod device_type {
     pub const CONSOLE: u32 = 3;
     /// Entropy source.
     pub const RNG: u32 = 4;
+    /// Socket device (vsock).
+    pub const VSOCK: u32 = 19;
 }
 
 /// `VIRTIO_F_VERSION_1`: every device offers it, every driver must accept it.

@@ -16,6 +16,7 @@ mod pci;
 mod pending;
 pub mod requests;
 mod size;
+mod vsock;
 
 use std::path::PathBuf;
 
@@ -29,9 +30,10 @@ pub use net::{NetConfig, VhostMode};
 pub use pci::PciSegmentConfig;
 pub use pending::{
     BalloonConfig, DeviceConfig, GenericVhostUserConfig, LandlockConfig, ObjectList, PmemConfig,
-    TpmConfig, UserDeviceConfig, VdpaConfig, VsockConfig,
+    TpmConfig, UserDeviceConfig, VdpaConfig,
 };
 pub use size::parse_size;
+pub use vsock::VsockConfig;
 
 /// Errors in a configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -311,7 +313,7 @@ pub struct VmConfig {
     /// vDPA devices (not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vdpa: Option<Vec<VdpaConfig>>,
-    /// The vsock device (not supported yet).
+    /// The vsock device (hybrid Unix-socket backend).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
     /// A pvpanic device (not supported yet).
@@ -423,6 +425,11 @@ impl VmConfig {
                 f.id = Some(next("_fs"));
             }
         }
+        if let Some(v) = &mut self.vsock {
+            if v.id.is_none() {
+                v.id = Some(next("_vsock"));
+            }
+        }
     }
 
     /// The ids given to devices.
@@ -430,7 +437,8 @@ impl VmConfig {
         let disks = self.disks.iter().flatten().filter_map(|d| d.id.clone());
         let nets = self.net.iter().flatten().filter_map(|n| n.id.clone());
         let fs = self.fs.iter().flatten().filter_map(|f| f.id.clone());
-        disks.chain(nets).chain(fs)
+        let vsock = self.vsock.iter().filter_map(|v| v.id.clone());
+        disks.chain(nets).chain(fs).chain(vsock)
     }
 
     /// Checks what can be checked without touching the host.
@@ -482,6 +490,9 @@ impl VmConfig {
                 return Err(ConfigError::Memory(NEEDS_SHARED.into()));
             }
         }
+        if let Some(v) = &self.vsock {
+            v.validate()?;
+        }
         self.validate_ids_and_paths()?;
         if self.rng.iommu {
             return Err(ConfigError::Device("rng: iommu is not supported".into()));
@@ -500,7 +511,6 @@ impl VmConfig {
             ("devices (VFIO)", asks(&self.devices)),
             ("user_devices", asks(&self.user_devices)),
             ("vdpa", asks(&self.vdpa)),
-            ("vsock", self.vsock.is_some()),
             ("numa", asks(&self.numa)),
             ("tpm", self.tpm.is_some()),
         ] {
@@ -563,7 +573,13 @@ impl VmConfig {
             .flatten()
             .map(|n| n.vhost_socket.clone().map(PathBuf::from));
         let fs_sockets = self.fs.iter().flatten().map(|f| Some(f.socket.clone()));
-        for path in disk_paths.chain(net_sockets).chain(fs_sockets).flatten() {
+        let vsock_socket = self.vsock.iter().map(|v| Some(v.socket.clone()));
+        for path in disk_paths
+            .chain(net_sockets)
+            .chain(fs_sockets)
+            .chain(vsock_socket)
+            .flatten()
+        {
             if !paths.insert(path.clone()) {
                 return Err(ConfigError::DuplicatePath(path.display().to_string()));
             }
@@ -815,7 +831,10 @@ mod tests {
     #[test]
     fn settings_nimbus_cannot_honour_are_refused_by_name() {
         for (patch, name) in [
-            (r#"{"vsock": {"cid": 3, "socket": "/s"}}"#, "vsock"),
+            (
+                r#"{"vsock": {"cid": 3, "socket": "/s", "pci_segment": 1}}"#,
+                "pci_segment 1 does not exist",
+            ),
             (r#"{"balloon": {"size": 0}}"#, "balloon"),
             (
                 r#"{"devices": [{"path": "/sys/bus/pci/devices/0000:00:01.0/"}]}"#,

@@ -39,24 +39,6 @@ pub struct PmemConfig {
     pub pci_segment: u16,
 }
 
-/// A virtio-vsock device with Cloud Hypervisor's hybrid Unix-socket backend (CH `VsockConfig`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VsockConfig {
-    /// The guest's context id.
-    pub cid: u32,
-    /// Host Unix socket.
-    pub socket: PathBuf,
-    /// Behind a virtual IOMMU.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub iommu: bool,
-    /// Device identifier.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    /// PCI segment.
-    #[serde(default)]
-    pub pci_segment: u16,
-}
-
 /// A VFIO passthrough device (CH `DeviceConfig`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceConfig {

@@ -113,6 +113,52 @@ enum HostSide {
     Rng(std::path::PathBuf),
     /// The virtio console, writing to the board's console sink.
     Console,
+    /// virtio-vsock: the hybrid backend's listening socket, bound once per boot.
+    Vsock(VsockListener),
+}
+
+/// The listening socket of a vsock device; the socket file is removed when the board goes.
+#[derive(Debug)]
+struct VsockListener {
+    cid: u32,
+    path: std::path::PathBuf,
+    listener: std::os::unix::net::UnixListener,
+}
+
+impl VsockListener {
+    /// Binds `path`; a socket file left by a VMM that is gone (nobody accepts on it) is
+    /// replaced.
+    fn bind(cid: u32, path: &Path) -> Result<Self, VmError> {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let err = |source| VmError::Open {
+            what: "vsock socket",
+            path: path.display().to_string(),
+            source,
+        };
+        let listener = match UnixListener::bind(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                let is_socket = std::fs::symlink_metadata(path)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+                if !is_socket || UnixStream::connect(path).is_ok() {
+                    return Err(err(e));
+                }
+                std::fs::remove_file(path).map_err(err)?;
+                UnixListener::bind(path).map_err(err)?
+            }
+            other => other.map_err(err)?,
+        };
+        Ok(Self {
+            cid,
+            path: path.to_path_buf(),
+            listener,
+        })
+    }
+}
+
+impl Drop for VsockListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// What kind of device a [`BoardDevice`] is, for the device tree and logs.
@@ -128,6 +174,8 @@ pub enum DeviceKind {
     Rng,
     /// virtio-console.
     Console,
+    /// virtio-vsock.
+    Vsock,
 }
 
 /// One device of the board, with its id.
@@ -360,6 +408,16 @@ impl Board {
                 (HostSide::VhostUser(dev), backend),
             );
         }
+        if let Some(v) = &config.vsock {
+            let backend = format!("cid {} socket {}", v.cid, v.socket.display());
+            let listener = VsockListener::bind(v.cid, &v.socket)?;
+            add(
+                id_of(&v.id),
+                DeviceKind::Vsock,
+                (v.pci_segment, None),
+                (HostSide::Vsock(listener), backend),
+            );
+        }
         if !matches!(console, OutputSink::Off) {
             let backend = format!("{:?}", config.console.mode);
             add(
@@ -533,6 +591,18 @@ impl Board {
                     None => None,
                 };
                 Box::new(virtio_devices::console::Console::new(out, input, id))
+            }
+            HostSide::Vsock(v) => {
+                let listener = v.listener.try_clone().map_err(|source| VmError::Os {
+                    what: "vsock listening socket",
+                    source,
+                })?;
+                Box::new(virtio_devices::vsock::Vsock::new(
+                    u64::from(v.cid),
+                    v.path.clone(),
+                    listener,
+                    id,
+                ))
             }
         })
     }

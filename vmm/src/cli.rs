@@ -8,7 +8,7 @@ use nimbus_thread::seccomp::SeccompMode;
 use vm_config::{
     kv, ConfigError, ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig,
     LandlockConfig, MemoryConfig, NetConfig, PayloadConfig, PciSegmentConfig, PlatformConfig,
-    RngConfig, VmConfig,
+    RngConfig, VmConfig, VsockConfig,
 };
 
 /// Nimbus: a virtual machine monitor for cloud workloads.
@@ -47,6 +47,9 @@ pub struct Cli {
     /// Entropy device: src=PATH (default /dev/urandom).
     #[arg(long, value_name = "src=PATH", long_help = RNG_HELP)]
     pub rng: Option<String>,
+    /// virtio-vsock with Cloud Hypervisor's hybrid Unix-socket backend: cid=N,socket=PATH.
+    #[arg(long, value_name = "cid=N,socket=PATH[,...]", long_help = VSOCK_HELP)]
+    pub vsock: Option<String>,
     /// 16550 serial port: off|null|tty|pty|file=PATH|socket=PATH (default null).
     #[arg(long, value_name = "MODE", long_help = SERIAL_HELP)]
     pub serial: Option<String>,
@@ -191,6 +194,17 @@ The virtio-rng device (every VM has one).
 src=PATH                  entropy source (default /dev/urandom)
 iommu=off                 on is refused";
 
+const VSOCK_HELP: &str = "\
+virtio-vsock with Cloud Hypervisor's hybrid Unix-socket backend: host programs connect to
+the socket and write `CONNECT <port>\\n`; the guest's connections to host port P go to the
+Unix socket PATH_P.
+
+cid=N                     the guest's context id, 3 and up (required)
+socket=PATH               the Unix socket Nimbus listens on (required)
+id=ID                     device id (default _vsockN)
+pci_segment=0             PCI segment (only 0 exists)
+iommu=off                 on is refused";
+
 const SERIAL_HELP: &str = "\
 The 16550 serial port at 0x3f8: one mode.
 
@@ -265,6 +279,7 @@ impl Cli {
             ("--net", !self.net.is_empty()),
             ("--fs", !self.fs.is_empty()),
             ("--rng", self.rng.is_some()),
+            ("--vsock", self.vsock.is_some()),
             ("--serial", self.serial.is_some()),
             ("--console", self.console.is_some()),
             ("--debug-console", self.debug_console.is_some()),
@@ -316,6 +331,9 @@ impl Cli {
         config.fs = parse_each::<FsConfig>("fs", &self.fs)?;
         if let Some(s) = &self.rng {
             config.rng = vm_config::parse_option::<RngConfig>("rng", s)?;
+        }
+        if let Some(s) = &self.vsock {
+            config.vsock = Some(vm_config::parse_option::<VsockConfig>("vsock", s)?);
         }
         if let Some(s) = &self.serial {
             config.serial = ConsoleConfig::parse("serial", s)?;

@@ -10,7 +10,7 @@ use std::time::Instant;
 use api_http::Responder;
 use hypervisor::Hypervisor;
 use serde::Serialize;
-use vm_config::{ConfigError, ConsoleOutputMode, VmConfig};
+use vm_config::{ConfigError, ConsoleOutputMode, VmConfig, VsockConfig};
 
 use crate::api::{self, ApiBody, ApiError, ApiReply, ApiRequest};
 use crate::board::Board;
@@ -94,9 +94,15 @@ pub fn legality(state: Option<VmState>, request: &ApiRequest) -> Result<(), ApiE
             R::VmShutdown | R::VmReboot | R::VmPowerButton | R::VmNmi | R::VmCounters,
         ) => Ok(()),
         (Some(Created | Shutdown), R::VmReboot) => Err(ApiError::plain(404, &["VM is not booted"])),
-        (Some(Created | Shutdown), R::AddDisk(_) | R::AddNet(..) | R::AddFs(_)) => Ok(()),
+        (
+            Some(Created | Shutdown),
+            R::AddDisk(_) | R::AddNet(..) | R::AddFs(_) | R::AddVsock(_),
+        ) => Ok(()),
         (Some(Created | Shutdown), R::RemoveDevice(_)) => Ok(()),
-        (Some(Running | Paused), R::AddDisk(_) | R::AddNet(..) | R::AddFs(_) | R::RemoveDevice(_)) => {
+        (
+            Some(Running | Paused),
+            R::AddDisk(_) | R::AddNet(..) | R::AddFs(_) | R::AddVsock(_) | R::RemoveDevice(_),
+        ) => {
             Err(ApiError::plain(
                 500,
                 &["adding or removing devices while the VM runs (hotplug) is not supported by Nimbus yet"],
@@ -229,6 +235,7 @@ impl Vmm {
             ApiRequest::AddFs(fs) => self.change_config(|c| {
                 c.fs.get_or_insert_with(Vec::new).push(*fs);
             }),
+            ApiRequest::AddVsock(vsock) => self.add_vsock(*vsock),
             ApiRequest::AddNet(mut net, fds) => {
                 let numbers: Vec<i32> = fds.into_iter().map(|fd| self.fds.insert(fd)).collect();
                 if !numbers.is_empty() {
@@ -326,6 +333,21 @@ impl Vmm {
         Ok(ApiBody::NoContent)
     }
 
+    /// `vm.add-vsock` before boot: a VM has at most one vsock device (Cloud Hypervisor's
+    /// rule, answered with its status).
+    fn add_vsock(&mut self, vsock: VsockConfig) -> ApiReply {
+        if self.config.as_ref().is_some_and(|c| c.vsock.is_some()) {
+            return Err(ApiError::plain(
+                500,
+                &[
+                    "The device could not be added",
+                    "the VM already has a vsock device (only one is allowed)",
+                ],
+            ));
+        }
+        self.change_config(|c| c.vsock = Some(vsock))
+    }
+
     fn remove_device(&mut self, id: &str) -> ApiReply {
         let Some(config) = &mut self.config else {
             return Err(ApiError::plain(404, &["VM is not created"]));
@@ -350,6 +372,10 @@ impl Vmm {
             let before = fs.len();
             fs.retain(|f| !has(&f.id));
             found |= fs.len() != before;
+        }
+        if config.vsock.as_ref().is_some_and(|v| has(&v.id)) {
+            config.vsock = None;
+            found = true;
         }
         if !found {
             return Err(ApiError::plain(

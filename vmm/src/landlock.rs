@@ -86,6 +86,11 @@ pub fn rules(config: &VmConfig) -> Vec<PathRule> {
         rules.push(PathRule::new(tun, Access::ReadWrite));
     }
     rules.push(PathRule::new(&config.rng.src, Access::Read));
+    if let Some(vsock) = &config.vsock {
+        // The listening socket is bound (and removed at exit) there; connecting to
+        // `<socket>_<port>` is not governed by Landlock.
+        rules.push(created_in(&vsock.socket));
+    }
     for c in [&config.serial, &config.console] {
         console_rules(c.mode, &c.file, &c.socket, &mut rules);
     }

@@ -231,6 +231,22 @@ pub fn rules() -> Vec<(ThreadClass, Vec<Rule>)> {
         ],
     ]);
     console_relay.push(Rule::Ioctl(nonblocking_ioctls()));
+    // The vsock thread accepts host clients on the device's listening socket, connects to
+    // `<socket>_<port>` for the guest (a socket it makes itself), peeks at `CONNECT` lines
+    // and moves stream bytes; its epoll set, eventfd and timer come from the main thread.
+    let mut vsock = allow(&[
+        THREAD,
+        EVENTS,
+        &[
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_accept4,
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            libc::SYS_shutdown,
+        ],
+    ]);
+    vsock.push(Rule::Ioctl(nonblocking_ioctls()));
     let others = vec![
         (ThreadClass::Vcpu, vcpu),
         (ThreadClass::Api, api),
@@ -246,6 +262,7 @@ pub fn rules() -> Vec<(ThreadClass, Vec<Rule>)> {
             allow(&[THREAD, &[libc::SYS_read]]),
         ),
         (ThreadClass::ConsoleRelay, console_relay),
+        (ThreadClass::Vsock, vsock),
     ];
     // Every other thread is started by the main thread and runs under its filter as well as
     // its own: the main thread's rules cover theirs.

@@ -119,7 +119,9 @@ fn kata_go_runtime() {
         assert!(Instant::now() < deadline, "no ping answer");
         std::thread::sleep(Duration::from_millis(10));
     }
-    // Kata Go's body (clh.go), less the vsock Nimbus does not have yet.
+    // Kata Go's body (clh.go): two PCI segments, virtio-fs on segment 1, its hybrid vsock for
+    // the agent.
+    let vsock = v.dir.file("kata.hvsock");
     let body = serde_json::json!({
         "cpus": {"boot_vcpus": 1, "max_vcpus": 1, "kvm_hyperv": false, "nested": true,
                  "topology": {"threads_per_core": 1, "cores_per_die": 1,
@@ -136,6 +138,7 @@ fn kata_go_runtime() {
         "fs": [{"tag": "kataShared", "socket": fs_socket, "num_queues": 1, "queue_size": 1024,
                 "pci_segment": 1}],
         "platform": {"num_pci_segments": 2},
+        "vsock": {"cid": 3, "socket": vsock},
         "iommu": false, "watchdog": false, "pvpanic": false, "landlock_enable": false
     })
     .to_string();
@@ -215,6 +218,20 @@ fn kata_go_runtime() {
         info["memory_actual_size"].as_u64() == Some(128 << 20),
         "{info}"
     );
+    // The vsock device is on the bus, its socket listening.
+    let vsock_id = info["config"]["vsock"]["id"].as_str().unwrap_or_default();
+    assert!(vsock_id.starts_with("_vsock"), "{info}");
+    assert_eq!(info["config"]["vsock"]["cid"], 3, "{info}");
+    assert!(
+        info["device_tree"][format!("_virtio-pci-{vsock_id}")]["pci_bdf"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("0000:00:")),
+        "{info}"
+    );
+    assert!(
+        UnixStream::connect(&vsock).is_ok(),
+        "the vsock socket does not listen"
+    );
     next_tick(&vm, 1);
     assert_no_content(&call("PUT", "vm.pause", None), "vm.pause");
     assert_eq!(
@@ -239,6 +256,7 @@ fn kata_go_runtime() {
     virtiofsd
         .finish(Duration::from_secs(10))
         .assert_clean_exit();
+    assert!(!vsock.exists(), "the vsock socket is left behind");
 }
 
 /// Kata Containers' Rust runtime: Cloud Hypervisor's `api_client` on one persistent
@@ -290,7 +308,30 @@ fn kata_rust_runtime() {
         &call("PUT", "vm.add-net", Some(net), &[t.as_raw_fd()]),
         "add-net",
     );
+    // The agent's hybrid vsock, added before boot; a VM has one (CH answers a second with 500).
+    let vsock = v.dir.file("kata-rust.hvsock");
+    let add_vsock = format!(r#"{{"cid":3,"socket":"{}"}}"#, vsock.display());
+    assert_no_content(
+        &call("PUT", "vm.add-vsock", Some(&add_vsock), &[]),
+        "add-vsock",
+    );
+    let again = call("PUT", "vm.add-vsock", Some(&add_vsock), &[]);
+    assert!(
+        again.status_line.starts_with("HTTP/1.1 500"),
+        "{}",
+        again.text()
+    );
     assert_no_content(&call("PUT", "vm.boot", None, &[]), "boot");
+    assert!(
+        UnixStream::connect(&vsock).is_ok(),
+        "the vsock socket does not listen"
+    );
+    let hot = call("PUT", "vm.add-vsock", Some(&add_vsock), &[]);
+    assert!(
+        hot.status_line.starts_with("HTTP/1.1 500") && hot.text().contains("hotplug"),
+        "vm.add-vsock while running: {}",
+        hot.text()
+    );
     let info = assert_json(&call("GET", "vm.info", None, &[]), "info");
     // What Kata Rust's types require, present and not null.
     let c = &info["config"];
@@ -309,6 +350,8 @@ fn kata_rust_runtime() {
         ("net[0].mac", &c["net"][0]["mac"]),
         ("net[0].num_queues", &c["net"][0]["num_queues"]),
         ("net[0].queue_size", &c["net"][0]["queue_size"]),
+        ("vsock.cid", &c["vsock"]["cid"]),
+        ("vsock.socket", &c["vsock"]["socket"]),
     ] {
         assert!(!v.is_null(), "{path} missing in {info}");
     }

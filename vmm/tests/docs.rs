@@ -17,7 +17,7 @@ use clap::Parser as _;
 use serde::de::{self, Visitor};
 use vm_config::{
     ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig, LandlockConfig,
-    MemoryConfig, NetConfig, PciSegmentConfig, PlatformConfig, RngConfig,
+    MemoryConfig, NetConfig, PciSegmentConfig, PlatformConfig, RngConfig, VsockConfig,
 };
 use vmm::api::ApiServerError;
 use vmm::cli::Cli;
@@ -602,6 +602,7 @@ fn accepted_keys(option: &str, named: &BTreeSet<String>) -> BTreeSet<String> {
         "--net" => vm("", struct_fields::<NetConfig>(), &["fd"]),
         "--fs" => vm("tag=t,socket=/s", struct_fields::<FsConfig>(), &[]),
         "--rng" => vm("", struct_fields::<RngConfig>(), &[]),
+        "--vsock" => vm("cid=3,socket=/v", struct_fields::<VsockConfig>(), &[]),
         "--serial" | "--console" => vm("", struct_fields::<ConsoleConfig>(), &[]),
         "--debug-console" => vm("", struct_fields::<DebugConsoleConfig>(), &[]),
         "--landlock-rules" => vm("path=/p,access=r", struct_fields::<LandlockConfig>(), &[]),

@@ -75,6 +75,15 @@ const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x4c, 0x47, 0x01];
 const UDP_PORT: u16 = 9;
 const UDP_TEXT: &str = "NIMBUS-LINUX-UDP";
 
+/// vsock of the devices boot: the guest's CID, the port its init listens on (Kata's agent
+/// port), the host port it connects to, and what each side sends.
+const VSOCK_CID: u32 = 3;
+const AGENT_PORT: u32 = 1024;
+const HOST_VSOCK_PORT: u32 = 1025;
+const KATA_TEXT: &str = "NIMBUS-KATA-PING";
+const GUEST_VSOCK_TEXT: &str = "NIMBUS-LINUX-VSOCK";
+const HOST_VSOCK_REPLY: &str = "NIMBUS-HOST-PONG";
+
 /// Nimbus's PCI MMIO windows (arch layout): 32-bit below the MCFG area, 64-bit from 4 GiB.
 const MMIO32: (u64, u64) = (0xc000_0000, 0xdfff_ffff);
 const MMIO64_START: u64 = 0x1_0000_0000;
@@ -356,6 +365,53 @@ struct DevicesBoot {
     vdb_check: Result<(), String>,
     /// Frames the guest sent, captured on the TAP (all ethertypes), or why not.
     frames: Result<Vec<Vec<u8>>, String>,
+    /// The Kata-style client's exchange with the init's agent port: the `OK` line and the
+    /// answer, or why not.
+    kata: Result<(String, String), String>,
+    /// The line the guest's own vsock connection brought to the host listener, or why not.
+    guest_vsock: Result<String, String>,
+}
+
+/// Kata's agent client: connects to the hybrid socket, writes `CONNECT <port>\n` and accepts
+/// any line containing `OK`, retrying while the agent is not listening yet (the VMM closes the
+/// connection without a line); then sends one line and reads the answer.
+fn kata_agent_client(
+    socket: &Path,
+    deadline: Instant,
+    stop: &AtomicBool,
+) -> Result<(String, String), String> {
+    use std::io::Write;
+    let mut last = String::from("never tried");
+    while Instant::now() < deadline && !stop.load(Ordering::SeqCst) {
+        match e2e::vsock_connect(socket, "CONNECT", AGENT_PORT, Duration::from_secs(10)) {
+            Ok((mut s, ok)) if ok.contains("OK") => {
+                s.write_all(format!("{KATA_TEXT}\n").as_bytes())
+                    .map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(Duration::from_secs(60)))
+                    .map_err(|e| e.to_string())?;
+                let answer = e2e::read_line(&mut s).map_err(|e| format!("answer: {e}"))?;
+                return Ok((ok, answer.trim_end().to_string()));
+            }
+            Ok((_, line)) => last = format!("answer {line:?}"),
+            Err(e) => last = e,
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    Err(format!(
+        "no agent connection before the deadline; last: {last}"
+    ))
+}
+
+/// The host listener at `<socket>_<port>`: one connection, one line, one answer.
+fn host_vsock_listener(listener: std::os::unix::net::UnixListener) -> Result<String, String> {
+    use std::io::Write;
+    let mut s = e2e::accept_n(&listener, 1, STEP_TIMEOUT)?.remove(0);
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    let line = e2e::read_line(&mut s).map_err(|e| format!("line: {e}"))?;
+    s.write_all(format!("{HOST_VSOCK_REPLY}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    Ok(line.trim_end().to_string())
 }
 
 fn devices_boot() -> &'static DevicesBoot {
@@ -373,12 +429,19 @@ fn run_devices_boot() -> DevicesBoot {
         "ip={}::{}:255.255.255.0::eth0:off \
          nimbus.disk=read:{HOST_SECTOR} nimbus.disk=write:{GUEST_SECTOR}:{GUEST_MARKER} \
          nimbus.disk=vdb:read:{HOST_SECTOR} nimbus.disk=vdb:rowrite:{GUEST_SECTOR} \
-         nimbus.net=udp:{}:{UDP_PORT}:{UDP_TEXT}",
+         nimbus.net=udp:{}:{UDP_PORT}:{UDP_TEXT} \
+         nimbus.vsock=listen:{AGENT_PORT} nimbus.vsock=connect:{HOST_VSOCK_PORT}:{GUEST_VSOCK_TEXT}",
         ip(GUEST_IP),
         ip(HOST_IP),
         ip(HOST_IP)
     );
+    let socket = dir.file("vsock.sock");
+    let listener =
+        std::os::unix::net::UnixListener::bind(dir.file(&format!("vsock.sock_{HOST_VSOCK_PORT}")))
+            .expect("bind the host vsock listener");
     let mut cmd = nimbus(guest, &words);
+    cmd.arg("--vsock")
+        .arg(format!("cid={VSOCK_CID},socket={}", socket.display()));
     cmd.arg("--disk")
         .arg(format!("path={}", vda.display()))
         .arg(format!("path={},readonly=on,pci_segment=1", vdb.display()))
@@ -391,8 +454,22 @@ fn run_devices_boot() -> DevicesBoot {
         ));
     let ns = NetNs::new("linux");
     let vm = spawn_vm_parallel(ns.wrap(cmd));
+    let deadline = Instant::now() + 3 * STEP_TIMEOUT;
+    let stop = Arc::new(AtomicBool::new(false));
+    let kata = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || kata_agent_client(&socket, deadline, &stop))
+    };
+    let host = thread::spawn(move || host_vsock_listener(listener));
     // Nimbus creates the TAP at start-up.
     let (boot, frames) = follow_capturing("devices", vm, &ns, TAP);
+    stop.store(true, Ordering::SeqCst);
+    let kata = kata
+        .join()
+        .unwrap_or_else(|_| Err("the Kata client panicked".into()));
+    let guest_vsock = host
+        .join()
+        .unwrap_or_else(|_| Err("the host listener panicked".into()));
     let vda_want = image_bytes(
         VDA_SECTORS,
         &[(HOST_SECTOR, VDA_HOST_MARKER), (GUEST_SECTOR, GUEST_MARKER)],
@@ -402,6 +479,8 @@ fn run_devices_boot() -> DevicesBoot {
         vdb_check: check_image(&vdb, &vdb_want),
         boot,
         frames,
+        kata,
+        guest_vsock,
     }
 }
 
@@ -638,6 +717,7 @@ fn pci_devices_bars_and_msix() {
             "1af4:1042",
             "1af4:1044",
             "8086:0d57",
+            "1af4:1053",
             "8086:0d57"
         ],
         "PCI devices seen by Linux:\n{}\n{}",
@@ -731,6 +811,53 @@ fn pci_devices_bars_and_msix() {
             .unwrap_or(0);
         assert!(count > 0, "no interrupt delivered on {line:?}");
     }
+}
+
+/// virtio-vsock with the hybrid backend (`--vsock cid=3,socket=...`): the init listens on vsock
+/// port 1024 as Kata's agent does, and a host client speaking exactly as Kata's runtimes do
+/// (`CONNECT 1024\n`, any line containing `OK`, retried until the agent listens) exchanges a
+/// line with it; the init's own connection to host port 1025 reaches the listener at
+/// `<socket>_1025` and gets its answer.
+#[test]
+fn vsock_kata_agent_port_and_guest_connection() {
+    if !require_kvm("vsock_kata_agent_port_and_guest_connection") {
+        return;
+    }
+    let d = devices_boot();
+    let b = &d.boot;
+    b.assert_clean();
+    b.expect_line(&format!(
+        "NIMBUS-LINUX vsock-listening port={AGENT_PORT} listen=0"
+    ));
+    let (ok, answer) = d
+        .kata
+        .as_ref()
+        .unwrap_or_else(|e| panic!("Kata client: {e}\n{}", b.describe()));
+    assert!(ok.starts_with("OK ") && ok.ends_with('\n'), "{ok:?}");
+    assert_eq!(answer, &format!("NIMBUS-ECHO {KATA_TEXT}"));
+    let accept = b.expect_line("NIMBUS-LINUX vsock-accept ");
+    assert_eq!(field(accept, "text"), Some(KATA_TEXT), "{accept}");
+    assert!(
+        field(accept, "accept").is_some_and(|fd| !fd.starts_with('-')),
+        "{accept}"
+    );
+    let got = d
+        .guest_vsock
+        .as_ref()
+        .unwrap_or_else(|e| panic!("host listener: {e}\n{}", b.describe()));
+    assert_eq!(got, GUEST_VSOCK_TEXT);
+    let connect = b.expect_line("NIMBUS-LINUX vsock-connect ");
+    assert_eq!(field(connect, "connect"), Some("0"), "{connect}");
+    assert_eq!(field(connect, "text"), Some(HOST_VSOCK_REPLY), "{connect}");
+    // The device took the driver's packets, which it drops unless they come from the
+    // configured CID; the vsock function is bound to virtio-pci.
+    assert!(
+        b.grep("NIMBUS-LINUX pci ")
+            .iter()
+            .any(|l| l.contains("device=1053") && l.contains("driver=virtio-pci")),
+        "{}",
+        b.describe()
+    );
 }
 
 /// virtio-blk: vda and vdb with the images' exact capacities; the guest reads the host's marker

@@ -7,8 +7,8 @@
 //! named classes call acct(2), which no class allows, right after it applies its filter. One VM
 //! starts every class: the test guest with the API socket, the serial port on the terminal
 //! (console input), the debug console on a PTY (a console relay), the rng device (a device
-//! worker) and a disk served by `vhost_user_block`
-//! (the vhost-user relay and deadline threads). With the default filters each class's call ends
+//! worker), a disk served by `vhost_user_block` (the vhost-user relay and deadline threads) and
+//! a vsock device (its thread). With the default filters each class's call ends
 //! the process with status 159; with `--seccomp log` the calls of every class go through, the
 //! guest passes its checks and the kernel logs them; with `--seccomp false` nothing happens.
 //!
@@ -49,7 +49,7 @@ fn every_class_vm(dir: &ScratchDir, seccomp: &[&str]) -> (Command, VhostUserBloc
     let backend = format!("path={},socket={}", image.display(), socket.display());
     let daemon = VhostUserBlockDaemon::start(&backend, &socket, &dir.file("daemon.log"));
     let keys = Stage2Keys {
-        virtio: Some(vec![("blk", 1), ("rng", 1)]),
+        virtio: Some(vec![("blk", 1), ("rng", 1), ("vsock", 1)]),
         blk_pattern_sector: Some(2048),
         ..Default::default()
     };
@@ -61,6 +61,8 @@ fn every_class_vm(dir: &ScratchDir, seccomp: &[&str]) -> (Command, VhostUserBloc
         .arg(dir.file("api.sock"))
         // A console relay thread.
         .args(["--debug-console", "pty"])
+        .arg("--vsock")
+        .arg(format!("cid=3,socket={}", dir.file("vsock.sock").display()))
         .args(seccomp);
     (cmd, daemon)
 }
