@@ -32,6 +32,7 @@ mod net_mq;
 mod netbench;
 mod pci;
 mod phys;
+mod pmem;
 mod regions;
 mod report;
 mod rtc;

@@ -11,6 +11,7 @@ pub mod block;
 pub mod console;
 pub mod net;
 pub mod pause;
+pub mod pmem;
 pub mod rng;
 pub mod transport;
 pub mod vhost_user;
@@ -34,6 +35,8 @@ pub mod device_type {
     pub const CONSOLE: u32 = 3;
     /// Entropy source.
     pub const RNG: u32 = 4;
+    /// Persistent memory.
+    pub const PMEM: u32 = 27;
 }
 
 /// `VIRTIO_F_VERSION_1`: every device offers it, every driver must accept it.

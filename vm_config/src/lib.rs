@@ -13,6 +13,7 @@ pub mod kv;
 mod memory;
 mod net;
 mod pending;
+mod pmem;
 pub mod requests;
 mod size;
 
@@ -26,9 +27,10 @@ pub use disk::{DiskConfig, ImageType};
 pub use memory::{HotplugMethod, MemoryConfig, MIN_MEMORY};
 pub use net::{NetConfig, VhostMode};
 pub use pending::{
-    BalloonConfig, DeviceConfig, GenericVhostUserConfig, LandlockConfig, ObjectList, PmemConfig,
-    TpmConfig, UserDeviceConfig, VdpaConfig, VsockConfig,
+    BalloonConfig, DeviceConfig, GenericVhostUserConfig, LandlockConfig, ObjectList, TpmConfig,
+    UserDeviceConfig, VdpaConfig, VsockConfig,
 };
+pub use pmem::{PmemConfig, PMEM_ALIGN};
 pub use size::parse_size;
 
 /// Errors in a configuration.
@@ -297,7 +299,7 @@ pub struct VmConfig {
     /// virtio-fs shares.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fs: Option<Vec<FsConfig>>,
-    /// Persistent memory devices (not supported yet).
+    /// Persistent memory devices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pmem: Option<Vec<PmemConfig>>,
     /// The 16550 UART at 0x3f8.
@@ -430,6 +432,11 @@ impl VmConfig {
                 f.id = Some(next("_fs"));
             }
         }
+        for p in self.pmem.iter_mut().flatten() {
+            if p.id.is_none() {
+                p.id = Some(next("_pmem"));
+            }
+        }
     }
 
     /// The ids given to devices.
@@ -437,7 +444,8 @@ impl VmConfig {
         let disks = self.disks.iter().flatten().filter_map(|d| d.id.clone());
         let nets = self.net.iter().flatten().filter_map(|n| n.id.clone());
         let fs = self.fs.iter().flatten().filter_map(|f| f.id.clone());
-        disks.chain(nets).chain(fs)
+        let pmem = self.pmem.iter().flatten().filter_map(|p| p.id.clone());
+        disks.chain(nets).chain(fs).chain(pmem)
     }
 
     /// Checks what can be checked without touching the host.
@@ -489,6 +497,9 @@ impl VmConfig {
                 return Err(ConfigError::Memory(NEEDS_SHARED.into()));
             }
         }
+        for pmem in self.pmem.iter().flatten() {
+            pmem.validate()?;
+        }
         self.validate_ids_and_paths()?;
         if self.rng.iommu {
             return Err(ConfigError::Device("rng: iommu is not supported".into()));
@@ -502,7 +513,6 @@ impl VmConfig {
         for (name, asked) in [
             ("rate_limit_groups", asks(&self.rate_limit_groups)),
             ("balloon", self.balloon.is_some()),
-            ("pmem", asks(&self.pmem)),
             ("devices (VFIO)", asks(&self.devices)),
             ("user_devices", asks(&self.user_devices)),
             ("vdpa", asks(&self.vdpa)),
@@ -570,7 +580,12 @@ impl VmConfig {
             .flatten()
             .map(|n| n.vhost_socket.clone().map(PathBuf::from));
         let fs_sockets = self.fs.iter().flatten().map(|f| Some(f.socket.clone()));
-        for path in disk_paths.chain(net_sockets).chain(fs_sockets).flatten() {
+        let pmem_files = self.pmem.iter().flatten().map(|p| Some(p.file.clone()));
+        let all = disk_paths
+            .chain(net_sockets)
+            .chain(fs_sockets)
+            .chain(pmem_files);
+        for path in all.flatten() {
             if !paths.insert(path.clone()) {
                 return Err(ConfigError::DuplicatePath(path.display().to_string()));
             }

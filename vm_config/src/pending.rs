@@ -13,32 +13,6 @@ fn one() -> usize {
     1
 }
 
-/// A virtio-pmem device (CH `PmemConfig`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PmemConfig {
-    /// Backing file.
-    pub file: PathBuf,
-    /// Size in bytes (the file's size when absent; CLI accepts K/M/G suffixes).
-    #[serde(
-        default,
-        deserialize_with = "size::deserialize_opt",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub size: Option<u64>,
-    /// Behind a virtual IOMMU.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub iommu: bool,
-    /// Guest writes are not written back to the file.
-    #[serde(default)]
-    pub discard_writes: bool,
-    /// Device identifier.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    /// PCI segment.
-    #[serde(default)]
-    pub pci_segment: u16,
-}
-
 /// A virtio-vsock device with Cloud Hypervisor's hybrid Unix-socket backend (CH `VsockConfig`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockConfig {

@@ -113,6 +113,8 @@ enum HostSide {
     Rng(std::path::PathBuf),
     /// The virtio console, writing to the board's console sink.
     Console,
+    /// A pmem file, mapped anew by each VM instance.
+    Pmem(crate::pmem::PmemFile),
 }
 
 /// What kind of device a [`BoardDevice`] is, for the device tree and logs.
@@ -128,6 +130,8 @@ pub enum DeviceKind {
     Rng,
     /// virtio-console.
     Console,
+    /// virtio-pmem.
+    Pmem,
 }
 
 /// One device of the board, with its id.
@@ -144,6 +148,17 @@ pub struct BoardDevice {
     /// PCI slot asked for, if any.
     pub slot: Option<u8>,
     host: HostSide,
+}
+
+impl BoardDevice {
+    /// Its pmem file, if it is a pmem device (its guest-facing device needs the address
+    /// where the VM instance mapped the file: [`crate::pmem::attach`]).
+    pub fn pmem_file(&self) -> Option<&crate::pmem::PmemFile> {
+        match &self.host {
+            HostSide::Pmem(file) => Some(file),
+            _ => None,
+        }
+    }
 }
 
 /// What outlives a guest reset.
@@ -360,6 +375,26 @@ impl Board {
                 (HostSide::VhostUser(dev), backend),
             );
         }
+        for p in config.pmem.iter().flatten() {
+            let file =
+                crate::pmem::PmemFile::open(p).map_err(crate::pmem::PmemAttachError::from)?;
+            let backend = format!(
+                "file {} ({} bytes{})",
+                p.file.display(),
+                file.size,
+                if p.discard_writes {
+                    ", writes discarded"
+                } else {
+                    ""
+                }
+            );
+            add(
+                id_of(&p.id),
+                DeviceKind::Pmem,
+                (p.pci_segment, None),
+                (HostSide::Pmem(file), backend),
+            );
+        }
         if !matches!(console, OutputSink::Off) {
             let backend = format!("{:?}", config.console.mode);
             add(
@@ -460,7 +495,8 @@ impl Board {
         }
     }
 
-    /// A fresh guest-facing device for `device`, for a new VM instance.
+    /// A fresh guest-facing device for `device`, for a new VM instance (not for pmem devices,
+    /// see [`BoardDevice::pmem_file`]).
     pub fn instance(&self, device: &BoardDevice) -> Result<Box<dyn VirtioDevice>, VmError> {
         let id = device.id.clone();
         Ok(match &device.host {
@@ -533,6 +569,11 @@ impl Board {
                     None => None,
                 };
                 Box::new(virtio_devices::console::Console::new(out, input, id))
+            }
+            HostSide::Pmem(_) => {
+                return Err(VmError::Failed(format!(
+                    "{id}: a pmem device is built by the VM instance that maps its file"
+                )))
             }
         })
     }

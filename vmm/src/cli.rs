@@ -7,7 +7,7 @@ use nimbus_thread::seccomp::SeccompMode;
 
 use vm_config::{
     kv, ConfigError, ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig,
-    LandlockConfig, MemoryConfig, NetConfig, PayloadConfig, RngConfig, VmConfig,
+    LandlockConfig, MemoryConfig, NetConfig, PayloadConfig, PmemConfig, RngConfig, VmConfig,
 };
 
 /// Nimbus: a virtual machine monitor for cloud workloads.
@@ -43,6 +43,11 @@ pub struct Cli {
     #[arg(long, value_name = "tag=TAG,socket=PATH[,...]", num_args = 1.., action = clap::ArgAction::Append,
           long_help = FS_HELP)]
     pub fs: Vec<String>,
+    /// virtio-pmem device: file=PATH[,size=SIZE][,discard_writes=on][,...]; repeatable
+    /// (`--help` lists every key).
+    #[arg(long, value_name = "file=PATH[,...]", num_args = 1.., action = clap::ArgAction::Append,
+          long_help = PMEM_HELP)]
+    pub pmem: Vec<String>,
     /// Entropy device: src=PATH (default /dev/urandom).
     #[arg(long, value_name = "src=PATH", long_help = RNG_HELP)]
     pub rng: Option<String>,
@@ -176,6 +181,19 @@ id=ID                     device id (default _fsN)
 pci_segment=0             PCI segment (only 0 exists)
 pci_device_id=N           PCI slot, 1..=31 (default: the first free one)";
 
+const PMEM_HELP: &str = "\
+A virtio-pmem device: a host file mapped into the guest's physical address space above
+RAM, which the guest uses as persistent memory (Linux: /dev/pmem<N>); repeatable.
+
+file=PATH                 a regular file (required)
+size=SIZE                 bytes, a multiple of 2M (default: the file's size, which must be
+                          one); a shorter file is extended
+discard_writes=on|off     on: the guest's writes stay in the VMM's memory, never in the
+                          file (the file is opened read-only) (default off)
+id=ID                     device id (default _pmemN)
+pci_segment=0             PCI segment (only 0 exists)
+iommu=off                 on is refused";
+
 const RNG_HELP: &str = "\
 The virtio-rng device (every VM has one).
 
@@ -240,6 +258,7 @@ impl Cli {
             ("--disk", !self.disk.is_empty()),
             ("--net", !self.net.is_empty()),
             ("--fs", !self.fs.is_empty()),
+            ("--pmem", !self.pmem.is_empty()),
             ("--rng", self.rng.is_some()),
             ("--serial", self.serial.is_some()),
             ("--console", self.console.is_some()),
@@ -301,6 +320,14 @@ impl Cli {
                 .map(|s| vm_config::parse_option::<FsConfig>("fs", s))
                 .collect::<Result<Vec<_>, _>>()?;
             config.fs = Some(shares);
+        }
+        if !self.pmem.is_empty() {
+            let devices = self
+                .pmem
+                .iter()
+                .map(|s| vm_config::parse_option::<PmemConfig>("pmem", s))
+                .collect::<Result<Vec<_>, _>>()?;
+            config.pmem = Some(devices);
         }
         if let Some(s) = &self.rng {
             config.rng = vm_config::parse_option::<RngConfig>("rng", s)?;

@@ -94,9 +94,9 @@ pub fn legality(state: Option<VmState>, request: &ApiRequest) -> Result<(), ApiE
             R::VmShutdown | R::VmReboot | R::VmPowerButton | R::VmNmi | R::VmCounters,
         ) => Ok(()),
         (Some(Created | Shutdown), R::VmReboot) => Err(ApiError::plain(404, &["VM is not booted"])),
-        (Some(Created | Shutdown), R::AddDisk(_) | R::AddNet(..) | R::AddFs(_)) => Ok(()),
+        (Some(Created | Shutdown), R::AddDisk(_) | R::AddNet(..) | R::AddFs(_) | R::AddPmem(_)) => Ok(()),
         (Some(Created | Shutdown), R::RemoveDevice(_)) => Ok(()),
-        (Some(Running | Paused), R::AddDisk(_) | R::AddNet(..) | R::AddFs(_) | R::RemoveDevice(_)) => {
+        (Some(Running | Paused), R::AddDisk(_) | R::AddNet(..) | R::AddFs(_) | R::AddPmem(_) | R::RemoveDevice(_)) => {
             Err(ApiError::plain(
                 500,
                 &["adding or removing devices while the VM runs (hotplug) is not supported by Nimbus yet"],
@@ -229,6 +229,9 @@ impl Vmm {
             ApiRequest::AddFs(fs) => self.change_config(|c| {
                 c.fs.get_or_insert_with(Vec::new).push(*fs);
             }),
+            ApiRequest::AddPmem(pmem) => self.change_config(|c| {
+                c.pmem.get_or_insert_with(Vec::new).push(*pmem);
+            }),
             ApiRequest::AddNet(mut net, fds) => {
                 let numbers: Vec<i32> = fds.into_iter().map(|fd| self.fds.insert(fd)).collect();
                 if !numbers.is_empty() {
@@ -350,6 +353,11 @@ impl Vmm {
             let before = fs.len();
             fs.retain(|f| !has(&f.id));
             found |= fs.len() != before;
+        }
+        if let Some(pmem) = &mut config.pmem {
+            let before = pmem.len();
+            pmem.retain(|p| !has(&p.id));
+            found |= pmem.len() != before;
         }
         if !found {
             return Err(ApiError::plain(

@@ -207,6 +207,11 @@ impl DeviceManager {
         Ok(bdf)
     }
 
+    /// Takes `size` bytes aligned to `align` from the 64-bit device area (a pmem region).
+    pub fn allocate_device_area(&mut self, size: u64, align: u64) -> Option<u64> {
+        self.pci.allocate_mmio64(size, align)
+    }
+
     /// The address of device `id`.
     pub fn bdf(&self, id: &str) -> Option<PciBdf> {
         self.devices.iter().find(|d| d.id == id).map(|d| d.bdf)

@@ -131,6 +131,12 @@ impl PciDevices {
         })
     }
 
+    /// Takes `size` bytes aligned to `align` from the 64-bit window for a region that is not
+    /// a BAR (a pmem device's memory).
+    pub fn allocate_mmio64(&mut self, size: u64, align: u64) -> Option<u64> {
+        self.mmio64.allocate_aligned(size, align)
+    }
+
     /// Adds a virtio device in `slot` (or the first free one); its BAR 0 comes from the 64-bit
     /// window (the 32-bit one when that is full).
     pub fn add_virtio(

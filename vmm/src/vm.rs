@@ -134,6 +134,9 @@ pub enum VmError {
     /// A PTY or socket console could not be set up.
     #[error("console")]
     Console(#[from] crate::console_relay::ConsoleRelayError),
+    /// A pmem file could not be opened or mapped into the guest.
+    #[error("pmem device")]
+    Pmem(#[from] crate::pmem::PmemAttachError),
     /// A device thread did not pause.
     #[error("cannot pause the devices")]
     Pause(#[source] virtio_devices::pause::PauseError),
@@ -180,6 +183,8 @@ pub struct Vm {
     _interrupts: Vec<Arc<IrqfdInterrupt>>,
     hv_vm: Arc<dyn hypervisor::Vm>,
     memory: GuestMemoryMmap,
+    /// The pmem files' mappings (after `hv_vm`, whose slots use them, for drop order).
+    _pmem: Vec<vm_memory::mmap::MmapRegion>,
     ctx: VcpuContext,
     /// kvmclock read at pause, written back at resume.
     paused_clock: Option<u64>,
@@ -290,8 +295,26 @@ impl Vm {
         // Devices asking for a slot go first, so the others cannot take it.
         let (placed, free): (Vec<_>, Vec<_>) =
             board.devices().iter().partition(|d| d.slot.is_some());
+        let mut pmem = Vec::new();
         for d in placed.into_iter().chain(free) {
-            let dev = board.instance(d)?;
+            let dev = match d.pmem_file() {
+                Some(file) => {
+                    let slot = crate::pmem::FIRST_SLOT + pmem.len() as u32;
+                    let (region, addr) =
+                        crate::pmem::attach(file, hv_vm.as_ref(), slot, |size, align| {
+                            devices.allocate_device_area(size, align)
+                        })?;
+                    pmem.push(region);
+                    log::info!("{}: {} bytes at {addr:#x}", d.id, file.size);
+                    Box::new(virtio_devices::pmem::Pmem::new(
+                        file.backend(),
+                        addr,
+                        file.size,
+                        d.id.clone(),
+                    ))
+                }
+                None => board.instance(d)?,
+            };
             devices.add_virtio(&d.id, d.kind, d.slot, &d.backend, dev)?;
         }
 
@@ -336,6 +359,7 @@ impl Vm {
             _interrupts: interrupts,
             hv_vm,
             memory,
+            _pmem: pmem,
             ctx: VcpuContext {
                 io_bus,
                 mmio_bus,

@@ -17,7 +17,7 @@ use clap::Parser as _;
 use serde::de::{self, Visitor};
 use vm_config::{
     ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig, LandlockConfig,
-    MemoryConfig, NetConfig, RngConfig,
+    MemoryConfig, NetConfig, PmemConfig, RngConfig,
 };
 use vmm::api::ApiServerError;
 use vmm::cli::Cli;
@@ -601,6 +601,7 @@ fn accepted_keys(option: &str, named: &BTreeSet<String>) -> BTreeSet<String> {
         // `fd` is the command line's spelling of the descriptors (NetConfig::parse).
         "--net" => vm("", struct_fields::<NetConfig>(), &["fd"]),
         "--fs" => vm("tag=t,socket=/s", struct_fields::<FsConfig>(), &[]),
+        "--pmem" => vm("file=/p", struct_fields::<PmemConfig>(), &[]),
         "--rng" => vm("", struct_fields::<RngConfig>(), &[]),
         "--serial" | "--console" => vm("", struct_fields::<ConsoleConfig>(), &[]),
         "--debug-console" => vm("", struct_fields::<DebugConsoleConfig>(), &[]),

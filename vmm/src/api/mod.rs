@@ -86,7 +86,7 @@ pub const ROUTES: &[Route] = &[
     later("vm.add-device", Body::Json),
     route("vm.add-disk", "PUT", Body::Json),
     route("vm.add-fs", "PUT", Body::Json),
-    later("vm.add-pmem", Body::Json),
+    route("vm.add-pmem", "PUT", Body::Json),
     route("vm.add-net", "PUT", Body::Json),
     later("vm.add-vsock", Body::Json),
     later("vm.add-vdpa", Body::Json),
@@ -135,6 +135,8 @@ pub enum ApiRequest {
     AddNet(Box<NetConfig>, Vec<OwnedFd>),
     /// `vm.add-fs`.
     AddFs(Box<FsConfig>),
+    /// `vm.add-pmem`.
+    AddPmem(Box<PmemConfig>),
     /// `vm.remove-device`.
     RemoveDevice(String),
     /// A route whose work arrives with a later Nimbus (its body was well-formed).
@@ -317,6 +319,7 @@ pub fn parse(
             ApiRequest::AddNet(net, fds)
         }
         "vm.add-fs" => ApiRequest::AddFs(json(body)?),
+        "vm.add-pmem" => ApiRequest::AddPmem(json(body)?),
         "vm.remove-device" => ApiRequest::RemoveDevice(json::<VmRemoveDeviceData>(body)?.id),
         // Not implemented yet: the body must still be what the route takes (400 otherwise).
         name => {
@@ -325,7 +328,6 @@ pub fn parse(
                 "vm.resize-disk" => check::<VmResizeDiskData>(body)?,
                 "vm.resize-zone" => check::<VmResizeZoneData>(body)?,
                 "vm.add-device" => check::<DeviceConfig>(body)?,
-                "vm.add-pmem" => check::<PmemConfig>(body)?,
                 "vm.add-vsock" => check::<VsockConfig>(body)?,
                 "vm.add-vdpa" => check::<VdpaConfig>(body)?,
                 "vm.add-user-device" => check::<UserDeviceConfig>(body)?,

@@ -1,0 +1,112 @@
+//! virtio-pmem under the test guest: the host file's marker read through the guest's memory, a
+//! guest write that lands in the file with `discard_writes=off` and not with `on`, and a FLUSH
+//! request answered. Asserted on both sides (the guest's checks and the files' bytes).
+//!
+//! Needs /dev/kvm; without it each test prints a loud SKIPPED line.
+
+use std::process::Command;
+use std::time::Duration;
+
+use e2e::{guest_elf, require_kvm, run_vm, stage1_cmdline, ScratchDir, Stage2Keys};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// Where the guest writes (guest/src/pmem.rs `WRITE_OFFSET`).
+const WRITE_OFFSET: usize = 4096;
+
+fn pmem_file(path: &std::path::Path, marker: &str, size: usize) {
+    let mut bytes = vec![0u8; size];
+    bytes[..marker.len()].copy_from_slice(marker.as_bytes());
+    std::fs::write(path, bytes).expect("pmem file");
+}
+
+#[test]
+fn pmem_marker_write_and_flush() {
+    if !require_kvm("pmem_marker_write_and_flush") {
+        return;
+    }
+    let dir = ScratchDir::new("pmem");
+    let kept = dir.file("kept.img");
+    let discarded = dir.file("discarded.img");
+    pmem_file(&kept, "nimbus-pmem-kept", 2 << 20);
+    pmem_file(&discarded, "nimbus-pmem-discarded", 4 << 20);
+    let keys = Stage2Keys {
+        virtio: Some(vec![("rng", 1), ("pmem", 2)]),
+        ..Default::default()
+    };
+    let cmdline = format!(
+        "{} {} pmem0.marker=nimbus-pmem-kept pmem0.size=2M pmem0.write=written-by-the-guest-0 \
+         pmem1.marker=nimbus-pmem-discarded pmem1.size=4M pmem1.write=written-by-the-guest-1",
+        stage1_cmdline(1, 256 << 20),
+        keys.to_cmdline()
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nimbus"));
+    cmd.arg("--kernel").arg(guest_elf()).args([
+        "--memory",
+        "size=256M",
+        "--serial",
+        "tty",
+        "--console",
+        "off",
+        "--cmdline",
+        &cmdline,
+        "--pmem",
+        &format!("file={}", kept.display()),
+        &format!("file={},discard_writes=on", discarded.display()),
+    ]);
+    let run = run_vm(cmd, TIMEOUT);
+    run.assert_success();
+    let mut checks = vec!["virtio.count".to_string()];
+    for n in 0..2 {
+        for c in ["init", "region", "marker", "write", "flush", "msix"] {
+            checks.push(format!("virtio.pmem{n}.{c}"));
+        }
+    }
+    let refs: Vec<&str> = checks.iter().map(String::as_str).collect();
+    run.report().assert_passed(&refs);
+    let at = |path: &std::path::Path, len: usize| {
+        let bytes = std::fs::read(path).expect("read back");
+        bytes[WRITE_OFFSET..WRITE_OFFSET + len].to_vec()
+    };
+    let want = b"written-by-the-guest-0";
+    assert_eq!(at(&kept, want.len()), want, "{}", run.describe());
+    assert_eq!(
+        at(&discarded, want.len()),
+        vec![0u8; want.len()],
+        "discard_writes=on wrote to the file\n{}",
+        run.describe()
+    );
+    assert_eq!(
+        std::fs::metadata(&discarded).expect("meta").len(),
+        4 << 20,
+        "file size"
+    );
+}
+
+#[test]
+fn unusable_pmem_files_are_refused_with_their_reason() {
+    let dir = ScratchDir::new("pmem-bad");
+    let small = dir.file("small.img");
+    std::fs::write(&small, [0u8; 4096]).expect("file");
+    for (arg, want) in [
+        (format!("file={}", small.display()), "multiple of 2 MiB"),
+        (
+            format!("file={},size=2M,discard_writes=on", small.display()),
+            "read-only",
+        ),
+        ("file=/dev/null,size=2M".to_string(), "not a regular file"),
+        (
+            format!("file={},size=3M", small.display()),
+            "multiple of 2 MiB",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_nimbus"))
+            .arg("--kernel")
+            .arg(guest_elf())
+            .args(["--console", "off", "--pmem", &arg])
+            .output()
+            .expect("nimbus");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{arg}: {stderr}");
+        assert!(stderr.contains(want), "{arg}: {stderr}");
+    }
+}
