@@ -17,6 +17,7 @@
 
 mod acpi;
 mod arch;
+mod balloon;
 mod bench;
 mod blk;
 mod console_io;

@@ -8,15 +8,16 @@ use crate::acpi::Acpi;
 use crate::pci::{self, Bus};
 use crate::report::{check, Ascii, StrBuf};
 use crate::virtio::{Buf, DmaPage, IrqTally, Queue, Transport, Why, F_VERSION_1};
-use crate::{arch, blk, expect, fs, hostile, net, phys, pmem, println, why};
+use crate::{arch, balloon, blk, expect, fs, hostile, net, phys, pmem, println, why};
 
 const VIRTIO_VENDOR: u16 = 0x1af4;
 /// Device kinds driven: name and virtio device type (device ID 0x1040 + type).
-const KINDS: [(&str, u16); 6] = [
+const KINDS: [(&str, u16); 7] = [
     ("net", 1),
     ("blk", 2),
     ("console", 3),
     ("rng", 4),
+    ("balloon", 5),
     ("fs", 26),
     ("pmem", 27),
 ];
@@ -208,6 +209,7 @@ fn run_virtio(bus: &Bus, keys: &Keys<'_>, apic_id: u32) -> (Option<blk::Blk>, Op
             "console" => run_console(t, name.as_str(), n, keys, apic_id),
             "fs" => fs::run(t, n, keys, apic_id),
             "pmem" => pmem::run(t, n, keys, apic_id),
+            "balloon" => balloon::run(t, n, keys, apic_id),
             _ => net::run(t, n, keys, apic_id),
         }
     }

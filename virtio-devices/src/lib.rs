@@ -7,6 +7,7 @@
 //! device; devices never see PCI.
 #![deny(missing_docs)]
 
+pub mod balloon;
 pub mod block;
 pub mod console;
 pub mod net;
@@ -35,6 +36,8 @@ pub mod device_type {
     pub const CONSOLE: u32 = 3;
     /// Entropy source.
     pub const RNG: u32 = 4;
+    /// Memory balloon.
+    pub const BALLOON: u32 = 5;
     /// Persistent memory.
     pub const PMEM: u32 = 27;
 }

@@ -6,6 +6,7 @@
 //! [`VmConfig::validate`] rejects what cannot be built, with a message naming the field.
 #![deny(missing_docs)]
 
+mod balloon;
 mod console;
 mod cpus;
 mod disk;
@@ -21,14 +22,15 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use balloon::{BalloonConfig, BALLOON_DEVICE_ID};
 pub use console::{ConsoleConfig, ConsoleOutputMode, DebugConsoleConfig, DEBUG_CONSOLE_PORT};
 pub use cpus::{CpuAffinity, CpuFeatures, CpuTopology, CpusConfig, MAX_VCPUS};
 pub use disk::{DiskConfig, ImageType};
 pub use memory::{HotplugMethod, MemoryConfig, MIN_MEMORY};
 pub use net::{NetConfig, VhostMode};
 pub use pending::{
-    BalloonConfig, DeviceConfig, GenericVhostUserConfig, LandlockConfig, ObjectList, TpmConfig,
-    UserDeviceConfig, VdpaConfig, VsockConfig,
+    DeviceConfig, GenericVhostUserConfig, LandlockConfig, ObjectList, TpmConfig, UserDeviceConfig,
+    VdpaConfig, VsockConfig,
 };
 pub use pmem::{PmemConfig, PMEM_ALIGN};
 pub use size::parse_size;
@@ -293,7 +295,7 @@ pub struct VmConfig {
     /// The entropy device.
     #[serde(default)]
     pub rng: RngConfig,
-    /// The memory balloon (not supported yet).
+    /// The memory balloon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonConfig>,
     /// virtio-fs shares.
@@ -500,6 +502,9 @@ impl VmConfig {
         for pmem in self.pmem.iter().flatten() {
             pmem.validate()?;
         }
+        if let Some(balloon) = &self.balloon {
+            balloon.validate(self.memory.size)?;
+        }
         self.validate_ids_and_paths()?;
         if self.rng.iommu {
             return Err(ConfigError::Device("rng: iommu is not supported".into()));
@@ -512,7 +517,6 @@ impl VmConfig {
         }
         for (name, asked) in [
             ("rate_limit_groups", asks(&self.rate_limit_groups)),
-            ("balloon", self.balloon.is_some()),
             ("devices (VFIO)", asks(&self.devices)),
             ("user_devices", asks(&self.user_devices)),
             ("vdpa", asks(&self.vdpa)),
@@ -838,7 +842,6 @@ mod tests {
     fn settings_nimbus_cannot_honour_are_refused_by_name() {
         for (patch, name) in [
             (r#"{"vsock": {"cid": 3, "socket": "/s"}}"#, "vsock"),
-            (r#"{"balloon": {"size": 0}}"#, "balloon"),
             (
                 r#"{"devices": [{"path": "/sys/bus/pci/devices/0000:00:01.0/"}]}"#,
                 "VFIO",

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{is_false, size};
+use crate::is_false;
 
 fn one() -> usize {
     1
@@ -104,20 +104,6 @@ pub struct GenericVhostUserConfig {
     pub queue_sizes: Vec<u16>,
     /// The virtio device type number.
     pub device_type: u32,
-}
-
-/// The memory balloon (CH `BalloonConfig`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BalloonConfig {
-    /// Balloon size in bytes.
-    #[serde(deserialize_with = "size::deserialize")]
-    pub size: u64,
-    /// Deflate when the guest runs out of memory.
-    #[serde(default)]
-    pub deflate_on_oom: bool,
-    /// Free page reporting.
-    #[serde(default)]
-    pub free_page_reporting: bool,
 }
 
 /// A TPM behind a swtpm socket (CH `TpmConfig`).

@@ -115,6 +115,8 @@ enum HostSide {
     Console,
     /// A pmem file, mapped anew by each VM instance.
     Pmem(crate::pmem::PmemFile),
+    /// The memory balloon (its target is the configuration's, which `vm.resize` keeps).
+    Balloon(vm_config::BalloonConfig),
 }
 
 /// What kind of device a [`BoardDevice`] is, for the device tree and logs.
@@ -132,6 +134,8 @@ pub enum DeviceKind {
     Console,
     /// virtio-pmem.
     Pmem,
+    /// virtio-balloon.
+    Balloon,
 }
 
 /// One device of the board, with its id.
@@ -151,6 +155,15 @@ pub struct BoardDevice {
 }
 
 impl BoardDevice {
+    /// Its balloon configuration, if it is the balloon (the VM instance keeps a handle on it,
+    /// [`crate::vm::Vm::resize_balloon`]).
+    pub fn balloon_config(&self) -> Option<&vm_config::BalloonConfig> {
+        match &self.host {
+            HostSide::Balloon(b) => Some(b),
+            _ => None,
+        }
+    }
+
     /// Its pmem file, if it is a pmem device (its guest-facing device needs the address
     /// where the VM instance mapped the file: [`crate::pmem::attach`]).
     pub fn pmem_file(&self) -> Option<&crate::pmem::PmemFile> {
@@ -404,6 +417,18 @@ impl Board {
                 (HostSide::Console, backend),
             );
         }
+        if let Some(b) = &config.balloon {
+            let backend = format!(
+                "size {} deflate_on_oom={} free_page_reporting={}",
+                b.size, b.deflate_on_oom, b.free_page_reporting
+            );
+            add(
+                vm_config::BALLOON_DEVICE_ID.into(),
+                DeviceKind::Balloon,
+                (0, None),
+                (HostSide::Balloon(b.clone()), backend),
+            );
+        }
         let src = config.rng.src.clone();
         let backend = format!("source {}", src.display());
         add(
@@ -495,8 +520,8 @@ impl Board {
         }
     }
 
-    /// A fresh guest-facing device for `device`, for a new VM instance (not for pmem devices,
-    /// see [`BoardDevice::pmem_file`]).
+    /// A fresh guest-facing device for `device`, for a new VM instance (not for pmem devices and
+    /// the balloon, see [`BoardDevice::pmem_file`] and [`BoardDevice::balloon_config`]).
     pub fn instance(&self, device: &BoardDevice) -> Result<Box<dyn VirtioDevice>, VmError> {
         let id = device.id.clone();
         Ok(match &device.host {
@@ -570,9 +595,9 @@ impl Board {
                 };
                 Box::new(virtio_devices::console::Console::new(out, input, id))
             }
-            HostSide::Pmem(_) => {
+            HostSide::Pmem(_) | HostSide::Balloon(_) => {
                 return Err(VmError::Failed(format!(
-                    "{id}: a pmem device is built by the VM instance that maps its file"
+                    "{id}: this device is built by the VM instance (it keeps a hold on it)"
                 )))
             }
         })

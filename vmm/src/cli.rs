@@ -6,8 +6,9 @@ use clap::Parser;
 use nimbus_thread::seccomp::SeccompMode;
 
 use vm_config::{
-    kv, ConfigError, ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig,
-    LandlockConfig, MemoryConfig, NetConfig, PayloadConfig, PmemConfig, RngConfig, VmConfig,
+    kv, BalloonConfig, ConfigError, ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig,
+    FsConfig, LandlockConfig, MemoryConfig, NetConfig, PayloadConfig, PmemConfig, RngConfig,
+    VmConfig,
 };
 
 /// Nimbus: a virtual machine monitor for cloud workloads.
@@ -48,6 +49,9 @@ pub struct Cli {
     #[arg(long, value_name = "file=PATH[,...]", num_args = 1.., action = clap::ArgAction::Append,
           long_help = PMEM_HELP)]
     pub pmem: Vec<String>,
+    /// Memory balloon: size=SIZE[,deflate_on_oom=on][,free_page_reporting=on].
+    #[arg(long, value_name = "size=SIZE[,...]", long_help = BALLOON_HELP)]
+    pub balloon: Option<String>,
     /// Entropy device: src=PATH (default /dev/urandom).
     #[arg(long, value_name = "src=PATH", long_help = RNG_HELP)]
     pub rng: Option<String>,
@@ -194,6 +198,14 @@ id=ID                     device id (default _pmemN)
 pci_segment=0             PCI segment (only 0 exists)
 iommu=off                 on is refused";
 
+const BALLOON_HELP: &str = "\
+The virtio memory balloon (id __balloon): the guest gives back the pages it puts in it, and the
+host drops them from its memory; vm.resize desired_balloon changes the size while running.
+
+size=SIZE                 bytes asked of the guest at boot, below the RAM size (required)
+deflate_on_oom=on|off     the guest may take pages back when it runs out of memory (default off)
+free_page_reporting=on|off  the guest reports free pages, which the host drops (default off)";
+
 const RNG_HELP: &str = "\
 The virtio-rng device (every VM has one).
 
@@ -259,6 +271,7 @@ impl Cli {
             ("--net", !self.net.is_empty()),
             ("--fs", !self.fs.is_empty()),
             ("--pmem", !self.pmem.is_empty()),
+            ("--balloon", self.balloon.is_some()),
             ("--rng", self.rng.is_some()),
             ("--serial", self.serial.is_some()),
             ("--console", self.console.is_some()),
@@ -328,6 +341,9 @@ impl Cli {
                 .map(|s| vm_config::parse_option::<PmemConfig>("pmem", s))
                 .collect::<Result<Vec<_>, _>>()?;
             config.pmem = Some(devices);
+        }
+        if let Some(s) = &self.balloon {
+            config.balloon = Some(vm_config::parse_option::<BalloonConfig>("balloon", s)?);
         }
         if let Some(s) = &self.rng {
             config.rng = vm_config::parse_option::<RngConfig>("rng", s)?;

@@ -80,7 +80,7 @@ pub fn legality(state: Option<VmState>, request: &ApiRequest) -> Result<(), ApiE
             &[&format!("{route} is not supported by Nimbus yet")],
         )),
         (None, _) => Err(not_created()),
-        (Some(_), R::VmInfo) => Ok(()),
+        (Some(_), R::VmInfo | R::VmResize(_)) => Ok(()),
         (Some(Created | Shutdown), R::VmBoot) => Ok(()),
         (Some(Running | Paused), R::VmBoot) => {
             Err(ApiError::plain(500, &["VM is already booted"]))
@@ -223,6 +223,7 @@ impl Vmm {
             ApiRequest::VmResume => self.resume(),
             ApiRequest::VmInfo => self.info(),
             ApiRequest::VmCounters => self.counters(),
+            ApiRequest::VmResize(resize) => self.resize(&resize),
             ApiRequest::AddDisk(disk) => self.change_config(|c| {
                 c.disks.get_or_insert_with(Vec::new).push(*disk);
             }),
@@ -326,6 +327,62 @@ impl Vmm {
             .validate()
             .map_err(|e| ApiError::new(config_status(&e), "The device could not be added", &e))?;
         self.config = Some(changed);
+        Ok(ApiBody::NoContent)
+    }
+
+    /// `vm.resize`: the balloon's target (in the configuration, and in the running guest);
+    /// vCPU and RAM sizes come with hotplug and are refused by name.
+    fn resize(&mut self, resize: &vm_config::requests::VmResizeData) -> ApiReply {
+        const CONTEXT: &str = "The VM could not be resized";
+        let unsupported: Vec<&str> = [
+            ("desired_vcpus", resize.desired_vcpus.is_some()),
+            ("desired_ram", resize.desired_ram.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect();
+        if !unsupported.is_empty() {
+            return Err(ApiError::plain(
+                500,
+                &[
+                    CONTEXT,
+                    &format!(
+                        "{} not supported by Nimbus yet (CPU and memory hotplug); only \
+                         desired_balloon is",
+                        unsupported.join(" and ")
+                    ),
+                ],
+            ));
+        }
+        let Some(bytes) = resize.desired_balloon else {
+            return Ok(ApiBody::NoContent);
+        };
+        let Some(config) = &mut self.config else {
+            return Err(ApiError::plain(404, &["VM is not created"]));
+        };
+        let Some(balloon) = &mut config.balloon else {
+            return Err(ApiError::plain(
+                500,
+                &[CONTEXT, "the VM has no balloon device (--balloon)"],
+            ));
+        };
+        if bytes >= config.memory.size {
+            return Err(ApiError::plain(
+                500,
+                &[
+                    CONTEXT,
+                    &format!(
+                        "desired_balloon {bytes} is not below the RAM size {}",
+                        config.memory.size
+                    ),
+                ],
+            ));
+        }
+        balloon.size = bytes;
+        if let Some(b) = &self.booted {
+            b.vm.resize_balloon(bytes)
+                .map_err(|e| vm_error(CONTEXT, &e))?;
+        }
         Ok(ApiBody::NoContent)
     }
 
@@ -567,7 +624,10 @@ impl Vmm {
         let info = VmInfo {
             config,
             state: self.state,
-            memory_actual_size: config.memory.size,
+            memory_actual_size: config
+                .memory
+                .size
+                .saturating_sub(self.booted.as_ref().map_or(0, |b| b.vm.balloon_bytes())),
             device_tree: self.booted.as_ref().map(|b| b.vm.devices().device_tree()),
         };
         json_reply(&info)

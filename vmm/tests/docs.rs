@@ -16,8 +16,8 @@ use std::time::Instant;
 use clap::Parser as _;
 use serde::de::{self, Visitor};
 use vm_config::{
-    ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig, LandlockConfig,
-    MemoryConfig, NetConfig, PmemConfig, RngConfig,
+    BalloonConfig, ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig,
+    LandlockConfig, MemoryConfig, NetConfig, PmemConfig, RngConfig,
 };
 use vmm::api::ApiServerError;
 use vmm::cli::Cli;
@@ -602,6 +602,7 @@ fn accepted_keys(option: &str, named: &BTreeSet<String>) -> BTreeSet<String> {
         "--net" => vm("", struct_fields::<NetConfig>(), &["fd"]),
         "--fs" => vm("tag=t,socket=/s", struct_fields::<FsConfig>(), &[]),
         "--pmem" => vm("file=/p", struct_fields::<PmemConfig>(), &[]),
+        "--balloon" => vm("size=0", struct_fields::<BalloonConfig>(), &[]),
         "--rng" => vm("", struct_fields::<RngConfig>(), &[]),
         "--serial" | "--console" => vm("", struct_fields::<ConsoleConfig>(), &[]),
         "--debug-console" => vm("", struct_fields::<DebugConsoleConfig>(), &[]),

@@ -80,7 +80,7 @@ pub const ROUTES: &[Route] = &[
     route("vm.nmi", "PUT", Body::None),
     route("vm.info", "GET", Body::None),
     route("vm.counters", "GET", Body::None),
-    later("vm.resize", Body::Json),
+    route("vm.resize", "PUT", Body::Json),
     later("vm.resize-disk", Body::Json),
     later("vm.resize-zone", Body::Json),
     later("vm.add-device", Body::Json),
@@ -129,6 +129,8 @@ pub enum ApiRequest {
     VmInfo,
     /// `vm.counters`.
     VmCounters,
+    /// `vm.resize` (only `desired_balloon` is implemented).
+    VmResize(VmResizeData),
     /// `vm.add-disk`.
     AddDisk(Box<DiskConfig>),
     /// `vm.add-net` with the TAP descriptors that came with it.
@@ -306,6 +308,7 @@ pub fn parse(
         "vm.nmi" => ApiRequest::VmNmi,
         "vm.info" => ApiRequest::VmInfo,
         "vm.counters" => ApiRequest::VmCounters,
+        "vm.resize" => ApiRequest::VmResize(json(body)?),
         "vm.add-disk" => ApiRequest::AddDisk(json(body)?),
         "vm.add-net" => {
             let mut net: Box<NetConfig> = json(body)?;
@@ -324,7 +327,6 @@ pub fn parse(
         // Not implemented yet: the body must still be what the route takes (400 otherwise).
         name => {
             match name {
-                "vm.resize" => check::<VmResizeData>(body)?,
                 "vm.resize-disk" => check::<VmResizeDiskData>(body)?,
                 "vm.resize-zone" => check::<VmResizeZoneData>(body)?,
                 "vm.add-device" => check::<DeviceConfig>(body)?,

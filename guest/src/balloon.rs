@@ -1,0 +1,174 @@
+//! virtio-balloon checks (`virtio.balloon<n>.*`), driven with the host: the guest
+//! touches `balloon.mib` MiB of its RAM at `balloon.base` (default 128 MiB),
+//! prints `INFO virtio.balloon<n>.touched`, and waits for the host to raise the
+//! target (`vm.resize desired_balloon`, a configuration change interrupt); it
+//! then inflates exactly those pages, prints `INFO virtio.balloon<n>.inflated`
+//! and waits for the target to fall to 0, checks that the pages it gave read
+//! as zeros (the host dropped them) and deflates them.
+
+use core::fmt::Write;
+
+use crate::report::StrBuf;
+use crate::stage2::{self, check_named, Keys};
+use crate::virtio::{Buf, DmaPage, Queue, Transport, F_VERSION_1};
+use crate::{arch, expect, phys, println, time};
+
+const PAGE: u64 = 4096;
+const MIB: u64 = 1 << 20;
+/// Page numbers per request (one DMA page of le32s).
+const PFNS_PER_REQUEST: u64 = 1024;
+/// How long the guest waits for the host to change the target.
+const WAIT_US: u64 = 30_000_000;
+/// What the guest writes into every page it touches.
+const TOUCH: u8 = 0x5a;
+
+fn num_pages(t: &Transport) -> u32 {
+    t.read_config(|r| r.r32(0)).unwrap_or(u32::MAX)
+}
+
+/// Waits until the target is `want`; returns the configuration interrupts seen meanwhile.
+fn wait_target(t: &Transport, want: u32) -> Result<u64, u32> {
+    let vector = t.config_vector();
+    let before = vector.map_or(0, arch::irq_count);
+    let deadline = time::Deadline::after_us(WAIT_US);
+    loop {
+        let now = num_pages(t);
+        if now == want {
+            return Ok(vector.map_or(0, arch::irq_count) - before);
+        }
+        if deadline.passed() {
+            return Err(now);
+        }
+        time::delay_us(1000);
+    }
+}
+
+/// Gives (`queue` 0) or takes back (1) the pages `[base, base + bytes)`;
+/// returns how many requests completed and how many were made.
+fn send_pages(q: &mut Queue, page: &DmaPage, base: u64, bytes: u64) -> (u64, u64) {
+    let total = bytes / PAGE;
+    let (mut done, mut made) = (0, 0);
+    let mut next = 0;
+    while next < total {
+        let k = (total - next).min(PFNS_PER_REQUEST);
+        for i in 0..k {
+            let pfn = ((base / PAGE) + next + i) as u32;
+            page.write_bytes((i * 4) as usize, &pfn.to_le_bytes());
+        }
+        made += 1;
+        let c = q.transact(
+            &[Buf {
+                addr: page.phys(0),
+                len: (k * 4) as u32,
+                write: false,
+            }],
+            true,
+        );
+        if c.used.is_some() {
+            done += 1;
+        }
+        next += k;
+    }
+    (done, made)
+}
+
+/// Drives balloon device `n` (see docs/test-guest.md for its keys).
+pub fn run(mut t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
+    let mut name: StrBuf<24> = StrBuf::new();
+    let _ = write!(name, "virtio.balloon{n}");
+    let name = name.as_str();
+    // Inflate and deflate only (no statistics queue); config starts with le32 num_pages.
+    let Some(([inflate, deflate], _)) = stage2::bring_up(&mut t, name, 4, F_VERSION_1, 2, apic_id)
+    else {
+        return;
+    };
+    let target = num_pages(&t);
+    if let Some(want) = keys.get("balloon", n, "initial").and_then(expect::parse_size) {
+        check_named(
+            name,
+            "initial",
+            u64::from(target) * PAGE == want,
+            format_args!("num_pages={target} expected {} bytes", want),
+        );
+    }
+    let Some(mib) = keys.get("balloon", n, "mib").and_then(expect::parse_u64) else {
+        return;
+    };
+    let base = keys
+        .get("balloon", n, "base")
+        .and_then(expect::parse_size)
+        .unwrap_or(128 * MIB);
+    let bytes = mib * MIB;
+    let (img_start, img_end) = arch::image_range();
+    let usable = mib > 0
+        && base % PAGE == 0
+        && phys::readable(base, bytes)
+        && (base + bytes <= img_start || base >= img_end);
+    let (Some(mut inflate), Some(mut deflate), Some(page), true) =
+        (inflate, deflate, DmaPage::alloc(), usable)
+    else {
+        check_named(
+            name,
+            "inflate",
+            false,
+            format_args!("no queues, no DMA page, or range {base:#x}+{bytes:#x} unusable"),
+        );
+        return;
+    };
+    for p in 0..bytes / PAGE {
+        phys::mmio_write8(base + p * PAGE, TOUCH);
+        phys::mmio_write8(base + p * PAGE + PAGE / 2, TOUCH);
+    }
+    println!("INFO {name}.touched base={base:#x} bytes={bytes:#x}");
+    let pages = (bytes / PAGE) as u32;
+    let raised = wait_target(&t, pages);
+    check_named(
+        name,
+        "raise",
+        raised.is_ok_and(|irqs| irqs > 0 || t.config_vector().is_none()),
+        format_args!("target {pages} pages: {raised:?} (config interrupts seen, or target seen)"),
+    );
+    if raised.is_err() {
+        return;
+    }
+    let (done, made) = send_pages(&mut inflate, &page, base, bytes);
+    if let Some(dev) = t.device.as_ref() {
+        dev.w32(4, pages);
+    }
+    check_named(
+        name,
+        "inflate",
+        done == made && made > 0,
+        format_args!("{pages} pages in {made} requests, {done} completed"),
+    );
+    println!("INFO {name}.inflated pages={pages}");
+    let lowered = wait_target(&t, 0);
+    check_named(
+        name,
+        "lower",
+        lowered.is_ok_and(|irqs| irqs > 0 || t.config_vector().is_none()),
+        format_args!("target 0: {lowered:?}"),
+    );
+    let mut nonzero = 0u64;
+    for p in 0..bytes / PAGE {
+        if phys::read_u8(base + p * PAGE) != 0 || phys::read_u8(base + p * PAGE + PAGE / 2) != 0 {
+            nonzero += 1;
+        }
+    }
+    check_named(
+        name,
+        "zeroed",
+        nonzero == 0,
+        format_args!("{nonzero} of {pages} given pages still hold the guest's bytes"),
+    );
+    let (done, made) = send_pages(&mut deflate, &page, base, bytes);
+    if let Some(dev) = t.device.as_ref() {
+        dev.w32(4, 0);
+    }
+    check_named(
+        name,
+        "deflate",
+        done == made && made > 0,
+        format_args!("{pages} pages in {made} requests, {done} completed"),
+    );
+}
