@@ -20,7 +20,7 @@ use vm_memory::{
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::pause::PauseError;
-use crate::worker::{QueueHandler, Worker};
+use crate::worker::{QueueHandler, WorkerSlot};
 use crate::{
     device_type, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice,
     VirtioInterrupt, VIRTIO_F_VERSION_1,
@@ -163,7 +163,7 @@ pub struct Balloon {
     shared: Arc<Shared>,
     refresh: Arc<EventFd>,
     name: String,
-    worker: Option<Worker>,
+    worker: WorkerSlot,
 }
 
 impl Balloon {
@@ -197,7 +197,7 @@ impl Balloon {
                 shared,
                 refresh,
                 name,
-                worker: None,
+                worker: WorkerSlot::default(),
             },
             handle,
         ))
@@ -494,8 +494,7 @@ impl VirtioDevice for Balloon {
             refresh: self.refresh.clone(),
             stats_head: None,
         };
-        self.worker = Some(Worker::start(&self.name, handler, a)?);
-        Ok(())
+        self.worker.start(&self.name, handler, a)
     }
 
     fn reset(&mut self) {
@@ -504,18 +503,16 @@ impl VirtioDevice for Balloon {
             .interrupt
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = None;
-        self.worker = None;
+        self.worker.stop();
         self.shared.actual.store(0, Ordering::SeqCst);
     }
 
     fn pause(&mut self) -> Result<(), PauseError> {
-        self.worker.as_ref().map_or(Ok(()), Worker::pause)
+        self.worker.pause()
     }
 
     fn resume(&mut self) {
-        if let Some(w) = &self.worker {
-            w.resume();
-        }
+        self.worker.resume();
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

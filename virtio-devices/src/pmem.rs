@@ -10,7 +10,7 @@ use virtio_chain::{ChainError, MalformedChain, QueueError};
 use vm_memory::GuestAddressSpace;
 
 use crate::pause::PauseError;
-use crate::worker::{QueueHandler, Worker};
+use crate::worker::{QueueHandler, WorkerSlot};
 use crate::{
     device_type, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice,
     VIRTIO_F_VERSION_1,
@@ -56,7 +56,7 @@ pub struct Pmem {
     start: u64,
     size: u64,
     name: String,
-    worker: Option<Worker>,
+    worker: WorkerSlot,
 }
 
 impl Pmem {
@@ -68,7 +68,7 @@ impl Pmem {
             start,
             size,
             name,
-            worker: None,
+            worker: WorkerSlot::default(),
         }
     }
 }
@@ -211,22 +211,19 @@ impl VirtioDevice for Pmem {
         let handler = PmemQueue {
             backend: self.backend.clone(),
         };
-        self.worker = Some(Worker::start(&self.name, handler, a)?);
-        Ok(())
+        self.worker.start(&self.name, handler, a)
     }
 
     fn reset(&mut self) {
-        self.worker = None;
+        self.worker.stop();
     }
 
     fn pause(&mut self) -> Result<(), PauseError> {
-        self.worker.as_ref().map_or(Ok(()), Worker::pause)
+        self.worker.pause()
     }
 
     fn resume(&mut self) {
-        if let Some(w) = &self.worker {
-            w.resume();
-        }
+        self.worker.resume();
     }
 }
 
