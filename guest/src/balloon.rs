@@ -171,4 +171,39 @@ pub fn run(mut t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
         done == made && made > 0,
         format_args!("{pages} pages in {made} requests, {done} completed"),
     );
+    if keys.get("balloon", n, "hostile") == Some("1") {
+        hostile(name, &mut inflate, &mut deflate, &page, base);
+    }
+}
+
+/// Page numbers the host must refuse (outside RAM: the PCI hole, past 4 GiB of nothing, the
+/// largest number), a full page of them in one request, then proof that the device still
+/// works: one real page inflated and deflated (the host counts 2048 refused pages).
+fn hostile(name: &str, inflate: &mut Queue, deflate: &mut Queue, page: &DmaPage, base: u64) {
+    let mut completed = 0;
+    for first in [0xc_0000u32, 0xffff_fc00] {
+        for i in 0..PFNS_PER_REQUEST as u32 {
+            page.write_bytes((i * 4) as usize, &first.wrapping_add(i).to_le_bytes());
+        }
+        let c = inflate.transact(
+            &[Buf {
+                addr: page.phys(0),
+                len: (PFNS_PER_REQUEST * 4) as u32,
+                write: false,
+            }],
+            true,
+        );
+        completed += u32::from(c.used.is_some());
+    }
+    let (done_in, _) = send_pages(inflate, page, base, PAGE);
+    let (done_out, _) = send_pages(deflate, page, base, PAGE);
+    check_named(
+        name,
+        "hostile",
+        completed == 2 && done_in == 1 && done_out == 1,
+        format_args!(
+            "2 requests of 1024 page numbers outside RAM: {completed} used; one real page \
+             afterwards: inflate {done_in}, deflate {done_out}"
+        ),
+    );
 }

@@ -37,7 +37,8 @@ fn balloon_inflates_through_vm_resize_and_the_rss_falls() {
     }
     let v = ApiVmm::new("balloon");
     let cmdline = format!(
-        "{} expect.virtio=rng:1,balloon:1 balloon.initial=0 balloon.mib={BALLOON_MIB}",
+        "{} expect.virtio=rng:1,balloon:1 balloon.initial=0 balloon.mib={BALLOON_MIB} \
+         balloon.hostile=1",
         stage1_cmdline(1, 256 * MIB)
     );
     let mut cmd = v.command(NIMBUS, &["--memory", "size=256M", "--serial", "tty"]);
@@ -127,6 +128,12 @@ fn balloon_inflates_through_vm_resize_and_the_rss_falls() {
         Some(r#"{"desired_balloon":0}"#),
     );
     assert_eq!(lower.status, 204, "{}", lower.text());
+    // The guest then sends 2048 page numbers outside its RAM (the PCI hole, the top of the
+    // 32-bit range): refused and counted, and the device goes on serving.
+    vm.wait_for_line("virtio.balloon0.hostile", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let counters = api::call(&v.socket, "GET", "vm.counters", None).json();
+    assert_eq!(counters["__balloon"]["refused_pages"], 2048, "{counters}");
     let run = vm.finish(WAIT);
     run.assert_success();
     run.report().assert_passed(&[
@@ -138,5 +145,6 @@ fn balloon_inflates_through_vm_resize_and_the_rss_falls() {
         "virtio.balloon0.lower",
         "virtio.balloon0.zeroed",
         "virtio.balloon0.deflate",
+        "virtio.balloon0.hostile",
     ]);
 }
