@@ -1036,7 +1036,8 @@ fn acpi_reboot_restarts_once() {
 /// virtio-pmem and virtio-balloon in one boot, driven through the API: `/dev/pmem0` holds the
 /// host file's marker, the guest's write (fsync: the device's FLUSH) lands in the file; the init
 /// touches and frees memory, `vm.resize desired_balloon` raises the balloon, the driver takes the
-/// pages (MemTotal falls) and the VMM's RSS falls with it.
+/// pages (MemTotal falls) and the VMM's RSS falls with it; the driver's statistics reach
+/// `vm.counters`.
 #[test]
 fn pmem_and_balloon() {
     if !require_kvm("pmem_and_balloon") {
@@ -1128,6 +1129,14 @@ fn pmem_and_balloon() {
         inflate_time.as_secs_f64()
     );
     assert_eq!(inflated_pages, BALLOON_MIB << 8, "{counters}");
+    // The driver's statistics (its first buffer, sent at probe): MemTotal in bytes.
+    let total = counters["__balloon"]["stat_total_memory"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        total > (MEMORY_MIB << 20) / 2 && total <= MEMORY_MIB << 20,
+        "stat_total_memory {total}: {counters}"
+    );
     assert!(
         fell >= (TOUCH_MIB << 20) / 3,
         "RSS fell by {fell} bytes only ({before} -> {after})\n{}",
