@@ -731,6 +731,23 @@ mod tests {
             [Some(Created), Some(Shutdown)]
         );
         assert!(legal_in(&ApiRequest::NotYet("vm.snapshot")).is_empty());
+        let pmem = vm_config::PmemConfig {
+            file: "/p".into(),
+            size: None,
+            iommu: false,
+            discard_writes: false,
+            id: None,
+            pci_segment: 0,
+        };
+        assert_eq!(
+            legal_in(&ApiRequest::AddPmem(Box::new(pmem))),
+            [Some(Created), Some(Shutdown)]
+        );
+        assert_eq!(
+            legal_in(&ApiRequest::VmResize(Default::default())).len(),
+            4,
+            "vm.resize needs a VM, in any state"
+        );
     }
 
     #[test]

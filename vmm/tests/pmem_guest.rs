@@ -150,3 +150,53 @@ fn qemu_reference_pmem() {
         run.describe()
     );
 }
+
+/// `vm.add-pmem` before boot (as ch-remote and Kata send it): 204 (409 for the same file
+/// twice), the device in `vm.info`'s configuration with its generated id after the boot, the
+/// guest reads the marker and its write lands in the file. (Refusing it while the VM runs is
+/// `controller::legality`'s, unit-tested there.)
+#[test]
+fn add_pmem_through_the_api_before_boot() {
+    if !require_kvm("add_pmem_through_the_api_before_boot") {
+        return;
+    }
+    let v = e2e::api::ApiVmm::new("pmem-api");
+    let file = v.dir.file("api.img");
+    pmem_file(&file, "nimbus-pmem-api", 2 << 20);
+    let vm = e2e::spawn_vm(v.command(env!("CARGO_BIN_EXE_nimbus"), &[]));
+    v.wait_ready();
+    let cmdline = format!(
+        "{} expect.virtio=rng:1,pmem:1 pmem0.marker=nimbus-pmem-api pmem0.write=written-over-api",
+        stage1_cmdline(1, 256 << 20)
+    );
+    let body = e2e::api::guest_vm_body(1, 256, &cmdline, "");
+    let call = |route: &str, body: Option<&str>| e2e::api::call(&v.socket, "PUT", route, body);
+    assert_eq!(call("vm.create", Some(&body)).status, 204);
+    let pmem = format!(r#"{{"file":"{}","discard_writes":false}}"#, file.display());
+    let added = call("vm.add-pmem", Some(&pmem));
+    assert_eq!(added.status, 204, "{}", added.text());
+    let again = call("vm.add-pmem", Some(&pmem));
+    assert_eq!(again.status, 409, "same file twice: {}", again.text());
+    let boot = call("vm.boot", None);
+    assert_eq!(boot.status, 204, "{}", boot.text());
+    let info = e2e::api::call(&v.socket, "GET", "vm.info", None).json();
+    assert_eq!(info["config"]["pmem"][0]["id"], "_pmem0", "{info}");
+    vm.wait_for_line("TESTS DONE", TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let run = vm.finish(TIMEOUT);
+    let refs = [
+        "virtio.pmem0.init",
+        "virtio.pmem0.region",
+        "virtio.pmem0.marker",
+        "virtio.pmem0.write",
+        "virtio.pmem0.flush",
+    ];
+    run.report().assert_passed(&refs);
+    let bytes = std::fs::read(&file).expect("read back");
+    assert_eq!(
+        &bytes[WRITE_OFFSET..WRITE_OFFSET + 16],
+        b"written-over-api",
+        "{}",
+        run.describe()
+    );
+}
