@@ -72,14 +72,53 @@ fn send_pages(q: &mut Queue, page: &DmaPage, base: u64, bytes: u64) -> (u64, u64
     (done, made)
 }
 
+/// `VIRTIO_BALLOON_F_REPORTING`.
+const F_REPORTING: u64 = 1 << 5;
+
+/// Negotiates (with free page reporting when `report`), sets up MSI-X and the two or three
+/// queues, reports `init` and `pcicfg`.
+fn init(
+    t: &mut Transport,
+    name: &str,
+    report: bool,
+    apic_id: u32,
+) -> Option<(Option<Queue>, Option<Queue>, Option<Queue>)> {
+    let wanted = F_VERSION_1 | if report { F_REPORTING } else { 0 };
+    let r = t.negotiate(wanted).and_then(|()| {
+        let nq = if t.features & F_REPORTING != 0 { 3 } else { 2 };
+        // Without MSI-X the device is polled; the checks below allow for it.
+        let _ = t.setup_msix(1 + nq, apic_id);
+        let q0 = t.setup_queue(0)?;
+        let q1 = t.setup_queue(1)?;
+        let q2 = if nq == 3 { Some(t.setup_queue(2)?) } else { None };
+        t.driver_ok()?;
+        Ok((Some(q0), Some(q1), q2))
+    });
+    match r {
+        Ok((q0, q1, q2)) => {
+            let queues = [q0, q1];
+            stage2::report_init(name, t, &queues);
+            stage2::check_pcicfg(t, name, 4);
+            let [q0, q1] = queues;
+            Some((q0, q1, q2))
+        }
+        Err(w) => {
+            t.fail();
+            check_named(name, "init", false, format_args!("{} {w}", t.func.bdf));
+            None
+        }
+    }
+}
+
 /// Drives balloon device `n` (see docs/test-guest.md for its keys).
 pub fn run(mut t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
     let mut name: StrBuf<24> = StrBuf::new();
     let _ = write!(name, "virtio.balloon{n}");
     let name = name.as_str();
-    // Inflate and deflate only (no statistics queue); config starts with le32 num_pages.
-    let Some(([inflate, deflate], _)) = stage2::bring_up(&mut t, name, 4, F_VERSION_1, 2, apic_id)
-    else {
+    // Inflate and deflate (no statistics queue), plus free page reporting with
+    // `balloon.report=1`; config starts with le32 num_pages.
+    let report = keys.get("balloon", n, "report") == Some("1");
+    let Some((inflate, deflate, reporting)) = init(&mut t, name, report, apic_id) else {
         return;
     };
     let target = num_pages(&t);
@@ -174,6 +213,48 @@ pub fn run(mut t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
     if keys.get("balloon", n, "hostile") == Some("1") {
         hostile(name, &mut inflate, &mut deflate, &page, base);
     }
+    if report {
+        report_free(&t, name, reporting, base, bytes);
+    }
+}
+
+/// Touches the range again, waits for the host's go (a target of one page), reports the
+/// whole range free on the reporting queue, and checks that it reads as zeros afterwards.
+fn report_free(t: &Transport, name: &str, q: Option<Queue>, base: u64, bytes: u64) {
+    let Some(mut q) = q else {
+        check_named(name, "report", false, format_args!("REPORTING not negotiated"));
+        return;
+    };
+    for p in 0..bytes / PAGE {
+        phys::mmio_write8(base + p * PAGE, TOUCH);
+    }
+    println!("INFO {name}.retouched base={base:#x} bytes={bytes:#x}");
+    if let Err(now) = wait_target(t, 1) {
+        check_named(name, "report", false, format_args!("no go from the host: target {now}"));
+        return;
+    }
+    let c = q.transact(
+        &[Buf {
+            addr: base,
+            len: bytes as u32,
+            write: true,
+        }],
+        true,
+    );
+    let nonzero = (0..bytes / PAGE)
+        .filter(|p| phys::read_u8(base + p * PAGE) != 0)
+        .count();
+    check_named(
+        name,
+        "report",
+        c.used.is_some() && nonzero == 0,
+        format_args!(
+            "{bytes:#x} bytes at {base:#x} reported free: used={:?}, {nonzero} pages still hold \
+             the guest's byte",
+            c.used
+        ),
+    );
+    println!("INFO {name}.reported");
 }
 
 /// Page numbers the host must refuse (outside RAM: the PCI hole, past 4 GiB of nothing, the

@@ -2,7 +2,9 @@
 //! `vm.resize desired_balloon` raises the target (the guest sees the configuration change
 //! interrupt), the guest inflates exactly those pages and the VMM's RSS (from
 //! /proc/<pid>/status) falls by most of them; `vm.info` and `vm.counters` show the balloon;
-//! lowering the target lets the guest find the pages zeroed and deflate them.
+//! lowering the target lets the guest find the pages zeroed and deflate them; page numbers
+//! outside RAM are refused; a free range the guest reports (free page reporting) is dropped and
+//! the RSS falls again.
 //!
 //! Needs /dev/kvm; without it the test prints a loud SKIPPED line.
 
@@ -38,7 +40,7 @@ fn balloon_inflates_through_vm_resize_and_the_rss_falls() {
     let v = ApiVmm::new("balloon");
     let cmdline = format!(
         "{} expect.virtio=rng:1,balloon:1 balloon.initial=0 balloon.mib={BALLOON_MIB} \
-         balloon.hostile=1",
+         balloon.hostile=1 balloon.report=1",
         stage1_cmdline(1, 256 * MIB)
     );
     let mut cmd = v.command(NIMBUS, &["--memory", "size=256M", "--serial", "tty"]);
@@ -46,7 +48,7 @@ fn balloon_inflates_through_vm_resize_and_the_rss_falls() {
         "--console",
         "off",
         "--balloon",
-        "size=0",
+        "size=0,free_page_reporting=on",
         "--cmdline",
         &cmdline,
     ]);
@@ -134,6 +136,39 @@ fn balloon_inflates_through_vm_resize_and_the_rss_falls() {
         .unwrap_or_else(|e| panic!("{e}"));
     let counters = api::call(&v.socket, "GET", "vm.counters", None).json();
     assert_eq!(counters["__balloon"]["refused_pages"], 2048, "{counters}");
+
+    // Free page reporting: the guest touches the 64 MiB again, the host says go (a target of
+    // one page), the guest reports the range free, and the RSS falls again.
+    vm.wait_for_line("INFO virtio.balloon0.retouched", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.describe_so_far()));
+    let retouched = rss_bytes(pid);
+    let go = api::call(
+        &v.socket,
+        "PUT",
+        "vm.resize",
+        Some(r#"{"desired_balloon":4096}"#),
+    );
+    assert_eq!(go.status, 204, "{}", go.text());
+    vm.wait_for_line("INFO virtio.balloon0.reported", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.describe_so_far()));
+    let reported = rss_bytes(pid);
+    let fell = retouched.saturating_sub(reported);
+    eprintln!(
+        "VmRSS before reporting {} MiB free, after {} MiB (fell by {} MiB)",
+        retouched / MIB,
+        reported / MIB,
+        fell / MIB
+    );
+    assert!(
+        fell >= BALLOON_MIB * MIB * 3 / 4,
+        "RSS fell by {fell} bytes only after reporting (before {retouched}, after {reported})"
+    );
+    let counters = api::call(&v.socket, "GET", "vm.counters", None).json();
+    assert_eq!(
+        counters["__balloon"]["reported_bytes"],
+        BALLOON_MIB * MIB,
+        "{counters}"
+    );
     let run = vm.finish(WAIT);
     run.assert_success();
     run.report().assert_passed(&[
@@ -146,5 +181,6 @@ fn balloon_inflates_through_vm_resize_and_the_rss_falls() {
         "virtio.balloon0.zeroed",
         "virtio.balloon0.deflate",
         "virtio.balloon0.hostile",
+        "virtio.balloon0.report",
     ]);
 }
