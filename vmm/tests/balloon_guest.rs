@@ -184,3 +184,44 @@ fn balloon_inflates_through_vm_resize_and_the_rss_falls() {
         "virtio.balloon0.report",
     ]);
 }
+
+/// `vm.resize` before boot: `desired_balloon` becomes the configuration's balloon size (what the
+/// boot will ask of the guest); on a VM without a balloon, or with `desired_ram`, it is refused
+/// with a message naming why. (Nothing boots, but the VMM opens /dev/kvm at start.)
+#[test]
+fn resize_before_boot_changes_the_configured_balloon() {
+    if !require_kvm("resize_before_boot_changes_the_configured_balloon") {
+        return;
+    }
+    let v = ApiVmm::new("balloon-created");
+    let vm = spawn_vm(v.command(NIMBUS, &[]));
+    v.wait_ready();
+    let put = |route: &str, body: &str| api::call(&v.socket, "PUT", route, Some(body));
+    let plain = api::guest_vm_body(1, 256, "x", "");
+    assert_eq!(put("vm.create", &plain).status, 204);
+    let no_balloon = put("vm.resize", r#"{"desired_balloon":1048576}"#);
+    assert_eq!(no_balloon.status, 500, "{}", no_balloon.text());
+    assert!(
+        no_balloon.text().contains("no balloon"),
+        "{}",
+        no_balloon.text()
+    );
+    assert_eq!(
+        api::call(&v.socket, "PUT", "vm.delete", None).status,
+        204,
+        "delete"
+    );
+    let with = api::guest_vm_body(1, 256, "x", r#""balloon": {"size": 0}"#);
+    assert_eq!(put("vm.create", &with).status, 204);
+    let ok = put(
+        "vm.resize",
+        &format!(r#"{{"desired_balloon":{}}}"#, 64 * MIB),
+    );
+    assert_eq!(ok.status, 204, "{}", ok.text());
+    let info = api::call(&v.socket, "GET", "vm.info", None).json();
+    assert_eq!(info["config"]["balloon"]["size"], 64 * MIB, "{info}");
+    let ram = put("vm.resize", r#"{"desired_ram":1073741824}"#);
+    assert_eq!(ram.status, 500, "{}", ram.text());
+    assert!(ram.text().contains("desired_ram"), "{}", ram.text());
+    vm.kill();
+}
