@@ -26,15 +26,26 @@ fn num_pages(t: &Transport) -> u32 {
     t.read_config(|r| r.r32(0)).unwrap_or(u32::MAX)
 }
 
-/// Waits until the target is `want`; returns the configuration interrupts seen meanwhile.
-fn wait_target(t: &Transport, want: u32) -> Result<u64, u32> {
+/// Configuration change interrupts so far (0 without MSI-X).
+fn config_irqs(t: &Transport) -> u64 {
+    t.config_vector().map_or(0, arch::irq_count)
+}
+
+/// Waits until the target is `want`; returns the configuration interrupts seen since
+/// `before` (read before the guest told the host it was ready: the host may act at once).
+fn wait_target(t: &Transport, want: u32, before: u64) -> Result<u64, u32> {
     let vector = t.config_vector();
-    let before = vector.map_or(0, arch::irq_count);
     let deadline = time::Deadline::after_us(WAIT_US);
     loop {
         let now = num_pages(t);
         if now == want {
-            return Ok(vector.map_or(0, arch::irq_count) - before);
+            // The device changes the field, then raises the interrupt: give it 100 ms to land.
+            let late = time::Deadline::after_us(100_000);
+            let seen = || vector.map_or(0, arch::irq_count) - before;
+            while vector.is_some() && seen() == 0 && !late.passed() {
+                time::delay_us(100);
+            }
+            return Ok(seen());
         }
         if deadline.passed() {
             return Err(now);
@@ -158,9 +169,10 @@ pub fn run(mut t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
         phys::mmio_write8(base + p * PAGE, TOUCH);
         phys::mmio_write8(base + p * PAGE + PAGE / 2, TOUCH);
     }
+    let before = config_irqs(&t);
     println!("INFO {name}.touched base={base:#x} bytes={bytes:#x}");
     let pages = (bytes / PAGE) as u32;
-    let raised = wait_target(&t, pages);
+    let raised = wait_target(&t, pages, before);
     check_named(
         name,
         "raise",
@@ -180,8 +192,9 @@ pub fn run(mut t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) {
         done == made && made > 0,
         format_args!("{pages} pages in {made} requests, {done} completed"),
     );
+    let before = config_irqs(&t);
     println!("INFO {name}.inflated pages={pages}");
-    let lowered = wait_target(&t, 0);
+    let lowered = wait_target(&t, 0, before);
     check_named(
         name,
         "lower",
@@ -228,8 +241,9 @@ fn report_free(t: &Transport, name: &str, q: Option<Queue>, base: u64, bytes: u6
     for p in 0..bytes / PAGE {
         phys::mmio_write8(base + p * PAGE, TOUCH);
     }
+    let before = config_irqs(t);
     println!("INFO {name}.retouched base={base:#x} bytes={bytes:#x}");
-    if let Err(now) = wait_target(t, 1) {
+    if let Err(now) = wait_target(t, 1, before) {
         check_named(name, "report", false, format_args!("no go from the host: target {now}"));
         return;
     }

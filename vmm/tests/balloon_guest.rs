@@ -225,3 +225,67 @@ fn resize_before_boot_changes_the_configured_balloon() {
     assert!(ram.text().contains("desired_ram"), "{}", ram.text());
     vm.kill();
 }
+
+/// The same exchange under QEMU 7.2's `virtio-balloon-pci` (the reference for the guest side),
+/// the target set through its human monitor (`balloon <guest MiB>`): every balloon check passes
+/// and QEMU's RSS falls too.
+#[test]
+fn qemu_reference_balloon() {
+    if !require_kvm("qemu_reference_balloon") {
+        return;
+    }
+    let dir = e2e::ScratchDir::new("balloon-qemu");
+    let monitor = dir.file("monitor.sock");
+    let cmdline = format!(
+        "{} expect.virtio=balloon:1 balloon.initial=0 balloon.mib={BALLOON_MIB}",
+        stage1_cmdline(1, 256 * MIB)
+    );
+    let mut cmd = e2e::qemu_q35_command(&guest_elf(), 1, 256, &cmdline);
+    cmd.args([
+        "-device",
+        "virtio-balloon-pci,disable-legacy=on",
+        "-monitor",
+    ])
+    .arg(format!("unix:{},server,nowait", monitor.display()));
+    let vm = spawn_vm(cmd);
+    let pid = vm.pid().expect("pid");
+    let hmp = |command: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&monitor).expect("monitor");
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        let mut banner = [0u8; 4096];
+        let _ = s.read(&mut banner);
+        s.write_all(format!("{command}\n").as_bytes()).expect("hmp");
+        // Closing at once can drop the command before QEMU reads it: wait for its echo.
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = s.read(&mut banner);
+    };
+    vm.wait_for_line("INFO virtio.balloon0.touched", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let before = rss_bytes(pid);
+    hmp(&format!("balloon {}", 256 - BALLOON_MIB));
+    vm.wait_for_line("INFO virtio.balloon0.inflated", WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.describe_so_far()));
+    let after = rss_bytes(pid);
+    hmp("balloon 256");
+    let run = vm.finish(WAIT);
+    run.report().assert_passed(&[
+        "virtio.balloon0.init",
+        "virtio.balloon0.initial",
+        "virtio.balloon0.raise",
+        "virtio.balloon0.inflate",
+        "virtio.balloon0.lower",
+        "virtio.balloon0.zeroed",
+        "virtio.balloon0.deflate",
+    ]);
+    eprintln!(
+        "QEMU VmRSS before inflating {} MiB, after {} MiB",
+        before / MIB,
+        after / MIB
+    );
+    assert!(
+        before.saturating_sub(after) >= BALLOON_MIB * MIB * 3 / 4,
+        "QEMU's RSS: {before} -> {after}"
+    );
+}
