@@ -207,6 +207,24 @@ def virtio_seeds():
     r.chain([R(r.alloc(b"junk"), 4), W(r.buf(32), 32)])
     put("rng_queue", "buffers", r.input(extra=1))
 
+    # pmem: a FLUSH, an unknown request type, a chain without a response buffer.
+    r = Ring()
+    r.chain([R(r.alloc(u32(0)), 4), W(r.buf(4), 4)])
+    r.chain([R(r.alloc(u32(7)), 4), W(r.buf(4), 4)])
+    r.chain([R(r.alloc(u32(0)), 4)])
+    put("memory_queues", "pmem-flush", r.input(extra=0))
+    # balloon inflate: pages inside the image's memory and far outside it.
+    r = Ring()
+    r.chain([R(r.alloc(u32(8) + u32(9) + u32(0xFFFFFFFF) + u32(0x100000)), 16)])
+    put("memory_queues", "balloon-inflate", r.input(extra=1))
+    # balloon stats: two statistics; reporting: one free range.
+    r = Ring()
+    r.chain([R(r.alloc(u16(4) + u64(1 << 20) + u16(5) + u64(1 << 24)), 20)])
+    put("memory_queues", "balloon-stats", r.input(extra=3))
+    r = Ring()
+    r.chain([W(0x2000, 0x1000)])
+    put("memory_queues", "balloon-report", r.input(extra=4))
+
     tx = Ring()
     tx.chain([R(tx.alloc(b"hello, console\n"), 15)])
     tx.chain([R(tx.alloc(b"two "), 4), R(tx.alloc(b"parts\n"), 6), W(tx.buf(8), 8)])

@@ -17,6 +17,7 @@
 
 mod acpi;
 mod arch;
+mod balloon;
 mod bench;
 mod blk;
 mod console_io;
@@ -32,6 +33,7 @@ mod net_mq;
 mod netbench;
 mod pci;
 mod phys;
+mod pmem;
 mod regions;
 mod report;
 mod rtc;

@@ -8,19 +8,21 @@ use crate::acpi::Acpi;
 use crate::pci::{self, Bus};
 use crate::report::{check, Ascii, StrBuf};
 use crate::virtio::{Buf, DmaPage, IrqTally, Queue, Transport, Why, F_VERSION_1};
-use crate::{arch, blk, expect, fs, hostile, net, phys, println, vsock, why};
+use crate::{arch, balloon, blk, expect, fs, hostile, net, phys, pmem, println, vsock, why};
 
 const VIRTIO_VENDOR: u16 = 0x1af4;
 /// Device kinds driven: name and virtio device type (device ID 0x1040 + type).
-const KINDS: [(&str, u16); 6] = [
+const KINDS: [(&str, u16); 8] = [
     ("net", 1),
     ("blk", 2),
     ("console", 3),
     ("rng", 4),
+    ("balloon", 5),
     ("fs", 26),
     ("vsock", 19),
+    ("pmem", 27),
 ];
-/// Transitional device IDs of the first four kinds (virtio-fs has none).
+/// Transitional device IDs of the first four kinds (virtio-fs and virtio-pmem have none).
 const TRANSITIONAL: [u16; 4] = [0x1000, 0x1001, 0x1003, 0x1005];
 
 const LAPIC_ID: u64 = 0x20;
@@ -208,6 +210,8 @@ fn run_virtio(bus: &Bus, keys: &Keys<'_>, apic_id: u32) -> (Option<blk::Blk>, Op
             "console" => run_console(t, name.as_str(), n, keys, apic_id),
             "fs" => fs::run(t, n, keys, apic_id),
             "vsock" => vsock::run(t, n, keys, apic_id),
+            "pmem" => pmem::run(t, n, keys, apic_id),
+            "balloon" => balloon::run(t, n, keys, apic_id),
             _ => net::run(t, n, keys, apic_id),
         }
     }

@@ -28,7 +28,8 @@
  *   NIMBUS-LINUX error <what> <errno>       a setup step failed (init goes on)
  *
  * Actions (kernel command-line words, in the order given; errors are -errno).
- * A disk action works on /dev/vda, or on /dev/vdX when written nimbus.disk=vdX:...
+ * A disk action works on /dev/vda, or on /dev/vdX when written nimbus.disk=vdX:...,
+ * or on /dev/pmemN (virtio-pmem) when written nimbus.disk=pmemN:...
  *   nimbus.disk=read:<sector>          prints `disk-read dev=<d> sector=<s> text=<t>`:
  *                                      the printable bytes at the start of that
  *                                      sector (up to the first other byte)
@@ -69,6 +70,14 @@
  *                                      connect=<0|-errno> send=<n|-errno>
  *                                      recv=<n|-errno> text=<answer>`
  *   nimbus.dump=0                      skips the pci/bar/irq/iomem/net lines
+ *   nimbus.balloon=<touch>:<want>      writes every page of <touch> MiB of anonymous
+ *                                      memory and frees it (`balloon-touched mib=<n>
+ *                                      memtotal_kb=<k>`), then waits up to 60 s for
+ *                                      MemTotal to fall by <want> MiB (the host raises
+ *                                      the balloon; the driver takes pages, most of them
+ *                                      the touched ones): `balloon-inflated
+ *                                      memtotal_kb=<k> fell_kb=<k>` or `balloon-timeout
+ *                                      memtotal_kb=<k>`
  */
 
 typedef unsigned long u64;
@@ -79,6 +88,8 @@ typedef long s64;
 #define SYS_open 2
 #define SYS_close 3
 #define SYS_nanosleep 35
+#define SYS_mmap 9
+#define SYS_munmap 11
 #define SYS_socket 41
 #define SYS_connect 42
 #define SYS_sendto 44
@@ -624,6 +635,10 @@ static void disk_action(const char *arg)
 	if (arg[0] == 'v' && arg[1] == 'd' && arg[2] >= 'a' && arg[2] <= 'z' && arg[3] == ':') {
 		disk_dev[7] = arg[2];
 		arg += 4;
+	} else if (starts(arg, "pmem") && arg[4] >= '0' && arg[4] <= '9' && arg[5] == ':') {
+		memcpy(disk_dev, "/dev/pmem0", 11);
+		disk_dev[9] = arg[4];
+		arg += 6;
 	}
 	if (starts(arg, "read:")) {
 		arg += 5;
@@ -898,6 +913,68 @@ static void vsock_connect(const char *arg)
 	flush_line();
 }
 
+/* MemTotal from /proc/meminfo in KiB, or -errno. */
+static s64 memtotal_kb(void)
+{
+	s64 r = read_file("/proc/meminfo");
+	const char *p = fbuf;
+	if (r < 0)
+		return r;
+	while (*p && !starts(p, "MemTotal:"))
+		p++;
+	if (!*p)
+		return -2;
+	p += 9;
+	while (*p == ' ')
+		p++;
+	return (s64)parse_dec(&p);
+}
+
+static void balloon_action(const char *arg)
+{
+	u64 touch = parse_dec(&arg), want;
+	s64 before, now = 0;
+	if (*arg == ':')
+		arg++;
+	want = parse_dec(&arg);
+	if (touch) {
+		u64 len = touch << 20;
+		/* PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS */
+		s64 m = sys6(SYS_mmap, 0, (s64)len, 3, 0x22, -1, 0);
+		if (m < 0 && m > -4096) {
+			error("balloon-mmap", m);
+			return;
+		}
+		for (u64 o = 0; o < len; o += 4096)
+			((volatile char *)m)[o] = 0x5a;
+		sys3(SYS_munmap, m, len, 0);
+	}
+	before = memtotal_kb();
+	put("NIMBUS-LINUX balloon-touched mib=");
+	put_dec((s64)touch);
+	put(" memtotal_kb=");
+	put_dec(before);
+	flush_line();
+	for (int i = 0; i < 600; i++) {
+		struct {
+			s64 sec, nsec;
+		} ts = { 0, 100000000 };
+		now = memtotal_kb();
+		if (before - now >= (s64)(want << 10)) {
+			put("NIMBUS-LINUX balloon-inflated memtotal_kb=");
+			put_dec(now);
+			put(" fell_kb=");
+			put_dec(before - now);
+			flush_line();
+			return;
+		}
+		sys3(SYS_nanosleep, &ts, 0, 0);
+	}
+	put("NIMBUS-LINUX balloon-timeout memtotal_kb=");
+	put_dec(now);
+	flush_line();
+}
+
 static void power(unsigned int cmd)
 {
 	sys6(SYS_reboot, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, cmd, 0, 0, 0);
@@ -989,6 +1066,8 @@ static void run(void)
 			vsock_connect(w + 21);
 		else if (starts(w, "nimbus.reboot="))
 			reboot_once(w + 14);
+		else if (starts(w, "nimbus.balloon="))
+			balloon_action(w + 15);
 		while (*w && *w != ' ')
 			w++;
 		while (*w == ' ')

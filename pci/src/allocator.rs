@@ -25,13 +25,22 @@ impl AddressAllocator {
         if !size.is_power_of_two() {
             return None;
         }
-        let mut candidate = self.start.checked_add(size - 1)? & !(size - 1);
+        self.allocate_aligned(size, size)
+    }
+
+    /// Allocates `size` bytes (not zero) aligned to `align` (a power of two). None when the
+    /// window has no such room.
+    pub fn allocate_aligned(&mut self, size: u64, align: u64) -> Option<u64> {
+        if size == 0 || !align.is_power_of_two() {
+            return None;
+        }
+        let mut candidate = self.start.checked_add(align - 1)? & !(align - 1);
         for &(s, l) in &self.used {
             if candidate.checked_add(size - 1)? < s {
                 break;
             }
             if l >= candidate {
-                candidate = l.checked_add(size)? & !(size - 1);
+                candidate = l.checked_add(align)? & !(align - 1);
             }
         }
         let last = candidate.checked_add(size - 1)?;
@@ -69,5 +78,23 @@ mod tests {
         let mut top = AddressAllocator::new(u64::MAX - 0xfff, 0x1000);
         assert_eq!(top.allocate(0x1000), Some(u64::MAX - 0xfff));
         assert_eq!(top.allocate(0x1000), None);
+    }
+
+    #[test]
+    fn sizes_that_are_not_powers_of_two_with_an_alignment() {
+        let mut a = AddressAllocator::new(0x1_0000_0000, 0x100_0000);
+        assert_eq!(a.allocate(0x8000), Some(0x1_0000_0000));
+        assert_eq!(
+            a.allocate_aligned(0x60_0000, 0x20_0000),
+            Some(0x1_0020_0000)
+        );
+        assert_eq!(
+            a.allocate_aligned(0x20_0000, 0x20_0000),
+            Some(0x1_0080_0000)
+        );
+        assert_eq!(a.allocate(0x1000), Some(0x1_0000_8000));
+        assert_eq!(a.allocate_aligned(0x100_0000, 0x20_0000), None);
+        assert_eq!(a.allocate_aligned(0, 0x1000), None);
+        assert_eq!(a.allocate_aligned(0x1000, 0x3000), None);
     }
 }

@@ -7,10 +7,12 @@
 //! device; devices never see PCI.
 #![deny(missing_docs)]
 
+pub mod balloon;
 pub mod block;
 pub mod console;
 pub mod net;
 pub mod pause;
+pub mod pmem;
 pub mod rng;
 pub mod transport;
 pub mod vhost_user;
@@ -37,6 +39,10 @@ pub mod device_type {
     pub const RNG: u32 = 4;
     /// Socket device (vsock).
     pub const VSOCK: u32 = 19;
+    /// Memory balloon.
+    pub const BALLOON: u32 = 5;
+    /// Persistent memory.
+    pub const PMEM: u32 = 27;
 }
 
 /// `VIRTIO_F_VERSION_1`: every device offers it, every driver must accept it.

@@ -51,6 +51,41 @@ pub trait QueueHandler: Send {
     }
 }
 
+/// A device's worker while the driver runs it: what [`crate::VirtioDevice`]'s `activate`,
+/// `reset`, `pause` and `resume` do with it, written once.
+#[derive(Debug, Default)]
+pub struct WorkerSlot(Option<Worker>);
+
+impl WorkerSlot {
+    /// Starts the worker for `activation` (replacing, so stopping, any earlier one).
+    pub fn start<H: QueueHandler + 'static>(
+        &mut self,
+        name: &str,
+        handler: H,
+        activation: crate::Activation,
+    ) -> Result<(), crate::ActivateError> {
+        self.0 = Some(Worker::start(name, handler, activation)?);
+        Ok(())
+    }
+
+    /// Stops and joins the worker, if any.
+    pub fn stop(&mut self) {
+        self.0 = None;
+    }
+
+    /// Parks the worker between two requests; nothing to park when none runs.
+    pub fn pause(&self) -> Result<(), PauseError> {
+        self.0.as_ref().map_or(Ok(()), Worker::pause)
+    }
+
+    /// Lets a parked worker go on.
+    pub fn resume(&self) {
+        if let Some(w) = &self.0 {
+            w.resume();
+        }
+    }
+}
+
 /// A running worker thread.
 #[derive(Debug)]
 pub struct Worker {

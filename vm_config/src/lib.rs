@@ -6,6 +6,7 @@
 //! [`VmConfig::validate`] rejects what cannot be built, with a message naming the field.
 #![deny(missing_docs)]
 
+mod balloon;
 mod console;
 mod cpus;
 mod disk;
@@ -14,6 +15,7 @@ mod memory;
 mod net;
 mod pci;
 mod pending;
+mod pmem;
 pub mod requests;
 mod size;
 mod vsock;
@@ -22,6 +24,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use balloon::{BalloonConfig, BALLOON_DEVICE_ID};
 pub use console::{ConsoleConfig, ConsoleOutputMode, DebugConsoleConfig, DEBUG_CONSOLE_PORT};
 pub use cpus::{CpuAffinity, CpuFeatures, CpuTopology, CpusConfig, MAX_VCPUS};
 pub use disk::{DiskConfig, ImageType};
@@ -29,9 +32,10 @@ pub use memory::{HotplugMethod, MemoryConfig, MIN_MEMORY};
 pub use net::{NetConfig, VhostMode};
 pub use pci::PciSegmentConfig;
 pub use pending::{
-    BalloonConfig, DeviceConfig, GenericVhostUserConfig, LandlockConfig, ObjectList, PmemConfig,
-    TpmConfig, UserDeviceConfig, VdpaConfig,
+    DeviceConfig, GenericVhostUserConfig, LandlockConfig, ObjectList, TpmConfig, UserDeviceConfig,
+    VdpaConfig,
 };
+pub use pmem::{PmemConfig, PMEM_ALIGN};
 pub use size::parse_size;
 pub use vsock::VsockConfig;
 
@@ -286,13 +290,13 @@ pub struct VmConfig {
     /// The entropy device.
     #[serde(default)]
     pub rng: RngConfig,
-    /// The memory balloon (not supported yet).
+    /// The memory balloon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonConfig>,
     /// virtio-fs shares.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fs: Option<Vec<FsConfig>>,
-    /// Persistent memory devices (not supported yet).
+    /// Persistent memory devices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pmem: Option<Vec<PmemConfig>>,
     /// The 16550 UART at 0x3f8.
@@ -430,6 +434,11 @@ impl VmConfig {
                 v.id = Some(next("_vsock"));
             }
         }
+        for p in self.pmem.iter_mut().flatten() {
+            if p.id.is_none() {
+                p.id = Some(next("_pmem"));
+            }
+        }
     }
 
     /// The ids given to devices.
@@ -438,7 +447,8 @@ impl VmConfig {
         let nets = self.net.iter().flatten().filter_map(|n| n.id.clone());
         let fs = self.fs.iter().flatten().filter_map(|f| f.id.clone());
         let vsock = self.vsock.iter().filter_map(|v| v.id.clone());
-        disks.chain(nets).chain(fs).chain(vsock)
+        let pmem = self.pmem.iter().flatten().filter_map(|p| p.id.clone());
+        disks.chain(nets).chain(fs).chain(vsock).chain(pmem)
     }
 
     /// Checks what can be checked without touching the host.
@@ -493,6 +503,12 @@ impl VmConfig {
         if let Some(v) = &self.vsock {
             v.validate()?;
         }
+        for pmem in self.pmem.iter().flatten() {
+            pmem.validate()?;
+        }
+        if let Some(balloon) = &self.balloon {
+            balloon.validate(self.memory.size)?;
+        }
         self.validate_ids_and_paths()?;
         if self.rng.iommu {
             return Err(ConfigError::Device("rng: iommu is not supported".into()));
@@ -506,8 +522,6 @@ impl VmConfig {
         self.validate_pci_segments()?;
         for (name, asked) in [
             ("rate_limit_groups", asks(&self.rate_limit_groups)),
-            ("balloon", self.balloon.is_some()),
-            ("pmem", asks(&self.pmem)),
             ("devices (VFIO)", asks(&self.devices)),
             ("user_devices", asks(&self.user_devices)),
             ("vdpa", asks(&self.vdpa)),
@@ -574,12 +588,13 @@ impl VmConfig {
             .map(|n| n.vhost_socket.clone().map(PathBuf::from));
         let fs_sockets = self.fs.iter().flatten().map(|f| Some(f.socket.clone()));
         let vsock_socket = self.vsock.iter().map(|v| Some(v.socket.clone()));
-        for path in disk_paths
+        let pmem_files = self.pmem.iter().flatten().map(|p| Some(p.file.clone()));
+        let all = disk_paths
             .chain(net_sockets)
             .chain(fs_sockets)
             .chain(vsock_socket)
-            .flatten()
-        {
+            .chain(pmem_files);
+        for path in all.flatten() {
             if !paths.insert(path.clone()) {
                 return Err(ConfigError::DuplicatePath(path.display().to_string()));
             }
@@ -835,7 +850,6 @@ mod tests {
                 r#"{"vsock": {"cid": 3, "socket": "/s", "pci_segment": 1}}"#,
                 "pci_segment 1 does not exist",
             ),
-            (r#"{"balloon": {"size": 0}}"#, "balloon"),
             (
                 r#"{"devices": [{"path": "/sys/bus/pci/devices/0000:00:01.0/"}]}"#,
                 "VFIO",

@@ -84,10 +84,7 @@ impl VmConfig {
             .iter()
             .flatten()
             .map(|f| ("fs", &f.id, f.pci_segment));
-        let vsock = self
-            .vsock
-            .iter()
-            .map(|v| ("vsock", &v.id, v.pci_segment));
+        let vsock = self.vsock.iter().map(|v| ("vsock", &v.id, v.pci_segment));
         for (kind, id, segment) in disks.chain(nets).chain(fs).chain(vsock) {
             if segment >= count {
                 let id = id.as_deref().unwrap_or("(no id)");

@@ -7,36 +7,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{is_false, size};
+use crate::is_false;
 
 fn one() -> usize {
     1
-}
-
-/// A virtio-pmem device (CH `PmemConfig`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PmemConfig {
-    /// Backing file.
-    pub file: PathBuf,
-    /// Size in bytes (the file's size when absent; CLI accepts K/M/G suffixes).
-    #[serde(
-        default,
-        deserialize_with = "size::deserialize_opt",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub size: Option<u64>,
-    /// Behind a virtual IOMMU.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub iommu: bool,
-    /// Guest writes are not written back to the file.
-    #[serde(default)]
-    pub discard_writes: bool,
-    /// Device identifier.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    /// PCI segment.
-    #[serde(default)]
-    pub pci_segment: u16,
 }
 
 /// A VFIO passthrough device (CH `DeviceConfig`).
@@ -112,20 +86,6 @@ pub struct GenericVhostUserConfig {
     pub queue_sizes: Vec<u16>,
     /// The virtio device type number.
     pub device_type: u32,
-}
-
-/// The memory balloon (CH `BalloonConfig`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BalloonConfig {
-    /// Balloon size in bytes.
-    #[serde(deserialize_with = "size::deserialize")]
-    pub size: u64,
-    /// Deflate when the guest runs out of memory.
-    #[serde(default)]
-    pub deflate_on_oom: bool,
-    /// Free page reporting.
-    #[serde(default)]
-    pub free_page_reporting: bool,
 }
 
 /// A TPM behind a swtpm socket (CH `TpmConfig`).

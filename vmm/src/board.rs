@@ -115,6 +115,10 @@ enum HostSide {
     Console,
     /// virtio-vsock: the hybrid backend's listening socket, bound once per boot.
     Vsock(VsockListener),
+    /// A pmem file, mapped anew by each VM instance.
+    Pmem(crate::pmem::PmemFile),
+    /// The memory balloon (its target is the configuration's, which `vm.resize` keeps).
+    Balloon(vm_config::BalloonConfig),
 }
 
 /// The listening socket of a vsock device; the socket file is removed when the board goes.
@@ -176,6 +180,10 @@ pub enum DeviceKind {
     Console,
     /// virtio-vsock.
     Vsock,
+    /// virtio-pmem.
+    Pmem,
+    /// virtio-balloon.
+    Balloon,
 }
 
 /// One device of the board, with its id.
@@ -192,6 +200,26 @@ pub struct BoardDevice {
     /// PCI slot asked for, if any.
     pub slot: Option<u8>,
     host: HostSide,
+}
+
+impl BoardDevice {
+    /// Its balloon configuration, if it is the balloon (the VM instance keeps a handle on it,
+    /// [`crate::vm::Vm::resize_balloon`]).
+    pub fn balloon_config(&self) -> Option<&vm_config::BalloonConfig> {
+        match &self.host {
+            HostSide::Balloon(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Its pmem file, if it is a pmem device (its guest-facing device needs the address
+    /// where the VM instance mapped the file: [`crate::pmem::attach`]).
+    pub fn pmem_file(&self) -> Option<&crate::pmem::PmemFile> {
+        match &self.host {
+            HostSide::Pmem(file) => Some(file),
+            _ => None,
+        }
+    }
 }
 
 /// What outlives a guest reset.
@@ -418,6 +446,26 @@ impl Board {
                 (HostSide::Vsock(listener), backend),
             );
         }
+        for p in config.pmem.iter().flatten() {
+            let file =
+                crate::pmem::PmemFile::open(p).map_err(crate::pmem::PmemAttachError::from)?;
+            let backend = format!(
+                "file {} ({} bytes{})",
+                p.file.display(),
+                file.size,
+                if p.discard_writes {
+                    ", writes discarded"
+                } else {
+                    ""
+                }
+            );
+            add(
+                id_of(&p.id),
+                DeviceKind::Pmem,
+                (p.pci_segment, None),
+                (HostSide::Pmem(file), backend),
+            );
+        }
         if !matches!(console, OutputSink::Off) {
             let backend = format!("{:?}", config.console.mode);
             add(
@@ -425,6 +473,18 @@ impl Board {
                 DeviceKind::Console,
                 (0, None),
                 (HostSide::Console, backend),
+            );
+        }
+        if let Some(b) = &config.balloon {
+            let backend = format!(
+                "size {} deflate_on_oom={} free_page_reporting={}",
+                b.size, b.deflate_on_oom, b.free_page_reporting
+            );
+            add(
+                vm_config::BALLOON_DEVICE_ID.into(),
+                DeviceKind::Balloon,
+                (0, None),
+                (HostSide::Balloon(b.clone()), backend),
             );
         }
         let src = config.rng.src.clone();
@@ -518,7 +578,8 @@ impl Board {
         }
     }
 
-    /// A fresh guest-facing device for `device`, for a new VM instance.
+    /// A fresh guest-facing device for `device`, for a new VM instance (not for pmem devices and
+    /// the balloon, see [`BoardDevice::pmem_file`] and [`BoardDevice::balloon_config`]).
     pub fn instance(&self, device: &BoardDevice) -> Result<Box<dyn VirtioDevice>, VmError> {
         let id = device.id.clone();
         Ok(match &device.host {
@@ -603,6 +664,11 @@ impl Board {
                     listener,
                     id,
                 ))
+            }
+            HostSide::Pmem(_) | HostSide::Balloon(_) => {
+                return Err(VmError::Failed(format!(
+                    "{id}: this device is built by the VM instance (it keeps a hold on it)"
+                )))
             }
         })
     }

@@ -6,9 +6,9 @@ use clap::Parser;
 use nimbus_thread::seccomp::SeccompMode;
 
 use vm_config::{
-    kv, ConfigError, ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig,
-    LandlockConfig, MemoryConfig, NetConfig, PayloadConfig, PciSegmentConfig, PlatformConfig,
-    RngConfig, VmConfig, VsockConfig,
+    kv, BalloonConfig, ConfigError, ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig,
+    FsConfig, LandlockConfig, MemoryConfig, NetConfig, PayloadConfig, PciSegmentConfig,
+    PlatformConfig, PmemConfig, RngConfig, VmConfig, VsockConfig,
 };
 
 /// Nimbus: a virtual machine monitor for cloud workloads.
@@ -44,6 +44,14 @@ pub struct Cli {
     #[arg(long, value_name = "tag=TAG,socket=PATH[,...]", num_args = 1.., action = clap::ArgAction::Append,
           long_help = FS_HELP)]
     pub fs: Vec<String>,
+    /// virtio-pmem device: file=PATH[,size=SIZE][,discard_writes=on][,...]; repeatable
+    /// (`--help` lists every key).
+    #[arg(long, value_name = "file=PATH[,...]", num_args = 1.., action = clap::ArgAction::Append,
+          long_help = PMEM_HELP)]
+    pub pmem: Vec<String>,
+    /// Memory balloon: size=SIZE[,deflate_on_oom=on][,free_page_reporting=on].
+    #[arg(long, value_name = "size=SIZE[,...]", long_help = BALLOON_HELP)]
+    pub balloon: Option<String>,
     /// Entropy device: src=PATH (default /dev/urandom).
     #[arg(long, value_name = "src=PATH", long_help = RNG_HELP)]
     pub rng: Option<String>,
@@ -188,6 +196,27 @@ id=ID                     device id (default _fsN)
 pci_segment=N             PCI segment, below --platform num_pci_segments (default 0)
 pci_device_id=N           PCI slot, 1..=31 (default: the first free one)";
 
+const PMEM_HELP: &str = "\
+A virtio-pmem device: a host file mapped into the guest's physical address space above
+RAM, which the guest uses as persistent memory (Linux: /dev/pmem<N>); repeatable.
+
+file=PATH                 a regular file (required)
+size=SIZE                 bytes, a multiple of 2M (default: the file's size, which must be
+                          one); a shorter file is extended
+discard_writes=on|off     on: the guest's writes stay in the VMM's memory, never in the
+                          file (the file is opened read-only) (default off)
+id=ID                     device id (default _pmemN)
+pci_segment=0             PCI segment (only 0 exists)
+iommu=off                 on is refused";
+
+const BALLOON_HELP: &str = "\
+The virtio memory balloon (id __balloon): the guest gives back the pages it puts in it, and the
+host drops them from its memory; vm.resize desired_balloon changes the size while running.
+
+size=SIZE                 bytes asked of the guest at boot, below the RAM size (required)
+deflate_on_oom=on|off     the guest may take pages back when it runs out of memory (default off)
+free_page_reporting=on|off  the guest reports free pages, which the host drops (default off)";
+
 const RNG_HELP: &str = "\
 The virtio-rng device (every VM has one).
 
@@ -278,6 +307,8 @@ impl Cli {
             ("--disk", !self.disk.is_empty()),
             ("--net", !self.net.is_empty()),
             ("--fs", !self.fs.is_empty()),
+            ("--pmem", !self.pmem.is_empty()),
+            ("--balloon", self.balloon.is_some()),
             ("--rng", self.rng.is_some()),
             ("--vsock", self.vsock.is_some()),
             ("--serial", self.serial.is_some()),
@@ -329,6 +360,10 @@ impl Cli {
             config.net = Some(nets);
         }
         config.fs = parse_each::<FsConfig>("fs", &self.fs)?;
+        config.pmem = parse_each::<PmemConfig>("pmem", &self.pmem)?;
+        if let Some(s) = &self.balloon {
+            config.balloon = Some(vm_config::parse_option::<BalloonConfig>("balloon", s)?);
+        }
         if let Some(s) = &self.rng {
             config.rng = vm_config::parse_option::<RngConfig>("rng", s)?;
         }

@@ -80,7 +80,7 @@ pub fn legality(state: Option<VmState>, request: &ApiRequest) -> Result<(), ApiE
             &[&format!("{route} is not supported by Nimbus yet")],
         )),
         (None, _) => Err(not_created()),
-        (Some(_), R::VmInfo) => Ok(()),
+        (Some(_), R::VmInfo | R::VmResize(_)) => Ok(()),
         (Some(Created | Shutdown), R::VmBoot) => Ok(()),
         (Some(Running | Paused), R::VmBoot) => {
             Err(ApiError::plain(500, &["VM is already booted"]))
@@ -96,12 +96,17 @@ pub fn legality(state: Option<VmState>, request: &ApiRequest) -> Result<(), ApiE
         (Some(Created | Shutdown), R::VmReboot) => Err(ApiError::plain(404, &["VM is not booted"])),
         (
             Some(Created | Shutdown),
-            R::AddDisk(_) | R::AddNet(..) | R::AddFs(_) | R::AddVsock(_),
+            R::AddDisk(_) | R::AddNet(..) | R::AddFs(_) | R::AddVsock(_) | R::AddPmem(_),
         ) => Ok(()),
         (Some(Created | Shutdown), R::RemoveDevice(_)) => Ok(()),
         (
             Some(Running | Paused),
-            R::AddDisk(_) | R::AddNet(..) | R::AddFs(_) | R::AddVsock(_) | R::RemoveDevice(_),
+            R::AddDisk(_)
+            | R::AddNet(..)
+            | R::AddFs(_)
+            | R::AddVsock(_)
+            | R::AddPmem(_)
+            | R::RemoveDevice(_),
         ) => {
             Err(ApiError::plain(
                 500,
@@ -229,6 +234,7 @@ impl Vmm {
             ApiRequest::VmResume => self.resume(),
             ApiRequest::VmInfo => self.info(),
             ApiRequest::VmCounters => self.counters(),
+            ApiRequest::VmResize(resize) => self.resize(&resize),
             ApiRequest::AddDisk(disk) => self.change_config(|c| {
                 c.disks.get_or_insert_with(Vec::new).push(*disk);
             }),
@@ -236,6 +242,9 @@ impl Vmm {
                 c.fs.get_or_insert_with(Vec::new).push(*fs);
             }),
             ApiRequest::AddVsock(vsock) => self.add_vsock(*vsock),
+            ApiRequest::AddPmem(pmem) => self.change_config(|c| {
+                c.pmem.get_or_insert_with(Vec::new).push(*pmem);
+            }),
             ApiRequest::AddNet(mut net, fds) => {
                 let numbers: Vec<i32> = fds.into_iter().map(|fd| self.fds.insert(fd)).collect();
                 if !numbers.is_empty() {
@@ -348,6 +357,62 @@ impl Vmm {
         self.change_config(|c| c.vsock = Some(vsock))
     }
 
+    /// `vm.resize`: the balloon's target (in the configuration, and in the running guest);
+    /// vCPU and RAM sizes come with hotplug and are refused by name.
+    fn resize(&mut self, resize: &vm_config::requests::VmResizeData) -> ApiReply {
+        const CONTEXT: &str = "The VM could not be resized";
+        let unsupported: Vec<&str> = [
+            ("desired_vcpus", resize.desired_vcpus.is_some()),
+            ("desired_ram", resize.desired_ram.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect();
+        if !unsupported.is_empty() {
+            return Err(ApiError::plain(
+                500,
+                &[
+                    CONTEXT,
+                    &format!(
+                        "{} not supported by Nimbus yet (CPU and memory hotplug); only \
+                         desired_balloon is",
+                        unsupported.join(" and ")
+                    ),
+                ],
+            ));
+        }
+        let Some(bytes) = resize.desired_balloon else {
+            return Ok(ApiBody::NoContent);
+        };
+        let Some(config) = &mut self.config else {
+            return Err(ApiError::plain(404, &["VM is not created"]));
+        };
+        let Some(balloon) = &mut config.balloon else {
+            return Err(ApiError::plain(
+                500,
+                &[CONTEXT, "the VM has no balloon device (--balloon)"],
+            ));
+        };
+        if bytes >= config.memory.size {
+            return Err(ApiError::plain(
+                500,
+                &[
+                    CONTEXT,
+                    &format!(
+                        "desired_balloon {bytes} is not below the RAM size {}",
+                        config.memory.size
+                    ),
+                ],
+            ));
+        }
+        balloon.size = bytes;
+        if let Some(b) = &self.booted {
+            b.vm.resize_balloon(bytes)
+                .map_err(|e| vm_error(CONTEXT, &e))?;
+        }
+        Ok(ApiBody::NoContent)
+    }
+
     fn remove_device(&mut self, id: &str) -> ApiReply {
         let Some(config) = &mut self.config else {
             return Err(ApiError::plain(404, &["VM is not created"]));
@@ -376,6 +441,11 @@ impl Vmm {
         if config.vsock.as_ref().is_some_and(|v| has(&v.id)) {
             config.vsock = None;
             found = true;
+        }
+        if let Some(pmem) = &mut config.pmem {
+            let before = pmem.len();
+            pmem.retain(|p| !has(&p.id));
+            found |= pmem.len() != before;
         }
         if !found {
             return Err(ApiError::plain(
@@ -585,7 +655,10 @@ impl Vmm {
         let info = VmInfo {
             config,
             state: self.state,
-            memory_actual_size: config.memory.size,
+            memory_actual_size: config
+                .memory
+                .size
+                .saturating_sub(self.booted.as_ref().map_or(0, |b| b.vm.balloon_bytes())),
             device_tree: self.booted.as_ref().map(|b| b.vm.devices().device_tree()),
         };
         json_reply(&info)
@@ -689,6 +762,23 @@ mod tests {
             [Some(Created), Some(Shutdown)]
         );
         assert!(legal_in(&ApiRequest::NotYet("vm.snapshot")).is_empty());
+        let pmem = vm_config::PmemConfig {
+            file: "/p".into(),
+            size: None,
+            iommu: false,
+            discard_writes: false,
+            id: None,
+            pci_segment: 0,
+        };
+        assert_eq!(
+            legal_in(&ApiRequest::AddPmem(Box::new(pmem))),
+            [Some(Created), Some(Shutdown)]
+        );
+        assert_eq!(
+            legal_in(&ApiRequest::VmResize(Default::default())).len(),
+            4,
+            "vm.resize needs a VM, in any state"
+        );
     }
 
     #[test]

@@ -207,6 +207,12 @@ impl DeviceManager {
         Ok(bdf)
     }
 
+    /// Takes `size` bytes aligned to `align` from PCI segment 0's 64-bit window (a pmem
+    /// region; pmem devices sit on segment 0).
+    pub fn allocate_device_area(&mut self, size: u64, align: u64) -> Option<u64> {
+        self.pci.allocate_mmio64(0, size, align)
+    }
+
     /// The address of device `id`.
     pub fn bdf(&self, id: &str) -> Option<PciBdf> {
         self.devices.iter().find(|d| d.id == id).map(|d| d.bdf)

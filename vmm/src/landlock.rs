@@ -70,6 +70,15 @@ pub fn rules(config: &VmConfig) -> Vec<PathRule> {
             rules.push(PathRule::new(path, access));
         }
     }
+    for pmem in config.pmem.iter().flatten() {
+        // discard_writes opens the file read-only (guest writes stay in a private mapping).
+        let access = if pmem.discard_writes {
+            Access::Read
+        } else {
+            Access::ReadWrite
+        };
+        rules.push(PathRule::new(&pmem.file, access));
+    }
     let mut tun = false;
     for net in config.net.iter().flatten() {
         if net.vhost_user {
@@ -128,6 +137,10 @@ mod tests {
             d
         };
         config.disks = Some(vec![disk("/d/rw.img", false), disk("/d/ro.img", true)]);
+        config.pmem = Some(vec![
+            vm_config::parse_option("pmem", "file=/p/rw").expect("pmem"),
+            vm_config::parse_option("pmem", "file=/p/ro,discard_writes=on").expect("pmem"),
+        ]);
         config.serial =
             ConsoleConfig::parse("serial", "file=/nonexistent-dir/serial.log").expect("serial");
         config.console = ConsoleConfig::parse("console", "pty").expect("console");
@@ -147,6 +160,8 @@ mod tests {
         assert!(has("/k/initrd", Access::Read), "{rules:?}");
         assert!(has("/d/rw.img", Access::ReadWrite), "{rules:?}");
         assert!(has("/d/ro.img", Access::Read), "{rules:?}");
+        assert!(has("/p/rw", Access::ReadWrite), "{rules:?}");
+        assert!(has("/p/ro", Access::Read), "{rules:?}");
         assert!(has("/dev/urandom", Access::Read), "{rules:?}");
         assert!(has("/nonexistent-dir", Access::Write), "{rules:?}");
         assert!(has("/hotplug", Access::ReadWrite), "{rules:?}");

@@ -15,6 +15,7 @@ pub mod interrupts;
 pub mod landlock;
 pub mod memory;
 pub mod pci_devices;
+pub mod pmem;
 pub mod seccomp;
 pub mod serial_input;
 pub mod vcpu;

@@ -159,6 +159,15 @@ impl PciDevices {
         })
     }
 
+    /// Takes `size` bytes aligned to `align` from segment `segment`'s 64-bit window for a
+    /// region that is not a BAR (a pmem device's memory).
+    pub fn allocate_mmio64(&mut self, segment: u16, size: u64, align: u64) -> Option<u64> {
+        self.segments
+            .get_mut(usize::from(segment))?
+            .mmio64
+            .allocate_aligned(size, align)
+    }
+
     /// Adds a virtio device on segment `segment` in `slot` (or the first free one); its BAR 0
     /// comes from the segment's 64-bit window (its 32-bit one when that is full).
     pub fn add_virtio(

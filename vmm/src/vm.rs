@@ -134,6 +134,9 @@ pub enum VmError {
     /// A PTY or socket console could not be set up.
     #[error("console")]
     Console(#[from] crate::console_relay::ConsoleRelayError),
+    /// A pmem file could not be opened or mapped into the guest.
+    #[error("pmem device")]
+    Pmem(#[from] crate::pmem::PmemAttachError),
     /// A device thread did not pause.
     #[error("cannot pause the devices")]
     Pause(#[source] virtio_devices::pause::PauseError),
@@ -180,6 +183,10 @@ pub struct Vm {
     _interrupts: Vec<Arc<IrqfdInterrupt>>,
     hv_vm: Arc<dyn hypervisor::Vm>,
     memory: GuestMemoryMmap,
+    /// The balloon, if any.
+    balloon: Option<virtio_devices::balloon::BalloonHandle>,
+    /// The pmem files' mappings (after `hv_vm`, whose slots use them, for drop order).
+    _pmem: Vec<vm_memory::mmap::MmapRegion>,
     ctx: VcpuContext,
     /// kvmclock read at pause, written back at resume.
     paused_clock: Option<u64>,
@@ -290,8 +297,48 @@ impl Vm {
         // Devices asking for a slot go first, so the others cannot take it.
         let (placed, free): (Vec<_>, Vec<_>) =
             board.devices().iter().partition(|d| d.slot.is_some());
+        let mut pmem = Vec::new();
+        let mut balloon = None;
         for d in placed.into_iter().chain(free) {
-            let dev = board.instance(d)?;
+            if let Some(b) = d.balloon_config() {
+                let (dev, handle) = virtio_devices::balloon::Balloon::new(
+                    b.size,
+                    b.deflate_on_oom,
+                    b.free_page_reporting,
+                    d.id.clone(),
+                )
+                .map_err(|source| VmError::Os {
+                    what: "balloon",
+                    source,
+                })?;
+                balloon = Some(handle);
+                devices.add_virtio(
+                    &d.id,
+                    d.kind,
+                    (d.pci_segment, d.slot),
+                    &d.backend,
+                    Box::new(dev),
+                )?;
+                continue;
+            }
+            let dev = match d.pmem_file() {
+                Some(file) => {
+                    let slot = crate::pmem::FIRST_SLOT + pmem.len() as u32;
+                    let (region, addr) =
+                        crate::pmem::attach(file, hv_vm.as_ref(), slot, |size, align| {
+                            devices.allocate_device_area(size, align)
+                        })?;
+                    pmem.push(region);
+                    log::info!("{}: {} bytes at {addr:#x}", d.id, file.size);
+                    Box::new(virtio_devices::pmem::Pmem::new(
+                        file.backend(),
+                        addr,
+                        file.size,
+                        d.id.clone(),
+                    ))
+                }
+                None => board.instance(d)?,
+            };
             devices.add_virtio(&d.id, d.kind, (d.pci_segment, d.slot), &d.backend, dev)?;
         }
 
@@ -336,6 +383,8 @@ impl Vm {
             _interrupts: interrupts,
             hv_vm,
             memory,
+            balloon,
+            _pmem: pmem,
             ctx: VcpuContext {
                 io_bus,
                 mmio_bus,
@@ -426,6 +475,20 @@ impl Vm {
     /// The registry of this instance's devices.
     pub fn devices(&self) -> &DeviceManager {
         &self.devices
+    }
+
+    /// Asks the guest's balloon driver for `bytes` (a configuration change interrupt).
+    pub fn resize_balloon(&self, bytes: u64) -> Result<(), VmError> {
+        let Some(b) = &self.balloon else {
+            return Err(VmError::Failed("the VM has no balloon".into()));
+        };
+        b.set_target(bytes)
+            .map_err(|e| VmError::Failed(format!("balloon: {e}")))
+    }
+
+    /// The bytes the balloon holds (what the guest driver says it gave back).
+    pub fn balloon_bytes(&self) -> u64 {
+        self.balloon.as_ref().map_or(0, |b| b.actual_bytes())
     }
 
     /// Runs the activation or reset device `id` asked for.

@@ -16,8 +16,9 @@ use std::time::Instant;
 use clap::Parser as _;
 use serde::de::{self, Visitor};
 use vm_config::{
-    ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig, LandlockConfig,
-    MemoryConfig, NetConfig, PciSegmentConfig, PlatformConfig, RngConfig, VsockConfig,
+    BalloonConfig, ConsoleConfig, CpusConfig, DebugConsoleConfig, DiskConfig, FsConfig,
+    LandlockConfig, MemoryConfig, NetConfig, PciSegmentConfig, PlatformConfig, PmemConfig,
+    RngConfig, VsockConfig,
 };
 use vmm::api::ApiServerError;
 use vmm::cli::Cli;
@@ -601,6 +602,8 @@ fn accepted_keys(option: &str, named: &BTreeSet<String>) -> BTreeSet<String> {
         // `fd` is the command line's spelling of the descriptors (NetConfig::parse).
         "--net" => vm("", struct_fields::<NetConfig>(), &["fd"]),
         "--fs" => vm("tag=t,socket=/s", struct_fields::<FsConfig>(), &[]),
+        "--pmem" => vm("file=/p", struct_fields::<PmemConfig>(), &[]),
+        "--balloon" => vm("size=0", struct_fields::<BalloonConfig>(), &[]),
         "--rng" => vm("", struct_fields::<RngConfig>(), &[]),
         "--vsock" => vm("cid=3,socket=/v", struct_fields::<VsockConfig>(), &[]),
         "--serial" | "--console" => vm("", struct_fields::<ConsoleConfig>(), &[]),

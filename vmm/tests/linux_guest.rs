@@ -1191,6 +1191,117 @@ fn acpi_reboot_restarts_once() {
     }
 }
 
+/// virtio-pmem and virtio-balloon in one boot, driven through the API: `/dev/pmem0` holds the
+/// host file's marker, the guest's write (fsync: the device's FLUSH) lands in the file; the init
+/// touches and frees memory, `vm.resize desired_balloon` raises the balloon, the driver takes the
+/// pages (MemTotal falls) and the VMM's RSS falls with it; the driver's statistics reach
+/// `vm.counters`.
+#[test]
+fn pmem_and_balloon() {
+    if !require_kvm("pmem_and_balloon") {
+        return;
+    }
+    const PMEM_HOST_MARKER: &str = "NIMBUS-HOST-MARKER-PMEM";
+    const PMEM_GUEST_MARKER: &str = "NIMBUS-GUEST-PMEM";
+    const TOUCH_MIB: u64 = 24;
+    const BALLOON_MIB: u64 = 32;
+    let guest = linux_guest();
+    let api = e2e::api::ApiVmm::new("linux-memory");
+    let pmem = api.dir.file("pmem.img");
+    // 2 MiB: 4096 sectors; the host's marker at sector 0, the guest writes at sector 8.
+    make_image(&pmem, 4096, &[(0, PMEM_HOST_MARKER)]);
+    let mut cmd = nimbus(
+        guest,
+        &format!(
+            "nimbus.dump=0 nimbus.disk=pmem0:read:0 nimbus.disk=pmem0:write:8:{PMEM_GUEST_MARKER} \
+             nimbus.balloon={TOUCH_MIB}:{BALLOON_MIB}"
+        ),
+    );
+    cmd.arg("--pmem")
+        .arg(format!("file={}", pmem.display()))
+        .args(["--balloon", "size=0", "--api-socket"])
+        .arg(&api.socket);
+    let vm = spawn_vm_parallel(cmd);
+    let pid = vm.pid().expect("pid");
+    let rss = || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let touched = vm.wait_for_line("NIMBUS-LINUX balloon-touched", STEP_TIMEOUT);
+    let before = rss();
+    let raised_at = Instant::now();
+    let resize = e2e::api::call(
+        &api.socket,
+        "PUT",
+        "vm.resize",
+        Some(&format!(r#"{{"desired_balloon":{}}}"#, BALLOON_MIB << 20)),
+    );
+    let inflated = vm.wait_for_line("NIMBUS-LINUX balloon-inflated", STEP_TIMEOUT);
+    let after = rss();
+    let inflate_time = raised_at.elapsed();
+    let counters = e2e::api::call(&api.socket, "GET", "vm.counters", None).json();
+    let b = Boot::follow(
+        "memory",
+        vm,
+        &["Linux version", "NIMBUS-LINUX-INIT", "reboot: Power down"],
+    );
+    b.assert_clean();
+    touched.unwrap_or_else(|e| panic!("{e}\n{}", b.describe()));
+    inflated.unwrap_or_else(|e| panic!("{e}\n{}", b.describe()));
+    assert_eq!(resize.status, 204, "{}", resize.text());
+
+    // pmem: the marker read through the guest's block device, the write in the file.
+    assert!(
+        b.init_lines("disk-read")
+            .contains(&format!("dev=pmem0 sector=0 text={PMEM_HOST_MARKER}").as_str()),
+        "{}",
+        b.describe()
+    );
+    assert_eq!(
+        b.init_lines("disk-write"),
+        ["dev=pmem0 sector=8 write=512 fsync=0"],
+        "{}",
+        b.describe()
+    );
+    let want = image_bytes(4096, &[(0, PMEM_HOST_MARKER), (8, PMEM_GUEST_MARKER)]);
+    if let Err(e) = check_image(&pmem, &want) {
+        panic!("pmem file after the run: {e}\n{}", b.describe());
+    }
+
+    // balloon: the driver took the pages and the host dropped them.
+    let inflated_pages = counters["__balloon"]["inflated_pages"]
+        .as_u64()
+        .unwrap_or(0);
+    let fell = before.saturating_sub(after);
+    eprintln!(
+        "linux balloon: VmRSS {} -> {} MiB (fell {} MiB) after touching {TOUCH_MIB} MiB and \
+         inflating {BALLOON_MIB} MiB in {:.1} s; {inflated_pages} pages inflated",
+        before >> 20,
+        after >> 20,
+        fell >> 20,
+        inflate_time.as_secs_f64()
+    );
+    assert_eq!(inflated_pages, BALLOON_MIB << 8, "{counters}");
+    // The driver's statistics (its first buffer, sent at probe): MemTotal in bytes.
+    let total = counters["__balloon"]["stat_total_memory"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        total > (MEMORY_MIB << 20) / 2 && total <= MEMORY_MIB << 20,
+        "stat_total_memory {total}: {counters}"
+    );
+    assert!(
+        fell >= (TOUCH_MIB << 20) / 3,
+        "RSS fell by {fell} bytes only ({before} -> {after})\n{}",
+        b.describe()
+    );
+}
+
 /// The same kernel and initramfs under QEMU (q35, PVH `-kernel`, virtio-blk-pci) as a
 /// reference: it boots, reads the host's marker, powers off; the boot-to-milestone times are
 /// printed next to Nimbus's.

@@ -80,13 +80,13 @@ pub const ROUTES: &[Route] = &[
     route("vm.nmi", "PUT", Body::None),
     route("vm.info", "GET", Body::None),
     route("vm.counters", "GET", Body::None),
-    later("vm.resize", Body::Json),
+    route("vm.resize", "PUT", Body::Json),
     later("vm.resize-disk", Body::Json),
     later("vm.resize-zone", Body::Json),
     later("vm.add-device", Body::Json),
     route("vm.add-disk", "PUT", Body::Json),
     route("vm.add-fs", "PUT", Body::Json),
-    later("vm.add-pmem", Body::Json),
+    route("vm.add-pmem", "PUT", Body::Json),
     route("vm.add-net", "PUT", Body::Json),
     route("vm.add-vsock", "PUT", Body::Json),
     later("vm.add-vdpa", Body::Json),
@@ -129,6 +129,8 @@ pub enum ApiRequest {
     VmInfo,
     /// `vm.counters`.
     VmCounters,
+    /// `vm.resize` (only `desired_balloon` is implemented).
+    VmResize(VmResizeData),
     /// `vm.add-disk`.
     AddDisk(Box<DiskConfig>),
     /// `vm.add-net` with the TAP descriptors that came with it.
@@ -137,6 +139,8 @@ pub enum ApiRequest {
     AddFs(Box<FsConfig>),
     /// `vm.add-vsock`.
     AddVsock(Box<VsockConfig>),
+    /// `vm.add-pmem`.
+    AddPmem(Box<PmemConfig>),
     /// `vm.remove-device`.
     RemoveDevice(String),
     /// A route whose work arrives with a later Nimbus (its body was well-formed).
@@ -306,6 +310,7 @@ pub fn parse(
         "vm.nmi" => ApiRequest::VmNmi,
         "vm.info" => ApiRequest::VmInfo,
         "vm.counters" => ApiRequest::VmCounters,
+        "vm.resize" => ApiRequest::VmResize(json(body)?),
         "vm.add-disk" => ApiRequest::AddDisk(json(body)?),
         "vm.add-net" => {
             let mut net: Box<NetConfig> = json(body)?;
@@ -320,15 +325,14 @@ pub fn parse(
         }
         "vm.add-fs" => ApiRequest::AddFs(json(body)?),
         "vm.add-vsock" => ApiRequest::AddVsock(json(body)?),
+        "vm.add-pmem" => ApiRequest::AddPmem(json(body)?),
         "vm.remove-device" => ApiRequest::RemoveDevice(json::<VmRemoveDeviceData>(body)?.id),
         // Not implemented yet: the body must still be what the route takes (400 otherwise).
         name => {
             match name {
-                "vm.resize" => check::<VmResizeData>(body)?,
                 "vm.resize-disk" => check::<VmResizeDiskData>(body)?,
                 "vm.resize-zone" => check::<VmResizeZoneData>(body)?,
                 "vm.add-device" => check::<DeviceConfig>(body)?,
-                "vm.add-pmem" => check::<PmemConfig>(body)?,
                 "vm.add-vdpa" => check::<VdpaConfig>(body)?,
                 "vm.add-user-device" => check::<UserDeviceConfig>(body)?,
                 "vm.add-generic-vhost-user" => check::<GenericVhostUserConfig>(body)?,
