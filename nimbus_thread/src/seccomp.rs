@@ -231,7 +231,8 @@ pub fn allowed_ioctls(rules: &[Rule]) -> std::collections::BTreeSet<u64> {
 }
 
 /// Compiles the filter of every class in `rules` and, unless `mode` is off, installs the SIGSYS
-/// handler; threads started from now on are filtered. Call once, before starting threads.
+/// handler and keeps malloc from trimming thread heaps ([`keep_thread_heaps`]); threads started
+/// from now on are filtered. Call once, before starting threads.
 pub fn install(
     mode: SeccompMode,
     rules: impl IntoIterator<Item = (ThreadClass, Vec<Rule>)>,
@@ -242,10 +243,28 @@ pub fn install(
             filters.insert(class, build(class, &class_rules, mode)?);
         }
         install_handler()?;
+        keep_thread_heaps();
     }
     INSTALLED
         .set(Installed { mode, filters })
         .map_err(|_| SeccompError::Twice)
+}
+
+/// Stops glibc's malloc from trimming its heaps. The first time it would shrink the heap of a
+/// per-thread arena (memory freed in an arena of a filtered thread, or by another thread), glibc
+/// opens `/proc/sys/vm/overcommit_memory` to learn how, which no filtered thread may: the
+/// process died with exit status 159 depending on its allocation pattern (seen in the daemons at
+/// the end of a connection, and in the VMM's vsock thread). With the trim threshold at its
+/// maximum no heap top is trimmed (the main arena's neither); a heap that becomes wholly free is
+/// still unmapped, and large blocks are still mapped and unmapped on their own. The heaps of the
+/// VMM and the daemons are small and steady.
+fn keep_thread_heaps() {
+    // SAFETY: mallopt only sets a malloc parameter.
+    if unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) } != 1 {
+        log::warn!(
+            "cannot set malloc's trim threshold: a thread's heap may be shrunk under the filters"
+        );
+    }
 }
 
 /// The mode installed (off before [`install`]).

@@ -56,23 +56,6 @@ pub trait Started {
     fn serve(self, terminator: &Terminator) -> Result<(), Self::Error>;
 }
 
-/// Stops glibc's malloc from trimming its heaps. The first time it would shrink the heap of a
-/// per-thread arena (memory freed in an arena of the protocol thread or a worker, often by the
-/// main thread when a connection ends), glibc opens `/proc/sys/vm/overcommit_memory` to learn
-/// how, which no filtered thread may: the daemon died with exit status 159 at the end of a
-/// connection, depending on the allocation pattern of the session. With the trim threshold at
-/// its maximum no heap top is trimmed (the main arena's neither); a heap that becomes wholly free
-/// is still unmapped, and large blocks are still mapped and unmapped on their own. The daemons'
-/// heaps are small and steady.
-fn keep_thread_heaps() {
-    // SAFETY: mallopt only sets a malloc parameter.
-    if unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) } != 1 {
-        log::warn!(
-            "cannot set malloc's trim threshold: a thread's heap may be shrunk under the filters"
-        );
-    }
-}
-
 fn init_logger(verbose: u8) {
     nimbus_log::init(Instant::now(), verbose, Box::new(std::io::stderr()));
 }
@@ -126,7 +109,6 @@ where
     };
     // What the threads need once filtered: the SIGBUS handler for guest memory the frontend
     // shrinks, and what an eventfd looks like (to check the frontend's).
-    keep_thread_heaps();
     if let Err(e) = crate::fault::install() {
         return fail(name, &format!("cannot install the SIGBUS handler: {e}"));
     }
