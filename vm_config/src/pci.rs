@@ -85,7 +85,12 @@ impl VmConfig {
             .flatten()
             .map(|f| ("fs", &f.id, f.pci_segment));
         let vsock = self.vsock.iter().map(|v| ("vsock", &v.id, v.pci_segment));
-        for (kind, id, segment) in disks.chain(nets).chain(fs).chain(vsock) {
+        let pmem = self
+            .pmem
+            .iter()
+            .flatten()
+            .map(|p| ("pmem", &p.id, p.pci_segment));
+        for (kind, id, segment) in disks.chain(nets).chain(fs).chain(vsock).chain(pmem) {
             if segment >= count {
                 let id = id.as_deref().unwrap_or("(no id)");
                 return Err(ConfigError::Device(format!(

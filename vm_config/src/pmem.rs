@@ -52,9 +52,6 @@ impl PmemConfig {
         if self.iommu {
             return err("iommu is not supported".into());
         }
-        if self.pci_segment != 0 {
-            return err("only PCI segment 0 exists".into());
-        }
         if let Some(size) = self.size {
             if size == 0 || size % PMEM_ALIGN != 0 {
                 return err(format!("size {size} is not a non-zero multiple of 2 MiB"));
@@ -94,7 +91,6 @@ mod tests {
             ("file=/p,size=3M", "multiple of 2 MiB"),
             ("file=/p,size=0", "multiple of 2 MiB"),
             ("file=/p,iommu=on", "iommu"),
-            ("file=/p,pci_segment=1", "segment"),
         ] {
             let e = pmem(s).validate().expect_err(s).to_string();
             assert!(e.contains(want), "{s}: {e}");

@@ -207,10 +207,10 @@ impl DeviceManager {
         Ok(bdf)
     }
 
-    /// Takes `size` bytes aligned to `align` from PCI segment 0's 64-bit window (a pmem
-    /// region; pmem devices sit on segment 0).
-    pub fn allocate_device_area(&mut self, size: u64, align: u64) -> Option<u64> {
-        self.pci.allocate_mmio64(0, size, align)
+    /// Takes `size` bytes aligned to `align` from PCI segment `segment`'s 64-bit window (a
+    /// pmem region).
+    pub fn allocate_device_area(&mut self, segment: u16, size: u64, align: u64) -> Option<u64> {
+        self.pci.allocate_mmio64(segment, size, align)
     }
 
     /// The address of device `id`.

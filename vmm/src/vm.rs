@@ -326,7 +326,7 @@ impl Vm {
                     let slot = crate::pmem::FIRST_SLOT + pmem.len() as u32;
                     let (region, addr) =
                         crate::pmem::attach(file, hv_vm.as_ref(), slot, |size, align| {
-                            devices.allocate_device_area(size, align)
+                            devices.allocate_device_area(d.pci_segment, size, align)
                         })?;
                     pmem.push(region);
                     log::info!("{}: {} bytes at {addr:#x}", d.id, file.size);

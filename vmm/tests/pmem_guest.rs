@@ -51,7 +51,16 @@ fn pmem_marker_write_and_flush() {
         &cmdline,
         "--pmem",
         &format!("file={}", kept.display()),
-        &format!("file={},discard_writes=on", discarded.display()),
+        // The second on PCI segment 1: its region comes from that segment's 64-bit share (most
+        // of the window, so that its BAR lies in the 8 GiB the guest maps for BARs).
+        &format!(
+            "file={},discard_writes=on,pci_segment=1",
+            discarded.display()
+        ),
+        "--platform",
+        "num_pci_segments=2",
+        "--pci-segment",
+        "pci_segment=1,mmio64_aperture_weight=31",
     ]);
     let run = run_vm(cmd, TIMEOUT);
     run.assert_success();
