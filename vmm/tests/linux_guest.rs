@@ -716,8 +716,8 @@ fn pci_devices_bars_and_msix() {
             "1af4:1042",
             "1af4:1042",
             "1af4:1044",
-            "8086:0d57",
             "1af4:1053",
+            "8086:0d57",
             "8086:0d57"
         ],
         "PCI devices seen by Linux:\n{}\n{}",
