@@ -598,18 +598,20 @@ impl PciSetup {
         let mapper = Arc::new(pci::MmioBarMapper::new(&mmio));
         let pci = Arc::new(Mutex::new(pci::PciBus::new(mapper.clone())));
         let pci1 = Arc::new(Mutex::new(pci::PciBus::new(mapper)));
-        for (bus, start, size) in [
-            (&pci, ECAM_START, ECAM_SIZE),
-            (&pci1, ECAM1_START, ECAM1_SIZE),
+        for (bus, peer, start, size) in [
+            (&pci, &pci1, ECAM_START, ECAM_SIZE),
+            (&pci1, &pci, ECAM1_START, ECAM1_SIZE),
         ] {
             mmio.insert(
-                Arc::new(Mutex::new(pci::PciEcam::new(bus.clone()))),
+                Arc::new(Mutex::new(
+                    pci::PciEcam::new(bus.clone()).with_peers(vec![peer.clone()]),
+                )),
                 start,
                 size,
             )
             .expect("ECAM");
         }
-        let cf8 = pci::PciConfigIo::new(pci.clone());
+        let cf8 = pci::PciConfigIo::new(pci.clone()).with_peers(vec![pci1.clone()]);
         let ioevents = Arc::new(IoEvents::default());
         let mut setup = PciSetup {
             mmio,

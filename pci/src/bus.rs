@@ -167,7 +167,9 @@ impl PciBus {
     }
 
     /// Maps the decoded BARs that are not mapped (refused earlier) where their range is free now.
-    fn map_refused(&self) {
+    /// Buses sharing one MMIO space call it on each other after a configuration write
+    /// ([`PciEcam::with_peers`]): a range one bus freed may be where another's BAR decodes.
+    pub fn map_refused(&self) {
         for (&slot, device) in &self.slots {
             let bars = lock(device).decoded_bars();
             for (bar, addr, size) in bars {
@@ -260,16 +262,35 @@ fn valid_access(byte: u64, len: usize) -> bool {
     matches!(len, 1 | 2 | 4) && byte as usize + len <= 4 && byte.is_multiple_of(len as u64)
 }
 
+/// After a configuration write to one bus, lets every other bus sharing its MMIO space map the
+/// BARs it had to refuse, one bus locked at a time (never two at once).
+fn retry_peers(peers: &[Arc<Mutex<PciBus>>]) {
+    for peer in peers {
+        lock(peer).map_refused();
+    }
+}
+
 /// ECAM (the MCFG window) on the MMIO bus.
 #[derive(Debug)]
 pub struct PciEcam {
     bus: Arc<Mutex<PciBus>>,
+    peers: Vec<Arc<Mutex<PciBus>>>,
 }
 
 impl PciEcam {
     /// ECAM access to `bus`.
     pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
-        Self { bus }
+        Self {
+            bus,
+            peers: Vec::new(),
+        }
+    }
+
+    /// The other buses (PCI segments) on the same MMIO space: after a configuration write,
+    /// each maps the BARs it refused where the range is free now.
+    pub fn with_peers(mut self, peers: Vec<Arc<Mutex<PciBus>>>) -> Self {
+        self.peers = peers;
+        self
     }
 }
 
@@ -288,6 +309,7 @@ impl BusDevice for PciEcam {
         let (b, d, f, reg, byte) = ecam_decode(offset);
         if valid_access(byte, data.len()) {
             lock(&self.bus).config_write(b, d, f, reg, byte, data);
+            retry_peers(&self.peers);
         }
     }
 }
@@ -298,6 +320,7 @@ impl BusDevice for PciEcam {
 /// register; [`PciConfigIo::with_reset_register`] routes them to that device.
 pub struct PciConfigIo {
     bus: Arc<Mutex<PciBus>>,
+    peers: Vec<Arc<Mutex<PciBus>>>,
     address: u32,
     reset_register: Option<Arc<Mutex<dyn BusDevice>>>,
 }
@@ -315,9 +338,16 @@ impl PciConfigIo {
     pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
         Self {
             bus,
+            peers: Vec::new(),
             address: 0,
             reset_register: None,
         }
+    }
+
+    /// As [`PciEcam::with_peers`].
+    pub fn with_peers(mut self, peers: Vec<Arc<Mutex<PciBus>>>) -> Self {
+        self.peers = peers;
+        self
     }
 
     /// Sends single-byte accesses at 0xcf9 (offset 1) to `device`.
@@ -391,6 +421,7 @@ impl BusDevice for PciConfigIo {
                     (self.selected(), valid_access(byte, data.len()))
                 {
                     lock(&self.bus).config_write(b, d, f, reg, byte, data);
+                    retry_peers(&self.peers);
                 }
             }
             _ => {}

@@ -120,11 +120,22 @@ impl PciDevices {
     ) -> Result<Self, PciError> {
         let mapper: Arc<MmioBarMapper> = Arc::new(MmioBarMapper::new(mmio_bus));
         let mut segments = Vec::with_capacity(layouts.len());
-        for l in layouts {
-            let bus = Arc::new(Mutex::new(PciBus::new(mapper.clone())));
+        let buses: Vec<Arc<Mutex<PciBus>>> = layouts
+            .iter()
+            .map(|_| Arc::new(Mutex::new(PciBus::new(mapper.clone()))))
+            .collect();
+        // The buses share the MMIO space: a range one frees may be where another's BAR waits.
+        let peers_of = |i: usize| -> Vec<Arc<Mutex<PciBus>>> {
+            let others = buses.iter().enumerate().filter(|&(j, _)| j != i);
+            others.map(|(_, b)| b.clone()).collect()
+        };
+        for (i, l) in layouts.iter().enumerate() {
+            let bus = buses[i].clone();
             mmio_bus
                 .insert(
-                    Arc::new(Mutex::new(PciEcam::new(bus.clone()))),
+                    Arc::new(Mutex::new(
+                        PciEcam::new(bus.clone()).with_peers(peers_of(i)),
+                    )),
                     l.ecam.0,
                     l.ecam.1,
                 )
@@ -144,7 +155,9 @@ impl PciDevices {
                 count: 0,
             });
         };
-        let cf8 = PciConfigIo::new(first.bus.clone()).with_reset_register(reset_register);
+        let cf8 = PciConfigIo::new(first.bus.clone())
+            .with_peers(peers_of(0))
+            .with_reset_register(reset_register);
         io_bus
             .insert(Arc::new(Mutex::new(cf8)), 0xcf8, 8)
             .map_err(|source| PciError::Place {
