@@ -9,7 +9,7 @@ use std::time::Duration;
 use block::{BlockConfig, DiskBackend, QueueError, VirtioBlkConfig};
 
 use crate::pause::PauseError;
-use crate::worker::{QueueHandler, Worker};
+use crate::worker::{QueueHandler, WorkerSlot};
 use crate::{device_type, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice};
 
 /// The block device.
@@ -23,7 +23,7 @@ pub struct Block {
     name: String,
     poll: Duration,
     counters: Arc<IoCounters>,
-    worker: Option<Worker>,
+    worker: WorkerSlot,
 }
 
 /// Successful reads and writes since the device was created.
@@ -71,7 +71,7 @@ impl Block {
             name,
             poll: virtio_chain::poll::DEFAULT_POLL,
             counters: Arc::default(),
-            worker: None,
+            worker: WorkerSlot::default(),
         }
     }
 
@@ -145,23 +145,21 @@ impl VirtioDevice for Block {
             poll: self.poll,
             counters: self.counters.clone(),
         };
-        self.worker = Some(Worker::start(&self.name, handler, a)?);
+        self.worker.start(&self.name, handler, a)?;
         Ok(())
     }
 
     fn reset(&mut self) {
         // Dropping the worker stops and joins its thread.
-        self.worker = None;
+        self.worker.stop();
     }
 
     fn pause(&mut self) -> Result<(), PauseError> {
-        self.worker.as_ref().map_or(Ok(()), Worker::pause)
+        self.worker.pause()
     }
 
     fn resume(&mut self) {
-        if let Some(w) = &self.worker {
-            w.resume();
-        }
+        self.worker.resume();
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

@@ -14,7 +14,7 @@ use virtio_chain::QueueError;
 use vm_memory::{Bytes, GuestAddressSpace};
 
 use crate::pause::PauseError;
-use crate::worker::{QueueHandler, Worker};
+use crate::worker::{QueueHandler, WorkerSlot};
 use crate::{
     device_type, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice,
     VIRTIO_F_VERSION_1,
@@ -63,7 +63,7 @@ pub struct Console {
     out: Arc<Mutex<Box<dyn Write + Send>>>,
     input: Option<Arc<ConsoleInput>>,
     name: String,
-    worker: Option<Worker>,
+    worker: WorkerSlot,
 }
 
 impl std::fmt::Debug for Console {
@@ -82,7 +82,7 @@ impl Console {
             out: Arc::new(Mutex::new(out)),
             input,
             name,
-            worker: None,
+            worker: WorkerSlot::default(),
         }
     }
 }
@@ -223,23 +223,21 @@ impl VirtioDevice for Console {
             out: self.out.clone(),
             input: self.input.clone(),
         };
-        self.worker = Some(Worker::start(&self.name, handler, a)?);
+        self.worker.start(&self.name, handler, a)?;
         Ok(())
     }
 
     fn reset(&mut self) {
         // Dropping the worker stops and joins its thread.
-        self.worker = None;
+        self.worker.stop();
     }
 
     fn pause(&mut self) -> Result<(), PauseError> {
-        self.worker.as_ref().map_or(Ok(()), Worker::pause)
+        self.worker.pause()
     }
 
     fn resume(&mut self) {
-        if let Some(w) = &self.worker {
-            w.resume();
-        }
+        self.worker.resume();
     }
 }
 

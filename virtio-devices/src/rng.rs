@@ -9,7 +9,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemory};
 
 use crate::pause::PauseError;
-use crate::worker::{QueueHandler, Worker};
+use crate::worker::{QueueHandler, WorkerSlot};
 use crate::{
     device_type, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice,
     VIRTIO_F_VERSION_1,
@@ -35,7 +35,7 @@ pub enum RngError {
 pub struct Rng {
     source: Option<File>,
     name: String,
-    worker: Option<Worker>,
+    worker: WorkerSlot,
 }
 
 impl Rng {
@@ -44,7 +44,7 @@ impl Rng {
         Self {
             source: Some(source),
             name,
-            worker: None,
+            worker: WorkerSlot::default(),
         }
     }
 }
@@ -127,22 +127,20 @@ impl VirtioDevice for Rng {
                 a.queues.len()
             )));
         }
-        self.worker = Some(Worker::start(&self.name, RngQueue { source }, a)?);
+        self.worker.start(&self.name, RngQueue { source }, a)?;
         Ok(())
     }
 
     fn reset(&mut self) {
         // Dropping the worker stops and joins its thread.
-        self.worker = None;
+        self.worker.stop();
     }
 
     fn pause(&mut self) -> Result<(), PauseError> {
-        self.worker.as_ref().map_or(Ok(()), Worker::pause)
+        self.worker.pause()
     }
 
     fn resume(&mut self) {
-        if let Some(w) = &self.worker {
-            w.resume();
-        }
+        self.worker.resume();
     }
 }

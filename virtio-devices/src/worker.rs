@@ -68,6 +68,11 @@ impl WorkerSlot {
         Ok(())
     }
 
+    /// Holds `worker`, started by the device itself (replacing, so stopping, any earlier one).
+    pub fn hold(&mut self, worker: Worker) {
+        self.0 = Some(worker);
+    }
+
     /// Stops and joins the worker, if any.
     pub fn stop(&mut self) {
         self.0 = None;

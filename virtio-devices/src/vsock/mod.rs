@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use virtio_chain::QueueError;
 
 use crate::pause::PauseError;
-use crate::worker::Worker;
+use crate::worker::{Worker, WorkerSlot};
 use crate::{device_type, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
 
 pub use muxer::{Limits, Muxer, MuxerStats};
@@ -58,7 +58,7 @@ pub struct Vsock {
     listener: UnixListener,
     limits: Limits,
     name: String,
-    worker: Option<Worker>,
+    worker: WorkerSlot,
 }
 
 impl Vsock {
@@ -71,7 +71,7 @@ impl Vsock {
             listener,
             limits: Limits::default(),
             name,
-            worker: None,
+            worker: WorkerSlot::default(),
         }
     }
 
@@ -138,23 +138,21 @@ impl VirtioDevice for Vsock {
             a.interrupt,
         )
         .map_err(ActivateError::Resource)?;
-        self.worker = Some(worker);
+        self.worker.hold(worker);
         Ok(())
     }
 
     fn reset(&mut self) {
         // Dropping the worker stops its thread; the multiplexer goes with it and closes every
         // host connection.
-        self.worker = None;
+        self.worker.stop();
     }
 
     fn pause(&mut self) -> Result<(), PauseError> {
-        self.worker.as_ref().map_or(Ok(()), Worker::pause)
+        self.worker.pause()
     }
 
     fn resume(&mut self) {
-        if let Some(w) = &self.worker {
-            w.resume();
-        }
+        self.worker.resume();
     }
 }
