@@ -8,7 +8,8 @@
 //! The connection then ends as after a protocol error.
 
 use std::io;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Duration;
 
 use crate::exit::ExitEvents;
 use vm_memory::GuestMemoryMmap;
@@ -101,17 +102,28 @@ pub enum ConnectionFault {
     },
 }
 
-/// The connection being served, for [`drop_connection`]: the crate's handle on it, and why
+/// The connection being served, for [`drop_connection`]: the crate's handle on it, whether it
+/// is being started (the crate's protocol thread runs before its handle is attached), and why
 /// the daemon dropped it (first reason only).
 struct Current {
     handle: Option<ShutdownHandle>,
+    starting: bool,
     dropped: Option<String>,
 }
 
 static CURRENT: Mutex<Current> = Mutex::new(Current {
     handle: None,
+    starting: false,
     dropped: None,
 });
+
+/// Signalled when a connection's handle is attached or its start fails.
+static ATTACHED: Condvar = Condvar::new();
+
+/// How long a fault raised while a connection starts waits for its handle: the main thread
+/// attaches it right after the crate's start returns; the bound only guards a start that
+/// never returns.
+const ATTACH_WAIT: Duration = Duration::from_secs(10);
 
 fn current() -> std::sync::MutexGuard<'static, Current> {
     CURRENT.lock().unwrap_or_else(PoisonError::into_inner)
@@ -120,8 +132,10 @@ fn current() -> std::sync::MutexGuard<'static, Current> {
 /// Drops the frontend connection being served because of `fault` (logged once, as an error):
 /// the socket is shut down, the crate's protocol thread ends, and the connection ends as after a
 /// protocol error (exit status 1, or the next frontend with `--keep-running`). Only the first
-/// fault of a connection counts; one that comes before the connection is fully started is acted
-/// on as soon as it is. Safe from any of the connection's threads.
+/// fault of a connection counts. One raised on the crate's protocol thread before the main
+/// thread attached the connection's handle waits for it, so the crate's reply to the faulty
+/// message (an acknowledgement it would send regardless) finds the socket shut. Safe from any
+/// of the connection's threads.
 pub fn drop_connection(fault: ConnectionFault) {
     let mut current = current();
     if current.dropped.is_some() {
@@ -130,9 +144,21 @@ pub fn drop_connection(fault: ConnectionFault) {
     let reason = nimbus_log::error_chain(&fault);
     error!("{reason}; dropping the connection");
     current.dropped = Some(reason);
+    if current.handle.is_none() && current.starting {
+        current = ATTACHED
+            .wait_timeout_while(current, ATTACH_WAIT, |c| c.handle.is_none() && c.starting)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+    }
     if let Some(handle) = &current.handle {
         handle.shutdown();
     }
+}
+
+/// Marks a connection as starting (its faults wait for its handle) or no longer.
+fn set_starting(starting: bool) {
+    current().starting = starting;
+    ATTACHED.notify_all();
 }
 
 /// Makes `handle` the connection [`drop_connection`] shuts down (shutting it down at once if a
@@ -145,6 +171,8 @@ fn attach_current(handle: Option<ShutdownHandle>) {
         }
     }
     current.handle = handle;
+    current.starting = false;
+    ATTACHED.notify_all();
 }
 
 /// Forgets the connection that ended; returns why the daemon dropped it, if it did.
@@ -188,11 +216,15 @@ fn connect<D: Device>(
             }
         })?;
     device.prepare(&mut daemon, &backend)?;
-    match connect {
+    set_starting(true);
+    let started = match connect {
         Connect::Accept(listener) => daemon.start(listener),
         Connect::Client(path) => daemon.start_client(path),
+    };
+    if started.is_err() {
+        set_starting(false);
     }
-    .map_err(|e| DaemonError::Setup {
+    started.map_err(|e| DaemonError::Setup {
         step: D::CONNECT_STEP,
         message: e.to_string(),
     })?;

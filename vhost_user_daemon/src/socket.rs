@@ -63,6 +63,55 @@ pub enum DaemonError {
     Protocol(String),
 }
 
+/// Binds a listening socket at `path` so that the file appears only once the socket listens: a
+/// frontend that connects as soon as it sees the file (as tests and orchestrators do) is never
+/// refused. The socket is made under a temporary name beside `path` and renamed, without
+/// replacing a file another process put at `path` meanwhile. A directory whose temporary name
+/// would not fit in a socket address binds `path` directly.
+fn bind_listening(path: &Path) -> io::Result<UnixListener> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let temporary = dir.join(format!(".vhost-user-{}.sock", std::process::id()));
+    let _ = fs::remove_file(&temporary);
+    let listener = match UnixListener::bind(&temporary) {
+        Ok(l) => l,
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => return UnixListener::bind(path),
+        Err(e) => return Err(e),
+    };
+    let renamed = rename_no_replace(&temporary, path);
+    if renamed.is_err() {
+        let _ = fs::remove_file(&temporary);
+    }
+    renamed.map(|()| listener)
+}
+
+/// `rename(2)` that fails with `EEXIST` rather than replace `to`.
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: both are NUL-terminated paths that outlive the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// A Unix socket the daemon created and listens on; the file is removed when this is dropped
 /// (if it is still the one created: a socket someone else put there later is left alone).
 pub struct SocketFile {
@@ -127,7 +176,7 @@ impl SocketFile {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(socket_err("inspect", e)),
         }
-        let listener = UnixListener::bind(path).map_err(|e| socket_err("create", e))?;
+        let listener = bind_listening(path).map_err(|e| socket_err("create", e))?;
         let meta = fs::symlink_metadata(path).map_err(|e| socket_err("inspect", e))?;
         Ok(SocketFile {
             path: path.to_path_buf(),

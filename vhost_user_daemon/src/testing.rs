@@ -257,6 +257,23 @@ pub fn file_id(p: &Path) -> Option<(u64, i64, i64)> {
         .map(|m| (m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
+/// Waits until `socket` is gone: a single-frontend daemon's main thread removes it once the
+/// frontend is accepted, while the protocol thread already answers.
+///
+/// # Panics
+///
+/// If it is still there after [`TIMEOUT`].
+pub fn wait_until_removed(socket: &Path) {
+    let deadline = Instant::now() + TIMEOUT;
+    while socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "socket still there while serving"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Whether a socket is at `p`.
 pub fn is_socket(p: &Path) -> bool {
     fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())

@@ -271,16 +271,8 @@ fn frames_both_ways_then_exit_on_disconnect() {
         );
         let mem = shared_memory();
         let mut s = setup(Frontend::connect(&socket, 2).unwrap(), &mem, 2);
-        // Single-frontend mode: the socket goes once the frontend is accepted (the daemon's
-        // main thread removes it while the protocol thread already answers).
-        let deadline = Instant::now() + TIMEOUT;
-        while socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "socket still there while serving"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        // Single-frontend mode: the socket goes once the frontend is accepted.
+        testing::wait_until_removed(&socket);
         for bit in [
             VIRTIO_NET_F_MAC,
             VIRTIO_NET_F_STATUS,
