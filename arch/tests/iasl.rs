@@ -147,6 +147,20 @@ fn iasl_accepts_every_table() {
         "Notify (\\_SB.PWRB, 0x80",
         "SystemIO, 0x0608",
         "Interrupt (ResourceConsumer, Level, ActiveHigh, Exclusive, ,, )",
+        // PCI hotplug.
+        "PNP0A06",
+        "SystemIO, 0x0610, 0x10",
+        "Mutex (BLCK, 0x00)",
+        "Method (PCEJ, 2",
+        "B0EJ = (One << Arg0)",
+        "\\_SB.PCI0.PCNT ()",
+        "\\_SB.PCI1.PCNT ()",
+        "\\_SB.PHPR.PSCN ()",
+        "Method (DVNT, 2",
+        "Notify (S1F, Arg1)",
+        "Method (PCNT, 0",
+        "\\_SB.PHPR.PSEG = One",
+        "\\_SB.PHPR.PCEJ (0x1F, One)",
     ] {
         assert!(
             dsdt.contains(expected),
@@ -202,6 +216,28 @@ fn iasl_accepts_the_largest_machine() {
         !dsdt.contains("QWordMemory"),
         "empty 64-bit window must be left out"
     );
+}
+
+#[test]
+fn iasl_accepts_every_pci_segment_with_hotplug_slots() {
+    let cfg = AcpiConfig {
+        boot_cpus: 1,
+        max_cpus: 1,
+        topology: None,
+        pci_segments: layout::pci_segments(1 << 30, &[(1, 1); 16]).expect("segments"),
+    };
+    let dir = round_trip(&cfg, "acpi-iasl-16-segments");
+    let dsdt = read(&dir.0, "dsdt.dsl");
+    // 31 slots in each of the 16 host bridges, none for the host bridge's own device 0.
+    assert_eq!(dsdt.matches("Device (S").count(), 16 * 31, "{dsdt}");
+    assert_eq!(dsdt.matches("Method (_EJ0, 1").count(), 16 * 31);
+    assert!(!dsdt.contains("Device (S00)"), "{dsdt}");
+    for segment in 0..16 {
+        let call = format!("\\_SB.PCI{segment:X}.PCNT ()");
+        assert!(dsdt.contains(&call), "PSCN lacks {call}");
+    }
+    assert!(dsdt.contains("\\_SB.PHPR.PCEJ (0x1F, 0x0F)"), "{dsdt}");
+    assert!(dsdt.contains("\\_SB.PHPR.PSEG = 0x0F"), "{dsdt}");
 }
 
 /// Collapses runs of spaces so field labels can be matched regardless of column alignment.

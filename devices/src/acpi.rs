@@ -1,5 +1,5 @@
 //! ACPI hardware-reduced registers: sleep control/status, the reset register and the Generic
-//! Event Device (power button).
+//! Event Device (power button, PCI hotplug).
 
 use std::sync::Arc;
 
@@ -81,6 +81,10 @@ impl BusDevice for ResetRegister {
 pub enum GedEvent {
     /// The power button was pressed.
     PowerButton = 1,
+    /// PCI slots were added or are to be removed (see [`crate::pci_hotplug`]): the guest's
+    /// `_EVT` calls `\_SB_.PHPR.PSCN`, which rescans every segment. Must equal arch's
+    /// `x86_64::acpi::GED_EVENT_PCI_HOTPLUG` (the DSDT side; devices does not depend on arch).
+    PciHotplug = 2,
 }
 
 /// The Generic Event Device's event register: the DSDT's `_EVT` reads it (which clears it) and
@@ -147,6 +151,22 @@ mod tests {
         assert!(power.actions().is_empty());
         r.write(0, &[0x06]);
         assert_eq!(power.actions(), vec![PowerAction::Reset]);
+    }
+
+    #[test]
+    fn ged_events_are_distinct_bits_and_accumulate() {
+        // The DSDT's _EVT tests these bits (arch's GED_EVENT_POWER_BUTTON and
+        // GED_EVENT_PCI_HOTPLUG).
+        assert_eq!(GedEvent::PowerButton as u32, 1 << 0);
+        assert_eq!(GedEvent::PciHotplug as u32, 1 << 1);
+        let irq = Arc::new(CountingInterrupt::default());
+        let mut ged = Ged::new(irq.clone());
+        ged.notify(GedEvent::PciHotplug).expect("notify");
+        ged.notify(GedEvent::PowerButton).expect("notify");
+        assert_eq!(irq.0.load(Ordering::SeqCst), 2);
+        let mut b = [0u8; 4];
+        ged.read(0, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0b11);
     }
 
     #[test]

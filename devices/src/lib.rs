@@ -9,6 +9,7 @@ pub mod acpi;
 pub mod bus;
 pub mod debug_port;
 pub mod i8042;
+pub mod pci_hotplug;
 pub mod rtc;
 pub mod serial;
 

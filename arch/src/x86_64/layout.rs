@@ -85,6 +85,13 @@ pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
 pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
 /// ACPI GED event register (4 bytes MMIO-free: an I/O port block), read by the GED's `_EVT`.
 pub const ACPI_GED_PORT: u16 = 0x608;
+/// ACPI PCI hotplug register block (I/O ports), 32-bit registers read and written by the DSDT's
+/// `\_SB_.PHPR` (see `devices::pci_hotplug`): 0x0 PCIU (slots added, read-to-clear), 0x4 PCID
+/// (slots to eject, read-to-clear), 0x8 B0EJ (slots the guest ejected, write-only), 0xc PSEG
+/// (the segment the other registers address).
+pub const PCI_HOTPLUG_PORT: u16 = 0x610;
+/// Length in bytes of the PCI hotplug register block at [`PCI_HOTPLUG_PORT`].
+pub const PCI_HOTPLUG_PORT_LEN: u64 = 16;
 /// ACPI reset register (FADT RESET_REG), the classic 0xcf9; value below resets.
 pub const ACPI_RESET_PORT: u16 = 0xcf9;
 /// Value written to [`ACPI_RESET_PORT`] to reset (FADT RESET_VALUE).
@@ -95,6 +102,12 @@ pub const ACPI_S5_SLP_TYP: u8 = 5;
 pub const ACPI_GED_GSI: u32 = 9;
 /// Number of IOAPIC pins (GSIs) of the in-kernel IOAPIC.
 pub const IOAPIC_PINS: u32 = 24;
+
+const _: () = assert!(
+    ACPI_GED_PORT + 4 <= PCI_HOTPLUG_PORT
+        && PCI_HOTPLUG_PORT as u64 + PCI_HOTPLUG_PORT_LEN <= ACPI_RESET_PORT as u64,
+    "the PCI hotplug ports must not overlap the GED or the reset register"
+);
 
 /// Guest RAM ranges for `ram_size` bytes: below the 32-bit hole and, if needed, above 4 GiB.
 pub fn ram_regions(ram_size: u64) -> Vec<(u64, u64)> {

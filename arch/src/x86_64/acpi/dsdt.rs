@@ -5,24 +5,36 @@
 //! \_SB_.COM1            16550 UART (PNP0501)
 //! \_SB_.RTC_            CMOS RTC (PNP0B00)
 //! \_SB_.MBRD            motherboard resources (PNP0C02): reserves every segment's ECAM area
+//! \_SB_.PHPR            PCI hotplug controller (PNP0A06), owns the ports at PCI_HOTPLUG_PORT
+//! \_SB_.PHPR.BLCK         mutex serializing every access to the registers below
+//! \_SB_.PHPR.PCIU         slots added to the selected segment (read clears)
+//! \_SB_.PHPR.PCID         slots of the selected segment to eject (read clears)
+//! \_SB_.PHPR.B0EJ         write: slots of the selected segment the guest ejected
+//! \_SB_.PHPR.PSEG         the selected segment
+//! \_SB_.PHPR.PCEJ(s, n)   ejects slot s of segment n (called by the slots' _EJ0)
+//! \_SB_.PHPR.PSCN()       runs every PCIn.PCNT (called by the GED on a hotplug event)
 //! \_SB_.PCI0            PCIe host bridge (PNP0A08) of segment 0, ECAM described by the MCFG
 //! \_SB_.PCIn            the host bridge of segment n (1..=F), when there are more segments
+//! \_SB_.PCIn.Sss          hotplug slot ss (01..=1F) of bus 0: _ADR, _SUN, _EJ0
+//! \_SB_.PCIn.DVNT(b, v)   notifies v to every slot whose bit is set in b
+//! \_SB_.PCIn.PCNT()       selects segment n, notifies added (1) then removed (3) slots
 //! \_SB_.PWRB            power button (PNP0C0C)
-//! \_SB_.GED_            Generic Event Device (ACPI0013), notifies PWRB
+//! \_SB_.GED_            Generic Event Device (ACPI0013), notifies PWRB, calls PHPR.PSCN
 //! \_SB_.CPxx            processors (ACPI0007), _UID = APIC ID = MADT processor UID
 //! ```
 
 use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, And, Arg, CreateDWordField, Device, EISAName, Else, Field,
-    FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local,
-    Memory32Fixed, Method, Name, NotEqual, Notify, OpRegion, OpRegionSpace, Or, Package, Path,
-    ResourceTemplate, Return, Scope, Store, Uuid, IO, ONE, ZERO,
+    Acquire, AddressSpace, AddressSpaceCacheable, And, Arg, CreateDWordField, Device, EISAName,
+    Else, Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local,
+    Memory32Fixed, Method, MethodCall, Mutex, Name, NotEqual, Notify, OpRegion, OpRegionSpace, Or,
+    Package, Path, Release, ResourceTemplate, Return, Scope, ShiftLeft, Store, Uuid, IO, ONE, ZERO,
 };
 use acpi_tables::sdt::Sdt;
 use acpi_tables::{Aml, AmlSink};
 
 use super::{
-    layout, AcpiConfig, AcpiError, GED_EVENT_POWER_BUTTON, OEM_ID, OEM_REVISION, OEM_TABLE_ID,
+    layout, AcpiConfig, AcpiError, GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, OEM_ID,
+    OEM_REVISION, OEM_TABLE_ID,
 };
 use layout::PciSegmentLayout;
 
@@ -48,6 +60,20 @@ const STA_PRESENT: u8 = 0x0f;
 const STA_ABSENT: u8 = 0x00;
 /// `Notify` value that reports a power button press to the PNP0C0C driver.
 const NOTIFY_BUTTON_PRESSED: u8 = 0x80;
+
+/// `Notify` value "device check": rescan below this object (a slot gained a device).
+const NOTIFY_DEVICE_CHECK: u8 = 0x01;
+/// `Notify` value "eject request": the slot's device is to be removed.
+const NOTIFY_EJECT_REQUEST: u8 = 0x03;
+/// Hotplug slots of a root bus: devices 1..32 (device 0 is the host bridge itself).
+const HOTPLUG_SLOTS: std::ops::Range<u8> = 1..32;
+/// `Acquire` timeout that waits forever.
+const ACQUIRE_FOREVER: u16 = 0xffff;
+/// The PCI hotplug register block is 16 bytes (four 32-bit registers).
+const PCI_HOTPLUG_REGION_LEN: u8 = {
+    assert!(layout::PCI_HOTPLUG_PORT_LEN == 16);
+    layout::PCI_HOTPLUG_PORT_LEN as u8
+};
 
 /// `_OSC` UUID of PCI / PCIe host bridges (PCI Firmware Specification 3.3, 4.5.1).
 const PCI_HOST_BRIDGE_OSC_UUID: &str = "33db4d5b-1ff7-401c-9657-7441c03dd766";
@@ -79,8 +105,11 @@ pub(super) fn build(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
     com1(&mut sb);
     rtc(&mut sb);
     motherboard_resources(cfg, &mut sb);
+    pci_hotplug_controller(cfg, &mut sb);
     for segment in &cfg.pci_segments {
-        host_bridge(segment, &[], &mut sb)?;
+        let mut slots = Vec::new();
+        hotplug_slots(segment.segment, &mut slots);
+        host_bridge(segment, &[&RawAml(&slots)], &mut sb)?;
     }
     power_button(&mut sb);
     ged(&mut sb);
@@ -155,6 +184,151 @@ fn motherboard_resources(cfg: &AcpiConfig, sink: &mut dyn AmlSink) {
             &Name::new("_HID".into(), &EISAName::new("PNP0C02")),
             &Name::new("_UID".into(), &ZERO),
             &Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+/// `\_SB_.PHPR`: the PCI hotplug controller, the AML side of the register block at
+/// [`layout::PCI_HOTPLUG_PORT`]. Every access to the registers holds `BLCK`, as `PSEG` selects
+/// what the others address.
+fn pci_hotplug_controller(cfg: &AcpiConfig, sink: &mut dyn AmlSink) {
+    let port = layout::PCI_HOTPLUG_PORT;
+    let ports = IO::new(port, port, 1, PCI_HOTPLUG_REGION_LEN);
+    let crs = ResourceTemplate::new(vec![&ports]);
+    let region = OpRegion::new(
+        "PCST".into(),
+        OpRegionSpace::SystemIO,
+        &port,
+        &PCI_HOTPLUG_REGION_LEN,
+    );
+    let field = Field::new(
+        "PCST".into(),
+        FieldAccessType::DWord,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![
+            FieldEntry::Named(*b"PCIU", 32),
+            FieldEntry::Named(*b"PCID", 32),
+            FieldEntry::Named(*b"B0EJ", 32),
+            FieldEntry::Named(*b"PSEG", 32),
+        ],
+    );
+    let lock = Mutex::new("BLCK".into(), 0);
+
+    // PCEJ (slot, segment): B0EJ = 1 << slot in that segment.
+    let acquire = Acquire::new("BLCK".into(), ACQUIRE_FOREVER);
+    let (pseg, b0ej) = (Path::new("PSEG"), Path::new("B0EJ"));
+    let select = Store::new(&pseg, &Arg(1));
+    let eject = ShiftLeft::new(&b0ej, &ONE, &Arg(0));
+    let release = Release::new("BLCK".into());
+    let pcej = Method::new(
+        "PCEJ".into(),
+        2,
+        false,
+        vec![&acquire, &select, &eject, &release],
+    );
+
+    // PSCN (): every host bridge checks its slots.
+    let calls: Vec<MethodCall> = cfg
+        .pci_segments
+        .iter()
+        .map(|s| {
+            MethodCall::new(
+                format!("\\_SB_.PCI{:X}.PCNT", s.segment).as_str().into(),
+                vec![],
+            )
+        })
+        .collect();
+    let pscn = Method::new(
+        "PSCN".into(),
+        0,
+        false,
+        calls.iter().map(|c| c as &dyn Aml).collect(),
+    );
+
+    Device::new(
+        "PHPR".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0A06")),
+            &Name::new("_UID".into(), &"PCI hotplug"),
+            &Name::new("_CRS".into(), &crs),
+            &lock,
+            &region,
+            &field,
+            &pcej,
+            &pscn,
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+/// The hotplug objects inside `\_SB_.PCIn` for segment `n`: the slot devices `S01`..`S1F`,
+/// `DVNT` and `PCNT`.
+fn hotplug_slots(n: u16, sink: &mut dyn AmlSink) {
+    let names: Vec<String> = HOTPLUG_SLOTS.map(|slot| format!("S{slot:02X}_")).collect();
+    for (slot, name) in HOTPLUG_SLOTS.zip(&names) {
+        let adr = u32::from(slot) << 16;
+        let sun = u32::from(slot);
+        let pcej = MethodCall::new("\\_SB_.PHPR.PCEJ".into(), vec![&slot, &n]);
+        Device::new(
+            name.as_str().into(),
+            vec![
+                &Name::new("_ADR".into(), &adr),
+                &Name::new("_SUN".into(), &sun),
+                &Method::new("_EJ0".into(), 1, false, vec![&pcej]),
+            ],
+        )
+        .to_aml_bytes(sink);
+    }
+
+    // DVNT (bitmap, value): Notify (Sss, value) for every slot ss whose bit is set.
+    let masks: Vec<u32> = HOTPLUG_SLOTS.map(|slot| 1u32 << slot).collect();
+    let paths: Vec<Path> = names.iter().map(|name| Path::new(name)).collect();
+    let tests: Vec<And> = masks
+        .iter()
+        .map(|mask| And::new(&ZERO, &Arg(0), mask))
+        .collect();
+    let notifies: Vec<Notify> = paths.iter().map(|p| Notify::new(p, &Arg(1))).collect();
+    let ifs: Vec<If> = tests
+        .iter()
+        .zip(&notifies)
+        .map(|(test, notify)| If::new(test, vec![notify]))
+        .collect();
+    Method::new(
+        "DVNT".into(),
+        2,
+        false,
+        ifs.iter().map(|i| i as &dyn Aml).collect(),
+    )
+    .to_aml_bytes(sink);
+
+    // PCNT (): with the controller locked, select segment n and notify its added, then its
+    // removed slots (each register read once: reading clears it).
+    let acquire = Acquire::new("\\_SB_.PHPR.BLCK".into(), ACQUIRE_FOREVER);
+    let pseg = Path::new("\\_SB_.PHPR.PSEG");
+    let pciu = Path::new("\\_SB_.PHPR.PCIU");
+    let pcid = Path::new("\\_SB_.PHPR.PCID");
+    let select = Store::new(&pseg, &n);
+    let added = Local(0);
+    let removed = Local(1);
+    let read_added = Store::new(&added, &pciu);
+    let read_removed = Store::new(&removed, &pcid);
+    let check = MethodCall::new("DVNT".into(), vec![&added, &NOTIFY_DEVICE_CHECK]);
+    let eject = MethodCall::new("DVNT".into(), vec![&removed, &NOTIFY_EJECT_REQUEST]);
+    let release = Release::new("\\_SB_.PHPR.BLCK".into());
+    Method::new(
+        "PCNT".into(),
+        0,
+        false,
+        vec![
+            &acquire,
+            &select,
+            &read_added,
+            &read_removed,
+            &check,
+            &eject,
+            &release,
         ],
     )
     .to_aml_bytes(sink);
@@ -290,7 +464,8 @@ fn power_button(sink: &mut dyn AmlSink) {
 }
 
 /// The Generic Event Device: on its interrupt the OS runs `_EVT`, which reads the event register
-/// once and notifies the power button if [`GED_EVENT_POWER_BUTTON`] is set.
+/// once, notifies the power button if [`GED_EVENT_POWER_BUTTON`] is set and rescans the PCI
+/// hotplug slots (`\_SB_.PHPR.PSCN`) if [`GED_EVENT_PCI_HOTPLUG`] is set.
 fn ged(sink: &mut dyn AmlSink) {
     // Level, active high, exclusive: matches the MADT override of the GED's IRQ.
     let irq = Interrupt::new(true, false, false, false, layout::ACPI_GED_GSI);
@@ -318,7 +493,10 @@ fn ged(sink: &mut dyn AmlSink) {
     let button = Path::new("\\_SB_.PWRB");
     let notify = Notify::new(&button, &NOTIFY_BUTTON_PRESSED);
     let on_press = If::new(&pressed, vec![&notify]);
-    let evt = Method::new("_EVT".into(), 1, true, vec![&read, &on_press]);
+    let hotplug = And::new(&ZERO, &events, &GED_EVENT_PCI_HOTPLUG);
+    let rescan = MethodCall::new("\\_SB_.PHPR.PSCN".into(), vec![]);
+    let on_hotplug = If::new(&hotplug, vec![&rescan]);
+    let evt = Method::new("_EVT".into(), 1, true, vec![&read, &on_press, &on_hotplug]);
 
     Device::new(
         "GED_".into(),

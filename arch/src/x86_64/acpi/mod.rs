@@ -8,7 +8,11 @@
 //! - the power button is an ACPI Generic Event Device (`ACPI0013`) on GSI
 //!   [`layout::ACPI_GED_GSI`] whose `_EVT` reads the 32-bit event register at
 //!   [`layout::ACPI_GED_PORT`] and notifies `\_SB_.PWRB` when bit 0
-//!   ([`GED_EVENT_POWER_BUTTON`]) is set.
+//!   ([`GED_EVENT_POWER_BUTTON`]) is set, and calls `\_SB_.PHPR.PSCN` when bit 1
+//!   ([`GED_EVENT_PCI_HOTPLUG`]) is set;
+//! - PCI hotplug is ACPI hotplug (Linux `acpiphp`): the 16-byte register block at
+//!   [`layout::PCI_HOTPLUG_PORT`] reports added and removed slots per segment to `\_SB_.PHPR`,
+//!   which notifies the slot devices `\_SB_.PCIn.Sxx`; their `_EJ0` writes back to it.
 //!
 //! All tables live in `layout::ACPI_START..layout::ACPI_END`, the RSDP first. [`build_tables`]
 //! lays them out and serializes them; [`create_acpi_tables`] writes that output to guest memory.
@@ -37,6 +41,10 @@ const OEM_REVISION: u32 = 1;
 
 /// Bit of the GED event register ([`layout::ACPI_GED_PORT`]) that reports a power button press.
 pub const GED_EVENT_POWER_BUTTON: u32 = 1 << 0;
+/// Bit of the GED event register that asks the guest to rescan the PCI hotplug slots: `_EVT`
+/// then calls `\_SB_.PHPR.PSCN`. Must equal `devices::acpi::GedEvent::PciHotplug` (arch cannot
+/// depend on devices; the two are kept in step by hand).
+pub const GED_EVENT_PCI_HOTPLUG: u32 = 1 << 1;
 
 /// ISA IRQ of the GED line, identity-mapped to GSI [`layout::ACPI_GED_GSI`].
 const GED_ISA_IRQ: u8 = {

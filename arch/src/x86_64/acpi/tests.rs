@@ -345,11 +345,22 @@ fn pci_segments_must_be_numbered_from_0() {
     assert!(matches!(build_tables(&gap), Err(AcpiError::PciSegments)));
 }
 
-/// The DSDT's `Device (name)` body, up to the next device at the same level (for a flat scan).
+/// Whether `name` at `at` is the name of a `Device`: DeviceOp (0x5b 0x82), then a PkgLength
+/// whose lead byte gives its own size (1 to 4 bytes), then the name.
+fn is_device_name(dsdt: &[u8], at: usize) -> bool {
+    (1..=4).any(|len: usize| {
+        at.checked_sub(len + 2).is_some_and(|op| {
+            dsdt[op..op + 2] == [0x5b, 0x82] && usize::from(dsdt[op + 2] >> 6) + 1 == len
+        })
+    })
+}
+
+/// The DSDT's `Device (name)` body, up to the next device (nested or not) after it.
 fn device_body<'a>(dsdt: &'a [u8], name: &[u8; 4]) -> &'a [u8] {
     let at = dsdt
         .windows(4)
-        .position(|w| w == name)
+        .enumerate()
+        .position(|(at, w)| w == name && is_device_name(dsdt, at))
         .unwrap_or_else(|| panic!("no {}", String::from_utf8_lossy(name)));
     let rest = &dsdt[at..];
     let end = rest[4..]
@@ -477,4 +488,114 @@ fn create_reports_the_failing_address() {
         Err(AcpiError::GuestMemoryWrite { addr, .. }) => assert!(addr > layout::ACPI_START),
         other => panic!("expected a guest memory error, got {other:?}"),
     }
+}
+
+/// An AML integer as the `acpi_tables` crate emits it: `Zero`, `One`, or the smallest prefix.
+fn aml_int(n: u32) -> Vec<u8> {
+    match n {
+        0 => vec![0x00],
+        1 => vec![0x01],
+        2..=0xff => vec![0x0a, n as u8],
+        0x100..=0xffff => [&[0x0b][..], &(n as u16).to_le_bytes()].concat(),
+        _ => [&[0x0c][..], &n.to_le_bytes()].concat(),
+    }
+}
+
+/// An absolute AML name path `\A.B.C...` (root prefix, then a multi-name prefix for three or more
+/// segments).
+fn aml_path(parts: &[&[u8; 4]]) -> Vec<u8> {
+    let mut path = vec![b'\\'];
+    match parts.len() {
+        1 => {}
+        2 => path.push(0x2e),
+        n => path.extend([0x2f, n as u8]),
+    }
+    for part in parts {
+        path.extend_from_slice(&part[..]);
+    }
+    path
+}
+
+#[test]
+fn dsdt_has_the_pci_hotplug_controller_slots_and_event() {
+    let mut cfg = config(1, 1);
+    cfg.pci_segments = layout::pci_segments(1 << 30, &[(1, 1); 3]).expect("3");
+    let tables = build_tables(&cfg).expect("tables");
+    let dsdt = &table(&tables, b"DSDT").bytes;
+    let count = |needle: &[u8]| dsdt.windows(needle.len()).filter(|w| *w == needle).count();
+    let has = |needle: &[u8]| count(needle) > 0;
+
+    // PHPR claims its ports (IO descriptor: decode16, min, max, alignment 1, length 16) and
+    // maps them as a SystemIO region of 16 bytes.
+    let port = layout::PCI_HOTPLUG_PORT.to_le_bytes();
+    assert!(has(b"PHPR"));
+    assert!(has(&[
+        0x47, 0x01, port[0], port[1], port[0], port[1], 0x01, 0x10
+    ]));
+    let mut region = vec![0x5b, 0x80];
+    region.extend_from_slice(b"PCST");
+    region.push(0x01); // SystemIO
+    region.extend(aml_int(layout::PCI_HOTPLUG_PORT.into()));
+    region.extend(aml_int(16));
+    assert!(has(&region), "OperationRegion (PCST, SystemIO, 0x610, 16)");
+    for name in [
+        b"BLCK", b"PCIU", b"PCID", b"B0EJ", b"PSEG", b"PCEJ", b"PSCN",
+    ] {
+        assert!(has(name), "{}", String::from_utf8_lossy(name));
+    }
+
+    // Slots 1..=31 of every segment: the device and its Notify in DVNT; never slot 0.
+    assert!(!has(b"S00_"));
+    for slot in 1u8..32 {
+        let name = format!("S{slot:02X}_");
+        assert_eq!(count(name.as_bytes()), 2 * 3, "{name}");
+        let mut adr = vec![0x08];
+        adr.extend_from_slice(b"_ADR");
+        adr.extend(aml_int(u32::from(slot) << 16));
+        assert_eq!(count(&adr), 3, "{name} _ADR");
+        let mut sun = vec![0x08];
+        sun.extend_from_slice(b"_SUN");
+        sun.extend(aml_int(slot.into()));
+        assert_eq!(count(&sun), 3, "{name} _SUN");
+    }
+    // Every _EJ0 calls PCEJ (slot, segment).
+    let pcej = aml_path(&[b"_SB_", b"PHPR", b"PCEJ"]);
+    assert_eq!(count(b"_EJ0"), 3 * 31);
+    for segment in 0u32..3 {
+        for slot in [1u32, 31] {
+            let call = [pcej.clone(), aml_int(slot), aml_int(segment)].concat();
+            assert!(has(&call), "PCEJ ({slot}, {segment})");
+        }
+        // PCNT selects its segment: Store (n, \_SB_.PHPR.PSEG); PSCN calls it.
+        let pseg = aml_path(&[b"_SB_", b"PHPR", b"PSEG"]);
+        assert!(has(&[vec![0x70], aml_int(segment), pseg].concat()));
+        let host = format!("PCI{segment:X}");
+        let host: &[u8; 4] = host.as_bytes().try_into().expect("4 bytes");
+        assert!(has(&aml_path(&[b"_SB_", host, b"PCNT"])), "PSCN calls PCNT");
+    }
+    assert_eq!(
+        count(b"DVNT"),
+        3 * 3,
+        "one DVNT and two calls per host bridge"
+    );
+    assert_eq!(
+        count(b"PCNT"),
+        3 * 2,
+        "one PCNT and one call per host bridge"
+    );
+
+    // _EVT: If (And (Local0, GED_EVENT_PCI_HOTPLUG)) { \_SB_.PHPR.PSCN () }.
+    let test = [vec![0x7b, 0x60], aml_int(GED_EVENT_PCI_HOTPLUG), vec![0x00]].concat();
+    let evt = dsdt.windows(4).position(|w| w == b"_EVT").expect("_EVT");
+    let evt = &dsdt[evt..];
+    let at = evt
+        .windows(test.len())
+        .position(|w| w == test)
+        .expect("hotplug bit test");
+    let pscn = aml_path(&[b"_SB_", b"PHPR", b"PSCN"]);
+    assert_eq!(
+        &evt[at + test.len()..at + test.len() + pscn.len()],
+        &pscn[..]
+    );
+    assert_eq!(GED_EVENT_PCI_HOTPLUG, 1 << 1);
 }
