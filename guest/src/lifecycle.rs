@@ -79,6 +79,8 @@ const TICK_MS: u64 = 100;
 const DRAIN_SECS: u64 = 10;
 /// GED event register bit: the power button was pressed.
 const GED_POWER_BUTTON: u32 = 1;
+/// GED event bit: PCI slots were added or are to be ejected (the VMM's hotplug registers).
+const GED_PCI_HOTPLUG: u32 = 2;
 /// PM1 status/enable bit of the fixed-hardware power button.
 const PM1_PWRBTN: u16 = 1 << 8;
 
@@ -474,6 +476,9 @@ impl Ged {
         }
         self.seen = c;
         let events = self.read();
+        if events & GED_PCI_HOTPLUG != 0 {
+            crate::hotplug::scan();
+        }
         if events & GED_POWER_BUTTON != 0 {
             return true;
         }

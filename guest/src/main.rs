@@ -23,6 +23,7 @@ mod blk;
 mod console_io;
 mod expect;
 mod fs;
+mod hotplug;
 mod hostile;
 mod kvmclock;
 mod lifecycle;

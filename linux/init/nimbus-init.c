@@ -69,6 +69,15 @@
  *                                      (20 s); `vsock-connect port=<p>
  *                                      connect=<0|-errno> send=<n|-errno>
  *                                      recv=<n|-errno> text=<answer>`
+ *   nimbus.hotplug=<vdX>:<cycles>      for each cycle: prints `hotplug-waiting
+ *                                      dev=<d> cycle=<i>`, waits (180 s) for disk <d>
+ *                                      to be hot-added, prints `hotplug-added dev=<d>
+ *                                      sectors=<n>`, reads sector 0 (`disk-read ...`),
+ *                                      writes NIMBUS-HOTPLUG-<i> to sector 1
+ *                                      (`disk-write ...`), then waits (180 s) for it to
+ *                                      be removed: `hotplug-removed dev=<d>`; on a
+ *                                      timeout `hotplug-timeout dev=<d>` and
+ *                                      the action ends
  *   nimbus.dump=0                      skips the pci/bar/irq/iomem/net lines
  *   nimbus.balloon=<touch>:<want>      writes every page of <touch> MiB of anonymous
  *                                      memory and frees it (`balloon-touched mib=<n>
@@ -975,6 +984,71 @@ static void balloon_action(const char *arg)
 	flush_line();
 }
 
+/* Waits up to `tenths` tenths of a second for `path` to exist (want=1) or not (want=0). */
+static int wait_path(const char *p, int want, int tenths)
+{
+	for (int i = 0; i < tenths; i++) {
+		struct {
+			s64 sec, nsec;
+		} ts = { 0, 100000000 };
+		s64 fd = sys3(SYS_open, p, O_RDONLY | O_DIRECTORY, 0);
+		if (fd >= 0)
+			sys3(SYS_close, fd, 0, 0);
+		if ((fd >= 0) == want)
+			return 1;
+		sys3(SYS_nanosleep, &ts, 0, 0);
+	}
+	return 0;
+}
+
+static void hotplug_action(const char *arg)
+{
+	char name[8] = "vda", sysdir[32], size[32];
+	u64 cycles;
+	if (!(arg[0] == 'v' && arg[1] == 'd' && arg[2] >= 'a' && arg[2] <= 'z' && arg[3] == ':')) {
+		say("error unknown-hotplug-action ", arg);
+		return;
+	}
+	name[2] = arg[2];
+	arg += 4;
+	cycles = parse_dec(&arg);
+	memcpy(sysdir, "/sys/block/vda", 15);
+	sysdir[13] = name[2];
+	for (u64 i = 0; i < cycles; i++) {
+		char text[32] = "NIMBUS-HOTPLUG-";
+		put("NIMBUS-LINUX hotplug-waiting dev=");
+		put(name);
+		put(" cycle=");
+		put_dec((s64)i);
+		flush_line();
+		if (!wait_path(sysdir, 1, 1800))
+			goto timeout;
+		path_set("/sys/block/", name, "/size");
+		read_value(path, size, sizeof(size));
+		put("NIMBUS-LINUX hotplug-added dev=");
+		put(name);
+		put(" sectors=");
+		put(size);
+		flush_line();
+		memcpy(disk_dev, "/dev/vda", 9);
+		disk_dev[7] = name[2];
+		disk_read(0);
+		text[15] = (char)('0' + i % 10);
+		fill_sector(text);
+		disk_write("disk-write", 1, 0);
+		if (!wait_path(sysdir, 0, 1800))
+			goto timeout;
+		put("NIMBUS-LINUX hotplug-removed dev=");
+		put(name);
+		flush_line();
+	}
+	return;
+timeout:
+	put("NIMBUS-LINUX hotplug-timeout dev=");
+	put(name);
+	flush_line();
+}
+
 static void power(unsigned int cmd)
 {
 	sys6(SYS_reboot, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, cmd, 0, 0, 0);
@@ -1068,6 +1142,8 @@ static void run(void)
 			reboot_once(w + 14);
 		else if (starts(w, "nimbus.balloon="))
 			balloon_action(w + 15);
+		else if (starts(w, "nimbus.hotplug="))
+			hotplug_action(w + 15);
 		while (*w && *w != ' ')
 			w++;
 		while (*w == ' ')

@@ -143,6 +143,24 @@ impl PciBus {
         Ok(slot)
     }
 
+    /// Takes the device in `slot` off the bus (hot removal): its BARs are unmapped and the
+    /// slot is free again. `None` for an empty slot or the host bridge's.
+    pub fn remove_device(&mut self, slot: u8) -> Option<SharedPciDevice> {
+        if slot == 0 {
+            return None;
+        }
+        let device = self.slots.remove(&slot)?;
+        let mapped: Vec<(usize, u64)> = lock(&self.mapped)
+            .iter()
+            .filter(|((s, _), _)| *s == slot)
+            .map(|(&(_, bar), &addr)| (bar, addr))
+            .collect();
+        for (bar, addr) in mapped {
+            self.unmap(slot, bar, addr);
+        }
+        Some(device)
+    }
+
     /// Maps BAR `bar` of the device in `slot` at `addr` and records it.
     fn map(
         &self,
@@ -525,6 +543,21 @@ mod tests {
         let mut d = [0u8; 4];
         io.read(4, &mut d);
         u32::from_le_bytes(d)
+    }
+
+    #[test]
+    fn a_removed_device_is_unmapped_and_its_slot_reused() {
+        let (bus, mapper, dev) = setup();
+        mapper.take();
+        let mut b = lock(&bus);
+        assert!(b.remove_device(0).is_none(), "the host bridge stays");
+        assert!(b.remove_device(2).is_none(), "an empty slot");
+        let removed = b.remove_device(1).expect("the device");
+        assert!(Arc::ptr_eq(&removed, &(dev.clone() as SharedPciDevice)));
+        assert_eq!(mapper.take(), vec!["unmap 0xc0000000"]);
+        assert_eq!(b.config_read(0, 1, 0, 0), 0xffff_ffff, "absent now");
+        assert_eq!(b.add_device(dev, None).expect("again"), 1, "slot reused");
+        assert_eq!(mapper.take(), vec!["map 0 0xc0000000 0x8000"]);
     }
 
     #[test]

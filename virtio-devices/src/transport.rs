@@ -851,10 +851,13 @@ impl PciDevice for VirtioPciDevice {
 }
 
 impl Drop for VirtioPciDevice {
+    /// Stops the device's threads, and gives its notification addresses back to the
+    /// hypervisor (a hot-removed device's BAR range may go to the next device).
     fn drop(&mut self) {
         if self.active {
             self.device.reset();
         }
+        self.move_ioevents(self.bar0, None);
     }
 }
 

@@ -13,7 +13,8 @@ use std::time::Instant;
 use virtio_devices::vhost_user::{Endpoint, VhostUserDevice};
 use virtio_devices::VirtioDevice;
 use vm_config::{
-    ConsoleConfig, ConsoleOutputMode, DiskConfig, ImageType, NetConfig, VhostMode, VmConfig,
+    ConsoleConfig, ConsoleOutputMode, DiskConfig, FsConfig, ImageType, NetConfig, PmemConfig,
+    VhostMode, VmConfig, VsockConfig,
 };
 
 use crate::console_relay::ConsoleRelay;
@@ -222,6 +223,148 @@ impl BoardDevice {
     }
 }
 
+/// A device of the configuration that can be added to a VM, cold or hot: the part of
+/// [`VmConfig`] that describes it (its id given, see [`VmConfig::name_devices`]).
+#[derive(Clone, Copy, Debug)]
+pub enum DeviceSpec<'a> {
+    /// `disks[]`.
+    Disk(&'a DiskConfig),
+    /// `net[]`.
+    Net(&'a NetConfig),
+    /// `fs[]`.
+    Fs(&'a FsConfig),
+    /// `vsock`.
+    Vsock(&'a VsockConfig),
+    /// `pmem[]`.
+    Pmem(&'a PmemConfig),
+}
+
+impl DeviceSpec<'_> {
+    /// The device's id.
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            DeviceSpec::Disk(d) => d.id.as_deref(),
+            DeviceSpec::Net(n) => n.id.as_deref(),
+            DeviceSpec::Fs(f) => f.id.as_deref(),
+            DeviceSpec::Vsock(v) => v.id.as_deref(),
+            DeviceSpec::Pmem(p) => p.id.as_deref(),
+        }
+    }
+
+    /// Every such device of `config`, in the order they get PCI slots.
+    pub fn all(config: &VmConfig) -> Vec<DeviceSpec<'_>> {
+        let disks = config.disks.iter().flatten().map(DeviceSpec::Disk);
+        let net = config.net.iter().flatten().map(DeviceSpec::Net);
+        let fs = config.fs.iter().flatten().map(DeviceSpec::Fs);
+        let vsock = config.vsock.iter().map(DeviceSpec::Vsock);
+        let pmem = config.pmem.iter().flatten().map(DeviceSpec::Pmem);
+        disks
+            .chain(net)
+            .chain(fs)
+            .chain(vsock)
+            .chain(pmem)
+            .collect()
+    }
+}
+
+impl BoardDevice {
+    /// Opens the host side of `spec` (image, TAPs, vhost-user connection, socket, file);
+    /// `fds` holds descriptors handed to the VMM (TAPs).
+    fn open(spec: DeviceSpec<'_>, fds: &FdStore) -> Result<Self, VmError> {
+        let (id, kind, place, (host, backend)) = match spec {
+            DeviceSpec::Disk(d) => {
+                let id = id_of(&d.id);
+                let opened = open_disk(d, &id)?;
+                (
+                    id,
+                    DeviceKind::Disk,
+                    (d.pci_segment, d.pci_device_id),
+                    opened,
+                )
+            }
+            DeviceSpec::Net(n) => {
+                let id = id_of(&n.id);
+                let opened = open_net(n, &id, fds)?;
+                (
+                    id,
+                    DeviceKind::Net,
+                    (n.pci_segment, n.pci_device_id),
+                    opened,
+                )
+            }
+            DeviceSpec::Fs(f) => {
+                let id = id_of(&f.id);
+                let socket = f.socket.display().to_string();
+                let dev = virtio_devices::vhost_user::fs::connect(
+                    Endpoint::Connect(f.socket.clone()),
+                    &f.tag,
+                    f.num_queues as u16,
+                    f.queue_size,
+                    id.clone(),
+                )
+                .map_err(vhost_err(&socket))?;
+                let backend = format!("vhost-user {socket} tag {}", f.tag);
+                let place = (f.pci_segment, f.pci_device_id);
+                (
+                    id,
+                    DeviceKind::Fs,
+                    place,
+                    (HostSide::VhostUser(dev), backend),
+                )
+            }
+            DeviceSpec::Vsock(v) => {
+                let backend = format!("cid {} socket {}", v.cid, v.socket.display());
+                let listener = VsockListener::bind(v.cid, &v.socket)?;
+                (
+                    id_of(&v.id),
+                    DeviceKind::Vsock,
+                    (v.pci_segment, None),
+                    (HostSide::Vsock(listener), backend),
+                )
+            }
+            DeviceSpec::Pmem(p) => {
+                let file =
+                    crate::pmem::PmemFile::open(p).map_err(crate::pmem::PmemAttachError::from)?;
+                let backend = format!(
+                    "file {} ({} bytes{})",
+                    p.file.display(),
+                    file.size,
+                    if p.discard_writes {
+                        ", writes discarded"
+                    } else {
+                        ""
+                    }
+                );
+                (
+                    id_of(&p.id),
+                    DeviceKind::Pmem,
+                    (p.pci_segment, None),
+                    (HostSide::Pmem(file), backend),
+                )
+            }
+        };
+        Ok(Self::new(id, kind, place, host, backend))
+    }
+
+    fn new(
+        id: String,
+        kind: DeviceKind,
+        (pci_segment, slot): (u16, Option<u8>),
+        host: HostSide,
+        backend: String,
+    ) -> Self {
+        log::debug!("{id}: {backend}");
+        Self {
+            id,
+            kind,
+            backend,
+            pci_segment,
+            slot,
+            host,
+        }
+    }
+}
+
 /// What outlives a guest reset.
 #[derive(Debug)]
 pub struct Board {
@@ -391,88 +534,20 @@ impl Board {
             debug.socket.as_deref(),
             "debug-console",
         )?;
-        let mut devices = Vec::new();
-        let mut add = |id: String,
-                       kind,
-                       (pci_segment, slot): (u16, Option<u8>),
-                       (host, backend): (HostSide, String)| {
-            log::debug!("{id}: {backend}");
-            devices.push(BoardDevice {
-                id,
-                kind,
-                backend,
-                pci_segment,
-                slot,
-                host,
-            });
+        let mut devices = DeviceSpec::all(config)
+            .into_iter()
+            .map(|spec| BoardDevice::open(spec, fds))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut add = |id: String, kind, host, backend| {
+            devices.push(BoardDevice::new(id, kind, (0, None), host, backend));
         };
-        for d in config.disks.iter().flatten() {
-            let id = id_of(&d.id);
-            let place = (d.pci_segment, d.pci_device_id);
-            add(id.clone(), DeviceKind::Disk, place, open_disk(d, &id)?);
-        }
-        for n in config.net.iter().flatten() {
-            let id = id_of(&n.id);
-            let place = (n.pci_segment, n.pci_device_id);
-            add(id.clone(), DeviceKind::Net, place, open_net(n, &id, fds)?);
-        }
-        for f in config.fs.iter().flatten() {
-            let id = id_of(&f.id);
-            let socket = f.socket.display().to_string();
-            let dev = virtio_devices::vhost_user::fs::connect(
-                Endpoint::Connect(f.socket.clone()),
-                &f.tag,
-                f.num_queues as u16,
-                f.queue_size,
-                id.clone(),
-            )
-            .map_err(vhost_err(&socket))?;
-            let backend = format!("vhost-user {socket} tag {}", f.tag);
-            let place = (f.pci_segment, f.pci_device_id);
-            add(
-                id,
-                DeviceKind::Fs,
-                place,
-                (HostSide::VhostUser(dev), backend),
-            );
-        }
-        if let Some(v) = &config.vsock {
-            let backend = format!("cid {} socket {}", v.cid, v.socket.display());
-            let listener = VsockListener::bind(v.cid, &v.socket)?;
-            add(
-                id_of(&v.id),
-                DeviceKind::Vsock,
-                (v.pci_segment, None),
-                (HostSide::Vsock(listener), backend),
-            );
-        }
-        for p in config.pmem.iter().flatten() {
-            let file =
-                crate::pmem::PmemFile::open(p).map_err(crate::pmem::PmemAttachError::from)?;
-            let backend = format!(
-                "file {} ({} bytes{})",
-                p.file.display(),
-                file.size,
-                if p.discard_writes {
-                    ", writes discarded"
-                } else {
-                    ""
-                }
-            );
-            add(
-                id_of(&p.id),
-                DeviceKind::Pmem,
-                (p.pci_segment, None),
-                (HostSide::Pmem(file), backend),
-            );
-        }
         if !matches!(console, OutputSink::Off) {
             let backend = format!("{:?}", config.console.mode);
             add(
                 vm_config::CONSOLE_DEVICE_ID.into(),
                 DeviceKind::Console,
-                (0, None),
-                (HostSide::Console, backend),
+                HostSide::Console,
+                backend,
             );
         }
         if let Some(b) = &config.balloon {
@@ -483,8 +558,8 @@ impl Board {
             add(
                 vm_config::BALLOON_DEVICE_ID.into(),
                 DeviceKind::Balloon,
-                (0, None),
-                (HostSide::Balloon(b.clone()), backend),
+                HostSide::Balloon(b.clone()),
+                backend,
             );
         }
         let src = config.rng.src.clone();
@@ -492,8 +567,8 @@ impl Board {
         add(
             vm_config::RNG_DEVICE_ID.into(),
             DeviceKind::Rng,
-            (0, None),
-            (HostSide::Rng(src), backend),
+            HostSide::Rng(src),
+            backend,
         );
         Ok(Self {
             serial,
@@ -510,6 +585,26 @@ impl Board {
     /// The virtio devices, in slot order.
     pub fn devices(&self) -> &[BoardDevice] {
         &self.devices
+    }
+
+    /// Opens the host side of a device added to the running VM (hotplug); it stays on the
+    /// board, so the instances built after a guest reset have it too.
+    pub fn add_device(
+        &mut self,
+        spec: DeviceSpec<'_>,
+        fds: &FdStore,
+    ) -> Result<&BoardDevice, VmError> {
+        let device = BoardDevice::open(spec, fds)?;
+        self.devices.push(device);
+        Ok(&self.devices[self.devices.len() - 1])
+    }
+
+    /// Closes the host side of device `id` (its image, TAPs, connection or socket), once the
+    /// guest has ejected it. Whether it was there.
+    pub fn remove_device(&mut self, id: &str) -> bool {
+        let before = self.devices.len();
+        self.devices.retain(|d| d.id != id);
+        self.devices.len() != before
     }
 
     /// The serial port's sink.

@@ -13,7 +13,7 @@ use serde::Serialize;
 use vm_config::{ConfigError, ConsoleOutputMode, VmConfig, VsockConfig};
 
 use crate::api::{self, ApiBody, ApiError, ApiReply, ApiRequest};
-use crate::board::Board;
+use crate::board::{Board, DeviceSpec};
 use crate::control::{EventSink, VmEvent};
 use crate::events::EventMonitor;
 use crate::fds::FdStore;
@@ -31,6 +31,16 @@ pub enum Command {
         instance: u64,
         /// What happened.
         event: VmEvent,
+    },
+    /// The guest of VM instance `instance` ejected the device in `slot` of PCI segment
+    /// `segment` (after `vm.remove-device`).
+    Eject {
+        /// Which instance.
+        instance: u64,
+        /// PCI segment.
+        segment: u16,
+        /// Slot on its bus 0.
+        slot: u8,
     },
     /// A device of VM instance `instance` asks for its activation or reset to run here.
     Device {
@@ -82,9 +92,7 @@ pub fn legality(state: Option<VmState>, request: &ApiRequest) -> Result<(), ApiE
         (None, _) => Err(not_created()),
         (Some(_), R::VmInfo | R::VmResize(_)) => Ok(()),
         (Some(Created | Shutdown), R::VmBoot) => Ok(()),
-        (Some(Running | Paused), R::VmBoot) => {
-            Err(ApiError::plain(500, &["VM is already booted"]))
-        }
+        (Some(Running | Paused), R::VmBoot) => Err(ApiError::plain(500, &["VM is already booted"])),
         (Some(Running), R::VmPause) => Ok(()),
         (Some(Paused), R::VmPause) => Err(ApiError::plain(500, &["VM is already paused"])),
         (Some(Paused), R::VmResume) => Ok(()),
@@ -94,25 +102,16 @@ pub fn legality(state: Option<VmState>, request: &ApiRequest) -> Result<(), ApiE
             R::VmShutdown | R::VmReboot | R::VmPowerButton | R::VmNmi | R::VmCounters,
         ) => Ok(()),
         (Some(Created | Shutdown), R::VmReboot) => Err(ApiError::plain(404, &["VM is not booted"])),
+        // Before boot the configuration changes; on a booted VM the device is hot-plugged.
         (
-            Some(Created | Shutdown),
-            R::AddDisk(_) | R::AddNet(..) | R::AddFs(_) | R::AddVsock(_) | R::AddPmem(_),
-        ) => Ok(()),
-        (Some(Created | Shutdown), R::RemoveDevice(_)) => Ok(()),
-        (
-            Some(Running | Paused),
+            Some(_),
             R::AddDisk(_)
             | R::AddNet(..)
             | R::AddFs(_)
             | R::AddVsock(_)
             | R::AddPmem(_)
             | R::RemoveDevice(_),
-        ) => {
-            Err(ApiError::plain(
-                500,
-                &["adding or removing devices while the VM runs (hotplug) is not supported by Nimbus yet"],
-            ))
-        }
+        ) => Ok(()),
         (Some(_), _) => Err(not_running()),
     }
 }
@@ -235,22 +234,28 @@ impl Vmm {
             ApiRequest::VmInfo => self.info(),
             ApiRequest::VmCounters => self.counters(),
             ApiRequest::VmResize(resize) => self.resize(&resize),
-            ApiRequest::AddDisk(disk) => self.change_config(|c| {
-                c.disks.get_or_insert_with(Vec::new).push(*disk);
-            }),
-            ApiRequest::AddFs(fs) => self.change_config(|c| {
-                c.fs.get_or_insert_with(Vec::new).push(*fs);
-            }),
+            ApiRequest::AddDisk(disk) => self.add_device(
+                |c| c.disks.get_or_insert_with(Vec::new).push(*disk),
+                |c| c.disks.as_ref()?.last().map(DeviceSpec::Disk),
+            ),
+            ApiRequest::AddFs(fs) => self.add_device(
+                |c| c.fs.get_or_insert_with(Vec::new).push(*fs),
+                |c| c.fs.as_ref()?.last().map(DeviceSpec::Fs),
+            ),
             ApiRequest::AddVsock(vsock) => self.add_vsock(*vsock),
-            ApiRequest::AddPmem(pmem) => self.change_config(|c| {
-                c.pmem.get_or_insert_with(Vec::new).push(*pmem);
-            }),
+            ApiRequest::AddPmem(pmem) => self.add_device(
+                |c| c.pmem.get_or_insert_with(Vec::new).push(*pmem),
+                |c| c.pmem.as_ref()?.last().map(DeviceSpec::Pmem),
+            ),
             ApiRequest::AddNet(mut net, fds) => {
                 let numbers: Vec<i32> = fds.into_iter().map(|fd| self.fds.insert(fd)).collect();
                 if !numbers.is_empty() {
                     net.fds = Some(numbers.clone());
                 }
-                let reply = self.change_config(|c| c.net.get_or_insert_with(Vec::new).push(*net));
+                let reply = self.add_device(
+                    |c| c.net.get_or_insert_with(Vec::new).push(*net),
+                    |c| c.net.as_ref()?.last().map(DeviceSpec::Net),
+                );
                 if reply.is_err() {
                     self.fds.release(&numbers);
                 }
@@ -283,6 +288,11 @@ impl Vmm {
                         return outcome;
                     }
                 }
+                Command::Eject {
+                    instance,
+                    segment,
+                    slot,
+                } => self.ejected(instance, segment, slot),
                 Command::Device { instance, id } => {
                     if let Some(b) = self.booted.as_mut().filter(|b| b.instance == instance) {
                         b.vm.run_device_request(&id);
@@ -354,7 +364,100 @@ impl Vmm {
                 ],
             ));
         }
-        self.change_config(|c| c.vsock = Some(vsock))
+        self.add_device(
+            |c| c.vsock = Some(vsock),
+            |c| c.vsock.as_ref().map(DeviceSpec::Vsock),
+        )
+    }
+
+    /// `vm.add-*`: applies `change` to the configuration; on a booted VM also opens the new
+    /// device (`added` finds it in the changed configuration) and hot-plugs it, answering
+    /// its id and PCI address as Cloud Hypervisor does (before boot: 204).
+    fn add_device(
+        &mut self,
+        change: impl FnOnce(&mut VmConfig),
+        added: impl for<'c> FnOnce(&'c VmConfig) -> Option<DeviceSpec<'c>>,
+    ) -> ApiReply {
+        const CONTEXT: &str = "The device could not be added";
+        let Some(booted) = &mut self.booted else {
+            return self.change_config(change);
+        };
+        let Some(config) = &self.config else {
+            return Err(ApiError::plain(404, &["VM is not created"]));
+        };
+        let mut changed = config.clone();
+        change(&mut changed);
+        changed.name_devices();
+        changed
+            .validate()
+            .map_err(|e| ApiError::new(config_status(&e), CONTEXT, &e))?;
+        let Some(spec) = added(&changed) else {
+            return Err(ApiError::plain(
+                500,
+                &[CONTEXT, "the device is not in the configuration"],
+            ));
+        };
+        booted
+            .board
+            .add_device(spec, &self.fds)
+            .map_err(|e| vm_error(CONTEXT, &e))?;
+        let Some(device) = booted.board.devices().last() else {
+            return Err(ApiError::plain(
+                500,
+                &[CONTEXT, "the device was not opened"],
+            ));
+        };
+        let id = device.id.clone();
+        match booted.vm.hot_add(&booted.board, device) {
+            Ok(bdf) => {
+                self.config = Some(changed);
+                self.events.emit(
+                    "vm",
+                    "device-added",
+                    &[("id", &id), ("bdf", &bdf.to_string())],
+                );
+                json_reply(&api::PciDeviceInfo {
+                    id,
+                    bdf: bdf.to_string(),
+                })
+            }
+            Err(e) => {
+                booted.board.remove_device(&id);
+                Err(vm_error(CONTEXT, &e))
+            }
+        }
+    }
+
+    /// The guest of instance `instance` ejected the device in `slot` of segment `segment`:
+    /// the device goes (threads, interrupts, BAR space), then its host side (image, TAPs,
+    /// connection), and it leaves the configuration (its id can be used again).
+    fn ejected(&mut self, instance: u64, segment: u16, slot: u8) {
+        let Some(booted) = self.booted.as_mut().filter(|b| b.instance == instance) else {
+            return;
+        };
+        let Some(config) = &mut self.config else {
+            return;
+        };
+        // A guest may eject any slot: only devices the configuration lists (not the rng,
+        // console or balloon) go, whether or not the host asked.
+        let removable = booted
+            .vm
+            .devices()
+            .id_at(segment, slot)
+            .is_some_and(|id| DeviceSpec::all(config).iter().any(|d| d.id() == Some(id)));
+        if !removable {
+            log::warn!(
+                "the guest ejected {segment:04x}:00:{slot:02x}.0, where no removable device is"
+            );
+            return;
+        }
+        let Some(id) = booted.vm.eject(segment, slot) else {
+            return;
+        };
+        booted.board.remove_device(&id);
+        let released = forget_device(config, &id).unwrap_or_default();
+        self.fds.release(&released);
+        self.events.emit("vm", "device-removed", &[("id", &id)]);
     }
 
     /// `vm.resize`: the balloon's target (in the configuration, and in the running guest);
@@ -413,50 +516,37 @@ impl Vmm {
         Ok(ApiBody::NoContent)
     }
 
+    /// `vm.remove-device`: before boot the device leaves the configuration; on a booted VM
+    /// the guest is asked to eject it, and it goes when it has ([`Vmm::ejected`]).
     fn remove_device(&mut self, id: &str) -> ApiReply {
         let Some(config) = &mut self.config else {
             return Err(ApiError::plain(404, &["VM is not created"]));
         };
-        let has = |d: &Option<String>| d.as_deref() == Some(id);
-        let mut released = Vec::new();
-        let mut found = false;
-        if let Some(disks) = &mut config.disks {
-            let before = disks.len();
-            disks.retain(|d| !has(&d.id));
-            found |= disks.len() != before;
-        }
-        if let Some(nets) = &mut config.net {
-            for n in nets.iter().filter(|n| has(&n.id)) {
-                released.extend(n.fds.iter().flatten().copied());
-            }
-            let before = nets.len();
-            nets.retain(|n| !has(&n.id));
-            found |= nets.len() != before;
-        }
-        if let Some(fs) = &mut config.fs {
-            let before = fs.len();
-            fs.retain(|f| !has(&f.id));
-            found |= fs.len() != before;
-        }
-        if config.vsock.as_ref().is_some_and(|v| has(&v.id)) {
-            config.vsock = None;
-            found = true;
-        }
-        if let Some(pmem) = &mut config.pmem {
-            let before = pmem.len();
-            pmem.retain(|p| !has(&p.id));
-            found |= pmem.len() != before;
-        }
-        if !found {
-            return Err(ApiError::plain(
+        let not_found = || {
+            ApiError::plain(
                 404,
                 &[
                     "The device could not be removed",
                     &format!("no device with id {id}"),
                 ],
-            ));
+            )
+        };
+        if let Some(booted) = &mut self.booted {
+            let known = DeviceSpec::all(config).iter().any(|d| d.id() == Some(id));
+            if !known {
+                return Err(not_found());
+            }
+            booted
+                .vm
+                .request_removal(id)
+                .map_err(|e| vm_error("The device could not be removed", &e))?;
+            return Ok(ApiBody::NoContent);
         }
-        self.fds.release(&released);
+        let released = forget_device(config, id);
+        if released.is_none() {
+            return Err(not_found());
+        }
+        self.fds.release(&released.unwrap_or_default());
         Ok(ApiBody::NoContent)
     }
 
@@ -530,6 +620,18 @@ impl Vmm {
         })
     }
 
+    /// Where instance `instance`'s guest's ejections of hot-removed devices go.
+    fn ejects(&self, instance: u64) -> devices::pci_hotplug::EjectHandler {
+        let sender = self.sender.clone();
+        Arc::new(move |segment, slot| {
+            let _ = sender.send(Command::Eject {
+                instance,
+                segment,
+                slot,
+            });
+        })
+    }
+
     /// Builds and starts a new instance of the machine on `board`.
     fn instance(&mut self, config: &VmConfig, board: &Board) -> Result<Vm, VmError> {
         self.instances += 1;
@@ -538,7 +640,10 @@ impl Vmm {
             config,
             board,
             self.sink(self.instances),
-            self.device_requests(self.instances),
+            (
+                self.device_requests(self.instances),
+                self.ejects(self.instances),
+            ),
         )?;
         vm.start()?;
         Ok(vm)
@@ -702,6 +807,42 @@ impl Vmm {
     }
 }
 
+/// Takes device `id` out of `config`; the descriptors it held (a NIC's TAP fds), or `None`
+/// when no such device is there.
+fn forget_device(config: &mut VmConfig, id: &str) -> Option<Vec<i32>> {
+    let has = |d: &Option<String>| d.as_deref() == Some(id);
+    let mut released = Vec::new();
+    let mut found = false;
+    if let Some(disks) = &mut config.disks {
+        let before = disks.len();
+        disks.retain(|d| !has(&d.id));
+        found |= disks.len() != before;
+    }
+    if let Some(nets) = &mut config.net {
+        for n in nets.iter().filter(|n| has(&n.id)) {
+            released.extend(n.fds.iter().flatten().copied());
+        }
+        let before = nets.len();
+        nets.retain(|n| !has(&n.id));
+        found |= nets.len() != before;
+    }
+    if let Some(fs) = &mut config.fs {
+        let before = fs.len();
+        fs.retain(|f| !has(&f.id));
+        found |= fs.len() != before;
+    }
+    if config.vsock.as_ref().is_some_and(|v| has(&v.id)) {
+        config.vsock = None;
+        found = true;
+    }
+    if let Some(pmem) = &mut config.pmem {
+        let before = pmem.len();
+        pmem.retain(|p| !has(&p.id));
+        found |= pmem.len() != before;
+    }
+    found.then_some(released)
+}
+
 fn json_reply<T: Serialize>(value: &T) -> ApiReply {
     serde_json::to_vec(value)
         .map(ApiBody::Json)
@@ -758,8 +899,9 @@ mod tests {
         assert_eq!(legal_in(&ApiRequest::VmInfo).len(), 4);
         assert_eq!(legal_in(&ApiRequest::VmCreate(Box::default())), [None]);
         assert_eq!(
-            legal_in(&ApiRequest::RemoveDevice("_disk0".into())),
-            [Some(Created), Some(Shutdown)]
+            legal_in(&ApiRequest::RemoveDevice("_disk0".into())).len(),
+            4,
+            "before boot (configuration) and after (hotplug)"
         );
         assert!(legal_in(&ApiRequest::NotYet("vm.snapshot")).is_empty());
         let pmem = vm_config::PmemConfig {
@@ -770,10 +912,7 @@ mod tests {
             id: None,
             pci_segment: 0,
         };
-        assert_eq!(
-            legal_in(&ApiRequest::AddPmem(Box::new(pmem))),
-            [Some(Created), Some(Shutdown)]
-        );
+        assert_eq!(legal_in(&ApiRequest::AddPmem(Box::new(pmem))).len(), 4);
         assert_eq!(
             legal_in(&ApiRequest::VmResize(Default::default())).len(),
             4,

@@ -207,10 +207,36 @@ impl DeviceManager {
         Ok(bdf)
     }
 
+    /// Takes the device in `slot` of PCI segment `segment` off its bus and out of the registry
+    /// (hot removal, once the guest ejected it) and returns its id. As the device goes, its
+    /// threads are joined and its interrupts, notification addresses and BAR space released.
+    pub fn remove_at(&mut self, segment: u16, slot: u8) -> Option<String> {
+        let i = self
+            .devices
+            .iter()
+            .position(|d| d.bdf.segment == segment && d.bdf.device == slot)?;
+        let entry = self.devices.remove(i);
+        self.pci.remove(segment, slot);
+        self.deferred.retain(|d| *d != entry.id);
+        let PciEntry { id, device, .. } = entry;
+        // The registry held the last reference (the bus's and the BAR ranges' went above).
+        drop(device);
+        log::info!("{id}: removed from {segment:04x}:00:{slot:02x}.0");
+        Some(id)
+    }
+
     /// Takes `size` bytes aligned to `align` from PCI segment `segment`'s 64-bit window (a
     /// pmem region).
     pub fn allocate_device_area(&mut self, segment: u16, size: u64, align: u64) -> Option<u64> {
         self.pci.allocate_mmio64(segment, size, align)
+    }
+
+    /// The id of the device in `slot` of PCI segment `segment`.
+    pub fn id_at(&self, segment: u16, slot: u8) -> Option<&str> {
+        self.devices
+            .iter()
+            .find(|d| d.bdf.segment == segment && d.bdf.device == slot)
+            .map(|d| d.id.as_str())
     }
 
     /// The address of device `id`.

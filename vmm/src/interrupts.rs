@@ -1,18 +1,20 @@
 //! Interrupt routing: GSIs above the IOAPIC's pins are handed out for MSI vectors, each with an
 //! irqfd, and the whole routing table (legacy pins plus MSI routes) is pushed to the hypervisor
-//! whenever a route changes.
+//! whenever a route changes. A device's GSIs go back to the pool when its vectors are dropped
+//! (a hot-removed device), so add/remove cycles do not run out of them.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use arch::x86_64::layout::IOAPIC_PINS;
 use hypervisor::{legacy_irq_routes, IrqRoute, Vm};
-use pci::{MsiMessage, MsiVectors};
+use pci::{AddressAllocator, MsiMessage, MsiVectors};
 use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Debug)]
 struct Routes {
-    next_gsi: u32,
+    /// The GSIs not handed out (consecutive ranges, one per device).
+    free: AddressAllocator,
     msi: BTreeMap<u32, MsiMessage>,
 }
 
@@ -32,7 +34,10 @@ impl InterruptManager {
         Self {
             vm,
             routes: Mutex::new(Routes {
-                next_gsi: IOAPIC_PINS,
+                free: AddressAllocator::new(
+                    u64::from(IOAPIC_PINS),
+                    u64::from(MAX_GSI + 1 - IOAPIC_PINS),
+                ),
                 msi: BTreeMap::new(),
             }),
         }
@@ -40,31 +45,35 @@ impl InterruptManager {
 
     /// `count` MSI vectors, each with its own GSI and irqfd.
     pub fn msi_vectors(self: &Arc<Self>, count: u16) -> std::io::Result<Arc<MsiIrqfdVectors>> {
-        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        let first = routes.next_gsi;
-        let end = first + u32::from(count);
-        if end > MAX_GSI + 1 {
-            return Err(std::io::Error::other(format!(
-                "no GSIs left for {count} MSI vectors"
-            )));
-        }
-        let mut vectors = Vec::with_capacity(usize::from(count));
-        for gsi in first..end {
+        let no_gsis = || std::io::Error::other(format!("no GSIs left for {count} MSI vectors"));
+        let first = self
+            .lock()
+            .free
+            .allocate_aligned(u64::from(count), 1)
+            .ok_or_else(no_gsis)?;
+        // Below MAX_GSI + 1, so it fits.
+        let first = first as u32;
+        let mut vectors = MsiIrqfdVectors {
+            manager: self.clone(),
+            first,
+            vectors: Vec::with_capacity(usize::from(count)),
+        };
+        for gsi in first..first + u32::from(count) {
             let fd = EventFd::new(libc::EFD_NONBLOCK)?;
             self.vm
                 .register_irqfd(&fd, gsi)
                 .map_err(std::io::Error::other)?;
-            vectors.push((gsi, fd));
+            vectors.vectors.push((gsi, fd));
         }
-        routes.next_gsi = end;
-        Ok(Arc::new(MsiIrqfdVectors {
-            manager: self.clone(),
-            vectors,
-        }))
+        Ok(Arc::new(vectors))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Routes> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn set_route(&self, gsi: u32, msg: Option<MsiMessage>) -> std::io::Result<()> {
-        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut routes = self.lock();
         let changed = match msg {
             Some(m) => routes.msi.insert(gsi, m) != Some(m),
             None => routes.msi.remove(&gsi).is_some(),
@@ -88,14 +97,15 @@ impl InterruptManager {
 #[derive(Debug)]
 pub struct MsiIrqfdVectors {
     manager: Arc<InterruptManager>,
+    /// The first GSI of the range taken (given back on drop).
+    first: u32,
     vectors: Vec<(u32, EventFd)>,
 }
 
 impl MsiIrqfdVectors {
     /// The GSIs of the vectors: the first and how many (they are consecutive).
     pub fn gsis(&self) -> (u32, u32) {
-        let first = self.vectors.first().map_or(0, |(gsi, _)| *gsi);
-        (first, self.vectors.len() as u32)
+        (self.first, self.vectors.len() as u32)
     }
 }
 
@@ -121,5 +131,6 @@ impl Drop for MsiIrqfdVectors {
             let _ = self.manager.set_route(*gsi, None);
             let _ = self.manager.vm.unregister_irqfd(fd, *gsi);
         }
+        self.manager.lock().free.free(u64::from(self.first));
     }
 }

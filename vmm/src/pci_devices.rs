@@ -82,12 +82,14 @@ pub struct AddedDevice {
     pub msi_gsis: (u32, u32),
 }
 
-/// One PCI segment: its bus 0 and what is left of its windows.
+/// One PCI segment: its bus 0, what is left of its windows, and the BAR 0 address each
+/// slot's device took from them.
 #[derive(Debug)]
 struct Segment {
     bus: Arc<Mutex<PciBus>>,
     mmio32: AddressAllocator,
     mmio64: AddressAllocator,
+    bars: std::collections::BTreeMap<u8, u64>,
 }
 
 /// The segments' buses and what hangs off them.
@@ -147,6 +149,7 @@ impl PciDevices {
                 bus,
                 mmio32: AddressAllocator::new(l.mmio32.0, l.mmio32.1),
                 mmio64: AddressAllocator::new(l.mmio64.0, l.mmio64.1),
+                bars: std::collections::BTreeMap::new(),
             });
         }
         let Some(first) = segments.first() else {
@@ -219,15 +222,47 @@ impl PciDevices {
         .named(id);
         let dev = Arc::new(Mutex::new(dev));
         let shared: SharedPciDevice = dev.clone();
-        let slot = seg
+        let added = seg
             .bus
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .add_device(shared, slot)?;
+            .add_device(shared, slot);
+        let slot = match added {
+            Ok(slot) => slot,
+            Err(e) => {
+                seg.give_back(bar0);
+                return Err(e.into());
+            }
+        };
+        seg.bars.insert(slot, bar0);
         Ok(AddedDevice {
             slot,
             device: dev,
             msi_gsis,
         })
+    }
+
+    /// Takes the device in `slot` of segment `segment` off its bus (hot removal): its BARs
+    /// are unmapped and their addresses go back to the segment's windows. The device itself
+    /// goes when its last holder drops it.
+    pub fn remove(&mut self, segment: u16, slot: u8) -> Option<SharedPciDevice> {
+        let seg = self.segments.get_mut(usize::from(segment))?;
+        let device = seg
+            .bus
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove_device(slot)?;
+        if let Some(bar0) = seg.bars.remove(&slot) {
+            seg.give_back(bar0);
+        }
+        Some(device)
+    }
+}
+
+impl Segment {
+    /// Returns a BAR address to the window it came from.
+    fn give_back(&mut self, addr: u64) {
+        self.mmio64.free(addr);
+        self.mmio32.free(addr);
     }
 }

@@ -14,9 +14,9 @@ use hypervisor::{Hypervisor, Vcpu};
 use vm_config::VmConfig;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::board::{Board, OutputSink};
+use crate::board::{Board, BoardDevice, OutputSink};
 use crate::control::{EventSink, VmControl};
-use crate::device_manager::{DeviceManager, DeviceRequests};
+use crate::device_manager::{DeviceManager, DeviceRequests, PciBdf};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::pci_devices::{PciDevices, PciError};
 use crate::serial_input::SerialInput;
@@ -180,6 +180,8 @@ pub struct Vm {
     vcpus: Vec<(u32, Box<dyn Vcpu>)>,
     devices: DeviceManager,
     ged: Arc<Mutex<devices::acpi::Ged>>,
+    /// The PCI hotplug registers the DSDT's slot objects read and write.
+    hotplug: Arc<Mutex<devices::pci_hotplug::PciHotplug>>,
     _interrupts: Vec<Arc<IrqfdInterrupt>>,
     hv_vm: Arc<dyn hypervisor::Vm>,
     memory: GuestMemoryMmap,
@@ -214,13 +216,14 @@ fn open(what: &'static str, path: &Path) -> Result<File, VmError> {
 impl Vm {
     /// Builds the machine described by `config` (already validated, devices named) on `hv`
     /// with the host side of its devices from `board`; the instance's first power event or
-    /// failure goes to `sink`, its devices' activation and reset requests to `requests`.
+    /// failure goes to `sink`, its devices' activation and reset requests to `requests`, the
+    /// guest's ejections of hot-removed devices to `ejects`.
     pub fn new(
         hv: &dyn Hypervisor,
         config: &VmConfig,
         board: &Board,
         sink: EventSink,
-        requests: DeviceRequests,
+        (requests, ejects): (DeviceRequests, devices::pci_hotplug::EjectHandler),
     ) -> Result<Self, VmError> {
         let payload = config.payload.clone().unwrap_or_default();
         let kernel_path = payload.kernel.clone().unwrap_or_default();
@@ -290,6 +293,20 @@ impl Vm {
             &pci_segments,
             reset_register,
         )?;
+        let hotplug = Arc::new(Mutex::new(devices::pci_hotplug::PciHotplug::new(
+            pci_segments.len() as u16,
+            ejects,
+        )));
+        io_bus
+            .insert(
+                hotplug.clone(),
+                u64::from(layout::PCI_HOTPLUG_PORT),
+                layout::PCI_HOTPLUG_PORT_LEN,
+            )
+            .map_err(|source| VmError::Bus {
+                what: "PCI hotplug registers",
+                source,
+            })?;
         let mut devices = DeviceManager::new(pci, requests);
         if !matches!(board.serial(), OutputSink::Off) {
             devices.add_platform("__serial");
@@ -380,6 +397,7 @@ impl Vm {
             vcpus,
             devices,
             ged,
+            hotplug,
             _interrupts: interrupts,
             hv_vm,
             memory,
@@ -462,14 +480,62 @@ impl Vm {
 
     /// Presses the ACPI power button (a GED event).
     pub fn power_button(&self) -> Result<(), VmError> {
+        self.notify(devices::acpi::GedEvent::PowerButton)
+    }
+
+    fn notify(&self, event: devices::acpi::GedEvent) -> Result<(), VmError> {
         self.ged
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .notify(devices::acpi::GedEvent::PowerButton)
+            .notify(event)
             .map_err(|source| VmError::Os {
                 what: "raising the GED interrupt",
                 source,
             })
+    }
+
+    fn hotplug(&self) -> std::sync::MutexGuard<'_, devices::pci_hotplug::PciHotplug> {
+        self.hotplug.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts `device` (just opened on `board`) on its PCI segment's bus while the guest runs and
+    /// tells the guest (a GED event; its ACPI PCI hotplug driver scans the slot). Returns the
+    /// device's address.
+    pub fn hot_add(&mut self, board: &Board, device: &BoardDevice) -> Result<PciBdf, VmError> {
+        if device.pmem_file().is_some() || device.balloon_config().is_some() {
+            return Err(VmError::Failed(format!(
+                "{}: {:?} devices cannot be added to a running VM yet",
+                device.id, device.kind
+            )));
+        }
+        let dev = board.instance(device)?;
+        let bdf = self.devices.add_virtio(
+            &device.id,
+            device.kind,
+            (device.pci_segment, device.slot),
+            &device.backend,
+            dev,
+        )?;
+        self.hotplug().slot_added(bdf.segment, bdf.device);
+        self.notify(devices::acpi::GedEvent::PciHotplug)?;
+        Ok(bdf)
+    }
+
+    /// Asks the guest to eject device `id` (a GED event); it goes at the guest's ejection
+    /// ([`Vm::eject`]).
+    pub fn request_removal(&mut self, id: &str) -> Result<(), VmError> {
+        let bdf = self
+            .devices
+            .bdf(id)
+            .ok_or_else(|| VmError::Failed(format!("no device with id {id} on the PCI bus")))?;
+        self.hotplug().slot_removing(bdf.segment, bdf.device);
+        self.notify(devices::acpi::GedEvent::PciHotplug)
+    }
+
+    /// The guest ejected the device in `slot` of PCI segment `segment`: takes it off the bus
+    /// and releases it. Returns its id (`None`: no device there).
+    pub fn eject(&mut self, segment: u16, slot: u8) -> Option<String> {
+        self.devices.remove_at(segment, slot)
     }
 
     /// The registry of this instance's devices.

@@ -328,9 +328,37 @@ fn kata_rust_runtime() {
     );
     let hot = call("PUT", "vm.add-vsock", Some(&add_vsock), &[]);
     assert!(
-        hot.status_line.starts_with("HTTP/1.1 500") && hot.text().contains("hotplug"),
-        "vm.add-vsock while running: {}",
+        hot.status_line.starts_with("HTTP/1.1 500") && hot.text().contains("only one"),
+        "a second vsock while running: {}",
         hot.text()
+    );
+    // A container's disk, hot-added as Kata does: 200 with the id and a segment 0, bus 0,
+    // function 0 address (this guest does not scan for it; Linux does: linux_guest.rs).
+    let extra = v.dir.file("kata-rust-extra.img");
+    std::fs::write(&extra, vec![0u8; 1 << 20]).expect("image");
+    let add_disk = format!(
+        r#"{{"path":"{}","readonly":false,"num_queues":1,"queue_size":128,"id":"drive-1"}}"#,
+        extra.display()
+    );
+    let added = assert_json(
+        &call("PUT", "vm.add-disk", Some(&add_disk), &[]),
+        "add-disk",
+    );
+    assert_eq!(added["id"], "drive-1", "{added}");
+    let bdf = added["bdf"].as_str().unwrap_or_default();
+    assert!(
+        bdf.len() == 12 && bdf.starts_with("0000:00:") && bdf.ends_with(".0"),
+        "{added}"
+    );
+    let dup = call("PUT", "vm.add-disk", Some(&add_disk), &[]);
+    assert!(
+        dup.status_line.starts_with("HTTP/1.1 409"),
+        "{}",
+        dup.text()
+    );
+    assert_no_content(
+        &call("PUT", "vm.remove-device", Some(r#"{"id":"drive-1"}"#), &[]),
+        "remove-device (ejection requested)",
     );
     let info = assert_json(&call("GET", "vm.info", None, &[]), "info");
     // What Kata Rust's types require, present and not null.

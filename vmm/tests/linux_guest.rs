@@ -1302,6 +1302,205 @@ fn pmem_and_balloon() {
     );
 }
 
+/// Waits until `vm`'s guest has printed at least `n` lines containing `pattern`; returns the
+/// `n`th.
+fn wait_for_nth_line(
+    vm: &RunningVm,
+    pattern: &str,
+    n: usize,
+    timeout: Duration,
+) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = vm.stdout_so_far();
+        let complete = out.rfind('\n').map_or("", |end| &out[..end]);
+        if let Some(line) = complete.lines().filter(|l| l.contains(pattern)).nth(n - 1) {
+            return Ok(line.trim_end_matches('\r').to_string());
+        }
+        if let Some(fatal) = complete
+            .lines()
+            .find(|l| FATAL_STDOUT.iter().any(|f| l.contains(f)))
+        {
+            return Err(format!("{fatal}\n{}", vm.describe_so_far()));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "no line #{n} containing {pattern:?}\n{}",
+                vm.describe_so_far()
+            ));
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether another open file description holds an OFD lock on `path` (Nimbus locks the
+/// images it serves).
+fn image_is_locked(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).expect("image");
+    // SAFETY: a zeroed flock is a valid value of the C struct.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as i16;
+    lock.l_whence = libc::SEEK_SET as i16;
+    // SAFETY: F_OFD_GETLK on a valid descriptor with a valid flock.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut lock) };
+    assert_eq!(r, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
+    lock.l_type != libc::F_UNLCK as i16
+}
+
+/// What the VMM process holds: open descriptors and threads.
+fn held(pid: u32) -> (usize, usize) {
+    let count = |dir: String| std::fs::read_dir(dir).map_or(0, Iterator::count);
+    (
+        count(format!("/proc/{pid}/fd")),
+        count(format!("/proc/{pid}/task")),
+    )
+}
+
+/// ACPI PCI hotplug seen by Linux's own driver (acpiphp): a disk added through `vm.add-disk`
+/// while the guest runs appears as a block device whose host marker the guest reads and to
+/// which it writes; `vm.remove-device` makes the guest eject it, after which the VMM holds no
+/// more descriptors or threads than before the add and the image is unlocked; the same id is
+/// added again, in the same slot, and works.
+#[test]
+fn pci_hotplug_disk_add_remove_add() {
+    if !require_kvm("pci_hotplug_disk_add_remove_add") {
+        return;
+    }
+    const CYCLES: usize = 2;
+    const MARKER: &str = "NIMBUS-HOTPLUG-HOST-MARKER";
+    let guest = linux_guest();
+    let api = e2e::api::ApiVmm::new("linux-hotplug");
+    let image = api.dir.file("hot.img");
+    make_image(&image, 2048, &[(0, MARKER)]);
+    let mut cmd = nimbus(guest, &format!("nimbus.dump=0 nimbus.hotplug=vda:{CYCLES}"));
+    cmd.arg("--api-socket").arg(&api.socket);
+    let vm = spawn_vm_parallel(cmd);
+    let pid = vm.pid().expect("pid");
+    let mut bdfs = Vec::new();
+    let mut timings = Vec::new();
+    let mut failure = None;
+    for cycle in 1..=CYCLES {
+        let step = |what: &str| wait_for_nth_line(&vm, what, cycle, STEP_TIMEOUT);
+        if let Err(e) = step("NIMBUS-LINUX hotplug-waiting") {
+            failure = Some(e);
+            break;
+        }
+        let before = held(pid);
+        let added_at = Instant::now();
+        let add = e2e::api::call(
+            &api.socket,
+            "PUT",
+            "vm.add-disk",
+            Some(&format!(
+                r#"{{"path":"{}","id":"hotdisk"}}"#,
+                image.display()
+            )),
+        );
+        assert_eq!(add.status, 200, "vm.add-disk: {}", add.text());
+        let info = add.json();
+        assert_eq!(info["id"], "hotdisk", "{info}");
+        let bdf = info["bdf"].as_str().unwrap_or_default().to_string();
+        assert!(
+            bdf.starts_with("0000:00:") && bdf.ends_with(".0"),
+            "a segment 0, bus 0, function 0 address as Kata expects: {bdf}"
+        );
+        bdfs.push(bdf);
+        if let Err(e) = step("NIMBUS-LINUX disk-write") {
+            failure = Some(e);
+            break;
+        }
+        let usable = added_at.elapsed();
+        assert!(image_is_locked(&image), "the VMM locks the image it serves");
+        let dup = e2e::api::call(
+            &api.socket,
+            "PUT",
+            "vm.add-disk",
+            Some(&format!(
+                r#"{{"path":"{}","id":"hotdisk"}}"#,
+                image.display()
+            )),
+        );
+        assert_eq!(dup.status, 409, "a duplicate id: {}", dup.text());
+        let removed_at = Instant::now();
+        let remove = e2e::api::call(
+            &api.socket,
+            "PUT",
+            "vm.remove-device",
+            Some(r#"{"id":"hotdisk"}"#),
+        );
+        assert_eq!(remove.status, 204, "vm.remove-device: {}", remove.text());
+        if let Err(e) = step("NIMBUS-LINUX hotplug-removed") {
+            failure = Some(e);
+            break;
+        }
+        // The guest's ejection reaches the VMM's command loop, which releases the device.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let info = e2e::api::call(&api.socket, "GET", "vm.info", None).json();
+            let gone = info["device_tree"].get("hotdisk").is_none()
+                && info["config"]["disks"]
+                    .as_array()
+                    .is_none_or(|d| d.iter().all(|d| d["id"] != "hotdisk"));
+            if gone && held(pid) == before {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cycle {cycle}: the VMM still holds the device: {:?} -> {:?}, {info}",
+                before,
+                held(pid)
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        timings.push((usable, removed_at.elapsed()));
+        assert!(
+            !image_is_locked(&image),
+            "cycle {cycle}: the image is still locked"
+        );
+        let unknown = e2e::api::call(
+            &api.socket,
+            "PUT",
+            "vm.remove-device",
+            Some(r#"{"id":"hotdisk"}"#),
+        );
+        assert_eq!(unknown.status, 404, "{}", unknown.text());
+        let written = std::fs::read(&image).expect("image");
+        let text = format!("NIMBUS-HOTPLUG-{}", cycle - 1);
+        assert_eq!(
+            &written[512..512 + text.len()],
+            text.as_bytes(),
+            "cycle {cycle}: the guest's write is in the image"
+        );
+    }
+    let b = Boot::follow("hotplug", vm, &["Linux version", "NIMBUS-LINUX-INIT"]);
+    if let Some(e) = failure {
+        panic!("{e}\n{}", b.describe());
+    }
+    b.assert_clean();
+    let reads = b.init_lines("disk-read");
+    assert_eq!(
+        reads,
+        vec![format!("dev=vda sector=0 text={MARKER}"); CYCLES],
+        "{}",
+        b.describe()
+    );
+    assert!(
+        b.init_lines("hotplug-timeout").is_empty(),
+        "{}",
+        b.describe()
+    );
+    assert_eq!(bdfs[0], bdfs[1], "the slot is reused");
+    for (i, (usable, removed)) in timings.iter().enumerate() {
+        eprintln!(
+            "linux hotplug cycle {i}: vm.add-disk -> guest wrote to it {:.2} s; \
+             vm.remove-device -> released {:.2} s",
+            usable.as_secs_f64(),
+            removed.as_secs_f64()
+        );
+    }
+}
+
 /// The same kernel and initramfs under QEMU (q35, PVH `-kernel`, virtio-blk-pci) as a
 /// reference: it boots, reads the host's marker, powers off; the boot-to-milestone times are
 /// printed next to Nimbus's.

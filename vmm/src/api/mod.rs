@@ -223,6 +223,15 @@ pub struct PingResponse {
     pub features: Vec<String>,
 }
 
+/// The answer to a device added to a booted VM (Cloud Hypervisor's `PciDeviceInfo`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PciDeviceInfo {
+    /// The device's id.
+    pub id: String,
+    /// Its PCI address, `0000:00:05.0`.
+    pub bdf: String,
+}
+
 fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError {
         status: 400,
