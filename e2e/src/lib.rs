@@ -37,6 +37,7 @@ mod checks;
 mod daemon;
 mod disk;
 mod guest;
+mod held;
 pub mod lifecycle;
 mod net;
 mod net_boot;
@@ -61,6 +62,7 @@ pub use disk::{
     SECTOR_SIZE,
 };
 pub use guest::{guest_elf, kvm_available, nimbus_test_guest, repo_root, require_kvm};
+pub use held::{is_ofd_locked, process_holds};
 pub use net::{
     capture_frames, exchange_test_frames, format_mac, net_test_frame, net_test_frame_index,
     net_test_payload, send_frames, verify_net_tx_frames, NetDir, NetExchange, NetNs, PacketSocket,

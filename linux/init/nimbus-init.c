@@ -78,6 +78,12 @@
  *                                      be removed: `hotplug-removed dev=<d>`; on a
  *                                      timeout `hotplug-timeout dev=<d>` and
  *                                      the action ends
+ *   nimbus.ifup=<if>:<ipv4>            waits (180 s) for interface <if> (hot-added),
+ *                                      gives it <ipv4>/24 and brings it up: `ifup <if>
+ *                                      wait=<0|-110> addr=<0|-errno> mask=<0|-errno>
+ *                                      up=<0|-errno>`
+ *   nimbus.ifgone=<if>                 waits (180 s) for interface <if> to go (hot
+ *                                      removal): `ifgone <if> gone=<1|0>`
  *   nimbus.dump=0                      skips the pci/bar/irq/iomem/net lines
  *   nimbus.balloon=<touch>:<want>      writes every page of <touch> MiB of anonymous
  *                                      memory and frees it (`balloon-touched mib=<n>
@@ -1049,6 +1055,88 @@ timeout:
 	flush_line();
 }
 
+#define SIOCGIFFLAGS 0x8913
+#define SIOCSIFFLAGS 0x8914
+#define SIOCSIFADDR 0x8916
+#define SIOCSIFNETMASK 0x891c
+#define IFF_UP 0x1
+
+struct ifreq {
+	char name[16];
+	union {
+		struct sockaddr_in addr;
+		short flags;
+		char pad[24];
+	} u;
+};
+
+/* Copies the interface name of `arg` (up to ':' or a space) into `name`; returns past it. */
+static const char *if_name(const char *arg, char *name)
+{
+	int n = 0;
+	while (*arg && *arg != ':' && *arg != ' ' && n < 15)
+		name[n++] = *arg++;
+	name[n] = 0;
+	return *arg == ':' ? arg + 1 : arg;
+}
+
+static void ifup_action(const char *arg)
+{
+	struct ifreq req;
+	char name[16];
+	unsigned char ip[4];
+	s64 fd, addr = -1, mask = -1, up = -1;
+	int found;
+
+	arg = if_name(arg, name);
+	for (int i = 0; i < 4; i++) {
+		ip[i] = (unsigned char)parse_dec(&arg);
+		if (*arg == '.')
+			arg++;
+	}
+	path_set("/sys/class/net/", name, "");
+	found = wait_path(path, 1, 1800);
+	fd = sys3(SYS_socket, AF_INET, SOCK_DGRAM, 0);
+	if (found && fd >= 0) {
+		memset(&req, 0, sizeof(req));
+		memcpy(req.name, name, 16);
+		req.u.addr.sin_family = AF_INET;
+		memcpy(&req.u.addr.sin_addr, ip, 4);
+		addr = sys3(SYS_ioctl, fd, SIOCSIFADDR, (s64)&req);
+		req.u.addr.sin_addr = 0x00ffffff;
+		mask = sys3(SYS_ioctl, fd, SIOCSIFNETMASK, (s64)&req);
+		memset(&req.u, 0, sizeof(req.u));
+		up = sys3(SYS_ioctl, fd, SIOCGIFFLAGS, (s64)&req);
+		if (up == 0) {
+			req.u.flags |= IFF_UP;
+			up = sys3(SYS_ioctl, fd, SIOCSIFFLAGS, (s64)&req);
+		}
+	}
+	if (fd >= 0)
+		sys3(SYS_close, fd, 0, 0);
+	put("NIMBUS-LINUX ifup ");
+	put(name);
+	put(found ? " wait=0" : " wait=-110");
+	put(" addr=");
+	put_dec(addr);
+	put(" mask=");
+	put_dec(mask);
+	put(" up=");
+	put_dec(up);
+	flush_line();
+}
+
+static void ifgone_action(const char *arg)
+{
+	char name[16];
+	if_name(arg, name);
+	path_set("/sys/class/net/", name, "");
+	put("NIMBUS-LINUX ifgone ");
+	put(name);
+	put(wait_path(path, 0, 1800) ? " gone=1" : " gone=0");
+	flush_line();
+}
+
 static void power(unsigned int cmd)
 {
 	sys6(SYS_reboot, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, cmd, 0, 0, 0);
@@ -1144,6 +1232,10 @@ static void run(void)
 			balloon_action(w + 15);
 		else if (starts(w, "nimbus.hotplug="))
 			hotplug_action(w + 15);
+		else if (starts(w, "nimbus.ifup="))
+			ifup_action(w + 12);
+		else if (starts(w, "nimbus.ifgone="))
+			ifgone_action(w + 14);
 		while (*w && *w != ' ')
 			w++;
 		while (*w == ' ')

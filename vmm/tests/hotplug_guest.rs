@@ -5,7 +5,9 @@
 //! answers 200 with the same address, the guest sees a virtio-blk device in that slot, and
 //! once the guest has ejected it the VMM holds no more descriptors or threads than before,
 //! the image is unlocked, and the device's BAR and MSI GSIs are handed out again to the next
-//! add (nothing leaks).
+//! add (nothing leaks). A vhost-user disk (the project's daemon, guest RAM shared) is then
+//! hot-added and removed: the guest sees it, and once it is ejected the VMM closes the
+//! connection, so the single-frontend daemon exits 0.
 //!
 //! Needs /dev/kvm; without it the test prints a loud SKIPPED line.
 
@@ -17,15 +19,6 @@ use e2e::{require_kvm, spawn_vm, RunningVm};
 const NIMBUS: &str = env!("CARGO_BIN_EXE_nimbus");
 const WAIT: Duration = Duration::from_secs(30);
 const CYCLES: usize = 20;
-
-/// Open descriptors and threads of process `pid`.
-fn held(pid: u32) -> (usize, usize) {
-    let count = |dir: String| std::fs::read_dir(dir).map_or(0, Iterator::count);
-    (
-        count(format!("/proc/{pid}/fd")),
-        count(format!("/proc/{pid}/task")),
-    )
-}
 
 /// Waits until the guest has printed `n` lines containing `pattern`; returns the `n`th.
 fn nth_line(vm: &RunningVm, pattern: &str, n: usize) -> String {
@@ -45,20 +38,6 @@ fn nth_line(vm: &RunningVm, pattern: &str, n: usize) -> String {
     }
 }
 
-/// Whether another open file description holds an OFD lock on `path`.
-fn locked(path: &std::path::Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(path).expect("image");
-    // SAFETY: a zeroed flock is a valid value of the C struct.
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = libc::F_WRLCK as i16;
-    lock.l_whence = libc::SEEK_SET as i16;
-    // SAFETY: F_OFD_GETLK on a valid descriptor with a valid flock.
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut lock) };
-    assert_eq!(r, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
-    lock.l_type != libc::F_UNLCK as i16
-}
-
 /// The device tree's resources of device `id`'s PCI node.
 fn resources(info: &serde_json::Value, id: &str) -> serde_json::Value {
     info["device_tree"][format!("_virtio-pci-{id}")]["resources"].clone()
@@ -72,12 +51,18 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
     let v = ApiVmm::new("hotplug");
     let image = v.dir.file("hot.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).expect("image");
-    let mut cmd = e2e::lifecycle::lifecycle_command(
+    let base = v.dir.file("base.img");
+    std::fs::write(&base, vec![0u8; 1 << 20]).expect("image");
+    // Shared RAM, for the vhost-user disk added last.
+    let mut cmd = e2e::nimbus_test_guest(
         NIMBUS,
-        &v.dir,
+        "size=128M,shared=on",
         "lifecycle=1 lifecycle.hold=1 lifecycle.blk.count=0 expect.cpus=1 expect.mem=128M",
     );
-    cmd.arg("--api-socket").arg(&v.socket);
+    cmd.args(["--cpus", "boot=1", "--disk"])
+        .arg(format!("path={}", base.display()))
+        .arg("--api-socket")
+        .arg(&v.socket);
     let vm = spawn_vm(cmd);
     v.wait_ready();
     vm.wait_for_line("INFO lifecycle start", WAIT)
@@ -85,7 +70,7 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
     let pid = vm.pid().expect("pid");
     let add = format!(r#"{{"path":"{}","id":"hot"}}"#, image.display());
     let mut first: Option<(String, serde_json::Value)> = None;
-    let before = held(pid);
+    let before = e2e::process_holds(pid);
     for cycle in 1..=CYCLES {
         let added = api::call(&v.socket, "PUT", "vm.add-disk", Some(&add));
         assert_eq!(added.status, 200, "cycle {cycle}: {}", added.text());
@@ -98,7 +83,7 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
             "cycle {cycle}: the guest sees a virtio-blk device in slot {slot}"
         );
         assert!(
-            locked(&image),
+            e2e::is_ofd_locked(&image),
             "cycle {cycle}: the image is served, so locked"
         );
         let info = api::call(&v.socket, "GET", "vm.info", None).json();
@@ -124,18 +109,45 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
         let deadline = Instant::now() + WAIT;
         loop {
             let info = api::call(&v.socket, "GET", "vm.info", None).json();
-            if info["device_tree"].get("hot").is_none() && held(pid) == before {
+            if info["device_tree"].get("hot").is_none() && e2e::process_holds(pid) == before {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
                 "cycle {cycle}: still held after the ejection: {before:?} -> {:?}\n{info}",
-                held(pid)
+                e2e::process_holds(pid)
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert!(!locked(&image), "cycle {cycle}: the image is still locked");
+        assert!(
+            !e2e::is_ofd_locked(&image),
+            "cycle {cycle}: the image is still locked"
+        );
     }
+    // A vhost-user disk: served by the daemon over guest RAM; removal closes the connection.
+    let socket = v.dir.file("vub.sock");
+    let daemon = e2e::VhostUserBlockDaemon::start(
+        &format!("path={},socket={}", image.display(), socket.display()),
+        &socket,
+        &v.dir.file("vub.log"),
+    );
+    let added = api::call(
+        &v.socket,
+        "PUT",
+        "vm.add-disk",
+        Some(&format!(
+            r#"{{"vhost_user":true,"vhost_socket":"{}","id":"vub"}}"#,
+            socket.display()
+        )),
+    );
+    assert_eq!(added.status, 200, "vhost-user disk: {}", added.text());
+    let seen = nth_line(&vm, "INFO hotplug.added", CYCLES + 1);
+    assert!(seen.trim_end().ends_with("id=1af4:1042"), "{seen}");
+    let removed = api::call(&v.socket, "PUT", "vm.remove-device", Some(r#"{"id":"vub"}"#));
+    assert_eq!(removed.status, 204, "{}", removed.text());
+    nth_line(&vm, "INFO hotplug.ejected", CYCLES + 1);
+    daemon.finish(WAIT).assert_clean_exit();
+
     let shutdown = api::call(&v.socket, "PUT", "vmm.shutdown", None);
     assert_eq!(shutdown.status, 200, "{}", shutdown.text());
     let run = vm.finish(WAIT);

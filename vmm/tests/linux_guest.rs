@@ -1333,38 +1333,47 @@ fn wait_for_nth_line(
     }
 }
 
-/// Whether another open file description holds an OFD lock on `path` (Nimbus locks the
-/// images it serves).
-fn image_is_locked(path: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(path).expect("image");
-    // SAFETY: a zeroed flock is a valid value of the C struct.
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = libc::F_WRLCK as i16;
-    lock.l_whence = libc::SEEK_SET as i16;
-    // SAFETY: F_OFD_GETLK on a valid descriptor with a valid flock.
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut lock) };
-    assert_eq!(r, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
-    lock.l_type != libc::F_UNLCK as i16
+/// Waits until the VMM of `pid` has released device `id` after the guest's ejection: gone
+/// from `vm.info`'s device tree and configuration, and the process back to `before`'s
+/// descriptors and threads.
+fn wait_released(socket: &Path, pid: u32, id: &str, before: (usize, usize)) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = e2e::api::call(socket, "GET", "vm.info", None).json();
+        let in_config = ["disks", "net"].iter().any(|list| {
+            info["config"][list]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["id"] == id))
+        });
+        if info["device_tree"].get(id).is_none() && !in_config && e2e::process_holds(pid) == before
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id}: the VMM still holds the device: {before:?} -> {:?}, {info}",
+            e2e::process_holds(pid)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
-/// What the VMM process holds: open descriptors and threads.
-fn held(pid: u32) -> (usize, usize) {
-    let count = |dir: String| std::fs::read_dir(dir).map_or(0, Iterator::count);
-    (
-        count(format!("/proc/{pid}/fd")),
-        count(format!("/proc/{pid}/task")),
-    )
-}
+/// The hotplug boot's NIC: a TAP Nimbus creates in the test's namespace when the NIC is added.
+const HOT_TAP: &str = "nimbus-hp0";
+const HOT_HOST_IP: [u8; 4] = [192, 168, 248, 1];
+const HOT_GUEST_IP: [u8; 4] = [192, 168, 248, 2];
+const HOT_UDP_TEXT: &str = "NIMBUS-HOTPLUG-UDP";
 
 /// ACPI PCI hotplug seen by Linux's own driver (acpiphp): a disk added through `vm.add-disk`
 /// while the guest runs appears as a block device whose host marker the guest reads and to
 /// which it writes; `vm.remove-device` makes the guest eject it, after which the VMM holds no
 /// more descriptors or threads than before the add and the image is unlocked; the same id is
-/// added again, in the same slot, and works.
+/// added again, in the same slot, and works. Then a NIC added with `vm.add-net` comes up in the
+/// guest and carries a UDP round trip through the host's stack; removed, it goes from the
+/// guest and its TAP from the host.
 #[test]
-fn pci_hotplug_disk_add_remove_add() {
-    if !require_kvm("pci_hotplug_disk_add_remove_add") {
+fn pci_hotplug_disk_and_nic() {
+    if !require_kvm("pci_hotplug_disk_and_nic") {
         return;
     }
     const CYCLES: usize = 2;
@@ -1373,9 +1382,18 @@ fn pci_hotplug_disk_add_remove_add() {
     let api = e2e::api::ApiVmm::new("linux-hotplug");
     let image = api.dir.file("hot.img");
     make_image(&image, 2048, &[(0, MARKER)]);
-    let mut cmd = nimbus(guest, &format!("nimbus.dump=0 nimbus.hotplug=vda:{CYCLES}"));
+    let mut cmd = nimbus(
+        guest,
+        &format!(
+            "nimbus.dump=0 nimbus.hotplug=vda:{CYCLES} nimbus.ifup=eth0:{} \
+             nimbus.net=udp:{}:{UDP_PORT}:{HOT_UDP_TEXT} nimbus.ifgone=eth0",
+            ip(HOT_GUEST_IP),
+            ip(HOT_HOST_IP)
+        ),
+    );
     cmd.arg("--api-socket").arg(&api.socket);
-    let vm = spawn_vm_parallel(cmd);
+    let ns = NetNs::new("hotplug");
+    let vm = spawn_vm_parallel(ns.wrap(cmd));
     let pid = vm.pid().expect("pid");
     let mut bdfs = Vec::new();
     let mut timings = Vec::new();
@@ -1386,7 +1404,7 @@ fn pci_hotplug_disk_add_remove_add() {
             failure = Some(e);
             break;
         }
-        let before = held(pid);
+        let before = e2e::process_holds(pid);
         let added_at = Instant::now();
         let add = e2e::api::call(
             &api.socket,
@@ -1411,7 +1429,10 @@ fn pci_hotplug_disk_add_remove_add() {
             break;
         }
         let usable = added_at.elapsed();
-        assert!(image_is_locked(&image), "the VMM locks the image it serves");
+        assert!(
+            e2e::is_ofd_locked(&image),
+            "the VMM locks the image it serves"
+        );
         let dup = e2e::api::call(
             &api.socket,
             "PUT",
@@ -1434,28 +1455,10 @@ fn pci_hotplug_disk_add_remove_add() {
             failure = Some(e);
             break;
         }
-        // The guest's ejection reaches the VMM's command loop, which releases the device.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let info = e2e::api::call(&api.socket, "GET", "vm.info", None).json();
-            let gone = info["device_tree"].get("hotdisk").is_none()
-                && info["config"]["disks"]
-                    .as_array()
-                    .is_none_or(|d| d.iter().all(|d| d["id"] != "hotdisk"));
-            if gone && held(pid) == before {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cycle {cycle}: the VMM still holds the device: {:?} -> {:?}, {info}",
-                before,
-                held(pid)
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
+        wait_released(&api.socket, pid, "hotdisk", before);
         timings.push((usable, removed_at.elapsed()));
         assert!(
-            !image_is_locked(&image),
+            !e2e::is_ofd_locked(&image),
             "cycle {cycle}: the image is still locked"
         );
         let unknown = e2e::api::call(
@@ -1472,6 +1475,41 @@ fn pci_hotplug_disk_add_remove_add() {
             text.as_bytes(),
             "cycle {cycle}: the guest's write is in the image"
         );
+    }
+    if failure.is_none() {
+        let before = e2e::process_holds(pid);
+        let add = e2e::api::call(
+            &api.socket,
+            "PUT",
+            "vm.add-net",
+            Some(&format!(
+                r#"{{"id":"hotnet","tap":"{HOT_TAP}","ip":"{}","mask":"255.255.255.0"}}"#,
+                ip(HOT_HOST_IP)
+            )),
+        );
+        assert_eq!(add.status, 200, "vm.add-net: {}", add.text());
+        failure = wait_for_nth_line(&vm, "NIMBUS-LINUX net-udp", 1, STEP_TIMEOUT).err();
+        if failure.is_none() {
+            assert!(
+                ns.ip(&["link", "show", HOT_TAP]).is_ok(),
+                "the TAP is there"
+            );
+            let remove = e2e::api::call(
+                &api.socket,
+                "PUT",
+                "vm.remove-device",
+                Some(r#"{"id":"hotnet"}"#),
+            );
+            assert_eq!(remove.status, 204, "{}", remove.text());
+            failure = wait_for_nth_line(&vm, "NIMBUS-LINUX ifgone", 1, STEP_TIMEOUT).err();
+        }
+        if failure.is_none() {
+            wait_released(&api.socket, pid, "hotnet", before);
+            assert!(
+                ns.ip(&["link", "show", HOT_TAP]).is_err(),
+                "the TAP is closed once the NIC is released"
+            );
+        }
     }
     let b = Boot::follow("hotplug", vm, &["Linux version", "NIMBUS-LINUX-INIT"]);
     if let Some(e) = failure {
@@ -1491,6 +1529,19 @@ fn pci_hotplug_disk_add_remove_add() {
         b.describe()
     );
     assert_eq!(bdfs[0], bdfs[1], "the slot is reused");
+    assert_eq!(
+        b.init_lines("ifup"),
+        ["eth0 wait=0 addr=0 mask=0 up=0"],
+        "{}",
+        b.describe()
+    );
+    assert_eq!(
+        b.init_lines("net-udp"),
+        [format!("send={} recv=-111", HOT_UDP_TEXT.len())],
+        "the UDP round trip through the hot-added NIC\n{}",
+        b.describe()
+    );
+    assert_eq!(b.init_lines("ifgone"), ["eth0 gone=1"], "{}", b.describe());
     for (i, (usable, removed)) in timings.iter().enumerate() {
         eprintln!(
             "linux hotplug cycle {i}: vm.add-disk -> guest wrote to it {:.2} s; \
