@@ -203,6 +203,9 @@ pub trait Vm: Send + Sync + std::fmt::Debug {
         host_addr: *mut u8,
         readonly: bool,
     ) -> Result<()>;
+    /// Deletes memory slot `slot` (a mapping made by [`Vm::map_memory`]); the host range may
+    /// be unmapped afterwards.
+    fn unmap_memory(&self, slot: u32) -> Result<()>;
     /// Creates the interrupt controllers (LAPICs and the IOAPIC) in the hypervisor.
     fn create_irqchip(&self) -> Result<()>;
     /// Creates vCPU `id` (its APIC ID).

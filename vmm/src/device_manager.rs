@@ -231,6 +231,11 @@ impl DeviceManager {
         self.pci.allocate_mmio64(segment, size, align)
     }
 
+    /// Gives back a range [`DeviceManager::allocate_device_area`] handed out.
+    pub fn free_device_area(&mut self, segment: u16, addr: u64) {
+        self.pci.free_mmio64(segment, addr);
+    }
+
     /// The id of the device in `slot` of PCI segment `segment`.
     pub fn id_at(&self, segment: u16, slot: u8) -> Option<&str> {
         self.devices

@@ -184,6 +184,13 @@ impl PciDevices {
             .allocate_aligned(size, align)
     }
 
+    /// Gives back a range [`PciDevices::allocate_mmio64`] handed out.
+    pub fn free_mmio64(&mut self, segment: u16, addr: u64) {
+        if let Some(seg) = self.segments.get_mut(usize::from(segment)) {
+            seg.mmio64.free(addr);
+        }
+    }
+
     /// Adds a virtio device on segment `segment` in `slot` (or the first free one); its BAR 0
     /// comes from the segment's 64-bit window (its 32-bit one when that is full).
     pub fn add_virtio(

@@ -191,6 +191,30 @@ pub enum PmemAttachError {
     },
 }
 
+/// A pmem file mapped into one VM instance: device `id`'s memory slot, where it lies (PCI
+/// segment and guest address, from that segment's 64-bit window) and the host mapping the slot
+/// uses (kept as long as the slot exists).
+#[derive(Debug)]
+pub struct Attached {
+    /// The device.
+    pub id: String,
+    /// Its memory slot.
+    pub slot: u32,
+    /// The PCI segment whose window holds it.
+    pub segment: u16,
+    /// Guest physical address.
+    pub addr: u64,
+    /// The host mapping.
+    pub region: MmapRegion,
+}
+
+/// The first memory slot for pmem not used by `attached`.
+pub fn free_slot(attached: &[Attached]) -> u32 {
+    (FIRST_SLOT..)
+        .find(|s| attached.iter().all(|a| a.slot != *s))
+        .unwrap_or(FIRST_SLOT)
+}
+
 /// One VM instance's view of a pmem file: mapped, placed at `addr` by `allocate` (size and
 /// 2 MiB alignment), and registered with `vm` as memory slot `slot`. The returned region must
 /// outlive the VM's use of the slot (the VM instance keeps it).

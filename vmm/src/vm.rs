@@ -188,7 +188,7 @@ pub struct Vm {
     /// The balloon, if any.
     balloon: Option<virtio_devices::balloon::BalloonHandle>,
     /// The pmem files' mappings (after `hv_vm`, whose slots use them, for drop order).
-    _pmem: Vec<vm_memory::mmap::MmapRegion>,
+    pmem: Vec<crate::pmem::Attached>,
     ctx: VcpuContext,
     /// kvmclock read at pause, written back at resume.
     paused_clock: Option<u64>,
@@ -339,21 +339,7 @@ impl Vm {
                 continue;
             }
             let dev = match d.pmem_file() {
-                Some(file) => {
-                    let slot = crate::pmem::FIRST_SLOT + pmem.len() as u32;
-                    let (region, addr) =
-                        crate::pmem::attach(file, hv_vm.as_ref(), slot, |size, align| {
-                            devices.allocate_device_area(d.pci_segment, size, align)
-                        })?;
-                    pmem.push(region);
-                    log::info!("{}: {} bytes at {addr:#x}", d.id, file.size);
-                    Box::new(virtio_devices::pmem::Pmem::new(
-                        file.backend(),
-                        addr,
-                        file.size,
-                        d.id.clone(),
-                    ))
-                }
+                Some(file) => attach_pmem(hv_vm.as_ref(), &mut devices, &mut pmem, d, file)?,
                 None => board.instance(d)?,
             };
             devices.add_virtio(&d.id, d.kind, (d.pci_segment, d.slot), &d.backend, dev)?;
@@ -402,7 +388,7 @@ impl Vm {
             hv_vm,
             memory,
             balloon,
-            _pmem: pmem,
+            pmem,
             ctx: VcpuContext {
                 io_bus,
                 mmio_bus,
@@ -502,20 +488,36 @@ impl Vm {
     /// tells the guest (a GED event; its ACPI PCI hotplug driver scans the slot). Returns the
     /// device's address.
     pub fn hot_add(&mut self, board: &Board, device: &BoardDevice) -> Result<PciBdf, VmError> {
-        if device.pmem_file().is_some() || device.balloon_config().is_some() {
+        if device.balloon_config().is_some() {
             return Err(VmError::Failed(format!(
-                "{}: {:?} devices cannot be added to a running VM yet",
-                device.id, device.kind
+                "{}: a balloon cannot be added to a running VM",
+                device.id
             )));
         }
-        let dev = board.instance(device)?;
-        let bdf = self.devices.add_virtio(
+        let dev = match device.pmem_file() {
+            Some(file) => attach_pmem(
+                self.hv_vm.as_ref(),
+                &mut self.devices,
+                &mut self.pmem,
+                device,
+                file,
+            )?,
+            None => board.instance(device)?,
+        };
+        let added = self.devices.add_virtio(
             &device.id,
             device.kind,
             (device.pci_segment, device.slot),
             &device.backend,
             dev,
-        )?;
+        );
+        let bdf = match added {
+            Ok(bdf) => bdf,
+            Err(e) => {
+                self.detach_pmem(&device.id);
+                return Err(e.into());
+            }
+        };
         self.hotplug().slot_added(bdf.segment, bdf.device);
         self.notify(devices::acpi::GedEvent::PciHotplug)?;
         Ok(bdf)
@@ -535,7 +537,26 @@ impl Vm {
     /// The guest ejected the device in `slot` of PCI segment `segment`: takes it off the bus
     /// and releases it. Returns its id (`None`: no device there).
     pub fn eject(&mut self, segment: u16, slot: u8) -> Option<String> {
-        self.devices.remove_at(segment, slot)
+        let id = self.devices.remove_at(segment, slot)?;
+        // A pmem device's region goes after the device (its threads are joined).
+        self.detach_pmem(&id);
+        Some(id)
+    }
+
+    /// Deletes pmem device `id`'s memory slot, unmaps its file and gives its range back.
+    fn detach_pmem(&mut self, id: &str) {
+        let Some(i) = self.pmem.iter().position(|p| p.id == id) else {
+            return;
+        };
+        let p = self.pmem.remove(i);
+        match self.hv_vm.unmap_memory(p.slot) {
+            Ok(()) => self.devices.free_device_area(p.segment, p.addr),
+            Err(e) => {
+                // The slot stays: so must its mapping.
+                log::error!("{id}: cannot delete memory slot {}: {e}", p.slot);
+                self.pmem.push(p);
+            }
+        }
     }
 
     /// The registry of this instance's devices.
@@ -570,6 +591,35 @@ impl Drop for Vm {
             t.stop();
         }
     }
+}
+
+/// Maps pmem device `d`'s file into the VM (a memory slot in its segment's 64-bit window,
+/// recorded in `pmem`) and builds its guest-facing device.
+fn attach_pmem(
+    hv_vm: &dyn hypervisor::Vm,
+    devices: &mut DeviceManager,
+    pmem: &mut Vec<crate::pmem::Attached>,
+    d: &BoardDevice,
+    file: &crate::pmem::PmemFile,
+) -> Result<Box<dyn virtio_devices::VirtioDevice>, VmError> {
+    let slot = crate::pmem::free_slot(pmem);
+    let (region, addr) = crate::pmem::attach(file, hv_vm, slot, |size, align| {
+        devices.allocate_device_area(d.pci_segment, size, align)
+    })?;
+    pmem.push(crate::pmem::Attached {
+        id: d.id.clone(),
+        slot,
+        segment: d.pci_segment,
+        addr,
+        region,
+    });
+    log::info!("{}: {} bytes at {addr:#x}", d.id, file.size);
+    Ok(Box::new(virtio_devices::pmem::Pmem::new(
+        file.backend(),
+        addr,
+        file.size,
+        d.id.clone(),
+    )))
 }
 
 fn set_boot_registers(vcpu: &dyn Vcpu, entry: boot::BootEntry) -> hypervisor::Result<()> {

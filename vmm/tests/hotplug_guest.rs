@@ -7,7 +7,8 @@
 //! the image is unlocked, and the device's BAR and MSI GSIs are handed out again to the next
 //! add (nothing leaks). A vhost-user disk (the project's daemon, guest RAM shared) is then
 //! hot-added and removed: the guest sees it, and once it is ejected the VMM closes the
-//! connection, so the single-frontend daemon exits 0.
+//! connection, so the single-frontend daemon exits 0. A pmem device is added and removed
+//! twice (its memory slot deleted and file closed each time).
 //!
 //! Needs /dev/kvm; without it the test prints a loud SKIPPED line.
 
@@ -143,10 +144,39 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
     assert_eq!(added.status, 200, "vhost-user disk: {}", added.text());
     let seen = nth_line(&vm, "INFO hotplug.added", CYCLES + 1);
     assert!(seen.trim_end().ends_with("id=1af4:1042"), "{seen}");
-    let removed = api::call(&v.socket, "PUT", "vm.remove-device", Some(r#"{"id":"vub"}"#));
+    let removed = api::call(
+        &v.socket,
+        "PUT",
+        "vm.remove-device",
+        Some(r#"{"id":"vub"}"#),
+    );
     assert_eq!(removed.status, 204, "{}", removed.text());
     nth_line(&vm, "INFO hotplug.ejected", CYCLES + 1);
     daemon.finish(WAIT).assert_clean_exit();
+
+    // A pmem device: its file mapped as a memory slot; removal deletes the slot and closes it.
+    let pmem = v.dir.file("pmem.img");
+    std::fs::write(&pmem, vec![0u8; 2 << 20]).expect("pmem file");
+    let before = e2e::process_holds(pid);
+    for round in 1..=2 {
+        let added = api::call(
+            &v.socket,
+            "PUT",
+            "vm.add-pmem",
+            Some(&format!(r#"{{"file":"{}","id":"pm"}}"#, pmem.display())),
+        );
+        assert_eq!(added.status, 200, "pmem: {}", added.text());
+        let seen = nth_line(&vm, "INFO hotplug.added", CYCLES + 1 + round);
+        assert!(seen.trim_end().ends_with("id=1af4:105b"), "{seen}");
+        let removed = api::call(&v.socket, "PUT", "vm.remove-device", Some(r#"{"id":"pm"}"#));
+        assert_eq!(removed.status, 204, "{}", removed.text());
+        nth_line(&vm, "INFO hotplug.ejected", CYCLES + 1 + round);
+        let deadline = Instant::now() + WAIT;
+        while e2e::process_holds(pid) != before {
+            assert!(Instant::now() < deadline, "pmem round {round}: still held");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 
     let shutdown = api::call(&v.socket, "PUT", "vmm.shutdown", None);
     assert_eq!(shutdown.status, 200, "{}", shutdown.text());

@@ -132,6 +132,20 @@ impl crate::Vm for KvmVm {
         unsafe { self.fd.set_user_memory_region(region) }.map_err(op("KVM_SET_USER_MEMORY_REGION"))
     }
 
+    fn unmap_memory(&self, slot: u32) -> Result<()> {
+        // A size of 0 deletes the slot.
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: 0,
+            userspace_addr: 0,
+        };
+        // SAFETY: deleting a slot maps nothing.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(op("KVM_SET_USER_MEMORY_REGION (delete)"))
+    }
+
     fn create_irqchip(&self) -> Result<()> {
         let mut created = self.irqchip.lock().unwrap_or_else(|p| p.into_inner());
         if !*created {
