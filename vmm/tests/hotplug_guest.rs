@@ -8,7 +8,8 @@
 //! add (nothing leaks). A vhost-user disk (the project's daemon, guest RAM shared) is then
 //! hot-added and removed: the guest sees it, and once it is ejected the VMM closes the
 //! connection, so the single-frontend daemon exits 0. A pmem device is added and removed
-//! twice (its memory slot deleted and file closed each time).
+//! twice (its memory slot deleted and file closed each time), and a disk on the second PCI
+//! segment is added and ejected through that segment's bitmaps.
 //!
 //! Needs /dev/kvm; without it the test prints a loud SKIPPED line.
 
@@ -60,10 +61,16 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
         "size=128M,shared=on",
         "lifecycle=1 lifecycle.hold=1 lifecycle.blk.count=0 expect.cpus=1 expect.mem=128M",
     );
-    cmd.args(["--cpus", "boot=1", "--disk"])
-        .arg(format!("path={}", base.display()))
-        .arg("--api-socket")
-        .arg(&v.socket);
+    cmd.args([
+        "--cpus",
+        "boot=1",
+        "--platform",
+        "num_pci_segments=2",
+        "--disk",
+    ])
+    .arg(format!("path={}", base.display()))
+    .arg("--api-socket")
+    .arg(&v.socket);
     let vm = spawn_vm(cmd);
     v.wait_ready();
     vm.wait_for_line("INFO lifecycle start", WAIT)
@@ -154,6 +161,27 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
     nth_line(&vm, "INFO hotplug.ejected", CYCLES + 1);
     daemon.finish(WAIT).assert_clean_exit();
 
+    // On the second PCI segment (Kata puts virtio-fs there): the segment's own slot bitmaps.
+    let seg1 = v.dir.file("seg1.img");
+    std::fs::write(&seg1, vec![0u8; 1 << 20]).expect("image");
+    let added = api::call(
+        &v.socket,
+        "PUT",
+        "vm.add-disk",
+        Some(&format!(
+            r#"{{"path":"{}","id":"s1","pci_segment":1}}"#,
+            seg1.display()
+        )),
+    );
+    assert_eq!(added.status, 200, "segment 1: {}", added.text());
+    assert_eq!(added.json()["bdf"], "0001:00:01.0", "{}", added.text());
+    let seen = nth_line(&vm, "INFO hotplug.added", CYCLES + 2);
+    assert!(seen.contains("seg=1 slot=1 "), "{seen}");
+    let removed = api::call(&v.socket, "PUT", "vm.remove-device", Some(r#"{"id":"s1"}"#));
+    assert_eq!(removed.status, 204, "{}", removed.text());
+    let ejected = nth_line(&vm, "INFO hotplug.ejected", CYCLES + 2);
+    assert!(ejected.contains("seg=1 slot=1"), "{ejected}");
+
     // A pmem device: its file mapped as a memory slot; removal deletes the slot and closes it.
     let pmem = v.dir.file("pmem.img");
     std::fs::write(&pmem, vec![0u8; 2 << 20]).expect("pmem file");
@@ -166,11 +194,11 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
             Some(&format!(r#"{{"file":"{}","id":"pm"}}"#, pmem.display())),
         );
         assert_eq!(added.status, 200, "pmem: {}", added.text());
-        let seen = nth_line(&vm, "INFO hotplug.added", CYCLES + 1 + round);
+        let seen = nth_line(&vm, "INFO hotplug.added", CYCLES + 2 + round);
         assert!(seen.trim_end().ends_with("id=1af4:105b"), "{seen}");
         let removed = api::call(&v.socket, "PUT", "vm.remove-device", Some(r#"{"id":"pm"}"#));
         assert_eq!(removed.status, 204, "{}", removed.text());
-        nth_line(&vm, "INFO hotplug.ejected", CYCLES + 1 + round);
+        nth_line(&vm, "INFO hotplug.ejected", CYCLES + 2 + round);
         let deadline = Instant::now() + WAIT;
         while e2e::process_holds(pid) != before {
             assert!(Instant::now() < deadline, "pmem round {round}: still held");
