@@ -72,7 +72,9 @@ pub use net_boot::{
     boot_net, boot_net_mq, check_net_mq_report, net_tx_frames_of_pair, net_tx_frames_per_pair, Nic,
 };
 pub use parallel::{spawn_vm_parallel, LineMatch, PARALLEL_VMS};
-pub use qemu::{qemu_binary, qemu_q35_command, qemu_vhost_user_blk_args, qemu_vhost_user_fs_args};
+pub use qemu::{
+    qemu_binary, qemu_q35_command, qemu_vhost_user_blk_args, qemu_vhost_user_fs_args, Qmp,
+};
 pub use report::{GuestReport, TestLine};
 pub use scratch::ScratchDir;
 pub use stream::read_until;

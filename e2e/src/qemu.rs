@@ -105,3 +105,78 @@ mod tests {
         assert!(a.contains(&"vhost-user-fs-pci,chardev=fs0,tag=myfs".to_string()));
     }
 }
+
+/// A QMP (QEMU Machine Protocol) client on QEMU's `-qmp unix:<path>,server=on,wait=off`
+/// socket: one command at a time, events skipped.
+#[derive(Debug)]
+pub struct Qmp {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    /// Connects (retrying for at most `timeout` while QEMU starts) and leaves the
+    /// capabilities negotiation mode.
+    ///
+    /// # Errors
+    /// If QEMU does not answer in time or refuses.
+    pub fn connect(path: &Path, timeout: std::time::Duration) -> Result<Self, String> {
+        let deadline = std::time::Instant::now() + timeout;
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() > deadline => {
+                    return Err(format!("QMP {}: {e}", path.display()))
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        };
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut qmp = Self {
+            reader: std::io::BufReader::new(stream),
+            writer,
+        };
+        let greeting = qmp.line()?;
+        if greeting.get("QMP").is_none() {
+            return Err(format!("QMP greeting: {greeting}"));
+        }
+        qmp.execute("qmp_capabilities", serde_json::json!({}))?;
+        Ok(qmp)
+    }
+
+    fn line(&mut self) -> Result<serde_json::Value, String> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .map_err(|e| format!("QMP read: {e}"))?;
+        serde_json::from_str(&line).map_err(|e| format!("QMP answer {line:?}: {e}"))
+    }
+
+    /// Runs `command` with `arguments`; its `return` value.
+    ///
+    /// # Errors
+    /// QEMU's `error`, or the socket's.
+    pub fn execute(
+        &mut self,
+        command: &str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        use std::io::Write;
+        let request = serde_json::json!({"execute": command, "arguments": arguments});
+        writeln!(self.writer, "{request}").map_err(|e| format!("QMP write: {e}"))?;
+        loop {
+            let answer = self.line()?;
+            if let Some(r) = answer.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = answer.get("error") {
+                return Err(format!("QMP {command}: {e}"));
+            }
+            // An event: not ours.
+        }
+    }
+}

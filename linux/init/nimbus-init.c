@@ -84,6 +84,8 @@
  *                                      up=<0|-errno>`
  *   nimbus.ifgone=<if>                 waits (180 s) for interface <if> to go (hot
  *                                      removal): `ifgone <if> gone=<1|0>`
+ *   nimbus.sleep=<s>                   sleeps <s> seconds (the host checks what the VMM
+ *                                      released after the guest's last action)
  *   nimbus.dump=0                      skips the pci/bar/irq/iomem/net lines
  *   nimbus.balloon=<touch>:<want>      writes every page of <touch> MiB of anonymous
  *                                      memory and frees it (`balloon-touched mib=<n>
@@ -1236,6 +1238,13 @@ static void run(void)
 			ifup_action(w + 12);
 		else if (starts(w, "nimbus.ifgone="))
 			ifgone_action(w + 14);
+		else if (starts(w, "nimbus.sleep=")) {
+			const char *a = w + 13;
+			struct {
+				s64 sec, nsec;
+			} ts = { (s64)parse_dec(&a), 0 };
+			sys3(SYS_nanosleep, &ts, 0, 0);
+		}
 		while (*w && *w != ' ')
 			w++;
 		while (*w == ' ')

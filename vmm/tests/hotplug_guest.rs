@@ -181,6 +181,12 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
     assert_eq!(removed.status, 204, "{}", removed.text());
     let ejected = nth_line(&vm, "INFO hotplug.ejected", CYCLES + 2);
     assert!(ejected.contains("seg=1 slot=1"), "{ejected}");
+    // Released (what the pmem rounds below count from).
+    let deadline = Instant::now() + WAIT;
+    while e2e::is_ofd_locked(&seg1) {
+        assert!(Instant::now() < deadline, "segment 1's disk still held");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     // A pmem device: its file mapped as a memory slot; removal deletes the slot and closes it.
     let pmem = v.dir.file("pmem.img");

@@ -1386,7 +1386,7 @@ fn pci_hotplug_disk_and_nic() {
         guest,
         &format!(
             "nimbus.dump=0 nimbus.hotplug=vda:{CYCLES} nimbus.ifup=eth0:{} \
-             nimbus.net=udp:{}:{UDP_PORT}:{HOT_UDP_TEXT} nimbus.ifgone=eth0",
+             nimbus.net=udp:{}:{UDP_PORT}:{HOT_UDP_TEXT} nimbus.ifgone=eth0 nimbus.sleep=10",
             ip(HOT_GUEST_IP),
             ip(HOT_HOST_IP)
         ),
@@ -1455,8 +1455,9 @@ fn pci_hotplug_disk_and_nic() {
             failure = Some(e);
             break;
         }
+        let gone = removed_at.elapsed();
         wait_released(&api.socket, pid, "hotdisk", before);
-        timings.push((usable, removed_at.elapsed()));
+        timings.push((usable, gone, removed_at.elapsed()));
         assert!(
             !e2e::is_ofd_locked(&image),
             "cycle {cycle}: the image is still locked"
@@ -1542,12 +1543,13 @@ fn pci_hotplug_disk_and_nic() {
         b.describe()
     );
     assert_eq!(b.init_lines("ifgone"), ["eth0 gone=1"], "{}", b.describe());
-    for (i, (usable, removed)) in timings.iter().enumerate() {
+    for (i, (usable, gone, released)) in timings.iter().enumerate() {
         eprintln!(
             "linux hotplug cycle {i}: vm.add-disk -> guest wrote to it {:.2} s; \
-             vm.remove-device -> released {:.2} s",
+             vm.remove-device -> guest saw it go {:.2} s, VMM released it {:.2} s",
             usable.as_secs_f64(),
-            removed.as_secs_f64()
+            gone.as_secs_f64(),
+            released.as_secs_f64()
         );
     }
 }
@@ -1601,4 +1603,117 @@ fn qemu_reference_boot() {
         "{:?}",
         b.init_lines("pci")
     );
+}
+
+/// The hotplug reference: the same kernel, init and disk cycles under QEMU's ACPI PCI hotplug
+/// (its `pc` machine, whose root bus has it; q35's root complex has not), driven through QMP
+/// (`blockdev-add` + `device_add`, `device_del`): Linux's acpiphp finds the disk, the guest reads
+/// the host's marker and writes its own, and ejects it; the times from the add to the guest's
+/// write and from the removal request to the guest's `hotplug-removed` are printed beside
+/// Nimbus's (`pci_hotplug_disk_and_nic`).
+#[test]
+fn qemu_reference_pci_hotplug_disk() {
+    if !require_kvm("qemu_reference_pci_hotplug_disk") {
+        return;
+    }
+    const CYCLES: usize = 2;
+    const MARKER: &str = "NIMBUS-HOTPLUG-QEMU-MARKER";
+    let guest = linux_guest();
+    let dir = ScratchDir::new("linux-qemu-hotplug");
+    let image = dir.file("hot.img");
+    make_image(&image, 2048, &[(0, MARKER)]);
+    let qmp_path = dir.file("qmp.sock");
+    let mut cmd = Command::new(e2e::qemu_binary());
+    cmd.args([
+        "-accel",
+        "kvm",
+        "-M",
+        "pc",
+        "-cpu",
+        "host,-arch-capabilities",
+    ])
+    .args(["-m", &MEMORY_MIB.to_string(), "-smp", "1", "-nodefaults"])
+    .args([
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-display",
+        "none",
+    ])
+    .arg("-kernel")
+    .arg(&guest.vmlinux)
+    .arg("-initrd")
+    .arg(&guest.initramfs)
+    .args([
+        "-append",
+        &format!("{BASE_CMDLINE} nimbus.dump=0 nimbus.hotplug=vda:{CYCLES}"),
+    ])
+    .arg("-qmp")
+    .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+    let vm = spawn_vm_parallel(cmd);
+    let mut qmp = e2e::Qmp::connect(&qmp_path, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.describe_so_far()));
+    let mut timings = Vec::new();
+    let mut failure = None;
+    for cycle in 1..=CYCLES {
+        let step = |what: &str| wait_for_nth_line(&vm, what, cycle, 2 * STEP_TIMEOUT);
+        if let Err(e) = step("NIMBUS-LINUX hotplug-waiting") {
+            failure = Some(e);
+            break;
+        }
+        let node = format!("hot{cycle}");
+        let added_at = Instant::now();
+        qmp.execute(
+            "blockdev-add",
+            serde_json::json!({"driver": "raw", "node-name": node,
+                "file": {"driver": "file", "filename": image}}),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        qmp.execute(
+            "device_add",
+            serde_json::json!({"driver": "virtio-blk-pci", "drive": node, "id": "hotdisk"}),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        if let Err(e) = step("NIMBUS-LINUX disk-write") {
+            failure = Some(e);
+            break;
+        }
+        let usable = added_at.elapsed();
+        let removed_at = Instant::now();
+        qmp.execute("device_del", serde_json::json!({"id": "hotdisk"}))
+            .unwrap_or_else(|e| panic!("{e}"));
+        if let Err(e) = step("NIMBUS-LINUX hotplug-removed") {
+            failure = Some(e);
+            break;
+        }
+        let removed = removed_at.elapsed();
+        // The node goes once QEMU has finalized the device (after the guest's ejection).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = qmp.execute("blockdev-del", serde_json::json!({"node-name": node})) {
+            assert!(Instant::now() < deadline, "{e}");
+            thread::sleep(Duration::from_millis(50));
+        }
+        timings.push((usable, removed));
+    }
+    drop(qmp);
+    let b = Boot::follow("qemu-hotplug", vm, &["Linux version", "NIMBUS-LINUX-INIT"]);
+    if let Some(e) = failure {
+        panic!("{e}\n{}", b.describe());
+    }
+    b.assert_clean();
+    assert_eq!(
+        b.init_lines("disk-read"),
+        vec![format!("dev=vda sector=0 text={MARKER}"); CYCLES],
+        "{}",
+        b.describe()
+    );
+    for (i, (usable, removed)) in timings.iter().enumerate() {
+        eprintln!(
+            "qemu hotplug cycle {i}: device_add -> guest wrote to it {:.2} s; \
+             device_del -> guest saw it go {:.2} s",
+            usable.as_secs_f64(),
+            removed.as_secs_f64()
+        );
+    }
 }
