@@ -98,12 +98,40 @@ pub enum BlockError {
     /// over slices they checked).
     #[error("buffer access failed")]
     Buffer(#[source] VolatileMemoryError),
+    /// A resize to a size that is not a whole number of `align`-byte blocks (512, the
+    /// virtio-blk sector, or the direct-I/O alignment when larger).
+    #[error("cannot resize disk image {path} to {size} bytes: not a multiple of {align} bytes")]
+    UnalignedResize {
+        /// Path of the image.
+        path: PathBuf,
+        /// The size asked for in bytes.
+        size: u64,
+        /// Required alignment in bytes.
+        align: u64,
+    },
+    /// A block device cannot be resized from here: it must be resized first by whoever
+    /// provides it (LVM, losetup, ...), and then it already has the size asked for.
+    #[error(
+        "cannot resize disk image {path} to {wanted} bytes: it is a block device of {actual} \
+         bytes; resize the device itself first"
+    )]
+    BlockDeviceSize {
+        /// Path of the device.
+        path: PathBuf,
+        /// Its size in bytes.
+        actual: u64,
+        /// The size asked for in bytes.
+        wanted: u64,
+    },
+    /// The backend has no way to change its size.
+    #[error("this kind of disk backend cannot be resized")]
+    ResizeUnsupported,
     /// An I/O system call failed.
     #[error("{op} of {len} bytes at offset {offset} on disk image {path} failed")]
     Io {
         /// Path of the image.
         path: PathBuf,
-        /// The operation: "read", "write", "flush", "discard" or "write-zeroes".
+        /// The operation: "read", "write", "flush", "discard", "write-zeroes" or "resize".
         op: &'static str,
         /// Start of the access in bytes.
         offset: u64,
@@ -171,6 +199,16 @@ pub trait DiskBackend: Debug + Send + Sync {
 
     /// Makes the range read back as zeros; with `may_unmap` the backend may deallocate it.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError>;
+
+    /// Changes the size of the disk to `new_size` bytes, a multiple of 512 (bytes added read
+    /// as zeros; a smaller size drops the tail). From then on [`size`](Self::size) is
+    /// `new_size`, and accesses are checked against it.
+    ///
+    /// The default refuses with [`BlockError::ResizeUnsupported`].
+    fn resize(&self, new_size: u64) -> Result<(), BlockError> {
+        let _ = new_size;
+        Err(BlockError::ResizeUnsupported)
+    }
 }
 
 /// Checks that `offset..offset + len` lies inside a disk of `size` bytes.

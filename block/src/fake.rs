@@ -19,6 +19,8 @@ pub enum FakeOp {
     Discard(u64, u64),
     /// `write_zeroes(offset, len, may_unmap)`.
     WriteZeroes(u64, u64, bool),
+    /// `resize(new_size)`.
+    Resize(u64),
 }
 
 #[derive(Debug, Default)]
@@ -179,6 +181,22 @@ impl DiskBackend for FakeDisk {
         state.data[bounds(offset, len)].fill(0);
         Ok(())
     }
+
+    fn resize(&self, new_size: u64) -> Result<(), BlockError> {
+        let mut state = self.begin(FakeOp::Resize(new_size), "resize", true, 0, 0)?;
+        let size = usize::try_from(new_size)
+            .ok()
+            .filter(|_| new_size.is_multiple_of(512));
+        let Some(size) = size else {
+            return Err(BlockError::UnalignedResize {
+                path: PathBuf::from("<fake disk>"),
+                size: new_size,
+                align: 512,
+            });
+        };
+        state.data.resize(size, 0);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -207,6 +225,26 @@ mod tests {
         assert!(matches!(
             disk.write_at(1020, &[0; 8]),
             Err(BlockError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn fake_resize_grows_and_shrinks_in_sectors() {
+        let disk = FakeDisk::new(1024);
+        disk.write_at(0, &[7]).unwrap();
+        disk.resize(4096).unwrap();
+        assert_eq!(disk.size(), 4096);
+        assert_eq!(disk.contents()[0], 7);
+        disk.write_at(4000, &[1]).unwrap();
+        disk.resize(512).unwrap();
+        assert_eq!(disk.size(), 512);
+        assert!(matches!(
+            disk.resize(513),
+            Err(BlockError::UnalignedResize { size: 513, .. })
+        ));
+        assert!(matches!(
+            FakeDisk::new(512).make_read_only().resize(1024),
+            Err(BlockError::ReadOnly { .. })
         ));
     }
 

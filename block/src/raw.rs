@@ -6,6 +6,7 @@ use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
 
 use log::debug;
@@ -60,7 +61,10 @@ pub struct RawFile {
     path: PathBuf,
     read_only: bool,
     direct: bool,
-    size: u64,
+    /// Size in bytes ([`DiskBackend::resize`] changes it while the disk is in use).
+    size: AtomicU64,
+    /// Whether the image is a block device (which cannot be resized from here).
+    block_device: bool,
     logical_block_size: u32,
     /// File offset and length alignment for `O_DIRECT` (1 when not direct).
     direct_align: u64,
@@ -135,7 +139,8 @@ impl RawFile {
             path: path.to_path_buf(),
             read_only,
             direct,
-            size,
+            size: AtomicU64::new(size),
+            block_device: device_block_size.is_some(),
             logical_block_size: device_block_size.unwrap_or(512),
             direct_align,
             mem_align,
@@ -195,7 +200,7 @@ impl RawFile {
         bufs: &[VolatileSlice<'_>],
     ) -> Result<(), BlockError> {
         let len = vectored::total_len(bufs);
-        check_range(&self.path, self.size, offset, len)?;
+        check_range(&self.path, self.size(), offset, len)?;
         if self.vectored_aligned(offset, bufs) {
             // Writes exclude read-modify-write cycles of the same blocks (see `rmw`).
             let _shared = matches!(direction, Direction::Write)
@@ -333,7 +338,7 @@ impl AsRawFd for RawFile {
 
 impl DiskBackend for RawFile {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::SeqCst)
     }
 
     fn read_only(&self) -> bool {
@@ -345,7 +350,7 @@ impl DiskBackend for RawFile {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        check_range(&self.path, self.size, offset, buf.len() as u64)?;
+        check_range(&self.path, self.size(), offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -360,7 +365,7 @@ impl DiskBackend for RawFile {
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
         self.check_writable()?;
-        check_range(&self.path, self.size, offset, buf.len() as u64)?;
+        check_range(&self.path, self.size(), offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -389,12 +394,12 @@ impl DiskBackend for RawFile {
     fn flush(&self) -> Result<(), BlockError> {
         self.file
             .sync_data()
-            .map_err(|e| self.io_error("flush", 0, self.size, e))
+            .map_err(|e| self.io_error("flush", 0, self.size(), e))
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.check_writable()?;
-        check_range(&self.path, self.size, offset, len)?;
+        check_range(&self.path, self.size(), offset, len)?;
         if len == 0 {
             return Ok(());
         }
@@ -411,7 +416,7 @@ impl DiskBackend for RawFile {
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError> {
         self.check_writable()?;
-        check_range(&self.path, self.size, offset, len)?;
+        check_range(&self.path, self.size(), offset, len)?;
         if len == 0 {
             return Ok(());
         }
@@ -433,6 +438,51 @@ impl DiskBackend for RawFile {
             }
         }
         self.write_zeroes_by_writing(offset, len)
+    }
+
+    /// A regular file gets `new_size` bytes (`ftruncate`: growing adds a hole that reads as
+    /// zeros, shrinking drops the tail). Accesses see the new size once the file has it when
+    /// growing, and before it loses its tail when shrinking, so none reaches past the end.
+    ///
+    /// A block device cannot be resized here: the call only succeeds when the device already
+    /// has `new_size` bytes (resized by its provider), and then the disk takes that size.
+    fn resize(&self, new_size: u64) -> Result<(), BlockError> {
+        self.check_writable()?;
+        let align = self.direct_align.max(512);
+        if !new_size.is_multiple_of(align) {
+            return Err(BlockError::UnalignedResize {
+                path: self.path.clone(),
+                size: new_size,
+                align,
+            });
+        }
+        if self.block_device {
+            let actual = block_device_size(&self.file).map_err(|source| BlockError::Size {
+                path: self.path.clone(),
+                source,
+            })?;
+            if actual != new_size {
+                return Err(BlockError::BlockDeviceSize {
+                    path: self.path.clone(),
+                    actual,
+                    wanted: new_size,
+                });
+            }
+            self.size.store(new_size, Ordering::SeqCst);
+            return Ok(());
+        }
+        // Exclude read-modify-write cycles, which may touch the tail.
+        let _exclusive = self.rmw.write().unwrap_or_else(PoisonError::into_inner);
+        let old = self.size();
+        if new_size < old {
+            self.size.store(new_size, Ordering::SeqCst);
+        }
+        if let Err(e) = self.file.set_len(new_size) {
+            self.size.store(old, Ordering::SeqCst);
+            return Err(self.io_error("resize", 0, new_size, e));
+        }
+        self.size.store(new_size, Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -863,5 +913,65 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn resize_grows_and_shrinks_the_file_and_the_checked_range() {
+        let img = TempImage::new("resize", &vec![0x11u8; 8192]);
+        let disk = RawFile::open(&img.0, false, false).unwrap();
+        disk.resize(16384).unwrap();
+        assert_eq!(disk.size(), 16384);
+        assert_eq!(std::fs::metadata(&img.0).unwrap().len(), 16384);
+        // The old bytes stay, the new ones read as zeros, and the new tail is writable.
+        let mut back = [0u8; 1024];
+        disk.read_at(8192 - 512, &mut back).unwrap();
+        assert!(back[..512].iter().all(|&b| b == 0x11));
+        assert!(back[512..].iter().all(|&b| b == 0));
+        disk.write_at(16384 - 512, &[0x22; 512]).unwrap();
+        // Shrinking (as Cloud Hypervisor allows) drops the tail and the range follows.
+        disk.resize(4096).unwrap();
+        assert_eq!(std::fs::metadata(&img.0).unwrap().len(), 4096);
+        assert!(matches!(
+            disk.read_at(4096, &mut [0; 512]),
+            Err(BlockError::OutOfRange { size: 4096, .. })
+        ));
+        assert!(matches!(
+            disk.resize(4096 + 100),
+            Err(BlockError::UnalignedResize { align: 512, .. })
+        ));
+        assert_eq!(disk.size(), 4096, "a refused resize changes nothing");
+    }
+
+    #[test]
+    fn resize_refuses_read_only_images() {
+        let img = TempImage::new("resize-ro", &vec![0u8; 4096]);
+        let disk = RawFile::open(&img.0, true, false).unwrap();
+        assert!(matches!(
+            disk.resize(8192),
+            Err(BlockError::ReadOnly { .. })
+        ));
+        assert_eq!(std::fs::metadata(&img.0).unwrap().len(), 4096);
+    }
+
+    #[test]
+    fn direct_resize_keeps_the_direct_alignment() {
+        let img = TempImage::new("resize-direct", &vec![0u8; 8192]);
+        let disk = match RawFile::open(&img.0, false, true) {
+            Ok(d) => d,
+            // tmpfs and some file systems refuse O_DIRECT.
+            Err(BlockError::Open { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let align = disk.direct_alignment().max(512);
+        if align > 512 {
+            assert!(matches!(
+                disk.resize(8192 + 512),
+                Err(BlockError::UnalignedResize { .. })
+            ));
+        }
+        disk.resize(8192 + align).unwrap();
+        assert_eq!(disk.size(), 8192 + align);
     }
 }

@@ -206,6 +206,13 @@ impl VirtioBlkConfig {
         .with_block_size(512)
     }
 
+    /// The same configuration for a disk now `disk_size` bytes long (`capacity` only: a disk
+    /// that was resized).
+    pub fn with_disk_size(mut self, disk_size: u64) -> Self {
+        self.capacity = U64::new(disk_size >> SECTOR_SHIFT);
+        self
+    }
+
     /// The configuration for `disk` (its size and logical block size).
     pub fn for_disk(disk: &dyn DiskBackend, num_queues: u16, queue_size: u16) -> Self {
         Self::new(disk.size(), num_queues, queue_size).with_block_size(disk.logical_block_size())

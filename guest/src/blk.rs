@@ -1,6 +1,7 @@
 //! virtio-blk checks (`virtio.blk<n>.*`): capacity, pattern reads, writes
 //! with FLUSH, GET_ID, an out-of-range read, read-only disks, a second
-//! request queue, and MSI-X delivery and masking.
+//! request queue, MSI-X delivery and masking, and (`blk.resize=1`) a capacity
+//! change made by the host.
 //!
 //! The disk patterns (see docs/test-guest.md) are functions of the absolute
 //! byte offset, so the host can write and verify the image independently.
@@ -376,7 +377,72 @@ pub fn run(t: Transport, n: usize, keys: &Keys<'_>, apic_id: u32) -> Option<Blk>
             stage2::check_msix(&b.t, b.name.as_str(), &b.tally, &b.queues);
         }
     }
+    if key("resize") == Some("1") {
+        check_resize(&mut b);
+    }
     Some(b)
+}
+
+/// `blk.resize=1`: prints `INFO <name>.waiting capacity=<sectors>`, waits up to 30 s for the
+/// host to change the capacity (`vm.resize-disk`), counts the configuration change
+/// interrupts, prints `INFO <name>.resized capacity=<sectors> config_irqs=<n>` and reads the
+/// new last sector (zeros when the disk grew).
+fn check_resize(b: &mut Blk) {
+    let vector = b.t.config_vector();
+    let irqs = || vector.map_or(0, arch::irq_count);
+    // Read before telling the host it may go: it may act at once.
+    let before = irqs();
+    let old = b.capacity;
+    println!("INFO {}.waiting capacity={old}", b.name);
+    let deadline = time::Deadline::after_us(30_000_000);
+    let new = loop {
+        match read_capacity(&b.t) {
+            Some((c, _)) if c != old => break Some(c),
+            _ if deadline.passed() => break None,
+            _ => time::delay_us(1000),
+        }
+    };
+    let Some(new) = new else {
+        b.check(
+            "resize",
+            false,
+            format_args!("capacity still {old} sectors after 30 s"),
+        );
+        return;
+    };
+    // The device changes the capacity, then raises the interrupt: give it 100 ms to land.
+    let late = time::Deadline::after_us(100_000);
+    while vector.is_some() && irqs() == before && !late.passed() {
+        time::delay_us(100);
+    }
+    let seen = irqs() - before;
+    b.capacity = new;
+    println!("INFO {}.resized capacity={new} config_irqs={seen}", b.name);
+    let mut detail: StrBuf<200> = StrBuf::new();
+    let _ = write!(
+        detail,
+        "capacity {old} -> {new} sectors, {seen} configuration interrupt(s)"
+    );
+    let mut ok = seen > 0 || vector.is_none();
+    if let Some(last) = new.checked_sub(1) {
+        let read = b.read(0, last, SECTOR as u32).and_then(|()| {
+            // A grown disk's new sectors read as zeros.
+            let stale = b
+                .mismatch(last, SECTOR as usize, |_| 0)
+                .filter(|_| new > old);
+            stale.map_or(Ok(()), Err)
+        });
+        match read {
+            Ok(()) => {
+                let _ = write!(detail, ", new last sector {last} read");
+            }
+            Err(w) => {
+                ok = false;
+                let _ = write!(detail, ", new last sector {last}: {w}");
+            }
+        }
+    }
+    b.check("resize", ok, format_args!("{detail}"));
 }
 
 /// Handshake and queues, then the `init` line. Ok(Some(w)): initialised, but MSI-X could

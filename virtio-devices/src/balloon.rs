@@ -19,11 +19,12 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::config_change::ConfigChange;
 use crate::pause::PauseError;
 use crate::worker::{QueueHandler, WorkerSlot};
 use crate::{
     device_type, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice,
-    VirtioInterrupt, VIRTIO_F_VERSION_1,
+    VIRTIO_F_VERSION_1,
 };
 
 /// `VIRTIO_BALLOON_F_STATS_VQ`.
@@ -86,8 +87,8 @@ struct Shared {
     refused: AtomicU64,
     /// The latest statistics (tag, value).
     stats: Mutex<Vec<(u16, u64)>>,
-    /// How to reach the driver while the device runs.
-    interrupt: Mutex<Option<Arc<dyn VirtioInterrupt>>>,
+    /// How target changes reach the driver while the device runs.
+    config: ConfigChange,
 }
 
 /// The VMM's hold on a balloon: change its target, read what the guest gave.
@@ -104,15 +105,7 @@ impl BalloonHandle {
     pub fn set_target(&self, bytes: u64) -> Result<(), BalloonError> {
         let pages = u32::try_from(bytes / PAGE_SIZE).map_err(|_| BalloonError::TooLarge(bytes))?;
         self.shared.target.store(pages, Ordering::SeqCst);
-        let interrupt = self
-            .shared
-            .interrupt
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if let Some(i) = interrupt {
-            i.signal_config();
-        }
+        self.shared.config.notify();
         Ok(())
     }
 
@@ -465,6 +458,10 @@ impl VirtioDevice for Balloon {
         virtio_chain::read_config(&config, offset, data);
     }
 
+    fn config_generation(&self) -> u8 {
+        self.shared.config.generation()
+    }
+
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Only `actual` (bytes 4..8) is the driver's to write; whole-field writes only.
         if offset == 4 && data.len() == 4 {
@@ -483,11 +480,7 @@ impl VirtioDevice for Balloon {
                 a.features
             )));
         }
-        *self
-            .shared
-            .interrupt
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(a.interrupt.clone());
+        self.shared.config.attach(a.interrupt.clone());
         let handler = BalloonQueues {
             roles,
             shared: self.shared.clone(),
@@ -498,11 +491,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn reset(&mut self) {
-        *self
-            .shared
-            .interrupt
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = None;
+        self.shared.config.detach();
         self.worker.stop();
         self.shared.actual.store(0, Ordering::SeqCst);
     }

@@ -1,6 +1,11 @@
 //! virtio-blk over a [`block::DiskBackend`]: configuration space and feature set from the
 //! `block` crate (shared with the vhost-user daemon), one worker thread (`_disk<N>`) serving all
 //! request queues, which polls a queue briefly after serving it (see [`Block::with_poll`]).
+//!
+//! The capacity in the configuration space is the disk's size when the driver reads it, so a
+//! disk resized while the guest runs ([`block::DiskBackend::resize`]) shows its new size; the
+//! VMM then announces the change through the device's [`ConfigChange`]
+//! ([`Block::with_config_change`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -8,9 +13,13 @@ use std::time::Duration;
 
 use block::{BlockConfig, DiskBackend, QueueError, VirtioBlkConfig};
 
+use crate::config_change::ConfigChange;
 use crate::pause::PauseError;
 use crate::worker::{QueueHandler, WorkerSlot};
-use crate::{device_type, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice};
+use crate::{
+    device_type, ActivateError, Activation, ActiveQueue, GuestMemoryAtomic, VirtioDevice,
+    VirtioInterrupt,
+};
 
 /// The block device.
 #[derive(Debug)]
@@ -24,6 +33,10 @@ pub struct Block {
     poll: Duration,
     counters: Arc<IoCounters>,
     worker: WorkerSlot,
+    /// Announces host-made changes of the capacity to the running driver.
+    config_change: ConfigChange,
+    /// The driver's interrupt this device attached to `config_change`, while it runs.
+    attached: Option<Arc<dyn VirtioInterrupt>>,
 }
 
 /// Successful reads and writes since the device was created.
@@ -72,7 +85,16 @@ impl Block {
             poll: virtio_chain::poll::DEFAULT_POLL,
             counters: Arc::default(),
             worker: WorkerSlot::default(),
+            config_change: ConfigChange::new(),
+            attached: None,
         }
+    }
+
+    /// Announces capacity changes through `change` (the VMM keeps a clone and calls
+    /// [`ConfigChange::notify`] after resizing the disk) instead of a private one.
+    pub fn with_config_change(mut self, change: ConfigChange) -> Self {
+        self.config_change = change;
+        self
     }
 
     /// How long the worker polls a queue after serving it before it sleeps
@@ -80,6 +102,22 @@ impl Block {
     pub fn with_poll(mut self, poll: Duration) -> Self {
         self.poll = poll;
         self
+    }
+}
+
+impl Block {
+    /// Stops announcing capacity changes to this device's driver (the `ConfigChange` may be
+    /// shared with a later instance's device, which keeps its own).
+    fn detach(&mut self) {
+        if let Some(i) = self.attached.take() {
+            self.config_change.detach_if(&i);
+        }
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.detach();
     }
 }
 
@@ -132,7 +170,13 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        virtio_chain::read_config(self.config.as_bytes(), offset, data);
+        self.config
+            .with_disk_size(self.disk.size())
+            .read(offset, data);
+    }
+
+    fn config_generation(&self) -> u8 {
+        self.config_change.generation()
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
@@ -145,11 +189,15 @@ impl VirtioDevice for Block {
             poll: self.poll,
             counters: self.counters.clone(),
         };
+        let interrupt = a.interrupt.clone();
         self.worker.start(&self.name, handler, a)?;
+        self.config_change.attach(interrupt.clone());
+        self.attached = Some(interrupt);
         Ok(())
     }
 
     fn reset(&mut self) {
+        self.detach();
         // Dropping the worker stops and joins its thread.
         self.worker.stop();
     }

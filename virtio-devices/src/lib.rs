@@ -9,6 +9,7 @@
 
 pub mod balloon;
 pub mod block;
+pub mod config_change;
 pub mod console;
 pub mod net;
 pub mod pause;
@@ -109,6 +110,12 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// Reads the device configuration space; bytes beyond it read as 0.
     fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// A counter the device bumps each time it changes its configuration space on its own
+    /// (see [`config_change`]); the transport adds it to `config_generation`. Default 0: the
+    /// configuration only changes by the driver's writes.
+    fn config_generation(&self) -> u8 {
+        0
+    }
     /// Writes the device configuration space (most devices ignore writes).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Starts the device with the driver's queues.

@@ -589,7 +589,10 @@ impl VirtioPciDevice {
             (0x10, 2) => u64::from(self.interrupt.config_vector.load(Ordering::SeqCst)),
             (0x12, 2) => self.queues.len() as u64,
             (0x14, 1) => u64::from(status),
-            (0x15, 1) => u64::from(self.config_generation),
+            (0x15, 1) => u64::from(
+                self.config_generation
+                    .wrapping_add(self.device.config_generation()),
+            ),
             (0x16, 2) => u64::from(qsel),
             (0x18, 2) => q.map_or(0, |q| u64::from(q.size)),
             (0x1a, 2) => q.map_or(u64::from(NO_VECTOR), |_| {
@@ -940,13 +943,22 @@ mod tests {
     }
 
     fn harness() -> Harness {
+        let dummy = Dummy::default();
+        let activations = dummy.activations.clone();
+        Harness {
+            activations,
+            ..harness_with(Box::new(dummy))
+        }
+    }
+
+    /// A transport over `device` (`activations` stays empty unless it is a [`Dummy`]).
+    fn harness_with(device: Box<dyn VirtioDevice>) -> Harness {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mem");
         let vectors = Arc::new(Vectors::default());
         let ioevents = Arc::new(IoEvents::default());
-        let dummy = Dummy::default();
-        let activations = dummy.activations.clone();
+        let activations = Arc::default();
         let dev = VirtioPciDevice::new(
-            Box::new(dummy),
+            device,
             0x1_0000_0000,
             vectors.clone(),
             ioevents.clone(),
@@ -1101,6 +1113,40 @@ mod tests {
             assert_eq!(h.r(ISR_OFFSET, 1), u64::from(ISR_CONFIG));
             assert_eq!(h.r(ISR_OFFSET, 1), 0, "ISR clears on read");
         }
+    }
+
+    #[test]
+    fn a_resized_disk_shows_its_capacity_after_a_configuration_change_interrupt() {
+        use block::DiskBackend;
+        let disk = Arc::new(block::FakeDisk::new(1 << 20));
+        let change = crate::config_change::ConfigChange::new();
+        let blk = crate::block::Block::new(disk.clone(), 1, 16, "s", "_disk0".into())
+            .with_config_change(change.clone());
+        let mut h = harness_with(Box::new(blk));
+        assert!(!change.notify(), "no driver: nothing to interrupt");
+        h.enable_msix();
+        h.negotiate(VIRTIO_F_VERSION_1);
+        h.w(0x10, 1, 2); // config vector
+        h.setup_queue(0, 0x1000, 0x2000, 0x3000);
+        h.w(0x14, u64::from(STATUS_DRIVER_OK), 1);
+        assert_eq!(h.r(DEVICE_OFFSET, 8), 2048, "capacity in sectors");
+        let generation = h.r(0x15, 1);
+
+        disk.resize(3 << 20).expect("resize");
+        assert!(change.notify());
+        assert_eq!(h.r(DEVICE_OFFSET, 4), 6144);
+        assert_eq!(h.r(DEVICE_OFFSET + 4, 4), 0);
+        assert_ne!(h.r(0x15, 1), generation, "config_generation moved");
+        assert_eq!(
+            h.vectors.0.lock().map(|v| v.clone()).unwrap_or_default(),
+            vec![1],
+            "the configuration vector fired"
+        );
+        assert_eq!(h.r(ISR_OFFSET, 1), u64::from(ISR_CONFIG));
+
+        // After a reset nothing is interrupted.
+        h.w(0x14, 0, 1);
+        assert!(!change.notify());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use virtio_devices::config_change::ConfigChange;
 use virtio_devices::vhost_user::{Endpoint, VhostUserDevice};
 use virtio_devices::VirtioDevice;
 use vm_config::{
@@ -99,6 +100,8 @@ enum HostSide {
         queue_size: u16,
         serial: String,
         poll: std::time::Duration,
+        /// Shared with each instance's virtio-blk device: announces a resize to its driver.
+        config_change: ConfigChange,
     },
     /// TAP queues served by Nimbus itself.
     Tap {
@@ -163,6 +166,39 @@ impl VsockListener {
 impl Drop for VsockListener {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Why `vm.resize-disk` could not resize a disk ([`Board::resize_disk`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeDiskError {
+    /// No disk has this id (Cloud Hypervisor answers 404).
+    #[error("no disk with id {0}")]
+    UnknownDisk(String),
+    /// The disk is served by a vhost-user backend, which owns the image and its size.
+    #[error(
+        "disk {0} is served by a vhost-user backend: its image belongs to the backend, which \
+         Nimbus cannot ask to resize it"
+    )]
+    VhostUser(String),
+    /// The image refused the new size.
+    #[error("disk {id}")]
+    Image {
+        /// The disk's id.
+        id: String,
+        /// Cause.
+        #[source]
+        source: block::BlockError,
+    },
+}
+
+impl ResizeDiskError {
+    /// The HTTP status Cloud Hypervisor answers with: 404 for an unknown disk, else 500.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::UnknownDisk(_) => 404,
+            _ => 500,
+        }
     }
 }
 
@@ -420,6 +456,7 @@ fn open_disk(d: &DiskConfig, id: &str) -> Result<(HostSide, String), VmError> {
         queue_size: d.queue_size,
         serial,
         poll: std::time::Duration::from_micros(u64::from(d.poll_us)),
+        config_change: ConfigChange::new(),
     };
     Ok((host, format!("image {}", path.display())))
 }
@@ -607,6 +644,44 @@ impl Board {
         self.devices.len() != before
     }
 
+    /// `vm.resize-disk`: gives disk `id`'s image `size` bytes ([`block::DiskBackend::resize`])
+    /// and tells the running driver (the virtio-blk device reads its capacity from the image;
+    /// a configuration change interrupt). The board keeps the image across guest resets, so
+    /// later instances have the new size too.
+    pub fn resize_disk(&self, id: &str, size: u64) -> Result<(), ResizeDiskError> {
+        let device = self
+            .devices
+            .iter()
+            .find(|d| d.id == id && d.kind == DeviceKind::Disk)
+            .ok_or_else(|| ResizeDiskError::UnknownDisk(id.to_string()))?;
+        match &device.host {
+            HostSide::Disk {
+                image,
+                config_change,
+                ..
+            } => {
+                image
+                    .resize(size)
+                    .map_err(|source| ResizeDiskError::Image {
+                        id: id.to_string(),
+                        source,
+                    })?;
+                let told = config_change.notify();
+                log::info!(
+                    "{id}: resized to {size} bytes ({})",
+                    if told {
+                        "the driver was told"
+                    } else {
+                        "no driver running"
+                    }
+                );
+                Ok(())
+            }
+            HostSide::VhostUser(_) => Err(ResizeDiskError::VhostUser(id.to_string())),
+            _ => Err(ResizeDiskError::UnknownDisk(id.to_string())),
+        }
+    }
+
     /// The serial port's sink.
     pub fn serial(&self) -> &OutputSink {
         &self.serial
@@ -684,6 +759,7 @@ impl Board {
                 queue_size,
                 serial,
                 poll,
+                config_change,
             } => Box::new(
                 virtio_devices::block::Block::new(
                     image.clone(),
@@ -692,7 +768,8 @@ impl Board {
                     serial,
                     id,
                 )
-                .with_poll(*poll),
+                .with_poll(*poll)
+                .with_config_change(config_change.clone()),
             ),
             HostSide::Tap {
                 taps,

@@ -102,6 +102,8 @@ pub fn legality(state: Option<VmState>, request: &ApiRequest) -> Result<(), ApiE
             R::VmShutdown | R::VmReboot | R::VmPowerButton | R::VmNmi | R::VmCounters,
         ) => Ok(()),
         (Some(Created | Shutdown), R::VmReboot) => Err(ApiError::plain(404, &["VM is not booted"])),
+        // Only a booted VM has its images open (Cloud Hypervisor: 500 before boot).
+        (Some(Running | Paused), R::ResizeDisk(_)) => Ok(()),
         // Before boot the configuration changes; on a booted VM the device is hot-plugged.
         (
             Some(_),
@@ -262,6 +264,7 @@ impl Vmm {
                 reply
             }
             ApiRequest::RemoveDevice(id) => self.remove_device(&id),
+            ApiRequest::ResizeDisk(resize) => self.resize_disk(&resize),
             ApiRequest::NotYet(_) => Err(ApiError::plain(500, &["not supported"])),
         }
     }
@@ -513,6 +516,20 @@ impl Vmm {
             b.vm.resize_balloon(bytes)
                 .map_err(|e| vm_error(CONTEXT, &e))?;
         }
+        Ok(ApiBody::NoContent)
+    }
+
+    /// `vm.resize-disk` on a booted VM: the disk's image gets the new size and the guest a
+    /// configuration change interrupt ([`Board::resize_disk`]); the configuration holds no
+    /// size, so `vm.info` is unchanged.
+    fn resize_disk(&mut self, resize: &vm_config::requests::VmResizeDiskData) -> ApiReply {
+        let Some(booted) = &self.booted else {
+            return Err(ApiError::plain(500, &["VM is not running"]));
+        };
+        booted
+            .board
+            .resize_disk(&resize.id, resize.desired_size)
+            .map_err(|e| ApiError::new(e.status(), "The disk could not be resized", &e))?;
         Ok(ApiBody::NoContent)
     }
 
@@ -918,6 +935,15 @@ mod tests {
             4,
             "vm.resize needs a VM, in any state"
         );
+        let resize_disk = ApiRequest::ResizeDisk(vm_config::requests::VmResizeDiskData {
+            id: "_disk0".into(),
+            desired_size: 1 << 20,
+        });
+        assert_eq!(
+            legal_in(&resize_disk),
+            [Some(Running), Some(Paused)],
+            "vm.resize-disk needs the images open"
+        );
     }
 
     #[test]
@@ -935,6 +961,19 @@ mod tests {
         )
         .expect_err("twice");
         assert!(e.messages[1].contains("already created"));
+        let resize_disk = ApiRequest::ResizeDisk(vm_config::requests::VmResizeDiskData {
+            id: "_disk0".into(),
+            desired_size: 1 << 20,
+        });
+        for state in [VmState::Created, VmState::Shutdown] {
+            let e = legality(Some(state), &resize_disk).expect_err("not booted");
+            assert_eq!(
+                (e.status, e.messages[1].as_str()),
+                (500, "VM is not running")
+            );
+        }
+        let e = legality(None, &resize_disk).expect_err("no VM");
+        assert_eq!(e.status, 404);
         let e = legality(Some(VmState::Running), &ApiRequest::NotYet("vm.snapshot"))
             .expect_err("later");
         assert!(e.messages[1].contains("vm.snapshot"), "{e:?}");

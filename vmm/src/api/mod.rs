@@ -81,7 +81,7 @@ pub const ROUTES: &[Route] = &[
     route("vm.info", "GET", Body::None),
     route("vm.counters", "GET", Body::None),
     route("vm.resize", "PUT", Body::Json),
-    later("vm.resize-disk", Body::Json),
+    route("vm.resize-disk", "PUT", Body::Json),
     later("vm.resize-zone", Body::Json),
     later("vm.add-device", Body::Json),
     route("vm.add-disk", "PUT", Body::Json),
@@ -143,6 +143,8 @@ pub enum ApiRequest {
     AddPmem(Box<PmemConfig>),
     /// `vm.remove-device`.
     RemoveDevice(String),
+    /// `vm.resize-disk`.
+    ResizeDisk(VmResizeDiskData),
     /// A route whose work arrives with a later Nimbus (its body was well-formed).
     NotYet(&'static str),
 }
@@ -336,10 +338,10 @@ pub fn parse(
         "vm.add-vsock" => ApiRequest::AddVsock(json(body)?),
         "vm.add-pmem" => ApiRequest::AddPmem(json(body)?),
         "vm.remove-device" => ApiRequest::RemoveDevice(json::<VmRemoveDeviceData>(body)?.id),
+        "vm.resize-disk" => ApiRequest::ResizeDisk(json(body)?),
         // Not implemented yet: the body must still be what the route takes (400 otherwise).
         name => {
             match name {
-                "vm.resize-disk" => check::<VmResizeDiskData>(body)?,
                 "vm.resize-zone" => check::<VmResizeZoneData>(body)?,
                 "vm.add-device" => check::<DeviceConfig>(body)?,
                 "vm.add-vdpa" => check::<VdpaConfig>(body)?,
