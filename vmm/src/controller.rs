@@ -530,6 +530,9 @@ impl Vmm {
             .board
             .resize_disk(&resize.id, resize.desired_size)
             .map_err(|e| ApiError::new(e.status(), "The disk could not be resized", &e))?;
+        let size = resize.desired_size.to_string();
+        self.events
+            .emit("vm", "disk-resized", &[("id", &resize.id), ("size", &size)]);
         Ok(ApiBody::NoContent)
     }
 
