@@ -9,7 +9,8 @@
 //! hot-added and removed: the guest sees it, and once it is ejected the VMM closes the
 //! connection, so the single-frontend daemon exits 0. A pmem device is added and removed
 //! twice (its memory slot deleted and file closed each time), and a disk on the second PCI
-//! segment is added and ejected through that segment's bitmaps.
+//! segment is added and ejected through that segment's bitmaps. A virtio-fs share and a vsock
+//! device are added and removed (virtiofsd exits, the vsock socket goes).
 //!
 //! Needs /dev/kvm; without it the test prints a loud SKIPPED line.
 
@@ -226,6 +227,61 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
             assert!(Instant::now() < deadline, "pmem round {round}: still held");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    // A virtio-fs share (virtiofsd) and a vsock device: seen by the guest; removal closes the
+    // share's connection (virtiofsd exits) and the vsock socket.
+    let shared = v.dir.file("share");
+    std::fs::create_dir_all(&shared).expect("share dir");
+    let fs_socket = v.dir.file("fs.sock");
+    let virtiofsd = e2e::Virtiofsd::start(&shared, &fs_socket, &v.dir.file("virtiofsd.log"), &[]);
+    let vsock = v.dir.file("vsock.sock");
+    let mut seen = CYCLES + 4;
+    for (id, body, device) in [
+        (
+            "share",
+            format!(
+                r#"{{"tag":"t","socket":"{}","id":"share"}}"#,
+                fs_socket.display()
+            ),
+            "105a",
+        ),
+        (
+            "vs",
+            format!(r#"{{"cid":3,"socket":"{}","id":"vs"}}"#, vsock.display()),
+            "1053",
+        ),
+    ] {
+        let route = if id == "vs" {
+            "vm.add-vsock"
+        } else {
+            "vm.add-fs"
+        };
+        let added = api::call(&v.socket, "PUT", route, Some(&body));
+        assert_eq!(added.status, 200, "{route}: {}", added.text());
+        seen += 1;
+        let line = nth_line(&vm, "INFO hotplug.added", seen);
+        assert!(
+            line.trim_end().ends_with(&format!("id=1af4:{device}")),
+            "{line}"
+        );
+        let removed = api::call(
+            &v.socket,
+            "PUT",
+            "vm.remove-device",
+            Some(&format!(r#"{{"id":"{id}"}}"#)),
+        );
+        assert_eq!(removed.status, 204, "{}", removed.text());
+        nth_line(&vm, "INFO hotplug.ejected", seen);
+    }
+    virtiofsd.finish(WAIT).assert_clean_exit();
+    let deadline = Instant::now() + WAIT;
+    while vsock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the vsock socket is left once the device is gone"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 
     let shutdown = api::call(&v.socket, "PUT", "vmm.shutdown", None);
