@@ -1398,6 +1398,8 @@ fn pci_hotplug_disk_and_nic() {
     let mut bdfs = Vec::new();
     let mut timings = Vec::new();
     let mut failure = None;
+    let add_body = format!(r#"{{"path":"{}","id":"hotdisk"}}"#, image.display());
+    let add_disk = || e2e::api::call(&api.socket, "PUT", "vm.add-disk", Some(&add_body));
     for cycle in 1..=CYCLES {
         let step = |what: &str| wait_for_nth_line(&vm, what, cycle, STEP_TIMEOUT);
         if let Err(e) = step("NIMBUS-LINUX hotplug-waiting") {
@@ -1406,15 +1408,7 @@ fn pci_hotplug_disk_and_nic() {
         }
         let before = e2e::process_holds(pid);
         let added_at = Instant::now();
-        let add = e2e::api::call(
-            &api.socket,
-            "PUT",
-            "vm.add-disk",
-            Some(&format!(
-                r#"{{"path":"{}","id":"hotdisk"}}"#,
-                image.display()
-            )),
-        );
+        let add = add_disk();
         assert_eq!(add.status, 200, "vm.add-disk: {}", add.text());
         let info = add.json();
         assert_eq!(info["id"], "hotdisk", "{info}");
@@ -1433,15 +1427,7 @@ fn pci_hotplug_disk_and_nic() {
             e2e::is_ofd_locked(&image),
             "the VMM locks the image it serves"
         );
-        let dup = e2e::api::call(
-            &api.socket,
-            "PUT",
-            "vm.add-disk",
-            Some(&format!(
-                r#"{{"path":"{}","id":"hotdisk"}}"#,
-                image.display()
-            )),
-        );
+        let dup = add_disk();
         assert_eq!(dup.status, 409, "a duplicate id: {}", dup.text());
         let removed_at = Instant::now();
         let remove = e2e::api::call(
