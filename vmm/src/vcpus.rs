@@ -193,6 +193,7 @@ impl Vcpus {
     /// do is fine; 0, a removal the guest has not finished, or more than `max_vcpus` are
     /// errors. Returns whether the guest must be told (a GED CPU hotplug event).
     pub fn resize(&mut self, desired: u32) -> Result<bool, VmError> {
+        self.reap();
         let present = self.present();
         if desired == present {
             return Ok(false);
@@ -222,13 +223,37 @@ impl Vcpus {
         Ok(true)
     }
 
-    /// The guest ejected vCPU `id` (after [`Vcpus::resize`] asked): its thread stops and its fd
-    /// is parked. Returns whether it was one to remove.
+    /// The guest ejected vCPU `id` (after [`Vcpus::resize`] asked; the registers only report
+    /// such ejections): its thread stops and its fd is parked. Returns whether it was still to
+    /// do ([`Vcpus::resize`] may have seen the ejection in the registers first).
     pub fn ejected(&mut self, id: u32) -> bool {
-        if !self.removing.remove(&id) {
-            log::warn!("the guest ejected vcpu{id}, whose removal was not asked for");
+        if !self.removing.contains(&id) {
+            log::debug!("vcpu{id}: ejection already handled");
             return false;
         }
+        self.remove(id)
+    }
+
+    /// Finishes the removals the guest has ejected (the registers no longer enable the vCPU)
+    /// whose [`Vcpus::ejected`] call is still on its way, so that a resize counts what the
+    /// guest sees.
+    fn reap(&mut self) {
+        let ejected: Vec<u32> = {
+            let registers = self.registers();
+            self.removing
+                .iter()
+                .copied()
+                .filter(|&id| !registers.is_enabled(id))
+                .collect()
+        };
+        for id in ejected {
+            self.remove(id);
+        }
+    }
+
+    /// Stops the thread of vCPU `id`, which the guest ejected, and parks its fd.
+    fn remove(&mut self, id: u32) -> bool {
+        self.removing.remove(&id);
         let Some(at) = self.threads.iter().position(|t| t.id() == id) else {
             return false;
         };

@@ -596,11 +596,6 @@ impl Vm {
         self.vcpus.ejected(id)
     }
 
-    /// vCPUs running, including those the guest was asked to eject and has not yet.
-    pub fn present_vcpus(&self) -> u32 {
-        self.vcpus.present()
-    }
-
     /// Runs the activation or reset device `id` asked for.
     pub fn run_device_request(&mut self, id: &str) {
         self.devices.run_pending(id);
