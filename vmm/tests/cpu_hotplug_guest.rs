@@ -7,7 +7,8 @@
 //! `vcpu1`; `vm.info` says `boot_vcpus` 2); shrinking to 1 (while paused, so the guest cannot
 //! eject yet) leaves the removal pending and any further resize answers 429; once resumed the
 //! guest ejects it and its thread ends; 0 and more than `max_vcpus` are refused (500); growing
-//! to 3 right after brings up two vCPUs at once, vCPU 1 on its parked vCPU.
+//! to 3 right after brings up two vCPUs at once, vCPU 1 on its parked vCPU. Before boot,
+//! `vm.resize` sets `boot_vcpus`, which the boot then starts.
 //!
 //! Needs /dev/kvm; without it the test prints a loud SKIPPED line.
 
@@ -196,4 +197,50 @@ fn vcpus_are_added_ejected_and_added_again() {
 
     let down = api::call(&v.socket, "PUT", "vmm.shutdown", None);
     assert!(down.status < 300, "{}", down.text());
+}
+
+/// `vm.resize` before boot sets the configuration's `boot_vcpus` (400 when that makes it
+/// invalid), and the boot starts that many vCPUs: the MADT enables them, each has its thread.
+#[test]
+fn resize_before_boot_sets_the_boot_vcpus() {
+    if !require_kvm("resize_before_boot_sets_the_boot_vcpus") {
+        return;
+    }
+    let v = ApiVmm::new("cpuhp-created");
+    let vm = spawn_vm(v.command(NIMBUS, &[]));
+    v.wait_ready();
+    let body = api::guest_vm_body(
+        1,
+        128,
+        "lifecycle=1 lifecycle.hold=1 lifecycle.blk.count=0",
+        r#""cpus": {"boot_vcpus": 1, "max_vcpus": 4}"#,
+    );
+    let created = api::call(&v.socket, "PUT", "vm.create", Some(&body));
+    assert_eq!(created.status, 204, "{}", created.text());
+    let grown = resize(&v, 3);
+    assert_eq!(grown.status, 204, "{}", grown.text());
+    assert_eq!(boot_vcpus(&v), 3);
+    for bad in [0, 5] {
+        let refused = resize(&v, bad);
+        assert_eq!(refused.status, 400, "{bad}: {}", refused.text());
+    }
+    assert_eq!(boot_vcpus(&v), 3, "refused resizes leave the count");
+
+    let booted = api::call(&v.socket, "PUT", "vm.boot", None);
+    assert_eq!(booted.status, 204, "{}", booted.text());
+    vm.wait_for_line("INFO lifecycle start", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = vm.stdout_so_far();
+    let lapics: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("INFO madt lapic uid="))
+        .collect();
+    let enabled = lapics.iter().filter(|l| l.ends_with("flags=0x1")).count();
+    assert_eq!((lapics.len(), enabled), (4, 3), "{lapics:#?}");
+    let names = thread_names(vm.pid().expect("pid"));
+    for vcpu in ["vcpu0", "vcpu1", "vcpu2"] {
+        assert!(names.iter().any(|n| n == vcpu), "{vcpu}: {names:?}");
+    }
+    assert!(!names.iter().any(|n| n == "vcpu3"), "{names:?}");
+    vm.kill();
 }
