@@ -247,7 +247,9 @@ pub fn nmi_all(threads: &[VcpuThread]) {
 }
 
 fn run_loop(id: u32, vcpu: &mut dyn Vcpu, ctx: &VcpuContext, stop: &AtomicBool) {
-    let mut nmis_seen = 0;
+    // NMIs asked for before this thread started (a vCPU hot-added or started again later) are
+    // not for it.
+    let mut nmis_seen = ctx.gate.nmi.load(Ordering::SeqCst);
     // Set while a pause is pending: KVM finishes the instruction of the last I/O exit (which
     // may need more exits, e.g. `rep outsb`) and then returns at once instead of entering the
     // guest; that return is the pause point.

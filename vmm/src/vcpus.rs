@@ -191,12 +191,17 @@ impl Vcpus {
 
     /// Grows or shrinks the running vCPUs to `desired`, as Cloud Hypervisor does: nothing to
     /// do is fine; 0, a removal the guest has not finished, or more than `max_vcpus` are
-    /// errors. Returns whether the guest must be told (a GED CPU hotplug event).
-    pub fn resize(&mut self, desired: u32) -> Result<bool, VmError> {
+    /// errors. `notify` tells the guest (a GED CPU hotplug event) when the registers changed,
+    /// also when a vCPU could not be created after others were added (those stay).
+    pub fn resize(
+        &mut self,
+        desired: u32,
+        notify: impl FnOnce() -> Result<(), VmError>,
+    ) -> Result<(), VmError> {
         self.reap();
         let present = self.present();
         if desired == present {
-            return Ok(false);
+            return Ok(());
         }
         if desired == 0 {
             return Err(ResizeError::Zero.into());
@@ -207,20 +212,27 @@ impl Vcpus {
         if desired > self.max {
             return Err(ResizeError::AboveMax.into());
         }
-        if desired > present {
-            for id in present..desired {
-                self.run(id)?;
-                self.registers().cpu_added(id);
-                log::info!("vcpu{id}: added");
-            }
-        } else {
+        if desired < present {
             for id in desired..present {
                 self.removing.insert(id);
                 self.registers().cpu_removing(id);
                 log::info!("vcpu{id}: the guest is asked to eject it");
             }
+            return notify();
         }
-        Ok(true)
+        let mut added = Ok(());
+        for id in present..desired {
+            added = self.run(id);
+            if added.is_err() {
+                break;
+            }
+            self.registers().cpu_added(id);
+            log::info!("vcpu{id}: added");
+        }
+        if self.present() > present {
+            notify()?;
+        }
+        added
     }
 
     /// The guest ejected vCPU `id` (after [`Vcpus::resize`] asked; the registers only report

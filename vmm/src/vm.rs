@@ -474,14 +474,7 @@ impl Vm {
     }
 
     fn notify(&self, event: devices::acpi::GedEvent) -> Result<(), VmError> {
-        self.ged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .notify(event)
-            .map_err(|source| VmError::Os {
-                what: "raising the GED interrupt",
-                source,
-            })
+        notify(&self.ged, event)
     }
 
     fn hotplug(&self) -> std::sync::MutexGuard<'_, devices::pci_hotplug::PciHotplug> {
@@ -585,10 +578,9 @@ impl Vm {
     /// Grows or shrinks the running vCPUs to `desired` (see [`Vcpus::resize`]) and tells the
     /// guest (a GED event) when something changed.
     pub fn resize_vcpus(&mut self, desired: u32) -> Result<(), VmError> {
-        if self.vcpus.resize(desired)? {
-            self.notify(devices::acpi::GedEvent::CpuHotplug)?;
-        }
-        Ok(())
+        let ged = &self.ged;
+        self.vcpus
+            .resize(desired, || notify(ged, devices::acpi::GedEvent::CpuHotplug))
     }
 
     /// The guest ejected vCPU `id`: its thread stops (see [`Vcpus::ejected`]).
@@ -629,6 +621,17 @@ fn attach_pmem(
         file.size,
         d.id.clone(),
     )))
+}
+
+/// Posts `event` on the GED and interrupts the guest.
+fn notify(ged: &Mutex<devices::acpi::Ged>, event: devices::acpi::GedEvent) -> Result<(), VmError> {
+    ged.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .notify(event)
+        .map_err(|source| VmError::Os {
+            what: "raising the GED interrupt",
+            source,
+        })
 }
 
 fn set_boot_registers(vcpu: &dyn Vcpu, entry: boot::BootEntry) -> hypervisor::Result<()> {
