@@ -480,7 +480,22 @@ impl Vmm {
     /// `vm.resize`: the vCPU count (hotplug on a booted VM, see [`Vmm::resize_vcpus`]), then
     /// the balloon's target (in the configuration, and in the running guest); RAM sizes come
     /// with memory hotplug and are refused by name.
+    /// On a booted VM the event monitor gets `vm/resizing`, then `vm/resized` if it worked
+    /// (as Cloud Hypervisor's `Vm::resize` emits them).
     fn resize(&mut self, resize: &vm_config::requests::VmResizeData) -> ApiReply {
+        let booted = self.booted.is_some();
+        if booted {
+            self.events.emit("vm", "resizing", &[]);
+        }
+        let reply = self.apply_resize(resize);
+        if booted && reply.is_ok() {
+            self.events.emit("vm", "resized", &[]);
+        }
+        reply
+    }
+
+    /// The changes of [`Vmm::resize`].
+    fn apply_resize(&mut self, resize: &vm_config::requests::VmResizeData) -> ApiReply {
         const CONTEXT: &str = "The VM could not be resized";
         if resize.desired_ram.is_some() {
             return Err(ApiError::plain(

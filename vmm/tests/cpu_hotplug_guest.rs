@@ -93,8 +93,11 @@ fn vcpus_are_added_ejected_and_added_again() {
         "size=128M",
         "lifecycle=1 lifecycle.hold=1 lifecycle.blk.count=0 expect.cpus=1 expect.mem=128M",
     );
+    let events = v.dir.file("events.json");
     cmd.args(["--cpus", "boot=1,max=3", "--api-socket"])
-        .arg(&v.socket);
+        .arg(&v.socket)
+        .arg("--event-monitor")
+        .arg(format!("path={}", events.display()));
     let vm = spawn_vm(cmd);
     v.wait_ready();
     vm.wait_for_line("INFO lifecycle start", WAIT)
@@ -194,6 +197,11 @@ fn vcpus_are_added_ejected_and_added_again() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+
+    // Every resize of the running VM is announced; the four that worked are reported done.
+    let events = std::fs::read_to_string(&events).expect("events");
+    let count = |event: &str| events.matches(&format!(r#""event": "{event}""#)).count();
+    assert_eq!((count("resizing"), count("resized")), (8, 4), "{events}");
 
     let down = api::call(&v.socket, "PUT", "vmm.shutdown", None);
     assert!(down.status < 300, "{}", down.text());
