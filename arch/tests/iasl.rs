@@ -161,6 +161,18 @@ fn iasl_accepts_every_table() {
         "Method (PCNT, 0",
         "\\_SB.PHPR.PSEG = One",
         "\\_SB.PHPR.PCEJ (0x1F, One)",
+        // CPU hotplug.
+        "SystemIO, 0x0620, 0x10",
+        "Mutex (CLCK, 0x00)",
+        "Method (CSTA, 1",
+        "Method (CEJT, 1",
+        "Method (CTFY, 2",
+        "Notify (\\_SB.CP03, Arg1)",
+        "Method (CSCN, 0",
+        "\\_SB.CPHP.CSCN ()",
+        "Return (\\_SB.CPHP.CSTA (0x03))",
+        "Method (_MAT, 0",
+        "\\_SB.CPHP.CEJT (0x02)",
     ] {
         assert!(
             dsdt.contains(expected),
@@ -230,7 +242,8 @@ fn iasl_accepts_every_pci_segment_with_hotplug_slots() {
     let dsdt = read(&dir.0, "dsdt.dsl");
     // 31 slots in each of the 16 host bridges, none for the host bridge's own device 0.
     assert_eq!(dsdt.matches("Device (S").count(), 16 * 31, "{dsdt}");
-    assert_eq!(dsdt.matches("Method (_EJ0, 1").count(), 16 * 31);
+    // And the one processor's.
+    assert_eq!(dsdt.matches("Method (_EJ0, 1").count(), 16 * 31 + 1);
     assert!(!dsdt.contains("Device (S00)"), "{dsdt}");
     for segment in 0..16 {
         let call = format!("\\_SB.PCI{segment:X}.PCNT ()");

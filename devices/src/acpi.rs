@@ -1,5 +1,5 @@
 //! ACPI hardware-reduced registers: sleep control/status, the reset register and the Generic
-//! Event Device (power button, PCI hotplug).
+//! Event Device (power button, PCI and CPU hotplug).
 
 use std::sync::Arc;
 
@@ -85,6 +85,10 @@ pub enum GedEvent {
     /// `_EVT` calls `\_SB_.PHPR.PSCN`, which rescans every segment. Must equal arch's
     /// `x86_64::acpi::GED_EVENT_PCI_HOTPLUG` (the DSDT side; devices does not depend on arch).
     PciHotplug = 2,
+    /// vCPUs were added or are to be removed (see [`crate::cpu_hotplug`]): the guest's `_EVT`
+    /// calls `\_SB_.CPHP.CSCN`, which looks at every CPU. Must equal arch's
+    /// `x86_64::acpi::GED_EVENT_CPU_HOTPLUG`.
+    CpuHotplug = 4,
 }
 
 /// The Generic Event Device's event register: the DSDT's `_EVT` reads it (which clears it) and
@@ -156,9 +160,10 @@ mod tests {
     #[test]
     fn ged_events_are_distinct_bits_and_accumulate() {
         // The DSDT's _EVT tests these bits (arch's GED_EVENT_POWER_BUTTON and
-        // GED_EVENT_PCI_HOTPLUG).
+        // GED_EVENT_PCI_HOTPLUG, GED_EVENT_CPU_HOTPLUG).
         assert_eq!(GedEvent::PowerButton as u32, 1 << 0);
         assert_eq!(GedEvent::PciHotplug as u32, 1 << 1);
+        assert_eq!(GedEvent::CpuHotplug as u32, 1 << 2);
         let irq = Arc::new(CountingInterrupt::default());
         let mut ged = Ged::new(irq.clone());
         ged.notify(GedEvent::PciHotplug).expect("notify");

@@ -7,9 +7,11 @@
 
 pub mod acpi;
 pub mod bus;
+pub mod cpu_hotplug;
 pub mod debug_port;
 pub mod i8042;
 pub mod pci_hotplug;
+mod registers;
 pub mod rtc;
 pub mod serial;
 

@@ -22,6 +22,7 @@
 
 use std::sync::Arc;
 
+use crate::registers::{self, DwordRegisters};
 use crate::BusDevice;
 
 /// Called with `(segment, slot)` when the guest has ejected a device: it no longer uses it and
@@ -41,7 +42,7 @@ pub const B0EJ_OFFSET: u64 = 0x8;
 /// Offset of `PSEG`, the segment selector.
 pub const PSEG_OFFSET: u64 = 0xc;
 /// Size of the register block in bytes (`layout::PCI_HOTPLUG_PORT_LEN` in arch).
-pub const REGISTER_BLOCK_LEN: u64 = 16;
+pub const REGISTER_BLOCK_LEN: u64 = 4 * PciHotplug::REGISTERS as u64;
 /// Slots per segment (devices of bus 0); slot 0 is the host bridge and never hotplugged.
 pub const SLOTS: u8 = 32;
 
@@ -50,7 +51,6 @@ const PCIU: usize = 0;
 const PCID: usize = 1;
 const B0EJ: usize = 2;
 const PSEG: usize = 3;
-const REGISTER_LEN: u64 = 4;
 
 /// Pending events of one segment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -168,53 +168,25 @@ fn take_bits(bitmap: &mut u32, mask: u32) -> u32 {
     bits
 }
 
-/// The bytes of an access of `len` bytes at `offset` that fall in the register block, in order:
-/// `(index in the access, register, bit shift of the byte in the register)`.
-fn bytes_of(offset: u64, len: usize) -> impl Iterator<Item = (usize, usize, u32)> {
-    (0..len).map_while(move |i| {
-        let at = offset
-            .checked_add(u64::try_from(i).ok()?)
-            .filter(|&at| at < REGISTER_BLOCK_LEN)?;
-        // at < 16: the register index and the shift fit.
-        Some((
-            i,
-            (at / REGISTER_LEN) as usize,
-            (at % REGISTER_LEN) as u32 * 8,
-        ))
-    })
-}
+impl DwordRegisters for PciHotplug {
+    const REGISTERS: usize = PSEG + 1;
 
-/// The register indices (`PCIU`..=`PSEG`).
-const REGISTERS: std::ops::RangeInclusive<usize> = PCIU..=PSEG;
+    fn read_register(&mut self, register: usize, mask: u32) -> u32 {
+        PciHotplug::read_register(self, register, mask)
+    }
+
+    fn write_register(&mut self, register: usize, value: u32, mask: u32) {
+        PciHotplug::write_register(self, register, value, mask);
+    }
+}
 
 impl BusDevice for PciHotplug {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        for register in REGISTERS {
-            let mask = bytes_of(offset, data.len())
-                .filter(|&(_, r, _)| r == register)
-                .fold(0u32, |mask, (_, _, shift)| mask | 0xff << shift);
-            if mask == 0 {
-                continue;
-            }
-            let value = self.read_register(register, mask);
-            for (i, _, shift) in bytes_of(offset, data.len()).filter(|&(_, r, _)| r == register) {
-                data[i] = (value >> shift) as u8;
-            }
-        }
+        registers::read(self, offset, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        for register in REGISTERS {
-            let (value, mask) = bytes_of(offset, data.len())
-                .filter(|&(_, r, _)| r == register)
-                .fold((0u32, 0u32), |(value, mask), (i, _, shift)| {
-                    (value | u32::from(data[i]) << shift, mask | 0xff << shift)
-                });
-            if mask != 0 {
-                self.write_register(register, value, mask);
-            }
-        }
+        registers::write(self, offset, data);
     }
 }
 

@@ -117,6 +117,9 @@ pub struct Madt {
     pub ncpus: usize,
     /// Enabled CPUs beyond `MAX_CPUS` (not stored).
     pub extra_cpus: usize,
+    /// APIC ID of every Local APIC entry (enabled or not: CPU hotplug starts the others), by
+    /// processor UID below `MAX_CPUS`; `u32::MAX` where there is none.
+    pub apic_by_uid: [u32; MAX_CPUS],
     /// IOAPICs in MADT order (the first [`MAX_IOAPICS`]).
     pub ioapics: [Ioapic; MAX_IOAPICS],
     /// Number of valid entries in `ioapics`.
@@ -517,6 +520,7 @@ fn check_madt(t: Option<Table>, expect: &Expectations) -> Option<Madt> {
         cpus: [0; MAX_CPUS],
         ncpus: 0,
         extra_cpus: 0,
+        apic_by_uid: [u32::MAX; MAX_CPUS],
         ioapics: [Ioapic::default(); MAX_IOAPICS],
         nioapics: 0,
     };
@@ -543,12 +547,11 @@ fn check_madt(t: Option<Table>, expect: &Expectations) -> Option<Madt> {
             (0, 8..) => {
                 let flags = phys::read_u32(e + 4);
                 let id = phys::read_u8(e + 3);
-                println!(
-                    "INFO madt lapic uid={} apic_id={} flags={:#x}",
-                    phys::read_u8(e + 2),
-                    id,
-                    flags
-                );
+                let uid = phys::read_u8(e + 2);
+                println!("INFO madt lapic uid={uid} apic_id={id} flags={flags:#x}");
+                if let Some(slot) = madt.apic_by_uid.get_mut(usize::from(uid)) {
+                    *slot = u32::from(id);
+                }
                 if flags & 1 != 0 {
                     enabled_id = Some(u32::from(id));
                 }

@@ -81,6 +81,8 @@ const DRAIN_SECS: u64 = 10;
 const GED_POWER_BUTTON: u32 = 1;
 /// GED event bit: PCI slots were added or are to be ejected (the VMM's hotplug registers).
 const GED_PCI_HOTPLUG: u32 = 2;
+/// GED event bit: vCPUs were added or are to be ejected (the VMM's CPU hotplug registers).
+const GED_CPU_HOTPLUG: u32 = 4;
 /// PM1 status/enable bit of the fixed-hardware power button.
 const PM1_PWRBTN: u16 = 1 << 8;
 
@@ -145,6 +147,9 @@ pub fn run(si: &StartInfo, acpi: &Acpi, avoid: &Regions, cmdline: &str) -> bool 
     // Local APIC on (MSI-X and IOAPIC delivery), PCI checks.
     let (bus, apic_id) = stage2::setup(acpi, "");
     let mut ged = arm_ged(acpi, apic_id);
+    if let Some(g) = ged.as_mut() {
+        g.cpus = crate::cpuhp::Cpus::prepare(si, avoid, acpi.madt.as_ref());
+    }
     let pm1 = if ged.is_none() { arm_pm1(acpi) } else { None };
     let mut stream = match cfg.count {
         Some(0) => {
@@ -451,6 +456,8 @@ struct Ged {
     /// The register already had the power button's bit when the pin was programmed (a press
     /// during boot, whose interrupt could not be delivered).
     pressed_early: bool,
+    /// What CPU hotplug events need (`None`: they are not handled).
+    cpus: Option<crate::cpuhp::Cpus>,
 }
 
 impl Ged {
@@ -478,6 +485,12 @@ impl Ged {
         let events = self.read();
         if events & GED_PCI_HOTPLUG != 0 {
             crate::hotplug::scan();
+        }
+        if events & GED_CPU_HOTPLUG != 0 {
+            match &self.cpus {
+                Some(cpus) => cpus.scan(),
+                None => println!("INFO cpuhp event ignored: CPU hotplug could not be prepared"),
+            }
         }
         if events & GED_POWER_BUTTON != 0 {
             return true;
@@ -558,6 +571,7 @@ fn arm_ged(acpi: &Acpi, apic_id: u32) -> Option<Ged> {
             addr: g.addr,
             seen: 0,
             pressed_early: false,
+            cpus: None,
         };
         // A press before the pin was programmed left its bit in the register: take it now.
         // Interrupts counted from here on are looked at by `poll`, so none is missed.

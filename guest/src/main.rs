@@ -21,6 +21,7 @@ mod balloon;
 mod bench;
 mod blk;
 mod console_io;
+mod cpuhp;
 mod expect;
 mod fs;
 mod hotplug;

@@ -43,6 +43,8 @@ static AP_IDS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 const REPORTED: u64 = 1 << 63;
 /// Local APIC MMIO base, published for the APs before they are started.
 static LAPIC_BASE: AtomicU64 = AtomicU64::new(0xfee0_0000);
+/// The last AP to report: [`REPORTED`] | its APIC ID (CPU hotplug waits for it).
+static LAST_AP: AtomicU64 = AtomicU64::new(0);
 
 /// APIC ID of the calling CPU from its local APIC ID register (xAPIC).
 fn lapic_id() -> u32 {
@@ -57,8 +59,60 @@ pub extern "C" fn rust_ap_main(index: u64) -> ! {
     if let Some(slot) = usize::try_from(index).ok().and_then(|i| AP_IDS.get(i)) {
         slot.store(REPORTED | u64::from(id), Ordering::SeqCst);
     }
+    LAST_AP.store(REPORTED | u64::from(id), Ordering::SeqCst);
     AP_COUNT.fetch_add(1, Ordering::SeqCst);
     arch::park()
+}
+
+/// APs that have reported in so far (each start of an AP counts).
+pub fn reported() -> u32 {
+    AP_COUNT.load(Ordering::SeqCst)
+}
+
+/// The APIC ID of the last AP to report, if one has.
+pub fn last_reported() -> Option<u32> {
+    let v = LAST_AP.load(Ordering::SeqCst);
+    (v & REPORTED != 0).then_some((v & 0xffff_ffff) as u32)
+}
+
+/// Copies the AP trampoline to a free RAM page below 1 MiB (outside `avoid`), publishes the
+/// local APIC base `lapic` for the APs and software-enables the BSP's local APIC. Returns the
+/// page and the SIPI vector that starts an AP there.
+pub fn prepare_trampoline(si: &StartInfo, avoid: &Regions, lapic: u64) -> Option<(u64, u32)> {
+    LAPIC_BASE.store(lapic, Ordering::SeqCst);
+    let page = pick_trampoline_page(si, avoid)?;
+    let (t_start, t_end) = arch::trampoline_range();
+    let len = t_end - t_start;
+    // SAFETY: `page` is RAM below 1 MiB outside every boot structure and the
+    // image (checked by pick_trampoline_page); the trampoline is < 1 page.
+    unsafe { core::ptr::copy_nonoverlapping(t_start as *const u8, page as *mut u8, len as usize) };
+    // Software-enable the local APIC (firmware-less VMMs leave it disabled).
+    let svr = phys::mmio_read32(lapic + LAPIC_SVR);
+    phys::mmio_write32(lapic + LAPIC_SVR, svr | 0x1ff);
+    Some((page, u32::try_from(page >> 12).unwrap_or(0)))
+}
+
+/// Starts the APs `ids` with INIT, 10 ms, then two STARTUP IPIs to the trampoline at `vector`
+/// (see [`prepare_trampoline`]). Whether the ICR took every IPI.
+pub fn start_aps(base: u64, ids: impl Iterator<Item = u32> + Clone, vector: u32) -> bool {
+    let mut ipi_ok = true;
+    for id in ids.clone() {
+        ipi_ok &= send_ipi(base, id, ICR_INIT_ASSERT);
+    }
+    time::delay_us(10_000);
+    for _ in 0..2 {
+        for id in ids.clone() {
+            ipi_ok &= send_ipi(base, id, ICR_STARTUP | vector);
+        }
+        time::delay_us(200);
+    }
+    ipi_ok
+}
+
+/// Sends INIT to the AP `apic_id`: it stops whatever it ran and waits for a STARTUP IPI.
+/// Whether the ICR took it.
+pub fn init_ap(base: u64, apic_id: u32) -> bool {
+    send_ipi(base, apic_id, ICR_INIT_ASSERT)
 }
 
 fn pick_trampoline_page(si: &StartInfo, avoid: &Regions) -> Option<u64> {
@@ -110,8 +164,7 @@ pub fn check_smp(si: &StartInfo, madt: Option<&Madt>, expect: &Expectations, avo
         check("smp", false, format_args!("no MADT"));
         return;
     };
-    LAPIC_BASE.store(madt.lapic_base, Ordering::SeqCst);
-    let bsp = lapic_id();
+    let bsp = phys::mmio_read32(madt.lapic_base + LAPIC_ID) >> 24;
     println!(
         "INFO smp bsp lapic_id={bsp} cpuid_initial_apic_id={} (CPUID may be the host's)",
         arch::cpuid_apic_id()
@@ -159,7 +212,7 @@ pub fn check_smp(si: &StartInfo, madt: Option<&Madt>, expect: &Expectations, avo
         return;
     }
     let base = madt.lapic_base;
-    let Some(page) = pick_trampoline_page(si, avoid) else {
+    let Some((page, vector)) = prepare_trampoline(si, avoid, base) else {
         check(
             "smp",
             false,
@@ -169,28 +222,10 @@ pub fn check_smp(si: &StartInfo, madt: Option<&Madt>, expect: &Expectations, avo
     };
     let (t_start, t_end) = arch::trampoline_range();
     let len = t_end - t_start;
-    // SAFETY: `page` is RAM below 1 MiB outside every boot structure and the
-    // image (checked by pick_trampoline_page); the trampoline is < 1 page.
-    unsafe { core::ptr::copy_nonoverlapping(t_start as *const u8, page as *mut u8, len as usize) };
-    let vector = u32::try_from(page >> 12).unwrap_or(0);
     println!("INFO smp trampoline page={page:#x} len={len} vector={vector:#x} lapic={base:#x}");
 
-    // Software-enable the local APIC (firmware-less VMMs leave it disabled).
-    let svr = phys::mmio_read32(base + LAPIC_SVR);
-    phys::mmio_write32(base + LAPIC_SVR, svr | 0x1ff);
-
     let t0 = arch::rdtsc();
-    let mut ipi_ok = true;
-    for id in aps.clone() {
-        ipi_ok &= send_ipi(base, id, ICR_INIT_ASSERT);
-    }
-    time::delay_us(10_000);
-    for _ in 0..2 {
-        for id in aps.clone() {
-            ipi_ok &= send_ipi(base, id, ICR_STARTUP | vector);
-        }
-        time::delay_us(200);
-    }
+    let ipi_ok = start_aps(base, aps.clone(), vector);
     let target = u32::try_from(n_aps).unwrap_or(u32::MAX);
     let d = Deadline::after_us(5_000_000);
     while AP_COUNT.load(Ordering::SeqCst) < target && !d.passed() {

@@ -18,7 +18,8 @@ use crate::control::{EventSink, VmEvent};
 use crate::events::EventMonitor;
 use crate::fds::FdStore;
 use crate::serial_input::{spawn_forwarder, InputTarget, TerminalGuard};
-use crate::vm::{Vm, VmError};
+use crate::vcpus::ResizeError;
+use crate::vm::{InstanceHandlers, Vm, VmError};
 
 /// Something for the command loop to do.
 #[derive(Debug)]
@@ -41,6 +42,14 @@ pub enum Command {
         segment: u16,
         /// Slot on its bus 0.
         slot: u8,
+    },
+    /// The guest of VM instance `instance` ejected vCPU `cpu` (after `vm.resize` shrank the
+    /// vCPUs).
+    EjectVcpu {
+        /// Which instance.
+        instance: u64,
+        /// The vCPU's index.
+        cpu: u32,
     },
     /// A device of VM instance `instance` asks for its activation or reset to run here.
     Device {
@@ -296,6 +305,11 @@ impl Vmm {
                     segment,
                     slot,
                 } => self.ejected(instance, segment, slot),
+                Command::EjectVcpu { instance, cpu } => {
+                    if let Some(b) = self.booted.as_mut().filter(|b| b.instance == instance) {
+                        b.vm.eject_vcpu(cpu);
+                    }
+                }
                 Command::Device { instance, id } => {
                     if let Some(b) = self.booted.as_mut().filter(|b| b.instance == instance) {
                         b.vm.run_device_request(&id);
@@ -463,29 +477,38 @@ impl Vmm {
         self.events.emit("vm", "device-removed", &[("id", &id)]);
     }
 
-    /// `vm.resize`: the balloon's target (in the configuration, and in the running guest);
-    /// vCPU and RAM sizes come with hotplug and are refused by name.
+    /// `vm.resize`: the vCPU count (hotplug on a booted VM, see [`Vmm::resize_vcpus`]), then
+    /// the balloon's target (in the configuration, and in the running guest); RAM sizes come
+    /// with memory hotplug and are refused by name.
+    /// On a booted VM the event monitor gets `vm/resizing`, then `vm/resized` if it worked
+    /// (as Cloud Hypervisor's `Vm::resize` emits them).
     fn resize(&mut self, resize: &vm_config::requests::VmResizeData) -> ApiReply {
+        let booted = self.booted.is_some();
+        if booted {
+            self.events.emit("vm", "resizing", &[]);
+        }
+        let reply = self.apply_resize(resize);
+        if booted && reply.is_ok() {
+            self.events.emit("vm", "resized", &[]);
+        }
+        reply
+    }
+
+    /// The changes of [`Vmm::resize`].
+    fn apply_resize(&mut self, resize: &vm_config::requests::VmResizeData) -> ApiReply {
         const CONTEXT: &str = "The VM could not be resized";
-        let unsupported: Vec<&str> = [
-            ("desired_vcpus", resize.desired_vcpus.is_some()),
-            ("desired_ram", resize.desired_ram.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(name, given)| given.then_some(name))
-        .collect();
-        if !unsupported.is_empty() {
+        if resize.desired_ram.is_some() {
             return Err(ApiError::plain(
                 500,
                 &[
                     CONTEXT,
-                    &format!(
-                        "{} not supported by Nimbus yet (CPU and memory hotplug); only \
-                         desired_balloon is",
-                        unsupported.join(" and ")
-                    ),
+                    "desired_ram not supported by Nimbus yet (memory hotplug); only \
+                     desired_vcpus and desired_balloon are",
                 ],
             ));
+        }
+        if let Some(desired) = resize.desired_vcpus {
+            self.resize_vcpus(desired)?;
         }
         let Some(bytes) = resize.desired_balloon else {
             return Ok(ApiBody::NoContent);
@@ -533,6 +556,44 @@ impl Vmm {
         let size = resize.desired_size.to_string();
         self.events
             .emit("vm", "disk-resized", &[("id", &resize.id), ("size", &size)]);
+        Ok(ApiBody::NoContent)
+    }
+
+    /// `vm.resize` with `desired_vcpus`, as Cloud Hypervisor does: before boot the
+    /// configuration's `boot_vcpus` changes (400 if it is then invalid); on a booted VM the
+    /// vCPUs grow (hot-added, the guest told) or shrink (the guest asked to eject the top ones,
+    /// which go when it has), 429 while an earlier removal is pending, 500 for 0 or more than
+    /// `max_vcpus`. Either way `config.cpus.boot_vcpus` (in `vm.info`) says `desired`.
+    fn resize_vcpus(&mut self, desired: u32) -> ApiReply {
+        const CONTEXT: &str = "The VM could not be resized";
+        let Some(config) = &mut self.config else {
+            return Err(ApiError::plain(404, &["VM is not created"]));
+        };
+        let Some(booted) = &mut self.booted else {
+            let Ok(boot_vcpus) = u8::try_from(desired) else {
+                return Err(ApiError::plain(
+                    400,
+                    &[CONTEXT, &format!("desired_vcpus {desired} is too large")],
+                ));
+            };
+            let mut changed = config.clone();
+            changed.cpus.boot_vcpus = boot_vcpus;
+            changed
+                .validate()
+                .map_err(|e| ApiError::new(config_status(&e), CONTEXT, &e))?;
+            *config = changed;
+            return Ok(ApiBody::NoContent);
+        };
+        booted.vm.resize_vcpus(desired).map_err(|e| match e {
+            // Cloud Hypervisor answers this one with the bare HTTP reason.
+            VmError::Resize(ResizeError::RemovalPending) => ApiError {
+                status: 429,
+                messages: vec!["Too Many Requests".into()],
+            },
+            e => vm_error(CONTEXT, &e),
+        })?;
+        // At most max_vcpus (a u8) once the resize succeeded.
+        config.cpus.boot_vcpus = u8::try_from(desired).unwrap_or(u8::MAX);
         Ok(ApiBody::NoContent)
     }
 
@@ -652,6 +713,14 @@ impl Vmm {
         })
     }
 
+    /// Where instance `instance`'s guest's ejections of vCPUs go.
+    fn cpu_ejects(&self, instance: u64) -> devices::cpu_hotplug::CpuEjectHandler {
+        let sender = self.sender.clone();
+        Arc::new(move |cpu| {
+            let _ = sender.send(Command::EjectVcpu { instance, cpu });
+        })
+    }
+
     /// Builds and starts a new instance of the machine on `board`.
     fn instance(&mut self, config: &VmConfig, board: &Board) -> Result<Vm, VmError> {
         self.instances += 1;
@@ -660,10 +729,11 @@ impl Vmm {
             config,
             board,
             self.sink(self.instances),
-            (
-                self.device_requests(self.instances),
-                self.ejects(self.instances),
-            ),
+            InstanceHandlers {
+                requests: self.device_requests(self.instances),
+                ejects: self.ejects(self.instances),
+                cpu_ejects: self.cpu_ejects(self.instances),
+            },
         )?;
         vm.start()?;
         Ok(vm)

@@ -19,4 +19,5 @@ pub mod pmem;
 pub mod seccomp;
 pub mod serial_input;
 pub mod vcpu;
+pub mod vcpus;
 pub mod vm;

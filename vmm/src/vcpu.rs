@@ -69,7 +69,7 @@ impl VcpuGate {
     /// The vCPU thread's side of a pause, once the last exit's instruction is complete: saves
     /// the TSC, waits until resumed (or stopped), and puts the TSC back so the guest does not
     /// see the paused time.
-    fn park(&self, id: u32, vcpu: &mut dyn Vcpu, control: &VmControl) {
+    fn park(&self, id: u32, vcpu: &mut dyn Vcpu, control: &VmControl, stop: &AtomicBool) {
         let tsc = match vcpu.msrs(&[MSR_IA32_TSC]) {
             Ok(m) => m.first().copied(),
             Err(e) => {
@@ -80,13 +80,14 @@ impl VcpuGate {
         let mut parked = self.parked();
         *parked += 1;
         self.changed.notify_all();
-        while self.pause.load(Ordering::SeqCst) && !control.should_stop() {
+        let stopping = || control.should_stop() || stop.load(Ordering::SeqCst);
+        while self.pause.load(Ordering::SeqCst) && !stopping() {
             parked = self.changed.wait(parked).unwrap_or_else(|p| p.into_inner());
         }
         *parked -= 1;
         self.changed.notify_all();
         drop(parked);
-        if let Some(tsc) = tsc.filter(|_| !control.should_stop()) {
+        if let Some(tsc) = tsc.filter(|_| !stopping()) {
             if let Err(e) = vcpu.set_msrs(&[tsc]) {
                 log::warn!("vcpu{id}: cannot restore the TSC after the pause: {e}");
             }
@@ -111,8 +112,11 @@ pub struct VcpuContext {
 #[derive(Debug)]
 pub struct VcpuThread {
     id: u32,
-    handle: JoinHandle<()>,
+    /// The thread gives its vCPU back when it ends.
+    handle: JoinHandle<Box<dyn Vcpu>>,
     done: Arc<AtomicBool>,
+    /// Set to stop this thread alone (the VM's stop switch stops them all).
+    stop: Arc<AtomicBool>,
     gate: Arc<VcpuGate>,
 }
 
@@ -122,18 +126,27 @@ impl VcpuThread {
         install_kick_handler();
         let done = Arc::new(AtomicBool::new(false));
         let done_flag = done.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
         let gate = ctx.gate.clone();
         let handle = nimbus_thread::spawn(ThreadClass::Vcpu, format!("vcpu{id}"), move || {
-            run_loop(id, vcpu.as_mut(), &ctx);
+            run_loop(id, vcpu.as_mut(), &ctx, &stop_flag);
             done_flag.store(true, Ordering::SeqCst);
             ctx.gate.wake();
+            vcpu
         })?;
         Ok(Self {
             id,
             handle,
             done,
+            stop,
             gate,
         })
+    }
+
+    /// The vCPU's index.
+    pub fn id(&self) -> u32 {
+        self.id
     }
 
     /// Lets the thread run only on the host CPUs `cpus` (`--cpus affinity=`).
@@ -169,15 +182,22 @@ impl VcpuThread {
         }
     }
 
-    /// Kicks the thread out of the guest until it notices the stop request, then joins it.
-    pub fn stop(self) {
+    /// Stops the thread (whether or not the whole VM stops): kicks it out of the guest until
+    /// it notices, joins it and returns its vCPU, which can run again on a new thread (`None`
+    /// if the thread panicked).
+    pub fn stop(self) -> Option<Box<dyn Vcpu>> {
+        self.stop.store(true, Ordering::SeqCst);
         while !self.done.load(Ordering::SeqCst) {
             self.gate.wake();
             self.kick();
             std::thread::sleep(Duration::from_micros(200));
         }
-        if self.handle.join().is_err() {
-            log::error!("vcpu{} thread panicked", self.id);
+        match self.handle.join() {
+            Ok(vcpu) => Some(vcpu),
+            Err(_) => {
+                log::error!("vcpu{} thread panicked", self.id);
+                None
+            }
         }
     }
 }
@@ -226,13 +246,15 @@ pub fn nmi_all(threads: &[VcpuThread]) {
     }
 }
 
-fn run_loop(id: u32, vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {
-    let mut nmis_seen = 0;
+fn run_loop(id: u32, vcpu: &mut dyn Vcpu, ctx: &VcpuContext, stop: &AtomicBool) {
+    // NMIs asked for before this thread started (a vCPU hot-added or started again later) are
+    // not for it.
+    let mut nmis_seen = ctx.gate.nmi.load(Ordering::SeqCst);
     // Set while a pause is pending: KVM finishes the instruction of the last I/O exit (which
     // may need more exits, e.g. `rep outsb`) and then returns at once instead of entering the
     // guest; that return is the pause point.
     let mut immediate_exit = false;
-    while !ctx.control.should_stop() {
+    while !ctx.control.should_stop() && !stop.load(Ordering::SeqCst) {
         if ctx.gate.pause.load(Ordering::SeqCst) && !immediate_exit {
             vcpu.set_immediate_exit(true);
             immediate_exit = true;
@@ -278,7 +300,7 @@ fn run_loop(id: u32, vcpu: &mut dyn Vcpu, ctx: &VcpuContext) {
             VmExit::Interrupted if immediate_exit => {
                 vcpu.set_immediate_exit(false);
                 immediate_exit = false;
-                ctx.gate.park(id, vcpu, &ctx.control);
+                ctx.gate.park(id, vcpu, &ctx.control, stop);
             }
             VmExit::Interrupted | VmExit::Halt => {}
             VmExit::Shutdown => {
@@ -568,5 +590,54 @@ mod tests {
         for t in threads {
             t.stop();
         }
+    }
+
+    #[test]
+    fn one_thread_stops_alone_and_its_vcpu_runs_again() {
+        let io_bus = Arc::new(Bus::new());
+        let counts: Vec<Arc<std::sync::atomic::AtomicUsize>> = (0..2)
+            .map(|port| {
+                let dev = SlowPort::default();
+                let count = dev.0.clone();
+                io_bus
+                    .insert(Arc::new(Mutex::new(dev)), 0x80 + port, 1)
+                    .expect("port");
+                count
+            })
+            .collect();
+        let (control, _events) = channel_control();
+        let ctx = VcpuContext {
+            io_bus,
+            mmio_bus: Arc::new(Bus::new()),
+            control: control.clone(),
+            gate: Arc::default(),
+        };
+        let script = |port: u16| vec![ScriptedExit::IoOut(port, vec![1]); 5000];
+        let t0 = VcpuThread::spawn(0, Box::new(FakeVcpu::new(script(0x80))), ctx.clone())
+            .expect("spawn");
+        let t1 = VcpuThread::spawn(1, Box::new(FakeVcpu::new(script(0x81))), ctx.clone())
+            .expect("spawn");
+        assert_eq!((t0.id(), t1.id()), (0, 1));
+        std::thread::sleep(Duration::from_millis(30));
+        let vcpu = t1.stop().expect("vcpu1 given back");
+        let stopped_at = counts[1].load(Ordering::SeqCst);
+        assert!(stopped_at > 0);
+        let before = counts[0].load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(
+            counts[0].load(Ordering::SeqCst) > before,
+            "vcpu0 stopped too"
+        );
+        assert_eq!(counts[1].load(Ordering::SeqCst), stopped_at, "vcpu1 ran on");
+        // The same vCPU on a new thread goes on with its script.
+        let t1 = VcpuThread::spawn(1, vcpu, ctx).expect("respawn");
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(
+            counts[1].load(Ordering::SeqCst) > stopped_at,
+            "vcpu1 did not run again"
+        );
+        control.stop();
+        t0.stop();
+        t1.stop();
     }
 }

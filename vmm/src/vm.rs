@@ -8,7 +8,7 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use arch::x86_64::{acpi, boot, cpu, cpuid, layout};
+use arch::x86_64::{acpi, boot, cpu, layout};
 use devices::Bus;
 use hypervisor::{Hypervisor, Vcpu};
 use vm_config::VmConfig;
@@ -20,7 +20,8 @@ use crate::device_manager::{DeviceManager, DeviceRequests, PciBdf};
 use crate::memory::{self, GuestMemoryMmap};
 use crate::pci_devices::{PciDevices, PciError};
 use crate::serial_input::SerialInput;
-use crate::vcpu::{self, VcpuContext, VcpuThread};
+use crate::vcpu::VcpuContext;
+use crate::vcpus::{ResizeError, VcpuSetup, Vcpus};
 
 /// Errors building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -140,9 +141,15 @@ pub enum VmError {
     /// A device thread did not pause.
     #[error("cannot pause the devices")]
     Pause(#[source] virtio_devices::pause::PauseError),
+    /// A vCPU resize was refused.
+    #[error("cannot resize the vCPUs")]
+    Resize(#[from] ResizeError),
 }
 
-fn hv_err(what: impl Into<String>) -> impl FnOnce(hypervisor::HypervisorError) -> VmError {
+/// Maps a hypervisor error to [`VmError::Hypervisor`] saying `what` was being done.
+pub(crate) fn hv_err(
+    what: impl Into<String>,
+) -> impl FnOnce(hypervisor::HypervisorError) -> VmError {
     let what = what.into();
     move |source| VmError::Hypervisor { what, source }
 }
@@ -171,13 +178,29 @@ impl devices::Interrupt for IrqfdInterrupt {
     }
 }
 
+/// Where an instance sends what happens on its own: devices' activation and reset requests,
+/// the guest's ejections of hot-removed devices and of vCPUs.
+pub struct InstanceHandlers {
+    /// Devices' activation and reset requests.
+    pub requests: DeviceRequests,
+    /// PCI slots the guest ejected.
+    pub ejects: devices::pci_hotplug::EjectHandler,
+    /// vCPUs the guest ejected.
+    pub cpu_ejects: devices::cpu_hotplug::CpuEjectHandler,
+}
+
+impl std::fmt::Debug for InstanceHandlers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstanceHandlers").finish_non_exhaustive()
+    }
+}
+
 /// One instance of the machine: hypervisor VM, guest RAM, platform and PCI devices, vCPUs.
 /// A guest reset ends the instance; the VMM builds a fresh one on the same [`Board`].
 pub struct Vm {
     // Field order matters for drop: vCPU threads, devices, then the hypervisor VM, then the RAM
     // it maps.
-    threads: Vec<VcpuThread>,
-    vcpus: Vec<(u32, Box<dyn Vcpu>)>,
+    vcpus: Vcpus,
     devices: DeviceManager,
     ged: Arc<Mutex<devices::acpi::Ged>>,
     /// The PCI hotplug registers the DSDT's slot objects read and write.
@@ -189,17 +212,14 @@ pub struct Vm {
     balloon: Option<virtio_devices::balloon::BalloonHandle>,
     /// The pmem files' mappings (after `hv_vm`, whose slots use them, for drop order).
     pmem: Vec<crate::pmem::Attached>,
-    ctx: VcpuContext,
     /// kvmclock read at pause, written back at resume.
     paused_clock: Option<u64>,
-    /// Host CPUs of the vCPUs that have an affinity (`--cpus affinity=`).
-    affinity: Vec<vm_config::CpuAffinity>,
 }
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vm")
-            .field("vcpus", &(self.vcpus.len() + self.threads.len()))
+            .field("vcpus", &self.vcpus)
             .field("memory", &self.memory)
             .finish_non_exhaustive()
     }
@@ -217,14 +237,19 @@ impl Vm {
     /// Builds the machine described by `config` (already validated, devices named) on `hv`
     /// with the host side of its devices from `board`; the instance's first power event or
     /// failure goes to `sink`, its devices' activation and reset requests to `requests`, the
-    /// guest's ejections of hot-removed devices to `ejects`.
+    /// guest's ejections of hot-removed devices and vCPUs to `handlers`.
     pub fn new(
         hv: &dyn Hypervisor,
         config: &VmConfig,
         board: &Board,
         sink: EventSink,
-        (requests, ejects): (DeviceRequests, devices::pci_hotplug::EjectHandler),
+        handlers: InstanceHandlers,
     ) -> Result<Self, VmError> {
+        let InstanceHandlers {
+            requests,
+            ejects,
+            cpu_ejects,
+        } = handlers;
         let payload = config.payload.clone().unwrap_or_default();
         let kernel_path = payload.kernel.clone().unwrap_or_default();
         let mut kernel = open("kernel", &kernel_path)?;
@@ -307,6 +332,21 @@ impl Vm {
                 what: "PCI hotplug registers",
                 source,
             })?;
+        let cpu_registers = Arc::new(Mutex::new(devices::cpu_hotplug::CpuHotplug::new(
+            u32::from(max_cpus),
+            u32::from(boot_cpus),
+            cpu_ejects,
+        )));
+        io_bus
+            .insert(
+                cpu_registers.clone(),
+                u64::from(layout::CPU_HOTPLUG_PORT),
+                layout::CPU_HOTPLUG_PORT_LEN,
+            )
+            .map_err(|source| VmError::Bus {
+                what: "CPU hotplug registers",
+                source,
+            })?;
         let mut devices = DeviceManager::new(pci, requests);
         if !matches!(board.serial(), OutputSink::Off) {
             devices.add_platform("__serial");
@@ -345,41 +385,30 @@ impl Vm {
             devices.add_virtio(&d.id, d.kind, (d.pci_segment, d.slot), &d.backend, dev)?;
         }
 
-        let mut supported = hv
-            .supported_cpuid()
-            .map_err(hv_err("reading the supported CPUID"))?;
-        cpuid::fill_brand_string(&mut supported, &cpuid::host_brand_leaves());
-        let hwcr = cpuid::amd_hwcr(&supported);
-        let mut vcpus = Vec::with_capacity(usize::from(boot_cpus));
+        let setup = VcpuSetup::new(hv, config)?;
+        let mut boot_vcpus = Vec::with_capacity(usize::from(boot_cpus));
         for id in 0..u32::from(boot_cpus) {
-            // KVM's vCPU id is the initial APIC ID.
-            let vcpu = hv_vm
-                .create_vcpu(topology.apic_id(id))
-                .map_err(hv_err(format!("creating vcpu{id}")))?;
-            let err = |what: &str| hv_err(format!("setting up vcpu{id}: {what}"));
-            let mut table = cpuid::vcpu_cpuid(&supported, id, &topology);
-            if !config.cpus.nested {
-                cpuid::hide_virtualization(&mut table);
-            }
-            vcpu.set_cpuid(&table).map_err(err("CPUID"))?;
-            vcpu.set_msrs(&cpu::boot_msrs()).map_err(err("MSRs"))?;
-            if let Some(msr) = hwcr {
-                // Best effort: older KVM refuses writes to HWCR; the guest then only logs a warning.
-                if let Err(e) = vcpu.set_msrs(&[msr]) {
-                    log::debug!("vcpu{id}: HWCR.TscFreqSel not settable: {e}");
-                }
-            }
-            vcpu.set_fpu(&cpu::boot_fpu()).map_err(err("FPU"))?;
-            let mut lapic = vcpu.lapic().map_err(err("LAPIC"))?;
-            cpu::set_lint_pins(&mut lapic);
-            vcpu.set_lapic(&lapic).map_err(err("LAPIC"))?;
+            let vcpu = setup.create(hv_vm.as_ref(), id)?;
             if id == 0 {
-                set_boot_registers(vcpu.as_ref(), entry).map_err(err("boot registers"))?;
+                set_boot_registers(vcpu.as_ref(), entry)
+                    .map_err(hv_err("setting up vcpu0: boot registers"))?;
             }
-            vcpus.push((id, vcpu));
+            boot_vcpus.push(vcpu);
         }
+        let ctx = VcpuContext {
+            io_bus,
+            mmio_bus,
+            control,
+            gate: Arc::default(),
+        };
+        let vcpus = Vcpus::new(
+            (setup, boot_vcpus),
+            hv_vm.clone(),
+            ctx,
+            &config.cpus,
+            cpu_registers,
+        );
         Ok(Self {
-            threads: Vec::new(),
             vcpus,
             devices,
             ged,
@@ -389,45 +418,20 @@ impl Vm {
             memory,
             balloon,
             pmem,
-            ctx: VcpuContext {
-                io_bus,
-                mmio_bus,
-                control,
-                gate: Arc::default(),
-            },
             paused_clock: None,
-            affinity: config.cpus.affinity.clone().unwrap_or_default(),
         })
     }
 
     /// Starts every vCPU.
     pub fn start(&mut self) -> Result<(), VmError> {
-        for (id, vcpu) in self.vcpus.drain(..) {
-            let thread =
-                VcpuThread::spawn(id, vcpu, self.ctx.clone()).map_err(|source| VmError::Os {
-                    what: "spawning a vCPU thread",
-                    source,
-                })?;
-            if let Some(a) = self.affinity.iter().find(|a| u32::from(a.vcpu) == id) {
-                thread
-                    .pin(&a.host_cpus)
-                    .map_err(|source| VmError::Affinity {
-                        vcpu: id,
-                        host_cpus: a.host_cpus.clone(),
-                        source,
-                    })?;
-                log::info!("vcpu{id}: pinned to host CPUs {:?}", a.host_cpus);
-            }
-            self.threads.push(thread);
-        }
-        Ok(())
+        self.vcpus.start()
     }
 
     /// Stops the guest at a consistent point: every vCPU between two instructions (its last
     /// I/O complete), then every device thread between two requests. The guest's clocks are
     /// held: kvmclock is read now and written back at [`Vm::resume`] (each vCPU keeps its TSC).
     pub fn pause(&mut self) -> Result<(), VmError> {
-        vcpu::pause_all(&self.threads);
+        self.vcpus.pause();
         // Read as soon as the vCPUs stop, so the devices' pause does not count as guest time.
         self.paused_clock = match self.hv_vm.clock() {
             Ok(ns) => Some(ns),
@@ -456,12 +460,12 @@ impl Vm {
                 log::warn!("cannot restore kvmclock at resume: {e}");
             }
         }
-        vcpu::resume_all(&self.threads);
+        self.vcpus.resume();
     }
 
     /// Injects an NMI into every vCPU.
     pub fn nmi(&self) {
-        vcpu::nmi_all(&self.threads);
+        self.vcpus.nmi();
     }
 
     /// Presses the ACPI power button (a GED event).
@@ -470,14 +474,7 @@ impl Vm {
     }
 
     fn notify(&self, event: devices::acpi::GedEvent) -> Result<(), VmError> {
-        self.ged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .notify(event)
-            .map_err(|source| VmError::Os {
-                what: "raising the GED interrupt",
-                source,
-            })
+        notify(&self.ged, event)
     }
 
     fn hotplug(&self) -> std::sync::MutexGuard<'_, devices::pci_hotplug::PciHotplug> {
@@ -578,18 +575,22 @@ impl Vm {
         self.balloon.as_ref().map_or(0, |b| b.actual_bytes())
     }
 
+    /// Grows or shrinks the running vCPUs to `desired` (see [`Vcpus::resize`]) and tells the
+    /// guest (a GED event) when something changed.
+    pub fn resize_vcpus(&mut self, desired: u32) -> Result<(), VmError> {
+        let ged = &self.ged;
+        self.vcpus
+            .resize(desired, || notify(ged, devices::acpi::GedEvent::CpuHotplug))
+    }
+
+    /// The guest ejected vCPU `id`: its thread stops (see [`Vcpus::ejected`]).
+    pub fn eject_vcpu(&mut self, id: u32) -> bool {
+        self.vcpus.ejected(id)
+    }
+
     /// Runs the activation or reset device `id` asked for.
     pub fn run_device_request(&mut self, id: &str) {
         self.devices.run_pending(id);
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        self.ctx.control.stop();
-        for t in self.threads.drain(..) {
-            t.stop();
-        }
     }
 }
 
@@ -620,6 +621,17 @@ fn attach_pmem(
         file.size,
         d.id.clone(),
     )))
+}
+
+/// Posts `event` on the GED and interrupts the guest.
+fn notify(ged: &Mutex<devices::acpi::Ged>, event: devices::acpi::GedEvent) -> Result<(), VmError> {
+    ged.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .notify(event)
+        .map_err(|source| VmError::Os {
+            what: "raising the GED interrupt",
+            source,
+        })
 }
 
 fn set_boot_registers(vcpu: &dyn Vcpu, entry: boot::BootEntry) -> hypervisor::Result<()> {

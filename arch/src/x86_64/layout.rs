@@ -92,6 +92,13 @@ pub const ACPI_GED_PORT: u16 = 0x608;
 pub const PCI_HOTPLUG_PORT: u16 = 0x610;
 /// Length in bytes of the PCI hotplug register block at [`PCI_HOTPLUG_PORT`].
 pub const PCI_HOTPLUG_PORT_LEN: u64 = 16;
+/// ACPI CPU hotplug register block (I/O ports), 32-bit registers read and written by the DSDT's
+/// `\_SB_.CPHP` (see `devices::cpu_hotplug`): 0x0 CSEL (the CPU the next register addresses),
+/// 0x4 CSTA (its status: enabled, insert pending, remove pending; written to acknowledge events
+/// and to eject), 0x8 CCNT (number of CPUs).
+pub const CPU_HOTPLUG_PORT: u16 = 0x620;
+/// Length in bytes of the CPU hotplug register block at [`CPU_HOTPLUG_PORT`].
+pub const CPU_HOTPLUG_PORT_LEN: u64 = 16;
 /// ACPI reset register (FADT RESET_REG), the classic 0xcf9; value below resets.
 pub const ACPI_RESET_PORT: u16 = 0xcf9;
 /// Value written to [`ACPI_RESET_PORT`] to reset (FADT RESET_VALUE).
@@ -105,8 +112,9 @@ pub const IOAPIC_PINS: u32 = 24;
 
 const _: () = assert!(
     ACPI_GED_PORT + 4 <= PCI_HOTPLUG_PORT
-        && PCI_HOTPLUG_PORT as u64 + PCI_HOTPLUG_PORT_LEN <= ACPI_RESET_PORT as u64,
-    "the PCI hotplug ports must not overlap the GED or the reset register"
+        && PCI_HOTPLUG_PORT as u64 + PCI_HOTPLUG_PORT_LEN <= CPU_HOTPLUG_PORT as u64
+        && CPU_HOTPLUG_PORT as u64 + CPU_HOTPLUG_PORT_LEN <= ACPI_RESET_PORT as u64,
+    "the PCI and CPU hotplug ports must not overlap each other, the GED or the reset register"
 );
 
 /// Guest RAM ranges for `ram_size` bytes: below the 32-bit hole and, if needed, above 4 GiB.

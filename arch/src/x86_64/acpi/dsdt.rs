@@ -13,28 +13,44 @@
 //! \_SB_.PHPR.PSEG         the selected segment
 //! \_SB_.PHPR.PCEJ(s, n)   ejects slot s of segment n (called by the slots' _EJ0)
 //! \_SB_.PHPR.PSCN()       runs every PCIn.PCNT (called by the GED on a hotplug event)
+//! \_SB_.CPHP            CPU hotplug controller (PNP0A06), owns the ports at CPU_HOTPLUG_PORT
+//! \_SB_.CPHP.CLCK         mutex serializing every access to the registers below
+//! \_SB_.CPHP.CSEL         the selected CPU
+//! \_SB_.CPHP.CPEN         the selected CPU is enabled
+//! \_SB_.CPHP.CINS         an insert event is pending (write 1 to acknowledge)
+//! \_SB_.CPHP.CRMV         a remove event is pending (write 1 to acknowledge)
+//! \_SB_.CPHP.CEJ0         write 1: eject the selected CPU
+//! \_SB_.CPHP.CSTA(c)      _STA of CPU c: 0xF if enabled, else 0
+//! \_SB_.CPHP.CEJT(c)      ejects CPU c (called by the processors' _EJ0)
+//! \_SB_.CPHP.CTFY(c, v)   notifies v to processor c
+//! \_SB_.CPHP.CSCN()       notifies inserted (1) and to-be-removed (3) CPUs, acknowledging
+//!                         each event (called by the GED on a CPU hotplug event)
 //! \_SB_.PCI0            PCIe host bridge (PNP0A08) of segment 0, ECAM described by the MCFG
 //! \_SB_.PCIn            the host bridge of segment n (1..=F), when there are more segments
 //! \_SB_.PCIn.Sss          hotplug slot ss (01..=1F) of bus 0: _ADR, _SUN, _EJ0
 //! \_SB_.PCIn.DVNT(b, v)   notifies v to every slot whose bit is set in b
 //! \_SB_.PCIn.PCNT()       selects segment n, notifies added (1) then removed (3) slots
 //! \_SB_.PWRB            power button (PNP0C0C)
-//! \_SB_.GED_            Generic Event Device (ACPI0013), notifies PWRB, calls PHPR.PSCN
-//! \_SB_.CPxx            processors (ACPI0007), _UID = APIC ID = MADT processor UID
+//! \_SB_.GED_            Generic Event Device (ACPI0013), notifies PWRB, calls PHPR.PSCN and
+//!                       CPHP.CSCN
+//! \_SB_.CPxx            processors (ACPI0007), _UID = vCPU index = MADT processor UID;
+//!                       _STA and _MAT from CPHP (the MADT entry, enabled while the CPU is),
+//!                       _EJ0 calls CPHP.CEJT
 //! ```
 
 use acpi_tables::aml::{
-    Acquire, AddressSpace, AddressSpaceCacheable, And, Arg, CreateDWordField, Device, EISAName,
-    Else, Field, FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local,
-    Memory32Fixed, Method, MethodCall, Mutex, Name, NotEqual, Notify, OpRegion, OpRegionSpace, Or,
-    Package, Path, Release, ResourceTemplate, Return, Scope, ShiftLeft, Store, Uuid, IO, ONE, ZERO,
+    Acquire, Add, AddressSpace, AddressSpaceCacheable, And, Arg, BufferData, CreateDWordField,
+    Device, EISAName, Else, Equal, Field, FieldAccessType, FieldEntry, FieldLockRule,
+    FieldUpdateRule, If, Interrupt, LessThan, Local, Memory32Fixed, Method, MethodCall, Mutex,
+    Name, NotEqual, Notify, OpRegion, OpRegionSpace, Or, Package, Path, Release, ResourceTemplate,
+    Return, Scope, ShiftLeft, Store, Uuid, While, IO, ONE, ZERO,
 };
 use acpi_tables::sdt::Sdt;
 use acpi_tables::{Aml, AmlSink};
 
 use super::{
-    layout, AcpiConfig, AcpiError, GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, OEM_ID,
-    OEM_REVISION, OEM_TABLE_ID,
+    layout, madt, AcpiConfig, AcpiError, GED_EVENT_CPU_HOTPLUG, GED_EVENT_PCI_HOTPLUG,
+    GED_EVENT_POWER_BUTTON, OEM_ID, OEM_REVISION, OEM_TABLE_ID,
 };
 use layout::PciSegmentLayout;
 
@@ -75,6 +91,12 @@ const PCI_HOTPLUG_REGION_LEN: u8 = {
     layout::PCI_HOTPLUG_PORT_LEN as u8
 };
 
+/// The CPU hotplug register block is 16 bytes (four 32-bit registers).
+const CPU_HOTPLUG_REGION_LEN: u8 = {
+    assert!(layout::CPU_HOTPLUG_PORT_LEN == 16);
+    layout::CPU_HOTPLUG_PORT_LEN as u8
+};
+
 /// `_OSC` UUID of PCI / PCIe host bridges (PCI Firmware Specification 3.3, 4.5.1).
 const PCI_HOST_BRIDGE_OSC_UUID: &str = "33db4d5b-1ff7-401c-9657-7441c03dd766";
 /// `_OSC` status bit: unrecognized UUID.
@@ -106,6 +128,7 @@ pub(super) fn build(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
     rtc(&mut sb);
     motherboard_resources(cfg, &mut sb);
     pci_hotplug_controller(cfg, &mut sb);
+    cpu_hotplug_controller(cfg, &mut sb);
     for segment in &cfg.pci_segments {
         let mut slots = Vec::new();
         hotplug_slots(segment.segment, &mut slots);
@@ -465,7 +488,8 @@ fn power_button(sink: &mut dyn AmlSink) {
 
 /// The Generic Event Device: on its interrupt the OS runs `_EVT`, which reads the event register
 /// once, notifies the power button if [`GED_EVENT_POWER_BUTTON`] is set and rescans the PCI
-/// hotplug slots (`\_SB_.PHPR.PSCN`) if [`GED_EVENT_PCI_HOTPLUG`] is set.
+/// hotplug slots (`\_SB_.PHPR.PSCN`) if [`GED_EVENT_PCI_HOTPLUG`] is set, and looks at the CPUs
+/// (`\_SB_.CPHP.CSCN`) if [`GED_EVENT_CPU_HOTPLUG`] is set.
 fn ged(sink: &mut dyn AmlSink) {
     // Level, active high, exclusive: matches the MADT override of the GED's IRQ.
     let irq = Interrupt::new(true, false, false, false, layout::ACPI_GED_GSI);
@@ -496,7 +520,15 @@ fn ged(sink: &mut dyn AmlSink) {
     let hotplug = And::new(&ZERO, &events, &GED_EVENT_PCI_HOTPLUG);
     let rescan = MethodCall::new("\\_SB_.PHPR.PSCN".into(), vec![]);
     let on_hotplug = If::new(&hotplug, vec![&rescan]);
-    let evt = Method::new("_EVT".into(), 1, true, vec![&read, &on_press, &on_hotplug]);
+    let cpu_hotplug = And::new(&ZERO, &events, &GED_EVENT_CPU_HOTPLUG);
+    let cpu_scan = MethodCall::new("\\_SB_.CPHP.CSCN".into(), vec![]);
+    let on_cpu_hotplug = If::new(&cpu_hotplug, vec![&cpu_scan]);
+    let evt = Method::new(
+        "_EVT".into(),
+        1,
+        true,
+        vec![&read, &on_press, &on_hotplug, &on_cpu_hotplug],
+    );
 
     Device::new(
         "GED_".into(),
@@ -512,22 +544,159 @@ fn ged(sink: &mut dyn AmlSink) {
     .to_aml_bytes(sink);
 }
 
-/// One processor device per possible vCPU; boot vCPUs are present, the others absent.
+/// `\_SB_.CPHP`: the CPU hotplug controller, the AML side of the register block at
+/// [`layout::CPU_HOTPLUG_PORT`]. Every access to the registers holds `CLCK`, as `CSEL` selects
+/// what the others address.
+fn cpu_hotplug_controller(cfg: &AcpiConfig, sink: &mut dyn AmlSink) {
+    let port = layout::CPU_HOTPLUG_PORT;
+    let ports = IO::new(port, port, 1, CPU_HOTPLUG_REGION_LEN);
+    let crs = ResourceTemplate::new(vec![&ports]);
+    let region = OpRegion::new(
+        "CPST".into(),
+        OpRegionSpace::SystemIO,
+        &port,
+        &CPU_HOTPLUG_REGION_LEN,
+    );
+    // CSTA's bits (devices::cpu_hotplug): 0 enabled, 1 inserting, 2 removing, 3 eject.
+    let field = Field::new(
+        "CPST".into(),
+        FieldAccessType::DWord,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![
+            FieldEntry::Named(*b"CSEL", 32),
+            FieldEntry::Named(*b"CPEN", 1),
+            FieldEntry::Named(*b"CINS", 1),
+            FieldEntry::Named(*b"CRMV", 1),
+            FieldEntry::Named(*b"CEJ0", 1),
+            FieldEntry::Reserved(28),
+            FieldEntry::Named(*b"CCNT", 32),
+        ],
+    );
+    let lock = Mutex::new("CLCK".into(), 0);
+    let acquire = Acquire::new("CLCK".into(), ACQUIRE_FOREVER);
+    let release = Release::new("CLCK".into());
+    let (csel, cpen, cins, crmv, cej0) = (
+        Path::new("CSEL"),
+        Path::new("CPEN"),
+        Path::new("CINS"),
+        Path::new("CRMV"),
+        Path::new("CEJ0"),
+    );
+    let select = Store::new(&csel, &Arg(0));
+
+    // CSTA (cpu): 0xF if the CPU is enabled, else 0.
+    let status = Local(0);
+    let absent = Store::new(&status, &STA_ABSENT);
+    let present = Store::new(&status, &STA_PRESENT);
+    let enabled = Equal::new(&cpen, &ONE);
+    let if_enabled = If::new(&enabled, vec![&present]);
+    let ret = Return::new(&status);
+    let csta = Method::new(
+        "CSTA".into(),
+        1,
+        false,
+        vec![&acquire, &select, &absent, &if_enabled, &release, &ret],
+    );
+
+    // CEJT (cpu): eject it.
+    let eject = Store::new(&cej0, &ONE);
+    let cejt = Method::new(
+        "CEJT".into(),
+        1,
+        false,
+        vec![&acquire, &select, &eject, &release],
+    );
+
+    // CTFY (cpu, value): Notify (CPxx, value) for that CPU.
+    let paths: Vec<Path> = (0..cfg.max_cpus)
+        .map(|cpu| Path::new(&format!("\\_SB_.{}", cpu_name(cpu))))
+        .collect();
+    let numbers: Vec<u8> = (0..cfg.max_cpus).collect();
+    let tests: Vec<Equal> = numbers.iter().map(|n| Equal::new(&Arg(0), n)).collect();
+    let notifies: Vec<Notify> = paths.iter().map(|p| Notify::new(p, &Arg(1))).collect();
+    let ifs: Vec<If> = tests
+        .iter()
+        .zip(&notifies)
+        .map(|(test, notify)| If::new(test, vec![notify]))
+        .collect();
+    let ctfy = Method::new(
+        "CTFY".into(),
+        2,
+        false,
+        ifs.iter().map(|i| i as &dyn Aml).collect(),
+    );
+
+    // CSCN (): for every CPU, notify an insertion (device check) or a removal request (eject
+    // request), then acknowledge it.
+    let cpu = Local(0);
+    let first = Store::new(&cpu, &ZERO);
+    let max_cpus = cfg.max_cpus;
+    let more = LessThan::new(&cpu, &max_cpus);
+    let select_cpu = Store::new(&csel, &cpu);
+    let inserting = Equal::new(&cins, &ONE);
+    let check = MethodCall::new("CTFY".into(), vec![&cpu, &NOTIFY_DEVICE_CHECK]);
+    let ack_insert = Store::new(&cins, &ONE);
+    let on_insert = If::new(&inserting, vec![&check, &ack_insert]);
+    let removing = Equal::new(&crmv, &ONE);
+    let eject_request = MethodCall::new("CTFY".into(), vec![&cpu, &NOTIFY_EJECT_REQUEST]);
+    let ack_remove = Store::new(&crmv, &ONE);
+    let on_remove = If::new(&removing, vec![&eject_request, &ack_remove]);
+    let next = Add::new(&cpu, &cpu, &ONE);
+    let each = While::new(&more, vec![&select_cpu, &on_insert, &on_remove, &next]);
+    let cscn = Method::new(
+        "CSCN".into(),
+        0,
+        false,
+        vec![&acquire, &first, &each, &release],
+    );
+
+    Device::new(
+        "CPHP".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0A06")),
+            &Name::new("_UID".into(), &"CPU hotplug"),
+            &Name::new("_CRS".into(), &crs),
+            &lock,
+            &region,
+            &field,
+            &csta,
+            &cejt,
+            &ctfy,
+            &cscn,
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+/// The name of processor device `cpu` in `\_SB_`.
+fn cpu_name(cpu: u8) -> String {
+    format!("CP{cpu:02X}")
+}
+
+/// One processor device per possible vCPU, its status read from the CPU hotplug controller:
+/// `_STA`, `_MAT` (its MADT Local APIC entry, enabled while the CPU is) and `_EJ0`.
 fn cpus(cfg: &AcpiConfig, sink: &mut dyn AmlSink) {
     for cpu in 0..cfg.max_cpus {
-        let name = format!("CP{cpu:02X}");
-        let sta = if cpu < cfg.boot_cpus {
-            STA_PRESENT
-        } else {
-            STA_ABSENT
-        };
-        let ret = Return::new(&sta);
+        let name = cpu_name(cpu);
+        let status = MethodCall::new("\\_SB_.CPHP.CSTA".into(), vec![&cpu]);
+        let sta = Return::new(&status);
+        let enabled = BufferData::new(madt::local_apic(cfg, cpu, true));
+        let disabled = BufferData::new(madt::local_apic(cfg, cpu, false));
+        let is_enabled = Equal::new(&status, &STA_PRESENT);
+        let ret_enabled = Return::new(&enabled);
+        let ret_disabled = Return::new(&disabled);
+        let if_enabled = If::new(&is_enabled, vec![&ret_enabled]);
+        let mat: Vec<&dyn Aml> = vec![&if_enabled, &ret_disabled];
+        let eject = MethodCall::new("\\_SB_.CPHP.CEJT".into(), vec![&cpu]);
         Device::new(
             name.as_str().into(),
             vec![
                 &Name::new("_HID".into(), &"ACPI0007"),
                 &Name::new("_UID".into(), &cpu),
-                &Method::new("_STA".into(), 0, false, vec![&ret]),
+                &Method::new("_STA".into(), 0, false, vec![&sta]),
+                &Method::new("_MAT".into(), 0, false, mat),
+                &Method::new("_EJ0".into(), 1, false, vec![&eject]),
             ],
         )
         .to_aml_bytes(sink);

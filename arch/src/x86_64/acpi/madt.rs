@@ -111,6 +111,20 @@ fn ioapic_id(cfg: &AcpiConfig) -> u8 {
     cfg.apic_id(cfg.max_cpus - 1).wrapping_add(1)
 }
 
+/// The Processor Local APIC entry of vCPU `cpu` (processor UID = `cpu`): enabled, or
+/// online-capable (may be enabled later, by CPU hotplug). The DSDT's processor `_MAT` returns
+/// the same bytes.
+pub(super) fn local_apic(cfg: &AcpiConfig, cpu: u8, enabled: bool) -> Vec<u8> {
+    let status = if enabled {
+        EnabledStatus::Enabled
+    } else {
+        EnabledStatus::DisabledOnlineCapable
+    };
+    ProcessorLocalApic::new(cpu, cfg.apic_id(cpu), status)
+        .as_bytes()
+        .to_vec()
+}
+
 /// Builds the MADT. `cfg` must be validated (`boot_cpus <= max_cpus`).
 pub(super) fn build(cfg: &AcpiConfig) -> Vec<u8> {
     let mut madt = Sdt::new(
@@ -128,12 +142,7 @@ pub(super) fn build(cfg: &AcpiConfig) -> Vec<u8> {
     // ACPI processor UID = vCPU index (the DSDT's CPU devices use the same UIDs); APIC IDs
     // follow the topology.
     for cpu in 0..cfg.max_cpus {
-        let status = if cpu < cfg.boot_cpus {
-            EnabledStatus::Enabled
-        } else {
-            EnabledStatus::DisabledOnlineCapable
-        };
-        body.extend_from_slice(ProcessorLocalApic::new(cpu, cfg.apic_id(cpu), status).as_bytes());
+        body.extend_from_slice(&local_apic(cfg, cpu, cpu < cfg.boot_cpus));
     }
     body.extend_from_slice(IoApic::new(ioapic_id(cfg), IOAPIC_ADDRESS, 0).as_bytes());
     // The PC-AT timer (IRQ0) is wired to IOAPIC pin 2, edge / active high (flags 0 = bus default).

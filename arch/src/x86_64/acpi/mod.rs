@@ -13,6 +13,10 @@
 //! - PCI hotplug is ACPI hotplug (Linux `acpiphp`): the 16-byte register block at
 //!   [`layout::PCI_HOTPLUG_PORT`] reports added and removed slots per segment to `\_SB_.PHPR`,
 //!   which notifies the slot devices `\_SB_.PCIn.Sxx`; their `_EJ0` writes back to it.
+//! - CPU hotplug: the 16-byte register block at [`layout::CPU_HOTPLUG_PORT`] gives every
+//!   processor's status to `\_SB_.CPHP` (bit 2 of the GED, [`GED_EVENT_CPU_HOTPLUG`], makes it
+//!   notify inserted and to-be-removed processors); the processors' `_STA`, `_MAT` and `_EJ0`
+//!   go through it.
 //!
 //! All tables live in `layout::ACPI_START..layout::ACPI_END`, the RSDP first. [`build_tables`]
 //! lays them out and serializes them; [`create_acpi_tables`] writes that output to guest memory.
@@ -45,6 +49,9 @@ pub const GED_EVENT_POWER_BUTTON: u32 = 1 << 0;
 /// then calls `\_SB_.PHPR.PSCN`. Must equal `devices::acpi::GedEvent::PciHotplug` (arch cannot
 /// depend on devices; the two are kept in step by hand).
 pub const GED_EVENT_PCI_HOTPLUG: u32 = 1 << 1;
+/// Bit of the GED event register that asks the guest to look at the CPUs: `_EVT` then calls
+/// `\_SB_.CPHP.CSCN`. Must equal `devices::acpi::GedEvent::CpuHotplug`.
+pub const GED_EVENT_CPU_HOTPLUG: u32 = 1 << 2;
 
 /// ISA IRQ of the GED line, identity-mapped to GSI [`layout::ACPI_GED_GSI`].
 const GED_ISA_IRQ: u8 = {

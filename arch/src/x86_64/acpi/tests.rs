@@ -560,7 +560,8 @@ fn dsdt_has_the_pci_hotplug_controller_slots_and_event() {
     }
     // Every _EJ0 calls PCEJ (slot, segment).
     let pcej = aml_path(&[b"_SB_", b"PHPR", b"PCEJ"]);
-    assert_eq!(count(b"_EJ0"), 3 * 31);
+    // (And the one processor's _EJ0.)
+    assert_eq!(count(b"_EJ0"), 3 * 31 + 1);
     for segment in 0u32..3 {
         for slot in [1u32, 31] {
             let call = [pcej.clone(), aml_int(slot), aml_int(segment)].concat();
@@ -598,4 +599,73 @@ fn dsdt_has_the_pci_hotplug_controller_slots_and_event() {
         &pscn[..]
     );
     assert_eq!(GED_EVENT_PCI_HOTPLUG, 1 << 1);
+}
+
+#[test]
+fn dsdt_has_the_cpu_hotplug_controller_processors_and_event() {
+    let cfg = config(2, 5);
+    let tables = build_tables(&cfg).expect("tables");
+    let dsdt = &table(&tables, b"DSDT").bytes;
+    let count = |needle: &[u8]| dsdt.windows(needle.len()).filter(|w| *w == needle).count();
+    let has = |needle: &[u8]| count(needle) > 0;
+
+    // CPHP claims its ports and maps them as a SystemIO region of 16 bytes.
+    let port = layout::CPU_HOTPLUG_PORT.to_le_bytes();
+    assert!(has(b"CPHP"));
+    assert!(has(&[
+        0x47, 0x01, port[0], port[1], port[0], port[1], 0x01, 0x10
+    ]));
+    let mut region = vec![0x5b, 0x80];
+    region.extend_from_slice(b"CPST");
+    region.push(0x01); // SystemIO
+    region.extend(aml_int(layout::CPU_HOTPLUG_PORT.into()));
+    region.extend(aml_int(16));
+    assert!(has(&region), "OperationRegion (CPST, SystemIO, 0x620, 16)");
+    for name in [
+        b"CLCK", b"CSEL", b"CPEN", b"CINS", b"CRMV", b"CEJ0", b"CCNT", b"CTFY", b"CSCN",
+    ] {
+        assert!(has(name), "{}", String::from_utf8_lossy(name));
+    }
+
+    // Every processor: _STA and _MAT call CSTA (cpu), _EJ0 calls CEJT (cpu); CTFY notifies it.
+    let csta = aml_path(&[b"_SB_", b"CPHP", b"CSTA"]);
+    let cejt = aml_path(&[b"_SB_", b"CPHP", b"CEJT"]);
+    for cpu in 0u8..5 {
+        let arg = aml_int(cpu.into());
+        assert_eq!(
+            count(&[csta.clone(), arg.clone()].concat()),
+            2,
+            "CP{cpu:02X}"
+        );
+        assert!(has(&[cejt.clone(), arg].concat()), "CP{cpu:02X} _EJ0");
+        let name = format!("CP{cpu:02X}");
+        let name: &[u8; 4] = name.as_bytes().try_into().expect("4 bytes");
+        // Notify (\_SB_.CPxx, Arg1)
+        assert!(has(
+            &[vec![0x86], aml_path(&[b"_SB_", name]), vec![0x69]].concat()
+        ));
+        // _MAT's two answers: the MADT entry enabled and online-capable.
+        for flags in [1u8, 2] {
+            assert!(
+                has(&[0x00, 0x08, cpu, cpu, flags, 0, 0, 0]),
+                "{cpu} {flags}"
+            );
+        }
+    }
+    assert!(!has(b"CP05"));
+
+    // _EVT: If (And (Local0, GED_EVENT_CPU_HOTPLUG)) { \_SB_.CPHP.CSCN () }.
+    let test = [vec![0x7b, 0x60], aml_int(GED_EVENT_CPU_HOTPLUG), vec![0x00]].concat();
+    let evt = dsdt.windows(4).position(|w| w == b"_EVT").expect("_EVT");
+    let evt = &dsdt[evt..];
+    let at = evt
+        .windows(test.len())
+        .position(|w| w == test)
+        .expect("CPU hotplug bit test");
+    let cscn = aml_path(&[b"_SB_", b"CPHP", b"CSCN"]);
+    assert_eq!(
+        &evt[at + test.len()..at + test.len() + cscn.len()],
+        &cscn[..]
+    );
+    assert_eq!(GED_EVENT_CPU_HOTPLUG, 1 << 2);
 }
