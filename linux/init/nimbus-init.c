@@ -84,6 +84,14 @@
  *                                      up=<0|-errno>`
  *   nimbus.ifgone=<if>                 waits (180 s) for interface <if> to go (hot
  *                                      removal): `ifgone <if> gone=<1|0>`
+ *   nimbus.memhp=<grow>:<touch>        prints `memhp-waiting memtotal_kb=<k>`, waits (180 s)
+ *                                      for MemTotal to grow by <grow> MiB (RAM hot-added
+ *                                      and onlined): `memhp-added memtotal_kb=<k>
+ *                                      grew_kb=<k> free_grew_kb=<k>` (MemFree's growth:
+ *                                      the pages reached the allocator; or `memhp-timeout
+ *                                      memtotal_kb=<k>`), then writes every page of <touch>
+ *                                      MiB of anonymous memory and frees it: `memhp-touched
+ *                                      mib=<n>`
  *   nimbus.sleep=<s>                   sleeps <s> seconds (the host checks what the VMM
  *                                      released after the guest's last action)
  *   nimbus.dump=0                      skips the pci/bar/irq/iomem/net lines
@@ -931,20 +939,85 @@ static void vsock_connect(const char *arg)
 }
 
 /* MemTotal from /proc/meminfo in KiB, or -errno. */
-static s64 memtotal_kb(void)
+/* A /proc/meminfo field ("MemTotal:", "MemFree:") in kB. */
+static s64 meminfo_kb(const char *key)
 {
 	s64 r = read_file("/proc/meminfo");
 	const char *p = fbuf;
+	u64 n = 0;
 	if (r < 0)
 		return r;
-	while (*p && !starts(p, "MemTotal:"))
+	while (key[n])
+		n++;
+	while (*p && !starts(p, key))
 		p++;
 	if (!*p)
 		return -2;
-	p += 9;
+	p += n;
 	while (*p == ' ')
 		p++;
 	return (s64)parse_dec(&p);
+}
+
+static s64 memtotal_kb(void)
+{
+	return meminfo_kb("MemTotal:");
+}
+
+/* Writes every page of <mib> MiB of fresh anonymous memory, then frees it; <0 on failure. */
+static s64 touch_mib(u64 mib, const char *what)
+{
+	u64 len = mib << 20;
+	/* PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS */
+	s64 m = sys6(SYS_mmap, 0, (s64)len, 3, 0x22, -1, 0);
+	if (m < 0 && m > -4096) {
+		error(what, m);
+		return m;
+	}
+	for (u64 o = 0; o < len; o += 4096)
+		((volatile char *)m)[o] = 0x5a;
+	sys3(SYS_munmap, m, len, 0);
+	return 0;
+}
+
+static void memhp_action(const char *arg)
+{
+	u64 grow = parse_dec(&arg), touch;
+	s64 before, now = 0, free_before = meminfo_kb("MemFree:");
+	if (*arg == ':')
+		arg++;
+	touch = parse_dec(&arg);
+	before = memtotal_kb();
+	put("NIMBUS-LINUX memhp-waiting memtotal_kb=");
+	put_dec(before);
+	flush_line();
+	for (int i = 0; i < 1800; i++) {
+		struct {
+			s64 sec, nsec;
+		} ts = { 0, 100000000 };
+		now = memtotal_kb();
+		if (now - before >= (s64)(grow << 10))
+			break;
+		sys3(SYS_nanosleep, &ts, 0, 0);
+	}
+	if (now - before < (s64)(grow << 10)) {
+		put("NIMBUS-LINUX memhp-timeout memtotal_kb=");
+		put_dec(now);
+		flush_line();
+		return;
+	}
+	put("NIMBUS-LINUX memhp-added memtotal_kb=");
+	put_dec(now);
+	put(" grew_kb=");
+	put_dec(now - before);
+	put(" free_grew_kb=");
+	put_dec(meminfo_kb("MemFree:") - free_before);
+	flush_line();
+	if (touch_mib(touch, "memhp-mmap") == 0) {
+		put("NIMBUS-LINUX memhp-touched mib=");
+		put_dec((s64)touch);
+		flush_line();
+	}
 }
 
 static void balloon_action(const char *arg)
@@ -954,18 +1027,8 @@ static void balloon_action(const char *arg)
 	if (*arg == ':')
 		arg++;
 	want = parse_dec(&arg);
-	if (touch) {
-		u64 len = touch << 20;
-		/* PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS */
-		s64 m = sys6(SYS_mmap, 0, (s64)len, 3, 0x22, -1, 0);
-		if (m < 0 && m > -4096) {
-			error("balloon-mmap", m);
-			return;
-		}
-		for (u64 o = 0; o < len; o += 4096)
-			((volatile char *)m)[o] = 0x5a;
-		sys3(SYS_munmap, m, len, 0);
-	}
+	if (touch && touch_mib(touch, "balloon-mmap") < 0)
+		return;
 	before = memtotal_kb();
 	put("NIMBUS-LINUX balloon-touched mib=");
 	put_dec((s64)touch);
@@ -1232,6 +1295,8 @@ static void run(void)
 			reboot_once(w + 14);
 		else if (starts(w, "nimbus.balloon="))
 			balloon_action(w + 15);
+		else if (starts(w, "nimbus.memhp="))
+			memhp_action(w + 13);
 		else if (starts(w, "nimbus.hotplug="))
 			hotplug_action(w + 15);
 		else if (starts(w, "nimbus.ifup="))
