@@ -8,6 +8,7 @@ fn config(boot_cpus: u8, max_cpus: u8) -> AcpiConfig {
         max_cpus,
         topology: None,
         pci_segments: layout::pci_segments(1 << 30, &[(1, 1)]).expect("one segment"),
+        memory_hotplug_slots: 0,
     }
 }
 
