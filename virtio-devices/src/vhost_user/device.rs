@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
+
 use virtio_chain::QueueError;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -246,7 +248,11 @@ impl VirtioDevice for VhostUserDevice {
         let link = &self.shared.link;
         if let Some(c) = link.connection().as_mut() {
             match c.update_mem_table(mem) {
-                Ok(()) => log::debug!("{}: new memory table sent to the backend", self.name),
+                Ok(()) => log::info!(
+                    "{}: the vhost-user backend has the new memory table ({} regions)",
+                    self.name,
+                    mem.memory().num_regions()
+                ),
                 Err(e) => log::warn!(
                     "{}: the vhost-user backend at {} did not take the new memory table: {}",
                     self.name,
