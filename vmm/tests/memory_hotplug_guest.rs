@@ -208,3 +208,37 @@ fn ram_hot_added_through_acpi_is_usable_and_vhost_user_keeps_serving() {
     // The VMM closed the connection: the single-frontend daemon exits cleanly.
     daemon.finish(WAIT).assert_clean_exit();
 }
+
+/// A VM started without `hotplug_size` has no memory hotplug: `desired_ram` on it is refused
+/// (500) with a message saying how to start one that has it, and the DSDT has no memory
+/// devices (the guest sees no memory hotplug event).
+#[test]
+fn ram_cannot_grow_without_hotplug_size() {
+    if !require_kvm("ram_cannot_grow_without_hotplug_size") {
+        return;
+    }
+    let v = ApiVmm::new("memhp-off");
+    let mut cmd = e2e::nimbus_test_guest(
+        NIMBUS,
+        "size=128M",
+        "lifecycle=1 lifecycle.blk.count=0 expect.cpus=1 expect.mem=128M",
+    );
+    cmd.args(["--cpus", "boot=1", "--api-socket"])
+        .arg(&v.socket);
+    let vm = spawn_vm(cmd);
+    v.wait_ready();
+    vm.wait_for_line("INFO lifecycle start", WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = api::call(
+        &v.socket,
+        "PUT",
+        "vm.resize",
+        Some(&format!(r#"{{"desired_ram":{}}}"#, 256 * MIB)),
+    );
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(r.text().contains("hotplug_size"), "{}", r.text());
+    let info = api::call(&v.socket, "GET", "vm.info", None).json();
+    assert_eq!(info["config"]["memory"]["size"], 128 * MIB, "{info}");
+    assert!(!vm.stdout_so_far().contains("memhp."));
+    drop(vm);
+}
