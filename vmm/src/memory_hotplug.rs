@@ -163,18 +163,18 @@ impl MemoryHotplug {
     ) -> Result<Grown, MemoryHotplugError> {
         let ranges = self.plan(desired)?;
         let mut grown = memory.clone();
+        let first_slot = self.next_slot;
         for &(addr, size) in &ranges {
-            let region = Arc::new(memory::create_ram_region(&self.config, addr, size)?);
-            let slot = self.next_slot;
-            // SAFETY: the mapping is owned by `region`, which the guest memory (and so the VM)
-            // keeps for as long as the slot exists.
-            unsafe { hv_vm.map_memory(slot, addr, size, region.as_ptr(), false) }
-                .map_err(|source| MemoryError::Register { slot, addr, source })?;
-            self.next_slot += 1;
-            grown = grown
-                .insert_region(region)
-                .map_err(|source| MemoryHotplugError::Insert { addr, source })?;
-            log::info!("hot-added {size:#x} bytes of RAM at {addr:#x} (memory slot {slot})");
+            if let Err(e) = self.add_range(hv_vm, &mut grown, addr, size) {
+                // The slots registered so far map regions that are about to be dropped.
+                for slot in first_slot..self.next_slot {
+                    if let Err(e) = hv_vm.unmap_memory(slot) {
+                        log::error!("cannot delete memory slot {slot}: {e}");
+                    }
+                }
+                self.next_slot = first_slot;
+                return Err(e);
+            }
         }
         self.next += desired - self.current;
         self.current = desired;
@@ -182,6 +182,31 @@ impl MemoryHotplug {
             memory: grown,
             ranges,
         })
+    }
+
+    /// Maps `size` bytes for guest address `addr`, registers them as the next memory slot and
+    /// adds them to `grown`.
+    fn add_range(
+        &mut self,
+        hv_vm: &dyn hypervisor::Vm,
+        grown: &mut GuestMemoryMmap,
+        addr: u64,
+        size: u64,
+    ) -> Result<(), MemoryHotplugError> {
+        let region = Arc::new(memory::create_ram_region(&self.config, addr, size)?);
+        let with = grown
+            .insert_region(region.clone())
+            .map_err(|source| MemoryHotplugError::Insert { addr, source })?;
+        let slot = self.next_slot;
+        // SAFETY: the mapping is owned by `region`, which the guest memory (and so the VM)
+        // keeps for as long as the slot exists; on failure the caller deletes the slot before
+        // dropping the region.
+        unsafe { hv_vm.map_memory(slot, addr, size, region.as_ptr(), false) }
+            .map_err(|source| MemoryError::Register { slot, addr, source })?;
+        self.next_slot += 1;
+        *grown = with;
+        log::info!("hot-added {size:#x} bytes of RAM at {addr:#x} (memory slot {slot})");
+        Ok(())
     }
 
     /// Puts `ranges` in free slots of the register block, each enabled with its insertion
