@@ -29,7 +29,8 @@ const _: () = assert!(
 pub enum MemoryHotplugError {
     /// The VM was not started with `hotplug_method=acpi` and a `hotplug_size`.
     #[error(
-        "memory hotplug is off: start the VM with --memory hotplug_method=acpi,hotplug_size=SIZE"
+        "desired_ram needs memory hotplug, which is off: start the VM with --memory \
+         hotplug_method=acpi,hotplug_size=SIZE"
     )]
     Disabled,
     /// Shrinking RAM.

@@ -59,7 +59,7 @@ fn balloon_inflates_through_vm_resize_and_the_rss_falls() {
         .unwrap_or_else(|e| panic!("{e}"));
     let before = rss_bytes(pid);
 
-    // desired_ram is not implemented: it is refused by name.
+    // desired_ram on a VM without memory hotplug (no hotplug_size) is refused by name.
     let refused = api::call(
         &v.socket,
         "PUT",
@@ -68,6 +68,11 @@ fn balloon_inflates_through_vm_resize_and_the_rss_falls() {
     );
     assert_eq!(refused.status, 500, "{}", refused.text());
     assert!(refused.text().contains("desired_ram"), "{}", refused.text());
+    assert!(
+        refused.text().contains("hotplug_size"),
+        "{}",
+        refused.text()
+    );
     let too_big = api::call(
         &v.socket,
         "PUT",
