@@ -128,6 +128,7 @@ fn iasl_accepts_every_table() {
         max_cpus: 4,
         topology: None,
         pci_segments: layout::pci_segments(8 << 30, &[(1, 1), (1, 1)]).expect("segments"),
+        memory_hotplug_slots: 0,
     };
     let dir = round_trip(&cfg, "acpi-iasl");
 
@@ -220,6 +221,7 @@ fn iasl_accepts_the_largest_machine() {
             one[0].mmio64 = (0, 0);
             one
         },
+        memory_hotplug_slots: 0,
     };
     let dir = round_trip(&cfg, "acpi-iasl-255");
     let dsdt = read(&dir.0, "dsdt.dsl");
@@ -237,6 +239,7 @@ fn iasl_accepts_every_pci_segment_with_hotplug_slots() {
         max_cpus: 1,
         topology: None,
         pci_segments: layout::pci_segments(1 << 30, &[(1, 1); 16]).expect("segments"),
+        memory_hotplug_slots: 0,
     };
     let dir = round_trip(&cfg, "acpi-iasl-16-segments");
     let dsdt = read(&dir.0, "dsdt.dsl");
@@ -259,4 +262,41 @@ fn squeeze(text: &str) -> String {
         .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" "))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[test]
+fn iasl_accepts_memory_hotplug() {
+    let cfg = AcpiConfig {
+        boot_cpus: 1,
+        max_cpus: 2,
+        topology: None,
+        pci_segments: layout::pci_segments(640 << 20, &[(1, 1)]).expect("segments"),
+        memory_hotplug_slots: layout::MEMORY_HOTPLUG_SLOTS,
+    };
+    let dir = round_trip(&cfg, "acpi-iasl-memory-hotplug");
+    let dsdt = read(&dir.0, "dsdt.dsl");
+    for expected in [
+        "Device (MHPC)",
+        "SystemIO, 0x0640, 0x18",
+        "Mutex (MLCK, 0x00)",
+        "Method (MSTA, 1",
+        "Method (MCRS, 1, Serialized",
+        "QWordMemory",
+        "CreateQWordField (MR64, \\_SB.MHPC.MCRS._Y00._MIN, MINL)",
+        "CreateQWordField (MR64, \\_SB.MHPC.MCRS._Y00._MAX, MAXL)",
+        "CreateQWordField (MR64, \\_SB.MHPC.MCRS._Y00._LEN, LENL)",
+        "If ((Local0 & 0x08))",
+        "Method (MSCN, 0",
+        "Notify (\\_SB.M000, One)",
+        "Notify (\\_SB.M007, One)",
+        "\\_SB.MHPC.MSCN ()",
+        "Return (\\_SB.MHPC.MCRS (0x07))",
+    ] {
+        assert!(
+            dsdt.contains(expected),
+            "DSDT disassembly lacks {expected:?}:\n{dsdt}"
+        );
+    }
+    assert_eq!(dsdt.matches("EisaId (\"PNP0C80\")").count(), 8, "{dsdt}");
+    assert!(!dsdt.contains("Device (M008)"), "{dsdt}");
 }

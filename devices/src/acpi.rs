@@ -1,5 +1,5 @@
 //! ACPI hardware-reduced registers: sleep control/status, the reset register and the Generic
-//! Event Device (power button, PCI and CPU hotplug).
+//! Event Device (power button, PCI, CPU and memory hotplug).
 
 use std::sync::Arc;
 
@@ -89,6 +89,10 @@ pub enum GedEvent {
     /// calls `\_SB_.CPHP.CSCN`, which looks at every CPU. Must equal arch's
     /// `x86_64::acpi::GED_EVENT_CPU_HOTPLUG`.
     CpuHotplug = 4,
+    /// RAM was hot-added (see [`crate::memory_hotplug`]): the guest's `_EVT` calls
+    /// `\_SB_.MHPC.MSCN`, which notifies the memory devices with an insertion pending. Must
+    /// equal arch's `x86_64::acpi::GED_EVENT_MEMORY_HOTPLUG`.
+    MemoryHotplug = 8,
 }
 
 /// The Generic Event Device's event register: the DSDT's `_EVT` reads it (which clears it) and
@@ -160,10 +164,11 @@ mod tests {
     #[test]
     fn ged_events_are_distinct_bits_and_accumulate() {
         // The DSDT's _EVT tests these bits (arch's GED_EVENT_POWER_BUTTON and
-        // GED_EVENT_PCI_HOTPLUG, GED_EVENT_CPU_HOTPLUG).
+        // GED_EVENT_PCI_HOTPLUG, GED_EVENT_CPU_HOTPLUG, GED_EVENT_MEMORY_HOTPLUG).
         assert_eq!(GedEvent::PowerButton as u32, 1 << 0);
         assert_eq!(GedEvent::PciHotplug as u32, 1 << 1);
         assert_eq!(GedEvent::CpuHotplug as u32, 1 << 2);
+        assert_eq!(GedEvent::MemoryHotplug as u32, 1 << 3);
         let irq = Arc::new(CountingInterrupt::default());
         let mut ged = Ged::new(irq.clone());
         ged.notify(GedEvent::PciHotplug).expect("notify");

@@ -10,6 +10,7 @@ pub mod bus;
 pub mod cpu_hotplug;
 pub mod debug_port;
 pub mod i8042;
+pub mod memory_hotplug;
 pub mod pci_hotplug;
 mod registers;
 pub mod rtc;

@@ -83,6 +83,8 @@ const GED_POWER_BUTTON: u32 = 1;
 const GED_PCI_HOTPLUG: u32 = 2;
 /// GED event bit: vCPUs were added or are to be ejected (the VMM's CPU hotplug registers).
 const GED_CPU_HOTPLUG: u32 = 4;
+/// GED event bit: RAM was hot-added (the VMM's memory hotplug registers).
+const GED_MEMORY_HOTPLUG: u32 = 8;
 /// PM1 status/enable bit of the fixed-hardware power button.
 const PM1_PWRBTN: u16 = 1 << 8;
 
@@ -166,7 +168,18 @@ pub fn run(si: &StartInfo, acpi: &Acpi, avoid: &Regions, cmdline: &str) -> bool 
         }
     };
     let mut start: StrBuf<300> = StrBuf::new();
-    let _ = write!(start, "boot={boot} tsc_khz={khz} tick_ms={TICK_MS}");
+    // The end of the highest RAM range of the memory map: RAM hot-added before a reboot is
+    // boot RAM after it.
+    let ram_top = si
+        .memmap()
+        .filter(|e| e.kind == 1)
+        .map(|e| e.end())
+        .max()
+        .unwrap_or(0);
+    let _ = write!(
+        start,
+        "boot={boot} tsc_khz={khz} tick_ms={TICK_MS} ram_top={ram_top:#x}"
+    );
     match cfg.ticks {
         Some(t) => {
             let _ = write!(start, " ticks={t}");
@@ -491,6 +504,9 @@ impl Ged {
                 Some(cpus) => cpus.scan(),
                 None => println!("INFO cpuhp event ignored: CPU hotplug could not be prepared"),
             }
+        }
+        if events & GED_MEMORY_HOTPLUG != 0 {
+            crate::memhp::scan();
         }
         if events & GED_POWER_BUTTON != 0 {
             return true;

@@ -25,6 +25,7 @@ mod cpuhp;
 mod expect;
 mod fs;
 mod hotplug;
+mod memhp;
 mod hostile;
 mod kvmclock;
 mod lifecycle;

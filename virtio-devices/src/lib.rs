@@ -132,4 +132,8 @@ pub trait VirtioDevice: Send {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+    /// Guest memory gained regions (hot-added RAM): the [`GuestMemoryAtomic`] the device was
+    /// activated with already holds them. Devices that read memory through it need nothing;
+    /// a device that hands the memory to another process (vhost-user) tells it here.
+    fn memory_changed(&mut self) {}
 }

@@ -532,6 +532,13 @@ impl VirtioPciDevice {
         }
     }
 
+    /// Guest memory gained regions (see [`VirtioDevice::memory_changed`]).
+    pub fn memory_changed(&mut self) {
+        if self.active {
+            self.device.memory_changed();
+        }
+    }
+
     /// The device's `vm.counters`.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         self.device.counters()

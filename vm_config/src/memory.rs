@@ -81,9 +81,15 @@ impl Default for MemoryConfig {
 pub const MIN_MEMORY: u64 = 2 << 20;
 
 impl MemoryConfig {
-    /// RAM plus the space kept for hot-added RAM: where guest RAM may reach.
+    /// RAM plus the space kept for hot-added RAM: where guest RAM may reach. The hot-added
+    /// RAM starts on a 128 MiB boundary (`layout::hotplug_ram_start`).
     pub fn reserved_size(&self) -> u64 {
-        self.size.saturating_add(self.hotplug_size.unwrap_or(0))
+        match self.hotplug_size {
+            Some(h) if h > 0 => {
+                arch::x86_64::layout::hotplug_ram_start(self.size).saturating_add(h)
+            }
+            _ => self.size,
+        }
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {

@@ -477,9 +477,10 @@ impl Vmm {
         self.events.emit("vm", "device-removed", &[("id", &id)]);
     }
 
-    /// `vm.resize`: the vCPU count (hotplug on a booted VM, see [`Vmm::resize_vcpus`]), then
-    /// the balloon's target (in the configuration, and in the running guest); RAM sizes come
-    /// with memory hotplug and are refused by name.
+    /// `vm.resize`: the vCPU count (hotplug on a booted VM, see [`Vmm::resize_vcpus`]), the
+    /// RAM size (before boot in the configuration; on a booted VM RAM is hot-added, see
+    /// [`Vmm::resize_ram`]), then the balloon's target (in the configuration, and in the running
+    /// guest), in Cloud Hypervisor's order.
     /// On a booted VM the event monitor gets `vm/resizing`, then `vm/resized` if it worked
     /// (as Cloud Hypervisor's `Vm::resize` emits them).
     fn resize(&mut self, resize: &vm_config::requests::VmResizeData) -> ApiReply {
@@ -497,18 +498,11 @@ impl Vmm {
     /// The changes of [`Vmm::resize`].
     fn apply_resize(&mut self, resize: &vm_config::requests::VmResizeData) -> ApiReply {
         const CONTEXT: &str = "The VM could not be resized";
-        if resize.desired_ram.is_some() {
-            return Err(ApiError::plain(
-                500,
-                &[
-                    CONTEXT,
-                    "desired_ram not supported by Nimbus yet (memory hotplug); only \
-                     desired_vcpus and desired_balloon are",
-                ],
-            ));
-        }
         if let Some(desired) = resize.desired_vcpus {
             self.resize_vcpus(desired)?;
+        }
+        if let Some(bytes) = resize.desired_ram {
+            self.resize_ram(bytes)?;
         }
         let Some(bytes) = resize.desired_balloon else {
             return Ok(ApiBody::NoContent);
@@ -539,6 +533,32 @@ impl Vmm {
             b.vm.resize_balloon(bytes)
                 .map_err(|e| vm_error(CONTEXT, &e))?;
         }
+        Ok(ApiBody::NoContent)
+    }
+
+    /// `vm.resize desired_ram`: before boot the configuration's RAM size changes (if the
+    /// result is valid); on a booted VM RAM grows by ACPI memory hotplug ([`Vm::resize_memory`])
+    /// and the configuration follows, as in Cloud Hypervisor, so `vm.info` shows the new size
+    /// and a reboot starts with it.
+    fn resize_ram(&mut self, bytes: u64) -> ApiReply {
+        const CONTEXT: &str = "The VM could not be resized";
+        let Some(config) = &mut self.config else {
+            return Err(ApiError::plain(404, &["VM is not created"]));
+        };
+        let Some(booted) = &mut self.booted else {
+            let mut changed = config.clone();
+            changed.memory.size = bytes;
+            changed
+                .validate()
+                .map_err(|e| ApiError::new(config_status(&e), CONTEXT, &e))?;
+            *config = changed;
+            return Ok(ApiBody::NoContent);
+        };
+        booted
+            .vm
+            .resize_memory(bytes)
+            .map_err(|e| vm_error(CONTEXT, &e))?;
+        config.memory.size = bytes;
         Ok(ApiBody::NoContent)
     }
 

@@ -274,6 +274,13 @@ impl DeviceManager {
         }
     }
 
+    /// Tells every device that guest memory gained regions (hot-added RAM).
+    pub fn memory_changed(&mut self) {
+        for d in &self.devices {
+            d.lock().memory_changed();
+        }
+    }
+
     /// `vm.counters`: the devices that keep counters, by id.
     pub fn counters(&self) -> BTreeMap<String, BTreeMap<&'static str, u64>> {
         self.devices

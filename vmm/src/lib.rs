@@ -14,6 +14,7 @@ pub mod fds;
 pub mod interrupts;
 pub mod landlock;
 pub mod memory;
+pub mod memory_hotplug;
 pub mod pci_devices;
 pub mod pmem;
 pub mod seccomp;

@@ -101,48 +101,56 @@ fn memfd(size: u64, hugepages: Option<Option<u64>>) -> Result<File, MemoryError>
 
 /// Maps guest RAM for `cfg` following the machine layout.
 pub fn create_guest_memory(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
-    let mut regions = Vec::new();
-    for (addr, size) in arch::x86_64::layout::ram_regions(cfg.size) {
-        let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(size))?;
-        let mut builder =
-            MmapRegionBuilder::new(len).with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
-        // MAP_NORESERVE lets a large guest start on a host that overcommits, but on hugetlbfs
-        // it would turn a shortage of huge pages into SIGBUS at first touch: huge pages are
-        // reserved at map time instead, so a shortage is an error here.
-        let populate = if cfg.prefault { libc::MAP_POPULATE } else { 0 };
-        if cfg.hugepages {
-            let file = memfd(size, Some(cfg.hugepage_size))?;
-            builder = builder
-                .with_file_offset(FileOffset::new(file, 0))
-                .with_hugetlbfs(true)
-                .with_mmap_flags(libc::MAP_SHARED | populate);
-        } else if cfg.shared {
-            let file = memfd(size, None)?;
-            builder = builder
-                .with_file_offset(FileOffset::new(file, 0))
-                .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE | populate);
-        } else {
-            builder = builder.with_mmap_flags(
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | populate,
-            );
-        }
-        let hint = if cfg.hugepages {
-            " (hugepages=on: are enough huge pages free? see HugePages_Free in /proc/meminfo)"
-        } else {
-            ""
-        };
-        let region = builder.build().map_err(|source| MemoryError::Map {
-            addr,
-            size,
-            hint,
-            source,
-        })?;
-        advise(region.as_ptr(), len, cfg);
-        let region =
-            GuestRegionMmap::new(region, GuestAddress(addr)).ok_or(MemoryError::TooLarge(size))?;
-        regions.push(region);
-    }
+    let regions = arch::x86_64::layout::ram_regions(cfg.size)
+        .into_iter()
+        .map(|(addr, size)| create_ram_region(cfg, addr, size))
+        .collect::<Result<Vec<_>, _>>()?;
     GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Layout)
+}
+
+/// Maps `size` bytes of guest RAM for guest address `addr` as `cfg` asks: a sealed memfd
+/// (`shared=on`, huge pages) or anonymous memory. Boot RAM and hot-added RAM are made alike.
+pub fn create_ram_region(
+    cfg: &MemoryConfig,
+    addr: u64,
+    size: u64,
+) -> Result<GuestRegionMmap, MemoryError> {
+    let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(size))?;
+    let mut builder =
+        MmapRegionBuilder::new(len).with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+    // MAP_NORESERVE lets a large guest start on a host that overcommits, but on hugetlbfs
+    // it would turn a shortage of huge pages into SIGBUS at first touch: huge pages are
+    // reserved at map time instead, so a shortage is an error here.
+    let populate = if cfg.prefault { libc::MAP_POPULATE } else { 0 };
+    if cfg.hugepages {
+        let file = memfd(size, Some(cfg.hugepage_size))?;
+        builder = builder
+            .with_file_offset(FileOffset::new(file, 0))
+            .with_hugetlbfs(true)
+            .with_mmap_flags(libc::MAP_SHARED | populate);
+    } else if cfg.shared {
+        let file = memfd(size, None)?;
+        builder = builder
+            .with_file_offset(FileOffset::new(file, 0))
+            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE | populate);
+    } else {
+        builder = builder.with_mmap_flags(
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | populate,
+        );
+    }
+    let hint = if cfg.hugepages {
+        " (hugepages=on: are enough huge pages free? see HugePages_Free in /proc/meminfo)"
+    } else {
+        ""
+    };
+    let region = builder.build().map_err(|source| MemoryError::Map {
+        addr,
+        size,
+        hint,
+        source,
+    })?;
+    advise(region.as_ptr(), len, cfg);
+    GuestRegionMmap::new(region, GuestAddress(addr)).ok_or(MemoryError::TooLarge(size))
 }
 
 fn advise(ptr: *mut u8, len: usize, cfg: &MemoryConfig) {

@@ -138,6 +138,9 @@ pub enum VmError {
     /// A pmem file could not be opened or mapped into the guest.
     #[error("pmem device")]
     Pmem(#[from] crate::pmem::PmemAttachError),
+    /// RAM could not be hot-added.
+    #[error("cannot hot-add RAM")]
+    MemoryHotplug(#[from] crate::memory_hotplug::MemoryHotplugError),
     /// A device thread did not pause.
     #[error("cannot pause the devices")]
     Pause(#[source] virtio_devices::pause::PauseError),
@@ -208,6 +211,10 @@ pub struct Vm {
     _interrupts: Vec<Arc<IrqfdInterrupt>>,
     hv_vm: Arc<dyn hypervisor::Vm>,
     memory: GuestMemoryMmap,
+    /// The guest memory every device reads through (its contents grow with hot-added RAM).
+    guest_mem: virtio_devices::GuestMemoryAtomic,
+    /// ACPI memory hotplug, when the VM has it.
+    memory_hotplug: Option<crate::memory_hotplug::MemoryHotplug>,
     /// The balloon, if any.
     balloon: Option<virtio_devices::balloon::BalloonHandle>,
     /// The pmem files' mappings (after `hv_vm`, whose slots use them, for drop order).
@@ -272,6 +279,7 @@ impl Vm {
         let topology = config.cpus.presented_topology().arch();
         // RAM added later goes between RAM and the 64-bit PCI window, which the segments share.
         let pci_segments = config.pci_segment_layouts().map_err(VmError::Config)?;
+        let memory_hotplug = crate::memory_hotplug::MemoryHotplug::new(&config.memory);
         let rsdp = acpi::create_acpi_tables(
             &memory,
             &acpi::AcpiConfig {
@@ -279,6 +287,11 @@ impl Vm {
                 max_cpus,
                 topology: Some(topology),
                 pci_segments: pci_segments.clone(),
+                memory_hotplug_slots: if memory_hotplug.is_some() {
+                    layout::MEMORY_HOTPLUG_SLOTS
+                } else {
+                    0
+                },
             },
         )
         .map_err(VmError::Acpi)?;
@@ -314,7 +327,7 @@ impl Vm {
             hv_vm.clone(),
             &io_bus,
             &mmio_bus,
-            guest_mem,
+            guest_mem.clone(),
             &pci_segments,
             reset_register,
         )?;
@@ -347,6 +360,18 @@ impl Vm {
                 what: "CPU hotplug registers",
                 source,
             })?;
+        if let Some(hp) = &memory_hotplug {
+            io_bus
+                .insert(
+                    hp.registers(),
+                    u64::from(layout::MEMORY_HOTPLUG_PORT),
+                    layout::MEMORY_HOTPLUG_PORT_LEN,
+                )
+                .map_err(|source| VmError::Bus {
+                    what: "memory hotplug registers",
+                    source,
+                })?;
+        }
         let mut devices = DeviceManager::new(pci, requests);
         if !matches!(board.serial(), OutputSink::Off) {
             devices.add_platform("__serial");
@@ -416,6 +441,8 @@ impl Vm {
             _interrupts: interrupts,
             hv_vm,
             memory,
+            guest_mem,
+            memory_hotplug,
             balloon,
             pmem,
             paused_clock: None,
@@ -554,6 +581,29 @@ impl Vm {
                 self.pmem.push(p);
             }
         }
+    }
+
+    /// Grows RAM to `desired` bytes (ACPI memory hotplug, see [`crate::memory_hotplug`]): the
+    /// new RAM is mapped, given to the hypervisor and to every device (vhost-user backends get
+    /// a new memory table), then the guest is told (a GED event). `desired` equal to the
+    /// current size changes nothing.
+    pub fn resize_memory(&mut self, desired: u64) -> Result<(), VmError> {
+        let hp = self
+            .memory_hotplug
+            .as_mut()
+            .ok_or(crate::memory_hotplug::MemoryHotplugError::Disabled)?;
+        let grown = hp.grow(self.hv_vm.as_ref(), &self.memory, desired)?;
+        if grown.ranges.is_empty() {
+            return Ok(());
+        }
+        self.memory = grown.memory.clone();
+        self.guest_mem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(grown.memory);
+        self.devices.memory_changed();
+        hp.announce(&grown.ranges)?;
+        self.notify(devices::acpi::GedEvent::MemoryHotplug)
     }
 
     /// The registry of this instance's devices.

@@ -59,7 +59,7 @@ fn balloon_inflates_through_vm_resize_and_the_rss_falls() {
         .unwrap_or_else(|e| panic!("{e}"));
     let before = rss_bytes(pid);
 
-    // desired_ram is not implemented: it is refused by name.
+    // desired_ram on a VM without memory hotplug (no hotplug_size) is refused by name.
     let refused = api::call(
         &v.socket,
         "PUT",
@@ -68,6 +68,11 @@ fn balloon_inflates_through_vm_resize_and_the_rss_falls() {
     );
     assert_eq!(refused.status, 500, "{}", refused.text());
     assert!(refused.text().contains("desired_ram"), "{}", refused.text());
+    assert!(
+        refused.text().contains("hotplug_size"),
+        "{}",
+        refused.text()
+    );
     let too_big = api::call(
         &v.socket,
         "PUT",
@@ -182,8 +187,8 @@ fn balloon_inflates_through_vm_resize_and_the_rss_falls() {
 }
 
 /// `vm.resize` before boot: `desired_balloon` becomes the configuration's balloon size (what the
-/// boot will ask of the guest); on a VM without a balloon, or with `desired_ram`, it is refused
-/// with a message naming why. (Nothing boots, but the VMM opens /dev/kvm at start.)
+/// boot will ask of the guest); on a VM without a balloon it is refused with a message naming
+/// why; `desired_ram` becomes the configured RAM size. (Nothing boots, but the VMM opens /dev/kvm at start.)
 #[test]
 fn resize_before_boot_changes_the_configured_balloon() {
     if !require_kvm("resize_before_boot_changes_the_configured_balloon") {
@@ -216,9 +221,11 @@ fn resize_before_boot_changes_the_configured_balloon() {
     assert_eq!(ok.status, 204, "{}", ok.text());
     let info = api::call(&v.socket, "GET", "vm.info", None).json();
     assert_eq!(info["config"]["balloon"]["size"], 64 * MIB, "{info}");
+    // desired_ram before boot is the configuration's RAM size (Cloud Hypervisor's rule).
     let ram = put("vm.resize", r#"{"desired_ram":1073741824}"#);
-    assert_eq!(ram.status, 500, "{}", ram.text());
-    assert!(ram.text().contains("desired_ram"), "{}", ram.text());
+    assert_eq!(ram.status, 204, "{}", ram.text());
+    let info = api::call(&v.socket, "GET", "vm.info", None).json();
+    assert_eq!(info["config"]["memory"]["size"], 1u64 << 30, "{info}");
     vm.kill();
 }
 

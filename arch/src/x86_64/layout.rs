@@ -99,6 +99,18 @@ pub const PCI_HOTPLUG_PORT_LEN: u64 = 16;
 pub const CPU_HOTPLUG_PORT: u16 = 0x620;
 /// Length in bytes of the CPU hotplug register block at [`CPU_HOTPLUG_PORT`].
 pub const CPU_HOTPLUG_PORT_LEN: u64 = 16;
+/// ACPI memory hotplug register block (I/O ports) read and written by the DSDT's
+/// `\_SB_.MHPC` (see `devices::memory_hotplug`): 0x0 slot selector, 0x4 slot status, 0x8 base
+/// (64-bit), 0x10 length (64-bit).
+pub const MEMORY_HOTPLUG_PORT: u16 = 0x640;
+/// Length in bytes of the memory hotplug register block at [`MEMORY_HOTPLUG_PORT`].
+pub const MEMORY_HOTPLUG_PORT_LEN: u64 = 0x18;
+/// ACPI memory devices (`PNP0C80`) the DSDT has when memory hotplug is on: each hot-added
+/// range takes one (Cloud Hypervisor also has 8).
+pub const MEMORY_HOTPLUG_SLOTS: u8 = 8;
+/// Granularity of hot-added RAM: Linux adds memory in blocks of 128 MiB on x86_64, so every
+/// hot-added range starts and ends on this boundary.
+pub const HOTPLUG_RAM_ALIGN: u64 = 128 << 20;
 /// ACPI reset register (FADT RESET_REG), the classic 0xcf9; value below resets.
 pub const ACPI_RESET_PORT: u16 = 0xcf9;
 /// Value written to [`ACPI_RESET_PORT`] to reset (FADT RESET_VALUE).
@@ -117,6 +129,12 @@ const _: () = assert!(
     "the PCI and CPU hotplug ports must not overlap each other, the GED or the reset register"
 );
 
+const _: () = assert!(
+    CPU_HOTPLUG_PORT as u64 + CPU_HOTPLUG_PORT_LEN <= MEMORY_HOTPLUG_PORT as u64
+        && MEMORY_HOTPLUG_PORT as u64 + MEMORY_HOTPLUG_PORT_LEN <= ACPI_RESET_PORT as u64,
+    "the memory hotplug ports must not overlap the CPU hotplug ports or the reset register"
+);
+
 /// Guest RAM ranges for `ram_size` bytes: below the 32-bit hole and, if needed, above 4 GiB.
 pub fn ram_regions(ram_size: u64) -> Vec<(u64, u64)> {
     let low = ram_size.min(MEM_32BIT_HOLE_START);
@@ -125,6 +143,37 @@ pub fn ram_regions(ram_size: u64) -> Vec<(u64, u64)> {
         regions.push((RAM_64BIT_START, ram_size - low));
     }
     regions
+}
+
+/// Guest physical ranges of the RAM between `from` and `to` bytes (`from <= to`): RAM is
+/// numbered as [`ram_regions`] lays it out, below the 32-bit hole first, then above 4 GiB, so
+/// a range may be split by the hole.
+pub fn ram_range(from: u64, to: u64) -> Vec<(u64, u64)> {
+    let to_phys = |offset: u64| {
+        if offset < MEM_32BIT_HOLE_START {
+            offset
+        } else {
+            RAM_64BIT_START.saturating_add(offset - MEM_32BIT_HOLE_START)
+        }
+    };
+    let mut ranges = Vec::new();
+    if from < to.min(MEM_32BIT_HOLE_START) {
+        ranges.push((from, to.min(MEM_32BIT_HOLE_START) - from));
+    }
+    let high_from = from.max(MEM_32BIT_HOLE_START);
+    if high_from < to {
+        ranges.push((to_phys(high_from), to - high_from));
+    }
+    ranges
+}
+
+/// Where hot-added RAM starts for a guest booted with `ram_size` bytes, counted as
+/// [`ram_range`] counts: the boot RAM rounded up to [`HOTPLUG_RAM_ALIGN`], so every hot-added
+/// range is block aligned for the guest.
+pub fn hotplug_ram_start(ram_size: u64) -> u64 {
+    ram_size
+        .checked_next_multiple_of(HOTPLUG_RAM_ALIGN)
+        .unwrap_or(u64::MAX)
 }
 
 /// Start of the 64-bit PCI MMIO window for a guest with `ram_size` bytes of RAM.
@@ -324,6 +373,36 @@ mod tests {
     fn absurd_ram_sizes_saturate_instead_of_overflowing() {
         assert_eq!(pci_mmio64_start(u64::MAX - 4095), u64::MAX);
         assert_eq!(pci_mmio64_start(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn ram_ranges_skip_the_hole() {
+        assert_eq!(
+            ram_range(128 << 20, 256 << 20),
+            vec![(128 << 20, 128 << 20)]
+        );
+        assert_eq!(ram_range(256 << 20, 256 << 20), vec![]);
+        let hole = MEM_32BIT_HOLE_START;
+        assert_eq!(
+            ram_range(hole - (128 << 20), hole + (256 << 20)),
+            vec![
+                (hole - (128 << 20), 128 << 20),
+                (RAM_64BIT_START, 256 << 20)
+            ]
+        );
+        assert_eq!(
+            ram_range(hole + (128 << 20), hole + (256 << 20)),
+            vec![(RAM_64BIT_START + (128 << 20), 128 << 20)]
+        );
+        // The ranges continue ram_regions.
+        let boot = ram_regions(hole + (128 << 20));
+        let end = boot.last().map(|&(s, l)| s + l);
+        assert_eq!(
+            end,
+            Some(ram_range(hole + (128 << 20), hole + (256 << 20))[0].0)
+        );
+        assert_eq!(hotplug_ram_start(128 << 20), 128 << 20);
+        assert_eq!(hotplug_ram_start(129 << 20), 256 << 20);
     }
 
     #[test]

@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
+
 use virtio_chain::QueueError;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -60,6 +62,8 @@ pub struct VhostUserDevice {
     shared: Arc<Shared>,
     name: String,
     relay: Option<Worker>,
+    /// The guest memory the driver's session uses, while it runs.
+    mem: Option<GuestMemoryAtomic>,
 }
 
 impl VhostUserDevice {
@@ -90,6 +94,7 @@ impl VhostUserDevice {
             shared: Arc::new(shared),
             name,
             relay: None,
+            mem: None,
         }
     }
 
@@ -99,6 +104,7 @@ impl VhostUserDevice {
             shared: self.shared.clone(),
             name: self.name.clone(),
             relay: None,
+            mem: None,
         }
     }
 }
@@ -212,11 +218,12 @@ impl VirtioDevice for VhostUserDevice {
             self.name.clone(),
             relay,
             calls,
-            a.mem,
+            a.mem.clone(),
             a.interrupt,
         )
         .map_err(ActivateError::Resource)?;
         self.relay = Some(relay);
+        self.mem = Some(a.mem);
         Ok(())
     }
 
@@ -232,7 +239,32 @@ impl VirtioDevice for VhostUserDevice {
         }
     }
 
+    fn memory_changed(&mut self) {
+        let Some(mem) = &self.mem else {
+            return;
+        };
+        // A backend that is away gets the whole memory when it is back (the session holds
+        // the same guest memory).
+        let link = &self.shared.link;
+        if let Some(c) = link.connection().as_mut() {
+            match c.update_mem_table(mem) {
+                Ok(()) => log::info!(
+                    "{}: the vhost-user backend has the new memory table ({} regions)",
+                    self.name,
+                    mem.memory().num_regions()
+                ),
+                Err(e) => log::warn!(
+                    "{}: the vhost-user backend at {} did not take the new memory table: {}",
+                    self.name,
+                    link.backend.endpoint.path().display(),
+                    nimbus_log::error_chain(&e)
+                ),
+            }
+        }
+    }
+
     fn reset(&mut self) {
+        self.mem = None;
         if let Some(relay) = self.relay.take() {
             // The relay (and the session it holds) goes first: it may be reconnecting.
             drop(relay);

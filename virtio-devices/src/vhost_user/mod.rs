@@ -330,6 +330,20 @@ fn deadline<T>(socket: RawFd, f: impl FnOnce() -> T) -> (T, bool) {
     (result, expired.into_inner())
 }
 
+/// The vhost-user memory table of `mem`: every region with its memfd.
+fn mem_table(
+    mem: &vm_memory::GuestMemoryMmap,
+) -> Result<Vec<VhostUserMemoryRegionInfo>, VhostUserError> {
+    mem.iter()
+        .map(VhostUserMemoryRegionInfo::from_guest_region)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            VhostUserError::Setup(format!(
+                "guest memory cannot be shared ({e}); use --memory shared=on"
+            ))
+        })
+}
+
 /// A connected backend after feature discovery.
 pub struct Connection {
     frontend: Frontend,
@@ -469,16 +483,8 @@ impl Connection {
             }
         }
         let mem = s.mem.memory();
-        let regions = mem
-            .iter()
-            .map(VhostUserMemoryRegionInfo::from_guest_region)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| {
-                VhostUserError::Setup(format!(
-                    "guest memory cannot be shared ({e}); use --memory shared=on"
-                ))
-            })?;
-        f.set_mem_table(&regions).map_err(step("SET_MEM_TABLE"))?;
+        f.set_mem_table(&mem_table(&mem)?)
+            .map_err(step("SET_MEM_TABLE"))?;
         let hva = |gpa: u64| -> Result<u64, VhostUserError> {
             mem.get_host_address(GuestAddress(gpa))
                 .map(|p| p as u64)
@@ -512,6 +518,18 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Sends the backend the memory table of `mem` again (`SET_MEM_TABLE`; backends replace
+    /// their mappings while the rings run), after RAM was hot-added.
+    fn update_mem_table(&mut self, mem: &GuestMemoryAtomic) -> Result<(), VhostUserError> {
+        answered(self.frontend.as_raw_fd(), || {
+            let table = mem_table(&mem.memory())?;
+            self.frontend
+                .set_mem_table(&table)
+                .map(drop)
+                .map_err(step("SET_MEM_TABLE"))
+        })
     }
 
     /// Runs the session's rings below `s.active_rings` and stops the others

@@ -757,3 +757,52 @@ fn a_refused_setup_step_fails_start() {
         })
     );
 }
+
+/// RAM hot-added while the backend runs: `update_mem_table` sends the whole grown table again
+/// (`SET_MEM_TABLE`, each region with its memfd), and a backend that connects later gets the
+/// grown table in its session (the session holds the same guest memory).
+#[test]
+fn hot_added_ram_reaches_the_backend_in_a_new_memory_table() {
+    let dir = TempDir::new_with_prefix("/tmp/nimbus-vhost-memhp-").unwrap();
+    let path = dir.as_path().join("blk.sock");
+    let fake = FakeServer::start(&path, WITH_INFLIGHT, 2);
+    let backend = Backend {
+        endpoint: Endpoint::Connect(path),
+        max_queues: u64::from(QUEUES),
+        wanted: wanted(),
+    };
+    let (mem, ram_inode) = guest_memory();
+    let mut session = blk_session(mem.clone());
+    let mut connection = backend.connect(true).unwrap();
+    connection.start(&mut session, &BASES).unwrap();
+
+    // The VMM adds a region (its own memfd) above the first and replaces the memory's contents.
+    let added = memfd(c"test-hot-added-ram", MEM_SIZE);
+    let added_inode = added.metadata().unwrap().ino();
+    let region = vm_memory::GuestRegionMmap::from_range(
+        GuestAddress(MEM_SIZE),
+        MEM_SIZE as usize,
+        Some(FileOffset::new(added, 0)),
+    )
+    .unwrap();
+    {
+        use vm_memory::GuestAddressSpace;
+        let grown = mem.memory().insert_region(Arc::new(region)).unwrap();
+        mem.lock().unwrap().replace(grown);
+    }
+    connection.update_mem_table(&mem).unwrap();
+    drop(connection);
+    let served = fake.served();
+    let grown_table = Req::SetMemTable(vec![
+        (0, MEM_SIZE, ram_inode),
+        (MEM_SIZE, MEM_SIZE, added_inode),
+    ]);
+    assert_eq!(served.log.last(), Some(&grown_table), "{:#?}", served.log);
+
+    // A backend that comes back gets the grown table.
+    let mut again = backend.connect(true).unwrap();
+    again.start(&mut session, &BASES).unwrap();
+    drop(again);
+    let served = fake.served();
+    assert!(served.log.contains(&grown_table), "{:#?}", served.log);
+}

@@ -30,9 +30,11 @@
 //! \_SB_.PCIn.Sss          hotplug slot ss (01..=1F) of bus 0: _ADR, _SUN, _EJ0
 //! \_SB_.PCIn.DVNT(b, v)   notifies v to every slot whose bit is set in b
 //! \_SB_.PCIn.PCNT()       selects segment n, notifies added (1) then removed (3) slots
+//! \_SB_.MHPC, \_SB_.Mnnn memory hotplug controller and memory devices (PNP0C80), with
+//!                       memory hotplug (see `memory_hotplug`)
 //! \_SB_.PWRB            power button (PNP0C0C)
 //! \_SB_.GED_            Generic Event Device (ACPI0013), notifies PWRB, calls PHPR.PSCN and
-//!                       CPHP.CSCN
+//!                       CPHP.CSCN (and MHPC.MSCN with memory hotplug)
 //! \_SB_.CPxx            processors (ACPI0007), _UID = vCPU index = MADT processor UID;
 //!                       _STA and _MAT from CPHP (the MADT entry, enabled while the CPU is),
 //!                       _EJ0 calls CPHP.CEJT
@@ -49,8 +51,9 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::{Aml, AmlSink};
 
 use super::{
-    layout, madt, AcpiConfig, AcpiError, GED_EVENT_CPU_HOTPLUG, GED_EVENT_PCI_HOTPLUG,
-    GED_EVENT_POWER_BUTTON, OEM_ID, OEM_REVISION, OEM_TABLE_ID,
+    layout, madt, memory_hotplug, AcpiConfig, AcpiError, GED_EVENT_CPU_HOTPLUG,
+    GED_EVENT_MEMORY_HOTPLUG, GED_EVENT_PCI_HOTPLUG, GED_EVENT_POWER_BUTTON, OEM_ID, OEM_REVISION,
+    OEM_TABLE_ID,
 };
 use layout::PciSegmentLayout;
 
@@ -134,8 +137,9 @@ pub(super) fn build(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
         hotplug_slots(segment.segment, &mut slots);
         host_bridge(segment, &[&RawAml(&slots)], &mut sb)?;
     }
+    memory_hotplug::build(cfg.memory_hotplug_slots, &mut sb);
     power_button(&mut sb);
-    ged(&mut sb);
+    ged(&mut sb, cfg.memory_hotplug_slots > 0);
     cpus(cfg, &mut sb);
 
     let mut aml = Vec::new();
@@ -488,9 +492,10 @@ fn power_button(sink: &mut dyn AmlSink) {
 
 /// The Generic Event Device: on its interrupt the OS runs `_EVT`, which reads the event register
 /// once, notifies the power button if [`GED_EVENT_POWER_BUTTON`] is set and rescans the PCI
-/// hotplug slots (`\_SB_.PHPR.PSCN`) if [`GED_EVENT_PCI_HOTPLUG`] is set, and looks at the CPUs
-/// (`\_SB_.CPHP.CSCN`) if [`GED_EVENT_CPU_HOTPLUG`] is set.
-fn ged(sink: &mut dyn AmlSink) {
+/// hotplug slots (`\_SB_.PHPR.PSCN`) if [`GED_EVENT_PCI_HOTPLUG`] is set, looks at the CPUs
+/// (`\_SB_.CPHP.CSCN`) if [`GED_EVENT_CPU_HOTPLUG`] is set and, with `memory_hotplug`, scans
+/// the memory devices (`\_SB_.MHPC.MSCN`) if [`GED_EVENT_MEMORY_HOTPLUG`] is set.
+fn ged(sink: &mut dyn AmlSink, memory_hotplug: bool) {
     // Level, active high, exclusive: matches the MADT override of the GED's IRQ.
     let irq = Interrupt::new(true, false, false, false, layout::ACPI_GED_GSI);
     let crs = ResourceTemplate::new(vec![&irq]);
@@ -523,12 +528,14 @@ fn ged(sink: &mut dyn AmlSink) {
     let cpu_hotplug = And::new(&ZERO, &events, &GED_EVENT_CPU_HOTPLUG);
     let cpu_scan = MethodCall::new("\\_SB_.CPHP.CSCN".into(), vec![]);
     let on_cpu_hotplug = If::new(&cpu_hotplug, vec![&cpu_scan]);
-    let evt = Method::new(
-        "_EVT".into(),
-        1,
-        true,
-        vec![&read, &on_press, &on_hotplug, &on_cpu_hotplug],
-    );
+    let memory = And::new(&ZERO, &events, &GED_EVENT_MEMORY_HOTPLUG);
+    let scan_memory = MethodCall::new("\\_SB_.MHPC.MSCN".into(), vec![]);
+    let on_memory = If::new(&memory, vec![&scan_memory]);
+    let mut body: Vec<&dyn Aml> = vec![&read, &on_press, &on_hotplug, &on_cpu_hotplug];
+    if memory_hotplug {
+        body.push(&on_memory);
+    }
+    let evt = Method::new("_EVT".into(), 1, true, body);
 
     Device::new(
         "GED_".into(),

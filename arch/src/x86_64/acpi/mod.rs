@@ -12,11 +12,14 @@
 //!   ([`GED_EVENT_PCI_HOTPLUG`]) is set;
 //! - PCI hotplug is ACPI hotplug (Linux `acpiphp`): the 16-byte register block at
 //!   [`layout::PCI_HOTPLUG_PORT`] reports added and removed slots per segment to `\_SB_.PHPR`,
-//!   which notifies the slot devices `\_SB_.PCIn.Sxx`; their `_EJ0` writes back to it.
+//!   which notifies the slot devices `\_SB_.PCIn.Sxx`; their `_EJ0` writes back to it;
 //! - CPU hotplug: the 16-byte register block at [`layout::CPU_HOTPLUG_PORT`] gives every
 //!   processor's status to `\_SB_.CPHP` (bit 2 of the GED, [`GED_EVENT_CPU_HOTPLUG`], makes it
 //!   notify inserted and to-be-removed processors); the processors' `_STA`, `_MAT` and `_EJ0`
-//!   go through it.
+//!   go through it;
+//! - memory hotplug is ACPI memory devices (Linux `acpi_memhotplug`): the register block at
+//!   [`layout::MEMORY_HOTPLUG_PORT`] describes each slot of hot-added RAM to `\_SB_.MHPC`,
+//!   which the GED calls when bit 3 ([`GED_EVENT_MEMORY_HOTPLUG`]) is set.
 //!
 //! All tables live in `layout::ACPI_START..layout::ACPI_END`, the RSDP first. [`build_tables`]
 //! lays them out and serializes them; [`create_acpi_tables`] writes that output to guest memory.
@@ -24,6 +27,7 @@
 mod dsdt;
 mod fadt;
 mod madt;
+mod memory_hotplug;
 #[cfg(test)]
 mod tests;
 
@@ -52,6 +56,9 @@ pub const GED_EVENT_PCI_HOTPLUG: u32 = 1 << 1;
 /// Bit of the GED event register that asks the guest to look at the CPUs: `_EVT` then calls
 /// `\_SB_.CPHP.CSCN`. Must equal `devices::acpi::GedEvent::CpuHotplug`.
 pub const GED_EVENT_CPU_HOTPLUG: u32 = 1 << 2;
+/// Bit of the GED event register that reports hot-added RAM: `_EVT` then calls
+/// `\_SB_.MHPC.MSCN`. Must equal `devices::acpi::GedEvent::MemoryHotplug`.
+pub const GED_EVENT_MEMORY_HOTPLUG: u32 = 1 << 3;
 
 /// ISA IRQ of the GED line, identity-mapped to GSI [`layout::ACPI_GED_GSI`].
 const GED_ISA_IRQ: u8 = {
@@ -79,6 +86,9 @@ pub struct AcpiConfig {
     /// The PCI segments, segment `i` at index `i`: one MCFG entry and one host bridge each
     /// (a window of size 0 is left out of its `_CRS`).
     pub pci_segments: Vec<layout::PciSegmentLayout>,
+    /// ACPI memory devices for hot-added RAM (`PNP0C80`, with the controller `\_SB_.MHPC`);
+    /// 0 leaves memory hotplug out of the DSDT.
+    pub memory_hotplug_slots: u8,
 }
 
 /// Errors from building or writing the ACPI tables.
@@ -271,6 +281,7 @@ fn mcfg(cfg: &AcpiConfig) -> Vec<u8> {
 ///     max_cpus: 4,
 ///     topology: None,
 ///     pci_segments: layout::pci_segments(1 << 30, &[(1, 1), (1, 1)]).unwrap(),
+///     memory_hotplug_slots: 0,
 /// };
 /// let tables = build_tables(&cfg).unwrap();
 /// assert_eq!(&tables[0].bytes[..8], b"RSD PTR ");

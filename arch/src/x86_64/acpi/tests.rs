@@ -8,6 +8,7 @@ fn config(boot_cpus: u8, max_cpus: u8) -> AcpiConfig {
         max_cpus,
         topology: None,
         pci_segments: layout::pci_segments(1 << 30, &[(1, 1)]).expect("one segment"),
+        memory_hotplug_slots: 0,
     }
 }
 
@@ -668,4 +669,42 @@ fn dsdt_has_the_cpu_hotplug_controller_processors_and_event() {
         &cscn[..]
     );
     assert_eq!(GED_EVENT_CPU_HOTPLUG, 1 << 2);
+}
+
+#[test]
+fn memory_hotplug_objects_come_with_their_slots() {
+    let dsdt = |slots: u8| {
+        let cfg = AcpiConfig {
+            memory_hotplug_slots: slots,
+            ..config(1, 1)
+        };
+        table(&build_tables(&cfg).expect("tables"), b"DSDT")
+            .bytes
+            .clone()
+    };
+    let has = |aml: &[u8], what: &[u8]| aml.windows(what.len()).any(|w| w == what);
+    let off = dsdt(0);
+    assert!(!has(&off, b"MHPC") && !has(&off, b"M000"));
+    let on = dsdt(layout::MEMORY_HOTPLUG_SLOTS);
+    assert!(has(&on, b"MHPC") && has(&on, b"MSCN") && has(&on, b"MCRS"));
+    assert!(has(&on, b"M007") && !has(&on, b"M008"));
+    // _EVT: If (And (Local0, GED_EVENT_MEMORY_HOTPLUG)) { \_SB_.MHPC.MSCN () }.
+    let test = [
+        vec![0x7b, 0x60],
+        aml_int(GED_EVENT_MEMORY_HOTPLUG),
+        vec![0x00],
+    ]
+    .concat();
+    let evt = on.windows(4).position(|w| w == b"_EVT").expect("_EVT");
+    let evt = &on[evt..];
+    let at = evt
+        .windows(test.len())
+        .position(|w| w == test)
+        .expect("memory hotplug bit test");
+    let mscn = aml_path(&[b"_SB_", b"MHPC", b"MSCN"]);
+    assert_eq!(
+        &evt[at + test.len()..at + test.len() + mscn.len()],
+        &mscn[..]
+    );
+    assert_eq!(GED_EVENT_MEMORY_HOTPLUG, 1 << 3);
 }
