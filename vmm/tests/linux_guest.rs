@@ -1703,3 +1703,78 @@ fn qemu_reference_pci_hotplug_disk() {
         );
     }
 }
+
+/// ACPI memory hotplug seen by Linux's own driver (acpi_memhotplug, memory onlined as it comes):
+/// the VM boots with 64 MiB and `hotplug_method=acpi`; `vm.resize desired_ram` adds 128 MiB;
+/// MemTotal grows by it and MemFree by most of it (the pages reached the page allocator), the
+/// init then writes every page of 16 MiB of fresh memory (user page faults are slow on PVM
+/// hosts: ~1 s per MiB), and powers off.
+#[test]
+fn acpi_memory_hotplug() {
+    if !require_kvm("acpi_memory_hotplug") {
+        return;
+    }
+    const BOOT_MIB: u64 = 64;
+    const ADD_MIB: u64 = 128;
+    const TOUCH_MIB: u64 = 16;
+    let guest = linux_guest();
+    let api = e2e::api::ApiVmm::new("linux-memhp");
+    let mut cmd = nimbus_with_memory(
+        guest,
+        &format!("nimbus.dump=0 nimbus.memhp={ADD_MIB}:{TOUCH_MIB}"),
+        &format!("size={BOOT_MIB}M,hotplug_method=acpi,hotplug_size={ADD_MIB}M"),
+    );
+    cmd.arg("--api-socket").arg(&api.socket);
+    let vm = spawn_vm_parallel(cmd);
+    let waiting = vm.wait_for_line("NIMBUS-LINUX memhp-waiting", STEP_TIMEOUT);
+    let resized_at = Instant::now();
+    let resize = e2e::api::call(
+        &api.socket,
+        "PUT",
+        "vm.resize",
+        Some(&format!(
+            r#"{{"desired_ram":{}}}"#,
+            (BOOT_MIB + ADD_MIB) << 20
+        )),
+    );
+    let added = vm.wait_for_line("NIMBUS-LINUX memhp-added", STEP_TIMEOUT);
+    let usable = resized_at.elapsed();
+    let info = e2e::api::call(&api.socket, "GET", "vm.info", None).json();
+    let b = Boot::follow(
+        "memory-hotplug",
+        vm,
+        &["Linux version", "NIMBUS-LINUX-INIT", "reboot: Power down"],
+    );
+    waiting.unwrap_or_else(|e| panic!("{e}\n{}", b.describe()));
+    assert_eq!(resize.status, 204, "vm.resize: {}", resize.text());
+    let added = added.unwrap_or_else(|e| panic!("{e}\n{}", b.describe()));
+    b.assert_clean();
+    let grew: u64 = field(&added, "grew_kb")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        grew >= ADD_MIB << 10,
+        "MemTotal grew by {grew} kB\n{}",
+        b.describe()
+    );
+    let free_grew: u64 = field(&added, "free_grew_kb")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        free_grew >= (ADD_MIB << 10) * 3 / 4,
+        "MemFree grew by {free_grew} kB only\n{}",
+        b.describe()
+    );
+    assert_eq!(
+        b.init_lines("memhp-touched"),
+        [format!("mib={TOUCH_MIB}")],
+        "{}",
+        b.describe()
+    );
+    eprintln!(
+        "linux memory hotplug: vm.resize +{ADD_MIB} MiB -> MemTotal grew {grew} kB (MemFree \
+         {free_grew} kB) in {:.2} s; vm.info memory: {}",
+        usable.as_secs_f64(),
+        info["config"]["memory"]
+    );
+}
