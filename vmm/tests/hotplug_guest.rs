@@ -9,8 +9,9 @@
 //! hot-added and removed: the guest sees it, and once it is ejected the VMM closes the
 //! connection, so the single-frontend daemon exits 0. A pmem device is added and removed
 //! twice (its memory slot deleted and file closed each time), and a disk on the second PCI
-//! segment is added and ejected through that segment's bitmaps. A virtio-fs share and a vsock
-//! device are added and removed (virtiofsd exits, the vsock socket goes).
+//! segment is added and ejected through that segment's bitmaps. A NIC on a TAP descriptor sent
+//! with the request, a virtio-fs share and a vsock device are added and removed (the VMM's
+//! copies of the descriptor are closed, virtiofsd exits, the vsock socket goes).
 //!
 //! Needs /dev/kvm; without it the test prints a loud SKIPPED line.
 
@@ -229,6 +230,47 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
         }
     }
 
+    // A NIC on a TAP descriptor handed over with the request, as Kata and libvirt add them:
+    // removal closes the VMM's copies of the descriptor.
+    let tap_name = format!("nhp{}", std::process::id() % 100_000);
+    let tap = net_util::Tap::open_named(&tap_name, 1)
+        .unwrap_or_else(|e| panic!("TAP {tap_name}: {e}"))
+        .pop()
+        .expect("one queue");
+    let before = e2e::process_holds(pid);
+    let added = api::call_with_fds(
+        &v.socket,
+        "PUT",
+        "vm.add-net",
+        Some(r#"{"id":"nic","mac":"52:54:00:12:34:56"}"#),
+        &[std::os::fd::AsRawFd::as_raw_fd(&tap)],
+    );
+    assert_eq!(
+        added.status,
+        200,
+        "vm.add-net with a TAP fd: {}",
+        added.text()
+    );
+    let line = nth_line(&vm, "INFO hotplug.added", CYCLES + 5);
+    assert!(line.trim_end().ends_with("id=1af4:1041"), "{line}");
+    let removed = api::call(
+        &v.socket,
+        "PUT",
+        "vm.remove-device",
+        Some(r#"{"id":"nic"}"#),
+    );
+    assert_eq!(removed.status, 204, "{}", removed.text());
+    nth_line(&vm, "INFO hotplug.ejected", CYCLES + 5);
+    let deadline = Instant::now() + WAIT;
+    while e2e::process_holds(pid) != before {
+        assert!(
+            Instant::now() < deadline,
+            "the NIC's descriptors are still held"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(tap);
+
     // A virtio-fs share (virtiofsd) and a vsock device: seen by the guest; removal closes the
     // share's connection (virtiofsd exits) and the vsock socket.
     let shared = v.dir.file("share");
@@ -236,7 +278,7 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
     let fs_socket = v.dir.file("fs.sock");
     let virtiofsd = e2e::Virtiofsd::start(&shared, &fs_socket, &v.dir.file("virtiofsd.log"), &[]);
     let vsock = v.dir.file("vsock.sock");
-    let mut seen = CYCLES + 4;
+    let mut seen = CYCLES + 5;
     for (id, body, device) in [
         (
             "share",
