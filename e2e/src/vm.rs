@@ -165,6 +165,28 @@ impl RunningVm {
         self.wait_for(&self.stdout, pattern, timeout)
     }
 
+    /// Waits at most `timeout` until the guest has printed `n` (from 1) complete lines
+    /// containing `pattern`, and returns the `n`th: for a line a guest prints once per cycle.
+    ///
+    /// # Panics
+    /// If it does not come in time, with the output so far.
+    pub fn nth_line(&self, pattern: &str, n: usize, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.stdout_so_far();
+            let complete = out.rfind('\n').map_or("", |end| &out[..end]);
+            if let Some(l) = complete.lines().filter(|l| l.contains(pattern)).nth(n - 1) {
+                return l.trim_end_matches('\r').to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no line #{n} with {pattern:?}\n{}",
+                self.describe_so_far()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// As [`RunningVm::wait_for_line`], on the VMM's stderr (its log).
     ///
     /// # Errors

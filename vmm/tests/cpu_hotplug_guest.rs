@@ -20,24 +20,6 @@ use e2e::{require_kvm, spawn_vm, RunningVm};
 const NIMBUS: &str = env!("CARGO_BIN_EXE_nimbus");
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Waits until the guest has printed `n` lines containing `pattern`; returns the `n`th.
-fn nth_line(vm: &RunningVm, pattern: &str, n: usize) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let out = vm.stdout_so_far();
-        let complete = out.rfind('\n').map_or("", |end| &out[..end]);
-        if let Some(l) = complete.lines().filter(|l| l.contains(pattern)).nth(n - 1) {
-            return l.trim_end().to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no line #{n} with {pattern:?}\n{}",
-            vm.describe_so_far()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The names of process `pid`'s threads.
 fn thread_names(pid: u32) -> Vec<String> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -112,7 +94,7 @@ fn vcpus_are_added_ejected_and_added_again() {
     let grown = resize(&v, 2);
     assert_eq!(grown.status, 204, "{}", grown.text());
     assert_eq!(
-        nth_line(&vm, "INFO cpuhp.online", 1),
+        vm.nth_line("INFO cpuhp.online", 1, WAIT),
         "INFO cpuhp.online cpu=1 apic_id=1"
     );
     let names = wait_threads(&vm, pid, threads + 1, "after growing to 2");
@@ -145,7 +127,7 @@ fn vcpus_are_added_ejected_and_added_again() {
     let resumed = api::call(&v.socket, "PUT", "vm.resume", None);
     assert_eq!(resumed.status, 204, "{}", resumed.text());
     assert_eq!(
-        nth_line(&vm, "INFO cpuhp.ejected", 1),
+        vm.nth_line("INFO cpuhp.ejected", 1, WAIT),
         "INFO cpuhp.ejected cpu=1"
     );
     let names = wait_threads(&vm, pid, threads, "after the ejection");
@@ -172,8 +154,8 @@ fn vcpus_are_added_ejected_and_added_again() {
     let onlined = vm.stdout_so_far().matches("INFO cpuhp.online").count();
     let grown = resize(&v, 3);
     assert_eq!(grown.status, 204, "{}", grown.text());
-    let first = nth_line(&vm, "INFO cpuhp.online", onlined + 1);
-    let second = nth_line(&vm, "INFO cpuhp.online", onlined + 2);
+    let first = vm.nth_line("INFO cpuhp.online", onlined + 1, WAIT);
+    let second = vm.nth_line("INFO cpuhp.online", onlined + 2, WAIT);
     assert_eq!(
         [first.as_str(), second.as_str()],
         [

@@ -18,29 +18,11 @@
 use std::time::{Duration, Instant};
 
 use e2e::api::{self, ApiVmm};
-use e2e::{require_kvm, spawn_vm, RunningVm};
+use e2e::{require_kvm, spawn_vm};
 
 const NIMBUS: &str = env!("CARGO_BIN_EXE_nimbus");
 const WAIT: Duration = Duration::from_secs(30);
 const CYCLES: usize = 20;
-
-/// Waits until the guest has printed `n` lines containing `pattern`; returns the `n`th.
-fn nth_line(vm: &RunningVm, pattern: &str, n: usize) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let out = vm.stdout_so_far();
-        let complete = out.rfind('\n').map_or("", |end| &out[..end]);
-        if let Some(l) = complete.lines().filter(|l| l.contains(pattern)).nth(n - 1) {
-            return l.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no line #{n} with {pattern:?}\n{}",
-            vm.describe_so_far()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// The device tree's resources of device `id`'s PCI node.
 fn resources(info: &serde_json::Value, id: &str) -> serde_json::Value {
@@ -90,7 +72,7 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
         assert_eq!(added.status, 200, "cycle {cycle}: {}", added.text());
         let bdf = added.json()["bdf"].as_str().unwrap_or_default().to_string();
         let slot = u8::from_str_radix(&bdf[8..10], 16).expect("slot");
-        let seen = nth_line(&vm, "INFO hotplug.added", cycle);
+        let seen = vm.nth_line("INFO hotplug.added", cycle, WAIT);
         assert_eq!(
             seen.trim_end(),
             format!("INFO hotplug.added seg=0 slot={slot} id=1af4:1042"),
@@ -119,7 +101,7 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
             Some(r#"{"id":"hot"}"#),
         );
         assert_eq!(removed.status, 204, "cycle {cycle}: {}", removed.text());
-        nth_line(&vm, "INFO hotplug.ejected", cycle);
+        vm.nth_line("INFO hotplug.ejected", cycle, WAIT);
         let ejected_at = Instant::now();
         let deadline = Instant::now() + WAIT;
         loop {
@@ -167,7 +149,7 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
         )),
     );
     assert_eq!(added.status, 200, "vhost-user disk: {}", added.text());
-    let seen = nth_line(&vm, "INFO hotplug.added", CYCLES + 1);
+    let seen = vm.nth_line("INFO hotplug.added", CYCLES + 1, WAIT);
     assert!(seen.trim_end().ends_with("id=1af4:1042"), "{seen}");
     let removed = api::call(
         &v.socket,
@@ -176,7 +158,7 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
         Some(r#"{"id":"vub"}"#),
     );
     assert_eq!(removed.status, 204, "{}", removed.text());
-    nth_line(&vm, "INFO hotplug.ejected", CYCLES + 1);
+    vm.nth_line("INFO hotplug.ejected", CYCLES + 1, WAIT);
     daemon.finish(WAIT).assert_clean_exit();
 
     // On the second PCI segment (Kata puts virtio-fs there): the segment's own slot bitmaps.
@@ -193,11 +175,11 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
     );
     assert_eq!(added.status, 200, "segment 1: {}", added.text());
     assert_eq!(added.json()["bdf"], "0001:00:01.0", "{}", added.text());
-    let seen = nth_line(&vm, "INFO hotplug.added", CYCLES + 2);
+    let seen = vm.nth_line("INFO hotplug.added", CYCLES + 2, WAIT);
     assert!(seen.contains("seg=1 slot=1 "), "{seen}");
     let removed = api::call(&v.socket, "PUT", "vm.remove-device", Some(r#"{"id":"s1"}"#));
     assert_eq!(removed.status, 204, "{}", removed.text());
-    let ejected = nth_line(&vm, "INFO hotplug.ejected", CYCLES + 2);
+    let ejected = vm.nth_line("INFO hotplug.ejected", CYCLES + 2, WAIT);
     assert!(ejected.contains("seg=1 slot=1"), "{ejected}");
     // Released (what the pmem rounds below count from).
     let deadline = Instant::now() + WAIT;
@@ -218,11 +200,11 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
             Some(&format!(r#"{{"file":"{}","id":"pm"}}"#, pmem.display())),
         );
         assert_eq!(added.status, 200, "pmem: {}", added.text());
-        let seen = nth_line(&vm, "INFO hotplug.added", CYCLES + 2 + round);
+        let seen = vm.nth_line("INFO hotplug.added", CYCLES + 2 + round, WAIT);
         assert!(seen.trim_end().ends_with("id=1af4:105b"), "{seen}");
         let removed = api::call(&v.socket, "PUT", "vm.remove-device", Some(r#"{"id":"pm"}"#));
         assert_eq!(removed.status, 204, "{}", removed.text());
-        nth_line(&vm, "INFO hotplug.ejected", CYCLES + 2 + round);
+        vm.nth_line("INFO hotplug.ejected", CYCLES + 2 + round, WAIT);
         let deadline = Instant::now() + WAIT;
         while e2e::process_holds(pid) != before {
             assert!(Instant::now() < deadline, "pmem round {round}: still held");
@@ -251,7 +233,7 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
         "vm.add-net with a TAP fd: {}",
         added.text()
     );
-    let line = nth_line(&vm, "INFO hotplug.added", CYCLES + 5);
+    let line = vm.nth_line("INFO hotplug.added", CYCLES + 5, WAIT);
     assert!(line.trim_end().ends_with("id=1af4:1041"), "{line}");
     let removed = api::call(
         &v.socket,
@@ -260,7 +242,7 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
         Some(r#"{"id":"nic"}"#),
     );
     assert_eq!(removed.status, 204, "{}", removed.text());
-    nth_line(&vm, "INFO hotplug.ejected", CYCLES + 5);
+    vm.nth_line("INFO hotplug.ejected", CYCLES + 5, WAIT);
     let deadline = Instant::now() + WAIT;
     while e2e::process_holds(pid) != before {
         assert!(
@@ -302,7 +284,7 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
         let added = api::call(&v.socket, "PUT", route, Some(&body));
         assert_eq!(added.status, 200, "{route}: {}", added.text());
         seen += 1;
-        let line = nth_line(&vm, "INFO hotplug.added", seen);
+        let line = vm.nth_line("INFO hotplug.added", seen, WAIT);
         assert!(
             line.trim_end().ends_with(&format!("id=1af4:{device}")),
             "{line}"
@@ -314,7 +296,7 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
             Some(&format!(r#"{{"id":"{id}"}}"#)),
         );
         assert_eq!(removed.status, 204, "{}", removed.text());
-        nth_line(&vm, "INFO hotplug.ejected", seen);
+        vm.nth_line("INFO hotplug.ejected", seen, WAIT);
     }
     virtiofsd.finish(WAIT).assert_clean_exit();
     let deadline = Instant::now() + WAIT;

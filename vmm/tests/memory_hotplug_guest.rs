@@ -20,24 +20,6 @@ const NIMBUS: &str = env!("CARGO_BIN_EXE_nimbus");
 const WAIT: Duration = Duration::from_secs(30);
 const MIB: u64 = 1 << 20;
 
-/// Waits until the guest has printed `n` lines containing `pattern`; returns the `n`th.
-fn nth_line(vm: &RunningVm, pattern: &str, n: usize) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let out = vm.stdout_so_far();
-        let complete = out.rfind('\n').map_or("", |end| &out[..end]);
-        if let Some(l) = complete.lines().filter(|l| l.contains(pattern)).nth(n - 1) {
-            return l.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no line #{n} with {pattern:?}\n{}",
-            vm.describe_so_far()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The `blk_done=` of the guest's last complete `TICK` line (of the current boot).
 fn blk_done(vm: &RunningVm) -> u64 {
     let out = vm.stdout_so_far();
@@ -128,12 +110,12 @@ fn ram_hot_added_through_acpi_is_usable_and_vhost_user_keeps_serving() {
     let r = resize(256 * MIB);
     assert_eq!(r.status, 204, "{}", r.text());
     let answered = t0.elapsed();
-    let added = nth_line(&vm, "INFO memhp.added", 1);
+    let added = vm.nth_line("INFO memhp.added", 1, WAIT);
     assert!(
         added.contains("slot=0 base=0x8000000 size=0x8000000"),
         "{added}"
     );
-    let usable = nth_line(&vm, "INFO memhp.usable", 1);
+    let usable = vm.nth_line("INFO memhp.usable", 1, WAIT);
     assert!(usable.contains("slot=0 checked=8"), "{usable}");
     let seen = t0.elapsed();
     let info = api::call(&v.socket, "GET", "vm.info", None).json();
@@ -151,12 +133,12 @@ fn ram_hot_added_through_acpi_is_usable_and_vhost_user_keeps_serving() {
     let r = resize(640 * MIB);
     assert_eq!(r.status, 204, "{}", r.text());
     assert_eq!(api::call(&v.socket, "PUT", "vm.resume", None).status, 204);
-    let added = nth_line(&vm, "INFO memhp.added", 2);
+    let added = vm.nth_line("INFO memhp.added", 2, WAIT);
     assert!(
         added.contains("slot=1 base=0x10000000 size=0x18000000"),
         "{added}"
     );
-    let usable = nth_line(&vm, "INFO memhp.usable", 2);
+    let usable = vm.nth_line("INFO memhp.usable", 2, WAIT);
     assert!(usable.contains("slot=1 checked=8"), "{usable}");
     stream_moves(&vm, blk_done(&vm), 20);
     let r = resize(768 * MIB);
@@ -164,7 +146,7 @@ fn ram_hot_added_through_acpi_is_usable_and_vhost_user_keeps_serving() {
 
     // A reboot starts with the grown RAM as boot RAM (Cloud Hypervisor's behaviour).
     assert_eq!(api::call(&v.socket, "PUT", "vm.reboot", None).status, 204);
-    let restart = nth_line(&vm, "INFO lifecycle start", 2);
+    let restart = vm.nth_line("INFO lifecycle start", 2, WAIT);
     assert!(restart.contains("ram_top=0x28000000"), "{restart}");
     let info = api::call(&v.socket, "GET", "vm.info", None).json();
     assert_eq!(info["config"]["memory"]["size"], 640 * MIB, "{info}");
