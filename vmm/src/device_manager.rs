@@ -217,6 +217,7 @@ impl DeviceManager {
             .position(|d| d.bdf.segment == segment && d.bdf.device == slot)?;
         let entry = self.devices.remove(i);
         self.pci.remove(segment, slot);
+        entry.lock().release_notifications();
         self.deferred.retain(|d| *d != entry.id);
         let PciEntry { id, device, .. } = entry;
         // The registry held the last reference (the bus's and the BAR ranges' went above).
