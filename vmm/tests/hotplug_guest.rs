@@ -29,6 +29,20 @@ fn resources(info: &serde_json::Value, id: &str) -> serde_json::Value {
     info["device_tree"][format!("_virtio-pci-{id}")]["resources"].clone()
 }
 
+/// Waits until process `pid` holds `before`'s descriptors and threads again (a removed
+/// device released); `what` names it in the failure.
+fn wait_until_holding(pid: u32, before: (usize, usize), what: &str) {
+    let deadline = Instant::now() + WAIT;
+    while e2e::process_holds(pid) != before {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still held: {before:?} -> {:?}",
+            e2e::process_holds(pid)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn disk_added_and_removed_twenty_times_leaks_nothing() {
     if !require_kvm("disk_added_and_removed_twenty_times_leaks_nothing") {
@@ -205,11 +219,7 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
         let removed = api::call(&v.socket, "PUT", "vm.remove-device", Some(r#"{"id":"pm"}"#));
         assert_eq!(removed.status, 204, "{}", removed.text());
         vm.nth_line("INFO hotplug.ejected", CYCLES + 2 + round, WAIT);
-        let deadline = Instant::now() + WAIT;
-        while e2e::process_holds(pid) != before {
-            assert!(Instant::now() < deadline, "pmem round {round}: still held");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until_holding(pid, before, &format!("pmem round {round}"));
     }
 
     // A NIC on a TAP descriptor handed over with the request, as Kata and libvirt add them:
@@ -243,14 +253,7 @@ fn disk_added_and_removed_twenty_times_leaks_nothing() {
     );
     assert_eq!(removed.status, 204, "{}", removed.text());
     vm.nth_line("INFO hotplug.ejected", CYCLES + 5, WAIT);
-    let deadline = Instant::now() + WAIT;
-    while e2e::process_holds(pid) != before {
-        assert!(
-            Instant::now() < deadline,
-            "the NIC's descriptors are still held"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until_holding(pid, before, "the NIC");
     drop(tap);
 
     // A virtio-fs share (virtiofsd) and a vsock device: seen by the guest; removal closes the
