@@ -964,6 +964,29 @@ static s64 memtotal_kb(void)
 	return meminfo_kb("MemTotal:");
 }
 
+/* Sleeps a tenth of a second. */
+static void sleep_tenth(void)
+{
+	struct {
+		s64 sec, nsec;
+	} ts = { 0, 100000000 };
+	sys3(SYS_nanosleep, &ts, 0, 0);
+}
+
+/* Reads MemTotal every tenth of a second, at most `tenths` times, until it has grown (grow=1)
+ * or fallen (grow=0) by at least `kb` from `before`; returns the last value read. */
+static s64 wait_memtotal(s64 before, int grow, s64 kb, int tenths)
+{
+	s64 now = before;
+	for (int i = 0; i < tenths; i++) {
+		now = memtotal_kb();
+		if ((grow ? now - before : before - now) >= kb)
+			break;
+		sleep_tenth();
+	}
+	return now;
+}
+
 /* Writes every page of <mib> MiB of fresh anonymous memory, then frees it; <0 on failure. */
 static s64 touch_mib(u64 mib, const char *what)
 {
@@ -991,15 +1014,7 @@ static void memhp_action(const char *arg)
 	put("NIMBUS-LINUX memhp-waiting memtotal_kb=");
 	put_dec(before);
 	flush_line();
-	for (int i = 0; i < 1800; i++) {
-		struct {
-			s64 sec, nsec;
-		} ts = { 0, 100000000 };
-		now = memtotal_kb();
-		if (now - before >= (s64)(grow << 10))
-			break;
-		sys3(SYS_nanosleep, &ts, 0, 0);
-	}
+	now = wait_memtotal(before, 1, (s64)(grow << 10), 1800);
 	if (now - before < (s64)(grow << 10)) {
 		put("NIMBUS-LINUX memhp-timeout memtotal_kb=");
 		put_dec(now);
@@ -1035,20 +1050,14 @@ static void balloon_action(const char *arg)
 	put(" memtotal_kb=");
 	put_dec(before);
 	flush_line();
-	for (int i = 0; i < 600; i++) {
-		struct {
-			s64 sec, nsec;
-		} ts = { 0, 100000000 };
-		now = memtotal_kb();
-		if (before - now >= (s64)(want << 10)) {
-			put("NIMBUS-LINUX balloon-inflated memtotal_kb=");
-			put_dec(now);
-			put(" fell_kb=");
-			put_dec(before - now);
-			flush_line();
-			return;
-		}
-		sys3(SYS_nanosleep, &ts, 0, 0);
+	now = wait_memtotal(before, 0, (s64)(want << 10), 600);
+	if (before - now >= (s64)(want << 10)) {
+		put("NIMBUS-LINUX balloon-inflated memtotal_kb=");
+		put_dec(now);
+		put(" fell_kb=");
+		put_dec(before - now);
+		flush_line();
+		return;
 	}
 	put("NIMBUS-LINUX balloon-timeout memtotal_kb=");
 	put_dec(now);
@@ -1059,15 +1068,12 @@ static void balloon_action(const char *arg)
 static int wait_path(const char *p, int want, int tenths)
 {
 	for (int i = 0; i < tenths; i++) {
-		struct {
-			s64 sec, nsec;
-		} ts = { 0, 100000000 };
 		s64 fd = sys3(SYS_open, p, O_RDONLY | O_DIRECTORY, 0);
 		if (fd >= 0)
 			sys3(SYS_close, fd, 0, 0);
 		if ((fd >= 0) == want)
 			return 1;
-		sys3(SYS_nanosleep, &ts, 0, 0);
+		sleep_tenth();
 	}
 	return 0;
 }
