@@ -1633,7 +1633,8 @@ fn qemu_reference_pci_hotplug_disk() {
     .arg(&guest.initramfs)
     .args([
         "-append",
-        &format!("{BASE_CMDLINE} nimbus.dump=0 nimbus.hotplug=vda:{CYCLES}"),
+        // The sleep keeps QEMU up for the last blockdev-del after the guest's last removal.
+        &format!("{BASE_CMDLINE} nimbus.dump=0 nimbus.hotplug=vda:{CYCLES} nimbus.sleep=10"),
     ])
     .arg("-qmp")
     .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
